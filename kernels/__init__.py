@@ -1,0 +1,1 @@
+"""Triton kernels for FAVOR+ attention (installed as performer_triton.kernels)."""

@@ -1,0 +1,119 @@
+"""FAVOR+ feature-map tile math shared by the attention kernels, and the per-row stats kernel.
+
+Feature maps (the FEATURE constexpr of every attention kernel):
+  SOFTMAX  positive random features, 1.1.4's softmax_kernel (ratio kept out of the tiles)
+  RELU     generalized attention with ReLU: relu((dn x) @ P^T) + 1e-3
+  GIVEN    features precomputed by the caller, read as (rows, m) tiles
+
+See kernels/NOTES.md for the factorisation the helpers implement.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SOFTMAX = 0
+RELU = 1
+GIVEN = 2
+FEATURE_NAMES = {SOFTMAX: "softmax", RELU: "relu", GIVEN: "given"}
+
+SOFTMAX_EPS: tl.constexpr = tl.constexpr(1e-4)
+GENERALIZED_EPS: tl.constexpr = tl.constexpr(1e-3)
+CAUSAL_EPS: tl.constexpr = tl.constexpr(1e-6)
+
+
+@triton.jit
+def load_rows(p_base, o_t, m_t, stride_t, o_c, m_c):
+    """Load a (rows, cols) tile with unit column stride; masked entries are 0."""
+    p = p_base + o_t[:, None].to(tl.int64) * stride_t + o_c[None, :]
+    return tl.load(p, mask=m_t[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def dash_tile(b_x, b_p, dn):
+    """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32."""
+    return tl.dot(b_x, tl.trans(b_p)) * dn
+
+
+@triton.jit
+def half_sq_norm(b_x, dn):
+    """|dn x|^2 / 2 per row in fp32.  b_x (BT, BD) -> (BT,)."""
+    b_xf = b_x.to(tl.float32)
+    return tl.sum(b_xf * b_xf, axis=1) * (dn * dn * 0.5)
+
+
+@triton.jit
+def query_features(b_dash, b_diag, b_max, m_f):
+    """q~ = exp(dash - diag - row_max) + 1e-4, 0 on padded features.
+    b_dash (BT, BM) fp32, b_diag (BT,), b_max (BT,), m_f (BM,) -> (BT, BM) fp32."""
+    b_q = tl.exp(b_dash - b_max[:, None] - b_diag[:, None]) + SOFTMAX_EPS
+    return tl.where(m_f[None, :], b_q, 0.0)
+
+
+@triton.jit
+def key_units(b_dash, b_max, m_f):
+    """U = exp(dash - row_max) in (0, 1], 0 on padded features.
+    b_dash (BT, BM) fp32, b_max (BT,), m_f (BM,) -> (BT, BM) fp32."""
+    return tl.where(m_f[None, :], tl.exp(b_dash - b_max[:, None]), 0.0)
+
+
+@triton.jit
+def relu_features(b_dash, m_f):
+    """relu(dash) + 1e-3, 0 on padded features.  (BT, BM) fp32 -> (BT, BM) fp32."""
+    return tl.where(m_f[None, :], tl.maximum(b_dash, 0.0) + GENERALIZED_EPS, 0.0)
+
+
+@triton.jit
+def _row_stats_kernel(
+    x, p, row_max, row_scale,
+    H, N, M, D,
+    stride_xb, stride_xh, stride_xn,
+    dn,
+    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)  # (BT,)
+    m_t = o_t < N
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    p_x = x + i_b.to(tl.int64) * stride_xb + i_h.to(tl.int64) * stride_xh
+    b_x = load_rows(p_x, o_t, m_t, stride_xn, o_d, m_d)  # (BT, BD)
+    b_max = tl.full([BT], float("-inf"), dtype=tl.float32)  # (BT,)
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+        m_m = o_m < M
+        b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
+        b_dash = dash_tile(b_x, b_p, dn)  # (BT, BM)
+        b_dash = tl.where(m_m[None, :], b_dash, float("-inf"))
+        b_max = tl.maximum(b_max, tl.max(b_dash, axis=1))
+    b_scale = b_max - half_sq_norm(b_x, dn)  # (BT,)
+    o_out = i_bh.to(tl.int64) * N + o_t
+    tl.store(row_max + o_out, b_max, mask=m_t)
+    tl.store(row_scale + o_out, b_scale, mask=m_t)
+
+
+def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row max of dash = (dn x) @ P^T over features, and that max minus |dn x|^2 / 2.
+
+    x (b, h, n, d) with unit last stride; projection (m, d) contiguous in x's dtype.
+    Returns two fp32 (b, h, n) tensors.
+    """
+    b, h, n, d = x.shape
+    m = projection.shape[0]
+    row_max = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    row_scale = torch.empty_like(row_max)
+    if n == 0 or b * h == 0:
+        return row_max, row_scale
+    BT, BM, BD = 64, 64, max(16, triton.next_power_of_2(d))
+    grid = (triton.cdiv(n, BT), b * h)
+    _row_stats_kernel[grid](
+        x, projection, row_max, row_scale,
+        h, n, m, d,
+        x.stride(0), x.stride(1), x.stride(2),
+        d**-0.25,
+        BT=BT, BM=BM, BD=BD,
+        num_warps=4,
+    )
+    return row_max, row_scale

@@ -1,0 +1,1 @@
+"""performer_triton"""

@@ -1,0 +1,52 @@
+"""Gaussian orthogonal random projection matrices, drawn exactly as performer-pytorch 1.1.4 does."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _randn(shape: tuple[int, ...], device, generator: torch.Generator | None) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, device=gen_device, generator=generator).to(device)
+
+
+def orthogonal_matrix_chunk(cols: int, device=None, *, generator: torch.Generator | None = None) -> Tensor:
+    """Q^T of the QR decomposition of a (cols, cols) Gaussian block (QR on CPU, as 1.1.4)."""
+    block = _randn((cols, cols), device, generator)
+    q, _ = torch.linalg.qr(block.cpu(), mode="reduced")
+    return q.to(device).t()
+
+
+def gaussian_orthogonal_random_matrix(
+    nb_rows: int,
+    nb_columns: int,
+    scaling: int = 0,
+    device=None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(nb_rows, nb_columns) projection: stacked orthogonal blocks with rows rescaled by the norms
+    of Gaussian vectors (scaling=0) or by sqrt(nb_columns) (scaling=1).
+
+    Same RNG order as 1.1.4 (one randn(d, d) per block, then randn(m, d)), so the same seed gives
+    the same matrix. ``generator`` draws from a private stream instead of the global one.
+    """
+    if not isinstance(nb_rows, int) or nb_rows < 1:
+        raise ValueError(f"nb_rows must be a positive int, got {nb_rows!r}")
+    if not isinstance(nb_columns, int) or nb_columns < 1:
+        raise ValueError(f"nb_columns must be a positive int, got {nb_columns!r}")
+    if scaling not in (0, 1):
+        raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
+    nb_full_blocks = nb_rows // nb_columns
+    blocks = [orthogonal_matrix_chunk(nb_columns, device, generator=generator) for _ in range(nb_full_blocks)]
+    remaining = nb_rows - nb_full_blocks * nb_columns
+    if remaining > 0:
+        blocks.append(orthogonal_matrix_chunk(nb_columns, device, generator=generator)[:remaining])
+    final = torch.cat(blocks)
+    if scaling == 0:
+        multiplier = _randn((nb_rows, nb_columns), device, generator).norm(dim=1)
+    else:
+        multiplier = math.sqrt(float(nb_columns)) * torch.ones((nb_rows,), device=device)
+    return torch.diag(multiplier) @ final

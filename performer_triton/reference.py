@@ -1,0 +1,138 @@
+"""Plain-PyTorch reference numerics of FAVOR+ attention (any float dtype, float64 included).
+
+This is the oracle every other path is tested against. It follows performer-pytorch 1.1.4
+operation by operation (same constants, same stabilizers, same order of floating-point work),
+plus the leak-free ``key_stabilizer="prefix"`` causal mode. It favours obviousness over speed:
+causal attention is computed in quadratic form.
+
+Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), projection_matrix (m, d).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+SOFTMAX_EPS = 1e-4  # added to softmax random features (1.1.4's softmax_kernel eps)
+GENERALIZED_EPS = 1e-3  # added to generalized features (1.1.4's kernel_epsilon)
+CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denominator
+
+
+def _project(x: Tensor, projection_matrix: Tensor) -> Tensor:
+    """(dn * x) @ P^T in x's dtype, dn = d**-0.25.  x (b, h, n, d) -> (b, h, n, m)."""
+    normalizer = x.shape[-1] ** -0.25
+    return torch.einsum("...id,jd->...ij", normalizer * x, projection_matrix.type_as(x))
+
+
+def _half_sq_norm(x: Tensor) -> Tensor:
+    """|dn * x|^2 / 2 as in 1.1.4.  x (b, h, n, d) -> (b, h, n, 1)."""
+    normalizer = x.shape[-1] ** -0.25
+    return ((x**2).sum(dim=-1) / 2.0 * normalizer**2).unsqueeze(-1)
+
+
+def softmax_features(x: Tensor, projection_matrix: Tensor, *, is_query: bool) -> Tensor:
+    """1.1.4's softmax_kernel: positive random features.  x (b, h, n, d) -> (b, h, n, m).
+
+    Queries are stabilised by their own row max over features, keys by the max over all
+    positions and features of each (b, h); both maxes are detached.
+    """
+    ratio = projection_matrix.shape[0] ** -0.5
+    dash = _project(x, projection_matrix)
+    diag = _half_sq_norm(x)
+    dims = (-1,) if is_query else (-1, -2)
+    stab = torch.amax(dash, dim=dims, keepdim=True).detach()
+    return (ratio * (torch.exp(dash - diag - stab) + SOFTMAX_EPS)).type_as(x)
+
+
+def generalized_features(
+    x: Tensor, projection_matrix: Tensor | None, kernel_fn: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """1.1.4's generalized_kernel: kernel_fn((dn*x) @ P^T) + 1e-3.  (b, h, n, d) -> (b, h, n, m)."""
+    if projection_matrix is None:
+        return kernel_fn(x.shape[-1] ** -0.25 * x) + GENERALIZED_EPS
+    return (kernel_fn(_project(x, projection_matrix)) + GENERALIZED_EPS).type_as(x)
+
+
+def no_projection_features(q: Tensor, k: Tensor, *, causal: bool) -> tuple[Tensor, Tensor]:
+    """1.1.4's no_projection mode: softmax over features for q; exp (causal) or softmax over
+    the sequence (non-causal) for k."""
+    return q.softmax(dim=-1), (torch.exp(k) if causal else k.softmax(dim=-2))
+
+
+def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False) -> Tensor:
+    """Linear attention on precomputed features.  (b,h,n,m), (b,h,s,m), (b,h,s,e) -> (b,h,n,e).
+
+    Non-causal: (q' @ (k'^T v)) / (q' . sum_s k'), no eps (as 1.1.4).
+    Causal:     out_i = sum_{j<=i} (q'_i.k'_j) v_j / (q'_i . (sum_{j<=i} k'_j + 1e-6)).
+    """
+    if not causal:
+        k_sum = k_features.sum(dim=-2)
+        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q_features, k_sum.type_as(q_features))
+        context = torch.einsum("...nd,...ne->...de", k_features, v)
+        return torch.einsum("...de,...nd,...n->...ne", context, q_features, d_inv)
+    n = q_features.shape[-2]
+    weights = (q_features @ k_features.transpose(-1, -2)).tril()  # (b, h, n, n)
+    den = weights.sum(dim=-1) + CAUSAL_EPS * q_features.sum(dim=-1)
+    return (weights @ v) / den[..., None] if n else weights @ v
+
+
+def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor) -> Tensor:
+    """Leak-free causal FAVOR+: out_i is 1.1.4's causal output at the last position of the
+    sequence truncated after i, so the key stabilizer of query i is max_{j<=i, f} dash_k[j, f]."""
+    ratio = projection_matrix.shape[0] ** -0.5
+    q_features = softmax_features(q, projection_matrix, is_query=True)
+    dash = _project(k, projection_matrix)  # (b, h, n, m)
+    row_max = dash.amax(dim=-1).detach()  # (b, h, n)
+    stab = torch.cummax(row_max, dim=-1).values  # (b, h, n): key stabilizer of query i
+    # k'_j(stab_i) = ratio * (exp(dash_j - diag_j - stab_i) + eps), factored so no exp overflows:
+    # exp(dash_j - row_max_j) * exp(row_max_j - diag_j - stab_i), the second factor <= 1 for j <= i.
+    unit = torch.exp(dash - row_max[..., None])  # (b, h, n, m), max 1 per row
+    row_scale = row_max - _half_sq_norm(k)[..., 0]  # (b, h, n)
+    factor = torch.exp(row_scale[..., None, :] - stab[..., :, None])  # (b, h, n_i, n_j)
+    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    weights = ratio * ((q_features @ unit.transpose(-1, -2)) * factor + SOFTMAX_EPS * q_features.sum(-1, keepdim=True))
+    weights = weights.masked_fill(~mask, 0.0)
+    den = weights.sum(dim=-1) + CAUSAL_EPS * q_features.sum(dim=-1)
+    return (weights @ v) / den[..., None]
+
+
+def feature_maps(
+    q: Tensor,
+    k: Tensor,
+    projection_matrix: Tensor | None,
+    *,
+    causal: bool,
+    feature_map: str | Callable[[Tensor], Tensor] = "softmax",
+) -> tuple[Tensor, Tensor]:
+    """1.1.4's (q', k') for feature_map "softmax", "relu", "none" (no_projection) or a
+    callable kernel_fn (generalized attention)."""
+    if feature_map == "softmax":
+        return (
+            softmax_features(q, projection_matrix, is_query=True),
+            softmax_features(k, projection_matrix, is_query=False),
+        )
+    if feature_map == "none":
+        return no_projection_features(q, k, causal=causal)
+    kernel_fn = torch.relu if feature_map == "relu" else feature_map
+    return generalized_features(q, projection_matrix, kernel_fn), generalized_features(k, projection_matrix, kernel_fn)
+
+
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection_matrix: Tensor | None,
+    *,
+    causal: bool = False,
+    key_stabilizer: str = "global",
+    feature_map: str | Callable[[Tensor], Tensor] = "softmax",
+) -> Tensor:
+    """Reference FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e) -> (b,h,n,e).
+
+    key_stabilizer "global" reproduces 1.1.4; "prefix" (causal softmax only) is leak-free.
+    """
+    if key_stabilizer == "prefix" and causal and feature_map == "softmax":
+        return _prefix_causal_softmax(q, k, v, projection_matrix)
+    q_features, k_features = feature_maps(q, k, projection_matrix, causal=causal, feature_map=feature_map)
+    return linear_attention(q_features, k_features, v, causal=causal)

@@ -1,0 +1,68 @@
+"""Test configuration.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The interpreter
+must be selected before triton is first imported, so this happens at the top of conftest,
+before any test module imports performer_triton.
+"""
+import os
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+    from triton.runtime import interpreter as _interp  # noqa: E402
+except ImportError:  # pragma: no cover - triton is Linux-only
+    triton = None
+
+
+def _patch_interpreter_bf16_dot():
+    """The interpreter multiplies raw bf16 bit patterns in tl.dot (triton-lang/triton#11584).
+    Widen bf16 operands exactly to fp32 (bits << 16) before the numpy matmul."""
+    original = _interp.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar == tl.bfloat16 or handle.dtype == tl.bfloat16:
+            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return _interp.TensorHandle(data, tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    _interp.InterpreterBuilder.create_dot = create_dot
+
+
+if triton is not None and not ON_GPU:
+    _patch_interpreter_bf16_dot()
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+HAS_TRITON = triton is not None
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """Every float torch.empty / empty_like allocation starts as NaN, so an output element a
+    kernel forgets to write fails the comparison instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point() and t.device.type != "meta":
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    yield
