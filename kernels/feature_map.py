@@ -13,10 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-SOFTMAX = 0
-RELU = 1
-GIVEN = 2
-FEATURE_NAMES = {SOFTMAX: "softmax", RELU: "relu", GIVEN: "given"}
+from . import FEATURE_NAMES, GIVEN, RELU, SOFTMAX  # noqa: F401  (re-exported for the kernels)
 
 SOFTMAX_EPS: tl.constexpr = tl.constexpr(1e-4)
 GENERALIZED_EPS: tl.constexpr = tl.constexpr(1e-3)

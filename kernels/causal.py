@@ -1,0 +1,575 @@
+"""Fused causal FAVOR+ attention: chunked forward and backward Triton kernels.
+
+Implements the launcher contract of kernels/NOTES.md for causal attention (n == s) with the
+"global" key stabilizer (1.1.4: one max over all keys per (b, h)) or the leak-free "prefix" one
+(query i uses the max over keys j <= i). Features are recomputed on (rows, BM) tiles from q, k
+and P and never written to global memory.
+
+Per (b, h) the sequence is cut into NT chunks of BT positions:
+  _state_kernel    grid (m tiles, b*h): sequential over chunks, writes the key state H_c, z_c
+                   and the value sum before every chunk (fp32, referenced to k_ref).
+  _fwd_kernel      grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
+  _dstate_kernel   grid (m tiles, b*h): reverse walk, writes dH_c, dz_c (referenced to the
+                   chunk's last k_stab) and partial eps sums of the later queries.
+  _bwd_kernel      grid (NT, b*h): dq, dk, dv of one chunk (inter via the states, intra via
+                   the (BT, BT) tiles).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .feature_map import (
+    GIVEN,
+    RELU,
+    SOFTMAX,
+    SOFTMAX_EPS,
+    dash_tile,
+    half_sq_norm,
+    key_units,
+    load_rows,
+    relu_features,
+    row_stats,
+)
+
+_CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in 1.1.4's causal denominator
+_SOFTMAX_EPS = 1e-4  # the eps inside softmax random features
+
+
+@triton.jit
+def _load_x(p_x, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
+    """Rows of q or k as a (BT, BD) tile; unused (zeros) for GIVEN, where features are loaded per m tile."""
+    if FEATURE == GIVEN:
+        b_x = tl.zeros([BT, BD], dtype=p_x.dtype.element_ty)
+    else:
+        b_x = load_rows(p_x, o_t, m_t, stride_t, o_d, m_d)
+    return b_x
+
+
+@triton.jit
+def _load_proj(p, o_m, m_m, D, o_d, m_d, BM: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
+    """Projection rows as a (BM, BD) tile; zeros for GIVEN (no projection)."""
+    if FEATURE == GIVEN:
+        b_p = tl.zeros([BM, BD], dtype=p.dtype.element_ty)
+    else:
+        b_p = load_rows(p, o_m, m_m, D, o_d, m_d)
+    return b_p
+
+
+@triton.jit
+def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
+              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr):
+    """Ratio-free feature tile (BT, BM) fp32, and what its derivative needs (BT, BM) fp32.
+
+    SOFTMAX queries: q~ = exp(dash - diag - row_max) + 1e-4 and the exponential alone (q~ - 1e-4
+    in fp32 would lose it when |q| is large); SOFTMAX keys: the units U = exp(dash - row_max),
+    twice; RELU: relu(dash) + 1e-3 and dash; GIVEN: the caller's features, twice.
+    Padded features are 0.
+    """
+    if FEATURE == GIVEN:
+        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
+        b_aux = b_f
+    else:
+        b_dash = dash_tile(b_x, b_p, dn)  # (BT, BM)
+        if FEATURE == RELU:
+            b_f = relu_features(b_dash, m_m)
+            b_aux = b_dash
+        elif IS_QUERY:
+            b_aux = key_units(b_dash, b_max + b_diag, m_m)  # exp(dash - diag - row_max)
+            b_f = tl.where(m_m[None, :], b_aux + SOFTMAX_EPS, 0.0)
+        else:
+            b_f = key_units(b_dash, b_max, m_m)
+            b_aux = b_f
+    return b_f, b_aux
+
+
+@triton.jit
+def _feature_grad(b_df, b_aux, m_m, FEATURE: tl.constexpr):
+    """Chain a (BT, BM) feature gradient back to what P multiplies (or to GIVEN features).
+
+    SOFTMAX: times the exponential (queries) or the unit (keys: b_df excludes it); RELU: mask
+    dash > 0; GIVEN: unchanged. Padded features are 0.
+    """
+    if FEATURE == SOFTMAX:
+        b_du = b_df * b_aux
+    elif FEATURE == RELU:
+        b_du = tl.where(b_aux > 0.0, b_df, 0.0)
+    else:
+        b_du = b_df
+    return tl.where(m_m[None, :], b_du, 0.0)
+
+
+@triton.jit
+def _state_kernel(
+    k, v, p, k_max, k_scale, k_ref,
+    h_state, z_state, v_state,
+    H, N, M, D, E, NT,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    dn,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """State before every chunk c, for one m tile:
+    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T, z_c the same with v = 1, and
+    vsum_c = sum_{j < c BT} v_j (written by the first m tile), R_c = k_ref[max(c BT - 1, 0)]."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    m_vs = o_v < tl.where(i_m == 0, E, 0)  # (BV,) the value sum is written by the first m tile
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    o_row = i_bh.to(tl.int64) * N  # base of the (b*h, n) stat vectors
+    o_st = i_bh.to(tl.int64) * NT  # base chunk index of the state buffers
+    b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+    b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
+    b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
+    b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+    tl.store(h_state + o_st * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_m[:, None] & m_v[None, :])
+    tl.store(z_state + o_st * M + o_m, b_z, mask=m_m)
+    tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
+    r_prev = tl.load(k_ref + o_row)
+    for i_c in range(1, NT):
+        o_t = (i_c - 1) * BT + tl.arange(0, BT)  # (BT,) keys of the previous chunk (all < N)
+        m_t = o_t < N
+        r_cur = tl.load(k_ref + o_row + i_c * BT - 1)
+        b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
+        b_kk = b_kf * tl.exp(b_kscale - r_cur)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
+        b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+        b_decay = tl.exp(r_prev - r_cur)  # <= 1: k_ref is a running max
+        b_h = b_h * b_decay + tl.dot(tl.trans(b_kk.to(b_v.dtype)), b_v, input_precision=PRECISION)
+        b_z = b_z * b_decay + tl.sum(b_kk, axis=0)
+        b_vs += tl.sum(b_v.to(tl.float32), axis=0)
+        o_s = o_st + i_c
+        tl.store(h_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_m[:, None] & m_v[None, :])
+        tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
+        tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
+        r_prev = r_cur
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, p, q_max, k_max, k_scale, k_stab, k_ref,
+    h_state, z_state, v_state, out, rden,
+    H, N, M, D, E, NT,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    dn, k_eps, c_eps,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_c * BT + tl.arange(0, BT)  # (BT,) queries and keys of this chunk
+    m_t = o_t < N
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    o_row = i_bh.to(tl.int64) * N
+    o_s = i_bh.to(tl.int64) * NT + i_c  # this chunk's state
+    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,) M_i; padded rows get 0 weights
+    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
+    b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) q~ . U
+    b_n = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) q~ @ H_c
+    b_d = tl.zeros([BT], dtype=tl.float32)  # (BT,) q~ . z_c
+    b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+        m_m = o_m < M
+        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
+        b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
+        b_sq += tl.sum(b_qf, axis=1)
+        b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_n += tl.dot(b_qf, b_h, input_precision=PRECISION)
+        b_d += tl.sum(b_qf * b_z[None, :], axis=1)
+    # inter-chunk: the state is referenced to r_c <= M_i; the eps part is a plain prefix sum
+    b_a = tl.exp(r_c - b_stab)  # (BT,) <= 1
+    b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
+    b_n = b_a[:, None] * b_n + (k_eps * b_sq)[:, None] * b_vs[None, :]
+    b_d = b_a * b_d + k_eps * b_sq * (i_c * BT)
+    # intra-chunk: W_ij = (q~_i . U_j) exp(k_scale_j - M_i) + 1e-4 sum(q~_i) for j <= i
+    m_s = o_t[:, None] >= o_t[None, :]  # (BT, BT)
+    b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT) <= 1
+    b_w = b_s * b_f + tl.where(m_s, (k_eps * b_sq)[:, None], 0.0)  # (BT, BT)
+    b_d += tl.sum(b_w, axis=1) + c_eps * b_sq
+    # W / rowmax is in [0, 1] (>= 1e-4 for SOFTMAX): safe for a 16-bit tl.dot, no subnormals
+    b_wmax = tl.max(b_w, axis=1)  # (BT,)
+    b_wmax = tl.where(b_wmax > 0.0, b_wmax, 1.0)
+    b_w = (b_w / b_wmax[:, None]).to(b_v.dtype)
+    b_n += b_wmax[:, None] * tl.dot(b_w, b_v, input_precision=PRECISION)
+    b_rden = 1.0 / b_d  # (BT,) fp32
+    p_o = out + (o_row + o_t[:, None]) * E + o_v[None, :]
+    tl.store(p_o, (b_n * b_rden[:, None]).to(out.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    tl.store(rden + o_row + o_t, b_rden, mask=m_t)
+
+
+@triton.jit
+def _dstate_kernel(
+    q, p, g, out, rden, q_max, k_stab,
+    dh_state, dz_state, dns_state,
+    H, N, M, D, E, NT,
+    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    dn,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Reverse states for every chunk c, one m tile, over the queries after chunk c:
+    dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T, dz_c = same with dD_i, Mend_c = k_stab at the
+    chunk's last position; dns_c = sum_i (sum_{f in tile} q~_if) dN_i (partial over m tiles)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NM = tl.cdiv(M, BM)
+    o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    o_row = i_bh.to(tl.int64) * N
+    o_st = i_bh.to(tl.int64) * NT
+    b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+    b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
+    b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
+    b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+    o_s = o_st + NT - 1
+    tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh, mask=m_m[:, None] & m_v[None, :])
+    tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
+    tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
+    e_prev = tl.load(k_stab + o_row + N - 1)
+    for i_r in range(1, NT):
+        i_c = NT - 1 - i_r  # state of chunk i_c gathers the queries of chunk i_c + 1
+        o_t = (i_c + 1) * BT + tl.arange(0, BT)  # (BT,)
+        m_t = o_t < N
+        e_cur = tl.load(k_stab + o_row + (i_c + 1) * BT - 1)
+        b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+        b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+        b_qf, _ = _features(p_q, b_q, b_p, half_sq_norm(b_q, dn), b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn,
+                            FEATURE, True)  # (BT, BM)
+        b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
+        b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+        b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+        b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
+        b_dd = -tl.sum(b_g * b_o, axis=1) * b_rden  # (BT,) dD
+        b_qq = b_qf * tl.exp(e_cur - b_stab)[:, None]  # (BT, BM), factor <= 1 (k_stab non-decreasing)
+        b_decay = tl.exp(e_cur - e_prev)
+        b_dh = b_dh * b_decay + tl.dot(tl.trans(b_qq), b_dn, input_precision=PRECISION)
+        b_dz = b_dz * b_decay + tl.sum(b_qq * b_dd[:, None], axis=0)
+        b_dns += tl.sum(tl.sum(b_qf, axis=1)[:, None] * b_dn, axis=0)
+        o_s = o_st + i_c
+        tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh, mask=m_m[:, None] & m_v[None, :])
+        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
+        tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
+        e_prev = e_cur
+
+
+@triton.jit
+def _bwd_kernel(
+    q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+    h_state, z_state, v_state, dh_state, dz_state, dns_state,
+    dq, dk, dv,
+    H, N, M, D, E, NT, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    dn, k_eps, c_eps,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dq, dk, dv for the queries and keys of one chunk (NOTES "Backward").
+    dq, dk are (b*h, n, DQ) contiguous, DQ = d (or m for GIVEN); dv is (b*h, n, E)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NM = tl.cdiv(M, BM)
+    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
+    m_t = o_t < N
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    o_row = i_bh.to(tl.int64) * N
+    o_s = i_bh.to(tl.int64) * NT + i_c
+    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+    b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
+    b_g = b_gin.to(tl.float32)  # (BT, BV)
+    b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_go = tl.sum(b_g * b_o, axis=1)  # (BT,)
+    b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
+    b_dd = -b_go * b_rden  # (BT,) dD
+    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
+    r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
+    # dw_ij = dN_i . v_j + dD_i = rden_i (g_i . v_j - g_i . out_i) on visible pairs
+    m_s = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]  # (BT, BT)
+    b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT)
+    b_dw = tl.dot(b_gin, tl.trans(b_v), input_precision=PRECISION)  # (BT, BT)
+    b_dw = tl.where(m_s, b_rden[:, None] * (b_dw - b_go[:, None]), 0.0)
+    b_dwf = b_dw * b_f  # (BT, BT)
+    b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
+    b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
+    # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
+    b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + tl.sum(b_dw, axis=1)) + c_eps * b_dd
+    b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
+    b_vf = b_v.to(tl.float32)  # (BT, BV)
+    b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) q~ . U
+    b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~
+    b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
+    b_dqx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_q @ P
+    b_dkx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_k @ P
+    b_rq = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_q
+    b_rk = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_k
+    for i_m in range(0, NM):
+        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+        m_m = o_m < M
+        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True)
+        b_kf, b_kaux = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
+        b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
+        b_sq += tl.sum(b_qf, axis=1)
+        # queries: dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
+        b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_dqf = tl.dot(b_dn, tl.trans(b_h), input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+        b_dqf = b_a[:, None] * b_dqf + tl.dot(b_dwf, b_kf, input_precision=PRECISION) + b_c[:, None]
+        b_duq = _feature_grad(b_dqf, b_qaux, m_m, FEATURE)  # (BT, BM)
+        # keys: G = kfac (v @ dH^T + dz) + (dw F)^T @ q~;  dv += (U kfac) @ dH
+        b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_dz = tl.load(dz_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_dns += tl.load(dns_state + (o_s * NM + i_m) * E + o_v, mask=m_v, other=0.0)
+        b_dkf = tl.dot(b_vf, tl.trans(b_dh), input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
+        b_dkf = b_kfac[:, None] * b_dkf + tl.dot(tl.trans(b_dwf), b_qf, input_precision=PRECISION)
+        b_duk = _feature_grad(b_dkf, b_kaux, m_m, FEATURE)  # (BT, BM)
+        b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
+        if FEATURE == GIVEN:
+            p_dq = dq + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            p_dk = dk + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            tl.store(p_dq, b_duq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+            tl.store(p_dk, b_duk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+        else:
+            b_pf = b_p.to(tl.float32)  # (BM, BD)
+            b_dqx += tl.dot(b_duq, b_pf, input_precision=PRECISION)
+            b_dkx += tl.dot(b_duk, b_pf, input_precision=PRECISION)
+            b_rq += tl.sum(b_duq, axis=1)
+            b_rk += tl.sum(b_duk, axis=1)
+    # intra-chunk dv: W^T @ dN with W as in the forward; inter eps part 1e-4 * dns
+    b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[:, None], 0.0)  # (BT, BT)
+    b_dv += tl.dot(tl.trans(b_w), b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
+    p_dv = dv + (o_row + o_t[:, None]) * E + o_v[None, :]
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if FEATURE != GIVEN:
+        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
+        b_dqx = b_dqx * dn
+        b_dkx = b_dkx * dn
+        if FEATURE == SOFTMAX:
+            b_dqx -= (dn * dn) * b_rq[:, None] * b_q.to(tl.float32)
+            b_dkx -= (dn * dn) * b_rk[:, None] * b_k.to(tl.float32)
+        p_dq = dq + (o_row + o_t[:, None]) * DQ + o_d[None, :]
+        p_dk = dk + (o_row + o_t[:, None]) * DQ + o_d[None, :]
+        tl.store(p_dq, b_dqx.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        tl.store(p_dk, b_dkx.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+def _config(feature: int, d: int, e: int, m: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options.  BV covers all of e (one e tile), BD all of d.
+
+    fp32 inputs use exact fp32 ("ieee") dots for the 1e-5 budget; 16-bit inputs run their
+    bounded tiles on tensor cores and the unbounded fp32 operands (states, dN) in tf32.
+    """
+    BD = 16 if feature == GIVEN else max(16, triton.next_power_of_2(d))
+    BV = max(16, triton.next_power_of_2(e))
+    big = max(BD, BV) > 64
+    return dict(
+        BT=64,
+        BM=min(64, max(16, triton.next_power_of_2(m))),
+        BD=BD,
+        BV=BV,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        warps_state=4,
+        warps_fwd=8 if big else 4,
+        warps_bwd=8,
+        stages=2,
+    )
+
+
+def _kernel_stats(
+    q_max: torch.Tensor, k_max: torch.Tensor, k_scale: torch.Tensor, shape: tuple, device, feature: int, prefix: bool
+) -> tuple[torch.Tensor, ...]:
+    """The (b, h, n) fp32 vectors the kernels read: (q_max, k_max, k_scale, k_stab, k_ref).
+
+    k_stab (M_i): global max of k_max, or its cummax (prefix); k_ref: cummax of k_scale.
+    RELU/GIVEN have no stabilizer: zeros, so every exp factor is 1."""
+    if feature != SOFTMAX:
+        zeros = torch.zeros(shape, device=device, dtype=torch.float32)
+        return zeros, zeros, zeros, zeros, zeros
+    if prefix:
+        k_stab = torch.cummax(k_max, dim=-1).values
+    else:
+        k_stab = k_max.amax(dim=-1, keepdim=True).expand(shape).contiguous()
+    k_ref = torch.cummax(k_scale, dim=-1).values
+    return q_max, k_max, k_scale, k_stab, k_ref
+
+
+def _eps(feature: int, m: int) -> tuple[float, float]:
+    """(k_eps, c_eps): the eps inside ratio-free key features, and the causal denominator eps
+    in ratio-free form (1e-6 / ratio for SOFTMAX)."""
+    if feature == SOFTMAX:
+        return _SOFTMAX_EPS, _CAUSAL_EPS * m**0.5
+    return 0.0, _CAUSAL_EPS
+
+
+def _forward_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, cfg: dict):
+    """Run _state_kernel: H (b*h, NT, m, e), z (b*h, NT, m), vsum (b*h, NT, e), all fp32."""
+    b, h, n, d = k.shape
+    e = v.shape[-1]
+    m = k.shape[-1] if feature == GIVEN else projection.shape[0]
+    nt = triton.cdiv(n, cfg["BT"])
+    h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=torch.float32)
+    z_state = torch.empty((b * h, nt, m), device=k.device, dtype=torch.float32)
+    v_state = torch.empty((b * h, nt, e), device=k.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg["BM"]), b * h)
+    _state_kernel[grid](
+        k, v, k if projection is None else projection, k_max, k_scale, k_ref,
+        h_state, z_state, v_state,
+        h, n, m, d, e, nt,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        d**-0.25,
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        num_warps=cfg["warps_state"], num_stages=cfg["stages"],
+    )
+    return h_state, z_state, v_state
+
+
+def causal_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int, prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal FAVOR+ forward.  q, k (b, h, n, d) [GIVEN: features (b, h, n, m)], v (b, h, n, e),
+    projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer.
+
+    Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
+    (b, h, 0) otherwise) and rden (b, h, n) fp32 = 1 / denominator (ratio-free form).
+    """
+    b, h, n, d = q.shape
+    e = v.shape[-1]
+    m = d if feature == GIVEN else projection.shape[0]
+    assert k.shape[2] == n and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    cfg = _config(feature, d, e, m, q.dtype)
+    if feature == SOFTMAX:
+        q_max, _ = row_stats(q, projection)
+        k_max, k_scale = row_stats(k, projection)
+    else:
+        q_max = k_max = k_scale = torch.empty((b, h, 0), device=q.device, dtype=torch.float32)
+    saved = (q_max, k_max, k_scale)
+    q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+    k_eps, c_eps = _eps(feature, m)
+    h_state, z_state, v_state = _forward_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, cfg=cfg)
+    out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
+    rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    nt = triton.cdiv(n, cfg["BT"])
+    _fwd_kernel[(nt, b * h)](
+        q, k, v, q if projection is None else projection, q_max, k_max, k_scale, k_stab, k_ref,
+        h_state, z_state, v_state, out, rden,
+        h, n, m, d, e, nt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        d**-0.25, k_eps, c_eps,
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        num_warps=cfg["warps_fwd"], num_stages=cfg["stages"],
+    )
+    return (out, *saved, rden)
+
+
+def causal_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor | None,
+    out: torch.Tensor,
+    q_max: torch.Tensor,
+    k_max: torch.Tensor,
+    k_scale: torch.Tensor,
+    rden: torch.Tensor,
+    *,
+    feature: int,
+    prefix: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
+    returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
+    dtypes.  Stabilizers are constants (detached, as 1.1.4)."""
+    b, h, n, d = q.shape
+    e = v.shape[-1]
+    m = d if feature == GIVEN else projection.shape[0]
+    assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    cfg = _config(feature, d, e, m, q.dtype)
+    q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+    k_eps, c_eps = _eps(feature, m)
+    h_state, z_state, v_state = _forward_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, cfg=cfg)
+    nt = triton.cdiv(n, cfg["BT"])
+    nm = triton.cdiv(m, cfg["BM"])
+    dh_state = torch.empty((b * h, nt, m, e), device=q.device, dtype=torch.float32)
+    dz_state = torch.empty((b * h, nt, m), device=q.device, dtype=torch.float32)
+    dns_state = torch.empty((b * h, nt, nm, e), device=q.device, dtype=torch.float32)
+    p = q if projection is None else projection
+    _dstate_kernel[(nm, b * h)](
+        q, p, grad_out, out, rden, q_max, k_stab,
+        dh_state, dz_state, dns_state,
+        h, n, m, d, e, nt,
+        q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        d**-0.25,
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        num_warps=cfg["warps_state"], num_stages=cfg["stages"],
+    )
+    dq = torch.empty((b, h, n, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, h, n, d), device=k.device, dtype=k.dtype)
+    dv = torch.empty((b, h, n, e), device=v.device, dtype=v.dtype)
+    _bwd_kernel[(nt, b * h)](
+        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+        h_state, z_state, v_state, dh_state, dz_state, dns_state,
+        dq, dk, dv,
+        h, n, m, d, e, nt, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        d**-0.25, k_eps, c_eps,
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+    )
+    return dq, dk, dv
