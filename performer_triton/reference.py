@@ -31,18 +31,30 @@ def _half_sq_norm(x: Tensor) -> Tensor:
     return ((x**2).sum(dim=-1) / 2.0 * normalizer**2).unsqueeze(-1)
 
 
-def softmax_features(x: Tensor, projection_matrix: Tensor, *, is_query: bool) -> Tensor:
+def softmax_features(
+    x: Tensor, projection_matrix: Tensor, *, is_query: bool, key_padding_mask: Tensor | None = None
+) -> Tensor:
     """1.1.4's softmax_kernel: positive random features.  x (b, h, n, d) -> (b, h, n, m).
 
     Queries are stabilised by their own row max over features, keys by the max over all
-    positions and features of each (b, h); both maxes are detached.
+    positions and features of each (b, h); both maxes are detached. With key_padding_mask
+    (b, n) bool (True = keep), padded keys get zero features and do not enter the max.
     """
     ratio = projection_matrix.shape[0] ** -0.5
     dash = _project(x, projection_matrix)
     diag = _half_sq_norm(x)
-    dims = (-1,) if is_query else (-1, -2)
-    stab = torch.amax(dash, dim=dims, keepdim=True).detach()
-    return (ratio * (torch.exp(dash - diag - stab) + SOFTMAX_EPS)).type_as(x)
+    if is_query:
+        stab = torch.amax(dash, dim=-1, keepdim=True).detach()
+    elif key_padding_mask is None:
+        stab = torch.amax(dash, dim=(-1, -2), keepdim=True).detach()
+    else:
+        keep = key_padding_mask[:, None, :, None]
+        stab = torch.amax(dash.masked_fill(~keep, float("-inf")), dim=(-1, -2), keepdim=True).detach()
+        stab = stab.masked_fill(torch.isinf(stab), 0.0)  # every key padded: any finite value
+    features = ratio * (torch.exp(dash - diag - stab) + SOFTMAX_EPS)
+    if key_padding_mask is not None and not is_query:
+        features = features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    return features.type_as(x)
 
 
 def generalized_features(
@@ -104,18 +116,27 @@ def feature_maps(
     *,
     causal: bool,
     feature_map: str | Callable[[Tensor], Tensor] = "softmax",
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """1.1.4's (q', k') for feature_map "softmax", "relu", "none" (no_projection) or a
-    callable kernel_fn (generalized attention)."""
+    callable kernel_fn (generalized attention). key_padding_mask (b, s) bool, True = keep:
+    padded keys get zero features and are excluded from the key stabilizer / softmax."""
     if feature_map == "softmax":
         return (
             softmax_features(q, projection_matrix, is_query=True),
-            softmax_features(k, projection_matrix, is_query=False),
+            softmax_features(k, projection_matrix, is_query=False, key_padding_mask=key_padding_mask),
         )
     if feature_map == "none":
-        return no_projection_features(q, k, causal=causal)
-    kernel_fn = torch.relu if feature_map == "relu" else feature_map
-    return generalized_features(q, projection_matrix, kernel_fn), generalized_features(k, projection_matrix, kernel_fn)
+        if key_padding_mask is not None and not causal:
+            k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+        q_features, k_features = no_projection_features(q, k, causal=causal)
+    else:
+        kernel_fn = torch.relu if feature_map == "relu" else feature_map
+        q_features = generalized_features(q, projection_matrix, kernel_fn)
+        k_features = generalized_features(k, projection_matrix, kernel_fn)
+    if key_padding_mask is not None:
+        k_features = k_features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    return q_features, k_features
 
 
 def favor_attention(
@@ -127,12 +148,18 @@ def favor_attention(
     causal: bool = False,
     key_stabilizer: str = "global",
     feature_map: str | Callable[[Tensor], Tensor] = "softmax",
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Reference FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e) -> (b,h,n,e).
 
     key_stabilizer "global" reproduces 1.1.4; "prefix" (causal softmax only) is leak-free.
+    key_padding_mask (b, s) bool (True = keep) removes padded keys entirely.
     """
     if key_stabilizer == "prefix" and causal and feature_map == "softmax":
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask is not supported with key_stabilizer='prefix'")
         return _prefix_causal_softmax(q, k, v, projection_matrix)
-    q_features, k_features = feature_maps(q, k, projection_matrix, causal=causal, feature_map=feature_map)
+    q_features, k_features = feature_maps(
+        q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
+    )
     return linear_attention(q_features, k_features, v, causal=causal)

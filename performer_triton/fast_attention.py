@@ -1,0 +1,108 @@
+"""FastAttention: performer-pytorch 1.1.4's module, on the fused kernels."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .functional import favor_attention
+from .projection import gaussian_orthogonal_random_matrix
+from .validation import BACKENDS, KEY_STABILIZERS, check_choice
+
+
+def _is_relu(kernel_fn: object) -> bool:
+    return isinstance(kernel_fn, nn.ReLU) or kernel_fn in (torch.relu, torch.nn.functional.relu)
+
+
+class FastAttention(nn.Module):
+    """FAVOR+ attention with 1.1.4's constructor (same positional order and defaults), buffer
+    ``projection_matrix`` (nb_features, dim_heads) and state_dict.
+
+    Keyword-only additions: ``key_stabilizer`` ("global" = 1.1.4, "prefix" = leak-free causal),
+    ``backend`` ("auto" | "triton" | "torch"), ``generator`` (draws the initial projection from a
+    private torch.Generator instead of the global RNG).
+    """
+
+    def __init__(
+        self,
+        dim_heads: int,
+        nb_features: int | None = None,
+        ortho_scaling: int = 0,
+        causal: bool = False,
+        generalized_attention: bool = False,
+        kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
+        no_projection: bool = False,
+        *,
+        key_stabilizer: str = "global",
+        backend: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if not isinstance(dim_heads, int) or dim_heads < 1:
+            raise ValueError(f"dim_heads must be a positive int, got {dim_heads!r}")
+        check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+        check_choice("backend", backend, BACKENDS)
+        if key_stabilizer == "prefix" and not causal:
+            raise ValueError("key_stabilizer='prefix' applies to causal attention only (causal=False here)")
+        if generalized_attention and not callable(kernel_fn):
+            raise TypeError(f"kernel_fn must be callable, got {type(kernel_fn).__name__}")
+        nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))
+        self.dim_heads = dim_heads
+        self.nb_features = nb_features
+        self.ortho_scaling = ortho_scaling
+        self.create_projection = partial(
+            gaussian_orthogonal_random_matrix, nb_rows=nb_features, nb_columns=dim_heads, scaling=ortho_scaling
+        )
+        self.register_buffer("projection_matrix", self.create_projection(generator=generator))
+        self.generalized_attention = generalized_attention
+        self.kernel_fn = kernel_fn
+        self.no_projection = no_projection
+        self.causal = causal
+        self.key_stabilizer = key_stabilizer
+        self.backend = backend
+
+    @property
+    def feature_map(self):
+        """What favor_attention computes features with: "none", "softmax", "relu" or kernel_fn."""
+        if self.no_projection:
+            return "none"
+        if self.generalized_attention:
+            return "relu" if _is_relu(self.kernel_fn) else self.kernel_fn
+        return "softmax"
+
+    @torch.no_grad()
+    def redraw_projection_matrix(self, device=None, *, generator: torch.Generator | None = None) -> None:
+        """Draw a fresh projection in place (from ``generator`` when given, else the global RNG)."""
+        device = self.projection_matrix.device if device is None else device
+        self.projection_matrix.copy_(self.create_projection(device=device, generator=generator))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+        """q (b, h, n, dim_heads), k (b, h, s, dim_heads), v (b, h, s, e) -> (b, h, n, e).
+
+        key_padding_mask (b, s) bool, True = keep: padded keys are excluded from the numerator,
+        the normaliser and the stabilizer (1.1.4 only zeroed v)."""
+        for name, t in (("q", q), ("k", k)):
+            if isinstance(t, Tensor) and t.dim() == 4 and t.shape[-1] != self.dim_heads:
+                raise ValueError(
+                    f"{name} must have last dimension dim_heads={self.dim_heads}, got shape {tuple(t.shape)}"
+                )
+        return favor_attention(
+            q,
+            k,
+            v,
+            None if self.no_projection else self.projection_matrix,
+            causal=self.causal,
+            key_stabilizer=self.key_stabilizer,
+            feature_map=self.feature_map,
+            key_padding_mask=key_padding_mask,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim_heads={self.dim_heads}, nb_features={self.nb_features}, causal={self.causal}, "
+            f"feature_map={self.feature_map!r}, key_stabilizer={self.key_stabilizer!r}, backend={self.backend!r}"
+        )

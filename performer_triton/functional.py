@@ -1,0 +1,145 @@
+"""Functional FAVOR+ attention: validation, backend choice, then the custom op.
+
+Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e) -> (b, h, n, e).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .kernels import GIVEN, RELU, SOFTMAX
+from .ops import favor_fwd
+from .validation import (
+    BACKENDS,
+    KEY_STABILIZERS,
+    check_choice,
+    check_key_padding_mask,
+    check_projection,
+    check_qkv,
+)
+
+FeatureMap = Union[str, Callable[[Tensor], Tensor]]
+FEATURE_MAPS = ("softmax", "relu", "none")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 128
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_unsupported(q: Tensor, v: Tensor, fused_features: bool) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can."""
+    if not HAS_TRITON:
+        return "triton is not installed (it is available on Linux only)"
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "the inputs are CPU tensors; the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+            "set before triton is imported to run them in Triton's interpreter"
+        )
+    if q.device.type not in ("cpu", "cuda"):
+        return f"the Triton kernels run on CUDA devices, got {q.device}"
+    if q.dtype not in TRITON_DTYPES:
+        return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
+    head_dims = (q.shape[-1], v.shape[-1]) if fused_features else (v.shape[-1],)
+    if max(head_dims) > TRITON_MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, got {tuple(head_dims)}"
+    return None
+
+
+def _use_triton(backend: str, q: Tensor, v: Tensor, fused_features: bool) -> bool:
+    reason = _triton_unsupported(q, v, fused_features)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
+    if backend == "auto":
+        return reason is None and q.device.type == "cuda"
+    return backend == "triton"
+
+
+def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    device_type = tensors[0].device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors
+
+
+def _empty_result(q: Tensor, v: Tensor) -> Tensor:
+    """(b, h, 0, e), still connected to q and v for autograd."""
+    return q[..., :0] @ v[..., :0, :]
+
+
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection_matrix: Tensor | None,
+    *,
+    causal: bool = False,
+    key_stabilizer: str = "global",
+    feature_map: FeatureMap = "softmax",
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e), projection_matrix (m,d) -> (b,h,n,e).
+
+    feature_map: "softmax" (positive random features, fused), "relu" (generalized attention,
+    fused), "none" (1.1.4's no_projection) or a callable kernel_fn (generalized attention with
+    that kernel); the last two compute features in PyTorch and use the fused linear attention.
+    key_stabilizer: "global" (1.1.4) or "prefix" (causal only; out_i depends on positions <= i).
+    key_padding_mask: (b, s) bool, True = keep; padded keys are excluded from the numerator,
+    the normaliser and the stabilizer.
+    backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
+    """
+    check_qkv(q, k, v, causal=causal)
+    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+    check_choice("backend", backend, BACKENDS)
+    if key_stabilizer == "prefix" and not causal:
+        raise ValueError("key_stabilizer='prefix' applies to causal attention only; non-causal accepts 'global'")
+    if isinstance(feature_map, str):
+        check_choice("feature_map", feature_map, FEATURE_MAPS)
+    elif not callable(feature_map):
+        raise TypeError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {type(feature_map).__name__}")
+    if feature_map != "none":
+        projection_matrix = check_projection(projection_matrix, q)
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, k)
+        if causal and key_stabilizer == "prefix" and feature_map == "softmax":
+            raise ValueError(
+                "key_padding_mask with key_stabilizer='prefix' is not supported; causal models padded "
+                "on the right need no mask (later keys are never visible)"
+            )
+    if q.shape[2] == 0:
+        return _empty_result(q, v)
+
+    fused = feature_map in ("softmax", "relu") and key_padding_mask is None
+    use_triton = _use_triton(backend, q, v, fused_features=fused)
+    q, k, v = _autocast(q, k, v)
+    if fused:
+        feature = SOFTMAX if feature_map == "softmax" else RELU
+        projection = projection_matrix.to(q.dtype).contiguous()
+        prefix = causal and key_stabilizer == "prefix" and feature == SOFTMAX
+        return favor_fwd(q, k, v, projection, causal, feature, prefix, use_triton)[0]
+    q_features, k_features = reference.feature_maps(
+        q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
+    )
+    return favor_fwd(q_features, k_features, v, None, causal, GIVEN, False, use_triton)[0]
+
+
+def linear_attention(
+    q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto"
+) -> Tensor:
+    """Linear attention on precomputed (positive) features, fused.
+    q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
+
+    Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds 1e-6 to every key-feature prefix sum.
+    """
+    check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
+    check_choice("backend", backend, BACKENDS)
+    if q_features.shape[2] == 0:
+        return _empty_result(q_features, v)
+    use_triton = _use_triton(backend, q_features, v, fused_features=False)
+    q_features, k_features, v = _autocast(q_features, k_features, v)
+    return favor_fwd(q_features, k_features, v, None, causal, GIVEN, False, use_triton)[0]

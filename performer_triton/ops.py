@@ -1,0 +1,113 @@
+"""torch.library custom ops for FAVOR+ attention, with autograd and fake (meta) kernels.
+
+One forward op and one backward op. `use_triton` picks the implementation: the fused Triton
+kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or the chunked pure-PyTorch
+path (performer_triton.torch_backend). Both follow the launcher contract of kernels/NOTES.md,
+so the op is opaque to torch.compile (no graph breaks) and passes torch.library.opcheck.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+
+def _unit_stride(t: Tensor) -> Tensor:
+    """Kernels take any batch/head/sequence strides but need a unit last-dim stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _triton_launchers(causal: bool):
+    if causal:
+        from .kernels.causal import causal_bwd, causal_fwd
+
+        return causal_fwd, causal_bwd
+    from .kernels.noncausal import noncausal_bwd, noncausal_fwd
+
+    def fwd(*args, prefix: bool, **kw):
+        return noncausal_fwd(*args, **kw)
+
+    def bwd(*args, prefix: bool, **kw):
+        return noncausal_bwd(*args, **kw)
+
+    return fwd, bwd
+
+
+@torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())
+def favor_fwd(
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, q_max, k_max, k_scale, rden); see kernels/NOTES.md."""
+    q, k, v = map(_unit_stride, (q, k, v))
+    if use_triton:
+        fwd, _ = _triton_launchers(causal)
+        return fwd(q, k, v, projection, feature=feature, prefix=prefix)
+    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix)
+
+
+@favor_fwd.register_fake
+def _(q, k, v, projection, causal, feature, prefix, use_triton):
+    b, h, n, _ = q.shape
+    s, e = k.shape[2], v.shape[3]
+    softmax = feature == 0
+
+    def stat(rows: int) -> Tensor:  # fp32 statistics, fp64 for fp64 inputs
+        return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+    return (
+        q.new_empty((b, h, n, e)),
+        stat(n if softmax else 0),
+        stat(s if softmax else 0),
+        stat(s if softmax else 0),
+        stat(n),
+    )
+
+
+@torch.library.custom_op("performer_triton::favor_bwd", mutates_args=())
+def favor_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Optional[Tensor],
+    out: Tensor,
+    q_max: Tensor,
+    k_max: Tensor,
+    k_scale: Tensor,
+    rden: Tensor,
+    causal: bool,
+    feature: int,
+    prefix: bool,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for favor_fwd."""
+    grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
+    args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
+    if use_triton:
+        _, bwd = _triton_launchers(causal)
+        return bwd(*args, feature=feature, prefix=prefix)
+    return torch_backend.favor_bwd(*args, causal=causal, feature=feature, prefix=prefix)
+
+
+@favor_bwd.register_fake
+def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, feature, prefix, use_triton):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, causal, feature, prefix, use_triton = inputs
+    out, q_max, k_max, k_scale, rden = output
+    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden)
+    ctx.flags = (causal, feature, prefix, use_triton)
+    ctx.mark_non_differentiable(q_max, k_max, k_scale, rden)
+
+
+def _backward(ctx, grad_out, *unused_stat_grads):
+    q, k, v, projection, out, q_max, k_max, k_scale, rden = ctx.saved_tensors
+    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None
+
+
+favor_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,297 @@
+"""Pure-PyTorch FAVOR+ attention with a hand-written backward: the CPU path, and the math of
+kernels/NOTES.md (ratio-free features, per-row stats, keys factored as U * exp(row_scale - M),
+states relative to a running reference, eps parts handled exactly) in plain tensor ops.
+
+Work is done in chunks of CHUNK rows batched over (b, h): the (b, h, n, m) features of the whole
+sequence never exist at once, and only the contract's tensors are saved for backward, which
+recomputes features chunk by chunk. States are (m, e + 1): values plus a ones column, so the
+numerator and the denominator come out of the same matmul. Causal attention carries the state
+across chunks and does the masked intra-chunk part as (CHUNK, CHUNK) matmuls.
+
+Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), projection (m, d); for GIVEN, q and k
+are the features (b, h, n, m), (b, h, s, m) and projection is None. fp16/bf16 compute in fp32;
+fp64 computes in fp64, and its stats and rden are then fp64 too (one precision end to end).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from performer_triton.kernels import GIVEN, RELU, SOFTMAX
+from performer_triton.reference import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS
+
+# Rows per chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
+CHUNK = 128
+
+
+class _FeatureMap:
+    """The feature map of one call, in the compute dtype. Features are `base + eps`:
+    SOFTMAX base = exp(dash - shift), shift = row max + |dn x|^2 / 2 for queries (base = q~ - eps)
+    and row max for keys (base = U); RELU base = relu(dash); GIVEN base = the input rows."""
+
+    def __init__(self, feature: int, projection: Tensor | None, d: int, dtype: torch.dtype):
+        self.softmax = feature == SOFTMAX
+        self.given = feature == GIVEN
+        dn = d**-0.25
+        # (m, d): dn folded into the projection once instead of scaling every chunk of x
+        self.proj = None if self.given else projection.to(dtype) * dn
+        self.dn2 = dn * dn
+        self.eps = {SOFTMAX: SOFTMAX_EPS, RELU: GENERALIZED_EPS, GIVEN: 0.0}[feature]
+        ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
+        self.causal_coef = CAUSAL_EPS / ratio  # c_i = causal_coef * sum_f q~_if
+
+    def dash(self, x: Tensor) -> Tensor:
+        """(dn x) @ P^T; GIVEN features pass through.  (b, h, t, d) -> (b, h, t, m)."""
+        return x if self.given else x @ self.proj.mT
+
+    def half_sq_norm(self, x: Tensor) -> Tensor:
+        """|dn x|^2 / 2.  (b, h, t, d) -> (b, h, t)."""
+        return x.square().sum(-1) * (self.dn2 * 0.5)
+
+    def query_base(self, x: Tensor, dash: Tensor, q_max: Tensor) -> Tensor:
+        """q~ - eps.  x (b, h, t, d), dash (b, h, t, m) (overwritten), q_max (b, h, t) -> (b, h, t, m)."""
+        if self.softmax:
+            return dash.sub_((q_max + self.half_sq_norm(x))[..., None]).exp_()
+        return self._generalized(dash)
+
+    def key_units(self, x: Tensor, k_max: Tensor) -> Tensor:
+        """Key features minus eps before the exp(row_scale - M) factor (U for SOFTMAX).
+        x (b, h, t, d), k_max (b, h, t) -> (b, h, t, m)."""
+        if self.softmax:
+            return self.dash(x).sub_(k_max[..., None]).exp_()
+        return self._generalized(self.dash(x))
+
+    def _generalized(self, dash: Tensor) -> Tensor:
+        return dash if self.given else dash.clamp_min_(0.0)
+
+    def vjp(self, x: Tensor, base: Tensor, dbase: Tensor) -> Tensor:
+        """Gradient w.r.t. rows x from the gradient w.r.t. their base.  -> (b, h, t, d)."""
+        if self.given:
+            return dbase
+        if not self.softmax:
+            return (dbase * (base > 0)) @ self.proj
+        du = dbase * base  # through exp: gradient w.r.t. dash - diag
+        # dash and diag both depend on x: dx = dn du @ P - dn^2 rowsum(du) x
+        return torch.addcmul(du @ self.proj, du.sum(-1, keepdim=True), x, value=-self.dn2)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(t0, min(t0 + CHUNK, n)) for t0 in range(0, n, CHUNK)]
+
+
+def _with_ones(x: Tensor) -> Tensor:
+    """Append a ones column, so a matmul with it also yields row sums.  (b, h, t, e) -> (b, h, t, e+1)."""
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+
+
+def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
+    """(acc +) a @ b over leading (b, h) dims, via one baddbmm when accumulating."""
+    if acc is None:
+        return a @ b
+    return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(acc.shape)
+
+
+def _key_terms(k_max: Tensor, k_scale: Tensor, s: int, causal: bool, prefix: bool) -> tuple[Tensor, Tensor]:
+    """Per-key row_scale (b, h, s) and per-query stabilizer M (b, h, n = s when causal, else (b, h)).
+    Zeros without SOFTMAX stats: exp(0) = 1 leaves RELU/GIVEN features unscaled."""
+    if k_max.shape[-1] == 0:
+        zeros = k_max.new_zeros(k_max.shape[:-1] + (s,))
+        return zeros, zeros if causal else zeros[..., 0]
+    if not causal:
+        return k_scale, k_max.amax(-1)
+    return k_scale, torch.cummax(k_max, -1).values if prefix else k_max.amax(-1, keepdim=True).expand_as(k_max)
+
+
+def _intra_factor(row_scale: Tensor, stab: Tensor, upper: Tensor) -> Tensor:
+    """F_ij = exp(row_scale_j - M_i) for j <= i, else 0 (every entry <= 1).
+    row_scale, stab (b, h, t), upper (t, t) strictly-upper bool -> (b, h, t, t)."""
+    return (row_scale[..., None, :] - stab[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
+
+
+def _update_state(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
+    """Add keys to the state sum_j exp(u_j - R) [v_j, 1], moving R to the running max of row_scale
+    (both exp factors <= 1).  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
+    row_scale (b, h, t), vo (b, h, t, e+1) -> (hz, ref)."""
+    new_ref = torch.maximum(ref, row_scale.amax(-1))
+    keys = units * (row_scale - new_ref[..., None]).exp_()[..., None]  # (b, h, t, m)
+    return _bmm(keys.mT, vo, hz * (ref - new_ref).exp_()[..., None, None]), new_ref
+
+
+def _upper(t: int, device: torch.device) -> Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu_(1)
+
+
+def _grad_aug(grad_out: Tensor, out: Tensor, rden: Tensor) -> Tensor:
+    """[dN, dD] with dN_i = g_i rden_i, dD_i = -(g_i . out_i) rden_i.  -> (b, h, n, e+1)."""
+    return torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) * rden[..., None]
+
+
+def favor_fwd(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """FAVOR+ forward.  -> out (b, h, n, e) in q's dtype; q_max (b, h, n), k_max, k_scale (b, h, s)
+    for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype."""
+    in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fm = _FeatureMap(feature, projection, q.shape[-1], dtype)
+    (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
+    stats = fm.softmax
+    q_max = q.new_empty((b, h, n if stats else 0))
+    k_max = k.new_empty((b, h, s if stats else 0))
+    if stats:
+        for sl in _chunks(s):
+            k_max[..., sl] = fm.dash(k[..., sl, :]).amax(-1)
+    k_scale = k_max - fm.half_sq_norm(k) if stats else k_max.new_empty(k_max.shape)
+    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
+    out = q.new_empty((b, h, n, e))
+    rden = q.new_empty((b, h, n))
+    vo = _with_ones(v)  # (b, h, s, e+1)
+    m = q.shape[-1] if fm.given else fm.proj.shape[0]
+    hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
+    ref = q.new_full((b, h), float("-inf"))
+
+    def query_features(sl: slice) -> Tensor:  # q~ (b, h, t, m)
+        dash = fm.dash(q[..., sl, :])
+        if stats:
+            q_max[..., sl] = dash.amax(-1)
+        return fm.query_base(q[..., sl, :], dash, q_max[..., sl]) + fm.eps
+
+    if not causal:
+        for sl in _chunks(s):
+            hz, ref = _update_state(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
+        # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1)
+        context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
+        for sl in _chunks(n):
+            nd = query_features(sl) @ context  # (b, h, t, e+1) = [N, D]
+            rden[..., sl] = 1.0 / nd[..., e]
+            out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+        return out.to(in_dtype), q_max, k_max, k_scale, rden
+
+    upper = _upper(CHUNK, q.device)
+    v_before = q.new_zeros((b, h, 1, e + 1))  # [sum of v, count] over keys before the chunk
+    for sl in _chunks(n):
+        t = sl.stop - sl.start
+        qt = query_features(sl)  # (b, h, t, m)
+        units = fm.key_units(k[..., sl, :], k_max[..., sl])  # (b, h, t, m)
+        vc, m_i, rs = vo[..., sl, :], stab[..., sl], row_scale[..., sl]
+        q_sum = qt.sum(-1)  # (b, h, t)
+        scores = (qt @ units.mT).mul_(_intra_factor(rs, m_i, upper[:t, :t]))  # (b, h, t, t)
+        v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1): [sum v, count] over keys j <= i
+        # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
+        nd = _bmm(qt, hz).mul_((ref[..., None] - m_i).exp_()[..., None])
+        nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], v_upto, value=fm.eps))
+        rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum)
+        out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+        hz, ref = _update_state(hz, ref, units, rs, vc)
+        v_before = v_upto[..., -1:, :]
+    return out.to(in_dtype), q_max, k_max, k_scale, rden
+
+
+def favor_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None,
+    out: Tensor,
+    q_max: Tensor,
+    k_max: Tensor,
+    k_scale: Tensor,
+    rden: Tensor,
+    *,
+    causal: bool,
+    feature: int,
+    prefix: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FAVOR+ backward from favor_fwd's outputs (stabilizers detached).  -> dq, dk, dv in the
+    dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features)."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    dtype = _compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q_max, k_max, k_scale, rden = q_max.to(dtype), k_max.to(dtype), k_scale.to(dtype), rden.to(dtype)
+    fm = _FeatureMap(feature, projection, q.shape[-1], dtype)
+    (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
+    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
+    grad = _grad_aug(grad_out.to(dtype), out.to(dtype), rden)  # (b, h, n, e+1) = [dN, dD]
+    vo = _with_ones(v)  # (b, h, s, e+1)
+    m = q.shape[-1] if fm.given else fm.proj.shape[0]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
+    ref = q.new_full((b, h), float("-inf"))
+
+    def query_base(sl: slice) -> Tensor:  # q~ - eps (b, h, t, m)
+        return fm.query_base(q[..., sl, :], fm.dash(q[..., sl, :]), q_max[..., sl])
+
+    def done() -> tuple[Tensor, Tensor, Tensor]:
+        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+
+    if not causal:
+        for sl in _chunks(s):
+            hz, ref = _update_state(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
+        context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
+        dhz = torch.zeros_like(hz)  # sum_i q~_i [dN_i, dD_i]   (m, e+1)
+        for sl in _chunks(n):
+            base = query_base(sl)
+            g = grad[..., sl, :]
+            dq[..., sl, :] = fm.vjp(q[..., sl, :], base, g @ context.mT)
+            dhz = _bmm((base + fm.eps).mT, g, dhz)
+        key_scale = (row_scale - stab[..., None]).exp_()  # exp(row_scale_j - M)   (b, h, s)
+        for sl in _chunks(s):
+            keys = fm.key_units(k[..., sl, :], k_max[..., sl]) * key_scale[..., sl, None]  # k~ - eps
+            # dk~_j = dH @ v_j + dz;  dv_j = k~_j @ dH
+            dk[..., sl, :] = fm.vjp(k[..., sl, :], keys, vo[..., sl, :] @ dhz.mT)
+            dv[..., sl, :] = torch.add(keys @ dhz[..., :e], dhz[..., :e].sum(-2, keepdim=True), alpha=fm.eps)
+        return done()
+
+    upper = _upper(CHUNK, q.device)
+
+    def intra(sl: slice) -> tuple[Tensor, Tensor]:  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij and F   (b, h, t, t)
+        t = sl.stop - sl.start
+        factor = _intra_factor(row_scale[..., sl], stab[..., sl], upper[:t, :t])
+        return (grad[..., sl, :] @ vo[..., sl, :].mT).mul_(factor), factor
+
+    # forward sweep: query gradients, with the forward's states
+    v_before = q.new_zeros((b, h, 1, e + 1))
+    for sl in _chunks(n):
+        base = query_base(sl)
+        units = fm.key_units(k[..., sl, :], k_max[..., sl])
+        g, vc = grad[..., sl, :], vo[..., sl, :]
+        dwf, _ = intra(sl)
+        v_upto = vc.cumsum(-2).add_(v_before)
+        # inter: exp(R - M_i) [dN, dD]_i @ H^T;  eps: eps sum_{j<=i} dw_ij;  c_i: coef dD_i
+        dqt = _bmm(g, hz.mT).mul_((ref[..., None] - stab[..., sl]).exp_()[..., None])
+        dqt = _bmm(dwf, units, dqt)
+        # eps part of every visible key: eps sum_{j<=i} dw_ij;  c_i: coef dD_i
+        dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
+        dq[..., sl, :] = fm.vjp(q[..., sl, :], base, dqt)
+        hz, ref = _update_state(hz, ref, units, row_scale[..., sl], vc)
+        v_before = v_upto[..., -1:, :]
+
+    # reverse sweep: key and value gradients, with states of the later queries
+    dhz = torch.zeros_like(hz)  # sum_{i after chunk} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
+    later = q.new_zeros((b, h, 1, e))  # sum_{i after chunk} sum(q~_i) dN_i
+    for sl in reversed(_chunks(n)):
+        qt = query_base(sl) + fm.eps
+        units = fm.key_units(k[..., sl, :], k_max[..., sl])
+        g, vc, m_i = grad[..., sl, :], vo[..., sl, :], stab[..., sl]
+        dwf, factor = intra(sl)
+        m_end = m_i[..., -1]  # (b, h): dhz is relative to it
+        key_scale = (row_scale[..., sl] - m_end[..., None]).exp_()[..., None]  # (b, h, t, 1)
+        # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
+        dk[..., sl, :] = fm.vjp(k[..., sl, :], units, _bmm(dwf.mT, qt, (vc @ dhz.mT).mul_(key_scale)))
+        # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
+        weights = (qt @ units.mT).mul_(factor)  # (b, h, t, t) exp part of w_ij
+        q_dn = qt.sum(-1, keepdim=True) * g[..., :e]  # (b, h, t, e)
+        q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
+        inter = _bmm(units * key_scale, dhz[..., :e], q_dn_from * fm.eps)
+        dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter)
+        later = q_dn_from[..., :1, :]
+        if sl.start > 0:  # fold this chunk's queries in, relative to the previous chunk's end
+            m_prev = stab[..., sl.start - 1]
+            scaled = qt * (m_prev[..., None] - m_i).exp_()[..., None]
+            dhz = _bmm(scaled.mT, g, dhz * (m_prev - m_end).exp_()[..., None, None])
+    return done()

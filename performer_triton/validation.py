@@ -1,0 +1,83 @@
+"""Argument checks shared by the public entry points: every bad input gets a ValueError or
+TypeError that names the argument, what was received and what was expected."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KEY_STABILIZERS = ("global", "prefix")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_tensor(name: str, t: object, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    return t
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q", k_name: str = "k") -> None:
+    """q (b, h, n, d), k (b, h, s, d), v (b, h, s, e): shapes, dtypes and devices agree."""
+    for name, t in ((q_name, q), (k_name, k), ("v", v)):
+        check_tensor(name, t, 4)
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"{q_name}, {k_name}, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"{q_name}, {k_name}, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"{q_name}, {k_name}, v must share (batch, heads), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{k_name} and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{q_name} and {k_name} must have the same last dimension, got {q.shape[3]} and {k.shape[3]}"
+        )
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"causal attention needs {q_name} and {k_name} of the same length, got {q.shape[2]} and {k.shape[2]}"
+        )
+    if q.shape[2] > 0 and k.shape[2] == 0:
+        raise ValueError(f"{k_name} has length 0 but {q_name} has {q.shape[2]} positions: nothing to attend to")
+
+
+def check_projection(projection: object, q: Tensor) -> Tensor:
+    p = check_tensor("projection_matrix", projection, 2)
+    if p.shape[1] != q.shape[-1]:
+        raise ValueError(
+            f"projection_matrix must have shape (nb_features, {q.shape[-1]}) to match the head dim of q, "
+            f"got {tuple(p.shape)}"
+        )
+    if p.shape[0] < 1:
+        raise ValueError(f"projection_matrix must have at least one row, got {tuple(p.shape)}")
+    if p.device != q.device:
+        raise ValueError(f"projection_matrix must be on q's device {q.device}, got {p.device}")
+    if p.requires_grad:
+        raise ValueError(
+            "projection_matrix requires grad, but FAVOR+ treats it as a fixed random buffer "
+            "(no gradient flows into it); pass projection_matrix.detach()"
+        )
+    return p
+
+
+def check_key_padding_mask(mask: object, k: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got {mask.dtype}")
+    b, s = k.shape[0], k.shape[2]
+    if tuple(mask.shape) != (b, s):
+        raise ValueError(f"key_padding_mask must have shape (batch, key length) = ({b}, {s}), got {tuple(mask.shape)}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask must be on {k.device}, got {mask.device}")
+    return mask
