@@ -60,7 +60,8 @@ def nan_filled_empty(monkeypatch):
 
     def fill(t):
         if t.is_floating_point() and t.device.type != "meta":
-            t.fill_(float("nan"))
+            with torch.no_grad():  # also for requires_grad=True allocations (inductor makes some)
+                t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))

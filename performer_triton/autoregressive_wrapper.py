@@ -1,0 +1,164 @@
+"""performer-pytorch 1.1.4's AutoregressiveWrapper (next-token loss and sampling), with cached
+generation: each new token updates per-layer recurrent state instead of re-running the window."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .decoding import DecodingCache
+
+__all__ = ["AutoregressiveWrapper", "repetition_penalty_fn", "top_k", "top_p"]
+
+
+def exists(val) -> bool:
+    return val is not None
+
+
+def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
+    """Nucleus filter: keep the most likely tokens whose cumulative probability stays within
+    1 - thres (always the first); the rest become -inf.  logits (b, vocab)."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum_probs > (1 - thres)
+    remove[:, 1:] = remove[:, :-1].clone()
+    remove[:, 0] = False
+    sorted_logits[remove] = float("-inf")
+    return sorted_logits.scatter(1, sorted_indices, sorted_logits)
+
+
+def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
+    """Keep the int((1 - thres) * vocab) largest logits; the rest become -inf.  logits (b, vocab)."""
+    k = int((1 - thres) * logits.shape[-1])
+    val, ind = torch.topk(logits, k)
+    probs = torch.full_like(logits, float("-inf"))
+    probs.scatter_(1, ind, val)
+    return probs
+
+
+def repetition_penalty_fn(logits: Tensor, ctx: Tensor, theta: float = 1.2) -> Tensor:
+    """Divide the logits of tokens that occur in each row's recent context by theta.
+
+    logits (b, vocab), ctx (b, t) token ids (the last t time steps of every row). 1.1.4 was given
+    the last t batch rows instead and applied one union of tokens to all rows.
+    """
+    if ctx.dim() != 2 or ctx.shape[0] != logits.shape[0]:
+        raise ValueError(f"ctx must have shape (batch, time) with batch {logits.shape[0]}, got {tuple(ctx.shape)}")
+    weights = torch.ones_like(logits, dtype=torch.float)
+    weights.scatter_(1, ctx.long(), theta)
+    return logits / weights
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Wraps a language model net (token ids (b, n) -> logits (b, n, vocab), attribute max_seq_len)."""
+
+    def __init__(self, net: nn.Module, ignore_index: int = 0, pad_value: int = 0):
+        super().__init__()
+        self.pad_value = pad_value
+        self.ignore_index = ignore_index
+        self.net = net
+        self.max_seq_len = net.max_seq_len
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why generate(use_cache=True) would not reproduce use_cache=False (None when it can)."""
+        reason_fn = getattr(self.net, "cache_unsupported_reason", None)
+        if reason_fn is None:
+            return f"{type(self.net).__name__} has no incremental decoding"
+        return reason_fn()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        start_tokens: Tensor,
+        seq_len: int,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_logits_fn: Callable[..., Tensor] = top_k,
+        filter_thres: float = 0.9,
+        repetition_penalty: float = 1.0,
+        repetition_penalty_ctx: int = 32,
+        *,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """Sample ``seq_len`` tokens after start_tokens (t,) or (b, t) -> (seq_len,) or (b, seq_len)
+        (fewer if every row emitted eos_token). kwargs go to the net (mask, context, context_mask).
+
+        use_cache (default: wherever it is exact): feed each new token once and carry per-layer
+        recurrent state (O(1) time and memory per token w.r.t. the prefix) instead of re-running
+        the whole window each step, with the same tokens for the same seed. It is exact for causal
+        models whose softmax attention uses key_stabilizer="prefix", and for generalized or
+        no_projection attention. With key_stabilizer="global" (1.1.4's default) and more than one
+        layer it is not: every layer is normalised by the max over all keys, so earlier positions'
+        outputs change as tokens arrive and cached states of later layers go stale. Such models
+        recompute, as 1.1.4 does, and use_cache=True raises ValueError saying why. Once the
+        sequence outgrows max_seq_len the window slides (positions shift each step), so generation
+        continues by recomputation.
+        """
+        if start_tokens.dim() not in (1, 2):
+            raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
+        if start_tokens.shape[-1] == 0:
+            raise ValueError("start_tokens must hold at least one token")
+        reason = self.cache_unsupported_reason()
+        if use_cache and reason:
+            raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
+        use_cache = reason is None if use_cache is None else use_cache
+
+        was_training = self.net.training
+        num_dims = start_tokens.dim()
+        if num_dims == 1:
+            start_tokens = start_tokens[None, :]
+        b, t = start_tokens.shape
+        self.net.eval()
+        out = start_tokens
+
+        input_mask = kwargs.pop("mask", None)
+        if input_mask is None:
+            input_mask = torch.full_like(out, True, dtype=torch.bool, device=out.device)
+        # conditional generation: without an explicit context_mask, every context position counts
+        context_mask = kwargs.pop("context_mask", None)
+        if "context" in kwargs and not exists(context_mask):
+            context = kwargs["context"]
+            context_mask = torch.full(context.shape[:2], True, dtype=torch.bool, device=out.device)
+        if exists(context_mask):
+            kwargs.update(context_mask=context_mask)
+
+        cache = DecodingCache() if use_cache else None
+        for _ in range(seq_len):
+            if exists(cache) and out.shape[1] > self.max_seq_len:
+                cache = None  # the window slides from here on: every position moves each step
+            if exists(cache):
+                new = slice(cache.length, None)
+                logits = self.net(out[:, new], mask=input_mask[:, new], cache=cache, **kwargs)[:, -1, :]
+            else:
+                window = slice(-self.max_seq_len, None)
+                logits = self.net(out[:, window], mask=input_mask[:, window], **kwargs)[:, -1, :]
+            if repetition_penalty > 1.0:
+                logits = repetition_penalty_fn(logits, out[:, -repetition_penalty_ctx:], theta=repetition_penalty)
+            filtered_logits = filter_logits_fn(logits, thres=filter_thres)
+            probs = F.softmax(filtered_logits / temperature, dim=-1)
+            sample = torch.multinomial(probs, 1)
+
+            out = torch.cat((out, sample), dim=-1)
+            input_mask = F.pad(input_mask, (0, 1), value=True)
+            if exists(eos_token) and (sample == eos_token).all():
+                break
+
+        out = out[:, t:]
+        if num_dims == 1:
+            out = out.squeeze(0)
+        self.net.train(was_training)
+        return out
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        """Next-token cross-entropy of x (b, n): the net sees x[:, :-1] and predicts x[:, 1:]."""
+        xi, xo = x[:, :-1], x[:, 1:]
+        # a mask given for the full sequence is trimmed to the input
+        mask = kwargs.pop("mask", None)
+        if exists(mask) and mask.shape[1] == x.shape[1]:
+            mask = mask[:, :-1]
+        kwargs.update(mask=mask)
+        out = self.net(xi, **kwargs)
+        return F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index)

@@ -1,0 +1,879 @@
+"""performer-pytorch 1.1.4's modules (performer_pytorch/performer_pytorch.py) on performer_triton's
+FastAttention: same names, constructor signatures, positional order, defaults, behaviour and
+state_dict keys, so a 1.1.4 checkpoint loads with strict=True and gives the same outputs.
+
+New options are keyword-only, after 1.1.4's arguments, and default to 1.1.4's behaviour:
+``key_stabilizer`` ("global" | "prefix"), ``exact_mask`` (padded keys excluded from the
+normaliser and stabilizer), ``backend`` ("auto" | "triton" | "torch") and ``redraw_seed``.
+Fixes that do not change numerics are always on (see the README, "Differences from
+performer-pytorch").
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from axial_positional_embedding import AxialPositionalEmbedding
+from einops import rearrange, repeat
+from local_attention import LocalAttention
+from torch import Tensor, nn
+
+from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason
+from .fast_attention import FastAttention
+from . import functional
+from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
+from .reference import CAUSAL_EPS
+from .reversible import ReversibleSequence, SequentialSequence
+
+__all__ = [
+    "AbsolutePositionalEmbedding",
+    "Always",
+    "Attention",
+    "Chunk",
+    "CrossAttention",
+    "FastAttention",
+    "FeedForward",
+    "FixedPositionalEmbedding",
+    "Performer",
+    "PerformerLM",
+    "PreLayerNorm",
+    "PreScaleNorm",
+    "PreShiftTokens",
+    "ProjectionUpdater",
+    "ReZero",
+    "SelfAttention",
+    "apply_rotary_pos_emb",
+    "causal_linear_attention",
+    "causal_linear_attention_noncuda",
+    "gaussian_orthogonal_random_matrix",
+    "generalized_kernel",
+    "linear_attention",
+    "orthogonal_matrix_chunk",
+    "rotate_every_two",
+    "shift",
+    "softmax_kernel",
+]
+
+T = TypeVar("T")
+
+# helpers
+
+
+def exists(val) -> bool:
+    return val is not None
+
+
+def empty(tensor: Tensor) -> bool:
+    return tensor.numel() == 0
+
+
+def default(val, d):
+    return val if exists(val) else d
+
+
+def cast_tuple(val) -> tuple:
+    return (val,) if not isinstance(val, tuple) else val
+
+
+def get_module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def find_modules(nn_module: nn.Module, type: type) -> list:
+    return [module for module in nn_module.modules() if isinstance(module, type)]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_mask(name: str, mask: object, b: int, n: int) -> None:
+    """mask (b, n) bool, True = keep."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
+    if tuple(mask.shape) != (b, n):
+        raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}), got {tuple(mask.shape)}")
+
+
+def _is_right_padding(mask: Tensor) -> bool:
+    """Every row of the (b, n) mask is True up to some length, then False."""
+    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+class Always(nn.Module):
+    """Returns ``val`` whatever it is called with."""
+
+    def __init__(self, val):
+        super().__init__()
+        self.val = val
+
+    def forward(self, *args, **kwargs):
+        return self.val
+
+
+# token shifting
+
+
+def shift(t: Tensor, amount: int, mask: Tensor | None = None) -> Tensor:
+    """Shift t (b, n, f) by ``amount`` positions along n (zeros come in); masked positions
+    (mask (b, n) False) are zeroed first."""
+    if amount == 0:
+        return t
+    if exists(mask):
+        t = t.masked_fill(~mask[..., None], 0.0)
+    return F.pad(t, (0, 0, amount, -amount), value=0.0)
+
+
+class PreShiftTokens(nn.Module):
+    """Splits the features into len(shifts) segments (plus a remainder left as is), shifts
+    segment i by shifts[i] positions, then calls fn. With a DecodingCache it keeps the last
+    max(shifts) (masked) input rows instead of the sequence."""
+
+    def __init__(self, shifts: Sequence[int], fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.shifts = tuple(shifts)
+
+    def forward(self, x: Tensor, **kwargs):
+        mask, cache = kwargs.get("mask"), kwargs.get("cache")
+        segments = len(self.shifts)
+        parts = x.split(x.shape[-1] // segments, dim=-1)
+        to_shift, rest = parts[:segments], parts[segments:]
+        if cache is None:
+            shifted = [shift(t, amount, mask=mask) for t, amount in zip(to_shift, self.shifts)]
+        else:
+            shifted = self._shift_cached(to_shift, mask, cache)
+        return self.fn(torch.cat((*shifted, *rest), dim=-1), **kwargs)
+
+    def _shift_cached(self, segments: Sequence[Tensor], mask: Tensor | None, cache: DecodingCache) -> list[Tensor]:
+        if min(self.shifts) < 0:
+            raise ValueError(f"shifts {self.shifts} look ahead; incremental decoding needs shifts >= 0")
+        rows, n = max(self.shifts), segments[0].shape[1]
+        x = torch.cat(segments, dim=-1)  # (b, n, f * segments)
+        if exists(mask):
+            x = x.masked_fill(~mask[..., None], 0.0)
+        history = cache.get(self)
+        if history is None:  # the zeros F.pad brings in before the first position
+            history = x.new_zeros(x.shape[0], rows, x.shape[-1])
+        full = torch.cat((history, x), dim=1)  # (b, rows + n, f * segments)
+        cache.set(self, full[:, full.shape[1] - rows :])
+        width = segments[0].shape[-1]
+        return [
+            seg if amount == 0 else full[:, rows - amount : rows - amount + n, i * width : (i + 1) * width]
+            for i, (seg, amount) in enumerate(zip(segments, self.shifts))
+        ]
+
+
+# kernel functions (1.1.4's module-level API)
+
+
+def softmax_kernel(
+    data: Tensor, *, projection_matrix: Tensor, is_query: bool, normalize_data: bool = True, eps: float = 1e-4, device=None
+) -> Tensor:
+    """1.1.4's positive random features ratio * (exp(dash - |x|^2/2 - max) + eps).
+    data (b, h, n, d), projection_matrix (m, d) -> (b, h, n, m); the max is per row for queries,
+    per (b, h) for keys, detached. ``device`` is unused (as in 1.1.4)."""
+    normalizer = data.shape[-1] ** -0.25 if normalize_data else 1.0
+    ratio = projection_matrix.shape[0] ** -0.5
+    dash = torch.einsum("...id,jd->...ij", normalizer * data, projection_matrix.type_as(data))
+    diag = ((data**2).sum(dim=-1) / 2.0 * normalizer**2)[..., None]
+    stab = dash.amax(dim=-1 if is_query else (-1, -2), keepdim=True).detach()
+    return (ratio * (torch.exp(dash - diag - stab) + eps)).type_as(data)
+
+
+def generalized_kernel(
+    data: Tensor,
+    *,
+    projection_matrix: Tensor | None,
+    kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
+    kernel_epsilon: float = 0.001,
+    normalize_data: bool = True,
+    device=None,
+) -> Tensor:
+    """1.1.4's generalized features kernel_fn((dn x) @ P^T) + kernel_epsilon, (b,h,n,d) -> (b,h,n,m)."""
+    normalizer = data.shape[-1] ** -0.25 if normalize_data else 1.0
+    if projection_matrix is None:
+        return kernel_fn(normalizer * data) + kernel_epsilon
+    dash = torch.einsum("...id,jd->...ij", normalizer * data, projection_matrix.type_as(data))
+    return (kernel_fn(dash) + kernel_epsilon).type_as(data)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Non-causal linear attention on features (1.1.4's name), fused: (q' @ (k'^T v)) / (q' . sum k').
+    (b,h,n,m), (b,h,s,m), (b,h,s,e) -> (b,h,n,e)."""
+    return functional.linear_attention(q, k, v)
+
+
+def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = CAUSAL_EPS) -> Tensor:
+    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e)."""
+    if eps != CAUSAL_EPS:
+        raise ValueError(f"eps must be {CAUSAL_EPS} (the fused kernels' constant), got {eps}")
+    return functional.linear_attention(q, k, v, causal=True)
+
+
+def causal_linear_attention_noncuda(
+    q: Tensor, k: Tensor, v: Tensor, chunk_size: int = 128, eps: float = CAUSAL_EPS
+) -> Tensor:
+    """1.1.4's chunked CPU variant; chunk_size only set its memory use, the fused op needs none."""
+    _check_int("chunk_size", chunk_size, 1)
+    return causal_linear_attention(q, k, v, eps=eps)
+
+
+# redraws
+
+
+class ProjectionUpdater(nn.Module):
+    """Counts training-mode calls and redraws every FastAttention projection of ``instance``
+    after ``feature_redraw_interval`` calls (period interval + 1, never on the first call).
+
+    Registers ``instance`` as a submodule (so its keys appear twice in the state_dict, as in
+    1.1.4). Redraws draw from a private generator seeded with (redraw_seed, redraw_count), not the
+    global RNG, so data-parallel replicas draw identical matrices. ``seed`` defaults to
+    torch.initial_seed(); both counters are non-persistent buffers, so DistributedDataParallel
+    broadcasts rank 0's values and the state_dict keys stay 1.1.4's.
+    """
+
+    def __init__(self, instance: nn.Module, feature_redraw_interval: int | None, *, seed: int | None = None):
+        super().__init__()
+        self.instance = instance
+        self.feature_redraw_interval = feature_redraw_interval
+        self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+        seed = torch.initial_seed() if seed is None else _check_int("seed", seed, 0)
+        self.register_buffer("redraw_seed", torch.tensor(seed % 2**63), persistent=False)
+        self.register_buffer("redraw_count", torch.tensor(0), persistent=False)
+
+    def fix_projections_(self) -> None:
+        self.feature_redraw_interval = None
+
+    def redraw_projections(self) -> None:
+        """In training mode: redraw if the interval has elapsed, else count the call."""
+        if not self.training:
+            return
+        interval = self.feature_redraw_interval
+        if exists(interval) and self.calls_since_last_redraw >= interval:
+            seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
+            generator = torch.Generator().manual_seed(seed)
+            for fast_attention in find_modules(self.instance, FastAttention):
+                fast_attention.redraw_projection_matrix(generator=generator)
+            self.redraw_count += 1
+            self.calls_since_last_redraw.zero_()
+            return
+        self.calls_since_last_redraw += 1
+
+    def forward(self, x: T) -> T:
+        """Runs the redraw check (as redraw_projections) and returns x unchanged."""
+        self.redraw_projections()
+        return x
+
+
+# wrappers
+
+
+class ReZero(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(1e-3))
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(x, **kwargs) * self.g
+
+
+class PreScaleNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, eps: float = 1e-5):
+        super().__init__()
+        self.fn = fn
+        self.g = nn.Parameter(torch.ones(1))
+        self.eps = eps
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        norm = torch.norm(x, dim=-1, keepdim=True).clamp(min=self.eps)
+        return self.fn(x / norm * self.g, **kwargs)
+
+
+class PreLayerNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class Chunk(nn.Module):
+    """Applies fn to ``chunks`` pieces of x along ``along_dim`` (bounds feed-forward memory)."""
+
+    def __init__(self, chunks: int, fn: nn.Module, along_dim: int = -1):
+        super().__init__()
+        self.dim = along_dim
+        self.chunks = _check_int("chunks", chunks, 1)
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        if self.chunks == 1:
+            return self.fn(x, **kwargs)
+        return torch.cat([self.fn(c, **kwargs) for c in x.chunk(self.chunks, dim=self.dim)], dim=self.dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation=None, glu: bool = False):
+        super().__init__()
+        activation = default(activation, nn.GELU)
+        self.glu = glu
+        self.w1 = nn.Linear(dim, dim * mult * (2 if glu else 1))
+        self.act = activation()
+        self.dropout = nn.Dropout(dropout)
+        self.w2 = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        """x (..., dim) -> (..., dim). Position-wise, so the keywords a Performer routes to every
+        layer (mask, cache) do not concern it."""
+        if self.glu:
+            x, gate = self.w1(x).chunk(2, dim=-1)
+            x = self.act(x) * gate
+        else:
+            x = self.act(self.w1(x))
+        return self.w2(self.dropout(x))
+
+
+# attention
+
+
+class Attention(nn.Module):
+    """Multi-head FAVOR+ attention; the last ``local_heads`` heads are windowed softmax attention
+    (local-attention's LocalAttention, 1.1.4's arguments).
+
+    Keyword-only additions: key_stabilizer ("prefix": leak-free causal), exact_mask (padded keys
+    are excluded from the normaliser and stabilizer instead of only having v zeroed), backend.
+    ``feature_redraw_interval`` is unused, as in 1.1.4 (the Performer's ProjectionUpdater redraws).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        causal: bool = False,
+        heads: int = 8,
+        dim_head: int | None = 64,
+        local_heads: int = 0,
+        local_window_size: int = 256,
+        nb_features: int | None = None,
+        feature_redraw_interval: int | None = 1000,
+        generalized_attention: bool = False,
+        kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
+        dropout: float = 0.0,
+        no_projection: bool = False,
+        qkv_bias: bool = False,
+        attn_out_bias: bool = True,
+        *,
+        key_stabilizer: str = "global",
+        exact_mask: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        _check_int("dim", dim, 1)
+        _check_int("heads", heads, 1)
+        if dim % heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        dim_head = _check_int("dim_head", default(dim_head, dim // heads), 1)
+        _check_int("local_heads", local_heads, 0)
+        if local_heads > heads:
+            raise ValueError(f"local_heads ({local_heads}) must be <= heads ({heads})")
+        inner_dim = dim_head * heads
+        self.fast_attention = FastAttention(
+            dim_head,
+            nb_features,
+            causal=causal,
+            generalized_attention=generalized_attention,
+            kernel_fn=kernel_fn,
+            no_projection=no_projection,
+            key_stabilizer=key_stabilizer,
+            backend=backend,
+        )
+        self.heads = heads
+        self.global_heads = heads - local_heads
+        self.local_attn = (
+            LocalAttention(
+                window_size=_check_int("local_window_size", local_window_size, 1),
+                causal=causal,
+                autopad=True,
+                dropout=dropout,
+                look_forward=int(not causal),
+                rel_pos_emb_config=(dim_head, local_heads),
+            )
+            if local_heads > 0
+            else None
+        )
+        self.to_q = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_out = nn.Linear(inner_dim, dim, bias=attn_out_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.dim = dim
+        self.exact_mask = exact_mask
+
+    def forward(
+        self,
+        x: Tensor,
+        pos_emb: Tensor | None = None,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        *,
+        cache: DecodingCache | None = None,
+    ) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim).
+
+        pos_emb (1, n, dim_head) rotary sinusoids for the global heads; context (b, s, dim) for
+        cross-attention; mask (b, n) / context_mask (b, s) bool, True = keep. With ``cache``
+        (causal self-attention), x holds only the new positions and the layer's recurrent state
+        is read and updated.
+        """
+        _check_input("x", x, self.dim)
+        b, n, _ = x.shape
+        h, gh = self.heads, self.global_heads
+        cross_attend = exists(context)
+        if cross_attend:
+            _check_input("context", context, self.dim)
+            if context.shape[0] != b:
+                raise ValueError(f"context has batch {context.shape[0]}, x has {b}")
+        else:
+            context, context_mask = x, default(context_mask, mask)
+        _check_mask("mask", mask, b, n)
+        _check_mask("context_mask", context_mask, b, context.shape[1])
+        if cross_attend and self.local_attn is not None:
+            raise ValueError("local attention is not compatible with cross attention (local_heads > 0)")
+
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
+
+        state = cache.get(self) if exists(cache) and not cross_attend else None
+        prefill = exists(cache) and not cross_attend and state is None
+        key_keep = context_mask if self.exact_mask else None
+        outs = []
+        if not empty(q):
+            if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
+                v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
+            if exists(pos_emb) and not cross_attend:
+                q, k = apply_rotary_pos_emb(q, k, pos_emb)
+            if exists(state):
+                outs.append(state[0].step(q, k, v, key_keep))
+            else:
+                outs.append(self._global_attention(q, k, v, key_keep))
+        if not empty(lq):
+            local_mask = mask
+            if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
+                local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+            if exists(state):
+                outs.append(state[1].step(lq, lk, lv, local_mask))
+            else:
+                outs.append(self.local_attn(lq, lk, lv, input_mask=local_mask))
+        if prefill:
+            self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
+
+        out = rearrange(torch.cat(outs, dim=1), "b h n d -> b n (h d)")
+        return self.dropout(self.to_out(out))
+
+    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None) -> Tensor:
+        fa = self.fast_attention
+        if key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map == "softmax":
+            # later keys are invisible to causal queries, so right padding needs no key mask
+            if not _is_right_padding(key_keep):
+                raise ValueError(
+                    "exact_mask with key_stabilizer='prefix' supports right padding only "
+                    "(each mask row True up to its length, then False)"
+                )
+            key_keep = None
+        return fa(q, k, v, key_padding_mask=key_keep)
+
+    def _start_cache(self, cache: DecodingCache, global_kv: tuple, local_kv: tuple) -> None:
+        q, k, v, key_keep = global_kv
+        favor = None
+        if not empty(q):
+            favor = favor_state(self.fast_attention, k, v)
+            favor.extend(k, v, key_keep)
+        local = None
+        if exists(self.local_attn):
+            lk, lv, mask = local_kv
+            local = LocalWindowState(self.local_attn)
+            local.extend(lk, lv, mask)
+        cache.set(self, (favor, local))
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why cached decoding cannot reproduce this layer (None when it can)."""
+        if not self.fast_attention.causal:
+            return "attention is not causal (causal=False): every position attends to later positions"
+        return local_cache_unsupported_reason(self.local_attn) if exists(self.local_attn) else None
+
+
+def _check_input(name: str, x: object, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape (batch, length, {dim}), got {tuple(x.shape)}")
+
+
+class SelfAttention(Attention):
+    def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
+        if exists(context):
+            raise ValueError("self attention should not receive context")
+        return super().forward(*args, **kwargs)
+
+
+class CrossAttention(Attention):
+    def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
+        if not exists(context):
+            raise ValueError("cross attention should receive context")
+        return super().forward(*args, context=context, **kwargs)
+
+
+# positional embeddings
+
+
+class AbsolutePositionalEmbedding(nn.Module):
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        self.emb = nn.Embedding(max_seq_len, dim)
+
+    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
+        """Embeddings of positions offset .. offset + x.shape[1] - 1 -> (n, dim)."""
+        return self.emb(torch.arange(offset, offset + x.shape[1], device=x.device))
+
+
+def rotate_every_two(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) over the last dim."""
+    x = rearrange(x, "... (d j) -> ... d j", j=2)
+    x1, x2 = x.unbind(dim=-1)
+    return rearrange(torch.stack((-x2, x1), dim=-1), "... d j -> ... (d j)")
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, sinu_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """GPT-J style rotary embedding (interleaved pairs).  q, k (b, h, n, d), sinu_pos (1, n, d)
+    holding [sin | cos] halves."""
+    sinu_pos = rearrange(sinu_pos, "() n (j d) -> n j d", j=2)
+    sin, cos = sinu_pos.unbind(dim=-2)
+    sin, cos = (repeat(t, "b n -> b (n j)", j=2) for t in (sin, cos))
+    return tuple((t * cos) + (rotate_every_two(t) * sin) for t in (q, k))
+
+
+class FixedPositionalEmbedding(nn.Module):
+    """Buffer emb (max_seq_len, dim) = [sin(pos f) | cos(pos f)], f = 1 / 10000^(2i / dim)."""
+
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        if _check_int("dim", dim, 2) % 2:
+            raise ValueError(f"dim must be even for sinusoidal embeddings, got {dim}")
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        position = torch.arange(0, max_seq_len, dtype=torch.float)
+        sinusoid_inp = torch.einsum("i,j->ij", position, inv_freq)
+        self.register_buffer("emb", torch.cat((sinusoid_inp.sin(), sinusoid_inp.cos()), dim=-1))
+
+    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
+        """Rows offset .. offset + x.shape[1] - 1 -> (1, n, dim) in x's dtype."""
+        return self.emb[None, offset : offset + x.shape[1], :].to(x)
+
+
+def _positions(module: nn.Module, x: Tensor, offset: int) -> Tensor | None:
+    """A positional module's output for positions offset .. offset + n - 1 of x (b, n, dim)."""
+    if isinstance(module, Always):
+        return module.val
+    if isinstance(module, (FixedPositionalEmbedding, AbsolutePositionalEmbedding)):
+        return module(x, offset=offset)
+    # AxialPositionalEmbedding embeds from position 0 and only reads x's shape and dtype
+    b, n, dim = x.shape
+    if offset + n > module.max_seq_len:
+        raise ValueError(
+            f"sequence length {offset + n} exceeds the {module.max_seq_len} positions of axial_position_shape "
+            f"{tuple(module.shape)}"
+        )
+    return module(x.new_zeros(()).expand(b, offset + n, dim))[:, offset:]
+
+
+# performer
+
+
+class Performer(nn.Module):
+    """depth x [attention, feed-forward] residual layers (plus a cross-attention layer pair per
+    depth with cross_attend), pre-normed (LayerNorm, ScaleNorm or ReZero), optionally reversible
+    and token-shifted, with a ProjectionUpdater that redraws the random features.
+
+    1.1.4's 25 arguments in 1.1.4's positional order; keyword-only additions: key_stabilizer,
+    exact_mask, backend (passed to every attention layer; cross-attention keeps "global") and
+    redraw_seed (ProjectionUpdater's seed).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        local_attn_heads: int | tuple[int, ...] = 0,
+        local_window_size: int = 256,
+        causal: bool = False,
+        ff_mult: int = 4,
+        nb_features: int | None = None,
+        feature_redraw_interval: int | None = 1000,
+        reversible: bool = False,
+        ff_chunks: int = 1,
+        generalized_attention: bool = False,
+        kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
+        use_scalenorm: bool = False,
+        use_rezero: bool = False,
+        ff_glu: bool = False,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        cross_attend: bool = False,
+        no_projection: bool = False,
+        auto_check_redraw: bool = True,
+        qkv_bias: bool = True,
+        attn_out_bias: bool = True,
+        shift_tokens: bool = False,
+        *,
+        key_stabilizer: str = "global",
+        exact_mask: bool = False,
+        backend: str = "auto",
+        redraw_seed: int | None = None,
+    ):
+        super().__init__()
+        _check_int("depth", depth, 1)
+        _check_int("heads", heads, 1)
+        local_attn_heads = cast_tuple(local_attn_heads)
+        local_attn_heads = local_attn_heads * depth if len(local_attn_heads) == 1 else local_attn_heads
+        if len(local_attn_heads) != depth:
+            raise ValueError(
+                f"local_attn_heads must give one count per layer: got {len(local_attn_heads)} for depth {depth}"
+            )
+        for count in local_attn_heads:
+            if _check_int("local_attn_heads", count, 0) > heads:
+                raise ValueError(f"local_attn_heads ({count}) must be <= heads ({heads})")
+
+        if use_scalenorm:
+            wrapper_fn = partial(PreScaleNorm, dim)
+        elif use_rezero:
+            wrapper_fn = ReZero
+        else:
+            wrapper_fn = partial(PreLayerNorm, dim)
+
+        shared = dict(
+            heads=heads,
+            dim_head=dim_head,
+            nb_features=nb_features,
+            generalized_attention=generalized_attention,
+            kernel_fn=kernel_fn,
+            dropout=attn_dropout,
+            no_projection=no_projection,
+            qkv_bias=qkv_bias,
+            attn_out_bias=attn_out_bias,
+            exact_mask=exact_mask,
+            backend=backend,
+        )
+
+        def feed_forward() -> nn.Module:
+            return Chunk(ff_chunks, FeedForward(dim, mult=ff_mult, dropout=ff_dropout, glu=ff_glu), along_dim=1)
+
+        layers = nn.ModuleList([])
+        for local_heads in local_attn_heads:
+            attn = SelfAttention(
+                dim,
+                causal=causal,
+                local_heads=local_heads,
+                local_window_size=local_window_size,
+                key_stabilizer=key_stabilizer,
+                **shared,
+            )
+            ff = feed_forward()
+            if shift_tokens:
+                shifts = (0, 1) if causal else (-1, 0, 1)
+                attn, ff = PreShiftTokens(shifts, attn), PreShiftTokens(shifts, ff)
+            layers.append(nn.ModuleList([wrapper_fn(attn), wrapper_fn(ff)]))
+            if cross_attend:
+                layers.append(nn.ModuleList([wrapper_fn(CrossAttention(dim, **shared)), wrapper_fn(feed_forward())]))
+
+        n_layers = len(layers)
+        route_attn = ((True, False),) * n_layers
+        route_context = ((False, False), (True, False)) * depth
+        # exact_mask: the feed-forward token shift also zeroes padded positions (1.1.4 routes no mask there)
+        route_mask = ((True, exact_mask),) * n_layers
+        args_route = {"mask": route_mask, "pos_emb": route_attn, "cache": ((True, True),) * n_layers}
+        if cross_attend:
+            args_route.update(context=route_context, context_mask=route_context)
+        execute_type = ReversibleSequence if reversible else SequentialSequence
+        self.net = execute_type(layers, args_route=args_route)
+
+        self.auto_check_redraw = auto_check_redraw
+        self.proj_updater = ProjectionUpdater(self.net, feature_redraw_interval, seed=redraw_seed)
+        self.causal = causal
+        self.shift_tokens = shift_tokens
+
+    def fix_projection_matrices_(self) -> None:
+        self.proj_updater.feature_redraw_interval = None
+
+    def check_redraw_projections(self) -> None:
+        """Run the redraw check now (what forward does first when auto_check_redraw)."""
+        self.proj_updater.redraw_projections()
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why cached decoding cannot reproduce a full recomputation (None when it can)."""
+        if not self.causal:
+            return "the model is not causal (causal=False): every position attends to later positions"
+        attentions = [m for m in self.net.modules() if isinstance(m, SelfAttention)]
+        for attn in attentions:
+            reason = attn.cache_unsupported_reason()
+            if reason:
+                return reason
+        global_layers = [
+            i
+            for i, attn in enumerate(attentions)
+            if attn.global_heads > 0
+            and attn.fast_attention.feature_map == "softmax"
+            and attn.fast_attention.key_stabilizer == "global"
+        ]
+        if global_layers and (global_layers[0] < len(attentions) - 1 or self.shift_tokens):
+            return (
+                "key_stabilizer='global' normalises each layer by the max over all keys, so the outputs of "
+                "earlier positions change as tokens arrive and the next layer's cached state would go stale "
+                "(performer-pytorch #82); build the model with key_stabilizer='prefix' to decode with a cache"
+            )
+        return None
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim); keywords (mask, pos_emb, context, context_mask, cache) are
+        routed to the layers that take them, any other raises TypeError."""
+        if self.auto_check_redraw:
+            self.proj_updater.redraw_projections()
+        cache = kwargs.get("cache")
+        if exists(cache):
+            reason = self.cache_unsupported_reason()
+            if reason:
+                raise ValueError(f"cache: cached decoding is not exact here: {reason}")
+        out = self.net(x, **kwargs)
+        if exists(cache):
+            cache.length += x.shape[1]
+        return out
+
+
+class PerformerLM(nn.Module):
+    """Token embedding + positional embedding (rotary, axial or absolute) + Performer + LayerNorm
+    + logits (tied to the token embedding with tie_embed). 1.1.4's keyword-only arguments;
+    additions: key_stabilizer, exact_mask, backend, redraw_seed (see Performer)."""
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int = 64,
+        local_attn_heads: int | tuple[int, ...] = 0,
+        local_window_size: int = 256,
+        causal: bool = False,
+        ff_mult: int = 4,
+        nb_features: int | None = None,
+        feature_redraw_interval: int | None = 1000,
+        reversible: bool = False,
+        ff_chunks: int = 1,
+        ff_glu: bool = False,
+        emb_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        generalized_attention: bool = False,
+        kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
+        use_scalenorm: bool = False,
+        use_rezero: bool = False,
+        cross_attend: bool = False,
+        no_projection: bool = False,
+        tie_embed: bool = False,
+        rotary_position_emb: bool = True,
+        axial_position_emb: bool = False,
+        axial_position_shape: tuple[int, int] | None = None,
+        auto_check_redraw: bool = True,
+        qkv_bias: bool = False,
+        attn_out_bias: bool = False,
+        shift_tokens: bool = False,
+        key_stabilizer: str = "global",
+        exact_mask: bool = False,
+        backend: str = "auto",
+        redraw_seed: int | None = None,
+    ):
+        super().__init__()
+        _check_int("num_tokens", num_tokens, 1)
+        self.max_seq_len = _check_int("max_seq_len", max_seq_len, 1)
+        self.token_emb = nn.Embedding(num_tokens, dim)
+
+        if rotary_position_emb:
+            self.pos_emb = FixedPositionalEmbedding(dim, max_seq_len)
+            self.layer_pos_emb = FixedPositionalEmbedding(dim_head, max_seq_len)
+        elif axial_position_emb:
+            axial_position_shape = default(axial_position_shape, (math.ceil(max_seq_len / 64), 64))
+            self.pos_emb = AxialPositionalEmbedding(dim, axial_position_shape)
+            self.layer_pos_emb = Always(None)
+        else:
+            self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
+            self.layer_pos_emb = Always(None)
+
+        self.dropout = nn.Dropout(emb_dropout)
+        self.performer = Performer(
+            dim, depth, heads, dim_head, local_attn_heads, local_window_size, causal, ff_mult, nb_features,
+            feature_redraw_interval, reversible, ff_chunks, generalized_attention, kernel_fn, use_scalenorm,
+            use_rezero, ff_glu, ff_dropout, attn_dropout, cross_attend, no_projection, auto_check_redraw,
+            qkv_bias, attn_out_bias, shift_tokens,
+            key_stabilizer=key_stabilizer, exact_mask=exact_mask, backend=backend, redraw_seed=redraw_seed,
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.to_out = nn.Linear(dim, num_tokens) if not tie_embed else None
+
+    def check_redraw_projections(self) -> None:
+        self.performer.check_redraw_projections()
+
+    def fix_projection_matrices_(self) -> None:
+        self.performer.fix_projection_matrices_()
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why cached decoding cannot reproduce a full recomputation (None when it can)."""
+        return self.performer.cache_unsupported_reason()
+
+    def forward(
+        self, x: Tensor, return_encodings: bool = False, *, cache: DecodingCache | None = None, **kwargs
+    ) -> Tensor:
+        """Token ids x (b, n) -> logits (b, n, num_tokens), or the final encodings (b, n, dim).
+
+        kwargs: mask (b, n) bool, context (b, s, dim), context_mask (b, s) bool. With ``cache``
+        (a DecodingCache), x holds only the tokens after those the cache has seen.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape (batch, length), got {tuple(x.shape)}")
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x must hold integer token ids, got {x.dtype}")
+        offset = cache.length if exists(cache) else 0
+        n = offset + x.shape[1]
+        if n > self.max_seq_len:
+            what = f"sequence length {n}" if offset == 0 else f"cached length {offset} + new length {x.shape[1]} = {n}"
+            raise ValueError(f"{what} exceeds max_seq_len {self.max_seq_len}")
+
+        x = self.token_emb(x)
+        x = x + _positions(self.pos_emb, x, offset)
+        x = self.dropout(x)
+        layer_pos_emb = _positions(self.layer_pos_emb, x, offset)
+        x = self.performer(x, pos_emb=layer_pos_emb, cache=cache, **kwargs)
+        x = self.norm(x)
+        if return_encodings:
+            return x
+        if exists(self.to_out):
+            return self.to_out(x)
+        return x @ self.token_emb.weight.t()

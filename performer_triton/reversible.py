@@ -1,0 +1,176 @@
+"""Layer sequences with keyword routing: plain residual (SequentialSequence) and reversible
+(ReversibleSequence, activations recomputed in backward), with performer-pytorch 1.1.4's classes,
+attribute names (so state_dict keys match) and behaviour.
+
+Difference from 1.1.4: a keyword argument that no layer is routed to raises TypeError instead
+of being dropped (a None value counts as absent).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import Function
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+Routes = dict[str, Sequence[tuple[bool, bool]]]
+
+
+def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[dict, dict]]:
+    """Split keyword arguments into per-layer (f_args, g_args) following ``router``, which maps a
+    name to one (to_f, to_g) pair of flags per layer."""
+    unknown = sorted(key for key, val in args.items() if key not in router and val is not None)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}: this model routes only {sorted(router)} to its layers"
+        )
+    routed: list[tuple[dict, dict]] = [({}, {}) for _ in range(depth)]
+    for key, val in args.items():
+        if key not in router:
+            continue
+        for (f_args, g_args), (to_f, to_g) in zip(routed, router[key]):
+            if to_f:
+                f_args[key] = val
+            if to_g:
+                g_args[key] = val
+    return routed
+
+
+def _check_routes(router: Routes, depth: int) -> None:
+    for key, routes in router.items():
+        if len(routes) != depth:
+            raise ValueError(f"route for {key!r} has {len(routes)} entries, the sequence has {depth} layers")
+
+
+class Deterministic(nn.Module):
+    """Runs ``net``; can record the RNG states of one call and replay them for the recomputation
+    in the reversible backward, so dropout draws the same masks twice."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.cpu_state: Tensor | None = None
+        self.cuda_in_fwd: bool | None = None
+        self.gpu_devices: list | None = None
+        self.gpu_states: list | None = None
+
+    def record_rng(self, *args: Tensor) -> None:
+        self.cpu_state = torch.get_rng_state()
+        if torch.cuda._initialized:
+            self.cuda_in_fwd = True
+            self.gpu_devices, self.gpu_states = get_device_states(*args)
+
+    def forward(self, *args, record_rng: bool = False, set_rng: bool = False, **kwargs):
+        if record_rng:
+            self.record_rng(*args)
+        if not set_rng:
+            return self.net(*args, **kwargs)
+        devices = self.gpu_devices if self.cuda_in_fwd else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_in_fwd:
+                set_device_states(self.gpu_devices, self.gpu_states)
+            return self.net(*args, **kwargs)
+
+
+class ReversibleBlock(nn.Module):
+    """y1 = x1 + f(x2), y2 = x2 + g(y1) on the two halves of the last dim; backward_pass
+    reconstructs the inputs from the outputs instead of storing them."""
+
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f = Deterministic(f)
+        self.g = Deterministic(g)
+
+    def forward(self, x: Tensor, f_args: dict | None = None, g_args: dict | None = None) -> Tensor:
+        f_args, g_args = f_args or {}, g_args or {}
+        x1, x2 = x.chunk(2, dim=2)
+        with torch.no_grad():
+            y1 = x1 + self.f(x2, record_rng=self.training, **f_args)
+            y2 = x2 + self.g(y1, record_rng=self.training, **g_args)
+        return torch.cat((y1, y2), dim=2)
+
+    def backward_pass(
+        self, y: Tensor, dy: Tensor, f_args: dict | None = None, g_args: dict | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(block output y, dL/dy) -> (block input x, dL/dx)."""
+        f_args, g_args = f_args or {}, g_args or {}
+        y1, y2 = y.chunk(2, dim=2)
+        dy1, dy2 = dy.chunk(2, dim=2)
+
+        # g: x2 = y2 - g(y1); its vector-Jacobian product adds to dy1
+        y1 = y1.detach().requires_grad_()
+        with torch.enable_grad():
+            gy1 = self.g(y1, set_rng=True, **g_args)
+            torch.autograd.backward(gy1, dy2)
+        with torch.no_grad():
+            x2 = y2 - gy1
+            dx1 = dy1 + y1.grad
+        del gy1
+
+        # f: x1 = y1 - f(x2); its vector-Jacobian product adds to dy2
+        x2 = x2.detach().requires_grad_()
+        with torch.enable_grad():
+            fx2 = self.f(x2, set_rng=True, **f_args)
+            torch.autograd.backward(fx2, dx1, retain_graph=True)
+        with torch.no_grad():
+            x1 = y1 - fx2
+            dx2 = dy2 + x2.grad
+            return torch.cat((x1, x2.detach()), dim=2), torch.cat((dx1, dx2), dim=2)
+
+
+class _ReversibleFunction(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, blocks: nn.ModuleList, args: list[dict]) -> Tensor:
+        for block, kwargs in zip(blocks, args):
+            x = block(x, **kwargs)
+        ctx.y = x.detach()
+        ctx.blocks = blocks
+        ctx.args = args
+        return x
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        y = ctx.y
+        for block, kwargs in zip(reversed(ctx.blocks), reversed(ctx.args)):
+            y, dy = block.backward_pass(y, dy, **kwargs)
+        return dy, None, None
+
+
+class SequentialSequence(nn.Module):
+    """x = x + f(x); x = x + g(x) for every (f, g) layer pair, keywords routed per layer."""
+
+    def __init__(self, layers: nn.ModuleList, args_route: Routes | None = None):
+        super().__init__()
+        args_route = args_route or {}
+        _check_routes(args_route, len(layers))
+        self.layers = layers
+        self.args_route = args_route
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        args = route_args(self.args_route, kwargs, len(self.layers))
+        for (f, g), (f_args, g_args) in zip(self.layers, args):
+            x = x + f(x, **f_args)
+            x = x + g(x, **g_args)
+        return x
+
+
+class ReversibleSequence(nn.Module):
+    """Reversible residual layers on [x, x] (features doubled), outputs summed back to x's width."""
+
+    def __init__(self, blocks: Sequence[Sequence[nn.Module]], args_route: Routes | None = None):
+        super().__init__()
+        args_route = args_route or {}
+        _check_routes(args_route, len(blocks))
+        self.args_route = args_route
+        self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in blocks])
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        x = torch.cat((x, x), dim=-1)
+        args = [
+            {"f_args": f_args, "g_args": g_args}
+            for f_args, g_args in route_args(self.args_route, kwargs, len(self.blocks))
+        ]
+        out = _ReversibleFunction.apply(x, self.blocks, args)
+        return torch.stack(out.chunk(2, dim=-1)).sum(dim=0)

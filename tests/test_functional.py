@@ -1,0 +1,282 @@
+"""The functional API and FastAttention: dispatch, validation, autograd, torch.library, compile."""
+import contextlib
+import io
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_TRITON
+
+from performer_triton import FastAttention, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
+from performer_triton import reference
+from performer_triton.ops import favor_fwd
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def qkv(b=2, h=3, n=37, d=16, e=None, dtype=torch.float32, s=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = n if s is None else s
+    e = d if e is None else e
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, s, e, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def projection(m, d, seed=0):
+    return gaussian_orthogonal_random_matrix(m, d, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [
+    dict(causal=False, key_stabilizer="global"),
+    dict(causal=True, key_stabilizer="global"),
+    dict(causal=True, key_stabilizer="prefix"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("feature_map", ["softmax", "relu", "none", torch.nn.Softplus()])
+def test_torch_backend_matches_reference(case, feature_map):
+    q, k, v = qkv(n=37, d=16, e=24)
+    P = projection(44, 16)
+    out = favor_attention(q, k, v, P, feature_map=feature_map, backend="torch", **case)
+    ref = reference.favor_attention(q.double(), k.double(), v.double(), P.double(), feature_map=feature_map, **case)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 37, 24)
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("feature_map", ["relu", "none", torch.nn.Softplus()])
+def test_float64_gradcheck_through_the_op(case, feature_map):
+    """Feature maps without a stabilizer are differentiated exactly: finite differences agree."""
+    q, k, v = qkv(b=1, h=2, n=9, d=8, e=5, dtype=torch.float64)
+    P = projection(12, 8).double()
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    fn = lambda q, k, v: favor_attention(q, k, v, P, feature_map=feature_map, backend="torch", **case)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("n", [1, 37, 257])
+def test_softmax_gradients_equal_the_reference_in_float64(case, n):
+    """Softmax features hold their stabilizers constant (detached, as 1.1.4), so finite differences
+    do not apply; the hand-written backward must equal the reference's autograd to rounding."""
+    q, k, v = qkv(b=1, h=2, n=n, d=12, e=7, dtype=torch.float64)
+    P = projection(30, 12).double()
+    grad = torch.randn(1, 2, n, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    theirs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    favor_attention(*ours, P, backend="torch", **case).backward(grad)
+    reference.favor_attention(*theirs, P, **case).backward(grad)
+    for a, b in zip(ours, theirs):  # absolute floor: with one key, dq and dk are exactly 0
+        assert (a.grad - b.grad).norm() <= 1e-12 * max(b.grad.norm().item(), 1.0)
+
+
+def test_cross_attention_lengths():
+    q, k, v = qkv(n=5, s=41, d=16)
+    P = projection(30, 16)
+    out = favor_attention(q, k, v, P, backend="torch")
+    ref = reference.favor_attention(q.double(), k.double(), v.double(), P.double())
+    assert out.shape == (2, 3, 5, 16) and rel(out, ref) <= 1e-5
+
+
+def test_empty_sequence_returns_empty_and_backprops():
+    q, k, v = (t.requires_grad_() for t in qkv(n=0, d=16))
+    out = favor_attention(q, k, v, projection(20, 16), causal=True)
+    assert out.shape == (2, 3, 0, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_non_contiguous_inputs_equal_contiguous():
+    q, k, v = qkv(n=37, d=16)
+    P = projection(44, 16)
+    # (b, n, h, d) storage viewed as (b, h, n, d), and a transposed last dim made contiguous
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    for case in CASES:
+        a = favor_attention(q, k, v, P, backend="torch", **case)
+        b = favor_attention(qt, kt, vt, P, backend="torch", **case)
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    vd = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1
+    assert torch.allclose(favor_attention(q, k, v, P), favor_attention(q, k, vd, P), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_attention_on_features():
+    q, k, v = qkv(n=37, d=16)
+    qf, kf = reference.feature_maps(q.double(), k.double(), projection(44, 16).double(), causal=True)
+    for causal in (False, True):
+        out = linear_attention(qf.float(), kf.float(), v, causal=causal, backend="torch")
+        ref = reference.linear_attention(qf, kf, v.double(), causal=causal)
+        assert rel(out, ref) <= 1e-5
+
+
+def test_key_padding_mask_excludes_padded_keys():
+    q, k, v = qkv(b=2, n=20, d=16)
+    P = projection(44, 16)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, 11:] = False
+    for causal in (False, True):
+        out = favor_attention(q, k, v, P, causal=causal, key_padding_mask=mask, backend="torch")
+        alone = favor_attention(q[:1, :, :11], k[:1, :, :11], v[:1, :, :11], P, causal=causal, backend="torch")
+        assert rel(out[:1, :, :11], alone) <= 1e-5
+        if not causal:  # every query of the padded row sees only the 11 real keys
+            alone_q = favor_attention(q[:1], k[:1, :, :11], v[:1, :, :11], P, backend="torch")
+            assert rel(out[:1], alone_q) <= 1e-5
+
+
+def test_autocast_runs_in_low_precision():
+    q, k, v = qkv(n=37, d=16)
+    P = projection(44, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = favor_attention(q, k, v, P, causal=True, backend="torch")
+    assert out.dtype == torch.bfloat16
+    ref = reference.favor_attention(q.double(), k.double(), v.double(), P.double(), causal=True)
+    assert rel(out, ref) <= 3e-2
+
+
+# ---------------------------------------------------------------- FastAttention
+
+
+def test_fast_attention_is_a_drop_in_for_performer_pytorch():
+    pp = pytest.importorskip("performer_pytorch.performer_pytorch")
+    for causal in (False, True):
+        for kwargs in (dict(), dict(generalized_attention=True), dict(no_projection=True)):
+            with contextlib.redirect_stdout(io.StringIO()):
+                theirs = pp.FastAttention(16, 44, 0, causal, **kwargs).double()
+            ours = FastAttention(16, 44, 0, causal, **kwargs).double()
+            assert ours.state_dict().keys() == theirs.state_dict().keys()
+            ours.load_state_dict(theirs.state_dict(), strict=True)
+            q, k, v = qkv(n=37, d=16, dtype=torch.float64)
+            assert rel(ours(q, k, v), theirs(q, k, v)) <= 1e-12
+
+
+def test_fast_attention_defaults_and_redraw():
+    fa = FastAttention(64)
+    assert fa.projection_matrix.shape == (266, 64) and fa.nb_features == 266
+    before = fa.projection_matrix.clone()
+    fa.redraw_projection_matrix(torch.device("cpu"))
+    assert not torch.equal(before, fa.projection_matrix)
+    fa.redraw_projection_matrix(generator=torch.Generator().manual_seed(3))
+    a = fa.projection_matrix.clone()
+    fa.redraw_projection_matrix(generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, fa.projection_matrix)
+
+
+def test_fast_attention_prefix_is_leak_free():
+    fa = FastAttention(16, 44, causal=True, key_stabilizer="prefix").double()
+    q, k, v = qkv(n=40, d=16, dtype=torch.float64)
+    k2 = k.clone()
+    k2[:, :, 21:] *= 3
+    a, b = fa(q, k, v), fa(q, k2, v)
+    assert (a[:, :, :21] - b[:, :, :21]).abs().max() <= 1e-12
+    assert (a[:, :, 21:] - b[:, :, 21:]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad(match, exc=ValueError):
+    return pytest.raises(exc, match=match)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = qkv(n=8, d=16)
+    P = projection(20, 16)
+    with bad("q must have 4 dimensions"):
+        favor_attention(q[0], k, v, P)
+    with bad("must have a floating-point dtype", TypeError):
+        favor_attention(q.long(), k, v, P)
+    with bad("must have a floating-point dtype", TypeError):
+        favor_attention(torch.complex(q, q), k, v, P)
+    with bad("must share one dtype", TypeError):
+        favor_attention(q, k.double(), v, P)
+    with bad("must share \\(batch, heads\\)"):
+        favor_attention(q, k[:, :2], v[:, :2], P)
+    with bad("k and v must have the same length"):
+        favor_attention(q, k, v[:, :, :5], P)
+    with bad("same length, got 8 and 5"):
+        favor_attention(q, k[:, :, :5], v[:, :, :5], P, causal=True)
+    with bad("projection_matrix must have shape \\(nb_features, 16\\)"):
+        favor_attention(q, k, v, projection(20, 8))
+    with bad("projection_matrix must be a torch.Tensor", TypeError):
+        favor_attention(q, k, v, None)
+    with bad("requires grad"):
+        favor_attention(q, k, v, P.clone().requires_grad_())
+    with bad("key_stabilizer must be one of"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="local")
+    with bad("non-causal accepts 'global'"):
+        favor_attention(q, k, v, P, key_stabilizer="prefix")
+    with bad("backend must be one of"):
+        favor_attention(q, k, v, P, backend="cuda")
+    with bad("feature_map must be one of"):
+        favor_attention(q, k, v, P, feature_map="gelu")
+    with bad("key_padding_mask must have shape"):
+        favor_attention(q, k, v, P, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with bad("key_padding_mask must be a bool tensor", TypeError):
+        favor_attention(q, k, v, P, key_padding_mask=torch.ones(2, 8))
+    with bad("k has length 0"):
+        favor_attention(q, k[:, :, :0], v[:, :, :0], P)
+    with bad("q_features and k_features must have the same last dimension"):
+        linear_attention(q, k[..., :4], v)
+    with bad("dim_heads=16"):
+        FastAttention(16)(q[..., :8], k[..., :8], v)
+    with bad("applies to causal attention only"):
+        FastAttention(16, key_stabilizer="prefix")
+
+
+def test_mixed_devices_raise():
+    q, k, v = qkv(n=8, d=16)
+    with bad("must be on one device"):
+        favor_attention(q, k.to("meta"), v, projection(20, 16))
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    q, k, v = qkv(n=8, d=16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with bad("TRITON_INTERPRET=1"):
+        favor_attention(q, k, v, projection(20, 16), backend="triton")
+    with bad("float16, bfloat16 and float32"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        favor_attention(q.double(), k.double(), v.double(), projection(20, 16), backend="triton")
+
+
+# ---------------------------------------------------------------- torch.library / compile
+
+
+def test_opcheck_forward_and_backward():
+    for causal, feature, prefix in ((False, 0, False), (True, 0, True), (True, 1, False)):
+        q, k, v = (t.requires_grad_() for t in qkv(b=1, h=2, n=9, d=8))
+        P = projection(12, 8)
+        torch.library.opcheck(favor_fwd, (q, k, v, P, causal, feature, prefix, False))
+
+
+def test_torch_compile_fullgraph():
+    fa = FastAttention(16, 44, causal=True, key_stabilizer="prefix", backend="torch")
+    q, k, v = qkv(n=37, d=16)
+    compiled = torch.compile(fa, fullgraph=True)
+    assert torch.allclose(compiled(q, k, v), fa(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the Triton path end to end
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", CASES)
+def test_triton_backend_end_to_end_with_autograd(case):
+    """favor_attention(backend='triton') -> custom op -> kernels (interpreter on CPU), gradients
+    included, against the float64 reference."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=1, h=2, n=37, d=16, e=24))
+    P = projection(44, 16).to(DEVICE)
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out = favor_attention(*leaves, P, backend="triton", **case)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = tuple(t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref = reference.favor_attention(*ref_leaves, P.double().cpu(), **case)
+    ref.backward(grad.double().cpu())
+    assert rel(out.cpu(), ref) <= 1e-5
+    for ours, theirs in zip(leaves, ref_leaves):
+        assert rel(ours.grad.cpu(), theirs.grad) <= 1e-5

@@ -1,0 +1,228 @@
+"""Cached generation: recurrent-state math against the float64 reference, incremental forward
+against full recomputation, and generate(use_cache=True) sampling the same tokens as 1.1.4's
+recompute path."""
+import pytest
+import torch
+from local_attention import LocalAttention
+
+from performer_triton import reference
+from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+from performer_triton.decoding import DecodingCache, LocalWindowState, favor_state
+from performer_triton.fast_attention import FastAttention
+from performer_triton.performer import PerformerLM
+from performer_triton.performer_enc_dec import PerformerEncDec
+
+NUM_TOKENS = 64
+
+
+def qkv(b=2, h=3, n=37, d=16, e=24, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(scale * torch.randn(b, h, n, dim, generator=g, dtype=torch.float64) for dim in (d, d, e))
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def decode(state, q, k, v, keep=None, prompt=0):
+    """Feed the first `prompt` keys at once, then one position at a time -> outputs after the prompt."""
+    if prompt:
+        state.extend(k[:, :, :prompt], v[:, :, :prompt], None if keep is None else keep[:, :prompt])
+    tail = slice(prompt, None)
+    return state.step(q[:, :, tail], k[:, :, tail], v[:, :, tail], None if keep is None else keep[:, tail])
+
+
+# recurrent-state math
+
+
+@pytest.mark.parametrize("d, m, scale", [(16, 44, 1.0), (48, 70, 3.0), (64, 266, 1.0)])
+def test_softmax_state_equals_prefix_reference(d, m, scale):
+    """Key norms times 3 make diag large: the state stays relative to the running reference."""
+    torch.manual_seed(0)
+    fa = FastAttention(d, m, causal=True, key_stabilizer="prefix").double()
+    q, k, v = qkv(d=d, scale=scale)
+    expected = reference.favor_attention(q, k, v, fa.projection_matrix, causal=True, key_stabilizer="prefix")
+    out = decode(favor_state(fa, k, v), q, k, v, prompt=5)
+    assert rel(out, expected[:, :, 5:]) <= 1e-12
+
+
+def test_softmax_state_drops_masked_keys_entirely():
+    torch.manual_seed(0)
+    fa = FastAttention(16, 30, causal=True, key_stabilizer="prefix").double()
+    q, k, v = qkv(b=1)
+    dropped = [2, 9, 20]
+    keep = torch.ones(1, 37, dtype=torch.bool)
+    keep[0, dropped] = False
+    kept = keep[0].nonzero()[:, 0]
+    expected = reference.favor_attention(
+        q[:, :, kept], k[:, :, kept], v[:, :, kept], fa.projection_matrix, causal=True, key_stabilizer="prefix"
+    )
+    out = decode(favor_state(fa, k, v), q, k, v, keep=keep, prompt=4)[:, :, kept[kept >= 4] - 4]
+    assert rel(out, expected[:, :, kept >= 4]) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature_map",
+    [
+        (dict(generalized_attention=True), "relu"),
+        (dict(generalized_attention=True, kernel_fn=torch.nn.Softplus()), torch.nn.Softplus()),
+        (dict(no_projection=True), "none"),
+    ],
+)
+def test_feature_state_equals_causal_reference(kwargs, feature_map):
+    torch.manual_seed(0)
+    fa = FastAttention(16, 44, causal=True, **kwargs).double()
+    q, k, v = qkv()
+    projection = None if feature_map == "none" else fa.projection_matrix
+    expected = reference.favor_attention(q, k, v, projection, causal=True, feature_map=feature_map)
+    assert rel(decode(favor_state(fa, k, v), q, k, v, prompt=3), expected[:, :, 3:]) <= 1e-12
+
+
+@pytest.mark.parametrize("window, prompt", [(8, 1), (8, 13), (5, 16)])
+def test_local_window_state_equals_local_attention(window, prompt):
+    local = LocalAttention(window_size=window, causal=True, autopad=True, look_forward=0, rel_pos_emb_config=(16, 2))
+    local = local.double().eval()
+    q, k, v = qkv(h=2, e=16)
+    keep = torch.ones(2, 37, dtype=torch.bool)
+    keep[1, [0, 6, 7, 30]] = False
+    expected = local(q, k, v, input_mask=keep)
+    state = LocalWindowState(local)
+    out = decode(state, q, k, v, keep=keep, prompt=prompt)
+    assert rel(out, expected[:, :, prompt:]) <= 1e-12
+    assert state.keys.shape[2] <= 2 * window  # only what the window can still see
+
+
+# models
+
+
+def lm(**kwargs):
+    torch.manual_seed(0)
+    cfg = dict(num_tokens=NUM_TOKENS, max_seq_len=96, dim=32, depth=3, heads=4, dim_head=8, nb_features=24, causal=True)
+    return PerformerLM(**{**cfg, **kwargs}).double().eval()
+
+
+PREFIX = dict(key_stabilizer="prefix")
+MODELS = {
+    "prefix_rotary": PREFIX,
+    "prefix_local_rotary": dict(PREFIX, local_attn_heads=(1, 2, 0), local_window_size=8),
+    "reversible_shift_all_local": dict(PREFIX, local_attn_heads=(1, 4, 2), local_window_size=8, shift_tokens=True, reversible=True),
+    "axial_scalenorm": dict(PREFIX, rotary_position_emb=False, axial_position_emb=True, axial_position_shape=(8, 12), use_scalenorm=True),
+    "absolute_rezero_glu": dict(PREFIX, rotary_position_emb=False, use_rezero=True, ff_glu=True, ff_chunks=2),
+    "generalized_global": dict(generalized_attention=True),
+    "no_projection_global": dict(no_projection=True),
+    "one_layer_global": dict(depth=1, local_attn_heads=1, local_window_size=4),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "one_layer_global"])
+def test_incremental_forward_equals_full_forward(name):
+    model = lm(**MODELS[name])
+    x = torch.randint(0, NUM_TOKENS, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        cache = DecodingCache()
+        parts = [model(x[:, :7], cache=cache), model(x[:, 7:10], cache=cache)]  # prompt, then 3 at once
+        parts += [model(x[:, i : i + 1], cache=cache) for i in range(10, 45)]
+    assert cache.length == 45
+    assert rel(torch.cat(parts, dim=1), full) <= 1e-10
+
+
+def sample_both(wrapper, prompt, steps, **kwargs):
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        runs.append(wrapper.generate(prompt, steps, use_cache=use_cache, **kwargs))
+    return runs
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cached_generation_samples_the_recompute_paths_tokens(name):
+    wrapper = AutoregressiveWrapper(lm(**MODELS[name]))
+    assert wrapper.cache_unsupported_reason() is None
+    prompt = torch.randint(0, NUM_TOKENS, (2, 6), generator=torch.Generator().manual_seed(2))
+    cached, recomputed = sample_both(wrapper, prompt, 40)
+    assert cached.shape == (2, 40) and torch.equal(cached, recomputed)
+
+
+def test_cached_generation_with_a_padded_prompt_and_eos():
+    wrapper = AutoregressiveWrapper(lm(**MODELS["prefix_local_rotary"]))
+    prompt = torch.randint(1, NUM_TOKENS, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False  # left padding: 1.1.4 zeroes the padded values, local heads skip the keys
+    cached, recomputed = sample_both(wrapper, prompt, 30, mask=mask, eos_token=7, temperature=0.7)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generation_past_max_seq_len_falls_back_to_the_sliding_window():
+    wrapper = AutoregressiveWrapper(lm(**MODELS["prefix_local_rotary"], max_seq_len=24))
+    prompt = torch.randint(0, NUM_TOKENS, (1, 5), generator=torch.Generator().manual_seed(4))
+    cached, recomputed = sample_both(wrapper, prompt[0], 35)
+    assert cached.shape == (35,) and torch.equal(cached, recomputed)
+
+
+def test_encoder_decoder_generation_with_cache():
+    torch.manual_seed(0)
+    model = PerformerEncDec(
+        dim=32,
+        key_stabilizer="prefix",
+        enc_num_tokens=NUM_TOKENS,
+        enc_depth=1,
+        enc_heads=4,
+        enc_dim_head=8,
+        enc_max_seq_len=32,
+        dec_num_tokens=NUM_TOKENS,
+        dec_depth=2,
+        dec_heads=4,
+        dec_dim_head=8,
+        dec_max_seq_len=48,
+        dec_local_attn_heads=1,
+        dec_local_window_size=8,
+    ).double()
+    src = torch.randint(0, NUM_TOKENS, (2, 23), generator=torch.Generator().manual_seed(5))
+    enc_mask = torch.ones(2, 23, dtype=torch.bool)
+    enc_mask[0, 17:] = False
+    start = torch.ones(2, 1, dtype=torch.long)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(6)
+        runs.append(model.generate(src, start, 30, enc_mask=enc_mask, use_cache=use_cache))
+    assert torch.equal(*runs)
+
+
+def test_global_stabilizer_with_several_layers_recomputes():
+    wrapper = AutoregressiveWrapper(lm())
+    reason = wrapper.cache_unsupported_reason()
+    assert "key_stabilizer='global'" in reason and "prefix" in reason
+    prompt = torch.randint(0, NUM_TOKENS, (2, 4), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="use_cache=True.*global"):
+        wrapper.generate(prompt, 3, use_cache=True)
+    with pytest.raises(ValueError, match="cache"):
+        wrapper.net(prompt, cache=DecodingCache())
+    torch.manual_seed(8)
+    default = wrapper.generate(prompt, 10)
+    torch.manual_seed(8)
+    assert torch.equal(default, wrapper.generate(prompt, 10, use_cache=False))
+    noncausal = AutoregressiveWrapper(lm(causal=False))
+    assert "not causal" in noncausal.cache_unsupported_reason()
+
+
+def test_cache_memory_stays_bounded():
+    model = lm(**MODELS["reversible_shift_all_local"], max_seq_len=200)
+    cache = DecodingCache()
+    x = torch.randint(0, NUM_TOKENS, (1, 200), generator=torch.Generator().manual_seed(9))
+    sizes = []
+    with torch.no_grad():
+        model(x[:, :4], cache=cache)
+        for i in range(4, 200):
+            model(x[:, i : i + 1], cache=cache)
+            sizes.append(sum(t.numel() for t in cache.tensors()))
+    window_cycle = 8
+    assert max(sizes[100:]) == max(sizes[20 : 20 + 4 * window_cycle])  # periodic in the window, flat in length
+
+
+def test_cache_overflow_names_both_lengths():
+    model = lm(**PREFIX, max_seq_len=12)
+    cache = DecodingCache()
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"cached length 10 \+ new length 3 = 13 exceeds max_seq_len 12"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)

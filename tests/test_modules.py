@@ -1,0 +1,363 @@
+"""The 1.1.4 module API (names, signatures, defaults) and the documented fixes: exact masks,
+prefix stabilizer plumbing, redraw checks, tie_token_embed, repetition penalty, bad input."""
+import contextlib
+import inspect
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # 1.1.4 imports distutils
+    import performer_pytorch as original
+    import performer_pytorch.autoregressive_wrapper as original_ar
+    import performer_pytorch.performer_enc_dec as original_ed
+    import performer_pytorch.performer_pytorch as original_pp
+    import performer_pytorch.reversible as original_rev
+
+import performer_triton.autoregressive_wrapper as ours_ar
+import performer_triton.performer as ours_pp
+import performer_triton.performer_enc_dec as ours_ed
+import performer_triton.reversible as ours_rev
+from performer_triton.autoregressive_wrapper import AutoregressiveWrapper, repetition_penalty_fn
+from performer_triton.fast_attention import FastAttention
+from performer_triton.performer import Attention, CrossAttention, Performer, PerformerLM, ProjectionUpdater
+from performer_triton.performer_enc_dec import PerformerEncDec
+
+NUM_TOKENS = 40
+SMALL = dict(num_tokens=NUM_TOKENS, max_seq_len=48, dim=32, depth=2, heads=4, dim_head=8, nb_features=20)
+
+MODULE_PAIRS = [(original_pp, ours_pp), (original_ar, ours_ar), (original_ed, ours_ed), (original_rev, ours_rev)]
+# 1.1.4 helpers not mirrored: unused (null_context) or internal to its kwarg grouping
+NOT_MIRRORED = {"null_context", "group_dict_by_key", "string_begins_with", "group_by_key_prefix"}
+
+
+def defined_in(module):
+    return {
+        name
+        for name, obj in vars(module).items()
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == module.__name__
+    }
+
+
+@pytest.mark.parametrize("theirs, ours", MODULE_PAIRS, ids=lambda m: m.__name__)
+def test_every_1_1_4_class_and_function_exists(theirs, ours):
+    missing = defined_in(theirs) - NOT_MIRRORED - set(vars(ours))
+    assert not missing
+
+
+def callables(theirs, ours):
+    for name in sorted(defined_in(theirs) - NOT_MIRRORED):
+        a, b = getattr(theirs, name), getattr(ours, name)
+        if inspect.isclass(a):
+            yield f"{name}.__init__", a.__init__, b.__init__
+            for method in ("forward", "generate"):
+                if method in vars(a):
+                    yield f"{name}.{method}", getattr(a, method), getattr(b, method)
+        else:
+            yield name, a, b
+
+
+SIGNATURES = [case for pair in MODULE_PAIRS for case in callables(*pair)]
+
+
+@pytest.mark.parametrize("name, theirs, ours", SIGNATURES, ids=[case[0] for case in SIGNATURES])
+def test_signature_keeps_1_1_4_order_and_defaults(name, theirs, ours):
+    """Every 1.1.4 parameter, in order, with its kind and default; additions are keyword-only
+    (1.1.4's catch-all **kwargs may be dropped: unknown keywords now raise)."""
+    theirs_params = [p for p in inspect.signature(theirs).parameters.values() if p.kind != p.VAR_KEYWORD]
+    ours_params = list(inspect.signature(ours).parameters.values())
+    assert [p.name for p in ours_params[: len(theirs_params)]] == [p.name for p in theirs_params]
+    for a, b in zip(theirs_params, ours_params):
+        assert a.kind == b.kind, a.name
+        if isinstance(a.default, nn.Module):
+            assert type(a.default) is type(b.default), a.name
+        elif inspect.isfunction(a.default):
+            assert a.default.__name__ == b.default.__name__, a.name
+        elif a.default == {}:  # 1.1.4's mutable default {} is None here: the same behaviour
+            assert b.default is None, a.name
+        else:
+            assert a.default == b.default, a.name
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in ours_params[len(theirs_params) :])
+
+
+def lm(**kwargs):
+    torch.manual_seed(0)
+    return PerformerLM(**{**SMALL, **kwargs}).double().eval()
+
+
+def tokens(b=2, n=37, seed=1):
+    return torch.randint(0, NUM_TOKENS, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+# exact masks
+
+
+EXACT_CASES = {
+    "noncausal": dict(),
+    "noncausal_local_shift": dict(local_attn_heads=1, local_window_size=8, shift_tokens=True),
+    "causal_global": dict(causal=True),
+    "causal_prefix_local_shift": dict(causal=True, key_stabilizer="prefix", local_attn_heads=(0, 2), local_window_size=8, shift_tokens=True),
+    "no_projection": dict(no_projection=True),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_CASES))
+def test_exact_mask_padded_batch_equals_unpadded_sequences(name):
+    model = lm(exact_mask=True, **EXACT_CASES[name])
+    x = tokens()
+    lengths = (37, 23)
+    mask = torch.arange(37)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        padded = model(x, mask=mask)
+        for row, n in enumerate(lengths):
+            alone = model(x[row : row + 1, :n])
+            assert (padded[row, :n] - alone[0]).abs().max() <= 1e-10 * alone.abs().max()
+
+
+def test_default_mask_reproduces_1_1_4_padding_leak():
+    """Without exact_mask, padded keys still count in the normaliser (1.1.4); the padded row differs."""
+    model = lm()
+    x = tokens()
+    mask = torch.arange(37)[None, :] < torch.tensor([37, 23])[:, None]
+    with torch.no_grad():
+        padded, alone = model(x, mask=mask)[1, :23], model(x[1:, :23])[0]
+    assert (padded - alone).abs().max() > 1e-4 * alone.abs().max()
+
+
+def test_exact_mask_cross_attention_ignores_padded_context():
+    torch.manual_seed(0)
+    model = PerformerEncDec(
+        dim=32,
+        exact_mask=True,
+        enc_num_tokens=NUM_TOKENS,
+        enc_depth=1,
+        enc_heads=4,
+        enc_dim_head=8,
+        enc_max_seq_len=40,
+        dec_num_tokens=NUM_TOKENS,
+        dec_depth=1,
+        dec_heads=4,
+        dec_dim_head=8,
+        dec_max_seq_len=40,
+    ).double()
+    src, tgt = tokens(n=31), tokens(n=11, seed=3)
+    enc_mask = torch.ones(2, 31, dtype=torch.bool)
+    enc_mask[1, 19:] = False
+
+    def decoder_logits(src, tgt, enc_mask=None):
+        encodings = model.enc(src, mask=enc_mask, return_encodings=True)
+        return model.dec.net(tgt, context=encodings, context_mask=enc_mask)
+
+    with torch.no_grad():
+        padded = decoder_logits(src, tgt, enc_mask)
+        alone = torch.cat([decoder_logits(src[:1], tgt[:1]), decoder_logits(src[1:, :19], tgt[1:])])
+    assert (padded - alone).abs().max() <= 1e-10 * alone.abs().max()
+
+
+def test_exact_mask_prefix_rejects_holes():
+    model = lm(causal=True, key_stabilizer="prefix", exact_mask=True)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0, 5] = False
+    with pytest.raises(ValueError, match="right padding"):
+        model(tokens(), mask=mask)
+
+
+# key_stabilizer plumbing and leak-freedom
+
+
+def test_key_stabilizer_reaches_every_causal_self_attention():
+    model = PerformerEncDec(
+        dim=32,
+        key_stabilizer="prefix",
+        enc_num_tokens=NUM_TOKENS,
+        enc_depth=1,
+        enc_heads=2,
+        enc_max_seq_len=16,
+        dec_num_tokens=NUM_TOKENS,
+        dec_depth=2,
+        dec_heads=2,
+        dec_max_seq_len=16,
+    )
+    dec_fast = [m for m in model.dec.net.modules() if isinstance(m, FastAttention)]
+    kinds = [(m.causal, m.key_stabilizer) for m in dec_fast]
+    assert kinds == [(True, "prefix"), (False, "global")] * 2  # self, cross per layer
+    assert all(m.key_stabilizer == "global" for m in model.enc.modules() if isinstance(m, FastAttention))
+    assert Attention(32, causal=True, heads=2, key_stabilizer="prefix").fast_attention.key_stabilizer == "prefix"
+    with pytest.raises(ValueError, match="causal"):
+        PerformerLM(**SMALL, key_stabilizer="prefix")
+
+
+@pytest.mark.parametrize("stabilizer, leaks", [("global", True), ("prefix", False)])
+def test_prefix_stabilizer_keeps_earlier_outputs_independent_of_later_tokens(stabilizer, leaks):
+    """performer-pytorch #82: with the global key max, a large last key changes earlier outputs."""
+    torch.manual_seed(0)
+    attn = Attention(32, causal=True, heads=4, dim_head=8, key_stabilizer=stabilizer).double()
+    x = torch.randn(1, 37, 32, dtype=torch.float64)
+    y = x.clone()
+    y[:, -1] *= 3
+    with torch.no_grad():
+        change = (attn(x)[0, :-1] - attn(y)[0, :-1]).abs().max().item()
+    assert (change > 1e-3) if leaks else (change <= 1e-12)
+
+
+# redraws
+
+
+def test_check_redraw_projections_and_updater_forward():
+    model = lm(feature_redraw_interval=2).train()
+    updater = model.performer.proj_updater
+    fast = model.performer.net.layers[0][0].fn.fast_attention
+    before = fast.projection_matrix.clone()
+    model.check_redraw_projections()
+    model.check_redraw_projections()
+    assert int(updater.calls_since_last_redraw) == 2 and torch.equal(fast.projection_matrix, before)
+    x = torch.zeros(3)
+    assert updater(x) is x  # 1.1.4 raised TypeError ("raise NotImplemented")
+    assert int(updater.calls_since_last_redraw) == 0 and not torch.equal(fast.projection_matrix, before)
+    model.fix_projection_matrices_()
+    after = fast.projection_matrix.clone()
+    for _ in range(4):
+        model.check_redraw_projections()
+    assert torch.equal(fast.projection_matrix, after)
+
+
+def test_redraws_follow_the_seed_not_the_global_rng():
+    models = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        models.append(PerformerLM(**SMALL, feature_redraw_interval=0, redraw_seed=7).train())
+    rng = torch.get_rng_state()
+    for model in models:
+        model.check_redraw_projections()
+        model.check_redraw_projections()
+    assert torch.equal(torch.get_rng_state(), rng)
+    fast = [[m.projection_matrix for m in model.modules() if isinstance(m, FastAttention)] for model in models]
+    assert all(torch.equal(a, b) for a, b in zip(*fast))
+    assert not torch.equal(fast[0][0], fast[0][1])  # layers still draw different matrices
+    assert "performer.proj_updater.redraw_seed" not in models[0].state_dict()
+
+
+# other fixes
+
+
+@pytest.mark.parametrize("spelling", ["tie_token_embed", "tie_token_embeds"])
+def test_encoder_decoder_ties_embeddings_with_either_spelling(spelling):
+    model = PerformerEncDec(
+        dim=16,
+        **{spelling: True},
+        enc_num_tokens=NUM_TOKENS,
+        enc_depth=1,
+        enc_heads=2,
+        enc_max_seq_len=8,
+        dec_num_tokens=NUM_TOKENS,
+        dec_depth=1,
+        dec_heads=2,
+        dec_max_seq_len=8,
+    )
+    assert model.enc.token_emb is model.dec.net.token_emb
+
+
+def test_encoder_decoder_rejects_unprefixed_arguments():
+    with pytest.raises(TypeError, match="depth"):
+        PerformerEncDec(dim=16, depth=2, enc_num_tokens=4, dec_num_tokens=4)
+
+
+def test_repetition_penalty_looks_at_each_rows_recent_tokens():
+    logits = torch.full((2, 6), 2.0)
+    ctx = torch.tensor([[1, 1, 4], [0, 2, 2]])
+    out = repetition_penalty_fn(logits, ctx, theta=2.0)
+    assert out.tolist() == [[2, 1, 2, 2, 1, 2], [1, 2, 1, 2, 2, 2]]
+
+
+def test_generate_with_repetition_penalty_in_a_batch():
+    wrapper = AutoregressiveWrapper(lm(causal=True, key_stabilizer="prefix"))
+    out = wrapper.generate(tokens(b=3, n=4), 5, repetition_penalty=1.5, repetition_penalty_ctx=3)
+    assert out.shape == (3, 5)
+
+
+def test_unknown_keywords_raise_type_error():
+    model = lm(cross_attend=False)
+    x = tokens()
+    with pytest.raises(TypeError, match="foo"):
+        model(x, foo=1)
+    with pytest.raises(TypeError, match="context"):
+        model(x, context=torch.zeros(2, 5, 32, dtype=torch.float64))
+    model(x, context_mask=None)  # None is "not given"
+    with pytest.raises(TypeError, match="foo"):
+        model.performer(torch.zeros(2, 5, 32, dtype=torch.float64), foo=1)
+    with pytest.raises(TypeError, match="foo"):
+        Attention(32, heads=4, dim_head=8)(torch.zeros(1, 3, 32), foo=1)
+
+
+def test_cross_attention_and_self_attention_argument_checks():
+    x = torch.zeros(1, 3, 32)
+    with pytest.raises(ValueError, match="should receive context"):
+        CrossAttention(32, heads=4, dim_head=8)(x)
+    with pytest.raises(ValueError, match="local attention is not compatible"):
+        Attention(32, heads=4, dim_head=8, local_heads=1)(x, context=x)
+
+
+# bad input
+
+
+def test_sequence_longer_than_max_seq_len_names_both_lengths():
+    with pytest.raises(ValueError, match=r"sequence length 49 exceeds max_seq_len 48"):
+        lm()(tokens(n=49))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(dim=30, heads=4), ValueError, r"dim \(30\) must be divisible by heads \(4\)"),
+        (dict(local_attn_heads=(1, 1, 1)), ValueError, "local_attn_heads.*3.*depth 2"),
+        (dict(local_attn_heads=5), ValueError, r"local_attn_heads \(5\) must be <= heads \(4\)"),
+        (dict(key_stabilizer="bogus", causal=True), ValueError, "key_stabilizer"),
+        (dict(depth=0), ValueError, "depth"),
+        (dict(heads=2.0), TypeError, "heads"),
+        (dict(ff_chunks=0), ValueError, "chunks"),
+        (dict(dim_head=7), ValueError, "dim must be even"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        PerformerLM(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "make, error, pattern",
+    [
+        (lambda: (tokens().double(), {}), TypeError, "integer token ids"),
+        (lambda: (tokens()[0], {}), ValueError, r"x must have shape \(batch, length\)"),
+        (lambda: (tokens(), {"mask": torch.ones(2, 36, dtype=torch.bool)}), ValueError, r"mask must have shape \(batch, length\) = \(2, 37\)"),
+        (lambda: (tokens(), {"mask": torch.ones(2, 37)}), TypeError, "mask must be a bool tensor"),
+    ],
+)
+def test_bad_forward_arguments(make, error, pattern):
+    x, kwargs = make()
+    with pytest.raises(error, match=pattern):
+        lm()(x, **kwargs)
+
+
+def test_performer_matches_1_1_4_construction_rng_order():
+    """Built after the same seed, the modules draw the same initial weights and projections as 1.1.4."""
+    torch.manual_seed(3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = original.PerformerLM(**SMALL, causal=True, local_attn_heads=1, local_window_size=8)
+    torch.manual_seed(3)
+    ours = PerformerLM(**SMALL, causal=True, local_attn_heads=1, local_window_size=8)
+    for (key, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_projection_updater_counts_only_in_training():
+    updater = ProjectionUpdater(nn.Linear(2, 2), 3)
+    updater.eval()
+    updater.redraw_projections()
+    assert int(updater.calls_since_last_redraw) == 0
+    updater.train()
+    updater.redraw_projections()
+    assert int(updater.calls_since_last_redraw) == 1
+    assert isinstance(Performer(16, 1, 2, 8).proj_updater, ProjectionUpdater)
