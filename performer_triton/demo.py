@@ -57,13 +57,14 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = torch.frombuffer(bytearray(load_corpus(args.text)), dtype=torch.uint8).long()
     seq_len, batch = args.seq_len, args.batch_size
+    steps = args.steps if args.steps is not None else (1000 if device.type == "cuda" else 300)
     if data.numel() <= seq_len + 1:
         raise ValueError(f"corpus has {data.numel()} bytes, need more than seq_len + 1 = {seq_len + 1}")
     model = build_model(seq_len, device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device {device}; corpus {data.numel():,} bytes; model {n_params / 1e6:.2f}M parameters; "
-          f"{args.steps} steps of {batch} x {seq_len} tokens")
+          f"{steps} steps of {batch} x {seq_len} tokens")
 
     def batch_of(n: int) -> torch.Tensor:
         starts = torch.randint(0, data.numel() - seq_len - 1, (n,))
@@ -71,7 +72,7 @@ def run(args) -> int:
 
     first = last = None
     tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    bar = tqdm(range(steps), desc="train", unit="step")
     for _ in bar:
         model.train()
         loss = model(batch_of(batch))

@@ -54,12 +54,13 @@ class _FeatureMap:
             return dash.sub_((q_max + self.half_sq_norm(x))[..., None]).exp_()
         return self._generalized(dash)
 
-    def key_units(self, x: Tensor, k_max: Tensor) -> Tensor:
+    def key_units(self, x: Tensor, k_max: Tensor, dash: Tensor | None = None) -> Tensor:
         """Key features minus eps before the exp(row_scale - M) factor (U for SOFTMAX).
-        x (b, h, t, d), k_max (b, h, t) -> (b, h, t, m)."""
+        x (b, h, t, d), k_max (b, h, t), dash of x if already computed (overwritten) -> (b, h, t, m)."""
+        dash = self.dash(x) if dash is None else dash
         if self.softmax:
-            return self.dash(x).sub_(k_max[..., None]).exp_()
-        return self._generalized(self.dash(x))
+            return dash.sub_(k_max[..., None]).exp_()
+        return self._generalized(dash)
 
     def _generalized(self, dash: Tensor) -> Tensor:
         return dash if self.given else dash.clamp_min_(0.0)
@@ -142,11 +143,11 @@ def favor_fwd(
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
     k_max = k.new_empty((b, h, s if stats else 0))
-    if stats:
+    k_scale = k.new_empty((b, h, s if stats else 0))
+    if stats and causal:  # every key's stabilizer is needed from the first chunk on
         for sl in _chunks(s):
             k_max[..., sl] = fm.dash(k[..., sl, :]).amax(-1)
-    k_scale = k_max - fm.half_sq_norm(k) if stats else k_max.new_empty(k_max.shape)
-    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
+        torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
     vo = _with_ones(v)  # (b, h, s, e+1)
@@ -161,8 +162,14 @@ def favor_fwd(
         return fm.query_base(q[..., sl, :], dash, q_max[..., sl]) + fm.eps
 
     if not causal:
-        for sl in _chunks(s):
-            hz, ref = _update_state(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
+        for sl in _chunks(s):  # one projection of each key chunk: its stats, then its units
+            kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
+            if stats:
+                k_max[..., sl] = dash.amax(-1)
+                torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
+            row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
+            hz, ref = _update_state(hz, ref, fm.key_units(kc, k_max[..., sl], dash), row_scale, vo[..., sl, :])
+        stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
         # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1)
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
         for sl in _chunks(n):
@@ -171,6 +178,7 @@ def favor_fwd(
             out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         return out.to(in_dtype), q_max, k_max, k_scale, rden
 
+    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     upper = _upper(CHUNK, q.device)
     v_before = q.new_zeros((b, h, 1, e + 1))  # [sum of v, count] over keys before the chunk
     for sl in _chunks(n):

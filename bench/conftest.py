@@ -1,0 +1,52 @@
+"""pytest-benchmark suite: `pytest bench/ --benchmark-autosave`, then compare a later run with
+`pytest bench/ --benchmark-compare --benchmark-compare-fail=median:10%`.
+
+Every benchmark checks the correctness of what it times (performer_triton.benchmark.verify)
+before timing it.  Peers that cannot run here are skipped with the reason shown (-rs).
+"""
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = {"cpu": (1024, 2048, 4096, 8192, 16384), "cuda": (1024, 2048, 4096, 8192, 16384, 32768, 65536)}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sizes", default=None, help="comma-separated sequence lengths (default: by device)")
+
+
+def pytest_generate_tests(metafunc):
+    if "seq_len" in metafunc.fixturenames:
+        option = metafunc.config.getoption("--sizes")
+        sizes = [int(x) for x in option.split(",")] if option else SIZES[DEVICE]
+        metafunc.parametrize("seq_len", sizes, ids=[f"n{n}" for n in sizes])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: a target that needs a CUDA device")
+    if not config.option.reportchars:
+        config.option.reportchars = "s"  # show every skip reason
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from performer_triton.benchmark import device_name
+
+    machine_info["device"] = device_name(DEVICE)
+    machine_info["torch"] = torch.__version__
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The side-by-side ratios and peak memory that the benchmarks stored in extra_info."""
+    session = getattr(config, "_benchmarksession", None)
+    rows = [b for b in getattr(session, "benchmarks", []) if b.extra_info]
+    if not rows:
+        return
+    terminalreporter.section("side by side (extra_info)")
+    for bench in rows:
+        info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in bench.extra_info.items())
+        terminalreporter.write_line(f"{bench.name} [{bench.group}]: {info}")

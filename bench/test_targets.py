@@ -1,0 +1,97 @@
+"""The performance targets of the issues, each measured side by side with its peer in one run
+(interleaved repetitions, medians) after both were checked for correctness.  The ratio is
+asserted and stored in the benchmark's extra_info; the regression suite times ours.
+
+CPU targets (b=1 h=8 d=64, fp32): causal fwd+bwd at n=4096 (m=266) >= 5x faster and >= 20x less
+peak memory than performer-pytorch 1.1.4; non-causal fwd+bwd not slower; causal fwd+bwd at
+n=16384 faster than torch's exact scaled_dot_product_attention.
+GPU targets (H100, bf16, b=2 h=8 d=64 m=256): causal fwd+bwd at n=8192 >= 10x faster than
+performer-pytorch with fast-transformers, faster than PyTorch features + fla's chunk linear
+attention; faster than SDPA (FlashAttention) from n=4096 up; non-causal within 1.5x of the H100
+roofline time.
+"""
+import pytest
+import torch
+
+from performer_triton.benchmark import IMPLS, Case, h100_roofline_seconds, make_inputs, side_by_side, step, verify
+
+CUDA = torch.cuda.is_available()
+needs_cpu = pytest.mark.skipif(CUDA, reason="a CPU target (this machine has CUDA: run on a CPU-only machine)")
+needs_gpu = pytest.mark.skipif(not CUDA, reason="a GPU target: needs a CUDA device (H100)")
+
+
+def compare(benchmark, case: Case, peer: str, *, repeats: int = 3):
+    """Ours and the peer side by side; ours also through pytest-benchmark. -> (ours, peer) Measurements."""
+    ours, theirs = side_by_side([IMPLS["performer_triton"], IMPLS[peer]], case, repeats=repeats)
+    if theirs.skipped:
+        pytest.skip(f"{peer}: {theirs.skipped}")
+    x = make_inputs(case)
+    fn = IMPLS["performer_triton"].build(case, x)
+    verify(IMPLS["performer_triton"], case, x, fn)
+    benchmark.group = f"target: {case.label}"
+    benchmark.extra_info.update(
+        peer=peer, peer_version=theirs.version, ours_ms=ours.seconds * 1e3, peer_ms=theirs.seconds * 1e3,
+        speedup=theirs.seconds / ours.seconds,
+        ours_peak_mib=ours.peak_bytes / 2**20, peer_peak_mib=theirs.peak_bytes / 2**20,
+        memory_ratio=theirs.peak_bytes / max(ours.peak_bytes, 1),
+    )
+    benchmark.pedantic(step(case, x, fn), rounds=repeats, warmup_rounds=1, iterations=1)
+    return ours, theirs
+
+
+@needs_cpu
+def test_cpu_causal_vs_performer_pytorch(benchmark):
+    ours, theirs = compare(benchmark, Case(n=4096, causal=True, backward=True, m=266), "performer-pytorch")
+    assert theirs.seconds / ours.seconds >= 5, benchmark.extra_info
+    assert theirs.peak_bytes / ours.peak_bytes >= 20, benchmark.extra_info
+
+
+@needs_cpu
+def test_cpu_noncausal_vs_performer_pytorch(benchmark):
+    ours, theirs = compare(benchmark, Case(n=4096, causal=False, backward=True, m=266), "performer-pytorch", repeats=5)
+    assert ours.seconds <= theirs.seconds, benchmark.extra_info
+
+
+@needs_cpu
+def test_cpu_causal_16k_vs_sdpa(benchmark):
+    ours, theirs = compare(benchmark, Case(n=16384, causal=True, backward=True, m=266), "torch-sdpa", repeats=2)
+    assert ours.seconds < theirs.seconds, benchmark.extra_info
+
+
+GPU = dict(b=2, h=8, d=64, m=256, dtype=torch.bfloat16, device="cuda")
+
+
+@needs_gpu
+def test_gpu_causal_vs_performer_pytorch(benchmark):
+    ours, theirs = compare(benchmark, Case(n=8192, causal=True, backward=True, **GPU), "performer-pytorch")
+    assert theirs.seconds / ours.seconds >= 10, benchmark.extra_info
+
+
+@needs_gpu
+def test_gpu_causal_vs_fla(benchmark):
+    ours, theirs = compare(benchmark, Case(n=8192, causal=True, backward=True, **GPU), "fla-chunk", repeats=10)
+    assert ours.seconds < theirs.seconds, benchmark.extra_info
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [4096, 8192, 16384, 32768, 65536])
+def test_gpu_causal_vs_flash_attention(benchmark, n):
+    ours, theirs = compare(benchmark, Case(n=n, causal=True, backward=True, **GPU), "torch-sdpa", repeats=10)
+    assert ours.seconds < theirs.seconds, benchmark.extra_info
+
+
+@needs_gpu
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_gpu_noncausal_roofline(benchmark, backward):
+    case = Case(n=8192, causal=False, backward=backward, **GPU)
+    x = make_inputs(case)
+    fn = IMPLS["performer_triton"].build(case, x)
+    verify(IMPLS["performer_triton"], case, x, fn)
+    import triton.testing
+
+    seconds = triton.testing.do_bench(step(case, x, fn), return_mode="median") / 1e3
+    roof = h100_roofline_seconds(case)
+    benchmark.group = f"target: {case.label}"
+    benchmark.extra_info.update(ours_ms=seconds * 1e3, roofline_ms=roof * 1e3, ratio=seconds / roof)
+    benchmark.pedantic(step(case, x, fn), rounds=10, warmup_rounds=2, iterations=1)
+    assert seconds <= 1.5 * roof, benchmark.extra_info
