@@ -31,9 +31,11 @@ REQUIRED_MODULES is missing (the others are still reported); 0 otherwise.
 
 MMA rule: a tl.dot needs tensor cores unless its operands are fp32 with input_precision "ieee"
 (exact fp32 products: FFMA, no MMA exists) or fp64.  So fp16/bf16 dots and fp32 dots in tf32 /
-tf32x3 / bf16x3 precision must yield HGMMA (sm_90; HMMA from mma.sync does not count) or HMMA
-(sm_80); a kernel whose dots are all ieee fp32 must show none and is not checked.  The check is
-per kernel: at least one MMA instruction when it has at least one tensor-core dot (TTIR).
+tf32x3 / bf16x3 precision must yield HGMMA on sm_90 when the kernel has such a dot of M >= 64
+rows (one warpgroup's wgmma; HMMA from mma.sync does not count then), HMMA on sm_90 when all of
+them have fewer rows (mma.sync is the only tensor-core path for those), and HMMA on sm_80; a
+kernel whose dots are all ieee fp32 must show none and is not checked.  The check is per kernel:
+at least one such instruction when it has at least one tensor-core dot (TTIR).
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ from triton.backends.nvidia.compiler import CUDAOptions
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, KernelParam
 
+from performer_triton.kernels import max_head_dim
+
 # Every kernel module the library ships; a missing one fails the report (exit 2).
 REQUIRED_MODULES = (
     "performer_triton.kernels.feature_map",
@@ -71,8 +75,14 @@ REQUIRED_MODULES = (
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (128, 128), (32, 80))  # (d, e)
+# (d, e): every tile width the launchers choose (BD, BV in 16, 32, 64), non-powers of two included;
+# pairs above max_head_dim(dtype) are skipped (the launchers refuse them)
+HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (24, 64), (64, 40), (24, 32))
 NB_FEATURES = (256, 266)
+# --quick (what the test suite runs in CI): every kernel, feature map, dtype and mode at the widest
+# head dim the dtype allows (most registers) and the narrowest, with the default m (M % 16 != 0)
+QUICK_HEAD_DIMS = ("widest", (16, 16))
+QUICK_NB_FEATURES = (266,)
 # One length / batch / head count: they change only divisibility hints (N % 16) or ints that can
 # become 1 (n <= BT, b * h = 1), each a further compile of every kernel.
 SEQ_LEN, BATCH, HEADS = 1000, 2, 8
@@ -171,7 +181,7 @@ def _meta(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def sweep(modules: dict, failures: list) -> list[Launch]:
+def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
     """All launches of the sweep (see the module docstring); launcher exceptions go to failures."""
     launches: list[Launch] = []
 
@@ -196,8 +206,11 @@ def sweep(modules: dict, failures: list) -> list[Launch]:
     if feature_map is None:
         return launches
     for dname, dtype in DTYPES.items():
-        for d, e in HEAD_DIMS:
-            for m in NB_FEATURES:
+        widest = (max_head_dim(dtype),) * 2
+        for d, e in [widest if x == "widest" else x for x in QUICK_HEAD_DIMS] if quick else HEAD_DIMS:
+            if max(d, e) > max_head_dim(dtype):  # the launchers refuse these
+                continue
+            for m in QUICK_NB_FEATURES if quick else NB_FEATURES:
                 shape = f"{dname} d={d} e={e} m={m}"
                 projection = _meta((m, d), dtype)
                 run(f"row_stats {shape}", feature_map.row_stats, _meta((BATCH, HEADS, SEQ_LEN, d), dtype), projection)
@@ -283,7 +296,7 @@ def describe(fn: JITFunction, spec: Spec) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- compile + inspect
 
-_DOT = re.compile(r"= tt\.dot .*?(?:inputPrecision = (\w+))?\s*:\s*tensor<(?:\d+x)+(\w+)>")
+_DOT = re.compile(r"= tt\.dot .*?(?:inputPrecision = (\w+))?\s*:\s*tensor<(\d+)x\d+x(\w+)>")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 # Cache-key suffix of compiles made through _report_stages: any edit of this file invalidates them.
@@ -291,14 +304,24 @@ with open(__file__, "rb") as _src:
     _HOOK_KEY = "compile_report-" + hashlib.sha256(_src.read()).hexdigest()[:16]
 
 
-def dots_of(ttir: str) -> list[tuple[str, str]]:
-    """(operand element type, input precision) of every tt.dot in a TTIR module."""
-    return [(m.group(2), m.group(1) or "") for m in _DOT.finditer(ttir)]
+def dots_of(ttir: str) -> list[tuple[str, str, int]]:
+    """(operand element type, input precision, rows M) of every tt.dot in a TTIR module.
+    TTIR elides the default input precision, IEEE."""
+    return [(m.group(3), m.group(1) or "ieee", int(m.group(2))) for m in _DOT.finditer(ttir)]
 
 
-def needs_mma(dots: list) -> bool:
-    """The MMA rule of the module docstring."""
-    return any(ty != "f64" and not (ty == "f32" and prec == "ieee") for ty, prec in dots)
+def tensor_core_dots(dots: list) -> list:
+    """The dots of the MMA rule (module docstring): all but fp64 and fp32 "ieee" ones."""
+    return [dot for dot in dots if dot[0] != "f64" and not (dot[0] == "f32" and dot[1] == "ieee")]
+
+
+def required_mma(arch: int, dots: list) -> str | None:
+    """The instruction a kernel's tensor-core dots must produce: HGMMA on sm_90 when one of them
+    has M >= 64 rows (a warpgroup's wgmma), otherwise HMMA (mma.sync); None without such dots."""
+    tc = tensor_core_dots(dots)
+    if not tc:
+        return None
+    return "HGMMA" if arch >= 90 and any(rows >= 64 for *_, rows in tc) else "HMMA"
 
 
 def count_mma(sass: str) -> tuple[int, int]:
@@ -320,9 +343,9 @@ def problems_of(r: Result) -> list[str]:
         found.append(f"spills {r.spill_stores} B stores + {r.spill_loads} B loads")
     if r.shared > arch.smem_limit:
         found.append(f"shared memory {r.shared} B > {arch.smem_limit} B")
-    mma = r.hgmma if arch.mma == "HGMMA" else r.hmma
-    if needs_mma(r.dots) and mma == 0:
-        found.append(f"tensor-core dot without {arch.mma}")
+    required = required_mma(r.arch, r.dots)
+    if required is not None and (r.hgmma if required == "HGMMA" else r.hmma) == 0:
+        found.append(f"tensor-core dot without {required}")
     return found
 
 
@@ -462,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS, reverse=True))
     parser.add_argument("--filter", help="keep configurations whose kernel name or label contains this")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="head dims 64 and 128 with m=266 only (every kernel, feature map, dtype, mode)")
     parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="parallel compile workers")
     opts = parser.parse_args(argv)
     if "TRITON_INTERPRET" in os.environ:
@@ -472,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     failures: list[str] = []
     modules, missing = import_required(failures)
-    launches = sweep(modules, failures)
+    launches = sweep(modules, failures, quick=opts.quick)
     _JOBS[:] = build_jobs(launches, opts.arch, opts.filter)
     captured = time.perf_counter() - start
     if opts.j > 1:

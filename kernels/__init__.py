@@ -7,3 +7,12 @@ SOFTMAX = 0  # positive random features (1.1.4's softmax_kernel)
 RELU = 1  # generalized attention with ReLU
 GIVEN = 2  # features precomputed by the caller
 FEATURE_NAMES = {SOFTMAX: "softmax", RELU: "relu", GIVEN: "given"}
+
+# Widest q/k (d) and v (e) head dims the kernels take, by input dtype: beyond them the tiles of
+# the backward no longer fit the register file without spilling (compile report, kernels/NOTES.md).
+MAX_HEAD_DIM = {"float16": 64, "bfloat16": 64, "float32": 32}
+
+
+def max_head_dim(dtype) -> int:
+    """MAX_HEAD_DIM for a torch dtype (0 for dtypes the kernels do not take)."""
+    return MAX_HEAD_DIM.get(str(dtype).replace("torch.", ""), 0)

@@ -11,8 +11,12 @@ Per (b, h) the sequence is cut into NT chunks of BT positions:
   _fwd_kernel      grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
   _dstate_kernel   grid (m tiles, b*h): reverse walk, writes dH_c, dz_c (referenced to the
                    chunk's last k_stab) and partial eps sums of the later queries.
-  _bwd_kernel      grid (NT, b*h): dq, dk, dv of one chunk (inter via the states, intra via
-                   the (BT, BT) tiles).
+  _bwd_q_kernel    grid (NT, b*h): dq of one chunk (inter via the forward states, intra via
+                   the (BT, BT) tile).
+  _bwd_k_kernel    grid (NT, b*h): dk of one chunk (inter via the reverse states, intra via
+                   the (BT, BT) tile).
+  _bwd_v_kernel    grid (NT, b*h): dv of one chunk (likewise).
+Splitting the backward three ways keeps each kernel's live tiles within the register file.
 """
 from __future__ import annotations
 
@@ -21,11 +25,17 @@ import triton
 import triton.language as tl
 
 from .feature_map import (
+    FM_GIVEN,
+    FM_RELU,
+    FM_SOFTMAX,
     GIVEN,
     RELU,
     SOFTMAX,
+    CAUSAL_EPS,
     SOFTMAX_EPS,
+    check_head_dims,
     dash_tile,
+    dot_precision,
     half_sq_norm,
     key_units,
     load_rows,
@@ -33,14 +43,12 @@ from .feature_map import (
     row_stats,
 )
 
-_CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in 1.1.4's causal denominator
-_SOFTMAX_EPS = 1e-4  # the eps inside softmax random features
 
 
 @triton.jit
 def _load_x(p_x, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
     """Rows of q or k as a (BT, BD) tile; unused (zeros) for GIVEN, where features are loaded per m tile."""
-    if FEATURE == GIVEN:
+    if FEATURE == FM_GIVEN:
         b_x = tl.zeros([BT, BD], dtype=p_x.dtype.element_ty)
     else:
         b_x = load_rows(p_x, o_t, m_t, stride_t, o_d, m_d)
@@ -50,7 +58,7 @@ def _load_x(p_x, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexp
 @triton.jit
 def _load_proj(p, o_m, m_m, D, o_d, m_d, BM: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
     """Projection rows as a (BM, BD) tile; zeros for GIVEN (no projection)."""
-    if FEATURE == GIVEN:
+    if FEATURE == FM_GIVEN:
         b_p = tl.zeros([BM, BD], dtype=p.dtype.element_ty)
     else:
         b_p = load_rows(p, o_m, m_m, D, o_d, m_d)
@@ -59,7 +67,7 @@ def _load_proj(p, o_m, m_m, D, o_d, m_d, BM: tl.constexpr, BD: tl.constexpr, FEA
 
 @triton.jit
 def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
-              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr):
+              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, PRECISION: tl.constexpr):
     """Ratio-free feature tile (BT, BM) fp32, and what its derivative needs (BT, BM) fp32.
 
     SOFTMAX queries: q~ = exp(dash - diag - row_max) + 1e-4 and the exponential alone (q~ - 1e-4
@@ -67,12 +75,12 @@ def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
     twice; RELU: relu(dash) + 1e-3 and dash; GIVEN: the caller's features, twice.
     Padded features are 0.
     """
-    if FEATURE == GIVEN:
+    if FEATURE == FM_GIVEN:
         b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
         b_aux = b_f
     else:
-        b_dash = dash_tile(b_x, b_p, dn)  # (BT, BM)
-        if FEATURE == RELU:
+        b_dash = dash_tile(b_x, b_p, dn, PRECISION)  # (BT, BM)
+        if FEATURE == FM_RELU:
             b_f = relu_features(b_dash, m_m)
             b_aux = b_dash
         elif IS_QUERY:
@@ -91,9 +99,9 @@ def _feature_grad(b_df, b_aux, m_m, FEATURE: tl.constexpr):
     SOFTMAX: times the exponential (queries) or the unit (keys: b_df excludes it); RELU: mask
     dash > 0; GIVEN: unchanged. Padded features are 0.
     """
-    if FEATURE == SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         b_du = b_df * b_aux
-    elif FEATURE == RELU:
+    elif FEATURE == FM_RELU:
         b_du = tl.where(b_aux > 0.0, b_df, 0.0)
     else:
         b_du = b_df
@@ -141,7 +149,7 @@ def _state_kernel(
         b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
         b_kk = b_kf * tl.exp(b_kscale - r_cur)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
         b_decay = tl.exp(r_prev - r_cur)  # <= 1: k_ref is a running max
@@ -196,8 +204,8 @@ def _fwd_kernel(
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
         b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
+        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
         b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
@@ -270,7 +278,7 @@ def _dstate_kernel(
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
         b_qf, _ = _features(p_q, b_q, b_p, half_sq_norm(b_q, dn), b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn,
-                            FEATURE, True)  # (BT, BM)
+                            FEATURE, True, PRECISION)  # (BT, BM)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
@@ -289,10 +297,56 @@ def _dstate_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _chunk_grads(
+    p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v,
+    stride_vn, stride_gn, stride_on, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
+):
+    """What both backward kernels need of one chunk (NOTES "Backward"): v (BT, BV) in its dtype,
+    dN (BT, BV), dD (BT,), dw F (BT, BT): dw_ij = dN_i . v_j + dD_i times the intra factor
+    F_ij = exp(k_scale_j - M_i) on visible pairs, 0 elsewhere, and sum_j dw_ij (BT,) per query.
+
+    The pair tiles are (query i, key j), or (key j, query i) with KEY_ROWS, so that the key-side
+    products need no transposed fp32 operand (which sm_80 builds through local memory)."""
+    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+    b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
+    b_g = b_gin.to(tl.float32)  # (BT, BV)
+    b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_go = tl.sum(b_g * b_o, axis=1)  # (BT,)
+    b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
+    b_dd = -b_go * b_rden  # (BT,) dD
+    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS)
+    # dw_ij = rden_i (g_i . v_j - g_i . out_i) on visible pairs
+    if KEY_ROWS:
+        b_dw = tl.dot(b_v, tl.trans(b_gin), input_precision=PRECISION)  # (BT, BT)
+        b_dw = tl.where(m_s, b_rden[None, :] * (b_dw - b_go[None, :]), 0.0)
+        b_dws = tl.sum(b_dw, axis=0)  # (BT,)
+    else:
+        b_dw = tl.dot(b_gin, tl.trans(b_v), input_precision=PRECISION)  # (BT, BT)
+        b_dw = tl.where(m_s, b_rden[:, None] * (b_dw - b_go[:, None]), 0.0)
+        b_dws = tl.sum(b_dw, axis=1)  # (BT,)
+    return b_v, b_dn, b_dd, b_dw * b_f, b_dws
+
+
+@triton.jit
+def _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
+    """Visible-pair mask (BT, BT) and intra factor F (BT, BT) = exp(k_scale_j - M_i) on it (<= 1),
+    0 elsewhere; rows are queries i, or keys j with KEY_ROWS."""
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+    if KEY_ROWS:
+        m_s = (o_t[:, None] <= o_t[None, :]) & m_t[None, :]  # (BT, BT) rows j, columns i
+        b_f = tl.exp(tl.where(m_s, b_kscale[:, None] - b_stab[None, :], float("-inf")))  # (BT, BT)
+    else:
+        m_s = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]  # (BT, BT) rows i, columns j
+        b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT)
+    return m_s, b_f
+
+
+@triton.jit
+def _bwd_q_kernel(
     q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
-    h_state, z_state, v_state, dh_state, dz_state, dns_state,
-    dq, dk, dv,
+    h_state, z_state, v_state, dq,
     H, N, M, D, E, NT, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
@@ -300,11 +354,10 @@ def _bwd_kernel(
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dq, dk, dv for the queries and keys of one chunk (NOTES "Backward").
-    dq, dk are (b*h, n, DQ) contiguous, DQ = d (or m for GIVEN); dv is (b*h, n, E)."""
+    """dq of one chunk's queries (NOTES "Backward"): inter part through the forward state H_c,
+    intra part through the (BT, BT) tile.  dq is (b*h, n, DQ) contiguous, DQ = d (m for GIVEN)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    NM = tl.cdiv(M, BM)
     o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
     m_t = o_t < N
     o_d = tl.arange(0, BD)  # (BD,)
@@ -318,113 +371,196 @@ def _bwd_kernel(
     p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c
+    b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
+        p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
+        False)  # b_dwf (BT, BT) rows i, columns j
     b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
     b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
-    b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
-    b_g = b_gin.to(tl.float32)  # (BT, BV)
-    b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
-    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_go = tl.sum(b_g * b_o, axis=1)  # (BT,)
-    b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
-    b_dd = -b_go * b_rden  # (BT,) dD
+    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
+    b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
+    b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
+    # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
+    b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd
+    b_dqx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_q @ P
+    b_rq = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_q
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+        m_m = o_m < M
+        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
+        b_ht = load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, H^T
+        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_dqf = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+        b_dqf = tl.dot(b_dwf, b_kf, b_a[:, None] * b_dqf + b_c[:, None], input_precision=PRECISION)
+        b_duq = _feature_grad(b_dqf, b_qaux, m_m, FEATURE)  # (BT, BM)
+        if FEATURE == FM_GIVEN:
+            p_dq = dq + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            tl.store(p_dq, b_duq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+        else:
+            b_dqx += tl.dot(b_duq, b_p.to(tl.float32), input_precision=PRECISION)
+            b_rq += tl.sum(b_duq, axis=1)
+    if FEATURE != FM_GIVEN:
+        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
+        b_dqx = b_dqx * dn
+        if FEATURE == FM_SOFTMAX:
+            b_dqx -= (dn * dn) * b_rq[:, None] * b_q.to(tl.float32)
+        p_dq = dq + (o_row + o_t[:, None]) * DQ + o_d[None, :]
+        tl.store(p_dq, b_dqx.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _bwd_k_kernel(
+    q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
+    H, N, M, D, E, NT, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    dn,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dk of one chunk's keys (NOTES "Backward"): inter part through the reverse states dH_c,
+    dz_c of the later queries, intra part through the (BT, BT) tile.  dk is (b*h, n, DQ)
+    contiguous, DQ = d (m for GIVEN)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
+    m_t = o_t < N
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    o_row = i_bh.to(tl.int64) * N
+    o_s = i_bh.to(tl.int64) * NT + i_c
+    b_v, b_dn, b_dd, b_dwf, b_unused = _chunk_grads(
+        p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
+        True)  # b_dwf (BT, BT) rows j, columns i
+    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
     b_diag = half_sq_norm(b_q, dn)  # (BT,)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
     r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
-    # dw_ij = dN_i . v_j + dD_i = rden_i (g_i . v_j - g_i . out_i) on visible pairs
-    m_s = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]  # (BT, BT)
-    b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT)
-    b_dw = tl.dot(b_gin, tl.trans(b_v), input_precision=PRECISION)  # (BT, BT)
-    b_dw = tl.where(m_s, b_rden[:, None] * (b_dw - b_go[:, None]), 0.0)
-    b_dwf = b_dw * b_f  # (BT, BT)
-    b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
-    b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
-    # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
-    b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + tl.sum(b_dw, axis=1)) + c_eps * b_dd
     b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
-    b_vf = b_v.to(tl.float32)  # (BT, BV)
-    b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) q~ . U
-    b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~
+    b_dkx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_k @ P
+    b_rk = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_k
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
+        m_m = o_m < M
+        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
+        b_kf, b_kaux = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        # dk~ = kfac (v @ dH^T + dz) + (dw F)^T @ q~; dH^T is loaded transposed (fp32 operand)
+        b_dht = load_rows(dh_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
+        b_dz = tl.load(dz_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_dkf = tl.dot(b_v.to(tl.float32), b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
+        b_dkf = tl.dot(b_dwf, b_qf, b_kfac[:, None] * b_dkf, input_precision=PRECISION)  # accumulates in place
+        b_duk = _feature_grad(b_dkf, b_kaux, m_m, FEATURE)  # (BT, BM)
+        if FEATURE == FM_GIVEN:
+            p_dk = dk + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            tl.store(p_dk, b_duk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+        else:
+            b_dkx += tl.dot(b_duk, b_p.to(tl.float32), input_precision=PRECISION)
+            b_rk += tl.sum(b_duk, axis=1)
+    if FEATURE != FM_GIVEN:
+        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
+        b_dkx = b_dkx * dn
+        if FEATURE == FM_SOFTMAX:
+            b_dkx -= (dn * dn) * b_rk[:, None] * b_k.to(tl.float32)
+        p_dk = dk + (o_row + o_t[:, None]) * DQ + o_d[None, :]
+        tl.store(p_dk, b_dkx.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _bwd_v_kernel(
+    q, k, p, g, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
+    H, N, M, D, E, NT,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
+    dn, k_eps,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + 1e-4 dns_c, intra
+    W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    NM = tl.cdiv(M, BM)
+    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
+    m_t = o_t < N
+    o_d = tl.arange(0, BD)  # (BD,)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)  # (BV,)
+    m_v = o_v < E
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+    o_row = i_bh.to(tl.int64) * N
+    o_s = i_bh.to(tl.int64) * NT + i_c
+    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
+    b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
+    b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) U_j . q~_i (rows j)
+    b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
-    b_dqx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_q @ P
-    b_dkx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_k @ P
-    b_rq = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_q
-    b_rk = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_k
     for i_m in range(0, NM):
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
         b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True)
-        b_kf, b_kaux = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False)
-        b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
+        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
+        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
-        # queries: dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
-        b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
-        b_dqf = tl.dot(b_dn, tl.trans(b_h), input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
-        b_dqf = b_a[:, None] * b_dqf + tl.dot(b_dwf, b_kf, input_precision=PRECISION) + b_c[:, None]
-        b_duq = _feature_grad(b_dqf, b_qaux, m_m, FEATURE)  # (BT, BM)
-        # keys: G = kfac (v @ dH^T + dz) + (dw F)^T @ q~;  dv += (U kfac) @ dH
         b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_dz = tl.load(dz_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
         b_dns += tl.load(dns_state + (o_s * NM + i_m) * E + o_v, mask=m_v, other=0.0)
-        b_dkf = tl.dot(b_vf, tl.trans(b_dh), input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
-        b_dkf = b_kfac[:, None] * b_dkf + tl.dot(tl.trans(b_dwf), b_qf, input_precision=PRECISION)
-        b_duk = _feature_grad(b_dkf, b_kaux, m_m, FEATURE)  # (BT, BM)
         b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
-        if FEATURE == GIVEN:
-            p_dq = dq + (o_row + o_t[:, None]) * DQ + o_m[None, :]
-            p_dk = dk + (o_row + o_t[:, None]) * DQ + o_m[None, :]
-            tl.store(p_dq, b_duq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
-            tl.store(p_dk, b_duk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
-        else:
-            b_pf = b_p.to(tl.float32)  # (BM, BD)
-            b_dqx += tl.dot(b_duq, b_pf, input_precision=PRECISION)
-            b_dkx += tl.dot(b_duk, b_pf, input_precision=PRECISION)
-            b_rq += tl.sum(b_duq, axis=1)
-            b_rk += tl.sum(b_duk, axis=1)
-    # intra-chunk dv: W^T @ dN with W as in the forward; inter eps part 1e-4 * dns
-    b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[:, None], 0.0)  # (BT, BT)
-    b_dv += tl.dot(tl.trans(b_w), b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
+    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
+    b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[None, :], 0.0)  # (BT, BT) W^T: rows j, columns i
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
+    b_dv += tl.dot(b_w, b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
     p_dv = dv + (o_row + o_t[:, None]) * E + o_v[None, :]
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-    if FEATURE != GIVEN:
-        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
-        b_dqx = b_dqx * dn
-        b_dkx = b_dkx * dn
-        if FEATURE == SOFTMAX:
-            b_dqx -= (dn * dn) * b_rq[:, None] * b_q.to(tl.float32)
-            b_dkx -= (dn * dn) * b_rk[:, None] * b_k.to(tl.float32)
-        p_dq = dq + (o_row + o_t[:, None]) * DQ + o_d[None, :]
-        p_dk = dk + (o_row + o_t[:, None]) * DQ + o_d[None, :]
-        tl.store(p_dq, b_dqx.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-        tl.store(p_dk, b_dkx.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
 def _config(feature: int, d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options.  BV covers all of e (one e tile), BD all of d.
 
-    fp32 inputs use exact fp32 ("ieee") dots for the 1e-5 budget; 16-bit inputs run their
-    bounded tiles on tensor cores and the unbounded fp32 operands (states, dN) in tf32.
+    16-bit inputs run their bounded tiles on tensor cores as 16-bit dots, and the unbounded fp32
+    operands (states, dN) in TF32 (see dot_precision).  BT = 64 rows is one warpgroup's wgmma M
+    on Hopper; BM is what keeps the register file from spilling (compile report, NOTES).
     """
     BD = 16 if feature == GIVEN else max(16, triton.next_power_of_2(d))
     BV = max(16, triton.next_power_of_2(e))
-    big = max(BD, BV) > 64
+    fp32 = dtype == torch.float32  # twice the bytes per tile element
     return dict(
         BT=64,
-        BM=min(64, max(16, triton.next_power_of_2(m))),
+        BM=min(16 if fp32 else 32, max(16, triton.next_power_of_2(m))),
+        BM_fwd=16,  # the output kernel reads whole states: its own, smallest, m tile
         BD=BD,
         BV=BV,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        warps_state=4,
-        warps_fwd=8 if big else 4,
+        PRECISION=dot_precision(dtype),
+        warps_state=8,
+        warps_dstate=8,
+        warps_fwd=8,
         warps_bwd=8,
-        stages=2,
+        stages=1 if fp32 else 2,  # a second stage's buffers cost registers there
     )
 
 
@@ -450,8 +586,8 @@ def _eps(feature: int, m: int) -> tuple[float, float]:
     """(k_eps, c_eps): the eps inside ratio-free key features, and the causal denominator eps
     in ratio-free form (1e-6 / ratio for SOFTMAX)."""
     if feature == SOFTMAX:
-        return _SOFTMAX_EPS, _CAUSAL_EPS * m**0.5
-    return 0.0, _CAUSAL_EPS
+        return SOFTMAX_EPS.value, CAUSAL_EPS.value * m**0.5
+    return 0.0, CAUSAL_EPS.value
 
 
 def _forward_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, cfg: dict):
@@ -489,6 +625,7 @@ def causal_fwd(
     e = v.shape[-1]
     m = d if feature == GIVEN else projection.shape[0]
     assert k.shape[2] == n and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    check_head_dims(q.dtype, e=e, **({} if feature == GIVEN else {"d": d}))
     cfg = _config(feature, d, e, m, q.dtype)
     if feature == SOFTMAX:
         q_max, _ = row_stats(q, projection)
@@ -509,7 +646,7 @@ def causal_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         d**-0.25, k_eps, c_eps,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM_fwd"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages"],
     )
     return (out, *saved, rden)
@@ -555,21 +692,36 @@ def causal_bwd(
         out.stride(0), out.stride(1), out.stride(2),
         d**-0.25,
         FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
-        num_warps=cfg["warps_state"], num_stages=cfg["stages"],
+        num_warps=cfg["warps_dstate"], num_stages=cfg["stages"],
     )
     dq = torch.empty((b, h, n, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, h, n, d), device=k.device, dtype=k.dtype)
     dv = torch.empty((b, h, n, e), device=v.device, dtype=v.dtype)
-    _bwd_kernel[(nt, b * h)](
-        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
-        h_state, z_state, v_state, dh_state, dz_state, dns_state,
-        dq, dk, dv,
-        h, n, m, d, e, nt, d,
+    strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+    )
+    blocks = dict(FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"])
+    _bwd_q_kernel[(nt, b * h)](
+        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+        h_state, z_state, v_state, dq,
+        h, n, m, d, e, nt, d, *strides,
         d**-0.25, k_eps, c_eps,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
-        num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+    )
+    _bwd_k_kernel[(nt, b * h)](
+        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
+        h, n, m, d, e, nt, d, *strides,
+        d**-0.25,
+        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+    )
+    _bwd_v_kernel[(nt, b * h)](
+        q, k, p, grad_out, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
+        h, n, m, d, e, nt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        d**-0.25, k_eps,
+        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
     )
     return dq, dk, dv

@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FEATURE_NAMES, GIVEN, RELU, SOFTMAX  # noqa: F401  (re-exported for the kernels)
+from . import FEATURE_NAMES, GIVEN, RELU, SOFTMAX, max_head_dim  # noqa: F401  (re-exported for the kernels)
+
+# the feature codes as constexpr globals, the only kind of global a @triton.jit body may read
+# (compiled Triton rejects plain ints; the interpreter does not notice)
+FM_SOFTMAX = tl.constexpr(SOFTMAX)
+FM_RELU = tl.constexpr(RELU)
+FM_GIVEN = tl.constexpr(GIVEN)
 
 SOFTMAX_EPS: tl.constexpr = tl.constexpr(1e-4)
 GENERALIZED_EPS: tl.constexpr = tl.constexpr(1e-3)
@@ -28,9 +34,10 @@ def load_rows(p_base, o_t, m_t, stride_t, o_c, m_c):
 
 
 @triton.jit
-def dash_tile(b_x, b_p, dn):
-    """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32."""
-    return tl.dot(b_x, tl.trans(b_p)) * dn
+def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
+    """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32.
+    PRECISION matters for fp32 tiles only (16-bit tiles multiply exactly on tensor cores)."""
+    return tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION) * dn
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def _row_stats_kernel(
     H, N, M, D,
     stride_xb, stride_xh, stride_xn,
     dn,
-    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -82,13 +89,33 @@ def _row_stats_kernel(
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
         b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-        b_dash = dash_tile(b_x, b_p, dn)  # (BT, BM)
+        b_dash = dash_tile(b_x, b_p, dn, PRECISION)  # (BT, BM)
         b_dash = tl.where(m_m[None, :], b_dash, float("-inf"))
         b_max = tl.maximum(b_max, tl.max(b_dash, axis=1))
     b_scale = b_max - half_sq_norm(b_x, dn)  # (BT,)
     o_out = i_bh.to(tl.int64) * N + o_t
     tl.store(row_max + o_out, b_max, mask=m_t)
     tl.store(row_scale + o_out, b_scale, mask=m_t)
+
+
+def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
+    """Launchers' guard: head dims above max_head_dim(dtype) would compile to spilling kernels."""
+    limit = max_head_dim(dtype)
+    for name, value in dims.items():
+        if value > limit:
+            raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {limit}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of every tl.dot with fp32 operands: TF32 on tensor cores.
+
+    16-bit inputs meet fp32 operands only in unbounded states and gradients, where TF32's
+    precision matches the inputs' own. fp32 inputs get TF32 throughout (~1e-3 relative, what
+    torch.set_float32_matmul_precision("high") gives cuBLAS): fp32-exact "ieee" dots and 3xTF32
+    need two to three times the registers and spill in every configuration (kernels/NOTES.md),
+    so performer_triton.functional keeps fp32 on the PyTorch path unless TF32 is allowed.
+    """
+    return "tf32"
 
 
 def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +137,7 @@ def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, 
         h, n, m, d,
         x.stride(0), x.stride(1), x.stride(2),
         d**-0.25,
-        BT=BT, BM=BM, BD=BD,
+        BT=BT, BM=BM, BD=BD, PRECISION=dot_precision(x.dtype),
         num_warps=4,
     )
     return row_max, row_scale

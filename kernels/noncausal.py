@@ -15,11 +15,15 @@ import triton
 import triton.language as tl
 
 from .feature_map import (
+    FM_GIVEN,
+    FM_SOFTMAX,
     GIVEN,
     RELU,
     SOFTMAX,
     SOFTMAX_EPS,
+    check_head_dims,
     dash_tile,
+    dot_precision,
     half_sq_norm,
     key_units,
     load_rows,
@@ -29,10 +33,6 @@ from .feature_map import (
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
-
-# the feature codes as constexpr globals: a @triton.jit body may only read constexpr globals
-_SOFTMAX = tl.constexpr(SOFTMAX)
-_GIVEN = tl.constexpr(GIVEN)
 
 
 @triton.jit
@@ -58,9 +58,9 @@ def _context_kernel(
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
     o_row = i_bh.to(tl.int64) * S
-    if FEATURE != _GIVEN:
+    if FEATURE != FM_GIVEN:
         b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         b_ref = tl.load(k_ref + i_bh)  # max_j k_scale_j, so every factor below is <= 1
     b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
@@ -70,12 +70,12 @@ def _context_kernel(
         o_t = i_t * BT + tl.arange(0, BT)  # (BT,)
         m_t = o_t < S
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_e, m_e)  # (BT, BV)
-        if FEATURE == _GIVEN:
+        if FEATURE == FM_GIVEN:
             b_f = load_rows(p_k, o_t, m_t, stride_kn, o_m, m_m)  # (BT, BM)
         else:
             b_k = load_rows(p_k, o_t, m_t, stride_kn, o_d, m_d)  # (BT, BD)
-            b_dash = dash_tile(b_k, b_p, dn)  # (BT, BM)
-            if FEATURE == _SOFTMAX:
+            b_dash = dash_tile(b_k, b_p, dn, PREC)  # (BT, BM)
+            if FEATURE == FM_SOFTMAX:
                 b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
                 # padded rows get factor exp(-inf) = 0
                 b_ksc = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
@@ -85,13 +85,13 @@ def _context_kernel(
         # F is bounded (SOFTMAX) or as large as the dtype's own dash (RELU, GIVEN): cast for tl.dot
         b_h += tl.dot(tl.trans(b_f.to(b_v.dtype)), b_v, input_precision=PREC)
         b_z += tl.sum(b_f.to(tl.float32), axis=0)
-        if FEATURE == _SOFTMAX:
+        if FEATURE == FM_SOFTMAX:
             b_vs += tl.sum(b_v.to(tl.float32), axis=0)
     o_part = i_s * BH + i_bh  # (split, b*h) slot of this program
     p_h = h_part + o_part.to(tl.int64) * M * E + o_m[:, None] * E + o_e[None, :]
     tl.store(p_h, b_h, mask=m_m[:, None] & m_e[None, :])
     tl.store(z_part + o_part.to(tl.int64) * M + o_m, b_z, mask=m_m)
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         if i_m == 0:
             tl.store(vs_part + o_part.to(tl.int64) * E + o_e, b_vs, mask=m_e)
 
@@ -120,7 +120,7 @@ def _output_kernel(
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_hb = h + i_bh.to(tl.int64) * M * E
     p_zb = z + i_bh.to(tl.int64) * M
-    if FEATURE != _GIVEN:
+    if FEATURE != FM_GIVEN:
         b_q = load_rows(p_q, o_t, m_t, stride_qn, o_d, m_d)  # (BT, BD)
     b_acc = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) sum_f F_f H_f
     b_den = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f F_f z_f
@@ -133,12 +133,12 @@ def _output_kernel(
         m_m = o_m < M
         b_h = load_rows(p_hb, o_m, m_m, E, o_e, m_e)  # (BM, BV) fp32
         b_z = tl.load(p_zb + o_m, mask=m_m, other=0.0)  # (BM,)
-        if FEATURE == _GIVEN:
+        if FEATURE == FM_GIVEN:
             b_f = load_rows(p_q, o_t, m_t, stride_qn, o_m, m_m).to(tl.float32)  # (BT, BM)
         else:
             b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-            b_dash = dash_tile(b_q, b_p, dn)  # (BT, BM)
-            if FEATURE == _SOFTMAX:
+            b_dash = dash_tile(b_q, b_p, dn, PREC)  # (BT, BM)
+            if FEATURE == FM_SOFTMAX:
                 b_dash = tl.where(m_m[None, :], b_dash, float("-inf"))
                 b_rn = tl.maximum(b_r, tl.max(b_dash, axis=1))  # (BT,)
                 b_alpha = tl.exp(b_r - b_rn)  # (BT,) 0 on the first tile
@@ -155,7 +155,7 @@ def _output_kernel(
         b_acc += tl.dot(b_f, b_h, input_precision=PREC)
         b_den += tl.sum(b_f * b_z[None, :], axis=1)
     o_row = i_bh.to(tl.int64) * N + o_t  # (BT,)
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         # q~_f = exp(dash_f - b_r) * exp(-diag) + eps on the M real features
         b_ed = tl.exp(-half_sq_norm(b_q, dn))  # (BT,)
         b_vsum = tl.load(vs + i_bh.to(tl.int64) * E + o_e, mask=m_e, other=0.0)  # (BV,)
@@ -198,7 +198,7 @@ def _dq_kernel(
     o_part = i_s * BH + i_bh
     p_dhb = dh_part + o_part.to(tl.int64) * M * E
     p_dzb = dz_part + o_part.to(tl.int64) * M
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         b_vs = tl.load(vs + i_bh.to(tl.int64) * E + o_e, mask=m_e, other=0.0)  # (BV,)
     i_t0 = i_s * NTS
     for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(N, BT))):
@@ -210,11 +210,11 @@ def _dq_kernel(
         b_rden = tl.load(rden + o_row, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
         b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
         b_dd = -tl.sum(b_g * b_o, axis=1) * b_rden  # (BT,) dL/dD
-        if FEATURE != _GIVEN:
+        if FEATURE != FM_GIVEN:
             b_q = load_rows(p_q, o_t, m_t, stride_qn, o_d, m_d)  # (BT, BD)
             b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) sum_f du_f P_f
             b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f du_f
-        if FEATURE == _SOFTMAX:
+        if FEATURE == FM_SOFTMAX:
             b_qmax = tl.load(q_max + o_row, mask=m_t, other=0.0)  # (BT,)
             b_diag = half_sq_norm(b_q, dn)  # (BT,)
             # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
@@ -222,18 +222,19 @@ def _dq_kernel(
         for i_m in range(0, tl.cdiv(M, BM)):
             o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
             m_m = o_m < M
-            b_h = load_rows(p_hb, o_m, m_m, E, o_e, m_e)  # (BM, BV) fp32
+            # H^T loaded transposed rather than permuted in registers (an fp32 operand)
+            b_ht = load_rows(p_hb, o_e, m_e, 1, o_m * E, m_m)  # (BV, BM) fp32
             b_z = tl.load(p_zb + o_m, mask=m_m, other=0.0)  # (BM,)
             # dL/dq~ = H dN + z dD (dN, H unbounded: fp32 operands)
-            b_dfq = tl.dot(b_dn, tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
-            if FEATURE == _GIVEN:
+            b_dfq = tl.dot(b_dn, b_ht, input_precision=PREC) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+            if FEATURE == FM_GIVEN:
                 b_f = load_rows(p_q, o_t, m_t, stride_qn, o_m, m_m).to(tl.float32)  # (BT, BM)
                 p_dqt = dq + i_bh.to(tl.int64) * N * M + o_t[:, None].to(tl.int64) * M + o_m[None, :]
                 tl.store(p_dqt, b_dfq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
             else:
                 b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-                b_dash = dash_tile(b_q, b_p, dn)  # (BT, BM)
-                if FEATURE == _SOFTMAX:
+                b_dash = dash_tile(b_q, b_p, dn, PREC)  # (BT, BM)
+                if FEATURE == FM_SOFTMAX:
                     b_f = query_features(b_dash, b_diag, b_qmax, m_m)  # (BT, BM) q~
                     # chain through exp: d q~ / d u = q~ - eps (the stabilizer is detached)
                     b_du = tl.where(m_m[None, :], (b_dfq + b_deps[:, None]) * (b_f - SOFTMAX_EPS), 0.0)
@@ -255,9 +256,9 @@ def _dq_kernel(
             # the next query block re-reads these tiles, maybe from other threads: make the
             # stores visible to the whole program first
             tl.debug_barrier()
-        if FEATURE != _GIVEN:
+        if FEATURE != FM_GIVEN:
             b_dq = dn * b_dx  # (BT, BD)
-            if FEATURE == _SOFTMAX:
+            if FEATURE == FM_SOFTMAX:
                 b_dq -= (dn * dn) * b_rs[:, None] * b_q.to(tl.float32)  # through diag = |dn q|^2 / 2
             p_dqt = dq + i_bh.to(tl.int64) * N * D + o_t[:, None].to(tl.int64) * D + o_d[None, :]
             tl.store(p_dqt, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
@@ -289,11 +290,11 @@ def _dkv_kernel(
     # dh is unbounded: v enters its tl.dot as fp32
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_e, m_e).to(tl.float32)  # (BT, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
-    if FEATURE != _GIVEN:
+    if FEATURE != FM_GIVEN:
         b_k = load_rows(p_k, o_t, m_t, stride_kn, o_d, m_d)  # (BT, BD)
         b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) sum_f du_f P_f
         b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f du_f
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         b_kmax = tl.load(k_max + o_row, mask=m_t, other=0.0)  # (BT,)
         b_ksc = tl.load(k_scale + o_row, mask=m_t, other=float("-inf"))  # (BT,)
         b_fac = tl.exp(b_ksc - tl.load(k_stab + i_bh))  # (BT,) exp(row_scale - M) <= 1
@@ -304,15 +305,16 @@ def _dkv_kernel(
         b_dh = load_rows(p_dhb, o_m, m_m, E, o_e, m_e)  # (BM, BV) fp32
         b_dz = tl.load(p_dzb + o_m, mask=m_m, other=0.0)  # (BM,)
         # dL/dF_jf = dh_f . v_j + dz_f for the (exp part of the) key features
-        b_dfk = tl.dot(b_v, tl.trans(b_dh), input_precision=PREC) + b_dz[None, :]  # (BT, BM)
-        if FEATURE == _GIVEN:
+        b_dht = load_rows(p_dhb, o_e, m_e, 1, o_m * E, m_m)  # (BV, BM) fp32, dh^T loaded transposed
+        b_dfk = tl.dot(b_v, b_dht, input_precision=PREC) + b_dz[None, :]  # (BT, BM)
+        if FEATURE == FM_GIVEN:
             b_f = load_rows(p_k, o_t, m_t, stride_kn, o_m, m_m).to(tl.float32)  # (BT, BM)
             p_dkt = dk + i_bh.to(tl.int64) * S * M + o_t[:, None].to(tl.int64) * M + o_m[None, :]
             tl.store(p_dkt, b_dfk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
         else:
             b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-            b_dash = dash_tile(b_k, b_p, dn)  # (BT, BM)
-            if FEATURE == _SOFTMAX:
+            b_dash = dash_tile(b_k, b_p, dn, PREC)  # (BT, BM)
+            if FEATURE == FM_SOFTMAX:
                 b_f = key_units(b_dash, b_kmax, m_m) * b_fac[:, None]  # (BT, BM) exp part
                 b_du = b_f * b_dfk  # (BT, BM)
                 b_hs += tl.sum(b_dh, axis=0)
@@ -322,35 +324,37 @@ def _dkv_kernel(
             b_dx += tl.dot(b_du, b_p.to(tl.float32), input_precision=PREC)
             b_rs += tl.sum(b_du, axis=1)
         b_dv += tl.dot(b_f, b_dh, input_precision=PREC)
-    if FEATURE == _SOFTMAX:
+    if FEATURE == FM_SOFTMAX:
         b_dv += SOFTMAX_EPS * b_hs[None, :]
     m_te = m_t[:, None] & m_e[None, :]
     p_dvt = dv + i_bh.to(tl.int64) * S * E + o_t[:, None].to(tl.int64) * E + o_e[None, :]
     tl.store(p_dvt, b_dv.to(dv.dtype.element_ty), mask=m_te)
-    if FEATURE != _GIVEN:
+    if FEATURE != FM_GIVEN:
         b_dk = dn * b_dx  # (BT, BD)
-        if FEATURE == _SOFTMAX:
+        if FEATURE == FM_SOFTMAX:
             b_dk -= (dn * dn) * b_rs[:, None] * b_k.to(tl.float32)  # through diag = |dn k|^2 / 2
         p_dkt = dk + i_bh.to(tl.int64) * S * D + o_t[:, None].to(tl.int64) * D + o_d[None, :]
         tl.store(p_dkt, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
 def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options.  d = 0 for GIVEN (no projection)."""
+    """Block sizes and launch options.  d = 0 for GIVEN (no projection).  BM is what keeps the
+    register file from spilling (compile report, kernels/NOTES.md)."""
     BD = triton.next_power_of_2(max(d, 16))
     BV = triton.next_power_of_2(max(e, 16))
+    fp32 = dtype == torch.float32  # twice the bytes per tile element
     return dict(
         BT=64,
-        BM=min(64, triton.next_power_of_2(max(m, 16))),
+        BM=min(16 if fp32 else 32, triton.next_power_of_2(max(m, 16))),
+        # dq / dk-dv keep the most tiles live: the smallest m tile, except for GIVEN feature tiles
+        # (no projection tiles live), where sm_80's ptxas spills more at 16 than at 32
+        BM_bwd=32 if d == 0 else 16,
         BD=BD,
         BV=BV,
-        # fp32 operands of tl.dot: tf32 keeps fp32 range at ~fp16 precision (enough for
-        # fp16/bf16 inputs); fp32 inputs need ieee for their 1e-5 budget
-        PREC="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=8 if max(BD, BV) >= 128 else 4,
-        # dq / dk-dv kernels keep ~4 (BT, BM) fp32 tiles and two (BT, BD|BV) accumulators live
-        num_warps_bwd=4,
-        num_stages=2,
+        PREC=dot_precision(dtype),
+        num_warps=8 if fp32 else 4,
+        num_warps_bwd=8,
+        num_stages=1 if fp32 else 2,  # a second stage's buffers cost registers there
     )
 
 
@@ -363,8 +367,12 @@ def _splits(blocks: int, programs: int, target: int = 264, min_blocks: int = 4) 
 
 
 def _launch_opts(cfg: dict, bwd: bool = False) -> dict:
+    """Launch keywords; the backward kernels take their own BM (they read whole states, so their
+    m tiles need not match the forward's)."""
     opts = {key: cfg[key] for key in ("BT", "BM", "BD", "BV", "PREC", "num_stages")}
     opts["num_warps"] = cfg["num_warps_bwd" if bwd else "num_warps"]
+    if bwd:
+        opts["BM"] = cfg["BM_bwd"]
     return opts
 
 
@@ -418,6 +426,7 @@ def noncausal_fwd(
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[-1]
     m, d = _dims(q, projection, feature)
+    check_head_dims(q.dtype, d=d, e=e)
     cfg = _config(d, e, m, q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     if feature == SOFTMAX:

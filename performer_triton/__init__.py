@@ -1,18 +1,30 @@
 """performer_triton: fused Triton FAVOR+ (Performer) attention, a drop-in successor of
-performer-pytorch 1.1.4."""
+performer-pytorch 1.1.4 (same exports: swap `performer_pytorch` for `performer_triton`)."""
 from . import functional, reference
+from .autoregressive_wrapper import AutoregressiveWrapper
+from .convert import replace_fast_attention
 from .fast_attention import FastAttention
 from .functional import favor_attention, linear_attention
+from .performer import CrossAttention, Performer, PerformerLM, ProjectionUpdater, SelfAttention
+from .performer_enc_dec import PerformerEncDec
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoregressiveWrapper",
+    "CrossAttention",
     "FastAttention",
+    "Performer",
+    "PerformerEncDec",
+    "PerformerLM",
+    "ProjectionUpdater",
+    "SelfAttention",
     "favor_attention",
     "functional",
     "gaussian_orthogonal_random_matrix",
     "linear_attention",
     "orthogonal_matrix_chunk",
     "reference",
+    "replace_fast_attention",
 ]

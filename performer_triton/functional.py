@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .kernels import GIVEN, RELU, SOFTMAX
+from .kernels import GIVEN, RELU, SOFTMAX, max_head_dim
 from .ops import favor_fwd
 from .validation import (
     BACKENDS,
@@ -26,7 +26,6 @@ from .validation import (
 FeatureMap = Union[str, Callable[[Tensor], Tensor]]
 FEATURE_MAPS = ("softmax", "relu", "none")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEAD_DIM = 128
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -44,17 +43,22 @@ def _triton_unsupported(q: Tensor, v: Tensor, fused_features: bool) -> str | Non
     if q.dtype not in TRITON_DTYPES:
         return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
     head_dims = (q.shape[-1], v.shape[-1]) if fused_features else (v.shape[-1],)
-    if max(head_dims) > TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, got {tuple(head_dims)}"
+    if max(head_dims) > max_head_dim(q.dtype):
+        return f"the Triton kernels support {q.dtype} head dims up to {max_head_dim(q.dtype)}, got {tuple(head_dims)}"
     return None
 
 
 def _use_triton(backend: str, q: Tensor, v: Tensor, fused_features: bool) -> bool:
+    """backend "auto": the kernels for CUDA tensors they support.  Their fp32 dots are TF32
+    (kernels/feature_map.dot_precision), so fp32 goes to them only where PyTorch's own fp32
+    matmuls may use TF32 (torch.set_float32_matmul_precision "high" or "medium"); with the
+    default "highest", fp32 stays on the PyTorch path (cuBLAS in full fp32)."""
     reason = _triton_unsupported(q, v, fused_features)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
     if backend == "auto":
-        return reason is None and q.device.type == "cuda"
+        exact_fp32 = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+        return reason is None and q.device.type == "cuda" and not exact_fp32
     return backend == "triton"
 
 

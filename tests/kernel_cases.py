@@ -7,7 +7,9 @@ from performer_triton import reference as R
 from performer_triton.kernels import GIVEN, RELU, SOFTMAX
 from performer_triton.projection import gaussian_orthogonal_random_matrix
 
-BUDGET = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# fp32: the interpreter multiplies in full fp32; a GPU runs the kernels' fp32 dots in TF32
+# (kernels/feature_map.dot_precision), ~1e-3 relative
+BUDGET = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 FEATURE_MAP = {SOFTMAX: "softmax", RELU: "relu"}
 
 

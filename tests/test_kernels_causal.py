@@ -31,8 +31,10 @@ SHAPES = {
     "n37_d48_m100": (1, 2, 37, 48, 48, 100),
     "n1_d16_m44": (2, 1, 1, 16, 16, 44),
     "n257_d64_m266": (1, 1, 257, 64, 64, 266),
-    "n100_d8_e80_m44": (1, 1, 100, 8, 80, 44),
-    "n130_d80_e24_m70": (1, 1, 130, 80, 24, 70),
+    "n100_d8_e40_m44": (1, 1, 100, 8, 40, 44),
+    "n130_d56_e24_m70": (1, 1, 130, 56, 24, 70),
+    "n37_d24_e32_m100": (1, 2, 37, 24, 32, 100),  # fp32 head dims stop at 32
+    "n130_d32_e24_m70": (1, 1, 130, 32, 24, 70),
 }
 
 
@@ -40,11 +42,13 @@ SHAPES = {
 @pytest.mark.parametrize(
     "dtype,shape",
     [
-        (torch.float32, "n37_d48_m100"),
+        (torch.float32, "n37_d24_e32_m100"),
         (torch.float32, "n1_d16_m44"),
-        (torch.float32, "n130_d80_e24_m70"),
+        (torch.float32, "n130_d32_e24_m70"),
         (torch.float16, "n257_d64_m266"),
-        (torch.bfloat16, "n100_d8_e80_m44"),
+        (torch.float16, "n130_d56_e24_m70"),
+        (torch.bfloat16, "n37_d48_m100"),
+        (torch.bfloat16, "n100_d8_e40_m44"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -65,10 +69,11 @@ def single_position(shape):
 @pytest.mark.parametrize(
     "dtype,shape",
     [
-        (torch.float32, "n130_d80_e24_m70"),
+        (torch.float32, "n130_d32_e24_m70"),
         (torch.float32, "n1_d16_m44"),
         (torch.float16, "n37_d48_m100"),
-        (torch.bfloat16, "n100_d8_e80_m44"),
+        (torch.bfloat16, "n130_d56_e24_m70"),
+        (torch.bfloat16, "n100_d8_e40_m44"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -95,7 +100,7 @@ def test_given(dtype, feature_map):
 
 def test_strided_inputs():
     """Transposed-view q, k, v, grad_out ((b, n, h, d) storage) need no copies."""
-    b, h, n, d, e, m = 2, 2, 70, 32, 48, 64
+    b, h, n, d, e, m = 2, 2, 70, 32, 24, 64
     gen = torch.Generator().manual_seed(3)
     q, k = (torch.randn(b, n, h, d, generator=gen).transpose(1, 2) for _ in range(2))
     v, g = (torch.randn(b, n, h, e, generator=gen).transpose(1, 2) for _ in range(2))
@@ -154,7 +159,7 @@ def test_meta_launches(monkeypatch):
     """Launchers run on meta tensors (the compile report intercepts every launch): no host reads
     of tensor values; every kernel is reached, with the expected constexprs."""
     launched = []
-    kernels = (C._state_kernel, C._fwd_kernel, C._dstate_kernel, C._bwd_kernel)
+    kernels = (C._state_kernel, C._fwd_kernel, C._dstate_kernel, C._bwd_q_kernel, C._bwd_k_kernel, C._bwd_v_kernel)
     run = type(C._fwd_kernel).run
 
     def record(self, *args, grid, **kw):
@@ -171,6 +176,27 @@ def test_meta_launches(monkeypatch):
     out, *stats = C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=True)
     C.causal_bwd(g, q, k, v, proj, out, *stats, feature=SOFTMAX, prefix=True)
     monkeypatch.setattr(type(C._fwd_kernel), "run", run)
-    assert [name for name, *_ in launched] == ["_state_kernel", "_fwd_kernel", "_state_kernel", "_dstate_kernel", "_bwd_kernel"]
-    assert launched[1][1] == (4, b * h) and launched[0][1] == (5, b * h)
+    assert [name for name, *_ in launched] == [
+        "_state_kernel", "_fwd_kernel", "_state_kernel", "_dstate_kernel", "_bwd_q_kernel", "_bwd_k_kernel", "_bwd_v_kernel",
+    ]
+    bm = C._config(SOFTMAX, d, e, m, torch.bfloat16)["BM"]
+    assert launched[1][1] == (4, b * h) and launched[0][1] == (-(-m // bm), b * h)
     assert all(f == SOFTMAX and p == "tf32" for *_, f, p in launched)
+
+
+def test_launchers_reject_head_dims_above_the_limit():
+    """Beyond max_head_dim(dtype) the backward tiles spill (compile report): the launchers refuse,
+    and favor_attention(backend="triton") names the limit (auto uses the PyTorch path there)."""
+    from performer_triton import favor_attention
+    from performer_triton.kernels import max_head_dim
+    from performer_triton.kernels import noncausal as NC
+
+    assert (max_head_dim(torch.float32), max_head_dim(torch.bfloat16), max_head_dim(torch.float16)) == (32, 64, 64)
+    q, k, v, proj, _ = inputs(1, 1, 8, 48, 16, 20, torch.float32)
+    with pytest.raises(ValueError, match="d = 48: the Triton kernels take torch.float32 head dims up to 32"):
+        C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=False)
+    with pytest.raises(ValueError, match="e = 80"):
+        NC.noncausal_fwd(*(t.half() for t in (q, k, torch.zeros(1, 1, 8, 80), proj)), feature=SOFTMAX)
+    with pytest.raises(ValueError, match="head dims up to 32"):
+        favor_attention(q, k, v, proj, backend="triton")
+    favor_attention(q.half(), k.half(), v.half(), proj, backend="triton")  # 48 is fine in 16 bits

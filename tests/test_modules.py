@@ -361,3 +361,16 @@ def test_projection_updater_counts_only_in_training():
     updater.redraw_projections()
     assert int(updater.calls_since_last_redraw) == 1
     assert isinstance(Performer(16, 1, 2, 8).proj_updater, ProjectionUpdater)
+
+
+def test_top_level_exports_match_performer_pytorch():
+    """`from performer_pytorch import X` becomes `from performer_triton import X` for every export."""
+    import performer_pytorch
+
+    import performer_triton
+
+    exported = [name for name in dir(performer_pytorch) if not name.startswith("_") and isinstance(getattr(performer_pytorch, name), type)]
+    assert exported, "performer_pytorch exports no classes?"
+    for name in exported:
+        assert isinstance(getattr(performer_triton, name, None), type), name
+    assert callable(performer_triton.replace_fast_attention)
