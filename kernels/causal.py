@@ -631,7 +631,8 @@ def causal_fwd(
         q_max, _ = row_stats(q, projection)
         k_max, k_scale = row_stats(k, projection)
     else:
-        q_max = k_max = k_scale = torch.empty((b, h, 0), device=q.device, dtype=torch.float32)
+        # distinct empty tensors: custom-op outputs must not alias each other
+        q_max, k_max, k_scale = (torch.empty((b, h, 0), device=q.device, dtype=torch.float32) for _ in range(3))
     saved = (q_max, k_max, k_scale)
     q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
     k_eps, c_eps = _eps(feature, m)

@@ -433,7 +433,8 @@ def noncausal_fwd(
         k_max, k_scale = row_stats(k, projection)
         q_max = torch.empty((b, h, n), **f32)
     else:
-        k_max = k_scale = q_max = torch.empty((b, h, 0), **f32)
+        # distinct empty tensors: custom-op outputs must not alias each other
+        k_max, k_scale, q_max = (torch.empty((b, h, 0), **f32) for _ in range(3))
     states, sums, vsum, _ = _context(k, v, projection, k_max, k_scale, feature, m, d, cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)

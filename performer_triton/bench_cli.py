@@ -76,6 +76,16 @@ def plot(results: list[Measurement], path: Path, title: str) -> bool:
     return True
 
 
+def write_data(results: list[Measurement], meta: dict, out: Path) -> None:
+    """bench.csv and bench.json in out."""
+    rows = [r.row() for r in results]
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
+
+
 def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
@@ -83,23 +93,18 @@ def run(args) -> int:
     todo = cases(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device_name(args.device), torch=torch.__version__, python=platform.python_version(),
+                versions={i.name: i.version() for i in impls})
     results: list[Measurement] = []
     bar = tqdm(todo, desc="bench", unit="case")
     for case in bar:
         bar.set_postfix_str(case.label)
         results += side_by_side(impls, case, repeats=args.repeats, memory=not args.no_memory)
+        write_data(results, meta, out)  # after every case: a long run that dies keeps what it measured
     bar.close()
     print(format_table(results))
     versions = ", ".join(f"{i.name} {i.version()}" for i in impls if i.version())
     title = f"{device_name(args.device)}, {todo[0].label.split(' n=')[0]} (n varies); {versions}"
-    rows = [r.row() for r in results]
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = dict(device=device_name(args.device), torch=torch.__version__, python=platform.python_version(),
-                versions={i.name: i.version() for i in impls})
-    (out / "bench.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     written = ["bench.csv", "bench.json"]
     if plot(results, out / "bench.png", title):
         written.append("bench.png")

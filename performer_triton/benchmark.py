@@ -104,7 +104,7 @@ def _ours_unavailable(case: Case) -> str | None:
 # ----------------------------------------------------------------------------- performer-pytorch 1.1.4
 
 # its causal fallback keeps (b, h, n, m, e) outer products for backward: cap what we ask of it
-PERFORMER_PYTORCH_MAX_BYTES = 8 * 2**30
+PERFORMER_PYTORCH_MAX_BYTES = 3 * 2**30  # measured (profiled) at n = 8192 it ran a 24 GiB machine out of memory
 
 
 def _import_performer_pytorch():
@@ -245,12 +245,12 @@ def verify(impl: Impl, case: Case, x: Inputs, fn: Callable[[], Tensor]) -> float
         rows = ref_out.shape[2]
         errs = {"out": _rel(out[:, :, :rows], ref_out)}
         if case.backward:
-            errs["dq"] = _rel(x.q.grad[:, :, :rows], ref_dq)
+            errs["dq"] = float("inf") if x.q.grad is None else _rel(x.q.grad[:, :, :rows], ref_dq)
     else:
         ref_out, ref_grads = _favor_truth(case, x)
         errs = {"out": _rel(out, ref_out)}
         for name, leaf, ref in zip(("dq", "dk", "dv"), (x.q, x.k, x.v), ref_grads):
-            errs[name] = _rel(leaf.grad, ref)
+            errs[name] = float("inf") if leaf.grad is None else _rel(leaf.grad, ref)  # no gradient: wrong
     for t in (x.q, x.k, x.v):
         t.grad = None
     worst = max(errs.values())

@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small leak-free causal PerformerLM, then sample with the cached decoder")
     demo.add_argument("--text", default=None, help="a text file to train on (default: Python standard-library source)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 300 on CPU, 1000 on CUDA)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 200 on CPU, 1000 on CUDA)")
     demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--lr", type=float, default=2e-3)

@@ -57,7 +57,7 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = torch.frombuffer(bytearray(load_corpus(args.text)), dtype=torch.uint8).long()
     seq_len, batch = args.seq_len, args.batch_size
-    steps = args.steps if args.steps is not None else (1000 if device.type == "cuda" else 300)
+    steps = args.steps if args.steps is not None else (1000 if device.type == "cuda" else 200)
     if data.numel() <= seq_len + 1:
         raise ValueError(f"corpus has {data.numel()} bytes, need more than seq_len + 1 = {seq_len + 1}")
     model = build_model(seq_len, device)

@@ -1,0 +1,64 @@
+"""The `performer-triton` command (check, bench, demo) and the benchmark module's correctness gate."""
+import csv
+import json
+
+import pytest
+import torch
+
+from performer_triton import benchmark, cli
+from performer_triton.check import format_table, run_checks
+
+
+def test_check_runs_every_available_path_within_budget():
+    rows = run_checks(n=5, d=8, m=12)
+    assert {r.backend for r in rows} == {"torch", "triton"}
+    ran = [r for r in rows if r.out_err is not None]
+    assert ran and all(r.ok for r in ran), format_table(rows)
+    assert all(r.note.startswith("skipped: ") for r in rows if r.out_err is None)  # a reason, never silence
+    assert any(r.backend == "triton" and r.out_err is not None for r in rows)  # the interpreter ran the kernels
+
+
+def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "--sizes", "64,128", "--mode", "causal", "--passes", "fwd+bwd", "--repeats", "1",
+            "--batch", "1", "--heads", "2", "--dim-head", "16", "--nb-features", "20", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for impl in ("performer_triton", "performer-pytorch", "torch-sdpa"):
+        assert impl in printed
+    assert "skipped: flash-linear-attention runs on CUDA only" in printed  # reason shown, not dropped
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    ours = [r for r in rows if r["impl"] == "performer_triton"]
+    assert [int(r["n"]) for r in ours] == [64, 128] and all(float(r["ms"]) > 0 for r in ours)
+    assert all(float(r["peak_mib"]) > 0 and float(r["max_rel_err"]) < 1e-4 for r in ours)
+    assert json.load(open(tmp_path / "bench.json"))["meta"]["device"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_benchmark_verify_rejects_a_wrong_implementation():
+    case = benchmark.Case(n=40, causal=True, backward=True, h=2, d=16, m=20)
+    x = benchmark.make_inputs(case)
+    wrong = benchmark.Impl("wrong", lambda c, x: (lambda: x.v * 1.01), lambda c: None)
+    with pytest.raises(AssertionError, match="relative errors"):
+        benchmark.verify(wrong, case, x, wrong.build(case, x))
+    ours = benchmark.IMPLS["performer_triton"]
+    assert benchmark.verify(ours, case, x, ours.build(case, x)) < 1e-5
+
+
+def test_peak_memory_sees_temporaries():
+    big = 8 * 2**20
+
+    def run():
+        a = torch.ones(big // 4)
+        b = a * 2  # both live: 2 * big
+        del a
+        return b.sum()
+
+    assert 2 * big <= benchmark.peak_memory(run, "cpu") < 3 * big
+
+
+def test_demo_trains_and_samples(capsys):
+    argv = ["demo", "--steps", "40", "--seq-len", "64", "--batch-size", "8", "--generate", "16", "--lr", "3e-3"]
+    assert cli.main(argv) == 0  # 0 means the loss fell
+    printed = capsys.readouterr().out
+    assert "loss: start" in printed and "cached decoding" in printed
