@@ -19,7 +19,6 @@ def test_check_runs_every_available_path_within_budget():
 
 
 def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     argv = ["bench", "--sizes", "64,128", "--mode", "causal", "--passes", "fwd+bwd", "--repeats", "1",
             "--batch", "1", "--heads", "2", "--dim-head", "16", "--nb-features", "20", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
