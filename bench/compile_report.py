@@ -75,9 +75,11 @@ REQUIRED_MODULES = (
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (d, e): every tile width the launchers choose (BD, BV in 16, 32, 64), non-powers of two included;
-# pairs above max_head_dim(dtype) are skipped (the launchers refuse them)
-HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (24, 64), (64, 40), (24, 32))
+# (d, e): every tile width the launchers choose (BD, BV in 16 ... 128; BK-chunked d and EV-sliced
+# backward values from 80 up), non-powers of two included; pairs above max_head_dim(dtype) are
+# skipped (the launchers refuse them)
+HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (24, 64), (64, 40), (24, 32), (80, 96), (128, 128), (128, 48),
+             (128, 32), (16, 128))
 NB_FEATURES = (256, 266)
 # --quick (what the test suite runs in CI): every kernel, feature map, dtype and mode at the widest
 # head dim the dtype allows (most registers) and the narrowest, with the default m (M % 16 != 0)
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", help="keep configurations whose kernel name or label contains this")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true",
-                        help="head dims 64 and 128 with m=266 only (every kernel, feature map, dtype, mode)")
+                        help="the widest head dim per dtype and 16, m=266 only (every kernel, feature map, dtype, mode)")
     parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="parallel compile workers")
     opts = parser.parse_args(argv)
     if "TRITON_INTERPRET" in os.environ:

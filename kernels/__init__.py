@@ -8,9 +8,9 @@ RELU = 1  # generalized attention with ReLU
 GIVEN = 2  # features precomputed by the caller
 FEATURE_NAMES = {SOFTMAX: "softmax", RELU: "relu", GIVEN: "given"}
 
-# Widest q/k (d) and v (e) head dims the kernels take, by input dtype: beyond them the tiles of
-# the backward no longer fit the register file without spilling (compile report, kernels/NOTES.md).
-MAX_HEAD_DIM = {"float16": 64, "bfloat16": 64, "float32": 32}
+# Widest q/k (d) and v (e) head dims the kernels take, by input dtype: the widest the compile
+# report checks spill-free (kernels/NOTES.md, "Wide heads").
+MAX_HEAD_DIM = {"float16": 128, "bfloat16": 128, "float32": 128}
 
 
 def max_head_dim(dtype) -> int:

@@ -11,9 +11,9 @@ Per (b, h) the sequence is cut into NT chunks of BT positions:
   _fwd_kernel      grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
   _dstate_kernel   grid (m tiles, b*h): reverse walk, writes dH_c, dz_c (referenced to the
                    chunk's last k_stab) and partial eps sums of the later queries.
-  _bwd_q_kernel    grid (NT, b*h): dq of one chunk (inter via the forward states, intra via
+  _bwd_q_kernel    grid (NT NK, b*h): dq of one chunk (inter via the forward states, intra via
                    the (BT, BT) tile).
-  _bwd_k_kernel    grid (NT, b*h): dk of one chunk (inter via the reverse states, intra via
+  _bwd_k_kernel    grid (NT NK, b*h): dk of one chunk (inter via the reverse states, intra via
                    the (BT, BT) tile).
   _bwd_v_kernel    grid (NT, b*h): dv of one chunk (likewise).
 Splitting the backward three ways keeps each kernel's live tiles within the register file.
@@ -34,13 +34,16 @@ from .feature_map import (
     CAUSAL_EPS,
     SOFTMAX_EPS,
     check_head_dims,
+    dash_rows,
     dash_tile,
     dot_precision,
     half_sq_norm,
+    half_sq_norm_rows,
     key_units,
     load_rows,
     relu_features,
     row_stats,
+    value_slice_width,
 )
 
 
@@ -66,29 +69,49 @@ def _load_proj(p, o_m, m_m, D, o_d, m_d, BM: tl.constexpr, BD: tl.constexpr, FEA
 
 
 @triton.jit
-def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
-              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, PRECISION: tl.constexpr):
-    """Ratio-free feature tile (BT, BM) fp32, and what its derivative needs (BT, BM) fp32.
+def _feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE: tl.constexpr, IS_QUERY: tl.constexpr):
+    """Ratio-free feature tile (BT, BM) fp32 from dash (BT, BM), and what its derivative needs.
 
     SOFTMAX queries: q~ = exp(dash - diag - row_max) + 1e-4 and the exponential alone (q~ - 1e-4
     in fp32 would lose it when |q| is large); SOFTMAX keys: the units U = exp(dash - row_max),
-    twice; RELU: relu(dash) + 1e-3 and dash; GIVEN: the caller's features, twice.
-    Padded features are 0.
+    twice; RELU: relu(dash) + 1e-3 and dash.  Padded features are 0.
     """
+    if FEATURE == FM_RELU:
+        b_f = relu_features(b_dash, m_m)
+        b_aux = b_dash
+    elif IS_QUERY:
+        b_aux = key_units(b_dash, b_max + b_diag, m_m)  # exp(dash - diag - row_max)
+        b_f = tl.where(m_m[None, :], b_aux + SOFTMAX_EPS, 0.0)
+    else:
+        b_f = key_units(b_dash, b_max, m_m)
+        b_aux = b_f
+    return b_f, b_aux
+
+
+@triton.jit
+def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
+              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, PRECISION: tl.constexpr):
+    """_feature_tiles of the resident (BT, BD) rows b_x and (BM, BD) projection b_p; GIVEN
+    loads the caller's features (twice).  -> two (BT, BM) fp32 tiles."""
     if FEATURE == FM_GIVEN:
         b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
         b_aux = b_f
     else:
-        b_dash = dash_tile(b_x, b_p, dn, PRECISION)  # (BT, BM)
-        if FEATURE == FM_RELU:
-            b_f = relu_features(b_dash, m_m)
-            b_aux = b_dash
-        elif IS_QUERY:
-            b_aux = key_units(b_dash, b_max + b_diag, m_m)  # exp(dash - diag - row_max)
-            b_f = tl.where(m_m[None, :], b_aux + SOFTMAX_EPS, 0.0)
-        else:
-            b_f = key_units(b_dash, b_max, m_m)
-            b_aux = b_f
+        b_f, b_aux = _feature_tiles(dash_tile(b_x, b_p, dn, PRECISION), b_diag, b_max, m_m, FEATURE, IS_QUERY)
+    return b_f, b_aux
+
+
+@triton.jit
+def _features_chunked(p_x, p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, D, dn,
+                      FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                      BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+    """_features with x and P read in BK-wide chunks (dash_rows) instead of resident tiles."""
+    if FEATURE == FM_GIVEN:
+        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
+        b_aux = b_f
+    else:
+        b_dash = dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_f, b_aux = _feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE, IS_QUERY)
     return b_f, b_aux
 
 
@@ -170,10 +193,13 @@ def _fwd_kernel(
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn, k_eps, c_eps,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D."""
+    """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
+    BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
+    than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads")."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_c * BT + tl.arange(0, BT)  # (BT,) queries and keys of this chunk
@@ -187,10 +213,13 @@ def _fwd_kernel(
     p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c  # this chunk's state
-    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+    if BK == BD:
+        b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    else:
+        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
-    b_diag = half_sq_norm(b_q, dn)  # (BT,)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
@@ -203,9 +232,17 @@ def _fwd_kernel(
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
-        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        if BK == BD:
+            b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+            b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True,
+                                PRECISION)  # (BT, BM)
+            b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
+                                PRECISION)  # (BT, BM)
+        else:
+            b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                        FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+            b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
@@ -240,8 +277,8 @@ def _dstate_kernel(
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T, dz_c = same with dD_i, Mend_c = k_stab at the
@@ -251,8 +288,6 @@ def _dstate_kernel(
     NM = tl.cdiv(M, BM)
     o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
     m_m = o_m < M
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
     o_v = tl.arange(0, BV)  # (BV,)
     m_v = o_v < E
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -260,7 +295,6 @@ def _dstate_kernel(
     p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     o_row = i_bh.to(tl.int64) * N
     o_st = i_bh.to(tl.int64) * NT
-    b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
@@ -274,11 +308,15 @@ def _dstate_kernel(
         o_t = (i_c + 1) * BT + tl.arange(0, BT)  # (BT,)
         m_t = o_t < N
         e_cur = tl.load(k_stab + o_row + (i_c + 1) * BT - 1)
-        b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-        b_qf, _ = _features(p_q, b_q, b_p, half_sq_norm(b_q, dn), b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn,
-                            FEATURE, True, PRECISION)  # (BT, BM)
+        if FEATURE == FM_SOFTMAX:
+            b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
+        else:
+            b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+        # q and P in BK-wide chunks: a resident (BT, d) q tile spills at d = 128 (sm_90)
+        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
@@ -347,21 +385,23 @@ def _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 def _bwd_q_kernel(
     q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
     h_state, z_state, v_state, dq,
-    H, N, M, D, E, NT, DQ,
+    H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn, k_eps, c_eps,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of one chunk's queries (NOTES "Backward"): inter part through the forward state H_c,
-    intra part through the (BT, BT) tile.  dq is (b*h, n, DQ) contiguous, DQ = d (m for GIVEN)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    intra part through the (BT, BT) tile.  Program (i_c NK + i_k) writes columns
+    [i_k BK, i_k BK + BK) of dq (b*h, n, D) contiguous; D = m for GIVEN (NK = 1)."""
+    i_ck, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_k = i_ck // NK, i_ck % NK
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
     m_t = o_t < N
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dq
+    m_k = o_k < D
     o_v = tl.arange(0, BV)  # (BV,)
     m_v = o_v < E
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -374,9 +414,10 @@ def _bwd_q_kernel(
     b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
         p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
         False)  # b_dwf (BT, BT) rows i, columns j
-    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    if FEATURE == FM_SOFTMAX:
+        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
+    else:
+        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
@@ -385,14 +426,15 @@ def _bwd_q_kernel(
     b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
     # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
     b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd
-    b_dqx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_q @ P
+    b_dqx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du_q @ P[:, o_k]
     b_rq = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_q
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
-        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        b_qf, b_qaux = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                         FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
+        b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
         b_ht = load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, H^T
         b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
@@ -400,39 +442,47 @@ def _bwd_q_kernel(
         b_dqf = tl.dot(b_dwf, b_kf, b_a[:, None] * b_dqf + b_c[:, None], input_precision=PRECISION)
         b_duq = _feature_grad(b_dqf, b_qaux, m_m, FEATURE)  # (BT, BM)
         if FEATURE == FM_GIVEN:
-            p_dq = dq + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            p_dq = dq + (o_row + o_t[:, None]) * D + o_m[None, :]
             tl.store(p_dq, b_duq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
         else:
-            b_dqx += tl.dot(b_duq, b_p.to(tl.float32), input_precision=PRECISION)
+            b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+            b_dqx += tl.dot(b_duq, b_pk.to(tl.float32), input_precision=PRECISION)
             b_rq += tl.sum(b_duq, axis=1)
     if FEATURE != FM_GIVEN:
-        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
-        b_dqx = b_dqx * dn
-        if FEATURE == FM_SOFTMAX:
-            b_dqx -= (dn * dn) * b_rq[:, None] * b_q.to(tl.float32)
-        p_dq = dq + (o_row + o_t[:, None]) * DQ + o_d[None, :]
-        tl.store(p_dq, b_dqx.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        _store_input_grad(dq, p_q, b_dqx, b_rq, o_row, o_t, m_t, stride_qn, o_k, m_k, D, dn, FEATURE)
+
+
+@triton.jit
+def _store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_t, o_k, m_k, D, dn, FEATURE: tl.constexpr):
+    """dx[:, o_k] = dn (du @ P)[:, o_k] - dn^2 rowsum(du) x[:, o_k] (SOFTMAX: u = dash - diag;
+    RELU: the first term only).  b_dx (BT, BK) = (du @ P)[:, o_k], b_rs (BT,) = rowsum(du)."""
+    b_dx = b_dx * dn
+    if FEATURE == FM_SOFTMAX:
+        b_dx -= (dn * dn) * b_rs[:, None] * load_rows(p_x, o_t, m_t, stride_t, o_k, m_k).to(tl.float32)
+    p_dx = dx + (o_row + o_t[:, None]) * D + o_k[None, :]
+    tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit
 def _bwd_k_kernel(
     q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
-    H, N, M, D, E, NT, DQ,
+    H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk of one chunk's keys (NOTES "Backward"): inter part through the reverse states dH_c,
-    dz_c of the later queries, intra part through the (BT, BT) tile.  dk is (b*h, n, DQ)
-    contiguous, DQ = d (m for GIVEN)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    dz_c of the later queries, intra part through the (BT, BT) tile.  Program (i_c NK + i_k)
+    writes columns [i_k BK, i_k BK + BK) of dk (b*h, n, D) contiguous; D = m for GIVEN (NK = 1)."""
+    i_ck, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_k = i_ck // NK, i_ck % NK
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
     m_t = o_t < N
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dk
+    m_k = o_k < D
     o_v = tl.arange(0, BV)  # (BV,)
     m_v = o_v < E
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -445,22 +495,24 @@ def _bwd_k_kernel(
     b_v, b_dn, b_dd, b_dwf, b_unused = _chunk_grads(
         p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
         True)  # b_dwf (BT, BT) rows j, columns i
-    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    if FEATURE == FM_SOFTMAX:
+        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
+    else:
+        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
     r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
     b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
-    b_dkx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) du_k @ P
+    b_dkx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du_k @ P[:, o_k]
     b_rk = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_k
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
-        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, b_qaux = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
-        b_kf, b_kaux = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_kf, b_kaux = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
         # dk~ = kfac (v @ dH^T + dz) + (dw F)^T @ q~; dH^T is loaded transposed (fp32 operand)
         b_dht = load_rows(dh_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
         b_dz = tl.load(dz_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
@@ -468,18 +520,14 @@ def _bwd_k_kernel(
         b_dkf = tl.dot(b_dwf, b_qf, b_kfac[:, None] * b_dkf, input_precision=PRECISION)  # accumulates in place
         b_duk = _feature_grad(b_dkf, b_kaux, m_m, FEATURE)  # (BT, BM)
         if FEATURE == FM_GIVEN:
-            p_dk = dk + (o_row + o_t[:, None]) * DQ + o_m[None, :]
+            p_dk = dk + (o_row + o_t[:, None]) * D + o_m[None, :]
             tl.store(p_dk, b_duk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
         else:
-            b_dkx += tl.dot(b_duk, b_p.to(tl.float32), input_precision=PRECISION)
+            b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+            b_dkx += tl.dot(b_duk, b_pk.to(tl.float32), input_precision=PRECISION)
             b_rk += tl.sum(b_duk, axis=1)
     if FEATURE != FM_GIVEN:
-        # dx = dn du @ P - dn^2 rowsum(du) x  (SOFTMAX: u = dash - diag);  RELU: dn du @ P
-        b_dkx = b_dkx * dn
-        if FEATURE == FM_SOFTMAX:
-            b_dkx -= (dn * dn) * b_rk[:, None] * b_k.to(tl.float32)
-        p_dk = dk + (o_row + o_t[:, None]) * DQ + o_d[None, :]
-        tl.store(p_dk, b_dkx.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        _store_input_grad(dk, p_k, b_dkx, b_rk, o_row, o_t, m_t, stride_kn, o_k, m_k, D, dn, FEATURE)
 
 
 @triton.jit
@@ -488,8 +536,8 @@ def _bwd_v_kernel(
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
     dn, k_eps,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + 1e-4 dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
@@ -498,8 +546,6 @@ def _bwd_v_kernel(
     NM = tl.cdiv(M, BM)
     o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
     m_t = o_t < N
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
     o_v = tl.arange(0, BV)  # (BV,)
     m_v = o_v < E
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -507,9 +553,10 @@ def _bwd_v_kernel(
     p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c
-    b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-    b_diag = half_sq_norm(b_q, dn)  # (BT,)
+    if FEATURE == FM_SOFTMAX:
+        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
+    else:
+        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
@@ -522,9 +569,10 @@ def _bwd_v_kernel(
     for i_m in range(0, NM):
         o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
         m_m = o_m < M
-        b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-        b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True, PRECISION)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
@@ -540,21 +588,28 @@ def _bwd_v_kernel(
 
 
 def _config(feature: int, d: int, e: int, m: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options.  BV covers all of e (one e tile), BD all of d.
+    """Block sizes and launch options.  BD covers all of d and BV all of e (one tile each) in
+    the forward kernels; the backward runs on value slices of at most EV columns (causal_bwd)
+    and its dq / dk kernels read d in BK-wide chunks, one BK-wide slice of dq / dk per program.
 
     16-bit inputs run their bounded tiles on tensor cores as 16-bit dots, and the unbounded fp32
     operands (states, dN) in TF32 (see dot_precision).  BT = 64 rows is one warpgroup's wgmma M
-    on Hopper; BM is what keeps the register file from spilling (compile report, NOTES).
+    on Hopper; BM, BK and EV are what keep the register file from spilling (compile report, NOTES).
     """
-    BD = 16 if feature == GIVEN else max(16, triton.next_power_of_2(d))
-    BV = max(16, triton.next_power_of_2(e))
     fp32 = dtype == torch.float32  # twice the bytes per tile element
+    BD = 16 if feature == GIVEN else max(16, triton.next_power_of_2(d))
+    # the forward keeps whole (BT, BD) q and k tiles up to d = 128 (16-bit) / 64 (fp32)
+    BK_fwd = BD if BD <= (64 if fp32 else 128) else 32
     return dict(
         BT=64,
         BM=min(16 if fp32 else 32, max(16, triton.next_power_of_2(m))),
         BM_fwd=16,  # the output kernel reads whole states: its own, smallest, m tile
         BD=BD,
-        BV=BV,
+        BK=min(BD, 32 if fp32 else 64),
+        BK_fwd=BK_fwd,
+        NK_fwd=1 if BK_fwd == BD else triton.cdiv(d, BK_fwd),
+        BV=max(16, triton.next_power_of_2(e)),
+        EV=32 if fp32 else 64,
         PRECISION=dot_precision(dtype),
         warps_state=8,
         warps_dstate=8,
@@ -647,7 +702,8 @@ def causal_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         d**-0.25, k_eps, c_eps,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM_fwd"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM_fwd"], BD=cfg["BD"], BK=cfg["BK_fwd"],
+        NK=cfg["NK_fwd"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
         num_warps=cfg["warps_fwd"], num_stages=cfg["stages"],
     )
     return (out, *saved, rden)
@@ -670,13 +726,38 @@ def causal_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
     returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
-    dtypes.  Stabilizers are constants (detached, as 1.1.4)."""
+    dtypes.  Stabilizers are constants (detached, as 1.1.4).
+
+    Value dims wider than the config's EV run as slices of v, out and grad_out: dq and dk are
+    linear in (dN, dD) and dD splits over value columns as -rden (g . out), so the slices' dq, dk
+    (fp32) add up exactly and their dv are the columns of dv."""
     b, h, n, d = q.shape
     e = v.shape[-1]
     m = d if feature == GIVEN else projection.shape[0]
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    width = value_slice_width(e, _config(feature, d, e, m, q.dtype)["EV"])
+    stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+    if width == e:
+        return _causal_bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature, q.dtype)
+    dq = dk = None
+    dv = []
+    for e0 in range(0, e, width):
+        cols = slice(e0, e0 + width)
+        dq_s, dk_s, dv_s = _causal_bwd_slice(
+            grad_out[..., cols], q, k, v[..., cols], projection, out[..., cols], rden, stats, feature, torch.float32)
+        dq = dq_s if dq is None else dq.add_(dq_s)
+        dk = dk_s if dk is None else dk.add_(dk_s)
+        dv.append(dv_s)
+    return dq.to(q.dtype), dk.to(k.dtype), torch.cat(dv, dim=-1)
+
+
+def _causal_bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, grad_dtype: torch.dtype):
+    """causal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
+    b, h, n, d = q.shape
+    e = v.shape[-1]
+    m = d if feature == GIVEN else projection.shape[0]
     cfg = _config(feature, d, e, m, q.dtype)
-    q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+    q_max, k_max, k_scale, k_stab, k_ref = stats
     k_eps, c_eps = _eps(feature, m)
     h_state, z_state, v_state = _forward_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, cfg=cfg)
     nt = triton.cdiv(n, cfg["BT"])
@@ -685,6 +766,7 @@ def causal_bwd(
     dz_state = torch.empty((b * h, nt, m), device=q.device, dtype=torch.float32)
     dns_state = torch.empty((b * h, nt, nm, e), device=q.device, dtype=torch.float32)
     p = q if projection is None else projection
+    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d
     _dstate_kernel[(nm, b * h)](
         q, p, grad_out, out, rden, q_max, k_stab,
         dh_state, dz_state, dns_state,
@@ -692,30 +774,31 @@ def causal_bwd(
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         d**-0.25,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BK=cfg["BK"], NK=nk, BV=cfg["BV"], PRECISION=cfg["PRECISION"],
         num_warps=cfg["warps_dstate"], num_stages=cfg["stages"],
     )
-    dq = torch.empty((b, h, n, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, h, n, d), device=k.device, dtype=k.dtype)
+    dq = torch.empty((b, h, n, d), device=q.device, dtype=grad_dtype)
+    dk = torch.empty((b, h, n, d), device=k.device, dtype=grad_dtype)
     dv = torch.empty((b, h, n, e), device=v.device, dtype=v.dtype)
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    blocks = dict(FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"])
-    _bwd_q_kernel[(nt, b * h)](
+    blocks = dict(FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BK=cfg["BK"], NK=nk, BV=cfg["BV"],
+                  PRECISION=cfg["PRECISION"], num_warps=cfg["warps_bwd"], num_stages=cfg["stages"])
+    _bwd_q_kernel[(nt * nk, b * h)](
         q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
         h_state, z_state, v_state, dq,
-        h, n, m, d, e, nt, d, *strides,
+        h, n, m, d, e, nt, *strides,
         d**-0.25, k_eps, c_eps,
-        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+        **blocks,
     )
-    _bwd_k_kernel[(nt, b * h)](
+    _bwd_k_kernel[(nt * nk, b * h)](
         q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
-        h, n, m, d, e, nt, d, *strides,
+        h, n, m, d, e, nt, *strides,
         d**-0.25,
-        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+        **blocks,
     )
     _bwd_v_kernel[(nt, b * h)](
         q, k, p, grad_out, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
@@ -723,6 +806,6 @@ def causal_bwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         d**-0.25, k_eps,
-        **blocks, num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
+        **blocks,
     )
     return dq, dk, dv

@@ -41,6 +41,34 @@ def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn,
+              BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+    """(dn x) @ P^T for rows o_t of x and features o_m, loading x and P in BK-wide column
+    chunks: no (rows, d) tile stays live, which is what lets the backward kernels take d = 128
+    (kernels/NOTES.md, "Wide heads").  NK = cdiv(D, BK) chunks, unrolled (a runtime loop here
+    costs registers).  -> (BT, BM) fp32."""
+    b_dash = tl.zeros([BT, BM], dtype=tl.float32)  # (BT, BM)
+    for i_k in tl.static_range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
+        m_k = o_k < D
+        b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
+        b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+        b_dash += tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION)
+    return b_dash * dn
+
+
+@triton.jit
+def half_sq_norm_rows(p_x, o_t, m_t, stride_t, D, dn, BT: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+    """|dn x|^2 / 2 for rows o_t of x, in NK BK-wide column chunks.  -> (BT,) fp32."""
+    b_s = tl.zeros([BT], dtype=tl.float32)  # (BT,)
+    for i_k in tl.static_range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
+        b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, o_k < D).to(tl.float32)  # (BT, BK)
+        b_s += tl.sum(b_x * b_x, axis=1)
+    return b_s * (dn * dn * 0.5)
+
+
+@triton.jit
 def half_sq_norm(b_x, dn):
     """|dn x|^2 / 2 per row in fp32.  b_x (BT, BD) -> (BT,)."""
     b_xf = b_x.to(tl.float32)
@@ -104,6 +132,12 @@ def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
     for name, value in dims.items():
         if value > limit:
             raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {limit}")
+
+
+def value_slice_width(e: int, ev: int) -> int:
+    """Columns per value slice of a backward pass that takes at most ev: e split evenly into
+    cdiv(e, ev) slices, so every slice of a split e has one tile width, BV = ev (NOTES "Wide heads")."""
+    return triton.cdiv(e, triton.cdiv(e, ev))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

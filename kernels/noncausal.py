@@ -22,14 +22,17 @@ from .feature_map import (
     SOFTMAX,
     SOFTMAX_EPS,
     check_head_dims,
+    dash_rows,
     dash_tile,
     dot_precision,
     half_sq_norm,
+    half_sq_norm_rows,
     key_units,
     load_rows,
     query_features,
     relu_features,
     row_stats,
+    value_slice_width,
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -179,15 +182,18 @@ def _dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ob, stride_oh, stride_on,
     dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq for a split of NTS query blocks, and the split's partial key-side states
-    dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,)."""
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    """dq for a split of NTS query blocks, columns [i_k BK, i_k BK + BK) of dq (program
+    i_s NK + i_k), and (i_k = 0) the split's partial key-side states
+    dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,).
+    q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live."""
+    i_sk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_s, i_k = i_sk // NK, i_sk % NK
     i_b, i_h = i_bh // H, i_bh % H
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dq
+    m_k = o_k < D
     o_e = tl.arange(0, BV)  # (BV,)
     m_e = o_e < E
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -211,12 +217,11 @@ def _dq_kernel(
         b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
         b_dd = -tl.sum(b_g * b_o, axis=1) * b_rden  # (BT,) dL/dD
         if FEATURE != FM_GIVEN:
-            b_q = load_rows(p_q, o_t, m_t, stride_qn, o_d, m_d)  # (BT, BD)
-            b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) sum_f du_f P_f
+            b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) sum_f du_f P_f[o_k]
             b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f du_f
         if FEATURE == FM_SOFTMAX:
             b_qmax = tl.load(q_max + o_row, mask=m_t, other=0.0)  # (BT,)
-            b_diag = half_sq_norm(b_q, dn)  # (BT,)
+            b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
             # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
             b_deps = SOFTMAX_EPS * (tl.sum(b_dn * b_vs[None, :], axis=1) + S * b_dd)  # (BT,)
         for i_m in range(0, tl.cdiv(M, BM)):
@@ -232,8 +237,7 @@ def _dq_kernel(
                 p_dqt = dq + i_bh.to(tl.int64) * N * M + o_t[:, None].to(tl.int64) * M + o_m[None, :]
                 tl.store(p_dqt, b_dfq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
             else:
-                b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-                b_dash = dash_tile(b_q, b_p, dn, PREC)  # (BT, BM)
+                b_dash = dash_rows(p_q, o_t, m_t, stride_qn, p, o_m, m_m, D, dn, BT, BM, BK, NK, PREC)  # (BT, BM)
                 if FEATURE == FM_SOFTMAX:
                     b_f = query_features(b_dash, b_diag, b_qmax, m_m)  # (BT, BM) q~
                     # chain through exp: d q~ / d u = q~ - eps (the stabilizer is detached)
@@ -241,27 +245,30 @@ def _dq_kernel(
                 else:
                     b_f = relu_features(b_dash, m_m)  # (BT, BM)
                     b_du = tl.where(m_m[None, :] & (b_dash > 0), b_dfq, 0.0)  # (BT, BM)
-                b_dx += tl.dot(b_du, b_p.to(tl.float32), input_precision=PREC)
+                b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+                b_dx += tl.dot(b_du, b_pk.to(tl.float32), input_precision=PREC)
                 b_rs += tl.sum(b_du, axis=1)
-            # this program's own partial tiles: read-modify-write after the split's first block
-            m_hm = m_m[:, None] & m_e[None, :]
-            p_dh = p_dhb + o_m[:, None] * E + o_e[None, :]
-            b_dh = tl.dot(tl.trans(b_f), b_dn, input_precision=PREC)  # (BM, BV)
-            b_dz = tl.sum(b_f * b_dd[:, None], axis=0)  # (BM,)
-            if i_t > i_t0:
-                b_dh += tl.load(p_dh, mask=m_hm, other=0.0)
-                b_dz += tl.load(p_dzb + o_m, mask=m_m, other=0.0)
-            tl.store(p_dh, b_dh, mask=m_hm)
-            tl.store(p_dzb + o_m, b_dz, mask=m_m)
-            # the next query block re-reads these tiles, maybe from other threads: make the
-            # stores visible to the whole program first
-            tl.debug_barrier()
+            if i_k == 0:
+                # this program's own partial tiles: read-modify-write after the split's first block
+                m_hm = m_m[:, None] & m_e[None, :]
+                p_dh = p_dhb + o_m[:, None] * E + o_e[None, :]
+                b_dh = tl.dot(tl.trans(b_f), b_dn, input_precision=PREC)  # (BM, BV)
+                b_dz = tl.sum(b_f * b_dd[:, None], axis=0)  # (BM,)
+                if i_t > i_t0:
+                    b_dh += tl.load(p_dh, mask=m_hm, other=0.0)
+                    b_dz += tl.load(p_dzb + o_m, mask=m_m, other=0.0)
+                tl.store(p_dh, b_dh, mask=m_hm)
+                tl.store(p_dzb + o_m, b_dz, mask=m_m)
+                # the next query block re-reads these tiles, maybe from other threads: make the
+                # stores visible to the whole program first
+                tl.debug_barrier()
         if FEATURE != FM_GIVEN:
-            b_dq = dn * b_dx  # (BT, BD)
+            b_dq = dn * b_dx  # (BT, BK)
             if FEATURE == FM_SOFTMAX:
-                b_dq -= (dn * dn) * b_rs[:, None] * b_q.to(tl.float32)  # through diag = |dn q|^2 / 2
-            p_dqt = dq + i_bh.to(tl.int64) * N * D + o_t[:, None].to(tl.int64) * D + o_d[None, :]
-            tl.store(p_dqt, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+                # through diag = |dn q|^2 / 2
+                b_dq -= (dn * dn) * b_rs[:, None] * load_rows(p_q, o_t, m_t, stride_qn, o_k, m_k).to(tl.float32)
+            p_dqt = dq + i_bh.to(tl.int64) * N * D + o_t[:, None].to(tl.int64) * D + o_k[None, :]
+            tl.store(p_dqt, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit
@@ -270,16 +277,18 @@ def _dkv_kernel(
     H, S, M, D, E,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk, dv for BT keys from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
+    from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M)."""
+    i_tk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_k = i_tk // NK, i_tk % NK
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_t * BT + tl.arange(0, BT)  # (BT,)
     m_t = o_t < S
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dk
+    m_k = o_k < D
     o_e = tl.arange(0, BV)  # (BV,)
     m_e = o_e < E
     o_row = i_bh.to(tl.int64) * S + o_t  # (BT,)
@@ -291,8 +300,7 @@ def _dkv_kernel(
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_e, m_e).to(tl.float32)  # (BT, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
     if FEATURE != FM_GIVEN:
-        b_k = load_rows(p_k, o_t, m_t, stride_kn, o_d, m_d)  # (BT, BD)
-        b_dx = tl.zeros([BT, BD], dtype=tl.float32)  # (BT, BD) sum_f du_f P_f
+        b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) sum_f du_f P_f[o_k]
         b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f du_f
     if FEATURE == FM_SOFTMAX:
         b_kmax = tl.load(k_max + o_row, mask=m_t, other=0.0)  # (BT,)
@@ -312,8 +320,7 @@ def _dkv_kernel(
             p_dkt = dk + i_bh.to(tl.int64) * S * M + o_t[:, None].to(tl.int64) * M + o_m[None, :]
             tl.store(p_dkt, b_dfk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
         else:
-            b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
-            b_dash = dash_tile(b_k, b_p, dn, PREC)  # (BT, BM)
+            b_dash = dash_rows(p_k, o_t, m_t, stride_kn, p, o_m, m_m, D, dn, BT, BM, BK, NK, PREC)  # (BT, BM)
             if FEATURE == FM_SOFTMAX:
                 b_f = key_units(b_dash, b_kmax, m_m) * b_fac[:, None]  # (BT, BM) exp part
                 b_du = b_f * b_dfk  # (BT, BM)
@@ -321,27 +328,31 @@ def _dkv_kernel(
             else:
                 b_f = relu_features(b_dash, m_m)  # (BT, BM)
                 b_du = tl.where(m_m[None, :] & (b_dash > 0), b_dfk, 0.0)  # (BT, BM)
-            b_dx += tl.dot(b_du, b_p.to(tl.float32), input_precision=PREC)
+            b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+            b_dx += tl.dot(b_du, b_pk.to(tl.float32), input_precision=PREC)
             b_rs += tl.sum(b_du, axis=1)
         b_dv += tl.dot(b_f, b_dh, input_precision=PREC)
     if FEATURE == FM_SOFTMAX:
         b_dv += SOFTMAX_EPS * b_hs[None, :]
-    m_te = m_t[:, None] & m_e[None, :]
-    p_dvt = dv + i_bh.to(tl.int64) * S * E + o_t[:, None].to(tl.int64) * E + o_e[None, :]
-    tl.store(p_dvt, b_dv.to(dv.dtype.element_ty), mask=m_te)
+    if i_k == 0:
+        p_dvt = dv + i_bh.to(tl.int64) * S * E + o_t[:, None].to(tl.int64) * E + o_e[None, :]
+        tl.store(p_dvt, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])
     if FEATURE != FM_GIVEN:
-        b_dk = dn * b_dx  # (BT, BD)
+        b_dk = dn * b_dx  # (BT, BK)
         if FEATURE == FM_SOFTMAX:
-            b_dk -= (dn * dn) * b_rs[:, None] * b_k.to(tl.float32)  # through diag = |dn k|^2 / 2
-        p_dkt = dk + i_bh.to(tl.int64) * S * D + o_t[:, None].to(tl.int64) * D + o_d[None, :]
-        tl.store(p_dkt, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+            # through diag = |dn k|^2 / 2
+            b_dk -= (dn * dn) * b_rs[:, None] * load_rows(p_k, o_t, m_t, stride_kn, o_k, m_k).to(tl.float32)
+        p_dkt = dk + i_bh.to(tl.int64) * S * D + o_t[:, None].to(tl.int64) * D + o_k[None, :]
+        tl.store(p_dkt, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
 
 def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options.  d = 0 for GIVEN (no projection).  BM is what keeps the
-    register file from spilling (compile report, kernels/NOTES.md)."""
+    """Block sizes and launch options.  d = 0 for GIVEN (no projection).  BD covers all of d and
+    BV all of e in the forward; the backward runs on value slices of at most EV columns
+    (noncausal_bwd) and its kernels read d in BK-wide chunks, one BK-wide slice of dq / dk per
+    program.  BM, BK and EV are what keep the register file from spilling (compile report,
+    kernels/NOTES.md)."""
     BD = triton.next_power_of_2(max(d, 16))
-    BV = triton.next_power_of_2(max(e, 16))
     fp32 = dtype == torch.float32  # twice the bytes per tile element
     return dict(
         BT=64,
@@ -350,7 +361,9 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # (no projection tiles live), where sm_80's ptxas spills more at 16 than at 32
         BM_bwd=32 if d == 0 else 16,
         BD=BD,
-        BV=BV,
+        BK=min(BD, 32 if fp32 else 64),
+        BV=triton.next_power_of_2(max(e, 16)),
+        EV=32 if fp32 else 64,
         PREC=dot_precision(dtype),
         num_warps=8 if fp32 else 4,
         num_warps_bwd=8,
@@ -368,11 +381,13 @@ def _splits(blocks: int, programs: int, target: int = 264, min_blocks: int = 4) 
 
 def _launch_opts(cfg: dict, bwd: bool = False) -> dict:
     """Launch keywords; the backward kernels take their own BM (they read whole states, so their
-    m tiles need not match the forward's)."""
-    opts = {key: cfg[key] for key in ("BT", "BM", "BD", "BV", "PREC", "num_stages")}
+    m tiles need not match the forward's) and BK instead of BD."""
+    opts = {key: cfg[key] for key in ("BT", "BM", "BV", "PREC", "num_stages")}
     opts["num_warps"] = cfg["num_warps_bwd" if bwd else "num_warps"]
     if bwd:
-        opts["BM"] = cfg["BM_bwd"]
+        opts.update(BM=cfg["BM_bwd"], BK=cfg["BK"])
+    else:
+        opts["BD"] = cfg["BD"]
     return opts
 
 
@@ -455,8 +470,32 @@ def noncausal_bwd(
     k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of noncausal_fwd: dq, dk, dv in the dtypes and shapes of q, k, v (w.r.t. the
-    features for GIVEN).  The stats are noncausal_fwd's outputs (contiguous)."""
+    features for GIVEN).  The stats are noncausal_fwd's outputs (contiguous).
+
+    Value dims wider than the config's EV run as slices of v, out and grad_out (dq, dk are
+    linear in (dN, dD) and dD splits over value columns): the slices' fp32 dq, dk add up."""
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    e = v.shape[-1]
+    m, d = _dims(q, projection, feature)
+    width = value_slice_width(e, _config(d, e, m, q.dtype)["EV"])
+    stats = (q_max, k_max, k_scale, rden)
+    if width == e:
+        return _noncausal_bwd_slice(grad_out, q, k, v, projection, out, stats, feature, q.dtype)
+    dq = dk = None
+    dv = []
+    for e0 in range(0, e, width):
+        cols = slice(e0, e0 + width)
+        dq_s, dk_s, dv_s = _noncausal_bwd_slice(
+            grad_out[..., cols], q, k, v[..., cols], projection, out[..., cols], stats, feature, torch.float32)
+        dq = dq_s if dq is None else dq.add_(dq_s)
+        dk = dk_s if dk is None else dk.add_(dk_s)
+        dv.append(dv_s)
+    return dq.to(q.dtype), dk.to(k.dtype), torch.cat(dv, dim=-1)
+
+
+def _noncausal_bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dtype: torch.dtype):
+    """noncausal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
+    q_max, k_max, k_scale, rden = stats
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[-1]
     m, d = _dims(q, projection, feature)
@@ -464,27 +503,28 @@ def noncausal_bwd(
     p = q if projection is None else projection
     dn = d**-0.25 if d else 1.0
     states, sums, vsum, k_stab = _context(k, v, projection, k_max, k_scale, feature, m, d, cfg)
+    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
 
     per, ns = _splits(triton.cdiv(n, cfg["BT"]), b * h)
     f32 = dict(device=q.device, dtype=torch.float32)
     dh_part = torch.empty((ns, b * h, m, e), **f32)
     dz_part = torch.empty((ns, b * h, m), **f32)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    _dq_kernel[(ns, b * h)](
+    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+    _dq_kernel[(ns * nk, b * h)](
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq, dh_part, dz_part,
         h, n, s, m, d, e, b * h, per,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         dn,
-        FEATURE=feature, **_launch_opts(cfg, bwd=True),
+        FEATURE=feature, NK=nk, **_launch_opts(cfg, bwd=True),
     )
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    _dkv_kernel[(triton.cdiv(s, cfg["BT"]), b * h)](
+    _dkv_kernel[(triton.cdiv(s, cfg["BT"]) * nk, b * h)](
         k, v, p, k_max, k_scale, k_stab, dh_part.sum(0), dz_part.sum(0), dk, dv,
         h, s, m, d, e,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,
-        FEATURE=feature, **_launch_opts(cfg, bwd=True),
+        FEATURE=feature, NK=nk, **_launch_opts(cfg, bwd=True),
     )
     return dq, dk, dv

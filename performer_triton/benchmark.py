@@ -117,7 +117,7 @@ def _import_performer_pytorch():
 def _has_fast_transformers() -> bool:
     try:
         from fast_transformers.causal_product import causal_dot_product  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or its compiled extension does not load
         return False
     return True
 
@@ -186,6 +186,8 @@ def _fla_unavailable(case: Case) -> str | None:
         import fla.ops.linear_attn  # noqa: F401
     except ImportError as exc:
         return f"flash-linear-attention is not installed ({exc})"
+    except Exception as exc:  # e.g. fla 0.5.2 under triton 3.9: an autotune key fails at import
+        return f"flash-linear-attention does not import here ({type(exc).__name__}: {exc})"
     return None
 
 

@@ -1,5 +1,5 @@
 """The ahead-of-time compile report (bench/compile_report.py) as a lint: every kernel, feature map,
-dtype and mode at head dims 64 (the widest tiles) and 16, compiled for sm_90a
+dtype and mode at head dim 128 (the widest tiles) and 16, compiled for sm_90a
 and sm_80 in a separate process (TRITON_INTERPRET unset: the interpreter replaces the compiler).
 It fails on a compile error, a spill, shared memory over the arch's limit, or a tensor-core dot
 without HGMMA (sm_90) / HMMA (sm_80).  The full sweep (every head dim, m = 256 and 266) is

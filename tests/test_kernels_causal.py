@@ -33,8 +33,12 @@ SHAPES = {
     "n257_d64_m266": (1, 1, 257, 64, 64, 266),
     "n100_d8_e40_m44": (1, 1, 100, 8, 40, 44),
     "n130_d56_e24_m70": (1, 1, 130, 56, 24, 70),
-    "n37_d24_e32_m100": (1, 2, 37, 24, 32, 100),  # fp32 head dims stop at 32
+    "n37_d24_e32_m100": (1, 2, 37, 24, 32, 100),
     "n130_d32_e24_m70": (1, 1, 130, 32, 24, 70),
+    # wide heads: d in BK-wide chunks (2 for 16-bit, 3 for fp32), e in EV-wide backward slices
+    "n70_d80_e96_m50": (1, 1, 70, 80, 96, 50),
+    "n37_d128_e72_m60": (1, 1, 37, 128, 72, 60),
+    "n70_d64_e40_m50": (1, 1, 70, 64, 40, 50),
 }
 
 
@@ -45,10 +49,14 @@ SHAPES = {
         (torch.float32, "n37_d24_e32_m100"),
         (torch.float32, "n1_d16_m44"),
         (torch.float32, "n130_d32_e24_m70"),
+        (torch.float32, "n70_d64_e40_m50"),
+        (torch.float32, "n70_d80_e96_m50"),  # the forward reads q, k in chunks (BK_fwd < BD)
         (torch.float16, "n257_d64_m266"),
         (torch.float16, "n130_d56_e24_m70"),
+        (torch.float16, "n70_d80_e96_m50"),
         (torch.bfloat16, "n37_d48_m100"),
         (torch.bfloat16, "n100_d8_e40_m44"),
+        (torch.bfloat16, "n37_d128_e72_m60"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -74,6 +82,8 @@ def single_position(shape):
         (torch.float16, "n37_d48_m100"),
         (torch.bfloat16, "n130_d56_e24_m70"),
         (torch.bfloat16, "n100_d8_e40_m44"),
+        (torch.float16, "n70_d80_e96_m50"),
+        (torch.float32, "n37_d128_e72_m60"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -84,14 +94,15 @@ def test_relu(dtype, shape):
 
 
 @pytest.mark.parametrize(
-    "dtype,feature_map",
-    [(torch.float32, "none"), (torch.bfloat16, "none"), (torch.float16, "elu")],
+    "dtype,feature_map,e",
+    [(torch.float32, "none", 40), (torch.bfloat16, "none", 96), (torch.float16, "elu", 32)],
     ids=lambda x: str(x).replace("torch.", ""),
 )
-def test_given(dtype, feature_map):
+def test_given(dtype, feature_map, e):
     """Precomputed features: 1.1.4's no_projection features (m = d) or a custom kernel_fn
-    (m = 100, not a multiple of BM); gradients are w.r.t. the features."""
-    q, k, v, proj, g = inputs(1, 2, 70, 48, 32, 100, torch.float64)
+    (m = 100, not a multiple of BM); gradients are w.r.t. the features.  e = 40 (fp32), 96
+    (16-bit) run the backward in value slices."""
+    q, k, v, proj, g = inputs(1, 2, 70, 48, e, 100, torch.float64)
     kernel_fn = (lambda x: F.elu(x) + 1.0) if feature_map == "elu" else "none"
     qf, kf = R.feature_maps(q, k, proj, causal=True, feature_map=kernel_fn)
     qf, kf, v, g = (t.to(dtype) for t in (qf, kf, v, g))
@@ -185,18 +196,21 @@ def test_meta_launches(monkeypatch):
 
 
 def test_launchers_reject_head_dims_above_the_limit():
-    """Beyond max_head_dim(dtype) the backward tiles spill (compile report): the launchers refuse,
-    and favor_attention(backend="triton") names the limit (auto uses the PyTorch path there)."""
+    """Beyond max_head_dim(dtype) the compile report has not checked the kernels spill-free: the
+    launchers refuse, and favor_attention(backend="triton") names the limit (auto uses the
+    PyTorch path there)."""
     from performer_triton import favor_attention
     from performer_triton.kernels import max_head_dim
     from performer_triton.kernels import noncausal as NC
 
-    assert (max_head_dim(torch.float32), max_head_dim(torch.bfloat16), max_head_dim(torch.float16)) == (32, 64, 64)
-    q, k, v, proj, _ = inputs(1, 1, 8, 48, 16, 20, torch.float32)
-    with pytest.raises(ValueError, match="d = 48: the Triton kernels take torch.float32 head dims up to 32"):
+    assert {max_head_dim(t) for t in (torch.float32, torch.bfloat16, torch.float16)} == {128}
+    assert max_head_dim(torch.float64) == 0
+    q, k, v, proj, _ = inputs(1, 1, 8, 160, 16, 20, torch.float32)
+    with pytest.raises(ValueError, match="d = 160: the Triton kernels take torch.float32 head dims up to 128"):
         C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=False)
-    with pytest.raises(ValueError, match="e = 80"):
-        NC.noncausal_fwd(*(t.half() for t in (q, k, torch.zeros(1, 1, 8, 80), proj)), feature=SOFTMAX)
-    with pytest.raises(ValueError, match="head dims up to 32"):
+    with pytest.raises(ValueError, match="e = 136"):
+        NC.noncausal_fwd(*(t.half() for t in (q[..., :80], k[..., :80], torch.zeros(1, 1, 8, 136), proj[:, :80])),
+                         feature=SOFTMAX)
+    with pytest.raises(ValueError, match="head dims up to 128"):
         favor_attention(q, k, v, proj, backend="triton")
-    favor_attention(q.half(), k.half(), v.half(), proj, backend="triton")  # 48 is fine in 16 bits
+    favor_attention(q[..., :128], k[..., :128], v, proj[:, :128], backend="triton")  # 128 is the widest

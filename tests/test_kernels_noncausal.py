@@ -31,8 +31,12 @@ SHAPES = {
     "n257_s130_d64_m266": (1, 1, 257, 130, 64, 64, 266),
     "n100_s300_d8_e40_m44": (1, 1, 100, 300, 8, 40, 44),
     "n65_s65_d56_e24_m70": (1, 1, 65, 65, 56, 24, 70),
-    "n37_s50_d24_e32_m100": (1, 2, 37, 50, 24, 32, 100),  # fp32 head dims stop at 32
+    "n37_s50_d24_e32_m100": (1, 2, 37, 50, 24, 32, 100),
     "n65_s65_d32_e24_m70": (1, 1, 65, 65, 32, 24, 70),
+    # wide heads: d in BK-wide chunks (2 for 16-bit, 2-3 for fp32), e in EV-wide backward slices
+    "n70_s90_d80_e96_m50": (1, 1, 70, 90, 80, 96, 50),
+    "n37_s37_d128_e72_m60": (1, 1, 37, 37, 128, 72, 60),
+    "n65_s40_d64_e40_m50": (1, 1, 65, 40, 64, 40, 50),
 }
 
 
@@ -58,6 +62,10 @@ def one_key(name):
         (torch.bfloat16, "n37_s37_d48_m100"),
         (torch.float16, "n257_s130_d64_m266"),
         (torch.bfloat16, "n100_s300_d8_e40_m44"),
+        (torch.float32, "n65_s40_d64_e40_m50"),
+        (torch.float32, "n70_s90_d80_e96_m50"),
+        (torch.float16, "n70_s90_d80_e96_m50"),
+        (torch.bfloat16, "n37_s37_d128_e72_m60"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -73,6 +81,7 @@ def test_softmax(dtype, shape):
         (torch.bfloat16, "n65_s65_d56_e24_m70"),
         (torch.float16, "n37_s37_d48_m100"),
         (torch.bfloat16, "n100_s300_d8_e40_m44"),
+        (torch.float16, "n70_s90_d80_e96_m50"),
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
@@ -81,14 +90,15 @@ def test_relu(dtype, shape):
 
 
 @pytest.mark.parametrize(
-    "dtype,feature_map",
-    [(torch.float32, "none"), (torch.bfloat16, "none"), (torch.float16, "elu")],
+    "dtype,feature_map,e",
+    [(torch.float32, "none", 40), (torch.bfloat16, "none", 96), (torch.float16, "elu", 32)],
     ids=lambda x: str(x).replace("torch.", ""),
 )
-def test_given(dtype, feature_map):
+def test_given(dtype, feature_map, e):
     """Precomputed features: 1.1.4's no_projection features (m = d) or a custom kernel_fn
-    (m = 100); gradients are w.r.t. the features."""
-    q, k, v, proj, g = inputs(1, 2, 70, 48, 32, 100, torch.float64, s=90)
+    (m = 100); gradients are w.r.t. the features.  e = 40 (fp32), 96 (16-bit) run the
+    backward in value slices."""
+    q, k, v, proj, g = inputs(1, 2, 70, 48, e, 100, torch.float64, s=90)
     kernel_fn = (lambda x: F.elu(x) + 1.0) if feature_map == "elu" else "none"
     qf, kf = R.feature_maps(q, k, proj, causal=False, feature_map=kernel_fn)
     qf, kf, v, g = (t.to(dtype) for t in (qf, kf, v, g))
