@@ -41,30 +41,53 @@ def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """b_dash (BT, BM) += x[:, chunk i_k] @ P[:, chunk i_k]^T."""
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
+    m_k = o_k < D
+    b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
+    b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+    return b_dash + tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION)
+
+
+@triton.jit
 def dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn,
               BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
-    """(dn x) @ P^T for rows o_t of x and features o_m, loading x and P in BK-wide column
-    chunks: no (rows, d) tile stays live, which is what lets the backward kernels take d = 128
-    (kernels/NOTES.md, "Wide heads").  NK = cdiv(D, BK) chunks, unrolled (a runtime loop here
-    costs registers).  -> (BT, BM) fp32."""
+    """(dn x) @ P^T for rows o_t of x and features o_m, loading x and P in NK = cdiv(D, BK)
+    column chunks: no (rows, d) tile stays live, which is what lets the backward kernels take
+    d = 128 (kernels/NOTES.md, "Wide heads").  -> (BT, BM) fp32.
+
+    Up to two chunks are unrolled (a loop there cost sm_80 registers); more stay a loop
+    (unrolling four fp32 chunks spilled on sm_90)."""
     b_dash = tl.zeros([BT, BM], dtype=tl.float32)  # (BT, BM)
-    for i_k in tl.static_range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
-        m_k = o_k < D
-        b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
-        b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-        b_dash += tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION)
+    if NK <= 2:
+        for i_k in tl.static_range(NK):
+            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, PRECISION)
+    else:
+        for i_k in range(NK):
+            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, PRECISION)
     return b_dash * dn
 
 
 @triton.jit
+def _sq_chunk(b_s, p_x, o_t, m_t, stride_t, D, i_k, BK: tl.constexpr):
+    """b_s (BT,) += row sums of x[:, chunk i_k]^2 in fp32."""
+    o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
+    b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, o_k < D).to(tl.float32)  # (BT, BK)
+    return b_s + tl.sum(b_x * b_x, axis=1)
+
+
+@triton.jit
 def half_sq_norm_rows(p_x, o_t, m_t, stride_t, D, dn, BT: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
-    """|dn x|^2 / 2 for rows o_t of x, in NK BK-wide column chunks.  -> (BT,) fp32."""
+    """|dn x|^2 / 2 for rows o_t of x, in NK BK-wide column chunks (unrolled as in dash_rows).
+    -> (BT,) fp32."""
     b_s = tl.zeros([BT], dtype=tl.float32)  # (BT,)
-    for i_k in tl.static_range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
-        b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, o_k < D).to(tl.float32)  # (BT, BK)
-        b_s += tl.sum(b_x * b_x, axis=1)
+    if NK <= 2:
+        for i_k in tl.static_range(NK):
+            b_s = _sq_chunk(b_s, p_x, o_t, m_t, stride_t, D, i_k, BK)
+    else:
+        for i_k in range(NK):
+            b_s = _sq_chunk(b_s, p_x, o_t, m_t, stride_t, D, i_k, BK)
     return b_s * (dn * dn * 0.5)
 
 
