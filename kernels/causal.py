@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .feature_map import (
+    backward_in_value_slices,
     FM_GIVEN,
     FM_RELU,
     FM_SOFTMAX,
@@ -43,7 +44,6 @@ from .feature_map import (
     load_rows,
     relu_features,
     row_stats,
-    value_slice_width,
 )
 
 
@@ -728,27 +728,17 @@ def causal_bwd(
     returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
     dtypes.  Stabilizers are constants (detached, as 1.1.4).
 
-    Value dims wider than the config's EV run as slices of v, out and grad_out: dq and dk are
-    linear in (dN, dD) and dD splits over value columns as -rden (g . out), so the slices' dq, dk
-    (fp32) add up exactly and their dv are the columns of dv."""
+    Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     b, h, n, d = q.shape
     e = v.shape[-1]
     m = d if feature == GIVEN else projection.shape[0]
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
-    width = value_slice_width(e, _config(feature, d, e, m, q.dtype)["EV"])
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
-    if width == e:
-        return _causal_bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature, q.dtype)
-    dq = dk = None
-    dv = []
-    for e0 in range(0, e, width):
-        cols = slice(e0, e0 + width)
-        dq_s, dk_s, dv_s = _causal_bwd_slice(
-            grad_out[..., cols], q, k, v[..., cols], projection, out[..., cols], rden, stats, feature, torch.float32)
-        dq = dq_s if dq is None else dq.add_(dq_s)
-        dk = dk_s if dk is None else dk.add_(dk_s)
-        dv.append(dv_s)
-    return dq.to(q.dtype), dk.to(k.dtype), torch.cat(dv, dim=-1)
+    return backward_in_value_slices(
+        lambda g, v_s, out_s, grad_dtype: _causal_bwd_slice(
+            g, q, k, v_s, projection, out_s, rden, stats, feature, grad_dtype),
+        grad_out, v, out, _config(feature, d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
+    )
 
 
 def _causal_bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, grad_dtype: torch.dtype):

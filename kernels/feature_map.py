@@ -157,10 +157,27 @@ def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
             raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {limit}")
 
 
-def value_slice_width(e: int, ev: int) -> int:
-    """Columns per value slice of a backward pass that takes at most ev: e split evenly into
-    cdiv(e, ev) slices, so every slice of a split e has one tile width, BV = ev (NOTES "Wide heads")."""
-    return triton.cdiv(e, triton.cdiv(e, ev))
+def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dtype):
+    """Run a backward on value columns: bwd_slice(grad_out, v, out, grad_dtype) -> (dq, dk, dv).
+
+    e up to ev runs once (dq, dk in q's / k's dtype). Wider e runs on cdiv(e, ev) even slices
+    (one tile width, BV = ev): dq and dk are linear in (dN, dD) and dD = -rden (g . out) splits
+    over value columns, so the slices' fp32 dq, dk add up exactly and their dv are its columns
+    (NOTES "Wide heads")."""
+    e = v.shape[-1]
+    width = triton.cdiv(e, triton.cdiv(e, ev))
+    if width == e:
+        dq, dk, dv = bwd_slice(grad_out, v, out, q_dtype)
+        return dq.to(q_dtype), dk.to(k_dtype), dv
+    dq = dk = None
+    dv = []
+    for e0 in range(0, e, width):
+        cols = slice(e0, e0 + width)
+        dq_s, dk_s, dv_s = bwd_slice(grad_out[..., cols], v[..., cols], out[..., cols], torch.float32)
+        dq = dq_s if dq is None else dq.add_(dq_s)
+        dk = dk_s if dk is None else dk.add_(dk_s)
+        dv.append(dv_s)
+    return dq.to(q_dtype), dk.to(k_dtype), torch.cat(dv, dim=-1)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

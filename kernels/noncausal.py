@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .feature_map import (
+    backward_in_value_slices,
     FM_GIVEN,
     FM_SOFTMAX,
     GIVEN,
@@ -32,7 +33,6 @@ from .feature_map import (
     query_features,
     relu_features,
     row_stats,
-    value_slice_width,
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -472,25 +472,16 @@ def noncausal_bwd(
     """Gradients of noncausal_fwd: dq, dk, dv in the dtypes and shapes of q, k, v (w.r.t. the
     features for GIVEN).  The stats are noncausal_fwd's outputs (contiguous).
 
-    Value dims wider than the config's EV run as slices of v, out and grad_out (dq, dk are
-    linear in (dN, dD) and dD splits over value columns): the slices' fp32 dq, dk add up."""
+    Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
     e = v.shape[-1]
     m, d = _dims(q, projection, feature)
-    width = value_slice_width(e, _config(d, e, m, q.dtype)["EV"])
     stats = (q_max, k_max, k_scale, rden)
-    if width == e:
-        return _noncausal_bwd_slice(grad_out, q, k, v, projection, out, stats, feature, q.dtype)
-    dq = dk = None
-    dv = []
-    for e0 in range(0, e, width):
-        cols = slice(e0, e0 + width)
-        dq_s, dk_s, dv_s = _noncausal_bwd_slice(
-            grad_out[..., cols], q, k, v[..., cols], projection, out[..., cols], stats, feature, torch.float32)
-        dq = dq_s if dq is None else dq.add_(dq_s)
-        dk = dk_s if dk is None else dk.add_(dk_s)
-        dv.append(dv_s)
-    return dq.to(q.dtype), dk.to(k.dtype), torch.cat(dv, dim=-1)
+    return backward_in_value_slices(
+        lambda g, v_s, out_s, grad_dtype: _noncausal_bwd_slice(
+            g, q, k, v_s, projection, out_s, stats, feature, grad_dtype),
+        grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
+    )
 
 
 def _noncausal_bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dtype: torch.dtype):
