@@ -14,9 +14,11 @@ types from tensor dtypes, int == 1 -> constexpr, int % 16 == 0 -> tt.divisibilit
 256-byte aligned, so a view's storage offset decides, as on a GPU), floats -> fp32.
 Identical specialisations are compiled once per arch.
 
-Sweep: dtype fp32/fp16/bf16 x (d, e) in HEAD_DIMS x m in NB_FEATURES x n in SEQ_LENS x feature
-map SOFTMAX/RELU/GIVEN x non-causal/causal/causal-prefix x forward/backward, b = BATCH,
-h = HEADS; plus row_stats(x, projection) on its own.  Targets: sm_90a (H100) and sm_80 (A100).
+Sweep: dtype fp32/fp16/bf16 x (d, e) in HEAD_DIMS (up to kernels.MAX_HEAD_DIM) x m in
+NB_FEATURES x n = SEQ_LEN x every kernel code of the feature-map registry
+(performer_triton.feature_maps.KERNEL_MAPS: softmax, relu, given) x non-causal/causal/
+causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; plus
+row_stats(x, projection) on its own.  Targets: sm_90a (H100) and sm_80 (A100).
 
 Per unique compile: kernel, constexprs, argument dtypes and the int arguments without the
 16-divisibility hint, num_warps/num_stages, registers and spill bytes (bundled ptxas -v with
@@ -65,10 +67,12 @@ from triton.backends.nvidia.compiler import CUDAOptions
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, KernelParam
 
-from performer_triton.kernels import max_head_dim
+from performer_triton.kernels import MAX_HEAD_DIM, launchers
 
-# Every kernel module the library ships; a missing one fails the report (exit 2).
+# What the sweep reads: the feature-map registry (the kernel codes, by name) and every kernel
+# module the library ships; a missing one fails the report (exit 2).
 REQUIRED_MODULES = (
+    "performer_triton.feature_maps",
     "performer_triton.kernels.feature_map",
     "performer_triton.kernels.noncausal",
     "performer_triton.kernels.causal",
@@ -76,14 +80,14 @@ REQUIRED_MODULES = (
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (d, e): every tile width the launchers choose (BD, BV in 16 ... 128; BK-chunked d and EV-sliced
-# backward values from 80 up), non-powers of two included; pairs above max_head_dim(dtype) are
-# skipped (the launchers refuse them)
+# backward values from 80 up), non-powers of two included; pairs above MAX_HEAD_DIM are skipped
+# (the launchers refuse them)
 HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (24, 64), (64, 40), (24, 32), (80, 96), (128, 128), (128, 48),
              (128, 32), (16, 128))
 NB_FEATURES = (256, 266)
 # --quick (what the test suite runs in CI): every kernel, feature map, dtype and mode at the widest
-# head dim the dtype allows (most registers) and the narrowest, with the default m (M % 16 != 0)
-QUICK_HEAD_DIMS = ("widest", (16, 16))
+# head dim (most registers) and the narrowest, with the default m (M % 16 != 0)
+QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM), (16, 16))
 QUICK_NB_FEATURES = (266,)
 # One length / batch / head count: they change only divisibility hints (N % 16) or ints that can
 # become 1 (n <= BT, b * h = 1), each a further compile of every kernel.
@@ -196,33 +200,32 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
         launches.extend(found)
         return result
 
+    registry = modules.get("performer_triton.feature_maps")
     feature_map = modules.get("performer_triton.kernels.feature_map")
-    noncausal = modules.get("performer_triton.kernels.noncausal")
-    causal = modules.get("performer_triton.kernels.causal")
-    modes = []  # (name, fwd, bwd, extra keyword arguments)
-    if noncausal is not None:
-        modes.append(("noncausal", noncausal.noncausal_fwd, noncausal.noncausal_bwd, {}))
-    if causal is not None:
-        modes.append(("causal", causal.causal_fwd, causal.causal_bwd, {"prefix": False}))
-        modes.append(("causal-prefix", causal.causal_fwd, causal.causal_bwd, {"prefix": True}))
-    if feature_map is None:
+    modes = []  # (name, causal, keyword arguments) of the launchers kernels.launchers(causal) returns
+    if "performer_triton.kernels.noncausal" in modules:
+        modes.append(("noncausal", False, {"prefix": False}))
+    if "performer_triton.kernels.causal" in modules:
+        modes.append(("causal", True, {"prefix": False}))
+        modes.append(("causal-prefix", True, {"prefix": True}))
+    if feature_map is None or registry is None:
         return launches
     for dname, dtype in DTYPES.items():
-        widest = (max_head_dim(dtype),) * 2
-        for d, e in [widest if x == "widest" else x for x in QUICK_HEAD_DIMS] if quick else HEAD_DIMS:
-            if max(d, e) > max_head_dim(dtype):  # the launchers refuse these
+        for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
+            if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these
                 continue
             for m in QUICK_NB_FEATURES if quick else NB_FEATURES:
                 shape = f"{dname} d={d} e={e} m={m}"
                 projection = _meta((m, d), dtype)
                 run(f"row_stats {shape}", feature_map.row_stats, _meta((BATCH, HEADS, SEQ_LEN, d), dtype), projection)
-                for feature, fname in feature_map.FEATURE_NAMES.items():
-                    given = feature == feature_map.GIVEN
+                for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
+                    given = not fmap.fused
                     qk = (BATCH, HEADS, SEQ_LEN, m if given else d)
                     q, k, v = _meta(qk, dtype), _meta(qk, dtype), _meta((BATCH, HEADS, SEQ_LEN, e), dtype)
                     proj = None if given else projection
-                    for mode, fwd, bwd, extra in modes:
-                        label = f"{mode} {shape} {fname}"
+                    for mode, causal, extra in modes:
+                        fwd, bwd = launchers(causal)
+                        label = f"{mode} {shape} {fmap.name}"
                         saved = run(f"{label} fwd", fwd, q, k, v, proj, feature=feature, **extra)
                         if saved is not None:
                             grad = torch.empty_like(saved[0])
@@ -281,7 +284,7 @@ def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> Spec:
 
 
 def describe(fn: JITFunction, spec: Spec) -> tuple[str, str]:
-    """(constexprs, args) columns: 'BT=64 PREC=ieee', 'fp16,fp32 no16:H,N'."""
+    """(constexprs, args) columns: 'BT=64 PRECISION=tf32', 'fp16,fp32 no16:H,N'."""
     names = [p.name for p in fn.params]
     consts = " ".join(f"{names[i]}={v}" for (i,), v in spec.constexprs.items())
     dtypes = sorted({ty.lstrip("*k") for ty in spec.signature.values() if ty.startswith("*")})
@@ -447,12 +450,17 @@ def import_required(failures: list) -> tuple[dict, list[str]]:
     return modules, missing
 
 
+def kernel_name(fn: JITFunction) -> str:
+    """'causal._state_kernel': the kernel files share kernel names, so the module goes first."""
+    return f"{fn.module.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
 def build_jobs(launches: list[Launch], archs: list[int], text: str | None) -> list:
     """Deduplicate the launches into (fn, spec, arch, Result) jobs, keeping those whose
     kernel name or configuration label contains text."""
     unique: dict = {}
     for launch in launches:
-        if text and text not in f"{launch.fn.__name__} {launch.label}":
+        if text and text not in f"{kernel_name(launch.fn)} {launch.label}":
             continue
         spec = specialise(launch.fn, launch.args, launch.kwargs)
         entry = unique.setdefault(spec.key(launch.fn), (launch.fn, spec, []))
@@ -462,7 +470,7 @@ def build_jobs(launches: list[Launch], archs: list[int], text: str | None) -> li
     for fn, spec, labels in unique.values():
         consts, args = describe(fn, spec)
         for arch in archs:
-            jobs.append((fn, spec, arch, Result(arch, fn.__name__, consts, args, configs=labels)))
+            jobs.append((fn, spec, arch, Result(arch, kernel_name(fn), consts, args, configs=labels)))
     return jobs
 
 
@@ -488,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", help="keep configurations whose kernel name or label contains this")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true",
-                        help="the widest head dim per dtype and 16, m=266 only (every kernel, feature map, dtype, mode)")
+                        help="head dims MAX_HEAD_DIM and 16, m=266 only (every kernel, feature map, dtype, mode)")
     parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="parallel compile workers")
     opts = parser.parse_args(argv)
     if "TRITON_INTERPRET" in os.environ:

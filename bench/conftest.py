@@ -1,7 +1,7 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-autosave`, then compare a later run with
 `pytest bench/ --benchmark-compare --benchmark-compare-fail=median:10%`.
 
-Every benchmark checks the correctness of what it times (performer_triton.benchmark.verify)
+Every benchmark checks the correctness of what it times (performer_triton.cli.benchmark.verify)
 before timing it.  Peers that cannot run here are skipped with the reason shown (-rs).
 """
 import pytest
@@ -34,7 +34,7 @@ def device():
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from performer_triton.benchmark import device_name
+    from performer_triton.cli.benchmark import device_name
 
     machine_info["device"] = device_name(DEVICE)
     machine_info["torch"] = torch.__version__

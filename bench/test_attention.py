@@ -5,7 +5,7 @@ on GPU; forward and forward+backward, causal and non-causal, n from 1k (see conf
 import pytest
 import torch
 
-from performer_triton.benchmark import IMPLS, Case, make_inputs, peak_memory, step, verify
+from performer_triton.cli.benchmark import IMPLS, Case, make_inputs, peak_memory, step, verify
 
 
 def rounds_for(run, budget_s: float = 3.0) -> int:

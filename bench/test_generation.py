@@ -6,8 +6,8 @@ import time
 
 import torch
 
+from performer_triton import PerformerLM
 from performer_triton.decoding import DecodingCache
-from performer_triton.performer import PerformerLM
 
 LENGTHS = (128, 512, 1024, 2048, 4096)
 STEPS = 16

@@ -13,7 +13,9 @@ roofline time.
 import pytest
 import torch
 
-from performer_triton.benchmark import IMPLS, Case, h100_roofline_seconds, make_inputs, side_by_side, step, verify
+from hardware import h100_roofline_seconds
+
+from performer_triton.cli.benchmark import IMPLS, Case, make_inputs, side_by_side, step, verify
 
 CUDA = torch.cuda.is_available()
 needs_cpu = pytest.mark.skipif(CUDA, reason="a CPU target (this machine has CUDA: run on a CPU-only machine)")

@@ -1,18 +1,33 @@
 """Triton kernels for FAVOR+ attention (installed as performer_triton.kernels).
 
-The feature-map codes are defined here, free of any triton import, so the PyTorch path can
-use them on machines without triton.
+What the kernels compile in, defined here free of any triton import so the PyTorch path and
+the feature-map registry (performer_triton.feature_maps) use the same values on machines
+without triton: the feature-map codes (the FEATURE constexpr of every kernel), the eps
+constants of the FAVOR+ numerics and the widest head dim. `launchers` is the one table from
+attention mode to the (forward, backward) launch functions.
 """
-SOFTMAX = 0  # positive random features (1.1.4's softmax_kernel)
-RELU = 1  # generalized attention with ReLU
-GIVEN = 2  # features precomputed by the caller
-FEATURE_NAMES = {SOFTMAX: "softmax", RELU: "relu", GIVEN: "given"}
+SOFTMAX = 0  # positive random features (1.1.4's softmax_kernel), computed in the kernels
+RELU = 1  # generalized attention with ReLU, computed in the kernels
+GIVEN = 2  # features precomputed by the caller, read as (rows, m) tiles
 
-# Widest q/k (d) and v (e) head dims the kernels take, by input dtype: the widest the compile
-# report checks spill-free (kernels/NOTES.md, "Wide heads").
-MAX_HEAD_DIM = {"float16": 128, "bfloat16": 128, "float32": 128}
+SOFTMAX_EPS = 1e-4  # added to softmax random features (1.1.4's softmax_kernel eps)
+GENERALIZED_EPS = 1e-3  # added to generalized features (1.1.4's kernel_epsilon)
+CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denominator
+
+# Widest q/k (d) and v (e) head dim the kernels take, in every dtype they take: the widest the
+# compile report checks spill-free (kernels/NOTES.md, "Wide heads").
+MAX_HEAD_DIM = 128
 
 
-def max_head_dim(dtype) -> int:
-    """MAX_HEAD_DIM for a torch dtype (0 for dtypes the kernels do not take)."""
-    return MAX_HEAD_DIM.get(str(dtype).replace("torch.", ""), 0)
+def launchers(causal: bool):
+    """(forward, backward) launch functions of one attention mode, with one signature:
+    fwd(q, k, v, projection, *, feature, prefix) -> (out, q_max, k_max, k_scale, rden);
+    bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *, feature, prefix)
+    -> (dq, dk, dv).  Imports triton on first use."""
+    if causal:
+        from .causal import causal_bwd, causal_fwd
+
+        return causal_fwd, causal_bwd
+    from .noncausal import noncausal_bwd, noncausal_fwd
+
+    return noncausal_fwd, noncausal_bwd

@@ -3,18 +3,17 @@
 Implements the launcher contract of kernels/NOTES.md for causal attention (n == s) with the
 "global" key stabilizer (1.1.4: one max over all keys per (b, h)) or the leak-free "prefix" one
 (query i uses the max over keys j <= i). Features are recomputed on (rows, BM) tiles from q, k
-and P and never written to global memory.
+and P (kernels/feature_map.py) and never written to global memory.
 
 Per (b, h) the sequence is cut into NT chunks of BT positions:
   _state_kernel    grid (m tiles, b*h): sequential over chunks, writes the key state H_c, z_c
                    and the value sum before every chunk (fp32, referenced to k_ref).
-  _fwd_kernel      grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
+  _output_kernel   grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
   _dstate_kernel   grid (m tiles, b*h): reverse walk, writes dH_c, dz_c (referenced to the
                    chunk's last k_stab) and partial eps sums of the later queries.
-  _bwd_q_kernel    grid (NT NK, b*h): dq of one chunk (inter via the forward states, intra via
-                   the (BT, BT) tile).
-  _bwd_k_kernel    grid (NT NK, b*h): dk of one chunk (inter via the reverse states, intra via
-                   the (BT, BT) tile).
+  _bwd_qk_kernel   grid (NT NK, b*h), launched twice: dq (KEYS False; inter via the forward
+                   states) and dk (KEYS True; inter via the reverse states) of one chunk, intra
+                   via the (BT, BT) tile.
   _bwd_v_kernel    grid (NT, b*h): dv of one chunk (likewise).
 Splitting the backward three ways keeps each kernel's live tiles within the register file.
 """
@@ -24,111 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS
 from .feature_map import (
-    backward_in_value_slices,
-    FM_GIVEN,
-    FM_RELU,
-    FM_SOFTMAX,
-    GIVEN,
-    RELU,
-    SOFTMAX,
-    CAUSAL_EPS,
-    SOFTMAX_EPS,
-    check_head_dims,
-    dash_rows,
-    dash_tile,
-    dot_precision,
-    half_sq_norm,
-    half_sq_norm_rows,
-    key_units,
-    load_rows,
-    relu_features,
-    row_stats,
+    FM_GIVEN, backward_in_value_slices, bh_base, block_config, block_range, check_inputs,
+    column_slice, diag_rows, empty_stats, feature_dims, features, features_chunked, half_sq_norm,
+    half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows,
+    row_stats, store_input_grad, store_rows
 )
 
-
-
-@triton.jit
-def _load_x(p_x, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
-    """Rows of q or k as a (BT, BD) tile; unused (zeros) for GIVEN, where features are loaded per m tile."""
-    if FEATURE == FM_GIVEN:
-        b_x = tl.zeros([BT, BD], dtype=p_x.dtype.element_ty)
-    else:
-        b_x = load_rows(p_x, o_t, m_t, stride_t, o_d, m_d)
-    return b_x
-
-
-@triton.jit
-def _load_proj(p, o_m, m_m, D, o_d, m_d, BM: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
-    """Projection rows as a (BM, BD) tile; zeros for GIVEN (no projection)."""
-    if FEATURE == FM_GIVEN:
-        b_p = tl.zeros([BM, BD], dtype=p.dtype.element_ty)
-    else:
-        b_p = load_rows(p, o_m, m_m, D, o_d, m_d)
-    return b_p
-
-
-@triton.jit
-def _feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE: tl.constexpr, IS_QUERY: tl.constexpr):
-    """Ratio-free feature tile (BT, BM) fp32 from dash (BT, BM), and what its derivative needs.
-
-    SOFTMAX queries: q~ = exp(dash - diag - row_max) + 1e-4 and the exponential alone (q~ - 1e-4
-    in fp32 would lose it when |q| is large); SOFTMAX keys: the units U = exp(dash - row_max),
-    twice; RELU: relu(dash) + 1e-3 and dash.  Padded features are 0.
-    """
-    if FEATURE == FM_RELU:
-        b_f = relu_features(b_dash, m_m)
-        b_aux = b_dash
-    elif IS_QUERY:
-        b_aux = key_units(b_dash, b_max + b_diag, m_m)  # exp(dash - diag - row_max)
-        b_f = tl.where(m_m[None, :], b_aux + SOFTMAX_EPS, 0.0)
-    else:
-        b_f = key_units(b_dash, b_max, m_m)
-        b_aux = b_f
-    return b_f, b_aux
-
-
-@triton.jit
-def _features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
-              FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, PRECISION: tl.constexpr):
-    """_feature_tiles of the resident (BT, BD) rows b_x and (BM, BD) projection b_p; GIVEN
-    loads the caller's features (twice).  -> two (BT, BM) fp32 tiles."""
-    if FEATURE == FM_GIVEN:
-        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
-        b_aux = b_f
-    else:
-        b_f, b_aux = _feature_tiles(dash_tile(b_x, b_p, dn, PRECISION), b_diag, b_max, m_m, FEATURE, IS_QUERY)
-    return b_f, b_aux
-
-
-@triton.jit
-def _features_chunked(p_x, p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, D, dn,
-                      FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                      BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
-    """_features with x and P read in BK-wide chunks (dash_rows) instead of resident tiles."""
-    if FEATURE == FM_GIVEN:
-        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
-        b_aux = b_f
-    else:
-        b_dash = dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_f, b_aux = _feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE, IS_QUERY)
-    return b_f, b_aux
-
-
-@triton.jit
-def _feature_grad(b_df, b_aux, m_m, FEATURE: tl.constexpr):
-    """Chain a (BT, BM) feature gradient back to what P multiplies (or to GIVEN features).
-
-    SOFTMAX: times the exponential (queries) or the unit (keys: b_df excludes it); RELU: mask
-    dash > 0; GIVEN: unchanged. Padded features are 0.
-    """
-    if FEATURE == FM_SOFTMAX:
-        b_du = b_df * b_aux
-    elif FEATURE == FM_RELU:
-        b_du = tl.where(b_aux > 0.0, b_df, 0.0)
-    else:
-        b_du = b_df
-    return tl.where(m_m[None, :], b_du, 0.0)
+__all__ = ["causal_fwd", "causal_bwd"]
 
 
 @triton.jit
@@ -145,19 +48,15 @@ def _state_kernel(
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T, z_c the same with v = 1, and
     vsum_c = sum_{j < c BT} v_j (written by the first m tile), R_c = k_ref[max(c BT - 1, 0)]."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-    m_m = o_m < M
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
+    o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+    o_d, m_d = block_range(0, BD, D)  # (BD,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
     m_vs = o_v < tl.where(i_m == 0, E, 0)  # (BV,) the value sum is written by the first m tile
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     o_row = i_bh.to(tl.int64) * N  # base of the (b*h, n) stat vectors
     o_st = i_bh.to(tl.int64) * NT  # base chunk index of the state buffers
-    b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+    b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
     b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
@@ -166,13 +65,12 @@ def _state_kernel(
     tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
     r_prev = tl.load(k_ref + o_row)
     for i_c in range(1, NT):
-        o_t = (i_c - 1) * BT + tl.arange(0, BT)  # (BT,) keys of the previous chunk (all < N)
-        m_t = o_t < N
+        o_t, m_t = block_range(i_c - 1, BT, N)  # (BT,) keys of the previous chunk (all < N)
         r_cur = tl.load(k_ref + o_row + i_c * BT - 1)
-        b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
+        b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
         b_kk = b_kf * tl.exp(b_kscale - r_cur)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
         b_decay = tl.exp(r_prev - r_cur)  # <= 1: k_ref is a running max
@@ -187,7 +85,7 @@ def _state_kernel(
 
 
 @triton.jit
-def _fwd_kernel(
+def _output_kernel(
     q, k, v, p, q_max, k_max, k_scale, k_stab, k_ref,
     h_state, z_state, v_state, out, rden,
     H, N, M, D, E, NT,
@@ -201,21 +99,17 @@ def _fwd_kernel(
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
     than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads")."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = i_c * BT + tl.arange(0, BT)  # (BT,) queries and keys of this chunk
-    m_t = o_t < N
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,) queries and keys of this chunk
+    o_d, m_d = block_range(0, BD, D)  # (BD,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c  # this chunk's state
     if BK == BD:
-        b_q = _load_x(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-        b_k = _load_x(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_q = load_fused_rows(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_diag = half_sq_norm(b_q, dn)  # (BT,)
     else:
         b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
@@ -230,19 +124,18 @@ def _fwd_kernel(
     b_d = tl.zeros([BT], dtype=tl.float32)  # (BT,) q~ . z_c
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~
     for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-        m_m = o_m < M
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         if BK == BD:
-            b_p = _load_proj(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-            b_qf, _ = _features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True,
-                                PRECISION)  # (BT, BM)
-            b_kf, _ = _features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
-                                PRECISION)  # (BT, BM)
+            b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+            b_qf, _ = features(p_q, b_q, b_p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True,
+                               PRECISION)  # (BT, BM)
+            b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
+                               PRECISION)  # (BT, BM)
         else:
-            b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                        FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-            b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
-                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+            b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                       FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+            b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                       FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
@@ -254,19 +147,19 @@ def _fwd_kernel(
     b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
     b_n = b_a[:, None] * b_n + (k_eps * b_sq)[:, None] * b_vs[None, :]
     b_d = b_a * b_d + k_eps * b_sq * (i_c * BT)
-    # intra-chunk: W_ij = (q~_i . U_j) exp(k_scale_j - M_i) + 1e-4 sum(q~_i) for j <= i
+    # intra-chunk: W_ij = (q~_i . U_j) exp(k_scale_j - M_i) + eps sum(q~_i) for j <= i
     m_s = o_t[:, None] >= o_t[None, :]  # (BT, BT)
     b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT) <= 1
-    b_w = b_s * b_f + tl.where(m_s, (k_eps * b_sq)[:, None], 0.0)  # (BT, BT)
+    # selection, not b_f = 0: a NaN key later in the chunk must not reach earlier queries
+    b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[:, None], 0.0)  # (BT, BT)
     b_d += tl.sum(b_w, axis=1) + c_eps * b_sq
-    # W / rowmax is in [0, 1] (>= 1e-4 for SOFTMAX): safe for a 16-bit tl.dot, no subnormals
+    # W / rowmax is in [0, 1] (>= eps for SOFTMAX): safe for a 16-bit tl.dot, no subnormals
     b_wmax = tl.max(b_w, axis=1)  # (BT,)
     b_wmax = tl.where(b_wmax > 0.0, b_wmax, 1.0)
-    b_w = (b_w / b_wmax[:, None]).to(b_v.dtype)
+    b_w = (b_w / b_wmax[:, None]).to(b_v.dtype)  # (BT, BT)
     b_n += b_wmax[:, None] * tl.dot(b_w, b_v, input_precision=PRECISION)
     b_rden = 1.0 / b_d  # (BT,) fp32
-    p_o = out + (o_row + o_t[:, None]) * E + o_v[None, :]
-    tl.store(p_o, (b_n * b_rden[:, None]).to(out.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    store_rows(out, b_n * b_rden[:, None], o_row, o_t, m_t, o_v, m_v, E)
     tl.store(rden + o_row + o_t, b_rden, mask=m_t)
 
 
@@ -284,15 +177,12 @@ def _dstate_kernel(
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T, dz_c = same with dD_i, Mend_c = k_stab at the
     chunk's last position; dns_c = sum_i (sum_{f in tile} q~_if) dN_i (partial over m tiles)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
     NM = tl.cdiv(M, BM)
-    o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-    m_m = o_m < M
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
-    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
+    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
     o_row = i_bh.to(tl.int64) * N
     o_st = i_bh.to(tl.int64) * NT
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
@@ -305,18 +195,14 @@ def _dstate_kernel(
     e_prev = tl.load(k_stab + o_row + N - 1)
     for i_r in range(1, NT):
         i_c = NT - 1 - i_r  # state of chunk i_c gathers the queries of chunk i_c + 1
-        o_t = (i_c + 1) * BT + tl.arange(0, BT)  # (BT,)
-        m_t = o_t < N
+        o_t, m_t = block_range(i_c + 1, BT, N)  # (BT,)
         e_cur = tl.load(k_stab + o_row + (i_c + 1) * BT - 1)
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-        if FEATURE == FM_SOFTMAX:
-            b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
-        else:
-            b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+        b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
         # q and P in BK-wide chunks: a resident (BT, d) q tile spills at d = 128 (sm_90)
-        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                   FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
@@ -353,7 +239,7 @@ def _chunk_grads(
     b_go = tl.sum(b_g * b_o, axis=1)  # (BT,)
     b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
     b_dd = -b_go * b_rden  # (BT,) dD
-    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS)
+    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
     # dw_ij = rden_i (g_i . v_j - g_i . out_i) on visible pairs
     if KEY_ROWS:
         b_dw = tl.dot(b_v, tl.trans(b_gin), input_precision=PRECISION)  # (BT, BT)
@@ -382,152 +268,79 @@ def _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _bwd_q_kernel(
+def _bwd_qk_kernel(
     q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
-    h_state, z_state, v_state, dq,
+    h_state, z_state, v_state, dx,
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, KEYS: tl.constexpr,
 ):
-    """dq of one chunk's queries (NOTES "Backward"): inter part through the forward state H_c,
-    intra part through the (BT, BT) tile.  Program (i_c NK + i_k) writes columns
-    [i_k BK, i_k BK + BK) of dq (b*h, n, D) contiguous; D = m for GIVEN (NK = 1)."""
+    """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
+    through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
+    later queries (keys; passed as h_state, z_state), the intra part through the (BT, BT) tile.
+    Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
+    GIVEN: all of dx (b*h, n, M) (NK = 1)."""
     i_ck, i_bh = tl.program_id(0), tl.program_id(1)
-    i_c, i_k = i_ck // NK, i_ck % NK
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
-    m_t = o_t < N
-    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dq
-    m_k = o_k < D
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
-    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    i_c, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
+    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c
+    # b_dwf (BT, BT): rows i, columns j (queries) or rows j, columns i (keys)
     b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
         p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
-        False)  # b_dwf (BT, BT) rows i, columns j
-    if FEATURE == FM_SOFTMAX:
-        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
-    else:
-        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+        KEYS)
+    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
-    b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
-    b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
-    # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
-    b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd
-    b_dqx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du_q @ P[:, o_k]
-    b_rq = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_q
+    if KEYS:
+        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+        r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
+        b_a = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
+    else:
+        b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+        r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
+        b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
+        b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
+        # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
+        b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd  # (BT,)
+    b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
+    b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
     for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-        m_m = o_m < M
-        b_qf, b_qaux = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                         FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
-        b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
-                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
-        b_ht = load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, H^T
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+        b_qf, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                        FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
+        b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
+        # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so (fp32 operand)
+        b_ht = load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
         b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
-        b_dqf = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
-        b_dqf = tl.dot(b_dwf, b_kf, b_a[:, None] * b_dqf + b_c[:, None], input_precision=PRECISION)
-        b_duq = _feature_grad(b_dqf, b_qaux, m_m, FEATURE)  # (BT, BM)
-        if FEATURE == FM_GIVEN:
-            p_dq = dq + (o_row + o_t[:, None]) * D + o_m[None, :]
-            tl.store(p_dq, b_duq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+        if KEYS:
+            # dk~ = a (v @ dH^T + dz) + (dw F)^T @ q~
+            b_df = tl.dot(b_v.to(tl.float32), b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
+            b_df = tl.dot(b_dwf, b_qf, b_a[:, None] * b_df, input_precision=PRECISION)  # accumulates in place
+            b_aux = b_kaux
         else:
-            b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-            b_dqx += tl.dot(b_duq, b_pk.to(tl.float32), input_precision=PRECISION)
-            b_rq += tl.sum(b_duq, axis=1)
+            # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
+            b_df = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+            b_df = tl.dot(b_dwf, b_kf, b_a[:, None] * b_df + b_c[:, None], input_precision=PRECISION)
+            b_aux = b_qaux
+        b_dx, b_rs = input_grad_tile(dx, b_df, b_aux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
+                                     FEATURE, PRECISION)
     if FEATURE != FM_GIVEN:
-        _store_input_grad(dq, p_q, b_dqx, b_rq, o_row, o_t, m_t, stride_qn, o_k, m_k, D, dn, FEATURE)
-
-
-@triton.jit
-def _store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_t, o_k, m_k, D, dn, FEATURE: tl.constexpr):
-    """dx[:, o_k] = dn (du @ P)[:, o_k] - dn^2 rowsum(du) x[:, o_k] (SOFTMAX: u = dash - diag;
-    RELU: the first term only).  b_dx (BT, BK) = (du @ P)[:, o_k], b_rs (BT,) = rowsum(du)."""
-    b_dx = b_dx * dn
-    if FEATURE == FM_SOFTMAX:
-        b_dx -= (dn * dn) * b_rs[:, None] * load_rows(p_x, o_t, m_t, stride_t, o_k, m_k).to(tl.float32)
-    p_dx = dx + (o_row + o_t[:, None]) * D + o_k[None, :]
-    tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-
-
-@triton.jit
-def _bwd_k_kernel(
-    q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
-    H, N, M, D, E, NT,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
-    dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dk of one chunk's keys (NOTES "Backward"): inter part through the reverse states dH_c,
-    dz_c of the later queries, intra part through the (BT, BT) tile.  Program (i_c NK + i_k)
-    writes columns [i_k BK, i_k BK + BK) of dk (b*h, n, D) contiguous; D = m for GIVEN (NK = 1)."""
-    i_ck, i_bh = tl.program_id(0), tl.program_id(1)
-    i_c, i_k = i_ck // NK, i_ck % NK
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
-    m_t = o_t < N
-    o_k = i_k * BK + tl.arange(0, BK)  # (BK,) this program's columns of dk
-    m_k = o_k < D
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
-    p_o = out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    o_row = i_bh.to(tl.int64) * N
-    o_s = i_bh.to(tl.int64) * NT + i_c
-    b_v, b_dn, b_dd, b_dwf, b_unused = _chunk_grads(
-        p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
-        True)  # b_dwf (BT, BT) rows j, columns i
-    if FEATURE == FM_SOFTMAX:
-        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
-    else:
-        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
-    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
-    b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
-    b_dkx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du_k @ P[:, o_k]
-    b_rk = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du_k
-    for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-        m_m = o_m < M
-        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_kf, b_kaux = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
-                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
-        # dk~ = kfac (v @ dH^T + dz) + (dw F)^T @ q~; dH^T is loaded transposed (fp32 operand)
-        b_dht = load_rows(dh_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
-        b_dz = tl.load(dz_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
-        b_dkf = tl.dot(b_v.to(tl.float32), b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
-        b_dkf = tl.dot(b_dwf, b_qf, b_kfac[:, None] * b_dkf, input_precision=PRECISION)  # accumulates in place
-        b_duk = _feature_grad(b_dkf, b_kaux, m_m, FEATURE)  # (BT, BM)
-        if FEATURE == FM_GIVEN:
-            p_dk = dk + (o_row + o_t[:, None]) * D + o_m[None, :]
-            tl.store(p_dk, b_duk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
+        if KEYS:
+            p_x, stride_xn = p_k, stride_kn
         else:
-            b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-            b_dkx += tl.dot(b_duk, b_pk.to(tl.float32), input_precision=PRECISION)
-            b_rk += tl.sum(b_duk, axis=1)
-    if FEATURE != FM_GIVEN:
-        _store_input_grad(dk, p_k, b_dkx, b_rk, o_row, o_t, m_t, stride_kn, o_k, m_k, D, dn, FEATURE)
+            p_x, stride_xn = p_q, stride_qn
+        store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_xn, o_k, m_k, D, dn, FEATURE)
 
 
 @triton.jit
@@ -539,24 +352,17 @@ def _bwd_v_kernel(
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + 1e-4 dns_c, intra
+    """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    NM = tl.cdiv(M, BM)
-    o_t = i_c * BT + tl.arange(0, BT)  # (BT,)
-    m_t = o_t < N
-    o_v = tl.arange(0, BV)  # (BV,)
-    m_v = o_v < E
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_g = g + i_b.to(tl.int64) * stride_gb + i_h.to(tl.int64) * stride_gh
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c
-    if FEATURE == FM_SOFTMAX:
-        b_diag = half_sq_norm_rows(p_q, o_t, m_t, stride_qn, D, dn, BT, BK, NK)  # (BT,)
-    else:
-        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
+    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
@@ -566,13 +372,13 @@ def _bwd_v_kernel(
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
+    NM = tl.cdiv(M, BM)
     for i_m in range(0, NM):
-        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-        m_m = o_m < M
-        b_qf, _ = _features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_kf, _ = _features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
-                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+        b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                   FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                   FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
@@ -583,39 +389,24 @@ def _bwd_v_kernel(
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
     b_dv += tl.dot(b_w, b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
-    p_dv = dv + (o_row + o_t[:, None]) * E + o_v[None, :]
-    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
 
 
-def _config(feature: int, d: int, e: int, m: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options.  BD covers all of d and BV all of e (one tile each) in
-    the forward kernels; the backward runs on value slices of at most EV columns (causal_bwd)
-    and its dq / dk kernels read d in BK-wide chunks, one BK-wide slice of dq / dk per program.
-
-    16-bit inputs run their bounded tiles on tensor cores as 16-bit dots, and the unbounded fp32
-    operands (states, dN) in TF32 (see dot_precision).  BT = 64 rows is one warpgroup's wgmma M
-    on Hopper; BM, BK and EV are what keep the register file from spilling (compile report, NOTES).
-    """
-    fp32 = dtype == torch.float32  # twice the bytes per tile element
-    BD = 16 if feature == GIVEN else max(16, triton.next_power_of_2(d))
-    # the forward keeps whole (BT, BD) q and k tiles up to d = 128 (16-bit) / 64 (fp32)
-    BK_fwd = BD if BD <= (64 if fp32 else 128) else 32
-    return dict(
-        BT=64,
-        BM=min(16 if fp32 else 32, max(16, triton.next_power_of_2(m))),
-        BM_fwd=16,  # the output kernel reads whole states: its own, smallest, m tile
-        BD=BD,
-        BK=min(BD, 32 if fp32 else 64),
-        BK_fwd=BK_fwd,
-        NK_fwd=1 if BK_fwd == BD else triton.cdiv(d, BK_fwd),
-        BV=max(16, triton.next_power_of_2(e)),
-        EV=32 if fp32 else 64,
-        PRECISION=dot_precision(dtype),
-        warps_state=8,
-        warps_dstate=8,
-        warps_fwd=8,
-        warps_bwd=8,
-        stages=1 if fp32 else 2,  # a second stage's buffers cost registers there
+def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
+    """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
+    states with its own, smallest m tile (BM_out) and keeps whole (BT, BD) q and k tiles (fp32:
+    up to d = 64; wider fp32 heads are read in BK_out-wide chunks, NK_out of them); the backward
+    kernels use the state kernel's BM; every kernel runs 8 warps.  d = 0 for GIVEN."""
+    cfg = block_config(d, e, m, dtype)
+    BD = cfg["BD"]
+    BK_out = 32 if dtype == torch.float32 and BD > 64 else BD
+    return cfg | dict(
+        BM_out=16,
+        BK_out=BK_out,
+        NK_out=1 if BK_out == BD else triton.cdiv(d, BK_out),
+        BM_bwd=cfg["BM"],
+        num_warps=8,
+        num_warps_bwd=8,
     )
 
 
@@ -639,17 +430,16 @@ def _kernel_stats(
 
 def _eps(feature: int, m: int) -> tuple[float, float]:
     """(k_eps, c_eps): the eps inside ratio-free key features, and the causal denominator eps
-    in ratio-free form (1e-6 / ratio for SOFTMAX)."""
+    in ratio-free form (CAUSAL_EPS / ratio for SOFTMAX)."""
     if feature == SOFTMAX:
-        return SOFTMAX_EPS.value, CAUSAL_EPS.value * m**0.5
-    return 0.0, CAUSAL_EPS.value
+        return SOFTMAX_EPS, CAUSAL_EPS * m**0.5
+    return 0.0, CAUSAL_EPS
 
 
-def _forward_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, cfg: dict):
+def _key_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, m: int, d: int, cfg: dict):
     """Run _state_kernel: H (b*h, NT, m, e), z (b*h, NT, m), vsum (b*h, NT, e), all fp32."""
-    b, h, n, d = k.shape
+    b, h, n, _ = k.shape
     e = v.shape[-1]
-    m = k.shape[-1] if feature == GIVEN else projection.shape[0]
     nt = triton.cdiv(n, cfg["BT"])
     h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=torch.float32)
     z_state = torch.empty((b * h, nt, m), device=k.device, dtype=torch.float32)
@@ -660,15 +450,15 @@ def _forward_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, cf
         h_state, z_state, v_state,
         h, n, m, d, e, nt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        d**-0.25,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BD=cfg["BD"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
-        num_warps=cfg["warps_state"], num_stages=cfg["stages"],
+        head_scale(d),
+        FEATURE=feature, **launch_options(cfg, "state"),
     )
     return h_state, z_state, v_state
 
 
 def causal_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int, prefix: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
+    prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ forward.  q, k (b, h, n, d) [GIVEN: features (b, h, n, m)], v (b, h, n, e),
     projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer.
@@ -676,126 +466,106 @@ def causal_fwd(
     Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
     (b, h, 0) otherwise) and rden (b, h, n) fp32 = 1 / denominator (ratio-free form).
     """
-    b, h, n, d = q.shape
+    m, d = check_inputs(q, k, v, projection, feature)
+    b, h, n, _ = q.shape
     e = v.shape[-1]
-    m = d if feature == GIVEN else projection.shape[0]
-    assert k.shape[2] == n and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    check_head_dims(q.dtype, e=e, **({} if feature == GIVEN else {"d": d}))
-    cfg = _config(feature, d, e, m, q.dtype)
+    assert k.shape[2] == n
+    cfg = _config(d, e, m, q.dtype)
     if feature == SOFTMAX:
         q_max, _ = row_stats(q, projection)
         k_max, k_scale = row_stats(k, projection)
     else:
-        # distinct empty tensors: custom-op outputs must not alias each other
-        q_max, k_max, k_scale = (torch.empty((b, h, 0), device=q.device, dtype=torch.float32) for _ in range(3))
+        q_max, k_max, k_scale = empty_stats(b, h, q.device)
     saved = (q_max, k_max, k_scale)
     q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
     k_eps, c_eps = _eps(feature, m)
-    h_state, z_state, v_state = _forward_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, cfg=cfg)
+    h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
-    _fwd_kernel[(nt, b * h)](
+    _output_kernel[(nt, b * h)](
         q, k, v, q if projection is None else projection, q_max, k_max, k_scale, k_stab, k_ref,
         h_state, z_state, v_state, out, rden,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        d**-0.25, k_eps, c_eps,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM_fwd"], BD=cfg["BD"], BK=cfg["BK_fwd"],
-        NK=cfg["NK_fwd"], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
-        num_warps=cfg["warps_fwd"], num_stages=cfg["stages"],
+        head_scale(d), k_eps, c_eps,
+        FEATURE=feature, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return (out, *saved, rden)
 
 
 def causal_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    projection: torch.Tensor | None,
-    out: torch.Tensor,
-    q_max: torch.Tensor,
-    k_max: torch.Tensor,
-    k_scale: torch.Tensor,
-    rden: torch.Tensor,
-    *,
-    feature: int,
-    prefix: bool,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
+    k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int, prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
     returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
     dtypes.  Stabilizers are constants (detached, as 1.1.4).
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
-    b, h, n, d = q.shape
-    e = v.shape[-1]
-    m = d if feature == GIVEN else projection.shape[0]
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    b, h, n, _ = q.shape
+    e = v.shape[-1]
+    m, d = feature_dims(q, projection, feature)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
     return backward_in_value_slices(
-        lambda g, v_s, out_s, grad_dtype: _causal_bwd_slice(
-            g, q, k, v_s, projection, out_s, rden, stats, feature, grad_dtype),
-        grad_out, v, out, _config(feature, d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
+        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature, grad_dtype),
+        grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
     )
 
 
-def _causal_bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, grad_dtype: torch.dtype):
+def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, grad_dtype: torch.dtype):
     """causal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     e = v.shape[-1]
-    m = d if feature == GIVEN else projection.shape[0]
-    cfg = _config(feature, d, e, m, q.dtype)
+    m, d = feature_dims(q, projection, feature)
+    cfg = _config(d, e, m, q.dtype)
+    dn = head_scale(d)
     q_max, k_max, k_scale, k_stab, k_ref = stats
     k_eps, c_eps = _eps(feature, m)
-    h_state, z_state, v_state = _forward_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, cfg=cfg)
+    h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
     nt = triton.cdiv(n, cfg["BT"])
-    nm = triton.cdiv(m, cfg["BM"])
-    dh_state = torch.empty((b * h, nt, m, e), device=q.device, dtype=torch.float32)
-    dz_state = torch.empty((b * h, nt, m), device=q.device, dtype=torch.float32)
-    dns_state = torch.empty((b * h, nt, nm, e), device=q.device, dtype=torch.float32)
+    nm = triton.cdiv(m, cfg["BM_bwd"])
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dh_state = torch.empty((b * h, nt, m, e), **f32)
+    dz_state = torch.empty((b * h, nt, m), **f32)
+    dns_state = torch.empty((b * h, nt, nm, e), **f32)
     p = q if projection is None else projection
-    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d
+    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
+    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
     _dstate_kernel[(nm, b * h)](
         q, p, grad_out, out, rden, q_max, k_stab,
         dh_state, dz_state, dns_state,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        d**-0.25,
-        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BK=cfg["BK"], NK=nk, BV=cfg["BV"], PRECISION=cfg["PRECISION"],
-        num_warps=cfg["warps_dstate"], num_stages=cfg["stages"],
+        dn,
+        **opts,
     )
-    dq = torch.empty((b, h, n, d), device=q.device, dtype=grad_dtype)
-    dk = torch.empty((b, h, n, d), device=k.device, dtype=grad_dtype)
-    dv = torch.empty((b, h, n, e), device=v.device, dtype=v.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    blocks = dict(FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BK=cfg["BK"], NK=nk, BV=cfg["BV"],
-                  PRECISION=cfg["PRECISION"], num_warps=cfg["warps_bwd"], num_stages=cfg["stages"])
-    _bwd_q_kernel[(nt * nk, b * h)](
-        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
-        h_state, z_state, v_state, dq,
-        h, n, m, d, e, nt, *strides,
-        d**-0.25, k_eps, c_eps,
-        **blocks,
-    )
-    _bwd_k_kernel[(nt * nk, b * h)](
-        q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, dh_state, dz_state, dk,
-        h, n, m, d, e, nt, *strides,
-        d**-0.25,
-        **blocks,
-    )
+    for keys, (states, sums, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
+        _bwd_qk_kernel[(nt * nk, b * h)](
+            q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+            states, sums, v_state, dx,
+            h, n, m, d, e, nt, *strides,
+            dn, k_eps, c_eps,
+            KEYS=bool(keys), **opts,
+        )
     _bwd_v_kernel[(nt, b * h)](
         q, k, p, grad_out, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        d**-0.25, k_eps,
-        **blocks,
+        dn, k_eps,
+        **opts,
     )
     return dq, dk, dv

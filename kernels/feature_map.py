@@ -1,11 +1,23 @@
-"""FAVOR+ feature-map tile math shared by the attention kernels, and the per-row stats kernel.
+"""What the attention kernels share: the feature-map tile helpers, the per-row stats kernel and
+the launchers' host-side helpers.
 
-Feature maps (the FEATURE constexpr of every attention kernel):
+Feature maps (the FEATURE constexpr of every attention kernel; codes in kernels/__init__.py):
   SOFTMAX  positive random features, 1.1.4's softmax_kernel (ratio kept out of the tiles)
-  RELU     generalized attention with ReLU: relu((dn x) @ P^T) + 1e-3
+  RELU     generalized attention with ReLU: relu((dn x) @ P^T) + GENERALIZED_EPS
   GIVEN    features precomputed by the caller, read as (rows, m) tiles
 
-See kernels/NOTES.md for the factorisation the helpers implement.
+Naming in kernels/ (fla style): b_ tiles, each with a shape comment where it is made; p_ pointers;
+o_ offsets and m_ masks (o_t / m_t rows, o_m / m_m features, o_d / m_d all of d, o_k / m_k a
+BK-wide chunk of d, o_v / m_v value columns); i_ program and loop indices; BT, BM, BD, BK, BV the
+block sizes of rows, features, d, d chunks and value columns; NT, NK, NM counts of blocks.
+o_row = (b*h index) * rows is the base of a program's (b*h, rows) stat vectors.
+
+Tile helpers, bottom up: addresses, loads and stores (bh_base, block_range, column_slice,
+load_rows, load_fused_rows, store_rows); dash and diag tiles (dash_tile, dash_rows,
+half_sq_norm, half_sq_norm_rows, diag_rows); feature tiles (key_units, relu_features,
+feature_tiles, then features / features_chunked, which also read GIVEN tiles); their gradients
+(feature_grad, input_grad_tile, store_input_grad). kernels/NOTES.md has the
+factorisation they implement.
 """
 from __future__ import annotations
 
@@ -13,17 +25,53 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FEATURE_NAMES, GIVEN, RELU, SOFTMAX, max_head_dim  # noqa: F401  (re-exported for the kernels)
+from . import GENERALIZED_EPS, GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
 
-# the feature codes as constexpr globals, the only kind of global a @triton.jit body may read
-# (compiled Triton rejects plain ints; the interpreter does not notice)
+# Constexpr copies of kernels/__init__.py's values: the only kind of global a @triton.jit body
+# may read (compiled Triton rejects plain ints and floats; the interpreter does not notice).
 FM_SOFTMAX = tl.constexpr(SOFTMAX)
 FM_RELU = tl.constexpr(RELU)
 FM_GIVEN = tl.constexpr(GIVEN)
+FM_SOFTMAX_EPS = tl.constexpr(SOFTMAX_EPS)
+FM_GENERALIZED_EPS = tl.constexpr(GENERALIZED_EPS)
 
-SOFTMAX_EPS: tl.constexpr = tl.constexpr(1e-4)
-GENERALIZED_EPS: tl.constexpr = tl.constexpr(1e-3)
-CAUSAL_EPS: tl.constexpr = tl.constexpr(1e-6)
+# input_precision of every tl.dot with fp32 operands (the PRECISION constexpr of every kernel):
+# TF32 on tensor cores. 16-bit inputs meet fp32 operands only in unbounded states and gradients,
+# where TF32's precision matches the inputs' own. fp32 inputs get TF32 throughout (~1e-3
+# relative, what torch.set_float32_matmul_precision("high") gives cuBLAS): fp32-exact "ieee"
+# dots and 3xTF32 need two to three times the registers and spill in every configuration
+# (kernels/NOTES.md, "Precision policy"), so performer_triton.functional keeps fp32 on the
+# PyTorch path unless TF32 is allowed.
+PRECISION = "tf32"
+
+# the input dtypes the kernels take
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- addresses
+
+
+@triton.jit
+def bh_base(x, i_bh, H, stride_b, stride_h):
+    """Pointer to the (b, h) slice i_bh = b H + h of a (b, h, ...) tensor x."""
+    i_b, i_h = i_bh // H, i_bh % H
+    return x + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def block_range(i, B: tl.constexpr, N):
+    """Offsets (B,) of block i of size B along a dimension of length N, and their mask."""
+    o = i * B + tl.arange(0, B)
+    return o, o < N
+
+
+@triton.jit
+def column_slice(i_tk, NK, D, BK: tl.constexpr):
+    """Program i_t NK + i_k of a (blocks * NK) grid -> (i_t, i_k, o_k (BK,), m_k): its block and
+    its BK-wide column slice of dq / dk."""
+    i_t, i_k = i_tk // NK, i_tk % NK
+    o_k, m_k = block_range(i_k, BK, D)
+    return i_t, i_k, o_k, m_k
 
 
 @triton.jit
@@ -31,6 +79,28 @@ def load_rows(p_base, o_t, m_t, stride_t, o_c, m_c):
     """Load a (rows, cols) tile with unit column stride; masked entries are 0."""
     p = p_base + o_t[:, None].to(tl.int64) * stride_t + o_c[None, :]
     return tl.load(p, mask=m_t[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def load_fused_rows(p_base, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
+    """Rows of q, k or P as a resident (BT, BD) tile for the feature maps the kernels compute;
+    zeros (unused) for GIVEN, which has no projection and loads its features per m tile."""
+    if FEATURE == FM_GIVEN:
+        b_x = tl.zeros([BT, BD], dtype=p_base.dtype.element_ty)  # (BT, BD)
+    else:
+        b_x = load_rows(p_base, o_t, m_t, stride_t, o_d, m_d)  # (BT, BD)
+    return b_x
+
+
+@triton.jit
+def store_rows(x, b_x, o_row, o_t, m_t, o_c, m_c, C):
+    """Store a (BT, cols) tile into rows o_t, columns o_c of x (b*h, rows, C) contiguous, in
+    x's dtype; o_row = (b*h index) * rows."""
+    p_x = x + (o_row + o_t[:, None]) * C + o_c[None, :]
+    tl.store(p_x, b_x.to(x.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+# ----------------------------------------------------------------------------- dash and diag
 
 
 @triton.jit
@@ -43,8 +113,7 @@ def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
 @triton.jit
 def _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK: tl.constexpr, PRECISION: tl.constexpr):
     """b_dash (BT, BM) += x[:, chunk i_k] @ P[:, chunk i_k]^T."""
-    o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
-    m_k = o_k < D
+    o_k, m_k = block_range(i_k, BK, D)  # (BK,)
     b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
     b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
     return b_dash + tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION)
@@ -72,8 +141,8 @@ def dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn,
 @triton.jit
 def _sq_chunk(b_s, p_x, o_t, m_t, stride_t, D, i_k, BK: tl.constexpr):
     """b_s (BT,) += row sums of x[:, chunk i_k]^2 in fp32."""
-    o_k = i_k * BK + tl.arange(0, BK)  # (BK,)
-    b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, o_k < D).to(tl.float32)  # (BT, BK)
+    o_k, m_k = block_range(i_k, BK, D)  # (BK,)
+    b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k).to(tl.float32)  # (BT, BK)
     return b_s + tl.sum(b_x * b_x, axis=1)
 
 
@@ -94,16 +163,23 @@ def half_sq_norm_rows(p_x, o_t, m_t, stride_t, D, dn, BT: tl.constexpr, BK: tl.c
 @triton.jit
 def half_sq_norm(b_x, dn):
     """|dn x|^2 / 2 per row in fp32.  b_x (BT, BD) -> (BT,)."""
-    b_xf = b_x.to(tl.float32)
+    b_xf = b_x.to(tl.float32)  # (BT, BD)
     return tl.sum(b_xf * b_xf, axis=1) * (dn * dn * 0.5)
 
 
 @triton.jit
-def query_features(b_dash, b_diag, b_max, m_f):
-    """q~ = exp(dash - diag - row_max) + 1e-4, 0 on padded features.
-    b_dash (BT, BM) fp32, b_diag (BT,), b_max (BT,), m_f (BM,) -> (BT, BM) fp32."""
-    b_q = tl.exp(b_dash - b_max[:, None] - b_diag[:, None]) + SOFTMAX_EPS
-    return tl.where(m_f[None, :], b_q, 0.0)
+def diag_rows(p_x, o_t, m_t, stride_t, D, dn,
+              FEATURE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+    """The query diag |dn q|^2 / 2 (BT,) that SOFTMAX query features need, read in BK-wide
+    chunks (half_sq_norm_rows); zeros (unused) for RELU and GIVEN."""
+    if FEATURE == FM_SOFTMAX:
+        b_diag = half_sq_norm_rows(p_x, o_t, m_t, stride_t, D, dn, BT, BK, NK)  # (BT,)
+    else:
+        b_diag = tl.zeros([BT], dtype=tl.float32)  # (BT,)
+    return b_diag
+
+
+# ----------------------------------------------------------------------------- feature tiles
 
 
 @triton.jit
@@ -115,8 +191,106 @@ def key_units(b_dash, b_max, m_f):
 
 @triton.jit
 def relu_features(b_dash, m_f):
-    """relu(dash) + 1e-3, 0 on padded features.  (BT, BM) fp32 -> (BT, BM) fp32."""
-    return tl.where(m_f[None, :], tl.maximum(b_dash, 0.0) + GENERALIZED_EPS, 0.0)
+    """relu(dash) + GENERALIZED_EPS, 0 on padded features.  (BT, BM) fp32 -> (BT, BM) fp32."""
+    return tl.where(m_f[None, :], tl.maximum(b_dash, 0.0) + FM_GENERALIZED_EPS, 0.0)
+
+
+@triton.jit
+def feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE: tl.constexpr, IS_QUERY: tl.constexpr):
+    """Ratio-free feature tile (BT, BM) fp32 from dash (BT, BM), and what its derivative needs.
+
+    SOFTMAX queries: q~ = exp(dash - diag - row_max) + SOFTMAX_EPS and the exponential alone
+    (q~ - eps in fp32 would lose it when |q| is large); SOFTMAX keys: the units
+    U = exp(dash - row_max), twice; RELU: relu(dash) + GENERALIZED_EPS and dash.  Padded
+    features are 0.
+    """
+    if FEATURE == FM_RELU:
+        b_f = relu_features(b_dash, m_m)  # (BT, BM)
+        b_aux = b_dash
+    elif IS_QUERY:
+        b_aux = key_units(b_dash, b_max + b_diag, m_m)  # (BT, BM) exp(dash - diag - row_max)
+        b_f = tl.where(m_m[None, :], b_aux + FM_SOFTMAX_EPS, 0.0)  # (BT, BM)
+    else:
+        b_f = key_units(b_dash, b_max, m_m)  # (BT, BM)
+        b_aux = b_f
+    return b_f, b_aux
+
+
+@triton.jit
+def features(p_x, b_x, b_p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, dn,
+             FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, PRECISION: tl.constexpr):
+    """feature_tiles of the resident (BT, BD) rows b_x and (BM, BD) projection b_p; GIVEN
+    loads the caller's features (twice).  -> two (BT, BM) fp32 tiles."""
+    if FEATURE == FM_GIVEN:
+        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
+        b_aux = b_f
+    else:
+        b_f, b_aux = feature_tiles(dash_tile(b_x, b_p, dn, PRECISION), b_diag, b_max, m_m, FEATURE, IS_QUERY)
+    return b_f, b_aux
+
+
+@triton.jit
+def features_chunked(p_x, p, b_diag, b_max, o_t, m_t, stride_t, o_m, m_m, D, dn,
+                     FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+    """features with x and P read in BK-wide chunks (dash_rows) instead of resident tiles."""
+    if FEATURE == FM_GIVEN:
+        b_f = load_rows(p_x, o_t, m_t, stride_t, o_m, m_m).to(tl.float32)  # (BT, BM)
+        b_aux = b_f
+    else:
+        b_dash = dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_f, b_aux = feature_tiles(b_dash, b_diag, b_max, m_m, FEATURE, IS_QUERY)
+    return b_f, b_aux
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@triton.jit
+def feature_grad(b_df, b_aux, m_m, FEATURE: tl.constexpr):
+    """Chain a (BT, BM) feature gradient back to what P multiplies (or to GIVEN features).
+
+    SOFTMAX: times the exponential (queries) or the unit (keys: b_df excludes it); RELU: mask
+    dash > 0; GIVEN: unchanged. Padded features are 0.
+    """
+    if FEATURE == FM_SOFTMAX:
+        b_du = b_df * b_aux  # (BT, BM)
+    elif FEATURE == FM_RELU:
+        b_du = tl.where(b_aux > 0.0, b_df, 0.0)  # (BT, BM)
+    else:
+        b_du = b_df
+    return tl.where(m_m[None, :], b_du, 0.0)
+
+
+@triton.jit
+def input_grad_tile(dx, b_df, b_aux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
+                    FEATURE: tl.constexpr, PRECISION: tl.constexpr):
+    """One m tile of an input gradient from the feature gradient b_df (BT, BM) and its
+    feature_tiles aux (feature_grad): GIVEN stores it into dx (b*h, rows, M); the maps the kernels
+    compute accumulate b_dx (BT, BK) += du @ P[o_m, o_k] and b_rs (BT,) += rowsum(du) for
+    store_input_grad.  -> (b_dx, b_rs)."""
+    b_du = feature_grad(b_df, b_aux, m_m, FEATURE)  # (BT, BM)
+    if FEATURE == FM_GIVEN:
+        store_rows(dx, b_du, o_row, o_t, m_t, o_m, m_m, M)
+    else:
+        b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
+        b_dx += tl.dot(b_du, b_pk.to(tl.float32), input_precision=PRECISION)
+        b_rs += tl.sum(b_du, axis=1)
+    return b_dx, b_rs
+
+
+@triton.jit
+def store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_t, o_k, m_k, D, dn, FEATURE: tl.constexpr):
+    """dx[:, o_k] = dn (du @ P)[:, o_k] - dn^2 rowsum(du) x[:, o_k] (SOFTMAX: u = dash - diag;
+    RELU: the first term only) into dx (b*h, rows, D) contiguous.
+    b_dx (BT, BK) = (du @ P)[:, o_k], b_rs (BT,) = rowsum(du)."""
+    b_dx = b_dx * dn
+    if FEATURE == FM_SOFTMAX:
+        b_dx -= (dn * dn) * b_rs[:, None] * load_rows(p_x, o_t, m_t, stride_t, o_k, m_k).to(tl.float32)
+    store_rows(dx, b_dx, o_row, o_t, m_t, o_k, m_k, D)
+
+
+# ----------------------------------------------------------------------------- row stats
 
 
 @triton.jit
@@ -128,33 +302,128 @@ def _row_stats_kernel(
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = i_t * BT + tl.arange(0, BT)  # (BT,)
-    m_t = o_t < N
-    o_d = tl.arange(0, BD)  # (BD,)
-    m_d = o_d < D
-    p_x = x + i_b.to(tl.int64) * stride_xb + i_h.to(tl.int64) * stride_xh
+    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+    o_d, m_d = block_range(0, BD, D)  # (BD,)
+    p_x = bh_base(x, i_bh, H, stride_xb, stride_xh)
     b_x = load_rows(p_x, o_t, m_t, stride_xn, o_d, m_d)  # (BT, BD)
     b_max = tl.full([BT], float("-inf"), dtype=tl.float32)  # (BT,)
     for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = i_m * BM + tl.arange(0, BM)  # (BM,)
-        m_m = o_m < M
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_p = load_rows(p, o_m, m_m, D, o_d, m_d)  # (BM, BD)
         b_dash = dash_tile(b_x, b_p, dn, PRECISION)  # (BT, BM)
         b_dash = tl.where(m_m[None, :], b_dash, float("-inf"))
         b_max = tl.maximum(b_max, tl.max(b_dash, axis=1))
     b_scale = b_max - half_sq_norm(b_x, dn)  # (BT,)
-    o_out = i_bh.to(tl.int64) * N + o_t
-    tl.store(row_max + o_out, b_max, mask=m_t)
-    tl.store(row_scale + o_out, b_scale, mask=m_t)
+    o_row = i_bh.to(tl.int64) * N
+    tl.store(row_max + o_row + o_t, b_max, mask=m_t)
+    tl.store(row_scale + o_row + o_t, b_scale, mask=m_t)
+
+
+def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row max of dash = (dn x) @ P^T over features, and that max minus |dn x|^2 / 2.
+
+    x (b, h, n, d) with unit last stride; projection (m, d) contiguous in x's dtype.
+    Returns two fp32 (b, h, n) tensors.
+    """
+    b, h, n, d = x.shape
+    m = projection.shape[0]
+    row_max = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    row_scale = torch.empty_like(row_max)
+    if n == 0 or b * h == 0:
+        return row_max, row_scale
+    BT, BM, BD = 64, 64, max(16, triton.next_power_of_2(d))
+    grid = (triton.cdiv(n, BT), b * h)
+    _row_stats_kernel[grid](
+        x, projection, row_max, row_scale,
+        h, n, m, d,
+        x.stride(0), x.stride(1), x.stride(2),
+        head_scale(d),
+        BT=BT, BM=BM, BD=BD, PRECISION=PRECISION,
+        num_warps=4,
+    )
+    return row_max, row_scale
+
+
+# ----------------------------------------------------------------------------- launcher helpers
 
 
 def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
-    """Launchers' guard: head dims above max_head_dim(dtype) would compile to spilling kernels."""
-    limit = max_head_dim(dtype)
+    """Launchers' guard: the kernels take DTYPES, and head dims up to MAX_HEAD_DIM (wider ones
+    would compile to spilling kernels)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}")
     for name, value in dims.items():
-        if value > limit:
-            raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {limit}")
+        if value > MAX_HEAD_DIM:
+            raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {MAX_HEAD_DIM}")
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None,
+                 feature: int) -> tuple[int, int]:
+    """The forward launchers' guard (kernels/NOTES.md "Launcher contract": unit last-dim strides,
+    check_head_dims) -> (m, d) as feature_dims gives them."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    m, d = feature_dims(q, projection, feature)
+    check_head_dims(q.dtype, d=d, e=v.shape[-1])
+    return m, d
+
+
+def empty_stats(b: int, h: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_max, k_max, k_scale) of the maps without stabilizer: (b, h, 0) fp32, three distinct
+    tensors (custom-op outputs must not alias each other)."""
+    return tuple(torch.empty((b, h, 0), device=device, dtype=torch.float32) for _ in range(3))
+
+
+def feature_dims(q: torch.Tensor, projection: torch.Tensor | None, feature: int) -> tuple[int, int]:
+    """(m, d): features per row and the q / k head dim; d = 0 for GIVEN, where q holds the features."""
+    if feature == GIVEN:
+        return q.shape[-1], 0
+    return projection.shape[0], projection.shape[1]
+
+
+def head_scale(d: int) -> float:
+    """dn = d**-0.25, the scale of x in dash = (dn x) @ P^T (1 for GIVEN, d = 0)."""
+    return d**-0.25 if d else 1.0
+
+
+def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
+    """The block sizes and launch options both attention modes share (each launcher's _config
+    adds its per-kernel ones).  d = 0 for GIVEN.
+
+    BT rows per program (64: one warpgroup's wgmma M on Hopper); BM features per m tile of the
+    state kernel; BD all of d and BV all of e (one tile each, forward); BK the d chunk of the
+    backward; EV the widest value slice of one backward pass (backward_in_value_slices). BM, BK
+    and EV are what keep the register file from spilling (compile report, kernels/NOTES.md).
+    """
+    fp32 = dtype == torch.float32  # twice the bytes per tile element
+    BD = max(16, triton.next_power_of_2(d))
+    return dict(
+        BT=64,
+        BM=min(16 if fp32 else 32, max(16, triton.next_power_of_2(m))),
+        BD=BD,
+        BK=min(BD, 32 if fp32 else 64),
+        BV=max(16, triton.next_power_of_2(e)),
+        EV=32 if fp32 else 64,
+        PRECISION=PRECISION,
+        num_stages=1 if fp32 else 2,  # a second stage's buffers cost registers there
+    )
+
+
+# the m tile and warps of each kernel role, as _config names them
+_ROLES = {"state": ("BM", "num_warps"), "out": ("BM_out", "num_warps"), "bwd": ("BM_bwd", "num_warps_bwd")}
+
+
+def launch_options(cfg: dict, role: str, **constexprs) -> dict:
+    """The keyword arguments of one launch from a _config: BT, BV, PRECISION, num_stages, the
+    role's m tile as BM and its num_warps, BD ("state": key states, "out": output) or BK
+    ("bwd": reverse states and gradients), and constexprs."""
+    bm, warps = _ROLES[role]
+    opts = dict(BT=cfg["BT"], BM=cfg[bm], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+                num_warps=cfg[warps], num_stages=cfg["num_stages"])
+    if role == "bwd":
+        opts["BK"] = cfg["BK"]
+    else:
+        opts["BD"] = cfg["BD"]
+    return opts | constexprs
 
 
 def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dtype):
@@ -178,40 +447,3 @@ def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dt
         dk = dk_s if dk is None else dk.add_(dk_s)
         dv.append(dv_s)
     return dq.to(q_dtype), dk.to(k_dtype), torch.cat(dv, dim=-1)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision of every tl.dot with fp32 operands: TF32 on tensor cores.
-
-    16-bit inputs meet fp32 operands only in unbounded states and gradients, where TF32's
-    precision matches the inputs' own. fp32 inputs get TF32 throughout (~1e-3 relative, what
-    torch.set_float32_matmul_precision("high") gives cuBLAS): fp32-exact "ieee" dots and 3xTF32
-    need two to three times the registers and spill in every configuration (kernels/NOTES.md),
-    so performer_triton.functional keeps fp32 on the PyTorch path unless TF32 is allowed.
-    """
-    return "tf32"
-
-
-def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row max of dash = (dn x) @ P^T over features, and that max minus |dn x|^2 / 2.
-
-    x (b, h, n, d) with unit last stride; projection (m, d) contiguous in x's dtype.
-    Returns two fp32 (b, h, n) tensors.
-    """
-    b, h, n, d = x.shape
-    m = projection.shape[0]
-    row_max = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
-    row_scale = torch.empty_like(row_max)
-    if n == 0 or b * h == 0:
-        return row_max, row_scale
-    BT, BM, BD = 64, 64, max(16, triton.next_power_of_2(d))
-    grid = (triton.cdiv(n, BT), b * h)
-    _row_stats_kernel[grid](
-        x, projection, row_max, row_scale,
-        h, n, m, d,
-        x.stride(0), x.stride(1), x.stride(2),
-        d**-0.25,
-        BT=BT, BM=BM, BD=BD, PRECISION=dot_precision(x.dtype),
-        num_warps=4,
-    )
-    return row_max, row_scale

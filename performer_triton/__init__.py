@@ -1,11 +1,11 @@
 """performer_triton: fused Triton FAVOR+ (Performer) attention, a drop-in successor of
 performer-pytorch 1.1.4 (same exports: swap `performer_pytorch` for `performer_triton`)."""
-from . import functional, reference
+from . import feature_maps, functional
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .convert import replace_fast_attention
 from .fast_attention import FastAttention
 from .functional import favor_attention, linear_attention
-from .performer import CrossAttention, Performer, PerformerLM, ProjectionUpdater, SelfAttention
+from .performer_pytorch import CrossAttention, Performer, PerformerLM, ProjectionUpdater, SelfAttention
 from .performer_enc_dec import PerformerEncDec
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 
@@ -21,10 +21,10 @@ __all__ = [
     "ProjectionUpdater",
     "SelfAttention",
     "favor_attention",
+    "feature_maps",
     "functional",
     "gaussian_orthogonal_random_matrix",
     "linear_attention",
     "orthogonal_matrix_chunk",
-    "reference",
     "replace_fast_attention",
 ]

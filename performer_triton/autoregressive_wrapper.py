@@ -2,16 +2,15 @@
 generation: each new token updates per-layer recurrent state instead of re-running the window."""
 from __future__ import annotations
 
+from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache
-
-__all__ = ["AutoregressiveWrapper", "repetition_penalty_fn", "top_k", "top_p"]
-
 
 def exists(val) -> bool:
     return val is not None
@@ -31,7 +30,7 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
 
 def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Keep the int((1 - thres) * vocab) largest logits; the rest become -inf.  logits (b, vocab)."""
-    k = int((1 - thres) * logits.shape[-1])
+    k = max(1, int((1 - thres) * logits.shape[-1]))  # 1.1.4 kept 0 tokens for small vocabularies (a crash)
     val, ind = torch.topk(logits, k)
     probs = torch.full_like(logits, float("-inf"))
     probs.scatter_(1, ind, val)
@@ -39,15 +38,18 @@ def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
 
 
 def repetition_penalty_fn(logits: Tensor, ctx: Tensor, theta: float = 1.2) -> Tensor:
-    """Divide the logits of tokens that occur in each row's recent context by theta.
+    """1.1.4's penalty: divide the logits (b, vocab) of every token that occurs anywhere in ctx
+    (token ids, any shape) by theta, in every row."""
+    weights = torch.ones(logits.shape[-1], dtype=torch.float, device=logits.device)
+    weights[torch.unique(ctx)] = theta
+    return logits / weights
 
-    logits (b, vocab), ctx (b, t) token ids (the last t time steps of every row). 1.1.4 was given
-    the last t batch rows instead and applied one union of tokens to all rows.
-    """
-    if ctx.dim() != 2 or ctx.shape[0] != logits.shape[0]:
-        raise ValueError(f"ctx must have shape (batch, time) with batch {logits.shape[0]}, got {tuple(ctx.shape)}")
+
+def _penalize_rows(logits: Tensor, history: Tensor, theta: float) -> Tensor:
+    """Divide by theta the logits of the tokens in each row's own history.  logits (b, vocab),
+    history (b, t) token ids."""
     weights = torch.ones_like(logits, dtype=torch.float)
-    weights.scatter_(1, ctx.long(), theta)
+    weights.scatter_(1, history.long(), theta)
     return logits / weights
 
 
@@ -101,17 +103,29 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
         if start_tokens.shape[-1] == 0:
             raise ValueError("start_tokens must hold at least one token")
+        if seq_len < 0:
+            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
         use_cache = reason is None if use_cache is None else use_cache
 
         was_training = self.net.training
+        self.net.eval()
+        try:
+            return self._generate(start_tokens, seq_len, eos_token, temperature, filter_logits_fn, filter_thres,
+                                  repetition_penalty, repetition_penalty_ctx, use_cache, kwargs)
+        finally:
+            self.net.train(was_training)
+
+    def _generate(self, start_tokens, seq_len, eos_token, temperature, filter_logits_fn, filter_thres,
+                  repetition_penalty, repetition_penalty_ctx, use_cache, kwargs) -> Tensor:
         num_dims = start_tokens.dim()
         if num_dims == 1:
             start_tokens = start_tokens[None, :]
         b, t = start_tokens.shape
-        self.net.eval()
         out = start_tokens
 
         input_mask = kwargs.pop("mask", None)
@@ -135,11 +149,16 @@ class AutoregressiveWrapper(nn.Module):
             else:
                 window = slice(-self.max_seq_len, None)
                 logits = self.net(out[:, window], mask=input_mask[:, window], **kwargs)[:, -1, :]
-            if repetition_penalty > 1.0:
-                logits = repetition_penalty_fn(logits, out[:, -repetition_penalty_ctx:], theta=repetition_penalty)
-            filtered_logits = filter_logits_fn(logits, thres=filter_thres)
-            probs = F.softmax(filtered_logits / temperature, dim=-1)
-            sample = torch.multinomial(probs, 1)
+            if repetition_penalty > 1.0 and b == 1:  # 1.1.4 slices the batch (out[-ctx:]): all of it
+                logits = repetition_penalty_fn(logits, out, theta=repetition_penalty)
+            elif repetition_penalty > 1.0:  # 1.1.4 mixes the rows' tokens; each row its own recent ones
+                logits = _penalize_rows(logits, out[:, -repetition_penalty_ctx:], repetition_penalty)
+            if temperature == 0:  # greedy (1.1.4 divided by zero)
+                sample = logits.argmax(dim=-1, keepdim=True)
+            else:
+                filtered_logits = filter_logits_fn(logits, thres=filter_thres)
+                probs = F.softmax(filtered_logits / temperature, dim=-1)
+                sample = torch.multinomial(probs, 1)
 
             out = torch.cat((out, sample), dim=-1)
             input_mask = F.pad(input_mask, (0, 1), value=True)
@@ -147,10 +166,7 @@ class AutoregressiveWrapper(nn.Module):
                 break
 
         out = out[:, t:]
-        if num_dims == 1:
-            out = out.squeeze(0)
-        self.net.train(was_training)
-        return out
+        return out.squeeze(0) if num_dims == 1 else out
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
         """Next-token cross-entropy of x (b, n): the net sees x[:, :-1] and predicts x[:, 1:]."""

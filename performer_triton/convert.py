@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .fast_attention import FastAttention
-from .performer import ProjectionUpdater
+from .performer_pytorch import ProjectionUpdater
 
 __all__ = ["replace_fast_attention"]
 
@@ -39,7 +39,7 @@ def replace_fast_attention(model: nn.Module, *, backend: str = "auto") -> nn.Mod
     Projection matrices are kept (the same tensors), so outputs are unchanged up to rounding
     (1.1.4's numerics: global key stabilizer, v-zeroing masks). Every performer_pytorch
     ProjectionUpdater becomes performer_triton's (same interval and call counter), so redraws go on
-    at the same schedule, drawn from a seeded generator; state_dict keys do not change.
+    at the same schedule, from the global RNG as before; state_dict keys do not change.
     ``backend``: "auto" | "triton" | "torch" for the new modules.
     """
     try:

@@ -1,21 +1,21 @@
 """Recurrent state for cached (incremental) causal decoding.
 
 A causal FAVOR+ layer only needs, for the next query, sums over the keys seen so far; each new
-token updates them in O(1) time and memory w.r.t. the prefix length (kernels/NOTES.md, ratio-free
-form; shapes per (batch, head), m features, e value dim):
+token updates them in O(1) time and memory w.r.t. the prefix length. The state is kept in the
+chunked PyTorch path's form (kernels/NOTES.md, ratio-free form) and updated by its one state
+update (torch_backend.add_keys); per (batch, head), m features, e value dim:
 
-    softmax features, relative to the reference R = running max of row_scale = row_max - diag:
-        H (m, e) = sum_j exp(dash_j - diag_j - R) v_j^T      z (m,) = sum_j exp(dash_j - diag_j - R)
-        vsum (e,) = sum_j v_j                                count = number of keys
-        M = running max of row_max (the key stabilizer of the newest query)
-    out = N / D,  N = exp(R - M) q~ @ H + 1e-4 sum(q~) vsum,
-                  D = exp(R - M) q~ . z + 1e-4 sum(q~) count + 1e-6 sum(q~) / ratio
-    other features (generalized, no_projection): S = sum_j k'_j v_j^T, z = sum_j k'_j,
-        out = q' @ S / (q' . z + 1e-6 sum(q'))
+    hz (m, e+1) = sum_j exp(row_scale_j - R) u_j [v_j, 1]^T   (H | z), relative to the reference
+                  R = running max of row_scale = row_max - |dn k|^2 / 2 (softmax; 0 otherwise)
+    v_sum (e+1,) = sum_j [v_j, 1]                           (value sum | key count)
+    M = running max of row_max: the key stabilizer of the newest query (softmax)
+    out = N / D with [N, D] = exp(R - M) q~ @ hz + eps sum(q~) v_sum, D += 1e-6 sum(q~) / ratio
 
-The newest query's stabilizer M is the max over all keys so far, which is both the "prefix"
-stabilizer and, for the last position, the "global" one. Local (windowed) heads keep only the
-keys and values their window can still see.
+u_j are the key units exp(dash_j - row_max_j) (softmax), relu(dash_j) (relu), or the key
+features of maps the kernels do not compute (no_projection, a callable kernel_fn). The newest
+query's stabilizer M is the max over all keys so far, which is both the "prefix" stabilizer and,
+for the last position, the "global" one. Local (windowed) heads keep only the keys and values
+their window can still see.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from local_attention.rotary import rotate_half
 from torch import Tensor, nn
 
 from .fast_attention import FastAttention
-from .reference import CAUSAL_EPS, SOFTMAX_EPS, generalized_features
+from .feature_maps import GIVEN_MAP, FeatureMap
+from .torch_backend import ChunkFeatures, add_keys, with_ones
 
-__all__ = ["DecodingCache", "FeatureState", "LocalWindowState", "SoftmaxState", "favor_state"]
+__all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
 
 
 class DecodingCache:
@@ -65,100 +66,70 @@ def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
     return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device) if keep is None else keep
 
 
-def _project(x: Tensor, projection: Tensor) -> Tensor:
-    """(dn x) @ P^T, dn = d**-0.25, as 1.1.4.  x (b, h, t, d) -> (b, h, t, m)."""
-    return torch.einsum("...id,jd->...ij", x.shape[-1] ** -0.25 * x, projection.type_as(x))
+class FavorState:
+    """Running state of the causal FAVOR+ heads of one layer (see the module docstring).
 
+    feature_map: the layer's FeatureMap; projection (m, d) or None (no_projection)."""
 
-def _half_sq_norm(x: Tensor) -> Tensor:
-    """|dn x|^2 / 2.  x (b, h, t, d) -> (b, h, t)."""
-    return (x**2).sum(dim=-1) / 2.0 * (x.shape[-1] ** -0.25) ** 2
-
-
-class SoftmaxState:
-    """Running FAVOR+ state of causal softmax-feature heads (see the module docstring)."""
-
-    def __init__(self, projection: Tensor, b: int, h: int, e: int, dtype: torch.dtype, device: torch.device):
-        m = projection.shape[0]
+    def __init__(
+        self, feature_map: FeatureMap, projection: Tensor | None, b: int, h: int, m: int, e: int, dtype, device
+    ):
+        self.feature_map = feature_map
         self.projection = projection
-        self.ratio = m**-0.5
+        kernel_map = feature_map if feature_map.fused else GIVEN_MAP  # what the chunk math computes
+        self.chunk = ChunkFeatures(kernel_map.code, projection, m if projection is None else projection.shape[1], dtype)
         self.ref = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # R
         self.stab = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # M
-        self.context = torch.zeros(b, h, m, e, dtype=dtype, device=device)  # H(R)
-        self.key_sum = torch.zeros(b, h, m, dtype=dtype, device=device)  # z(R)
-        self.value_sum = torch.zeros(b, h, e, dtype=dtype, device=device)
-        self.count = torch.zeros(b, 1, dtype=dtype, device=device)
+        self.hz = torch.zeros(b, h, m, e + 1, dtype=dtype, device=device)  # [H | z] relative to R
+        self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
+
+    def _rows(self, x: Tensor, is_query: bool) -> Tensor:
+        """What the chunk math takes: x itself (fused maps) or its features (b, h, t, m)."""
+        fmap = self.feature_map
+        if fmap.fused:
+            return x
+        if is_query:
+            return fmap.query_features(x, self.projection)
+        return fmap.key_features(x, self.projection, True, None)
 
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
         """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely."""
+        chunk = self.chunk
         keep = _keep(keep, k)[:, None, :]  # (b, 1, t)
-        dash = _project(k, self.projection)  # (b, h, t, m)
-        row_max = dash.amax(dim=-1)  # (b, h, t)
-        row_scale = row_max - _half_sq_norm(k)
-        neg_inf = torch.tensor(float("-inf"), dtype=dash.dtype, device=dash.device)
-        ref = torch.maximum(self.ref, torch.where(keep, row_scale, neg_inf).amax(dim=-1))  # (b, h)
-        self.stab = torch.maximum(self.stab, torch.where(keep, row_max, neg_inf).amax(dim=-1))
-        # old state rescaled to the new reference; 0 while no key has been kept yet
-        decay = torch.where(torch.isinf(self.ref), torch.zeros_like(ref), torch.exp(self.ref - ref))
-        ref_safe = torch.where(torch.isinf(ref), torch.zeros_like(ref), ref)
-        # exp(dash - diag - R) = exp(dash - row_max) exp(row_scale - R): both factors <= 1
-        weight = torch.where(keep, torch.exp(row_scale - ref_safe[..., None]), torch.zeros_like(row_scale))
-        features = torch.exp(dash - row_max[..., None]) * weight[..., None]  # (b, h, t, m)
-        self.context = decay[..., None, None] * self.context + features.transpose(-1, -2) @ v
-        self.key_sum = decay[..., None] * self.key_sum + features.sum(dim=-2)
-        self.value_sum = self.value_sum + (v * keep[..., None]).sum(dim=-2)
-        self.count = self.count + keep[:, 0].sum(dim=-1, keepdim=True)
-        self.ref = ref
+        x = self._rows(k, is_query=False)
+        dash = chunk.dash(x)  # (b, h, t, m)
+        if chunk.softmax:
+            row_max = dash.amax(dim=-1)  # (b, h, t)
+            row_scale = row_max - chunk.half_sq_norm(x)
+            self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
+        else:
+            row_max = row_scale = dash.new_zeros(dash.shape[:-1])
+        units = chunk.key_units(x, row_max, dash).masked_fill(~keep[..., None], 0.0)  # (b, h, t, m)
+        vo = with_ones(v).masked_fill(~keep[..., None], 0.0)  # (b, h, t, e+1)
+        self.hz, self.ref = add_keys(self.hz, self.ref, units, row_scale.masked_fill(~keep, float("-inf")), vo)
+        self.v_sum = self.v_sum + vo.sum(dim=-2)
 
     def read(self, q: Tensor) -> Tensor:
         """Outputs of queries q (b, h, t, d) against every key added so far -> (b, h, t, e)."""
-        dash = _project(q, self.projection)  # (b, h, t, m)
-        q_feat = torch.exp(dash - _half_sq_norm(q)[..., None] - dash.amax(dim=-1, keepdim=True)) + SOFTMAX_EPS
+        chunk, e = self.chunk, self.hz.shape[-1] - 1
+        x = self._rows(q, is_query=True)
+        dash = chunk.dash(x)  # (b, h, t, m)
+        q_max = dash.amax(dim=-1) if chunk.softmax else None
+        q_feat = chunk.query_base(x, dash, q_max) + chunk.eps  # (b, h, t, m)
         q_sum = q_feat.sum(dim=-1, keepdim=True)  # (b, h, t, 1)
-        scale = torch.exp(self.ref - self.stab)[..., None, None]  # (b, h, 1, 1), <= 1
-        num = scale * (q_feat @ self.context) + SOFTMAX_EPS * q_sum * self.value_sum[..., None, :]
-        den = (
-            scale * (q_feat @ self.key_sum[..., None])
-            + SOFTMAX_EPS * q_sum * self.count[..., None, None]
-            + CAUSAL_EPS * q_sum / self.ratio
-        )
-        return num / den
+        if chunk.softmax:  # exp(R - M) <= 1; 0 while no key has been kept
+            scale = (self.ref - self.stab).masked_fill(torch.isinf(self.stab), float("-inf")).exp()
+        else:
+            scale = torch.ones_like(self.ref)
+        nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
+        return nd[..., :e] / (nd[..., e:] + chunk.causal_coef * q_sum)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
         return _step(self, q, k, v, keep)
 
 
-class FeatureState:
-    """Running sums of causal heads whose features need no stabilizer (generalized attention,
-    no_projection): S = sum k' v^T, z = sum k'."""
-
-    def __init__(self, fast_attention: FastAttention, b: int, h: int, m: int, e: int, dtype, device):
-        self.fast_attention = fast_attention
-        self.context = torch.zeros(b, h, m, e, dtype=dtype, device=device)
-        self.key_sum = torch.zeros(b, h, m, dtype=dtype, device=device)
-
-    def _features(self, x: Tensor, is_query: bool) -> Tensor:
-        fa = self.fast_attention
-        if fa.no_projection:  # 1.1.4, causal: softmax over features for q, exp for k
-            return x.softmax(dim=-1) if is_query else torch.exp(x)
-        return generalized_features(x, fa.projection_matrix, fa.kernel_fn)
-
-    def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
-        features = self._features(k, is_query=False) * _keep(keep, k)[:, None, :, None]  # (b, h, t, m)
-        self.context = self.context + features.transpose(-1, -2) @ v
-        self.key_sum = self.key_sum + features.sum(dim=-2)
-
-    def read(self, q: Tensor) -> Tensor:
-        q_feat = self._features(q, is_query=True)  # (b, h, t, m)
-        den = q_feat @ self.key_sum[..., None] + CAUSAL_EPS * q_feat.sum(dim=-1, keepdim=True)
-        return (q_feat @ self.context) / den
-
-    def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
-        return _step(self, q, k, v, keep)
-
-
-def _step(state: SoftmaxState | FeatureState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     outs = []
     for i in range(q.shape[2]):
         state.extend(k[:, :, i : i + 1], v[:, :, i : i + 1], None if keep is None else keep[:, i : i + 1])
@@ -166,16 +137,16 @@ def _step(state: SoftmaxState | FeatureState, q: Tensor, k: Tensor, v: Tensor, k
     return torch.cat(outs, dim=2)
 
 
-def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> SoftmaxState | FeatureState:
+def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorState:
     """An empty state for the causal heads of ``fast_attention`` (k (b,h,t,d), v (b,h,t,e) give
     sizes, dtype and device)."""
     if not fast_attention.causal:
         raise ValueError("incremental decoding needs a causal FastAttention (causal=False here)")
     b, h, _, e = v.shape
-    if fast_attention.feature_map == "softmax":
-        return SoftmaxState(fast_attention.projection_matrix.to(k.dtype), b, h, e, k.dtype, k.device)
-    m = k.shape[-1] if fast_attention.no_projection else fast_attention.nb_features
-    return FeatureState(fast_attention, b, h, m, e, k.dtype, k.device)
+    fmap = fast_attention.feature_map
+    projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(k.dtype)
+    m = k.shape[-1] if projection is None else projection.shape[0]
+    return FavorState(fmap, projection, b, h, m, e, k.dtype, k.device)
 
 
 class LocalWindowState:
@@ -237,11 +208,7 @@ class LocalWindowState:
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
-        outs = []
-        for i in range(q.shape[2]):
-            self.extend(k[:, :, i : i + 1], v[:, :, i : i + 1], None if keep is None else keep[:, i : i + 1])
-            outs.append(self.read(q[:, :, i : i + 1]))
-        return torch.cat(outs, dim=2)
+        return _step(self, q, k, v, keep)
 
 
 def local_cache_unsupported_reason(local_attn: nn.Module) -> str | None:

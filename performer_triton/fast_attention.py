@@ -8,13 +8,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
 from .projection import gaussian_orthogonal_random_matrix
 from .validation import BACKENDS, KEY_STABILIZERS, check_choice
-
-
-def _is_relu(kernel_fn: object) -> bool:
-    return isinstance(kernel_fn, nn.ReLU) or kernel_fn in (torch.relu, torch.nn.functional.relu)
 
 
 class FastAttention(nn.Module):
@@ -50,6 +47,11 @@ class FastAttention(nn.Module):
         if generalized_attention and not callable(kernel_fn):
             raise TypeError(f"kernel_fn must be callable, got {type(kernel_fn).__name__}")
         nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))
+        if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
+            raise ValueError(
+                f"nb_features must be a positive int (default int(dim_heads * ln(dim_heads)), 0 for dim_heads=1), "
+                f"got {nb_features!r}"
+            )
         self.dim_heads = dim_heads
         self.nb_features = nb_features
         self.ortho_scaling = ortho_scaling
@@ -65,13 +67,10 @@ class FastAttention(nn.Module):
         self.backend = backend
 
     @property
-    def feature_map(self):
-        """What favor_attention computes features with: "none", "softmax", "relu" or kernel_fn."""
-        if self.no_projection:
-            return "none"
-        if self.generalized_attention:
-            return "relu" if _is_relu(self.kernel_fn) else self.kernel_fn
-        return "softmax"
+    def feature_map(self) -> FeatureMap:
+        """1.1.4's generalized_attention / kernel_fn / no_projection as one registry entry
+        (performer_triton.feature_maps); attributes may be changed after construction, as in 1.1.4."""
+        return from_options(self.generalized_attention, self.kernel_fn, self.no_projection)
 
     @torch.no_grad()
     def redraw_projection_matrix(self, device=None, *, generator: torch.Generator | None = None) -> None:
@@ -104,5 +103,5 @@ class FastAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim_heads={self.dim_heads}, nb_features={self.nb_features}, causal={self.causal}, "
-            f"feature_map={self.feature_map!r}, key_stabilizer={self.key_stabilizer!r}, backend={self.backend!r}"
+            f"feature_map={self.feature_map.name!r}, key_stabilizer={self.key_stabilizer!r}, backend={self.backend!r}"
         )

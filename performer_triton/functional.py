@@ -11,8 +11,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from . import reference
-from .kernels import GIVEN, RELU, SOFTMAX, max_head_dim
+from .feature_maps import GIVEN_MAP, FeatureMap, resolve
+from .kernels import MAX_HEAD_DIM
 from .ops import favor_fwd
 from .validation import (
     BACKENDS,
@@ -23,14 +23,14 @@ from .validation import (
     check_qkv,
 )
 
-FeatureMap = Union[str, Callable[[Tensor], Tensor]]
-FEATURE_MAPS = ("softmax", "relu", "none")
+FeatureMapArg = Union[str, Callable[[Tensor], Tensor], FeatureMap]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _triton_unsupported(q: Tensor, v: Tensor, fused_features: bool) -> str | None:
-    """Why the Triton kernels cannot run these inputs, or None when they can."""
+def triton_unsupported(q: Tensor, v: Tensor, *, fused: bool) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can.  fused: the
+    kernels compute the features from q (their head dim counts), else q holds features."""
     if not HAS_TRITON:
         return "triton is not installed (it is available on Linux only)"
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -42,27 +42,39 @@ def _triton_unsupported(q: Tensor, v: Tensor, fused_features: bool) -> str | Non
         return f"the Triton kernels run on CUDA devices, got {q.device}"
     if q.dtype not in TRITON_DTYPES:
         return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
-    head_dims = (q.shape[-1], v.shape[-1]) if fused_features else (v.shape[-1],)
-    if max(head_dims) > max_head_dim(q.dtype):
-        return f"the Triton kernels support {q.dtype} head dims up to {max_head_dim(q.dtype)}, got {tuple(head_dims)}"
+    head_dims = (q.shape[-1], v.shape[-1]) if fused else (v.shape[-1],)
+    if max(head_dims) > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {tuple(head_dims)}"
     return None
 
 
-def _use_triton(backend: str, q: Tensor, v: Tensor, fused_features: bool) -> bool:
+def _use_triton(backend: str, q: Tensor, v: Tensor, fused: bool) -> bool:
     """backend "auto": the kernels for CUDA tensors they support.  Their fp32 dots are TF32
-    (kernels/feature_map.dot_precision), so fp32 goes to them only where PyTorch's own fp32
+    (kernels/feature_map.py), so fp32 goes to them only where PyTorch's own fp32
     matmuls may use TF32 (torch.set_float32_matmul_precision "high" or "medium"); with the
     default "highest", fp32 stays on the PyTorch path (cuBLAS in full fp32)."""
-    reason = _triton_unsupported(q, v, fused_features)
+    reason = triton_unsupported(q, v, fused=fused)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
     if backend == "auto":
-        exact_fp32 = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-        return reason is None and q.device.type == "cuda" and not exact_fp32
+        if reason is not None or q.device.type != "cuda":
+            return False
+        return q.dtype != torch.float32 or _tf32_allowed()
     return backend == "triton"
 
 
+@torch.compiler.assume_constant_result
+def _tf32_allowed() -> bool:
+    """PyTorch's own fp32 matmuls may use TF32; read once per compiled graph (a Python string,
+    which torch.compile cannot trace)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under torch.autocast, floating inputs in the autocast dtype (what a matmul would see),
+    before any dtype check or backend choice; anything else passes through to the checks."""
+    if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
+        return tensors
     device_type = tensors[0].device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -83,7 +95,7 @@ def favor_attention(
     *,
     causal: bool = False,
     key_stabilizer: str = "global",
-    feature_map: FeatureMap = "softmax",
+    feature_map: FeatureMapArg = "softmax",
     key_padding_mask: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -91,26 +103,26 @@ def favor_attention(
 
     feature_map: "softmax" (positive random features, fused), "relu" (generalized attention,
     fused), "none" (1.1.4's no_projection) or a callable kernel_fn (generalized attention with
-    that kernel); the last two compute features in PyTorch and use the fused linear attention.
+    that kernel; performer_triton.feature_maps); the last two compute features in PyTorch and
+    use the fused linear attention.
     key_stabilizer: "global" (1.1.4) or "prefix" (causal only; out_i depends on positions <= i).
     key_padding_mask: (b, s) bool, True = keep; padded keys are excluded from the numerator,
     the normaliser and the stabilizer.
     backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
     """
+    q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
     check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
     check_choice("backend", backend, BACKENDS)
     if key_stabilizer == "prefix" and not causal:
         raise ValueError("key_stabilizer='prefix' applies to causal attention only; non-causal accepts 'global'")
-    if isinstance(feature_map, str):
-        check_choice("feature_map", feature_map, FEATURE_MAPS)
-    elif not callable(feature_map):
-        raise TypeError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {type(feature_map).__name__}")
-    if feature_map != "none":
+    fmap = resolve(feature_map)
+    if fmap.needs_projection:
         projection_matrix = check_projection(projection_matrix, q)
+    prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, k)
-        if causal and key_stabilizer == "prefix" and feature_map == "softmax":
+        if prefix:
             raise ValueError(
                 "key_padding_mask with key_stabilizer='prefix' is not supported; causal models padded "
                 "on the right need no mask (later keys are never visible)"
@@ -118,18 +130,17 @@ def favor_attention(
     if q.shape[2] == 0:
         return _empty_result(q, v)
 
-    fused = feature_map in ("softmax", "relu") and key_padding_mask is None
-    use_triton = _use_triton(backend, q, v, fused_features=fused)
-    q, k, v = _autocast(q, k, v)
+    fused = fmap.fused and key_padding_mask is None
+    use_triton = _use_triton(backend, q, v, fused)
     if fused:
-        feature = SOFTMAX if feature_map == "softmax" else RELU
         projection = projection_matrix.to(q.dtype).contiguous()
-        prefix = causal and key_stabilizer == "prefix" and feature == SOFTMAX
-        return favor_fwd(q, k, v, projection, causal, feature, prefix, use_triton)[0]
-    q_features, k_features = reference.feature_maps(
-        q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
+        return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, use_triton)[0]
+    q_features, k_features = fmap.features(
+        q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
-    return favor_fwd(q_features, k_features, v, None, causal, GIVEN, False, use_triton)[0]
+    if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
+        v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0]
 
 
 def linear_attention(
@@ -140,10 +151,10 @@ def linear_attention(
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds 1e-6 to every key-feature prefix sum.
     """
+    q_features, k_features, v = _autocast(q_features, k_features, v)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
     if q_features.shape[2] == 0:
         return _empty_result(q_features, v)
-    use_triton = _use_triton(backend, q_features, v, fused_features=False)
-    q_features, k_features, v = _autocast(q_features, k_features, v)
-    return favor_fwd(q_features, k_features, v, None, causal, GIVEN, False, use_triton)[0]
+    use_triton = _use_triton(backend, q_features, v, False)
+    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0]

@@ -13,26 +13,13 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from .feature_maps import KERNEL_MAPS
+from .kernels import launchers
+
 
 def _unit_stride(t: Tensor) -> Tensor:
     """Kernels take any batch/head/sequence strides but need a unit last-dim stride."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _triton_launchers(causal: bool):
-    if causal:
-        from .kernels.causal import causal_bwd, causal_fwd
-
-        return causal_fwd, causal_bwd
-    from .kernels.noncausal import noncausal_bwd, noncausal_fwd
-
-    def fwd(*args, prefix: bool, **kw):
-        return noncausal_fwd(*args, **kw)
-
-    def bwd(*args, prefix: bool, **kw):
-        return noncausal_bwd(*args, **kw)
-
-    return fwd, bwd
 
 
 @torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())
@@ -42,8 +29,7 @@ def favor_fwd(
     """(out, q_max, k_max, k_scale, rden); see kernels/NOTES.md."""
     q, k, v = map(_unit_stride, (q, k, v))
     if use_triton:
-        fwd, _ = _triton_launchers(causal)
-        return fwd(q, k, v, projection, feature=feature, prefix=prefix)
+        return launchers(causal)[0](q, k, v, projection, feature=feature, prefix=prefix)
     return torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix)
 
 
@@ -51,7 +37,7 @@ def favor_fwd(
 def _(q, k, v, projection, causal, feature, prefix, use_triton):
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[3]
-    softmax = feature == 0
+    softmax = KERNEL_MAPS[feature].stabilized
 
     def stat(rows: int) -> Tensor:  # fp32 statistics, fp64 for fp64 inputs
         return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -86,14 +72,15 @@ def favor_bwd(
     grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
     args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
     if use_triton:
-        _, bwd = _triton_launchers(causal)
-        return bwd(*args, feature=feature, prefix=prefix)
+        return launchers(causal)[1](*args, feature=feature, prefix=prefix)
     return torch_backend.favor_bwd(*args, causal=causal, feature=feature, prefix=prefix)
 
 
 @favor_bwd.register_fake
 def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, feature, prefix, use_triton):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, whatever the inputs' strides: what every implementation returns (a fake with
+    # other strides than the real op corrupts aot_autograd's output replay under torch.compile)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

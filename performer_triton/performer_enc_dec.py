@@ -2,31 +2,45 @@
 PerformerLM decoder wrapped for autoregressive training and generation.
 
 Keyword arguments are split by prefix: enc_* go to the encoder, dec_* to the decoder (prefix
-removed). Differences from 1.1.4: the README spelling ``tie_token_embed`` is honoured (1.1.4
-dropped it silently), arguments without either prefix raise TypeError, and key_stabilizer /
-exact_mask / backend are accepted and passed down.
+removed). As in 1.1.4, arguments without either prefix are ignored (with a one-time warning),
+among them the README's spelling ``tie_token_embed`` (the parameter is ``tie_token_embeds``:
+a 1.1.4 checkpoint of that configuration has untied embeddings). key_stabilizer / exact_mask /
+backend are keyword-only additions passed down.
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .autoregressive_wrapper import AutoregressiveWrapper
-from .performer import PerformerLM
-
-__all__ = ["DEC_PREFIX", "ENC_PREFIX", "PerformerEncDec", "extract_and_set_enc_dec_kwargs", "extract_enc_dec_kwargs"]
+from .performer_pytorch import PerformerLM
+from .validation import InputError, warn_ignored
 
 ENC_PREFIX = "enc_"
 DEC_PREFIX = "dec_"
 
 
+def group_dict_by_key(cond: Callable[[str], bool], d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(entries whose key satisfies cond, the other entries)."""
+    return {k: v for k, v in d.items() if cond(k)}, {k: v for k, v in d.items() if not cond(k)}
+
+
+def string_begins_with(prefix: str, str: str) -> bool:
+    """Whether str starts with prefix, a regular expression as in 1.1.4."""
+    return bool(re.match(f"^{prefix}", str))
+
+
+def group_by_key_prefix(prefix: str, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return group_dict_by_key(lambda key: string_begins_with(prefix, key), d)
+
+
 def group_by_key_prefix_and_remove_prefix(prefix: str, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(entries whose key starts with prefix, prefix removed; the other entries)."""
-    with_prefix = {key[len(prefix) :]: val for key, val in d.items() if key.startswith(prefix)}
-    rest = {key: val for key, val in d.items() if not key.startswith(prefix)}
-    return with_prefix, rest
+    with_prefix, rest = group_by_key_prefix(prefix, d)
+    return {key[len(prefix) :]: val for key, val in with_prefix.items()}, rest
 
 
 def extract_enc_dec_kwargs(kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -48,8 +62,8 @@ class PerformerEncDec(nn.Module):
     """Encoder-decoder. ``dim`` and ``no_projection`` are shared; everything else comes as
     enc_<name> / dec_<name> PerformerLM arguments. The decoder is always causal and cross-attends.
 
-    Keyword-only additions: tie_token_embed (README alias of tie_token_embeds), key_stabilizer
-    (decoder self-attention; the encoder is not causal), exact_mask and backend (both halves).
+    Keyword-only additions: key_stabilizer (decoder self-attention; the encoder is not causal),
+    exact_mask and backend (both halves).
     """
 
     def __init__(
@@ -60,7 +74,6 @@ class PerformerEncDec(nn.Module):
         tie_token_embeds: bool = False,
         no_projection: bool = False,
         *,
-        tie_token_embed: bool | None = None,
         key_stabilizer: str = "global",
         exact_mask: bool = False,
         backend: str = "auto",
@@ -68,17 +81,14 @@ class PerformerEncDec(nn.Module):
     ):
         super().__init__()
         enc_kwargs, dec_kwargs, unknown = extract_enc_dec_kwargs(kwargs)
-        if unknown:
-            raise TypeError(
-                f"unexpected keyword argument(s) {sorted(unknown)}: PerformerEncDec takes encoder and decoder "
-                f"arguments prefixed with {ENC_PREFIX!r} / {DEC_PREFIX!r}"
-            )
+        if "tie_token_embed" in unknown:
+            warn_ignored("PerformerEncDec", ["tie_token_embed"], "as in performer-pytorch 1.1.4; the parameter "
+                         "that ties the token embeddings is tie_token_embeds")
+        warn_ignored("PerformerEncDec", set(unknown) - {"tie_token_embed"},
+                     f"as in performer-pytorch 1.1.4: encoder and decoder arguments take the prefixes "
+                     f"{ENC_PREFIX!r} / {DEC_PREFIX!r}")
         if "dim" in enc_kwargs or "dim" in dec_kwargs:
-            raise TypeError("pass dim once to PerformerEncDec, not as enc_dim / dec_dim: both halves share it")
-        if tie_token_embed is not None and bool(tie_token_embed) != bool(tie_token_embeds):
-            if tie_token_embeds:
-                raise ValueError("tie_token_embed and tie_token_embeds disagree; pass one of them")
-            tie_token_embeds = tie_token_embed
+            raise InputError("pass dim once to PerformerEncDec, not as enc_dim / dec_dim: both halves share it")
 
         for half in (enc_kwargs, dec_kwargs):
             half.update(dim=dim, no_projection=no_projection)
@@ -100,13 +110,17 @@ class PerformerEncDec(nn.Module):
         """Encode seq_in (b, n), then sample seq_len decoder tokens after seq_out_start (b, t).
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
-        encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
+        was_training = self.enc.training
+        self.enc.eval()  # no dropout and no redraw count while encoding for generation
+        try:
+            encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
+        finally:
+            self.enc.train(was_training)
         return self.dec.generate(seq_out_start, seq_len, context=encodings, **{**dec_kwargs, **kwargs})
 
     def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Decoder next-token loss of seq_out (b, m) given seq_in (b, n)."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
-        if kwargs:
-            raise TypeError(f"unexpected keyword argument(s) {sorted(kwargs)}: prefix them with 'enc_' or 'dec_'")
+        warn_ignored("PerformerEncDec.forward", kwargs, "as in performer-pytorch 1.1.4: prefix them with 'enc_' or 'dec_'")
         encodings = self.enc(seq_in, mask=enc_mask, return_encodings=True, **enc_kwargs)
         return self.dec(seq_out, context=encodings, context_mask=enc_mask, **dec_kwargs)

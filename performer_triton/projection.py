@@ -15,6 +15,8 @@ def _randn(shape: tuple[int, ...], device, generator: torch.Generator | None) ->
 def orthogonal_matrix_chunk(cols: int, device=None, *, generator: torch.Generator | None = None) -> Tensor:
     """Q^T of the QR decomposition of a (cols, cols) Gaussian block (QR on CPU, as 1.1.4)."""
     block = _randn((cols, cols), device, generator)
+    if block.is_meta:  # built under torch.device("meta"): shapes only, values come with load_state_dict
+        return block
     q, _ = torch.linalg.qr(block.cpu(), mode="reduced")
     return q.to(device).t()
 

@@ -1,6 +1,9 @@
 """Plain-PyTorch reference numerics of FAVOR+ attention (any float dtype, float64 included).
 
-This is the oracle every other path is tested against. It follows performer-pytorch 1.1.4
+This is the oracle every other path is tested against; no production module imports it (a
+test scans the imports). Feature maps come from the registry (performer_triton.feature_maps),
+whose 1.1.4-form functions it checks against performer-pytorch 1.1.4 itself (tests/test_reference.py);
+the attention itself is computed here independently, causal attention in quadratic form. It follows performer-pytorch 1.1.4
 operation by operation (same constants, same stabilizers, same order of floating-point work),
 plus the leak-free ``key_stabilizer="prefix"`` causal mode. It favours obviousness over speed:
 causal attention is computed in quadratic form.
@@ -14,62 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-SOFTMAX_EPS = 1e-4  # added to softmax random features (1.1.4's softmax_kernel eps)
-GENERALIZED_EPS = 1e-3  # added to generalized features (1.1.4's kernel_epsilon)
-CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denominator
-
-
-def _project(x: Tensor, projection_matrix: Tensor) -> Tensor:
-    """(dn * x) @ P^T in x's dtype, dn = d**-0.25.  x (b, h, n, d) -> (b, h, n, m)."""
-    normalizer = x.shape[-1] ** -0.25
-    return torch.einsum("...id,jd->...ij", normalizer * x, projection_matrix.type_as(x))
-
-
-def _half_sq_norm(x: Tensor) -> Tensor:
-    """|dn * x|^2 / 2 as in 1.1.4.  x (b, h, n, d) -> (b, h, n, 1)."""
-    normalizer = x.shape[-1] ** -0.25
-    return ((x**2).sum(dim=-1) / 2.0 * normalizer**2).unsqueeze(-1)
-
-
-def softmax_features(
-    x: Tensor, projection_matrix: Tensor, *, is_query: bool, key_padding_mask: Tensor | None = None
-) -> Tensor:
-    """1.1.4's softmax_kernel: positive random features.  x (b, h, n, d) -> (b, h, n, m).
-
-    Queries are stabilised by their own row max over features, keys by the max over all
-    positions and features of each (b, h); both maxes are detached. With key_padding_mask
-    (b, n) bool (True = keep), padded keys get zero features and do not enter the max.
-    """
-    ratio = projection_matrix.shape[0] ** -0.5
-    dash = _project(x, projection_matrix)
-    diag = _half_sq_norm(x)
-    if is_query:
-        stab = torch.amax(dash, dim=-1, keepdim=True).detach()
-    elif key_padding_mask is None:
-        stab = torch.amax(dash, dim=(-1, -2), keepdim=True).detach()
-    else:
-        keep = key_padding_mask[:, None, :, None]
-        stab = torch.amax(dash.masked_fill(~keep, float("-inf")), dim=(-1, -2), keepdim=True).detach()
-        stab = stab.masked_fill(torch.isinf(stab), 0.0)  # every key padded: any finite value
-    features = ratio * (torch.exp(dash - diag - stab) + SOFTMAX_EPS)
-    if key_padding_mask is not None and not is_query:
-        features = features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-    return features.type_as(x)
-
-
-def generalized_features(
-    x: Tensor, projection_matrix: Tensor | None, kernel_fn: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """1.1.4's generalized_kernel: kernel_fn((dn*x) @ P^T) + 1e-3.  (b, h, n, d) -> (b, h, n, m)."""
-    if projection_matrix is None:
-        return kernel_fn(x.shape[-1] ** -0.25 * x) + GENERALIZED_EPS
-    return (kernel_fn(_project(x, projection_matrix)) + GENERALIZED_EPS).type_as(x)
-
-
-def no_projection_features(q: Tensor, k: Tensor, *, causal: bool) -> tuple[Tensor, Tensor]:
-    """1.1.4's no_projection mode: softmax over features for q; exp (causal) or softmax over
-    the sequence (non-causal) for k."""
-    return q.softmax(dim=-1), (torch.exp(k) if causal else k.softmax(dim=-2))
+from .feature_maps import CAUSAL_EPS, SOFTMAX_EPS, half_sq_norm, project, resolve, softmax_features
 
 
 def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False) -> Tensor:
@@ -94,13 +42,13 @@ def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: T
     sequence truncated after i, so the key stabilizer of query i is max_{j<=i, f} dash_k[j, f]."""
     ratio = projection_matrix.shape[0] ** -0.5
     q_features = softmax_features(q, projection_matrix, is_query=True)
-    dash = _project(k, projection_matrix)  # (b, h, n, m)
+    dash = project(k, projection_matrix)  # (b, h, n, m)
     row_max = dash.amax(dim=-1).detach()  # (b, h, n)
     stab = torch.cummax(row_max, dim=-1).values  # (b, h, n): key stabilizer of query i
     # k'_j(stab_i) = ratio * (exp(dash_j - diag_j - stab_i) + eps), factored so no exp overflows:
     # exp(dash_j - row_max_j) * exp(row_max_j - diag_j - stab_i), the second factor <= 1 for j <= i.
     unit = torch.exp(dash - row_max[..., None])  # (b, h, n, m), max 1 per row
-    row_scale = row_max - _half_sq_norm(k)[..., 0]  # (b, h, n)
+    row_scale = row_max - half_sq_norm(k)  # (b, h, n)
     factor = torch.exp(row_scale[..., None, :] - stab[..., :, None])  # (b, h, n_i, n_j)
     mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     weights = ratio * ((q_features @ unit.transpose(-1, -2)) * factor + SOFTMAX_EPS * q_features.sum(-1, keepdim=True))
@@ -110,44 +58,18 @@ def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: T
 
 
 def feature_maps(
-    q: Tensor,
-    k: Tensor,
-    projection_matrix: Tensor | None,
-    *,
-    causal: bool,
-    feature_map: str | Callable[[Tensor], Tensor] = "softmax",
-    key_padding_mask: Tensor | None = None,
+    q: Tensor, k: Tensor, projection_matrix: Tensor | None, *, causal: bool,
+    feature_map: str | Callable[[Tensor], Tensor] = "softmax", key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """1.1.4's (q', k') for feature_map "softmax", "relu", "none" (no_projection) or a
     callable kernel_fn (generalized attention). key_padding_mask (b, s) bool, True = keep:
     padded keys get zero features and are excluded from the key stabilizer / softmax."""
-    if feature_map == "softmax":
-        return (
-            softmax_features(q, projection_matrix, is_query=True),
-            softmax_features(k, projection_matrix, is_query=False, key_padding_mask=key_padding_mask),
-        )
-    if feature_map == "none":
-        if key_padding_mask is not None and not causal:
-            k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
-        q_features, k_features = no_projection_features(q, k, causal=causal)
-    else:
-        kernel_fn = torch.relu if feature_map == "relu" else feature_map
-        q_features = generalized_features(q, projection_matrix, kernel_fn)
-        k_features = generalized_features(k, projection_matrix, kernel_fn)
-    if key_padding_mask is not None:
-        k_features = k_features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-    return q_features, k_features
+    return resolve(feature_map).features(q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask)
 
 
 def favor_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection_matrix: Tensor | None,
-    *,
-    causal: bool = False,
-    key_stabilizer: str = "global",
-    feature_map: str | Callable[[Tensor], Tensor] = "softmax",
+    q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor | None, *, causal: bool = False,
+    key_stabilizer: str = "global", feature_map: str | Callable[[Tensor], Tensor] = "softmax",
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Reference FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e) -> (b,h,n,e).

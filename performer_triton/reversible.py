@@ -2,11 +2,12 @@
 (ReversibleSequence, activations recomputed in backward), with performer-pytorch 1.1.4's classes,
 attribute names (so state_dict keys match) and behaviour.
 
-Difference from 1.1.4: a keyword argument that no layer is routed to raises TypeError instead
-of being dropped (a None value counts as absent).
+As in 1.1.4, a keyword argument that no layer is routed to is dropped (with a one-time warning
+naming it: real programs pass such arguments, e.g. AutoregressiveWrapper(model)(x, return_loss=True)).
 """
 from __future__ import annotations
 
+from operator import itemgetter  # noqa: F401  (a 1.1.4 module-level name)
 from typing import Any, Sequence
 
 import torch
@@ -14,17 +15,15 @@ from torch import Tensor, nn
 from torch.autograd.function import Function
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from .validation import ignored_kwargs
+
 Routes = dict[str, Sequence[tuple[bool, bool]]]
 
 
 def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[dict, dict]]:
     """Split keyword arguments into per-layer (f_args, g_args) following ``router``, which maps a
     name to one (to_f, to_g) pair of flags per layer."""
-    unknown = sorted(key for key, val in args.items() if key not in router and val is not None)
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword argument(s) {unknown}: this model routes only {sorted(router)} to its layers"
-        )
+    ignored_kwargs("Performer.forward", {key: val for key, val in args.items() if key not in router})
     routed: list[tuple[dict, dict]] = [({}, {}) for _ in range(depth)]
     for key, val in args.items():
         if key not in router:
@@ -86,9 +85,11 @@ class ReversibleBlock(nn.Module):
     def forward(self, x: Tensor, f_args: dict | None = None, g_args: dict | None = None) -> Tensor:
         f_args, g_args = f_args or {}, g_args or {}
         x1, x2 = x.chunk(2, dim=2)
+        # RNG states are recorded in eval too (1.1.4 recorded them only in training, so a backward
+        # through an eval-mode model had no state to replay); recording draws nothing
         with torch.no_grad():
-            y1 = x1 + self.f(x2, record_rng=self.training, **f_args)
-            y2 = x2 + self.g(y1, record_rng=self.training, **g_args)
+            y1 = x1 + self.f(x2, record_rng=True, **f_args)
+            y2 = x2 + self.g(y1, record_rng=True, **g_args)
         return torch.cat((y1, y2), dim=2)
 
     def backward_pass(

@@ -17,26 +17,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from performer_triton.kernels import GIVEN, RELU, SOFTMAX
-from performer_triton.reference import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS
+from .feature_maps import KERNEL_MAPS
+from .kernels import CAUSAL_EPS
 
 # Rows per chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
 CHUNK = 128
 
 
-class _FeatureMap:
-    """The feature map of one call, in the compute dtype. Features are `base + eps`:
+class ChunkFeatures:
+    """The feature map of one call (a kernel code, performer_triton.feature_maps.KERNEL_MAPS)
+    on chunks of rows, in the compute dtype. Features are `base + eps`:
     SOFTMAX base = exp(dash - shift), shift = row max + |dn x|^2 / 2 for queries (base = q~ - eps)
     and row max for keys (base = U); RELU base = relu(dash); GIVEN base = the input rows."""
 
     def __init__(self, feature: int, projection: Tensor | None, d: int, dtype: torch.dtype):
-        self.softmax = feature == SOFTMAX
-        self.given = feature == GIVEN
+        fmap = KERNEL_MAPS[feature]
+        self.softmax = fmap.stabilized
+        self.given = not fmap.fused
         dn = d**-0.25
         # (m, d): dn folded into the projection once instead of scaling every chunk of x
         self.proj = None if self.given else projection.to(dtype) * dn
         self.dn2 = dn * dn
-        self.eps = {SOFTMAX: SOFTMAX_EPS, RELU: GENERALIZED_EPS, GIVEN: 0.0}[feature]
+        self.eps = fmap.eps
         ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
         self.causal_coef = CAUSAL_EPS / ratio  # c_i = causal_coef * sum_f q~_if
 
@@ -84,7 +86,7 @@ def _chunks(n: int) -> list[slice]:
     return [slice(t0, min(t0 + CHUNK, n)) for t0 in range(0, n, CHUNK)]
 
 
-def _with_ones(x: Tensor) -> Tensor:
+def with_ones(x: Tensor) -> Tensor:
     """Append a ones column, so a matmul with it also yields row sums.  (b, h, t, e) -> (b, h, t, e+1)."""
     return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
 
@@ -113,13 +115,23 @@ def _intra_factor(row_scale: Tensor, stab: Tensor, upper: Tensor) -> Tensor:
     return (row_scale[..., None, :] - stab[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
 
 
-def _update_state(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
-    """Add keys to the state sum_j exp(u_j - R) [v_j, 1], moving R to the running max of row_scale
-    (both exp factors <= 1).  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
+def _visible(pairs: Tensor, factor: Tensor, upper: Tensor) -> Tensor:
+    """pairs_ij F_ij on visible pairs (j <= i) and 0 elsewhere, by selection: a NaN or inf key
+    or value at a later position never reaches an earlier output (0 * NaN = NaN).
+    pairs (b, h, t, t) (overwritten), factor (b, h, t, t), upper (t, t) -> (b, h, t, t)."""
+    return pairs.mul_(factor).masked_fill_(upper, 0.0)
+
+
+def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
+    """The one update of the causal state (chunked path and decoder): add keys to
+    hz = sum_j exp(row_scale_j - R) units_j [v_j, 1]^T, moving the reference R to the running max
+    of row_scale (both exp factors <= 1).  A key with row_scale -inf adds nothing; before any key
+    R stays -inf and hz zero.  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
     row_scale (b, h, t), vo (b, h, t, e+1) -> (hz, ref)."""
     new_ref = torch.maximum(ref, row_scale.amax(-1))
-    keys = units * (row_scale - new_ref[..., None]).exp_()[..., None]  # (b, h, t, m)
-    return _bmm(keys.mT, vo, hz * (ref - new_ref).exp_()[..., None, None]), new_ref
+    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)  # no key yet: nothing to rescale
+    keys = units * (row_scale - base[..., None]).exp_()[..., None]  # (b, h, t, m)
+    return _bmm(keys.mT, vo, hz * (ref - base).exp_()[..., None, None]), new_ref
 
 
 def _upper(t: int, device: torch.device) -> Tensor:
@@ -138,7 +150,7 @@ def favor_fwd(
     for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype."""
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    fm = _FeatureMap(feature, projection, q.shape[-1], dtype)
+    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
@@ -150,7 +162,7 @@ def favor_fwd(
         torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
-    vo = _with_ones(v)  # (b, h, s, e+1)
+    vo = with_ones(v)  # (b, h, s, e+1)
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
     ref = q.new_full((b, h), float("-inf"))
@@ -168,13 +180,14 @@ def favor_fwd(
                 k_max[..., sl] = dash.amax(-1)
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
-            hz, ref = _update_state(hz, ref, fm.key_units(kc, k_max[..., sl], dash), row_scale, vo[..., sl, :])
+            hz, ref = add_keys(hz, ref, fm.key_units(kc, k_max[..., sl], dash), row_scale, vo[..., sl, :])
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
         # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1)
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
         for sl in _chunks(n):
             nd = query_features(sl) @ context  # (b, h, t, e+1) = [N, D]
-            rden[..., sl] = 1.0 / nd[..., e]
+            # D = 0 only when every key is masked out (GIVEN zero features): no keys, output 0
+            rden[..., sl] = nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0)
             out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         return out.to(in_dtype), q_max, k_max, k_scale, rden
 
@@ -187,33 +200,21 @@ def favor_fwd(
         units = fm.key_units(k[..., sl, :], k_max[..., sl])  # (b, h, t, m)
         vc, m_i, rs = vo[..., sl, :], stab[..., sl], row_scale[..., sl]
         q_sum = qt.sum(-1)  # (b, h, t)
-        scores = (qt @ units.mT).mul_(_intra_factor(rs, m_i, upper[:t, :t]))  # (b, h, t, t)
+        scores = _visible(qt @ units.mT, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, t, t)
         v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1): [sum v, count] over keys j <= i
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
         nd = _bmm(qt, hz).mul_((ref[..., None] - m_i).exp_()[..., None])
         nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], v_upto, value=fm.eps))
         rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum)
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
-        hz, ref = _update_state(hz, ref, units, rs, vc)
+        hz, ref = add_keys(hz, ref, units, rs, vc)
         v_before = v_upto[..., -1:, :]
     return out.to(in_dtype), q_max, k_max, k_scale, rden
 
 
 def favor_bwd(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor | None,
-    out: Tensor,
-    q_max: Tensor,
-    k_max: Tensor,
-    k_scale: Tensor,
-    rden: Tensor,
-    *,
-    causal: bool,
-    feature: int,
-    prefix: bool,
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
+    q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FAVOR+ backward from favor_fwd's outputs (stabilizers detached).  -> dq, dk, dv in the
     dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features)."""
@@ -221,13 +222,13 @@ def favor_bwd(
     dtype = _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q_max, k_max, k_scale, rden = q_max.to(dtype), k_max.to(dtype), k_scale.to(dtype), rden.to(dtype)
-    fm = _FeatureMap(feature, projection, q.shape[-1], dtype)
+    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     grad = _grad_aug(grad_out.to(dtype), out.to(dtype), rden)  # (b, h, n, e+1) = [dN, dD]
-    vo = _with_ones(v)  # (b, h, s, e+1)
+    vo = with_ones(v)  # (b, h, s, e+1)
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
     hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
     ref = q.new_full((b, h), float("-inf"))
 
@@ -239,7 +240,7 @@ def favor_bwd(
 
     if not causal:
         for sl in _chunks(s):
-            hz, ref = _update_state(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
+            hz, ref = add_keys(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
         dhz = torch.zeros_like(hz)  # sum_i q~_i [dN_i, dD_i]   (m, e+1)
         for sl in _chunks(n):
@@ -260,7 +261,7 @@ def favor_bwd(
     def intra(sl: slice) -> tuple[Tensor, Tensor]:  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij and F   (b, h, t, t)
         t = sl.stop - sl.start
         factor = _intra_factor(row_scale[..., sl], stab[..., sl], upper[:t, :t])
-        return (grad[..., sl, :] @ vo[..., sl, :].mT).mul_(factor), factor
+        return _visible(grad[..., sl, :] @ vo[..., sl, :].mT, factor, upper[:t, :t]), factor
 
     # forward sweep: query gradients, with the forward's states
     v_before = q.new_zeros((b, h, 1, e + 1))
@@ -276,7 +277,7 @@ def favor_bwd(
         # eps part of every visible key: eps sum_{j<=i} dw_ij;  c_i: coef dD_i
         dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
         dq[..., sl, :] = fm.vjp(q[..., sl, :], base, dqt)
-        hz, ref = _update_state(hz, ref, units, row_scale[..., sl], vc)
+        hz, ref = add_keys(hz, ref, units, row_scale[..., sl], vc)
         v_before = v_upto[..., -1:, :]
 
     # reverse sweep: key and value gradients, with states of the later queries
@@ -292,7 +293,7 @@ def favor_bwd(
         # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
         dk[..., sl, :] = fm.vjp(k[..., sl, :], units, _bmm(dwf.mT, qt, (vc @ dhz.mT).mul_(key_scale)))
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
-        weights = (qt @ units.mT).mul_(factor)  # (b, h, t, t) exp part of w_ij
+        weights = _visible(qt @ units.mT, factor, upper[: factor.shape[-1], : factor.shape[-1]])  # exp part of w_ij
         q_dn = qt.sum(-1, keepdim=True) * g[..., :e]  # (b, h, t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
         inter = _bmm(units * key_scale, dhz[..., :e], q_dn_from * fm.eps)

@@ -2,10 +2,19 @@
 TypeError that names the argument, what was received and what was expected."""
 from __future__ import annotations
 
+import warnings
+from typing import Any, Iterable
+
 import torch
 from torch import Tensor
 
 KEY_STABILIZERS = ("global", "prefix")
+
+
+class InputError(ValueError, AssertionError):
+    """Bad input where performer-pytorch 1.1.4 asserted (sequence longer than max_seq_len, head
+    counts, context to self-attention, ...): a ValueError that code written for 1.1.4, catching
+    AssertionError, still catches."""
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -81,3 +90,20 @@ def check_key_padding_mask(mask: object, k: Tensor) -> Tensor:
     if mask.device != k.device:
         raise ValueError(f"key_padding_mask must be on {k.device}, got {mask.device}")
     return mask
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_ignored(where: str, names: Iterable[str], why: str = "performer-pytorch 1.1.4 ignores it too") -> None:
+    """One warning per (where, name) for arguments accepted and ignored as 1.1.4 does (a
+    drop-in never turns 1.1.4's silent acceptance into an error)."""
+    for name in sorted(names):
+        if (where, name) not in _WARNED:
+            _WARNED.add((where, name))
+            warnings.warn(f"{where}: argument {name!r} is ignored ({why})", UserWarning, stacklevel=3)
+
+
+def ignored_kwargs(where: str, kwargs: dict[str, Any]) -> None:
+    """warn_ignored for the non-None keyword arguments in kwargs."""
+    warn_ignored(where, (key for key, value in kwargs.items() if value is not None))

@@ -54,9 +54,9 @@ def device():
 
 @pytest.fixture(autouse=True)
 def nan_filled_empty(monkeypatch):
-    """Every float torch.empty / empty_like allocation starts as NaN, so an output element a
-    kernel forgets to write fails the comparison instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    """Every float allocation meant to be overwritten (torch.empty / empty_like / empty_strided,
+    Tensor.new_empty / new_empty_strided) starts as NaN, so an output element a kernel or the
+    PyTorch path forgets to write fails the comparison instead of passing by luck."""
 
     def fill(t):
         if t.is_floating_point() and t.device.type != "meta":
@@ -64,6 +64,16 @@ def nan_filled_empty(monkeypatch):
                 t.fill_(float("nan"))
         return t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    def poisoned(real):
+        return lambda *a, **k: fill(real(*a, **k))
+
+    for owner, name in (
+        (torch, "empty"),
+        (torch, "empty_like"),
+        (torch, "empty_strided"),
+        (torch.Tensor, "new_empty"),
+        (torch.Tensor, "new_empty_strided"),
+    ):
+        monkeypatch.setattr(owner, name, poisoned(getattr(owner, name)))
     yield
+

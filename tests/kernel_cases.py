@@ -1,16 +1,33 @@
-"""Shared by the kernel tests: inputs, the float64 reference, and the forward+backward check of a
-launcher pair (kernels/NOTES.md "Launcher contract") against it."""
+"""Shared by the kernel tests (test_kernels_causal.py, test_kernels_noncausal.py): inputs, the
+float64 reference, the forward+backward check of a launcher pair (kernels/NOTES.md "Launcher
+contract") against it, the cases both attention modes run, and launch recording on meta tensors."""
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE
 
 from performer_triton import reference as R
-from performer_triton.kernels import GIVEN, RELU, SOFTMAX
+from performer_triton.feature_maps import KERNEL_MAPS, half_sq_norm, project
+from performer_triton.kernels import GIVEN, SOFTMAX, launchers
 from performer_triton.projection import gaussian_orthogonal_random_matrix
 
 # fp32: the interpreter multiplies in full fp32; a GPU runs the kernels' fp32 dots in TF32
-# (kernels/feature_map.dot_precision), ~1e-3 relative
+# (kernels/feature_map.PRECISION), ~1e-3 relative
 BUDGET = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-FEATURE_MAP = {SOFTMAX: "softmax", RELU: "relu"}
+# the reference's feature_map name of each map the kernels compute
+FEATURE_MAP = {code: fmap.name for code, fmap in KERNEL_MAPS.items() if fmap.fused}
+
+
+def ids(x) -> str:
+    return str(x).replace("torch.", "")
+
+
+def dtype_cases(**shapes_by_dtype):
+    """parametrize("dtype,shape") over {dtype name: shape names}."""
+    cases = [(getattr(torch, name), shape) for name, shapes in shapes_by_dtype.items() for shape in shapes]
+    return pytest.mark.parametrize("dtype,shape", cases, ids=ids)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -41,13 +58,13 @@ def reference(q, k, v, proj, g, *, causal, feature, prefix):
     return (out.detach(), *torch.autograd.grad(out, (q64, k64, v64), g.cpu().double()))
 
 
-def check(fwd, bwd, q, k, v, proj, g, *, causal, feature, budget, prefix=False, limits=None):
-    """Run the launchers fwd(q, k, v, proj, feature=, **mode) and bwd(g, ..., stats) and compare
-    out, dq, dk, dv with the reference: dtypes kept, everything finite, relative errors below
-    budget (or limits[name]).  Returns (errors, out, stats)."""
-    mode = dict(prefix=prefix) if causal else {}
-    out, *stats = fwd(q, k, v, proj, feature=feature, **mode)
-    dq, dk, dv = bwd(g, q, k, v, proj, out, *stats, feature=feature, **mode)
+def check(q, k, v, proj, g, *, causal, feature, budget, prefix=False, limits=None):
+    """Run the launchers of the mode (kernels.launchers) and compare out, dq, dk, dv with the
+    reference: dtypes kept, everything finite, relative errors below budget (or limits[name]).
+    Returns (errors, out, stats)."""
+    fwd, bwd = launchers(causal)
+    out, *stats = fwd(q, k, v, proj, feature=feature, prefix=prefix)
+    dq, dk, dv = bwd(g, q, k, v, proj, out, *stats, feature=feature, prefix=prefix)
     ref = reference(q, k, v, proj, g, causal=causal, feature=feature, prefix=prefix)
     assert out.dtype == q.dtype and stats[-1].dtype == torch.float32
     assert (dq.dtype, dk.dtype, dv.dtype) == (q.dtype, k.dtype, v.dtype)
@@ -57,3 +74,79 @@ def check(fwd, bwd, q, k, v, proj, g, *, causal, feature, budget, prefix=False, 
     limits = {name: budget for name in errs} | (limits or {})
     assert all(errs[name] < limits[name] for name in errs), errs
     return errs, out, stats
+
+
+# ----------------------------------------------------------------------------- cases of both modes
+
+GIVEN_CASES = pytest.mark.parametrize(
+    "dtype,feature_map,e",
+    [(torch.float32, "none", 40), (torch.bfloat16, "none", 96), (torch.float16, "elu", 32)],
+    ids=ids,
+)
+
+
+def given_case(dtype, feature_map, e, *, causal, s):
+    """Precomputed features: 1.1.4's no_projection features (m = d) or a custom kernel_fn
+    (m = 100, not a multiple of BM); gradients are w.r.t. the features.  e = 40 (fp32), 96
+    (16-bit) run the backward in value slices."""
+    q, k, v, proj, g = inputs(1, 2, 70, 48, e, 100, torch.float64, s=s)
+    kernel_fn = (lambda x: F.elu(x) + 1.0) if feature_map == "elu" else "none"
+    qf, kf = R.feature_maps(q, k, proj, causal=causal, feature_map=kernel_fn)
+    qf, kf, v, g = (t.to(dtype) for t in (qf, kf, v, g))
+    check(qf, kf, v, None, g, causal=causal, feature=GIVEN, budget=BUDGET[dtype])
+
+
+def strided_case(*, causal, prefix=False):
+    """Transposed-view q, k, v, grad_out ((b, n, h, d) storage) need no copies."""
+    b, h, n, d, e, m = 2, 2, 70, 32, 24, 64
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(b, n, h, d, generator=gen).transpose(1, 2) for _ in range(2))
+    v, g = (torch.randn(b, n, h, e, generator=gen).transpose(1, 2) for _ in range(2))
+    assert not q.is_contiguous()
+    proj = gaussian_orthogonal_random_matrix(m, d, generator=gen)
+    check(q, k, v, proj, g, causal=causal, feature=SOFTMAX, prefix=prefix, budget=BUDGET[torch.float32])
+
+
+def large_inputs_case(dtype, *, causal, prefix=False):
+    """q, k ~ 3 N(0, 1), where 1.1.4 overflows in fp16: finite, out within 1e-2 (fp16) / 3e-2
+    (bf16). dq is the ill-conditioned residue of a cancellation and dk (~1e-14) underflows fp16,
+    so those are checked for finiteness only (dk: in fp16)."""
+    q, k, v, proj, g = inputs(1, 2, 100, 64, 64, 266, dtype, scale=3.0, seed=5)
+    fp16 = dtype == torch.float16
+    limits = dict(dq=math.inf, dk=math.inf if fp16 else BUDGET[dtype])
+    check(q, k, v, proj, g, causal=causal, feature=SOFTMAX, prefix=prefix,
+          budget=1e-2 if fp16 else BUDGET[dtype], limits=limits)
+
+
+def check_row_stats(q, k, proj, q_max, k_max, k_scale, tol=1e-5):
+    """The saved per-row stats: q_max, k_max = max_f dash, k_scale = k_max - |dn k|^2 / 2."""
+    dash_q, dash_k = project(q.double(), proj.double()), project(k.double(), proj.double())
+    assert rel_err(q_max, dash_q.amax(-1)) < tol
+    assert rel_err(k_max, dash_k.amax(-1)) < tol
+    assert rel_err(k_scale, dash_k.amax(-1) - half_sq_norm(k.double())) < tol
+
+
+# ----------------------------------------------------------------------------- launches on meta tensors
+
+
+def meta_launches(causal, dtype, *, b=2, h=3, n=200, d=64, e=64, m=266, feature=SOFTMAX):
+    """Run the mode's forward and backward launchers on meta tensors with every kernel launch
+    recorded instead of run (as the compile report does): [(kernel name, grid, keywords)]."""
+    from performer_triton.kernels import feature_map
+
+    kernel_type = type(feature_map._row_stats_kernel)  # JITFunction, or the interpreter's
+    launched = []
+
+    def record(self, *args, grid, **kw):
+        launched.append((self.fn.__name__, grid, kw))
+
+    meta = dict(device="meta", dtype=dtype)
+    q, k = torch.empty(b, h, n, d, **meta), torch.empty(b, h, n, d, **meta)
+    v, g = torch.empty(b, h, n, e, **meta), torch.empty(b, h, n, e, **meta)
+    proj = torch.empty(m, d, **meta)
+    fwd, bwd = launchers(causal)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel_type, "run", record)
+        out, *stats = fwd(q, k, v, proj, feature=feature, prefix=False)
+        bwd(g, q, k, v, proj, out, *stats, feature=feature, prefix=False)
+    return launched

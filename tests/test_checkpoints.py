@@ -12,9 +12,10 @@ with warnings.catch_warnings():
     import performer_pytorch as original
     from performer_pytorch.performer_enc_dec import PerformerEncDec as OriginalEncDec
 
+from models import enc_dec_kwargs
 from performer_triton.convert import replace_fast_attention
 from performer_triton.fast_attention import FastAttention
-from performer_triton.performer import PerformerLM
+from performer_triton.performer_pytorch import PerformerLM
 from performer_triton.performer_enc_dec import PerformerEncDec
 
 NUM_TOKENS = 50
@@ -116,22 +117,7 @@ def test_gradients_match(name):
 
 
 def test_encoder_decoder_checkpoint_and_loss():
-    cfg = dict(
-        dim=32,
-        tie_token_embeds=True,
-        enc_num_tokens=NUM_TOKENS,
-        enc_depth=1,
-        enc_heads=4,
-        enc_dim_head=8,
-        enc_max_seq_len=40,
-        enc_nb_features=20,
-        dec_num_tokens=NUM_TOKENS,
-        dec_depth=2,
-        dec_heads=4,
-        dec_dim_head=8,
-        dec_max_seq_len=40,
-        dec_nb_features=20,
-    )
+    cfg = enc_dec_kwargs(NUM_TOKENS, dec_depth=2, tie_token_embeds=True, enc_nb_features=20, dec_nb_features=20)
     theirs, ours = loaded_pair(cfg, PerformerEncDec, OriginalEncDec)
     assert any(k.startswith("dec.net.performer.net.layers.1.0.fn.fast_attention") for k in ours.state_dict())
     g = torch.Generator().manual_seed(2)
@@ -172,3 +158,19 @@ def test_replace_fast_attention_keeps_outputs_keys_and_redraws():
         assert torch.equal(fast[0].projection_matrix, before)
         model(x)
     assert not torch.equal(fast[0].projection_matrix, before)
+
+
+def test_meta_device_construction_then_to_empty_and_load_state_dict(monkeypatch):
+    """Large models are built without memory on the meta device, then materialised and loaded."""
+    monkeypatch.undo()  # the NaN fixture's wrapped torch.empty escapes torch.device("meta")'s mode
+    kwargs = dict(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=2, heads=2, dim_head=8, causal=True,
+                  local_attn_heads=1, local_window_size=4)
+    torch.manual_seed(0)
+    real = PerformerLM(**kwargs)
+    with torch.device("meta"):
+        lazy = PerformerLM(**kwargs)
+    assert [key for key, t in lazy.state_dict().items() if not t.is_meta] == []
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(real.state_dict(), strict=True)
+    x = torch.randint(0, NUM_TOKENS, (2, 9))
+    assert torch.equal(lazy.eval()(x), real.eval()(x))

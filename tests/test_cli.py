@@ -1,21 +1,37 @@
 """The `performer-triton` command (check, bench, demo) and the benchmark module's correctness gate."""
 import csv
 import json
+from collections import Counter
 
 import pytest
 import torch
+from conftest import DEVICE, HAS_TRITON
 
-from performer_triton import benchmark, cli
-from performer_triton.check import format_table, run_checks
+from performer_triton import cli
+from performer_triton.cli import benchmark
+from performer_triton.cli.check import FEATURES, MODES, format_table, run_checks
 
 
 def test_check_runs_every_available_path_within_budget():
     rows = run_checks(n=5, d=8, m=12)
-    assert {r.backend for r in rows} == {"torch", "triton"}
-    ran = [r for r in rows if r.out_err is not None]
-    assert ran and all(r.ok for r in ran), format_table(rows)
-    assert all(r.note.startswith("skipped: ") for r in rows if r.out_err is None)  # a reason, never silence
-    assert any(r.backend == "triton" and r.out_err is not None for r in rows)  # the interpreter ran the kernels
+    table = format_table(rows)
+    per_path = len(MODES) * len(FEATURES)  # rows of one (device, backend, dtype)
+    ran = Counter((r.device, r.backend, r.dtype) for r in rows if r.out_err is not None)
+    devices = ["cpu"] + (["cuda"] if DEVICE == "cuda" else [])
+    expected = {}
+    for device in devices:  # the PyTorch path runs everywhere, in every dtype
+        expected |= {(device, "torch", dtype): per_path for dtype in ("float64", "float32", "float16", "bfloat16")}
+    if HAS_TRITON and DEVICE == "cuda":
+        expected |= {("cuda", "triton", dtype): per_path for dtype in ("float32", "float16", "bfloat16")}
+    elif HAS_TRITON:  # conftest set TRITON_INTERPRET=1: the interpreter ran the kernels on CPU tensors
+        expected |= {("cpu", "triton", dtype): per_path for dtype in ("float32", "float16")}
+        bf16 = [r for r in rows if (r.device, r.backend, r.dtype) == ("cpu", "triton", "bfloat16")]
+        assert len(bf16) == per_path and all("interpreter computes bf16" in r.note for r in bf16), table
+    assert dict(ran) == expected, table
+    assert len(rows) == len(devices) * (4 + 3) * per_path, table  # torch's 4 dtypes, triton's 3: run or skipped
+    skipped = [r for r in rows if r.out_err is None]
+    assert all(r.note.startswith("skipped: ") and r.note[len("skipped: "):].strip() for r in skipped), table
+    assert all(r.ok for r in rows if r.out_err is not None), table  # everything that ran is within budget
 
 
 def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):

@@ -128,6 +128,33 @@ def test_key_padding_mask_excludes_padded_keys():
             assert rel(out[:1], alone_q) <= 1e-5
 
 
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature_map", ["softmax", "relu", "none"])
+def test_fully_masked_rows_give_finite_zeros_and_gradients(backend, causal, feature_map):
+    """Masked keys enter through selection: a batch row with every key padded (holding NaN) gives
+    zeros, and NaN/inf in padded positions reach neither kept outputs nor any gradient."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=2, h=2, n=9, d=8, e=5))
+    k[1], v[1] = float("nan"), float("inf")
+    k[0, :, 6:] = 1e4  # huge padded keys: exp overflow if computed
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    mask[0, 6:] = False
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    P = projection(12, 8).to(DEVICE)
+    out = favor_attention(*leaves, P, causal=causal, feature_map=feature_map, key_padding_mask=mask, backend=backend)
+    out.square().sum().backward()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.equal(leaves[1].grad[1], torch.zeros_like(leaves[1].grad[1]))
+    kept = favor_attention(q[:1, :, :6], k[:1, :, :6], v[:1, :, :6], P, causal=causal, feature_map=feature_map,
+                           backend=backend)
+    assert rel(out[:1, :, :6], kept) <= 1e-5
+
+
 def test_autocast_runs_in_low_precision():
     q, k, v = qkv(n=37, d=16)
     P = projection(44, 16)
@@ -288,7 +315,7 @@ def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
     may use TF32 too."""
     from performer_triton import functional
 
-    monkeypatch.setattr(functional, "_triton_unsupported", lambda *a: None)
+    monkeypatch.setattr(functional, "triton_unsupported", lambda *a, **k: None)
     q = torch.empty(1, 1, 4, 8, device="meta")
     cuda_q = type("FakeCuda", (), {"device": torch.device("cuda"), "dtype": torch.float32})()
     for precision, expected in (("highest", False), ("high", True)):
@@ -296,3 +323,53 @@ def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
         assert functional._use_triton("auto", cuda_q, q, True) is expected
     cuda_q.dtype = torch.bfloat16
     assert functional._use_triton("auto", cuda_q, q, True) is True
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 14.0), (torch.float32, 95.0), (torch.float64, 5.0)])
+def test_no_projection_causal_keys_do_not_overflow(dtype, big):
+    """1.1.4's exp(k) is inf above ~11 (fp16) / ~88 (fp32) though the attention is finite."""
+    q, k, v = qkv(b=1, h=2, n=20, d=8, dtype=torch.float64)
+    k[0, 0, 3, 2] = big
+    out = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), None, causal=True, feature_map="none", backend="torch")
+    ref = reference.favor_attention(q, k, v, None, causal=True, feature_map="none")
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_nan_key_never_reaches_earlier_outputs(backend):
+    """Leak-free causal attention: a NaN key at position j leaves outputs before j untouched, also
+    inside j's own chunk (selection, not 0 * NaN)."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=1, h=2, n=150, d=8))
+    P = projection(12, 8).to(DEVICE)
+    clean = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", backend=backend)
+    k[0, :, 140] = float("nan")
+    out = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", backend=backend)
+    assert torch.equal(out[:, :, :140], clean[:, :, :140])
+    assert torch.isnan(out[:, :, 140:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "rearranged"])
+def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
+    """aot_autograd replays outputs from the fakes' strides: a fake that differs from the real op
+    (rearranged q, k, v as models make them) corrupted the first compiled backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (t.to(DEVICE) for t in qkv(b=2, h=3, n=20, d=8, e=6))
+    if layout == "rearranged":  # "b n (h d) -> b h n d" views
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    P = projection(12, 8).to(DEVICE)
+    flags = (causal, 0, False, backend == "triton")
+    fwd_args = (q, k, v, P, *flags)
+    out = torch.ops.performer_triton.favor_fwd(*fwd_args)
+    grad = torch.randn_like(out[0]).transpose(1, 2).contiguous().transpose(1, 2)
+    bwd_args = (grad, q, k, v, P, *out, *flags)
+    grads = torch.ops.performer_triton.favor_bwd(*bwd_args)
+    with FakeTensorMode() as mode:
+        as_fake = lambda args: tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
+        fake_out = torch.ops.performer_triton.favor_fwd(*as_fake(fwd_args))
+        fake_grads = torch.ops.performer_triton.favor_bwd(*as_fake(bwd_args))
+    for real, fake in zip((*out, *grads), (*fake_out, *fake_grads)):
+        assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)

@@ -5,11 +5,12 @@ import pytest
 import torch
 from local_attention import LocalAttention
 
+from models import enc_dec_kwargs
 from performer_triton import reference
 from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
 from performer_triton.decoding import DecodingCache, LocalWindowState, favor_state
 from performer_triton.fast_attention import FastAttention
-from performer_triton.performer import PerformerLM
+from performer_triton.performer_pytorch import PerformerLM
 from performer_triton.performer_enc_dec import PerformerEncDec
 
 NUM_TOKENS = 64
@@ -163,20 +164,9 @@ def test_generation_past_max_seq_len_falls_back_to_the_sliding_window():
 def test_encoder_decoder_generation_with_cache():
     torch.manual_seed(0)
     model = PerformerEncDec(
-        dim=32,
-        key_stabilizer="prefix",
-        enc_num_tokens=NUM_TOKENS,
-        enc_depth=1,
-        enc_heads=4,
-        enc_dim_head=8,
-        enc_max_seq_len=32,
-        dec_num_tokens=NUM_TOKENS,
-        dec_depth=2,
-        dec_heads=4,
-        dec_dim_head=8,
-        dec_max_seq_len=48,
-        dec_local_attn_heads=1,
-        dec_local_window_size=8,
+        **enc_dec_kwargs(NUM_TOKENS, max_seq_len=32, dec_depth=2, key_stabilizer="prefix", dec_local_attn_heads=1,
+                         dec_local_window_size=8)
+        | dict(dec_max_seq_len=48)
     ).double()
     src = torch.randint(0, NUM_TOKENS, (2, 23), generator=torch.Generator().manual_seed(5))
     enc_mask = torch.ones(2, 23, dtype=torch.bool)
@@ -226,3 +216,40 @@ def test_cache_overflow_names_both_lengths():
     model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"cached length 10 \+ new length 3 = 13 exceeds max_seq_len 12"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_generate_restores_training_mode_after_an_error_and_validates_its_arguments():
+    model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True)
+    wrapper = AutoregressiveWrapper(model).train()
+    prompt = torch.randint(0, NUM_TOKENS, (1, 3))
+    with pytest.raises(ValueError, match="token ids outside"):
+        wrapper.generate(torch.full((1, 3), NUM_TOKENS), 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapper.generate(prompt, 4, filter_logits_fn=lambda logits, thres: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert model.training
+    for bad in (dict(seq_len=-1), dict(seq_len=2, temperature=-1.0)):
+        with pytest.raises(ValueError):
+            wrapper.generate(prompt, **bad)
+
+
+def test_generate_greedy_and_small_vocabularies():
+    """temperature=0 is greedy; top_k keeps at least one token (1.1.4's k = 0 crashed)."""
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=8, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True,
+                        key_stabilizer="prefix")
+    wrapper = AutoregressiveWrapper(model)
+    prompt = torch.randint(0, 8, (2, 3))
+    greedy = wrapper.generate(prompt, 5, temperature=0.0)
+    out = prompt
+    for _ in range(5):  # the argmax continuation, recomputed step by step
+        out = torch.cat((out, model.eval()(out)[:, -1].argmax(-1, keepdim=True)), dim=-1)
+    assert torch.equal(greedy, out[:, 3:])
+    for thres in (0.9, 1.0):
+        assert wrapper.generate(prompt, 4, filter_thres=thres).shape == (2, 4)
+
+
+def test_models_take_empty_inputs():
+    model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True,
+                        local_attn_heads=1)
+    assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, NUM_TOKENS)
+    assert model(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, NUM_TOKENS)

@@ -18,12 +18,13 @@ with warnings.catch_warnings():
     import performer_pytorch.reversible as original_rev
 
 import performer_triton.autoregressive_wrapper as ours_ar
-import performer_triton.performer as ours_pp
+import performer_triton.performer_pytorch as ours_pp
 import performer_triton.performer_enc_dec as ours_ed
 import performer_triton.reversible as ours_rev
+from models import enc_dec_kwargs
 from performer_triton.autoregressive_wrapper import AutoregressiveWrapper, repetition_penalty_fn
 from performer_triton.fast_attention import FastAttention
-from performer_triton.performer import Attention, CrossAttention, Performer, PerformerLM, ProjectionUpdater
+from performer_triton.performer_pytorch import Attention, CrossAttention, Performer, PerformerLM, ProjectionUpdater
 from performer_triton.performer_enc_dec import PerformerEncDec
 
 NUM_TOKENS = 40
@@ -129,20 +130,7 @@ def test_default_mask_reproduces_1_1_4_padding_leak():
 
 def test_exact_mask_cross_attention_ignores_padded_context():
     torch.manual_seed(0)
-    model = PerformerEncDec(
-        dim=32,
-        exact_mask=True,
-        enc_num_tokens=NUM_TOKENS,
-        enc_depth=1,
-        enc_heads=4,
-        enc_dim_head=8,
-        enc_max_seq_len=40,
-        dec_num_tokens=NUM_TOKENS,
-        dec_depth=1,
-        dec_heads=4,
-        dec_dim_head=8,
-        dec_max_seq_len=40,
-    ).double()
+    model = PerformerEncDec(**enc_dec_kwargs(NUM_TOKENS, exact_mask=True)).double()
     src, tgt = tokens(n=31), tokens(n=11, seed=3)
     enc_mask = torch.ones(2, 31, dtype=torch.bool)
     enc_mask[1, 19:] = False
@@ -170,16 +158,7 @@ def test_exact_mask_prefix_rejects_holes():
 
 def test_key_stabilizer_reaches_every_causal_self_attention():
     model = PerformerEncDec(
-        dim=32,
-        key_stabilizer="prefix",
-        enc_num_tokens=NUM_TOKENS,
-        enc_depth=1,
-        enc_heads=2,
-        enc_max_seq_len=16,
-        dec_num_tokens=NUM_TOKENS,
-        dec_depth=2,
-        dec_heads=2,
-        dec_max_seq_len=16,
+        **enc_dec_kwargs(NUM_TOKENS, heads=2, dim_head=None, max_seq_len=16, dec_depth=2, key_stabilizer="prefix")
     )
     dec_fast = [m for m in model.dec.net.modules() if isinstance(m, FastAttention)]
     kinds = [(m.causal, m.key_stabilizer) for m in dec_fast]
@@ -224,6 +203,25 @@ def test_check_redraw_projections_and_updater_forward():
     assert torch.equal(fast.projection_matrix, after)
 
 
+def test_default_redraws_consume_the_global_rng_as_performer_pytorch():
+    """Same seed: the same matrices after each redraw, and the same random stream afterwards."""
+    theirs_ours = []
+    for cls in (original.PerformerLM, PerformerLM):
+        torch.manual_seed(3)
+        model = cls(**SMALL, feature_redraw_interval=1).train()
+        snapshots = []
+        for _ in range(4):
+            model.performer.proj_updater.redraw_projections()
+            snapshots.append([m.projection_matrix.clone() for m in model.modules() if hasattr(m, "projection_matrix")])
+        theirs_ours.append((snapshots, torch.randn(5)))
+    (theirs, theirs_next), (ours, ours_next) = theirs_ours
+    for before, after in zip(theirs, ours):
+        assert len(before) == len(after) == SMALL["depth"]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not torch.equal(theirs[0][0], theirs[1][0])  # a redraw happened in between
+    assert torch.equal(theirs_next, ours_next)
+
+
 def test_redraws_follow_the_seed_not_the_global_rng():
     models = []
     for global_seed in (1, 2):
@@ -243,53 +241,88 @@ def test_redraws_follow_the_seed_not_the_global_rng():
 # other fixes
 
 
-@pytest.mark.parametrize("spelling", ["tie_token_embed", "tie_token_embeds"])
-def test_encoder_decoder_ties_embeddings_with_either_spelling(spelling):
-    model = PerformerEncDec(
-        dim=16,
-        **{spelling: True},
-        enc_num_tokens=NUM_TOKENS,
-        enc_depth=1,
-        enc_heads=2,
-        enc_max_seq_len=8,
-        dec_num_tokens=NUM_TOKENS,
-        dec_depth=1,
-        dec_heads=2,
-        dec_max_seq_len=8,
-    )
-    assert model.enc.token_emb is model.dec.net.token_emb
+def test_encoder_decoder_ties_embeddings_only_with_tie_token_embeds():
+    """1.1.4 ignores the README's spelling tie_token_embed (a checkpoint of that configuration has
+    untied embeddings): ignored again, with a warning naming the real parameter."""
+    from performer_triton import validation
+
+    validation._WARNED.clear()
+    kwargs = enc_dec_kwargs(NUM_TOKENS, dim=16, heads=2, dim_head=None, max_seq_len=8)
+    tied = PerformerEncDec(**kwargs, tie_token_embeds=True)
+    assert tied.enc.token_emb is tied.dec.net.token_emb
+    with pytest.warns(UserWarning, match="tie_token_embeds"):
+        untied = PerformerEncDec(**kwargs, tie_token_embed=True)
+    assert untied.enc.token_emb is not untied.dec.net.token_emb
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = original.PerformerEncDec(**kwargs, tie_token_embed=True)
+    assert list(theirs.state_dict()) == list(untied.state_dict())
 
 
-def test_encoder_decoder_rejects_unprefixed_arguments():
-    with pytest.raises(TypeError, match="depth"):
+def test_encoder_decoder_ignores_unprefixed_arguments_as_performer_pytorch():
+    from performer_triton import validation
+
+    validation._WARNED.clear()
+    kwargs = enc_dec_kwargs(NUM_TOKENS, dim=16, heads=2, dim_head=None, max_seq_len=8)
+    with pytest.warns(UserWarning, match="'depth'"):
+        PerformerEncDec(**kwargs, depth=2)
+    with pytest.raises(TypeError, match="depth"):  # PerformerLM's own error, as in 1.1.4
         PerformerEncDec(dim=16, depth=2, enc_num_tokens=4, dec_num_tokens=4)
 
 
-def test_repetition_penalty_looks_at_each_rows_recent_tokens():
-    logits = torch.full((2, 6), 2.0)
-    ctx = torch.tensor([[1, 1, 4], [0, 2, 2]])
-    out = repetition_penalty_fn(logits, ctx, theta=2.0)
-    assert out.tolist() == [[2, 1, 2, 2, 1, 2], [1, 2, 1, 2, 2, 2]]
+def test_repetition_penalty_fn_is_performer_pytorchs():
+    logits = torch.randn(2, 6)
+    for ctx in (torch.tensor([[1, 1, 4], [0, 2, 2]]), torch.tensor([5, 0])):
+        expected = original_ar.repetition_penalty_fn(logits, ctx, theta=2.0)
+        assert torch.equal(repetition_penalty_fn(logits, ctx, theta=2.0), expected)
 
 
-def test_generate_with_repetition_penalty_in_a_batch():
+def test_generate_with_repetition_penalty_at_batch_one_samples_performer_pytorchs_tokens():
+    """1.1.4 passes out[-ctx:] (batch rows): at batch size 1 the whole history is penalised."""
+    import performer_triton
+
+    results = []
+    for module in (original, performer_triton):
+        torch.manual_seed(0)
+        model = module.PerformerLM(**SMALL, causal=True).double()
+        wrapper = module.AutoregressiveWrapper(model)
+        torch.manual_seed(1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            results.append(wrapper.generate(tokens(b=1, n=4)[0], 12, repetition_penalty=3.0, repetition_penalty_ctx=2))
+    assert torch.equal(results[0], results[1])
+
+
+def test_generate_with_repetition_penalty_in_a_batch_looks_at_each_rows_recent_tokens():
     wrapper = AutoregressiveWrapper(lm(causal=True, key_stabilizer="prefix"))
     out = wrapper.generate(tokens(b=3, n=4), 5, repetition_penalty=1.5, repetition_penalty_ctx=3)
     assert out.shape == (3, 5)
+    from performer_triton.autoregressive_wrapper import _penalize_rows
+
+    logits = torch.full((2, 6), 2.0)
+    penalised = _penalize_rows(logits, torch.tensor([[1, 1, 4], [0, 2, 2]]), theta=2.0)
+    assert penalised.tolist() == [[2, 1, 2, 2, 1, 2], [1, 2, 1, 2, 2, 2]]
 
 
-def test_unknown_keywords_raise_type_error():
+def test_keywords_performer_pytorch_ignores_are_ignored_with_one_warning():
+    """1.1.4's router drops keywords no layer takes; real programs rely on it
+    (AutoregressiveWrapper(model)(x, return_loss=True) in lucidrains' enwik8 example)."""
+    from performer_triton import validation
+
+    validation._WARNED.clear()
     model = lm(cross_attend=False)
     x = tokens()
-    with pytest.raises(TypeError, match="foo"):
-        model(x, foo=1)
-    with pytest.raises(TypeError, match="context"):
-        model(x, context=torch.zeros(2, 5, 32, dtype=torch.float64))
-    model(x, context_mask=None)  # None is "not given"
-    with pytest.raises(TypeError, match="foo"):
-        model.performer(torch.zeros(2, 5, 32, dtype=torch.float64), foo=1)
-    with pytest.raises(TypeError, match="foo"):
-        Attention(32, heads=4, dim_head=8)(torch.zeros(1, 3, 32), foo=1)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="'foo'"):
+        assert torch.equal(model(x, foo=1), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per name: the second call is silent
+        assert torch.equal(model(x, foo=2), expected)
+    with pytest.warns(UserWarning, match="'context'"):
+        assert torch.equal(model(x, context=torch.zeros(2, 5, 32, dtype=torch.float64)), expected)
+    with pytest.warns(UserWarning, match="'return_loss'"):
+        AutoregressiveWrapper(model)(x, return_loss=True)
+    with pytest.warns(UserWarning, match="'input_mask'"):
+        ours_pp.SelfAttention(32, heads=4, dim_head=8)(torch.zeros(1, 3, 32), input_mask=torch.ones(1, 3).bool())
 
 
 def test_cross_attention_and_self_attention_argument_checks():
@@ -360,7 +393,14 @@ def test_projection_updater_counts_only_in_training():
     updater.train()
     updater.redraw_projections()
     assert int(updater.calls_since_last_redraw) == 1
-    assert isinstance(Performer(16, 1, 2, 8).proj_updater, ProjectionUpdater)
+    # the Performer's own updater is what its forward consults: interval 1 redraws on the 2nd call
+    model = Performer(16, 1, 2, 8, feature_redraw_interval=1).train()
+    projection = next(m for m in model.modules() if isinstance(m, FastAttention)).projection_matrix
+    before = projection.clone()
+    model(torch.randn(1, 4, 16))
+    assert int(model.proj_updater.calls_since_last_redraw) == 1 and torch.equal(projection, before)
+    model(torch.randn(1, 4, 16))
+    assert int(model.proj_updater.calls_since_last_redraw) == 0 and not torch.equal(projection, before)
 
 
 def test_top_level_exports_match_performer_pytorch():
@@ -374,3 +414,101 @@ def test_top_level_exports_match_performer_pytorch():
     for name in exported:
         assert isinstance(getattr(performer_triton, name, None), type), name
     assert callable(performer_triton.replace_fast_attention)
+
+
+@pytest.mark.parametrize("submodule", ["performer_pytorch", "autoregressive_wrapper", "performer_enc_dec", "reversible"])
+def test_every_performer_pytorch_module_path_and_name_exists(submodule):
+    """`from performer_triton.<submodule> import X` (and `import *`) for every name 1.1.4's module
+    has. LooseVersion is 1.1.4's import from distutils, which Python 3.12 removed."""
+    import importlib
+
+    theirs = importlib.import_module(f"performer_pytorch.{submodule}")
+    ours = importlib.import_module(f"performer_triton.{submodule}")
+    names = {name for name in vars(theirs) if not name.startswith("_")} - {"LooseVersion"}
+    assert names and sorted(name for name in names if not hasattr(ours, name)) == []
+    star: dict = {}
+    exec(f"from performer_triton.{submodule} import *", star)
+    assert sorted(names - set(star)) == []
+    for name in names:  # what 1.1.4 defines itself is ours, not a re-export of 1.1.4's
+        if getattr(getattr(theirs, name), "__module__", None) == theirs.__name__:
+            assert getattr(getattr(ours, name), "__module__", "").startswith("performer_triton"), name
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_never_redraws_during_recomputation(use_reentrant):
+    """torch.utils.checkpoint re-runs forward in backward; a redraw there would give gradients
+    of other projections than the loss used."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Performer(16, 1, 2, 8, feature_redraw_interval=1).double().train()
+        x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+        for _ in range(3):  # redraws on calls 2 and 4 (period interval + 1)
+            out = checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
+            out.square().sum().backward()
+        grads.append((x.grad.clone(), int(model.proj_updater.calls_since_last_redraw)))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-10, atol=0) and grads[0][1] == grads[1][1]
+
+
+@pytest.mark.parametrize("local_attn_heads", [0, 1])
+def test_bf16_autocast_trains_a_default_performer_lm(local_attn_heads):
+    """1.1.4's defaults (rotary on): rotary upcasts q, k to fp32 while v stays bf16 under autocast;
+    the dtype check must see the autocast dtype."""
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=32, dim=32, depth=2, heads=4, dim_head=8, causal=True,
+                        local_attn_heads=local_attn_heads, local_window_size=8)
+    x = tokens(n=17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).transpose(1, 2).float(), x)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3, 0.5])
+def test_causal_linear_attention_takes_any_eps_as_performer_pytorch(eps):
+    torch.manual_seed(0)
+    q, k = (torch.rand(2, 3, 37, 20, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 37, 8, dtype=torch.float64)
+    expected = original_pp.causal_linear_attention_noncuda(q, k, v, eps=eps)
+    for ours in (ours_pp.causal_linear_attention(q, k, v, eps=eps), ours_pp.causal_linear_attention_noncuda(q, k, v, eps=eps)):
+        assert ((ours - expected).norm() / expected.norm()).item() <= 1e-12
+
+
+def test_module_inputs_are_validated_like_the_functional_api():
+    with pytest.raises(ValueError, match="nb_features"):
+        FastAttention(4, 0)
+    with pytest.raises(ValueError, match="nb_features"):
+        FastAttention(1)
+    with pytest.raises(TypeError, match="floating-point"):
+        ours_pp.SelfAttention(32, heads=4, dim_head=8)(torch.zeros(1, 3, 32, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating-point"):
+        Performer(16, 1, 2, 8)(torch.zeros(1, 3, 16, dtype=torch.int32))
+    with pytest.raises(AssertionError, match="max_seq_len"):  # 1.1.4 asserted: code catching it keeps working
+        lm()(tokens(n=SMALL["max_seq_len"] + 1))
+    with pytest.raises(AssertionError):
+        Performer(16, 2, 2, 8, local_attn_heads=(1, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_with_local_heads_train(dtype):
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=32, dim=32, depth=2, heads=4, dim_head=8, causal=True,
+                        local_attn_heads=1, local_window_size=8).to(dtype)
+    logits = model(tokens(n=17))
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_reversible_model_backpropagates_in_eval_mode():
+    """Without dropout eval and training mode compute the same function: the same gradients."""
+    model = lm(causal=True, reversible=True, feature_redraw_interval=None)  # lm() returns an eval-mode model
+    x = tokens(n=17)
+    grads = []
+    for training in (False, True):
+        model.zero_grad()
+        model.train(training)(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*grads))

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from performer_triton import AutoregressiveWrapper, PerformerLM
+
 DEFAULT_MODULES = ("argparse", "collections", "dataclasses", "functools", "pathlib", "textwrap", "typing")
 
 
@@ -34,9 +36,6 @@ def load_corpus(path: str | None) -> bytes:
 
 
 def build_model(seq_len: int, device: torch.device):
-    from .autoregressive_wrapper import AutoregressiveWrapper
-    from .performer import PerformerLM
-
     model = PerformerLM(
         num_tokens=256,
         max_seq_len=seq_len,

@@ -11,6 +11,7 @@ performer-pytorch").
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -20,44 +21,26 @@ from axial_positional_embedding import AxialPositionalEmbedding
 from einops import rearrange, repeat
 from local_attention import LocalAttention
 from torch import Tensor, nn
+from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason
 from .fast_attention import FastAttention
 from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
-from .reference import CAUSAL_EPS
+from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-
-__all__ = [
-    "AbsolutePositionalEmbedding",
-    "Always",
-    "Attention",
-    "Chunk",
-    "CrossAttention",
-    "FastAttention",
-    "FeedForward",
-    "FixedPositionalEmbedding",
-    "Performer",
-    "PerformerLM",
-    "PreLayerNorm",
-    "PreScaleNorm",
-    "PreShiftTokens",
-    "ProjectionUpdater",
-    "ReZero",
-    "SelfAttention",
-    "apply_rotary_pos_emb",
-    "causal_linear_attention",
-    "causal_linear_attention_noncuda",
-    "gaussian_orthogonal_random_matrix",
-    "generalized_kernel",
-    "linear_attention",
-    "orthogonal_matrix_chunk",
-    "rotate_every_two",
-    "shift",
-    "softmax_kernel",
-]
+from .validation import InputError, ignored_kwargs
 
 T = TypeVar("T")
+
+# 1.1.4's module-level flags: no apex needed (half precision runs natively), torch >= 1.8
+APEX_AVAILABLE = False
+TORCH_GE_1_8_0 = True
+
+
+@contextmanager
+def null_context():
+    yield
 
 # helpers
 
@@ -90,7 +73,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -179,17 +162,17 @@ class PreShiftTokens(nn.Module):
 
 
 def softmax_kernel(
-    data: Tensor, *, projection_matrix: Tensor, is_query: bool, normalize_data: bool = True, eps: float = 1e-4, device=None
+    data: Tensor,
+    *,
+    projection_matrix: Tensor,
+    is_query: bool,
+    normalize_data: bool = True,
+    eps: float = SOFTMAX_EPS,
+    device=None,
 ) -> Tensor:
-    """1.1.4's positive random features ratio * (exp(dash - |x|^2/2 - max) + eps).
-    data (b, h, n, d), projection_matrix (m, d) -> (b, h, n, m); the max is per row for queries,
-    per (b, h) for keys, detached. ``device`` is unused (as in 1.1.4)."""
-    normalizer = data.shape[-1] ** -0.25 if normalize_data else 1.0
-    ratio = projection_matrix.shape[0] ** -0.5
-    dash = torch.einsum("...id,jd->...ij", normalizer * data, projection_matrix.type_as(data))
-    diag = ((data**2).sum(dim=-1) / 2.0 * normalizer**2)[..., None]
-    stab = dash.amax(dim=-1 if is_query else (-1, -2), keepdim=True).detach()
-    return (ratio * (torch.exp(dash - diag - stab) + eps)).type_as(data)
+    """1.1.4's positive random features (feature_maps.softmax_features).  data (b, h, n, d),
+    projection_matrix (m, d) -> (b, h, n, m). ``device`` is unused (as in 1.1.4)."""
+    return softmax_features(data, projection_matrix, is_query=is_query, normalize=normalize_data, eps=eps)
 
 
 def generalized_kernel(
@@ -197,16 +180,13 @@ def generalized_kernel(
     *,
     projection_matrix: Tensor | None,
     kernel_fn: Callable[[Tensor], Tensor] = nn.ReLU(),
-    kernel_epsilon: float = 0.001,
+    kernel_epsilon: float = GENERALIZED_EPS,
     normalize_data: bool = True,
     device=None,
 ) -> Tensor:
-    """1.1.4's generalized features kernel_fn((dn x) @ P^T) + kernel_epsilon, (b,h,n,d) -> (b,h,n,m)."""
-    normalizer = data.shape[-1] ** -0.25 if normalize_data else 1.0
-    if projection_matrix is None:
-        return kernel_fn(normalizer * data) + kernel_epsilon
-    dash = torch.einsum("...id,jd->...ij", normalizer * data, projection_matrix.type_as(data))
-    return (kernel_fn(dash) + kernel_epsilon).type_as(data)
+    """1.1.4's generalized features kernel_fn((dn x) @ P^T) + kernel_epsilon
+    (feature_maps.generalized_features), (b,h,n,d) -> (b,h,n,m)."""
+    return generalized_features(data, projection_matrix, kernel_fn, normalize=normalize_data, eps=kernel_epsilon)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -216,10 +196,15 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = CAUSAL_EPS) -> Tensor:
-    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e)."""
-    if eps != CAUSAL_EPS:
-        raise ValueError(f"eps must be {CAUSAL_EPS} (the fused kernels' constant), got {eps}")
-    return functional.linear_attention(q, k, v, causal=True)
+    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e).
+
+    The kernels add CAUSAL_EPS to every key-feature prefix sum; another eps enters as one extra
+    key before the sequence, features (eps - CAUSAL_EPS) and value 0, seen by every query."""
+    if eps == CAUSAL_EPS or q.shape[-2] == 0:
+        return functional.linear_attention(q, k, v, causal=True)
+    first = lambda t, value: torch.full_like(t[..., :1, :], value)  # noqa: E731  (b, h, 1, .)
+    q1, k1, v1 = (torch.cat((first(t, fill), t), dim=-2) for t, fill in ((q, 1.0), (k, eps - CAUSAL_EPS), (v, 0.0)))
+    return functional.linear_attention(q1, k1, v1, causal=True)[..., 1:, :]
 
 
 def causal_linear_attention_noncuda(
@@ -238,10 +223,12 @@ class ProjectionUpdater(nn.Module):
     after ``feature_redraw_interval`` calls (period interval + 1, never on the first call).
 
     Registers ``instance`` as a submodule (so its keys appear twice in the state_dict, as in
-    1.1.4). Redraws draw from a private generator seeded with (redraw_seed, redraw_count), not the
-    global RNG, so data-parallel replicas draw identical matrices. ``seed`` defaults to
-    torch.initial_seed(); both counters are non-persistent buffers, so DistributedDataParallel
-    broadcasts rank 0's values and the state_dict keys stay 1.1.4's.
+    1.1.4). By default redraws draw from the global RNG exactly as 1.1.4 (same matrices, same
+    random stream afterwards); DistributedDataParallel's default broadcast_buffers=True copies
+    rank 0's projections to every rank at each forward, so replicas stay equal. With ``seed``
+    (opt-in) they draw from a private generator seeded with (seed, redraw count): identical on
+    every rank without a broadcast, the global RNG untouched. Its counters are non-persistent
+    buffers, so the state_dict keys stay 1.1.4's.
     """
 
     def __init__(self, instance: nn.Module, feature_redraw_interval: int | None, *, seed: int | None = None):
@@ -249,24 +236,31 @@ class ProjectionUpdater(nn.Module):
         self.instance = instance
         self.feature_redraw_interval = feature_redraw_interval
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
-        seed = torch.initial_seed() if seed is None else _check_int("seed", seed, 0)
-        self.register_buffer("redraw_seed", torch.tensor(seed % 2**63), persistent=False)
-        self.register_buffer("redraw_count", torch.tensor(0), persistent=False)
+        self.seeded = seed is not None
+        if self.seeded:
+            self.register_buffer("redraw_seed", torch.tensor(_check_int("seed", seed, 0) % 2**63), persistent=False)
+            self.register_buffer("redraw_count", torch.tensor(0), persistent=False)
 
     def fix_projections_(self) -> None:
         self.feature_redraw_interval = None
 
+    @torch.compiler.disable
     def redraw_projections(self) -> None:
-        """In training mode: redraw if the interval has elapsed, else count the call."""
-        if not self.training:
+        """In training mode: redraw if the interval has elapsed, else count the call. A forward
+        recomputed during backward (torch.utils.checkpoint) is not a new call: it must see the
+        projections the original forward used. Runs eagerly under torch.compile (it reads the
+        counter and may rewrite the projections in place): one graph break per training call."""
+        if not self.training or torch._C._current_graph_task_id() != -1:
             return
         interval = self.feature_redraw_interval
         if exists(interval) and self.calls_since_last_redraw >= interval:
-            seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
-            generator = torch.Generator().manual_seed(seed)
+            generator = None
+            if self.seeded:
+                seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
+                generator = torch.Generator().manual_seed(seed)
+                self.redraw_count += 1
             for fast_attention in find_modules(self.instance, FastAttention):
                 fast_attention.redraw_projection_matrix(generator=generator)
-            self.redraw_count += 1
             self.calls_since_last_redraw.zero_()
             return
         self.calls_since_last_redraw += 1
@@ -385,11 +379,11 @@ class Attention(nn.Module):
         _check_int("dim", dim, 1)
         _check_int("heads", heads, 1)
         if dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+            raise InputError(f"dim ({dim}) must be divisible by heads ({heads})")
         dim_head = _check_int("dim_head", default(dim_head, dim // heads), 1)
         _check_int("local_heads", local_heads, 0)
         if local_heads > heads:
-            raise ValueError(f"local_heads ({local_heads}) must be <= heads ({heads})")
+            raise InputError(f"local_heads ({local_heads}) must be <= heads ({heads})")
         inner_dim = dim_head * heads
         self.fast_attention = FastAttention(
             dim_head,
@@ -432,14 +426,16 @@ class Attention(nn.Module):
         context_mask: Tensor | None = None,
         *,
         cache: DecodingCache | None = None,
+        **kwargs,
     ) -> Tensor:
         """x (b, n, dim) -> (b, n, dim).
 
         pos_emb (1, n, dim_head) rotary sinusoids for the global heads; context (b, s, dim) for
         cross-attention; mask (b, n) / context_mask (b, s) bool, True = keep. With ``cache``
         (causal self-attention), x holds only the new positions and the layer's recurrent state
-        is read and updated.
+        is read and updated. Other keywords are ignored (with a one-time warning), as in 1.1.4.
         """
+        ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
         _check_input("x", x, self.dim)
         b, n, _ = x.shape
         h, gh = self.heads, self.global_heads
@@ -453,8 +449,10 @@ class Attention(nn.Module):
         _check_mask("mask", mask, b, n)
         _check_mask("context_mask", context_mask, b, context.shape[1])
         if cross_attend and self.local_attn is not None:
-            raise ValueError("local attention is not compatible with cross attention (local_heads > 0)")
+            raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
 
+        if b == 0 or n == 0:  # nothing to attend from (1.1.4 failed in torch.cat)
+            return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
 
@@ -478,7 +476,10 @@ class Attention(nn.Module):
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:
-                outs.append(self.local_attn(lq, lk, lv, input_mask=local_mask))
+                # local-attention's rotary embedding returns fp32 q, k for 16-bit inputs, which its
+                # einsum then meets with 16-bit v: run 16-bit local heads in fp32
+                wide = (lq, lk, lv) if lq.dtype.itemsize >= 4 else (lq.float(), lk.float(), lv.float())
+                outs.append(self.local_attn(*wide, input_mask=local_mask).to(lq.dtype))
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
 
@@ -487,7 +488,7 @@ class Attention(nn.Module):
 
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None) -> Tensor:
         fa = self.fast_attention
-        if key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map == "softmax":
+        if key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map.stabilized:
             # later keys are invisible to causal queries, so right padding needs no key mask
             if not _is_right_padding(key_keep):
                 raise ValueError(
@@ -522,19 +523,21 @@ def _check_input(name: str, x: object, dim: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (batch, length, {dim}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype (embeddings, not token ids), got {x.dtype}")
 
 
 class SelfAttention(Attention):
     def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
         if exists(context):
-            raise ValueError("self attention should not receive context")
+            raise InputError("self attention should not receive context")
         return super().forward(*args, **kwargs)
 
 
 class CrossAttention(Attention):
     def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
         if not exists(context):
-            raise ValueError("cross attention should receive context")
+            raise InputError("cross attention should receive context")
         return super().forward(*args, context=context, **kwargs)
 
 
@@ -610,7 +613,8 @@ class Performer(nn.Module):
 
     1.1.4's 25 arguments in 1.1.4's positional order; keyword-only additions: key_stabilizer,
     exact_mask, backend (passed to every attention layer; cross-attention keeps "global") and
-    redraw_seed (ProjectionUpdater's seed).
+    redraw_seed (opt-in: ProjectionUpdater draws from a generator seeded with it instead of
+    the global RNG).
     """
 
     def __init__(
@@ -652,12 +656,12 @@ class Performer(nn.Module):
         local_attn_heads = cast_tuple(local_attn_heads)
         local_attn_heads = local_attn_heads * depth if len(local_attn_heads) == 1 else local_attn_heads
         if len(local_attn_heads) != depth:
-            raise ValueError(
+            raise InputError(
                 f"local_attn_heads must give one count per layer: got {len(local_attn_heads)} for depth {depth}"
             )
         for count in local_attn_heads:
             if _check_int("local_attn_heads", count, 0) > heads:
-                raise ValueError(f"local_attn_heads ({count}) must be <= heads ({heads})")
+                raise InputError(f"local_attn_heads ({count}) must be <= heads ({heads})")
 
         if use_scalenorm:
             wrapper_fn = partial(PreScaleNorm, dim)
@@ -716,6 +720,7 @@ class Performer(nn.Module):
         self.proj_updater = ProjectionUpdater(self.net, feature_redraw_interval, seed=redraw_seed)
         self.causal = causal
         self.shift_tokens = shift_tokens
+        self.dim = dim
 
     def fix_projection_matrices_(self) -> None:
         self.proj_updater.feature_redraw_interval = None
@@ -737,7 +742,7 @@ class Performer(nn.Module):
             i
             for i, attn in enumerate(attentions)
             if attn.global_heads > 0
-            and attn.fast_attention.feature_map == "softmax"
+            and attn.fast_attention.feature_map.stabilized
             and attn.fast_attention.key_stabilizer == "global"
         ]
         if global_layers and (global_layers[0] < len(attentions) - 1 or self.shift_tokens):
@@ -750,8 +755,10 @@ class Performer(nn.Module):
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
         """x (b, n, dim) -> (b, n, dim); keywords (mask, pos_emb, context, context_mask, cache) are
-        routed to the layers that take them, any other raises TypeError."""
-        if self.auto_check_redraw:
+        routed to the layers that take them, any other is ignored
+        with a one-time warning, as in 1.1.4."""
+        _check_input("x", x, self.dim)
+        if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
             self.proj_updater.redraw_projections()
         cache = kwargs.get("cache")
         if exists(cache):
@@ -860,11 +867,17 @@ class PerformerLM(nn.Module):
             raise ValueError(f"x must have shape (batch, length), got {tuple(x.shape)}")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"x must hold integer token ids, got {x.dtype}")
+        vocab = self.token_emb.num_embeddings
+        # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
+        if not torch.compiler.is_compiling() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            raise ValueError(
+                f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
+            )
         offset = cache.length if exists(cache) else 0
         n = offset + x.shape[1]
         if n > self.max_seq_len:
             what = f"sequence length {n}" if offset == 0 else f"cached length {offset} + new length {x.shape[1]} = {n}"
-            raise ValueError(f"{what} exceeds max_seq_len {self.max_seq_len}")
+            raise InputError(f"{what} exceeds max_seq_len {self.max_seq_len}")
 
         x = self.token_emb(x)
         x = x + _positions(self.pos_emb, x, offset)

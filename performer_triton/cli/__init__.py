@@ -1,12 +1,17 @@
 """The `performer-triton` command: demo, bench, check."""
+# An application of the library, kept apart from it: the modules of this package use only the
+# library's public API (and the float64 oracle performer_triton.reference, which `check` tests
+# against); the library never imports them.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from performer_triton import __version__
+
     parser = argparse.ArgumentParser(prog="performer-triton", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"performer-triton {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small leak-free causal PerformerLM, then sample with the cached decoder")
@@ -18,14 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--generate", type=int, default=400, help="tokens to sample after training")
     demo.add_argument("--seed", type=int, default=0)
 
-    from .bench_cli import add_arguments
+    from .bench import add_arguments
 
     add_arguments(sub.add_parser("bench", help="time and peak memory of ours and the peers vs sequence length"))
 
-    check = sub.add_parser("check", help="run every available path against the float64 reference")
-    check.add_argument("--n", type=int, default=37, help="sequence length (default 37)")
-    check.add_argument("--d", type=int, default=16, help="head dim (default 16)")
-    check.add_argument("--m", type=int, default=44, help="number of random features (default 44)")
+    from .check import add_arguments as add_check_arguments
+
+    add_check_arguments(sub.add_parser(
+        "check", help="run every available path against the float64 reference (on CPU, the Triton kernels in "
+                      "Triton's interpreter, in a subprocess)"))
     return parser
 
 
@@ -36,13 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo.run(args)
     if args.command == "bench":
-        from . import bench_cli
+        from . import bench
 
-        return bench_cli.run(args)
+        return bench.run(args)
     from . import check
 
     return check.main(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Side-by-side attention benchmarks: the implementations, their correctness checks, time and peak
-memory.  Used by bench/ (pytest-benchmark) and by `performer-triton bench`.
+memory.  Used by `performer-triton bench` and by the pytest-benchmark suites in bench/.
 
 Every implementation computes attention for q, k, v (b, h, n, d) and is checked at the timed shape
 before it is timed: the FAVOR+ implementations against our float64 PyTorch path with the same
@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import favor_attention
-from .projection import gaussian_orthogonal_random_matrix
-from .reference import feature_maps
+from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
+from performer_triton.feature_maps import resolve
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 EXACT_ROWS = 256  # queries of exact attention checked against float64
+SOFTMAX_FEATURES = resolve("softmax")  # FAVOR+ features in PyTorch, for peers that take features
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _fla(case: Case, x: Inputs) -> Callable[[], Tensor]:
 
     def run() -> Tensor:
         # FAVOR+ features in PyTorch (written to memory), then fla's chunked causal kernel
-        qf, kf = feature_maps(x.q, x.k, x.projection.to(x.q.dtype), causal=True)
+        qf, kf = SOFTMAX_FEATURES.features(x.q, x.k, x.projection.to(x.q.dtype), causal=True)
         out, _ = chunk_linear_attn(
             qf.transpose(1, 2), kf.transpose(1, 2), x.v.transpose(1, 2), scale=1.0, normalize=True
         )
@@ -279,20 +279,6 @@ def step(case: Case, x: Inputs, fn: Callable[[], Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_step(run: Callable[[], None], *, repeats: int = 3, budget_s: float = 5.0) -> float:
-    """Median seconds of `run` over up to `repeats` calls after one warm-up (fewer when each call
-    is slower than budget_s / repeats)."""
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(max(1, min(repeats, int(budget_s / max(first, 1e-9))))):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_memory(run: Callable[[], None], device: str) -> int:
     """Peak bytes allocated by `run` above what was allocated before it.
 
@@ -341,23 +327,6 @@ class Measurement:
         )
 
 
-def measure(impl: Impl, case: Case, *, memory: bool = True, repeats: int = 3) -> Measurement:
-    """Check, time and (optionally) measure the peak memory of one implementation on one case."""
-    result = Measurement(impl.name, impl.version(), case)
-    reason = impl.unavailable(case)
-    if reason is not None:
-        result.skipped = reason
-        return result
-    x = make_inputs(case)
-    fn = impl.build(case, x)
-    result.error = verify(impl, case, x, fn)
-    run = step(case, x, fn)
-    result.seconds = time_step(run, repeats=repeats)
-    if memory:
-        result.peak_bytes = peak_memory(run, case.device)
-    return result
-
-
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -398,27 +367,3 @@ def side_by_side(impls: list[Impl], case: Case, *, repeats: int = 3, memory: boo
             result.peak_bytes = peak_memory(run, case.device)
     return results
 
-
-# H100 SXM: HBM3 bandwidth and dense bf16/fp16 tensor-core throughput (kernels/NOTES.md)
-H100_BYTES_PER_S = 3.35e12
-H100_FLOPS = 989e12
-
-
-def favor_flops_and_bytes(case: Case) -> tuple[float, float]:
-    """Minimal FLOPs and HBM bytes of non-causal FAVOR+ attention (kernels/NOTES.md, "Roofline").
-
-    Forward: feature maps of q and k (2 n m d each), context k'^T v (2 n m e), output q' @ context
-    (2 n m e); reads q, k, v and writes out.  Forward+backward: 3x the forward FLOPs; reads q, k, v,
-    out, grad and writes dq, dk, dv on top of the forward's traffic."""
-    rows = case.b * case.h * case.n
-    flops = 2.0 * rows * case.m * (2 * case.d + 2 * case.d)
-    tensors = 4  # q, k, v, out
-    if case.backward:
-        flops *= 3
-        tensors += 8  # + q, k, v, out, grad read; dq, dk, dv written
-    return flops, float(tensors * rows * case.d * case.dtype.itemsize)
-
-
-def h100_roofline_seconds(case: Case) -> float:
-    flops, nbytes = favor_flops_and_bytes(case)
-    return max(flops / H100_FLOPS, nbytes / H100_BYTES_PER_S)

@@ -1,0 +1,6 @@
+"""`python -m performer_triton.cli`, the same as `python -m performer_triton`."""
+import sys
+
+from . import main
+
+sys.exit(main())

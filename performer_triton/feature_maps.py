@@ -1,0 +1,220 @@
+"""The feature maps of FAVOR+ attention: one registry, each map defined once.
+
+A feature map turns queries and keys (b, h, n, d) into positive features (b, h, n, m) whose dot
+products approximate the attention kernel. Every path reads its map from here: functional
+(which path runs), the modules (FastAttention translates 1.1.4's generalized_attention /
+no_projection / kernel_fn once, `from_options`), the cached decoder, the chunked PyTorch path
+(`KERNEL_MAPS`, by the kernels' code) and the apps.
+
+An entry holds its name, the code of the kernels that run it (SOFTMAX and RELU compute the
+features inside the kernels: "fused"; GIVEN reads features computed here), the eps added to
+every feature, and the PyTorch feature functions, which serve wherever the kernels do not
+compute the features (key masks, "none", a callable kernel_fn, 1.1.4's module-level functions,
+decoding). Adding a map: kernels/NOTES.md, "Adding a feature map".
+
+Shapes: x (b, h, n, d), projection (m, d) -> features (b, h, n, m).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS
+
+__all__ = [
+    "CAUSAL_EPS",
+    "FEATURE_MAP_NAMES",
+    "FeatureMap",
+    "GENERALIZED_EPS",
+    "KERNEL_MAPS",
+    "SOFTMAX_EPS",
+    "from_options",
+    "generalized_features",
+    "half_sq_norm",
+    "project",
+    "resolve",
+    "softmax_features",
+]
+
+
+def project(x: Tensor, projection: Tensor, normalize: bool = True) -> Tensor:
+    """(dn x) @ P^T in x's dtype, dn = d**-0.25 (1 without normalize).  -> (b, h, n, m)."""
+    dn = x.shape[-1] ** -0.25 if normalize else 1.0
+    return torch.einsum("...id,jd->...ij", dn * x, projection.type_as(x))
+
+
+def half_sq_norm(x: Tensor, normalize: bool = True) -> Tensor:
+    """|dn x|^2 / 2, as 1.1.4 computes it.  -> (b, h, n)."""
+    dn = x.shape[-1] ** -0.25 if normalize else 1.0
+    return (x**2).sum(dim=-1) / 2.0 * dn**2
+
+
+def softmax_features(
+    x: Tensor,
+    projection: Tensor,
+    *,
+    is_query: bool,
+    key_padding_mask: Tensor | None = None,
+    normalize: bool = True,
+    eps: float = SOFTMAX_EPS,
+) -> Tensor:
+    """1.1.4's softmax_kernel: ratio (exp(dash - |dn x|^2 / 2 - max) + eps), ratio = m**-0.5.
+
+    The max (detached) is per row for queries and over all keys and features of each (b, h)
+    for keys. key_padding_mask (b, n) bool (True = keep): padded keys get zero features and do
+    not enter the max."""
+    ratio = projection.shape[0] ** -0.5
+    dash = project(x, projection, normalize)
+    diag = half_sq_norm(x, normalize)[..., None]
+    if is_query:
+        stab = dash.amax(dim=-1, keepdim=True).detach()
+    elif key_padding_mask is None:
+        stab = dash.amax(dim=(-1, -2), keepdim=True).detach()
+    else:
+        keep = key_padding_mask[:, None, :, None]
+        stab = dash.masked_fill(~keep, float("-inf")).amax(dim=(-1, -2), keepdim=True).detach()
+        stab = stab.masked_fill(torch.isinf(stab), 0.0)  # every key padded: any finite value
+    features = ratio * (torch.exp(dash - diag - stab) + eps)
+    if key_padding_mask is not None and not is_query:
+        features = features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    return features.type_as(x)
+
+
+def generalized_features(
+    x: Tensor,
+    projection: Tensor | None,
+    kernel_fn: Callable[[Tensor], Tensor],
+    *,
+    normalize: bool = True,
+    eps: float = GENERALIZED_EPS,
+) -> Tensor:
+    """1.1.4's generalized_kernel: kernel_fn((dn x) @ P^T) + eps, or kernel_fn(dn x) + eps
+    without a projection."""
+    if projection is None:
+        dn = x.shape[-1] ** -0.25 if normalize else 1.0
+        return kernel_fn(dn * x) + eps
+    return (kernel_fn(project(x, projection, normalize)) + eps).type_as(x)
+
+
+def _mask_keys(features: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """Padded keys (mask False) get zero features.  features (b, h, s, m), mask (b, s)."""
+    if key_padding_mask is None:
+        return features
+    return features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureMap:
+    """One feature map.  query_features(x, projection) -> (b, h, n, m);
+    key_features(x, projection, causal, key_padding_mask) -> (b, h, s, m)."""
+
+    name: str
+    code: int  # the kernels' FEATURE constexpr: SOFTMAX, RELU (fused) or GIVEN
+    eps: float  # added to every feature, wherever the features are computed
+    needs_projection: bool
+    query_features: Callable[[Tensor, Optional[Tensor]], Tensor]
+    key_features: Callable[[Tensor, Optional[Tensor], bool, Optional[Tensor]], Tensor]
+
+    @property
+    def fused(self) -> bool:
+        """The kernels compute the features from q, k and the projection themselves."""
+        return self.code != GIVEN
+
+    @property
+    def stabilized(self) -> bool:
+        """Features carry per-row maxima (queries) and a key stabilizer."""
+        return self.code == SOFTMAX
+
+    def features(
+        self, q: Tensor, k: Tensor, projection: Tensor | None, *, causal: bool, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(q', k') in PyTorch: (b, h, n, m), (b, h, s, m); padded keys excluded. Padded key rows
+        are replaced by zeros before any arithmetic (selection, not multiplication by zero), so
+        whatever they hold (NaN, inf, huge values) reaches neither outputs nor gradients."""
+        if key_padding_mask is not None:
+            k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        return self.query_features(q, projection), self.key_features(k, projection, causal, key_padding_mask)
+
+    def __repr__(self) -> str:
+        return f"FeatureMap({self.name!r})"
+
+
+def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) -> FeatureMap:
+    def query(x: Tensor, projection: Tensor | None) -> Tensor:
+        return generalized_features(x, projection, kernel_fn)
+
+    def key(x: Tensor, projection: Tensor | None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+        return _mask_keys(generalized_features(x, projection, kernel_fn), key_padding_mask)
+
+    return FeatureMap(name, code, GENERALIZED_EPS, True, query, key)
+
+
+def _no_projection_keys(x: Tensor, projection: None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+    """1.1.4's no_projection keys: exp (causal) or softmax over the sequence (non-causal).
+
+    Causal exp(k) overflows the dtype (fp16 above ~11, fp32 above ~88) where the attention
+    itself is finite: keys are shifted by their excess over a bound that keeps every feature and
+    every prefix sum finite, which scales numerator and normaliser alike (exact but for the 1e-6
+    causal eps, 1.1.4's values wherever 1.1.4's are finite, where the shift is 0)."""
+    if causal:
+        bound = math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0
+        shift = (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0) if x.numel() else 0.0
+        return _mask_keys(torch.exp(x - shift), key_padding_mask)
+    if key_padding_mask is not None:
+        x = x.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    return _mask_keys(x.softmax(dim=-2), key_padding_mask)
+
+
+SOFTMAX_MAP = FeatureMap(
+    "softmax",
+    SOFTMAX,
+    SOFTMAX_EPS,
+    True,
+    lambda x, projection: softmax_features(x, projection, is_query=True),
+    lambda x, projection, causal, mask: softmax_features(x, projection, is_query=False, key_padding_mask=mask),
+)
+RELU_MAP = _generalized(torch.relu, "relu", RELU)
+NONE_MAP = FeatureMap("none", GIVEN, 0.0, False, lambda x, projection: x.softmax(dim=-1), _no_projection_keys)
+# features the caller computed (linear_attention): what the GIVEN kernels run
+GIVEN_MAP = FeatureMap(
+    "given", GIVEN, 0.0, False, lambda x, projection: x, lambda x, projection, causal, mask: _mask_keys(x, mask)
+)
+
+FEATURE_MAP_NAMES = ("softmax", "relu", "none")  # the strings favor_attention(feature_map=...) takes
+_BY_NAME = {m.name: m for m in (SOFTMAX_MAP, RELU_MAP, NONE_MAP)}
+KERNEL_MAPS = {m.code: m for m in (SOFTMAX_MAP, RELU_MAP, GIVEN_MAP)}  # what each kernel code computes
+
+
+def _is_relu(kernel_fn: object) -> bool:
+    return isinstance(kernel_fn, nn.ReLU) or kernel_fn in (torch.relu, torch.nn.functional.relu)
+
+
+def resolve(feature_map: Union[str, Callable[[Tensor], Tensor], FeatureMap]) -> FeatureMap:
+    """The FeatureMap for a name in FEATURE_MAP_NAMES, a callable kernel_fn (generalized
+    attention with it; ReLU runs fused) or a FeatureMap."""
+    if isinstance(feature_map, FeatureMap):
+        return feature_map
+    if isinstance(feature_map, str):
+        if feature_map not in _BY_NAME:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAP_NAMES} or a callable, got {feature_map!r}")
+        return _BY_NAME[feature_map]
+    if not callable(feature_map):
+        raise TypeError(
+            f"feature_map must be one of {FEATURE_MAP_NAMES} or a callable, got {type(feature_map).__name__}"
+        )
+    if _is_relu(feature_map):
+        return RELU_MAP
+    return _generalized(feature_map, f"kernel_fn={feature_map!r}", GIVEN)
+
+
+def from_options(generalized_attention: bool, kernel_fn: Callable[[Tensor], Tensor], no_projection: bool) -> FeatureMap:
+    """1.1.4's FastAttention options as one FeatureMap (no_projection wins, as in 1.1.4)."""
+    if no_projection:
+        return NONE_MAP
+    if generalized_attention:
+        return resolve(kernel_fn)
+    return SOFTMAX_MAP
