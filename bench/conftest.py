@@ -1,5 +1,7 @@
-"""pytest-benchmark suite: `pytest bench/ --benchmark-autosave`, then compare a later run with
-`pytest bench/ --benchmark-compare --benchmark-compare-fail=median:10%`.
+"""pytest-benchmark suite: `pytest bench/` (absolute times, targets, generation) and
+`pytest bench/test_regression.py --benchmark-json FILE` (ratios to a reference timed in the same
+run, compared with `performer-triton bench --compare BASE NEW`; see that module).  Absolute medians
+of two identical runs on a shared machine differ by tens of percent: compare ratios, not them.
 
 Every benchmark checks the correctness of what it times (performer_triton.cli.benchmark.verify)
 before timing it.  Peers that cannot run here are skipped with the reason shown (-rs).

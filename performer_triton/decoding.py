@@ -102,8 +102,10 @@ class FavorState:
             row_max = dash.amax(dim=-1)  # (b, h, t)
             row_scale = row_max - chunk.half_sq_norm(x)
             self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
-        else:
-            row_max = row_scale = dash.new_zeros(dash.shape[:-1])
+        else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
+            row_max = dash.new_zeros(dash.shape[:-1])  # (b, h, t)
+            log_scale = self.feature_map.key_log_scale(k.masked_fill(~keep[..., None], 0.0), True)  # (b, h, 1, 1)
+            row_scale = row_max + (log_scale[..., 0] if isinstance(log_scale, Tensor) else log_scale)
         units = chunk.key_units(x, row_max, dash).masked_fill(~keep[..., None], 0.0)  # (b, h, t, m)
         vo = with_ones(v).masked_fill(~keep[..., None], 0.0)  # (b, h, t, e+1)
         self.hz, self.ref = add_keys(self.hz, self.ref, units, row_scale.masked_fill(~keep, float("-inf")), vo)
@@ -117,12 +119,14 @@ class FavorState:
         q_max = dash.amax(dim=-1) if chunk.softmax else None
         q_feat = chunk.query_base(x, dash, q_max) + chunk.eps  # (b, h, t, m)
         q_sum = q_feat.sum(dim=-1, keepdim=True)  # (b, h, t, 1)
+        causal_coef = chunk.causal_coef
         if chunk.softmax:  # exp(R - M) <= 1; 0 while no key has been kept
             scale = (self.ref - self.stab).masked_fill(torch.isinf(self.stab), float("-inf")).exp()
-        else:
+        else:  # hz is relative to R: the causal eps relative to it too
             scale = torch.ones_like(self.ref)
+            causal_coef = causal_coef * torch.exp(-self.ref.masked_fill(torch.isinf(self.ref), 0.0))[..., None, None]
         nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
-        return nd[..., :e] / (nd[..., e:] + chunk.causal_coef * q_sum)
+        return nd[..., :e] / (nd[..., e:] + causal_coef * q_sum)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""

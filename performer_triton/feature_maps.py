@@ -100,6 +100,13 @@ def generalized_features(
     return (kernel_fn(project(x, projection, normalize)) + eps).type_as(x)
 
 
+def _select_keys(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """Padded key rows replaced by zeros before any arithmetic.  k (b, h, s, d), mask (b, s)."""
+    if key_padding_mask is None:
+        return k
+    return k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
 def _mask_keys(features: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     """Padded keys (mask False) get zero features.  features (b, h, s, m), mask (b, s)."""
     if key_padding_mask is None:
@@ -118,6 +125,8 @@ class FeatureMap:
     needs_projection: bool
     query_features: Callable[[Tensor, Optional[Tensor]], Tensor]
     key_features: Callable[[Tensor, Optional[Tensor], bool, Optional[Tensor]], Tensor]
+    # log of the factor key_features divided the keys by to keep them finite (b, h, 1, 1), or 0.0
+    key_log_scale: Callable[[Tensor, bool], Union[Tensor, float]] = lambda x, causal: 0.0
 
     @property
     def fused(self) -> bool:
@@ -135,9 +144,14 @@ class FeatureMap:
         """(q', k') in PyTorch: (b, h, n, m), (b, h, s, m); padded keys excluded. Padded key rows
         are replaced by zeros before any arithmetic (selection, not multiplication by zero), so
         whatever they hold (NaN, inf, huge values) reaches neither outputs nor gradients."""
-        if key_padding_mask is not None:
-            k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        k = _select_keys(k, key_padding_mask)
         return self.query_features(q, projection), self.key_features(k, projection, causal, key_padding_mask)
+
+    def causal_eps(self, k: Tensor, key_padding_mask: Tensor | None = None) -> Union[Tensor, float]:
+        """The eps to add to every key-feature prefix sum for the causal key features of k:
+        CAUSAL_EPS scaled as the features were (a float, or (b, h, 1, 1))."""
+        log_scale = self.key_log_scale(_select_keys(k, key_padding_mask), True)
+        return CAUSAL_EPS if isinstance(log_scale, float) and log_scale == 0.0 else CAUSAL_EPS * torch.exp(-log_scale)
 
     def __repr__(self) -> str:
         return f"FeatureMap({self.name!r})"
@@ -153,17 +167,23 @@ def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) ->
     return FeatureMap(name, code, GENERALIZED_EPS, True, query, key)
 
 
-def _no_projection_keys(x: Tensor, projection: None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
-    """1.1.4's no_projection keys: exp (causal) or softmax over the sequence (non-causal).
+def _exp_shift(x: Tensor, causal: bool) -> Union[Tensor, float]:
+    """Causal no_projection keys exp(k) overflow the dtype (fp16 above ~11, fp32 above ~88) where
+    the attention itself is finite: the excess of max k over a bound that keeps every feature and
+    prefix sum finite, per (b, h) (b, h, 1, 1); 0.0 when nothing would overflow. Dividing the
+    keys by exp(shift) scales numerator and normaliser alike; FeatureMap.causal_eps scales the
+    causal eps to match, so the result is exact."""
+    if not causal or x.numel() == 0:
+        return 0.0
+    bound = math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0
+    return (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0)
 
-    Causal exp(k) overflows the dtype (fp16 above ~11, fp32 above ~88) where the attention
-    itself is finite: keys are shifted by their excess over a bound that keeps every feature and
-    every prefix sum finite, which scales numerator and normaliser alike (exact but for the 1e-6
-    causal eps, 1.1.4's values wherever 1.1.4's are finite, where the shift is 0)."""
+
+def _no_projection_keys(x: Tensor, projection: None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+    """1.1.4's no_projection keys: exp (causal; divided by exp(_exp_shift)) or softmax over the
+    sequence (non-causal)."""
     if causal:
-        bound = math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0
-        shift = (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0) if x.numel() else 0.0
-        return _mask_keys(torch.exp(x - shift), key_padding_mask)
+        return _mask_keys(torch.exp(x - _exp_shift(x, causal)), key_padding_mask)
     if key_padding_mask is not None:
         x = x.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
     return _mask_keys(x.softmax(dim=-2), key_padding_mask)
@@ -178,7 +198,9 @@ SOFTMAX_MAP = FeatureMap(
     lambda x, projection, causal, mask: softmax_features(x, projection, is_query=False, key_padding_mask=mask),
 )
 RELU_MAP = _generalized(torch.relu, "relu", RELU)
-NONE_MAP = FeatureMap("none", GIVEN, 0.0, False, lambda x, projection: x.softmax(dim=-1), _no_projection_keys)
+NONE_MAP = FeatureMap(
+    "none", GIVEN, 0.0, False, lambda x, projection: x.softmax(dim=-1), _no_projection_keys, _exp_shift
+)
 # features the caller computed (linear_attention): what the GIVEN kernels run
 GIVEN_MAP = FeatureMap(
     "given", GIVEN, 0.0, False, lambda x, projection: x, lambda x, projection, causal, mask: _mask_keys(x, mask)

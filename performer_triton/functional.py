@@ -11,7 +11,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from .feature_maps import GIVEN_MAP, FeatureMap, resolve
+from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM
 from .ops import favor_fwd
 from .validation import (
@@ -140,16 +140,36 @@ def favor_attention(
     )
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
+    return _given_attention(q_features, k_features, v, causal, eps, use_triton)
+
+
+def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: bool, eps, use_triton: bool) -> Tensor:
+    """The GIVEN op with eps (a float or (b, h, 1, 1)) in the causal normaliser. The kernels add
+    CAUSAL_EPS to every key-feature prefix sum; another eps enters as one extra key before the
+    sequence, features (eps - CAUSAL_EPS) and value 0, seen by every query (its own extra query's
+    output is dropped)."""
+    if causal and not (isinstance(eps, float) and eps == CAUSAL_EPS):
+        def first(t: Tensor, fill) -> Tensor:  # (b, h, 1, .)
+            return torch.zeros_like(t[..., :1, :]).add_(fill)
+
+        q_features, k_features, v = (
+            torch.cat((first(t, fill), t), dim=-2)
+            for t, fill in ((q_features, 1.0), (k_features, eps - CAUSAL_EPS), (v, 0.0))
+        )
+        return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0][..., 1:, :]
     return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0]
 
 
 def linear_attention(
-    q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto"
+    q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
+    eps: float = CAUSAL_EPS,
 ) -> Tensor:
     """Linear attention on precomputed (positive) features, fused.
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
-    Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds 1e-6 to every key-feature prefix sum.
+    Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
+    prefix sum.
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
@@ -157,4 +177,4 @@ def linear_attention(
     if q_features.shape[2] == 0:
         return _empty_result(q_features, v)
     use_triton = _use_triton(backend, q_features, v, False)
-    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0]
+    return _given_attention(q_features, k_features, v, causal, float(eps), use_triton)

@@ -196,15 +196,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = CAUSAL_EPS) -> Tensor:
-    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e).
-
-    The kernels add CAUSAL_EPS to every key-feature prefix sum; another eps enters as one extra
-    key before the sequence, features (eps - CAUSAL_EPS) and value 0, seen by every query."""
-    if eps == CAUSAL_EPS or q.shape[-2] == 0:
-        return functional.linear_attention(q, k, v, causal=True)
-    first = lambda t, value: torch.full_like(t[..., :1, :], value)  # noqa: E731  (b, h, 1, .)
-    q1, k1, v1 = (torch.cat((first(t, fill), t), dim=-2) for t, fill in ((q, 1.0), (k, eps - CAUSAL_EPS), (v, 0.0)))
-    return functional.linear_attention(q1, k1, v1, causal=True)[..., 1:, :]
+    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e)."""
+    return functional.linear_attention(q, k, v, causal=True, eps=eps)
 
 
 def causal_linear_attention_noncuda(
@@ -476,15 +469,21 @@ class Attention(nn.Module):
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:
-                # local-attention's rotary embedding returns fp32 q, k for 16-bit inputs, which its
-                # einsum then meets with 16-bit v: run 16-bit local heads in fp32
-                wide = (lq, lk, lv) if lq.dtype.itemsize >= 4 else (lq.float(), lk.float(), lv.float())
-                outs.append(self.local_attn(*wide, input_mask=local_mask).to(lq.dtype))
+                outs.append(self._local_attention(lq, lk, lv, local_mask))
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
 
         out = rearrange(torch.cat(outs, dim=1), "b h n d -> b n (h d)")
         return self.dropout(self.to_out(out))
+
+    @torch.compiler.disable
+    def _local_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """local-attention's windowed heads, eagerly: inductor (torch 2.13) compiles their backward
+        to wrong gradients (0.4 relative, tests/test_compile.py), so they stay out of the graph.
+        Its rotary embedding returns fp32 q, k for 16-bit inputs, which its einsum then meets with
+        16-bit v: 16-bit local heads run in fp32."""
+        wide = (q, k, v) if q.dtype.itemsize >= 4 else (q.float(), k.float(), v.float())
+        return self.local_attn(*wide, input_mask=mask).to(q.dtype)
 
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None) -> Tensor:
         fa = self.fast_attention

@@ -28,7 +28,8 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
     """
     if not causal:
         k_sum = k_features.sum(dim=-2)
-        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q_features, k_sum.type_as(q_features))
+        den = torch.einsum("...nd,...d->...n", q_features, k_sum.type_as(q_features))
+        d_inv = torch.where(den == 0, 0.0, 1.0 / den)  # no keys at all (every one masked out): output 0
         context = torch.einsum("...nd,...ne->...de", k_features, v)
         return torch.einsum("...de,...nd,...n->...ne", context, q_features, d_inv)
     n = q_features.shape[-2]

@@ -12,8 +12,6 @@ MODELS = {
     "lm-causal": lambda: PerformerLM(**LM, causal=True),
     "lm-noncausal-local": lambda: PerformerLM(**LM, local_attn_heads=1, local_window_size=16),
     "lm-causal-reversible-prefix": lambda: PerformerLM(**LM, causal=True, reversible=True, key_stabilizer="prefix"),
-    "lm-axial": lambda: PerformerLM(**LM, causal=True, rotary_position_emb=False, axial_position_emb=True,
-                                    axial_position_shape=(8, 8)),
     "encdec": lambda: PerformerEncDec(dim=32, enc_num_tokens=64, enc_depth=1, enc_heads=2, enc_dim_head=16,
                                       enc_max_seq_len=64, dec_num_tokens=64, dec_depth=1, dec_heads=2,
                                       dec_dim_head=16, dec_max_seq_len=64),

@@ -253,3 +253,17 @@ def test_models_take_empty_inputs():
                         local_attn_heads=1)
     assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, NUM_TOKENS)
     assert model(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, NUM_TOKENS)
+
+
+def test_no_projection_state_stays_exact_for_keys_that_overflow_exp():
+    """no_projection keys are divided by exp(shift) per call to stay finite; the state rescales
+    its running sums as the shift grows (as the softmax reference does), so decoding stays exact."""
+    torch.manual_seed(0)
+    fa = FastAttention(16, 44, causal=True, no_projection=True).double()
+    q, k, v = qkv()
+    k[:, :, 20, 3] = 800.0  # exp(800) overflows float64
+    k[:, :, 30, 1] = 900.0
+    out = decode(favor_state(fa, k, v), q, k, v, prompt=3)
+    full = fa(q, k, v)  # one call: one shift for the whole sequence
+    assert torch.isfinite(out).all()
+    assert rel(out[:, :, 17:], full[:, :, 20:]) <= 1e-6

@@ -14,14 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"performer-triton {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a small leak-free causal PerformerLM, then sample with the cached decoder")
-    demo.add_argument("--text", default=None, help="a text file to train on (default: Python standard-library source)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 200 on CPU, 1000 on CUDA)")
-    demo.add_argument("--seq-len", type=int, default=256)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--generate", type=int, default=400, help="tokens to sample after training")
-    demo.add_argument("--seed", type=int, default=0)
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(sub.add_parser(
+        "demo", help="train a small leak-free causal PerformerLM on text, then sample with the cached decoder"))
 
     from .bench import add_arguments
 

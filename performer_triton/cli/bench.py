@@ -1,7 +1,15 @@
 """`performer-triton bench`: attention implementations side by side on this machine's device, with
-a progress bar; prints a table and writes CSV, JSON and a PNG plot (time and peak memory vs n)."""
+a progress bar; prints a table (median time with its min and max over the repeats) and writes CSV,
+JSON and a PNG plot (time and peak memory vs n, one row of panels per mode).
+
+`--regression` measures instead the ratio of our time to a fixed reference workload, interleaved
+in the same run, and saves it; `--baseline FILE` (or `--compare BASE NEW`) fails when a ratio grew
+by more than `--max-slowdown`: a regression check that holds on a shared machine, where absolute
+times move by tens of percent between identical runs.
+"""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import platform
@@ -10,68 +18,138 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .benchmark import IMPLS, Case, Measurement, device_name, side_by_side
+from .benchmark import (
+    DEFAULT_PAIRS,
+    DEFAULT_REFERENCE,
+    IMPLS,
+    MAX_SLOWDOWN,
+    REFERENCES,
+    Case,
+    Measurement,
+    compare_ratios,
+    device_name,
+    load_ratios,
+    measure_ratio,
+    save_ratios,
+    side_by_side,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SIZES = [1024, 2048, 4096, 8192]
+REGRESSION_SIZES = [1024]
+DEFAULT_REPEATS = 3
+
+# one look per implementation, the same in every panel: colour, marker and line style all differ,
+# markers hollow, so lines that overlap still show
+STYLES = {
+    "performer_triton": dict(color="tab:blue", marker="o", linestyle="-"),
+    "performer-pytorch": dict(color="tab:orange", marker="s", linestyle="--"),
+    "torch-sdpa": dict(color="tab:green", marker="^", linestyle=":"),
+    "fla-chunk": dict(color="tab:red", marker="D", linestyle="-."),
+}
+FALLBACK_STYLES = [dict(color=c, marker=m, linestyle=ls) for c, m, ls in
+                   [("tab:purple", "v", "-"), ("tab:brown", "P", "--"), ("tab:gray", "X", ":")]]
+
+
+def mode_of(case: Case) -> str:
+    return f"{'causal' if case.causal else 'non-causal'} {'fwd+bwd' if case.backward else 'fwd'}"
+
+
+def shape_of(case: Case) -> str:
+    """What a case's label says besides its mode and n."""
+    dtype = str(case.dtype).replace("torch.", "")
+    return f"{dtype} b={case.b} h={case.h} d={case.d} m={case.m}"
 
 
 def cases(args) -> list[Case]:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     modes = {"causal": [True], "noncausal": [False], "both": [False, True]}[args.mode]
     passes = {"fwd": [False], "fwd+bwd": [True], "both": [False, True]}[args.passes]
+    sizes = args.sizes or (REGRESSION_SIZES if args.regression else DEFAULT_SIZES)
     return [
         Case(n=n, causal=causal, backward=backward, b=args.batch, h=args.heads, d=args.dim_head, m=args.nb_features,
              dtype=dtype, device=args.device)
-        for causal in modes for backward in passes for n in args.sizes
+        for causal in modes for backward in passes for n in sizes
     ]
 
 
 def format_table(results: list[Measurement]) -> str:
-    head = f"{'mode':28} {'n':>6} {'implementation':18} {'ms':>10} {'peak MiB':>9} {'max rel err':>11}  note"
-    lines = [head, "-" * len(head)]
+    repeats = max((len(r.times) for r in results), default=0)
+    head = (f"{'mode':18} {'n':>6} {'implementation':18} {'median ms':>10} {'min ms':>10} {'max ms':>10} "
+            f"{'peak MiB':>9} {'max rel err':>11}  note")
+    lines = [f"time: median, min and max of {repeats} interleaved repetitions", head, "-" * len(head)]
     for r in results:
         c = r.case
-        mode = f"{'causal' if c.causal else 'non-causal'} {'fwd+bwd' if c.backward else 'fwd'}"
         if r.skipped:
-            lines.append(f"{mode:28} {c.n:>6} {r.impl:18} {'':>10} {'':>9} {'':>11}  skipped: {r.skipped}")
+            lines.append(f"{mode_of(c):18} {c.n:>6} {r.impl:18} {'':>10} {'':>10} {'':>10} {'':>9} {'':>11}  "
+                         f"skipped: {r.skipped}")
             continue
         mib = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else f"{'':>9}"
-        lines.append(f"{mode:28} {c.n:>6} {r.impl:18} {r.seconds * 1e3:10.2f} {mib} {r.error:11.1e}")
+        lines.append(f"{mode_of(c):18} {c.n:>6} {r.impl:18} {r.seconds * 1e3:10.2f} {r.min_seconds * 1e3:10.2f} "
+                     f"{r.max_seconds * 1e3:10.2f} {mib} {r.error:11.1e}")
     return "\n".join(lines)
 
 
+def _style(impl: str, order: list[str]) -> dict:
+    if impl in STYLES:
+        return STYLES[impl]
+    return FALLBACK_STYLES[order.index(impl) % len(FALLBACK_STYLES)]
+
+
 def plot(results: list[Measurement], path: Path, title: str) -> bool:
-    """Time and peak memory vs n, log-log, one line per implementation and mode.  False when
-    matplotlib is missing (the `plot` extra)."""
+    """Time (median, bars from min to max) and peak memory vs n, log-log: one row of two panels per
+    mode, each titled with its mode and shape; one legend for the figure, below the panels.  False
+    when matplotlib is missing (the `plot` extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-    series: dict[str, list[Measurement]] = {}
+    groups: dict[str, dict[str, list[Measurement]]] = {}
+    skipped: dict[str, set[str]] = {}
     for r in results:
-        if not r.skipped:
-            mode = f"{'causal' if r.case.causal else 'non-causal'} {'fwd+bwd' if r.case.backward else 'fwd'}"
-            series.setdefault(f"{r.impl} ({mode})", []).append(r)
-    for label, rows in series.items():
-        rows.sort(key=lambda r: r.case.n)
-        ns = [r.case.n for r in rows]
-        ax_t.plot(ns, [r.seconds * 1e3 for r in rows], marker="o", label=label)
-        if all(r.peak_bytes is not None for r in rows):
-            ax_m.plot(ns, [r.peak_bytes / 2**20 for r in rows], marker="o", label=label)
-    for ax, ylabel in ((ax_t, "time (ms)"), (ax_m, "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        key = f"{mode_of(r.case)}, {shape_of(r.case)}"
+        if r.skipped:
+            skipped.setdefault(key, set()).add(r.impl)
+            continue
+        groups.setdefault(key, {}).setdefault(r.impl, []).append(r)
+    if not groups:
+        return False
+    impl_order = list(dict.fromkeys(r.impl for r in results))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.2 * len(groups) + 1.2), squeeze=False)
+    handles = {}
+    for (key, series), (ax_t, ax_m) in zip(groups.items(), axes):
+        for impl, rows in series.items():
+            rows.sort(key=lambda r: r.case.n)
+            ns = [r.case.n for r in rows]
+            style = dict(_style(impl, impl_order), markerfacecolor="none", markersize=7, linewidth=1.6, alpha=0.9)
+            med = [r.seconds * 1e3 for r in rows]
+            err = [[m - r.min_seconds * 1e3 for m, r in zip(med, rows)], [r.max_seconds * 1e3 - m for m, r in zip(med, rows)]]
+            line = ax_t.errorbar(ns, med, yerr=err, capsize=3, label=impl, **style)
+            handles.setdefault(impl, line)
+            if all(r.peak_bytes is not None for r in rows):
+                ax_m.plot(ns, [r.peak_bytes / 2**20 for r in rows], label=impl, **style)
+        note = f"; skipped: {', '.join(sorted(skipped[key]))}" if key in skipped else ""
+        ax_t.set_title(f"{key}: time{note}", fontsize=9)
+        ax_m.set_title(f"{key}: peak memory", fontsize=9)
+        sizes = sorted({r.case.n for rows in series.values() for r in rows})
+        for ax, ylabel in ((ax_t, "time (ms): median, bar = min to max"), (ax_m, "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("sequence length n")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.9 / fig.get_figheight(), 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -83,28 +161,78 @@ def write_data(results: list[Measurement], meta: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "bench.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
+    records = [dict(row, times_ms=[round(t * 1e3, 3) for t in r.times]) for row, r in zip(rows, results)]
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+
+
+def _meta(args, impls) -> dict:
+    return dict(device=device_name(args.device), torch=torch.__version__, python=platform.python_version(),
+                versions={i.name: i.version() for i in impls})
+
+
+def print_comparison(base_path, new: dict[str, float], max_slowdown: float) -> int:
+    comparisons = compare_ratios(load_ratios(base_path), new, max_slowdown)
+    print(f"ours / reference against {Path(base_path).resolve()} (fails above +{max_slowdown:.0%}):")
+    for c in comparisons:
+        print("  " + c.line())
+    regressed = [c for c in comparisons if c.regressed]
+    compared = [c for c in comparisons if c.change is not None]
+    if not compared:
+        print("no case in common with the baseline: nothing compared")
+        return 1
+    print(f"{len(regressed)} of {len(compared)} cases slower than the baseline by more than {max_slowdown:.0%}"
+          if regressed else f"no regression in {len(compared)} cases")
+    return 1 if regressed else 0
+
+
+def run_regression(args, out: Path) -> int:
+    todo = cases(args)
+    pairs = args.repeats or DEFAULT_PAIRS
+    ours = IMPLS["performer_triton"]
+    ratios = []
+    bar = tqdm(todo, desc="regression", unit="case")
+    for case in bar:
+        bar.set_postfix_str(case.label)
+        ratios.append(measure_ratio(case, ours=ours, reference=args.reference, pairs=pairs))
+    bar.close()
+    print(f"ours / {args.reference} (median of {pairs} interleaved pairs, quartiles in brackets):")
+    for r in ratios:
+        print(f"  {r.case}: {r.ratio:.3f} [{r.q1:.3f}, {r.q3:.3f}]  (ours {r.ours_ms:.2f} ms, "
+              f"{r.reference} {r.reference_ms:.2f} ms)")
+    path = out / "regression.json"
+    meta = _meta(args, [ours, REFERENCES[args.reference]]) | dict(reference=args.reference, pairs=pairs)
+    save_ratios(ratios, meta, path)
+    print(f"wrote {path}")
+    if args.baseline:
+        return print_comparison(args.baseline, {r.case: r.ratio for r in ratios}, args.max_slowdown)
+    return 0
 
 
 def run(args) -> int:
+    if args.compare:
+        base, new = args.compare
+        return print_comparison(base, load_ratios(new), args.max_slowdown)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"output folder: {out}")
+    if args.regression:
+        return run_regression(args, out)
     impls = [IMPLS[name] for name in args.impls]
     todo = cases(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device_name(args.device), torch=torch.__version__, python=platform.python_version(),
-                versions={i.name: i.version() for i in impls})
+    meta = _meta(args, impls)
     results: list[Measurement] = []
     bar = tqdm(todo, desc="bench", unit="case")
     for case in bar:
         bar.set_postfix_str(case.label)
-        results += side_by_side(impls, case, repeats=args.repeats, memory=not args.no_memory)
+        results += side_by_side(impls, case, repeats=args.repeats or DEFAULT_REPEATS, memory=not args.no_memory)
         write_data(results, meta, out)  # after every case: a long run that dies keeps what it measured
     bar.close()
     print(format_table(results))
-    versions = ", ".join(f"{i.name} {i.version()}" for i in impls if i.version())
-    title = f"{device_name(args.device)}, {todo[0].label.split(' n=')[0]} (n varies); {versions}"
+    ran = {r.impl for r in results if not r.skipped}
+    versions = ", ".join(f"{i.name} {i.version()}" for i in impls if i.name in ran and i.version())
+    title = f"{device_name(args.device)}; {versions}"
     written = ["bench.csv", "bench.json"]
     if plot(results, out / "bench.png", title):
         written.append("bench.png")
@@ -114,11 +242,31 @@ def run(args) -> int:
     return 0
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, e.g. 1024,2048; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"positive sequence lengths, got {text!r}")
+    return sizes
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 10:
+        raise argparse.ArgumentTypeError(f"a fraction (0.1) or a percentage (10%), got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1024, 2048, 4096, 8192], help="comma-separated sequence lengths")
+    parser.add_argument("--sizes", type=_sizes, default=None, metavar="N,N,...",
+                        help="comma-separated sequence lengths (default: 1024,2048,4096,8192; with --regression 1024)")
     parser.add_argument("--mode", choices=["causal", "noncausal", "both"], default="both")
     parser.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="fwd+bwd")
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
@@ -127,6 +275,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed repetitions per implementation (default {DEFAULT_REPEATS}; "
+                             f"with --regression, interleaved pairs, default {DEFAULT_PAIRS})")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--out", default="bench/out", help="folder for bench.csv, bench.json, bench.png")
+    parser.add_argument("--out", default="bench/out",
+                        help="folder for bench.csv, bench.json, bench.png (or regression.json), relative to the "
+                             "current directory; the full path is printed")
+    group = parser.add_argument_group("regression check (ratios to a reference timed in the same run)")
+    group.add_argument("--regression", action="store_true",
+                       help="measure ours / reference per case in interleaved pairs and write regression.json")
+    group.add_argument("--reference", choices=list(REFERENCES), default=DEFAULT_REFERENCE,
+                       help="the reference workload: 'matmul' (non-causal FAVOR+ as plain torch ops; default) "
+                            "or 'torch-sdpa'")
+    group.add_argument("--baseline", metavar="FILE", default=None,
+                       help="with --regression: compare with this earlier regression.json (or pytest-benchmark "
+                            "JSON of bench/test_regression.py); exit 1 on a regression")
+    group.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
+                       help="compare two saved files only (no measurement); exit 1 on a regression")
+    group.add_argument("--max-slowdown", type=_fraction, default=MAX_SLOWDOWN,
+                       help=f"largest accepted growth of ours / reference (default {MAX_SLOWDOWN:.0%})")

@@ -12,8 +12,13 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 import math
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -279,6 +284,39 @@ def step(case: Case, x: Inputs, fn: Callable[[], Tensor]) -> Callable[[], None]:
     return run
 
 
+# what torch's profiler (kineto) writes to the stderr file descriptor from C++ on every start and stop
+PROFILER_NOISE = re.compile(r"^(USDT|STAGE|INFO|WARNING):\S+ \S+ \d+:\d+ \S+\.cpp:\d+\]|^\s*(Log file|Trace start time): ")
+
+
+@contextlib.contextmanager
+def quiet_profiler():
+    """Hide the profiler's own lines on stderr ("... SyncActivityProfilerHandler.cpp:52]
+    profiler_start"): C++ writes them to file descriptor 2, which Python's sys.stderr cannot
+    filter.  Whatever else reaches descriptor 2 meanwhile is written back afterwards."""
+    fd = 2
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no descriptor 2: nothing to hide
+        yield
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True)
+                    if not PROFILER_NOISE.match(line.decode(errors="replace"))]
+            if kept:
+                os.write(fd, b"".join(kept))
+
+
 def peak_memory(run: Callable[[], None], device: str) -> int:
     """Peak bytes allocated by `run` above what was allocated before it.
 
@@ -294,8 +332,9 @@ def peak_memory(run: Callable[[], None], device: str) -> int:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        run()
+    with quiet_profiler():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            run()
     live = peak = 0
     for _, action, _, nbytes in sorted(MemoryProfileTimeline(prof._memory_profile()).timeline, key=lambda r: r[0]):
         if action == Action.CREATE:
@@ -311,17 +350,30 @@ class Measurement:
     impl: str
     version: str
     case: Case
-    seconds: float | None = None
+    seconds: float | None = None  # median of `times`
     peak_bytes: int | None = None
     error: float | None = None
     skipped: str = ""
+    times: list[float] = field(default_factory=list)  # seconds of every timed repetition
+
+    @property
+    def min_seconds(self) -> float | None:
+        return min(self.times) if self.times else None
+
+    @property
+    def max_seconds(self) -> float | None:
+        return max(self.times) if self.times else None
 
     def row(self) -> dict:
         c = self.case
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1e3, 3)
+
         return dict(
             impl=self.impl, version=self.version, device=c.device, dtype=str(c.dtype).replace("torch.", ""),
             causal=c.causal, backward=c.backward, b=c.b, h=c.h, n=c.n, d=c.d, m=c.m,
-            ms=None if self.seconds is None else round(self.seconds * 1e3, 3),
+            ms=ms(self.seconds), ms_min=ms(self.min_seconds), ms_max=ms(self.max_seconds), repeats=len(self.times),
             peak_mib=None if self.peak_bytes is None else round(self.peak_bytes / 2**20, 1),
             max_rel_err=self.error, skipped=self.skipped,
         )
@@ -362,8 +414,159 @@ def side_by_side(impls: list[Impl], case: Case, *, repeats: int = 3, memory: boo
             run()
             times[id(result)].append(time.perf_counter() - t0)
     for result, run in runs:
-        result.seconds = statistics.median(times[id(result)])
+        result.times = times[id(result)]
+        result.seconds = statistics.median(result.times)
         if memory:
             result.peak_bytes = peak_memory(run, case.device)
     return results
 
+
+
+# ----------------------------------------------------------------------------- regression ratios
+#
+# Absolute times on a shared machine move by tens of percent between two runs of the same code
+# (two identical runs of the pytest-benchmark suite moved medians by -34% to +5%), so a regression
+# check cannot compare them.  It compares instead the ratio of our time to a fixed reference
+# workload timed in the same run, in interleaved pairs (ours, reference, reference, ours, ...):
+# whatever slows the machine slows both, and the ratio moves only when our code does.
+
+
+def _matmul_reference(case: Case, x: Inputs) -> Callable[[], Tensor]:
+    """The fixed reference workload: non-causal FAVOR+ written as plain torch ops (two feature
+    GEMMs and exps, k'^T v, q' @ context, normalisation) on the case's inputs, differentiable.  Only
+    a clock, never checked: its op mix and sizes follow ours, so machine load affects both alike."""
+    projection = x.projection.to(x.q.dtype) * case.d**-0.25
+
+    def run() -> Tensor:
+        q_logits, k_logits = x.q @ projection.mT, x.k @ projection.mT
+        qf = torch.exp(q_logits - q_logits.amax(dim=-1, keepdim=True))
+        kf = torch.exp(k_logits - k_logits.amax(dim=-1, keepdim=True))
+        context = kf.mT @ x.v
+        norm = qf @ kf.sum(dim=-2, keepdim=True).mT
+        return (qf @ context) / (norm + 1e-6)
+
+    return run
+
+
+REFERENCES = {
+    "matmul": Impl("matmul", _matmul_reference, lambda case: None, version=lambda: torch.__version__),
+    "torch-sdpa": IMPLS["torch-sdpa"],
+}
+DEFAULT_REFERENCE = "matmul"
+DEFAULT_PAIRS = 21
+MAX_SLOWDOWN = 0.10  # fail when ours / reference grew by more than this fraction
+
+
+@dataclass
+class Ratio:
+    """ours / reference for one case: the median over interleaved pairs and its quartiles."""
+
+    case: str
+    reference: str
+    ratio: float
+    q1: float
+    q3: float
+    ours_ms: float
+    reference_ms: float
+    pairs: int
+
+    def as_dict(self) -> dict:
+        return dict(case=self.case, reference=self.reference, ratio=self.ratio, ratio_q1=self.q1,
+                    ratio_q3=self.q3, ours_ms=self.ours_ms, reference_ms=self.reference_ms, pairs=self.pairs)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def measure_ratio(case: Case, *, ours: Impl | None = None, reference: str | Impl = DEFAULT_REFERENCE,
+                  pairs: int = DEFAULT_PAIRS, warmup: int = 2) -> Ratio:
+    """Time ours and the reference on the same inputs in `pairs` interleaved pairs, alternating
+    which goes first; the median of the per-pair ratios (adjacent in time, so under the same load).
+    Ours is checked against float64 first (verify)."""
+    ours = ours or IMPLS["performer_triton"]
+    ref = REFERENCES[reference] if isinstance(reference, str) else reference
+    x = make_inputs(case)
+    fn = ours.build(case, x)
+    verify(ours, case, x, fn)
+    run_ours, run_ref = step(case, x, fn), step(case, x, ref.build(case, x))
+    for _ in range(warmup):
+        run_ours(), run_ref()
+
+    def timed(run: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+
+    t_ours, t_ref = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            t_ours.append(timed(run_ours))
+            t_ref.append(timed(run_ref))
+        else:
+            t_ref.append(timed(run_ref))
+            t_ours.append(timed(run_ours))
+    ratios = [a / b for a, b in zip(t_ours, t_ref)]
+    q1, median, q3 = _quartiles(ratios)
+    return Ratio(case.label, ref.name, median, q1, q3, statistics.median(t_ours) * 1e3,
+                 statistics.median(t_ref) * 1e3, pairs)
+
+
+REGRESSION_KIND = "performer-triton regression ratios"
+
+
+def save_ratios(ratios: list[Ratio], meta: dict, path) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(dict(kind=REGRESSION_KIND, meta=meta, results=[r.as_dict() for r in ratios]),
+                                     indent=1))
+
+
+def load_ratios(path) -> dict[str, float]:
+    """{case: ratio} from a file of save_ratios, or from pytest-benchmark's JSON (--benchmark-json,
+    --benchmark-autosave) of bench/test_regression.py, whose extra_info holds case and ratio."""
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    if data.get("kind") == REGRESSION_KIND:
+        return {r["case"]: float(r["ratio"]) for r in data["results"]}
+    if "benchmarks" in data:
+        out = {b["extra_info"]["case"]: float(b["extra_info"]["ratio"])
+               for b in data["benchmarks"] if "ratio" in b.get("extra_info", {}) and "case" in b["extra_info"]}
+        if out:
+            return out
+        raise ValueError(f"{path}: a pytest-benchmark file without regression ratios "
+                         "(extra_info case and ratio: run bench/test_regression.py)")
+    raise ValueError(f"{path}: neither a `performer-triton bench --regression` file nor pytest-benchmark JSON")
+
+
+@dataclass
+class Comparison:
+    case: str
+    base: float | None
+    new: float | None
+    max_slowdown: float
+
+    @property
+    def change(self) -> float | None:
+        return None if self.base is None or self.new is None else self.new / self.base - 1
+
+    @property
+    def regressed(self) -> bool:
+        return self.change is not None and self.change > self.max_slowdown
+
+    def line(self) -> str:
+        if self.change is None:
+            where = "baseline" if self.new is not None else "new run"
+            return f"{self.case}: not in the {where}, not compared"
+        verdict = f"SLOWER by {self.change:+.1%} (> {self.max_slowdown:.0%})" if self.regressed else "ok"
+        return f"{self.case}: ours/reference {self.base:.3f} -> {self.new:.3f} ({self.change:+.1%})  {verdict}"
+
+
+def compare_ratios(base: dict[str, float], new: dict[str, float], max_slowdown: float = MAX_SLOWDOWN) -> list[Comparison]:
+    """One Comparison per case in either; .regressed where the ratio grew by more than max_slowdown."""
+    cases = list(base) + [c for c in new if c not in base]
+    return [Comparison(c, base.get(c), new.get(c), max_slowdown) for c in cases]

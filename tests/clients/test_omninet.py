@@ -6,6 +6,8 @@ Kept: the Omninet module (full-attention pre-norm blocks with dropout, the Perfo
 ``(dim=dim, heads=heads, dim_head=dim_head)`` on the (b, n * layers, d) stack of hidden states
 with the repeated ``pool_attn_mask``, max_pool1d over layers, the in-place ``x +=``), the README
 call ``omninet(x, mask=mask)``, with a padded mask here; then a few regression steps with Adam.
+Changed: the full attention's (b, i, j) mask is repeated per head; upstream broadcasts it
+against (b h) rows, which works at the README's batch size 1 only (batch 2 here).
 Standalone SelfAttention layers are never redrawn by 1.1.4: the projections stay fixed.
 Shrunk: dim 512 -> 16, depth 6 -> 3, heads 8 -> 2, dim_head 64 -> 8, length 1024 -> 10, float64.
 """
