@@ -18,8 +18,14 @@ from .kernels import launchers
 
 
 def _unit_stride(t: Tensor) -> Tensor:
-    """Kernels take any batch/head/sequence strides but need a unit last-dim stride."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    """Kernels take any batch/head/sequence strides but need a unit last-dim stride. A size-1
+    last dim may carry any stride (and .contiguous() keeps it): only index 0 is read, so its
+    stride is set to 1 in place of a copy."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+    return t.contiguous()
 
 
 @torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())

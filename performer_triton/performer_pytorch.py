@@ -469,6 +469,10 @@ class Attention(nn.Module):
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:
+                if torch.compiler.is_compiling():
+                    # views of this graph's intermediates handed out of the graph get replayed by
+                    # aot_autograd from their base, which corrupts shapes (torch 2.13): hand copies
+                    lq, lk, lv = lq.clone(), lk.clone(), lv.clone()
                 outs.append(self._local_attention(lq, lk, lv, local_mask))
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))

@@ -373,3 +373,19 @@ def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
         fake_grads = torch.ops.performer_triton.favor_bwd(*as_fake(bwd_args))
     for real, fake in zip((*out, *grads), (*fake_out, *fake_grads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_size_one_dims_with_any_stride(backend, causal):
+    """d = 1, e = 1 and m = 1 arrive as views with a non-unit last stride (slices of wider
+    tensors), which .contiguous() does not change."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=1, h=2, n=9, d=3, e=3))
+    q1, k1, v1 = q[..., 1:2], k[..., 1:2], v[..., 2:3]  # last stride 1 on a size-1 dim is not guaranteed
+    q1, k1, v1 = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q1, k1, v1))
+    assert q1.stride(-1) != 1
+    P = projection(1, 1).to(DEVICE)
+    out = favor_attention(q1, k1, v1, P, causal=causal, backend=backend)
+    ref = reference.favor_attention(q1.double().cpu(), k1.double().cpu(), v1.double().cpu(), P.double().cpu(),
+                                    causal=causal)
+    assert rel(out.cpu(), ref) <= 1e-5

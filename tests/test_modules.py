@@ -452,13 +452,13 @@ def test_activation_checkpointing_never_redraws_during_recomputation(use_reentra
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-10, atol=0) and grads[0][1] == grads[1][1]
 
 
-@pytest.mark.parametrize("local_attn_heads", [0, 1])
-def test_bf16_autocast_trains_a_default_performer_lm(local_attn_heads):
+@pytest.mark.parametrize("local_attn_heads,reversible", [(0, False), (1, False), (1, True)])
+def test_bf16_autocast_trains_a_default_performer_lm(local_attn_heads, reversible):
     """1.1.4's defaults (rotary on): rotary upcasts q, k to fp32 while v stays bf16 under autocast;
     the dtype check must see the autocast dtype."""
     torch.manual_seed(0)
     model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=32, dim=32, depth=2, heads=4, dim_head=8, causal=True,
-                        local_attn_heads=local_attn_heads, local_window_size=8)
+                        local_attn_heads=local_attn_heads, local_window_size=8, reversible=reversible)
     x = tokens(n=17)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x).transpose(1, 2).float(), x)
