@@ -50,5 +50,6 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("side by side (extra_info)")
     for bench in rows:
-        info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in bench.extra_info.items())
+        info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in bench.extra_info.items()
+                         if not isinstance(v, (list, dict)))  # raw per-repeat times stay in the JSON
         terminalreporter.write_line(f"{bench.name} [{bench.group}]: {info}")

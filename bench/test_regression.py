@@ -3,8 +3,9 @@
 Absolute times on a shared machine move by tens of percent between identical runs (two identical
 runs of bench/test_attention.py moved medians by -34% to +5%), so `--benchmark-compare-fail` on
 them flags noise.  Each case here times ours and the reference (non-causal FAVOR+ written as plain
-torch ops: performer_triton.cli.benchmark.REFERENCES["matmul"]) in interleaved pairs and stores
-the median per-pair ratio in extra_info.  Compare two saved runs with
+torch ops, chunked when causal: performer_triton.cli.benchmark.REFERENCES["linear"]) in interleaved
+pairs, on CPU on one thread and by CPU time (as `performer-triton bench --regression` does), and
+stores the median per-pair ratio in extra_info.  Compare two saved runs with
 
     pytest bench/test_regression.py --benchmark-json base.json      # before the change
     pytest bench/test_regression.py --benchmark-json new.json       # after it
@@ -15,10 +16,20 @@ the median per-pair ratio in extra_info.  Compare two saved runs with
 import pytest
 import torch
 
+from performer_triton.cli.bench import REGRESSION_THREADS
 from performer_triton.cli.benchmark import DEFAULT_PAIRS, IMPLS, Case, make_inputs, measure_ratio, step
 
 REGRESSION_SIZES = {"cpu": (1024,), "cuda": (4096, 16384)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def one_thread_on_cpu():
+    threads = torch.get_num_threads()
+    if DEVICE == "cpu":
+        torch.set_num_threads(REGRESSION_THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_generate_tests(metafunc):

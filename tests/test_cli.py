@@ -1,19 +1,33 @@
 """The `performer-triton` command (check, bench, demo) and the benchmark module's correctness gate."""
 import csv
 import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import DEVICE, HAS_TRITON
 
+import performer_triton
 from performer_triton import cli
-from performer_triton.cli import benchmark
-from performer_triton.cli.check import FEATURES, MODES, format_table, run_checks
+from performer_triton.cli import bench, benchmark, check
+from performer_triton.cli.check import FEATURES, INTERPRETER_NOTE, MODES, check_all, format_table
 
 
-def test_check_runs_every_available_path_within_budget():
-    rows = run_checks(n=5, d=8, m=12)
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"performer-triton {performer_triton.__version__}"
+
+
+def test_check_runs_every_available_path_within_budget(monkeypatch):
+    # as `performer-triton check` meets it from a shell: TRITON_INTERPRET unset (conftest set it
+    # for this process), so on CPU the Triton rows come from a subprocess running the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = check_all(n=5, d=8, m=12, announce=lambda s: None)
     table = format_table(rows)
     per_path = len(MODES) * len(FEATURES)  # rows of one (device, backend, dtype)
     ran = Counter((r.device, r.backend, r.dtype) for r in rows if r.out_err is not None)
@@ -23,8 +37,10 @@ def test_check_runs_every_available_path_within_budget():
         expected |= {(device, "torch", dtype): per_path for dtype in ("float64", "float32", "float16", "bfloat16")}
     if HAS_TRITON and DEVICE == "cuda":
         expected |= {("cuda", "triton", dtype): per_path for dtype in ("float32", "float16", "bfloat16")}
-    elif HAS_TRITON:  # conftest set TRITON_INTERPRET=1: the interpreter ran the kernels on CPU tensors
+    elif HAS_TRITON:  # the interpreter subprocess ran the kernels on CPU tensors
         expected |= {("cpu", "triton", dtype): per_path for dtype in ("float32", "float16")}
+        interpreted = [r for r in rows if (r.device, r.backend) == ("cpu", "triton") and r.out_err is not None]
+        assert all(r.note == INTERPRETER_NOTE for r in interpreted), table
         bf16 = [r for r in rows if (r.device, r.backend, r.dtype) == ("cpu", "triton", "bfloat16")]
         assert len(bf16) == per_path and all("interpreter computes bf16" in r.note for r in bf16), table
     assert dict(ran) == expected, table
@@ -34,20 +50,133 @@ def test_check_runs_every_available_path_within_budget():
     assert all(r.ok for r in rows if r.out_err is not None), table  # everything that ran is within budget
 
 
-def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
-    argv = ["bench", "--sizes", "64,128", "--mode", "causal", "--passes", "fwd+bwd", "--repeats", "1",
-            "--batch", "1", "--heads", "2", "--dim-head", "16", "--nb-features", "20", "--out", str(tmp_path)]
+def test_check_reports_a_dead_interpreter_subprocess_as_failures():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('kernel crashed')"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = check.finish_interpreter_subprocess(proc, d=8)
+    assert len(rows) == 3 * len(MODES) * len(FEATURES)  # every CPU Triton row, none dropped
+    assert all(r.failed and not r.skipped and "exited with 1: kernel crashed" in r.note for r in rows)
+    assert "failed to run" in check.summary(rows)
+
+
+def test_bench_writes_table_csv_json_and_plot(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # --out is relative to the current directory; the full path is printed
+    argv = ["bench", "--sizes", "64,128", "--mode", "causal", "--passes", "fwd+bwd", "--repeats", "3",
+            "--batch", "1", "--heads", "2", "--dim-head", "16", "--nb-features", "20", "--out", "out"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
+    out = tmp_path / "out"
+    assert f"output folder: {out}" in printed and f"wrote {out / 'bench.csv'}" in printed
+    assert "profiler_start" not in errors and "SyncActivityProfilerHandler" not in errors  # no profiler noise
     for impl in ("performer_triton", "performer-pytorch", "torch-sdpa"):
         assert impl in printed
+    assert "median ms" in printed and "min ms" in printed and "max ms" in printed
     assert "skipped: flash-linear-attention runs on CUDA only" in printed  # reason shown, not dropped
-    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    rows = list(csv.DictReader(open(out / "bench.csv")))
     ours = [r for r in rows if r["impl"] == "performer_triton"]
     assert [int(r["n"]) for r in ours] == [64, 128] and all(float(r["ms"]) > 0 for r in ours)
+    assert all(float(r["ms_min"]) <= float(r["ms"]) <= float(r["ms_max"]) and r["repeats"] == "3" for r in ours)
     assert all(float(r["peak_mib"]) > 0 and float(r["max_rel_err"]) < 1e-4 for r in ours)
-    assert json.load(open(tmp_path / "bench.json"))["meta"]["device"]
-    assert (tmp_path / "bench.png").stat().st_size > 1000
+    data = json.load(open(out / "bench.json"))
+    assert data["meta"]["device"] and all(len(r["times_ms"]) == 3 for r in data["results"] if not r["skipped"])
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def _measurement(impl, n, causal, seconds, times=(), skipped=""):
+    case = benchmark.Case(n=n, causal=causal, backward=True, h=2, d=16, m=20)
+    return benchmark.Measurement(impl, "1", case, seconds=seconds, peak_bytes=2**20 * n, error=1e-7,
+                                 skipped=skipped, times=list(times))
+
+
+def test_bench_plot_titles_every_mode_and_shows_every_line():
+    # ours and torch-sdpa give the same numbers: the lines overlap exactly and must still be told apart
+    results = [_measurement(impl, n, causal, 0.01 * n, times=(0.009 * n, 0.01 * n, 0.012 * n))
+               for causal in (False, True) for n in (64, 128) for impl in ("performer_triton", "torch-sdpa")]
+    results.append(_measurement("fla-chunk", 64, True, None, skipped="flash-linear-attention runs on CUDA only"))
+    fig = bench.figure(results, "title")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 4  # (time, memory) x (non-causal, causal)
+    assert sum(t.startswith("non-causal fwd+bwd, float32 b=1 h=2 d=16 m=20") for t in titles) == 2
+    assert sum(t.startswith("causal fwd+bwd, float32 b=1 h=2 d=16 m=20") for t in titles) == 2
+    assert any("skipped: fla-chunk" in t for t in titles)
+    assert all(ax.get_legend() is None for ax in fig.axes)  # one figure legend, below the panels
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["performer_triton", "torch-sdpa"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend_box = legend.get_window_extent(renderer)
+    assert all(not legend_box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    for ax in fig.axes:
+        styles = {(line.get_marker(), line.get_linestyle(), line.get_color()) for line in ax.get_lines()
+                  if line.get_marker() not in ("None", "", None, "_")}
+        assert len(styles) == 2, styles  # a marker, line style and colour of its own per implementation
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _ratios_file(path: Path, ratios: dict, pytest_benchmark: bool = False) -> Path:
+    if pytest_benchmark:
+        data = {"machine_info": {}, "benchmarks": [
+            {"name": f"test_ratio_to_reference[{case}]", "extra_info": {"case": case, "ratio": ratio}}
+            for case, ratio in ratios.items()]}
+    else:
+        data = {"kind": benchmark.REGRESSION_KIND, "meta": {},
+                "results": [{"case": case, "ratio": ratio} for case, ratio in ratios.items()]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_regression_compare_flags_a_15_percent_slowdown_and_passes_clean_runs(tmp_path, capsys):
+    """The compare step on saved results: deterministic, no timing.  Clean runs differ by what
+    interleaved ratios moved on the shared 2-core CPU between identical runs (a few percent); a real
+    15% slowdown of ours moves the ratio by 15%."""
+    base = {"causal fwd+bwd float32 n=1024": 1.90, "non-causal fwd+bwd float32 n=1024": 1.10}
+    base_file = _ratios_file(tmp_path / "base.json", base)
+    clean = _ratios_file(tmp_path / "clean.json", {"causal fwd+bwd float32 n=1024": 1.95,
+                                                   "non-causal fwd+bwd float32 n=1024": 1.04})
+    assert cli.main(["bench", "--compare", str(base_file), str(clean)]) == 0
+    assert "no regression in 2 cases" in capsys.readouterr().out
+    assert cli.main(["bench", "--compare", str(base_file), str(base_file)]) == 0  # identical
+    capsys.readouterr()
+    slow = {"causal fwd+bwd float32 n=1024": 1.90 * 1.15, "non-causal fwd+bwd float32 n=1024": 1.10}
+    slow_file = _ratios_file(tmp_path / "slow.json", slow, pytest_benchmark=True)  # pytest-benchmark's JSON too
+    assert cli.main(["bench", "--compare", str(base_file), str(slow_file)]) == 1
+    printed = capsys.readouterr().out
+    assert "causal fwd+bwd float32 n=1024: ours/reference 1.900 -> 2.185 (+15.0%)  SLOWER" in printed
+    assert "1 of 2 cases slower than the baseline by more than 10%" in printed
+    # the threshold is an option; an improvement never fails
+    assert cli.main(["bench", "--compare", str(base_file), str(slow_file), "--max-slowdown", "20%"]) == 0
+    fast_file = _ratios_file(tmp_path / "fast.json", {k: v / 2 for k, v in base.items()})
+    assert cli.main(["bench", "--compare", str(base_file), fast_file.as_posix()]) == 0
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither"):
+        benchmark.load_ratios(tmp_path / "other.json")
+
+
+def test_regression_measurement_catches_a_clear_slowdown(tmp_path, capsys):
+    """Real timing, a slowdown no noise can hide: ours run three times per call."""
+    case = benchmark.Case(n=256, causal=True, backward=True, h=2, d=32, m=32)
+    ours = benchmark.IMPLS["performer_triton"]
+
+    def thrice(c, x):
+        fn = ours.build(c, x)
+
+        def run():
+            fn(), fn()
+            return fn()
+
+        return run
+
+    slowed = benchmark.Impl("performer_triton", thrice, lambda c: None)
+    clean = benchmark.measure_ratio(case, ours=ours, pairs=7)
+    slow = benchmark.measure_ratio(case, ours=slowed, pairs=7)
+    assert clean.q1 <= clean.ratio <= clean.q3 and clean.pairs == 7
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    benchmark.save_ratios([clean], {}, base)
+    benchmark.save_ratios([slow], {}, new)
+    assert cli.main(["bench", "--compare", str(base), str(new)]) == 1
+    assert "SLOWER" in capsys.readouterr().out
 
 
 def test_benchmark_verify_rejects_a_wrong_implementation():
@@ -73,7 +202,19 @@ def test_peak_memory_sees_temporaries():
 
 
 def test_demo_trains_and_samples(capsys):
-    argv = ["demo", "--steps", "40", "--seq-len", "64", "--batch-size", "8", "--generate", "16", "--lr", "3e-3"]
+    threads = torch.get_num_threads()
+    argv = ["demo", "--steps", "40", "--seq-len", "64", "--batch-size", "4", "--generate", "16"]
     assert cli.main(argv) == 0  # 0 means the loss fell
+    assert torch.get_num_threads() == threads  # the thread count it may have picked is not left behind
     printed = capsys.readouterr().out
-    assert "loss: start" in printed and "cached decoding" in printed
+    assert "trained 40 steps" in printed and "bits per byte" in printed
+    assert "cached decoding" in printed and "recomputing the prefix" in printed and "the same tokens" in printed
+
+
+def test_demo_corpus_is_code_not_runs_of_spaces():
+    from performer_triton.cli.demo import collapse_indentation, default_corpus
+
+    assert collapse_indentation("class A:\n    def f(self):\n\n        return 1\n    # =======\n") == (
+        "class A:\n def f(self):\n  return 1\n")
+    text = default_corpus().decode()  # the standard library's source: 28% spaces, 21,554 runs of four
+    assert len(text) > 100_000 and text.count(" ") < 0.2 * len(text) and text.count("    ") < 0.01 * len(text)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from .benchmark import (
     device_name,
     load_ratios,
     measure_ratio,
+    ratios_of,
     save_ratios,
     side_by_side,
 )
@@ -37,6 +40,9 @@ from .benchmark import (
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SIZES = [1024, 2048, 4096, 8192]
 REGRESSION_SIZES = [1024]
+# on a shared CPU, torch's intra-op threads wait on each other whenever another process holds a
+# core, and times of many-op workloads (our chunked causal path) scatter by 10x; one thread does not
+REGRESSION_THREADS = 1
 DEFAULT_REPEATS = 3
 
 # one look per implementation, the same in every panel: colour, marker and line style all differ,
@@ -90,6 +96,14 @@ def format_table(results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def _minor_label(value: float, _pos) -> str:
+    """Labels at 2x and 5x a power of ten: a log axis spanning less than a decade still has some."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
 def _style(impl: str, order: list[str]) -> dict:
     if impl in STYLES:
         return STYLES[impl]
@@ -97,17 +111,30 @@ def _style(impl: str, order: list[str]) -> dict:
 
 
 def plot(results: list[Measurement], path: Path, title: str) -> bool:
-    """Time (median, bars from min to max) and peak memory vs n, log-log: one row of two panels per
-    mode, each titled with its mode and shape; one legend for the figure, below the panels.  False
-    when matplotlib is missing (the `plot` extra)."""
+    """figure() saved to path as PNG.  False when matplotlib is missing (the `plot` extra) or
+    nothing ran."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         return False
+    fig = figure(results, title)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure(results: list[Measurement], title: str):
+    """Time (median, bars from min to max) and peak memory vs n, log-log: one row of two panels per
+    mode, each titled with its mode and shape; one legend for the figure, below the panels.  None
+    when nothing ran."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     groups: dict[str, dict[str, list[Measurement]]] = {}
     skipped: dict[str, set[str]] = {}
     for r in results:
@@ -117,7 +144,7 @@ def plot(results: list[Measurement], path: Path, title: str) -> bool:
             continue
         groups.setdefault(key, {}).setdefault(r.impl, []).append(r)
     if not groups:
-        return False
+        return None
     impl_order = list(dict.fromkeys(r.impl for r in results))
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.2 * len(groups) + 1.2), squeeze=False)
     handles = {}
@@ -134,7 +161,8 @@ def plot(results: list[Measurement], path: Path, title: str) -> bool:
                 ax_m.plot(ns, [r.peak_bytes / 2**20 for r in rows], label=impl, **style)
         note = f"; skipped: {', '.join(sorted(skipped[key]))}" if key in skipped else ""
         ax_t.set_title(f"{key}: time{note}", fontsize=9)
-        ax_m.set_title(f"{key}: peak memory", fontsize=9)
+        measured = any(r.peak_bytes is not None for rows in series.values() for r in rows)
+        ax_m.set_title(f"{key}: peak memory" + ("" if measured else " not measured (--no-memory)"), fontsize=9)
         sizes = sorted({r.case.n for rows in series.values() for r in rows})
         for ax, ylabel in ((ax_t, "time (ms): median, bar = min to max"), (ax_m, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
@@ -142,16 +170,14 @@ def plot(results: list[Measurement], path: Path, title: str) -> bool:
             ax.set_xticks(sizes, [str(n) for n in sizes])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
             ax.set_xlabel("sequence length n")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.9 / fig.get_figheight(), 1, 1 - 0.35 / fig.get_figheight()))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_data(results: list[Measurement], meta: dict, out: Path) -> None:
@@ -170,9 +196,18 @@ def _meta(args, impls) -> dict:
                 versions={i.name: i.version() for i in impls})
 
 
-def print_comparison(base_path, new: dict[str, float], max_slowdown: float) -> int:
-    comparisons = compare_ratios(load_ratios(base_path), new, max_slowdown)
-    print(f"ours / reference against {Path(base_path).resolve()} (fails above +{max_slowdown:.0%}):")
+def load_baseline(paths: list[str]) -> dict[str, float]:
+    """The ratios of one saved run, or per case the median over several (a firmer baseline)."""
+    runs = [load_ratios(p) for p in paths]
+    cases = dict.fromkeys(c for run in runs for c in run)
+    return {c: statistics.median(run[c] for run in runs if c in run) for c in cases}
+
+
+def print_comparison(base_paths: list[str], new: dict[str, float], max_slowdown: float) -> int:
+    comparisons = compare_ratios(load_baseline(base_paths), new, max_slowdown)
+    where = ", ".join(str(Path(p).resolve()) for p in base_paths)
+    median = "the median of " if len(base_paths) > 1 else ""
+    print(f"ours / reference against {median}{where} (fails above +{max_slowdown:.0%}):")
     for c in comparisons:
         print("  " + c.line())
     regressed = [c for c in comparisons if c.regressed]
@@ -193,32 +228,49 @@ def run_regression(args, out: Path) -> int:
     bar = tqdm(todo, desc="regression", unit="case")
     for case in bar:
         bar.set_postfix_str(case.label)
-        ratios.append(measure_ratio(case, ours=ours, reference=args.reference, pairs=pairs))
+        ratios.append(measure_ratio(case, ours=ours, reference=args.reference, pairs=pairs,
+                                    slowdown=args.inject_slowdown))
     bar.close()
-    print(f"ours / {args.reference} (median of {pairs} interleaved pairs, quartiles in brackets):")
+    injected = f"; ours slowed by {args.inject_slowdown:.0%} on purpose" if args.inject_slowdown else ""
+    print(f"ours / {args.reference} (median of {pairs} interleaved pairs, quartiles in brackets; "
+          f"{torch.get_num_threads()} CPU thread(s){injected}):")
     for r in ratios:
         print(f"  {r.case}: {r.ratio:.3f} [{r.q1:.3f}, {r.q3:.3f}]  (ours {r.ours_ms:.2f} ms, "
               f"{r.reference} {r.reference_ms:.2f} ms)")
     path = out / "regression.json"
-    meta = _meta(args, [ours, REFERENCES[args.reference]]) | dict(reference=args.reference, pairs=pairs)
+    meta = _meta(args, [ours, REFERENCES[args.reference]]) | dict(
+        reference=args.reference, pairs=pairs, threads=torch.get_num_threads(), inject_slowdown=args.inject_slowdown)
     save_ratios(ratios, meta, path)
     print(f"wrote {path}")
     if args.baseline:
-        return print_comparison(args.baseline, {r.case: r.ratio for r in ratios}, args.max_slowdown)
+        return print_comparison(args.baseline, ratios_of(ratios), args.max_slowdown)
     return 0
 
 
 def run(args) -> int:
     if args.compare:
-        base, new = args.compare
+        if len(args.compare) < 2:
+            raise SystemExit("performer-triton bench --compare: give BASE [BASE ...] NEW, at least two files")
+        *base, new = args.compare
         return print_comparison(base, load_ratios(new), args.max_slowdown)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"output folder: {out}")
-    if args.regression:
-        return run_regression(args, out)
+    threads = args.threads or (REGRESSION_THREADS if args.regression and args.device == "cpu" else None)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if args.regression:
+            return run_regression(args, out)
+        return run_sweep(args, out)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_sweep(args, out: Path) -> int:
     impls = [IMPLS[name] for name in args.impls]
     todo = cases(args)
     meta = _meta(args, impls)
@@ -279,6 +331,9 @@ def add_arguments(parser) -> None:
                         help=f"timed repetitions per implementation (default {DEFAULT_REPEATS}; "
                              f"with --regression, interleaved pairs, default {DEFAULT_PAIRS})")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"CPU threads (torch.set_num_threads; default: torch's default, with --regression "
+                             f"{REGRESSION_THREADS})")
     parser.add_argument("--out", default="bench/out",
                         help="folder for bench.csv, bench.json, bench.png (or regression.json), relative to the "
                              "current directory; the full path is printed")
@@ -286,12 +341,17 @@ def add_arguments(parser) -> None:
     group.add_argument("--regression", action="store_true",
                        help="measure ours / reference per case in interleaved pairs and write regression.json")
     group.add_argument("--reference", choices=list(REFERENCES), default=DEFAULT_REFERENCE,
-                       help="the reference workload: 'matmul' (non-causal FAVOR+ as plain torch ops; default) "
-                            "or 'torch-sdpa'")
-    group.add_argument("--baseline", metavar="FILE", default=None,
+                       help="the reference workload: 'linear' (FAVOR+-like linear attention as plain torch "
+                            "ops, chunked when causal; default) or 'torch-sdpa'")
+    group.add_argument("--baseline", metavar="FILE", nargs="+", default=None,
                        help="with --regression: compare with this earlier regression.json (or pytest-benchmark "
-                            "JSON of bench/test_regression.py); exit 1 on a regression")
-    group.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
-                       help="compare two saved files only (no measurement); exit 1 on a regression")
+                            "JSON of bench/test_regression.py; several: their median per case); exit 1 on a "
+                            "regression")
+    group.add_argument("--compare", nargs="+", metavar="FILE", default=None,
+                       help="BASE [BASE ...] NEW: compare saved files only (no measurement; several bases: their "
+                            "median per case); exit 1 on a regression")
+    group.add_argument("--inject-slowdown", type=_fraction, default=0.0, metavar="FRACTION",
+                       help="with --regression: make ours this much slower on purpose (busy CPU after each run), "
+                            "to see the check fail on this machine, e.g. 15%%")
     group.add_argument("--max-slowdown", type=_fraction, default=MAX_SLOWDOWN,
-                       help=f"largest accepted growth of ours / reference (default {MAX_SLOWDOWN:.0%})")
+                       help=f"largest accepted growth of ours / reference (default {MAX_SLOWDOWN * 100:.0f}%%)")

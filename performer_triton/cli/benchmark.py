@@ -358,11 +358,11 @@ class Measurement:
 
     @property
     def min_seconds(self) -> float | None:
-        return min(self.times) if self.times else None
+        return min(self.times) if self.times else self.seconds
 
     @property
     def max_seconds(self) -> float | None:
-        return max(self.times) if self.times else None
+        return max(self.times) if self.times else self.seconds
 
     def row(self) -> dict:
         c = self.case
@@ -431,29 +431,51 @@ def side_by_side(impls: list[Impl], case: Case, *, repeats: int = 3, memory: boo
 # whatever slows the machine slows both, and the ratio moves only when our code does.
 
 
-def _matmul_reference(case: Case, x: Inputs) -> Callable[[], Tensor]:
-    """The fixed reference workload: non-causal FAVOR+ written as plain torch ops (two feature
-    GEMMs and exps, k'^T v, q' @ context, normalisation) on the case's inputs, differentiable.  Only
-    a clock, never checked: its op mix and sizes follow ours, so machine load affects both alike."""
+REFERENCE_CHUNK = 128
+
+
+def _linear_reference(case: Case, x: Inputs) -> Callable[[], Tensor]:
+    """The fixed reference workload: FAVOR+-like linear attention written as plain torch ops on the
+    case's inputs, differentiable: exp features from two GEMMs, then non-causal (k'^T v, q' @ context)
+    or causal in chunks of REFERENCE_CHUNK rows (masked intra-chunk matmuls plus a running state),
+    the op mix of our PyTorch path.  Only a clock, never checked: it changes only with torch, so
+    machine load, and nothing else, affects ours and it alike."""
     projection = x.projection.to(x.q.dtype) * case.d**-0.25
 
+    def features(t: Tensor) -> Tensor:
+        logits = t @ projection.mT
+        return torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+
     def run() -> Tensor:
-        q_logits, k_logits = x.q @ projection.mT, x.k @ projection.mT
-        qf = torch.exp(q_logits - q_logits.amax(dim=-1, keepdim=True))
-        kf = torch.exp(k_logits - k_logits.amax(dim=-1, keepdim=True))
-        context = kf.mT @ x.v
-        norm = qf @ kf.sum(dim=-2, keepdim=True).mT
-        return (qf @ context) / (norm + 1e-6)
+        qf, kf, v = features(x.q), features(x.k), x.v
+        if not case.causal:
+            norm = qf @ kf.sum(dim=-2, keepdim=True).mT
+            return (qf @ (kf.mT @ v)) / (norm + 1e-6)
+        state = qf.new_zeros(*qf.shape[:2], qf.shape[-1], v.shape[-1])
+        key_sum = qf.new_zeros(*qf.shape[:2], 1, qf.shape[-1])
+        keep = torch.ones(REFERENCE_CHUNK, REFERENCE_CHUNK, dtype=torch.bool, device=qf.device).tril()
+        outs = []
+        for t0 in range(0, case.n, REFERENCE_CHUNK):
+            qc, kc, vc = (t[..., t0 : t0 + REFERENCE_CHUNK, :] for t in (qf, kf, v))
+            c = qc.shape[-2]
+            scores = (qc @ kc.mT).masked_fill(~keep[:c, :c], 0.0)
+            num = qc @ state + scores @ vc
+            den = (qc * key_sum).sum(dim=-1, keepdim=True) + scores.sum(dim=-1, keepdim=True)
+            outs.append(num / (den + 1e-6))
+            state = state + kc.mT @ vc
+            key_sum = key_sum + kc.sum(dim=-2, keepdim=True)
+        return torch.cat(outs, dim=-2)
 
     return run
 
 
 REFERENCES = {
-    "matmul": Impl("matmul", _matmul_reference, lambda case: None, version=lambda: torch.__version__),
+    "linear": Impl("linear", _linear_reference, lambda case: None, version=lambda: torch.__version__),
     "torch-sdpa": IMPLS["torch-sdpa"],
 }
-DEFAULT_REFERENCE = "matmul"
-DEFAULT_PAIRS = 21
+DEFAULT_REFERENCE = "linear"
+DEFAULT_PAIRS = 40
+DEFAULT_ROUNDS = 4
 MAX_SLOWDOWN = 0.10  # fail when ours / reference grew by more than this fraction
 
 
@@ -469,10 +491,13 @@ class Ratio:
     ours_ms: float
     reference_ms: float
     pairs: int
+    ours_times_ms: list[float] = field(default_factory=list)
+    reference_times_ms: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(case=self.case, reference=self.reference, ratio=self.ratio, ratio_q1=self.q1,
-                    ratio_q3=self.q3, ours_ms=self.ours_ms, reference_ms=self.reference_ms, pairs=self.pairs)
+                    ratio_q3=self.q3, ours_ms=self.ours_ms, reference_ms=self.reference_ms, pairs=self.pairs,
+                    ours_times_ms=self.ours_times_ms, reference_times_ms=self.reference_times_ms)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -483,36 +508,67 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def measure_ratio(case: Case, *, ours: Impl | None = None, reference: str | Impl = DEFAULT_REFERENCE,
-                  pairs: int = DEFAULT_PAIRS, warmup: int = 2) -> Ratio:
-    """Time ours and the reference on the same inputs in `pairs` interleaved pairs, alternating
-    which goes first; the median of the per-pair ratios (adjacent in time, so under the same load).
-    Ours is checked against float64 first (verify)."""
+                  pairs: int = DEFAULT_PAIRS, rounds: int = DEFAULT_ROUNDS, warmup: int = 1,
+                  slowdown: float = 0.0) -> Ratio:
+    """Time ours and the reference in `pairs` interleaved pairs, alternating which goes first;
+    the median of the per-pair ratios (adjacent in time, so under the same load).  The pairs are
+    spread over `rounds` sets of fresh inputs (where tensors land in memory moves a time by a few
+    percent).  On CPU the times are CPU time (cpu_clock), on CUDA wall time after synchronizing.
+    Ours is checked against float64 first (verify).  slowdown > 0 makes ours that much slower on
+    purpose, to check the check: after each run of ours the CPU spins for that fraction of the
+    run's time."""
     ours = ours or IMPLS["performer_triton"]
     ref = REFERENCES[reference] if isinstance(reference, str) else reference
-    x = make_inputs(case)
-    fn = ours.build(case, x)
-    verify(ours, case, x, fn)
-    run_ours, run_ref = step(case, x, fn), step(case, x, ref.build(case, x))
-    for _ in range(warmup):
-        run_ours(), run_ref()
+    clock = cpu_clock() if case.device == "cpu" else time.perf_counter
 
     def timed(run: Callable[[], None]) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         run()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     t_ours, t_ref = [], []
-    for i in range(pairs):
-        if i % 2 == 0:
-            t_ours.append(timed(run_ours))
-            t_ref.append(timed(run_ref))
-        else:
-            t_ref.append(timed(run_ref))
-            t_ours.append(timed(run_ours))
+    rounds = max(1, min(rounds, pairs))
+    for r in range(rounds):
+        x = make_inputs(case, seed=r)
+        fn = ours.build(case, x)
+        if r == 0:
+            verify(ours, case, x, fn)
+        run_ours, run_ref = step(case, x, fn), step(case, x, ref.build(case, x))
+        if slowdown > 0:
+            run_ours = _slowed(run_ours, slowdown, clock)
+        for _ in range(warmup):
+            run_ours(), run_ref()
+        for i in range(pairs * r // rounds, pairs * (r + 1) // rounds):
+            if i % 2 == 0:
+                t_ours.append(timed(run_ours))
+                t_ref.append(timed(run_ref))
+            else:
+                t_ref.append(timed(run_ref))
+                t_ours.append(timed(run_ours))
+        del x, fn, run_ours, run_ref
     ratios = [a / b for a, b in zip(t_ours, t_ref)]
     q1, median, q3 = _quartiles(ratios)
     return Ratio(case.label, ref.name, median, q1, q3, statistics.median(t_ours) * 1e3,
-                 statistics.median(t_ref) * 1e3, pairs)
+                 statistics.median(t_ref) * 1e3, pairs, [round(t * 1e3, 3) for t in t_ours],
+                 [round(t * 1e3, 3) for t in t_ref])
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The CPU time of this thread when torch computes on it alone (one intra-op thread), else of
+    the process: time spent descheduled while other processes hold the cores does not count, the
+    largest part of the noise on a shared machine."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+def _slowed(run: Callable[[], None], fraction: float, clock: Callable[[], float]) -> Callable[[], None]:
+    def slow() -> None:
+        t0 = clock()
+        run()
+        end = clock() + fraction * (clock() - t0)
+        while clock() < end:  # busy, like the work it stands for
+            pass
+
+    return slow
 
 
 REGRESSION_KIND = "performer-triton regression ratios"
@@ -525,16 +581,28 @@ def save_ratios(ratios: list[Ratio], meta: dict, path) -> None:
                                      indent=1))
 
 
+def ratio_key(record: dict) -> str:
+    """What a ratio is of: the case, and the reference when named (ratios to different references
+    are never compared)."""
+    reference = record.get("reference")
+    return f"{record['case']} / {reference}" if reference else record["case"]
+
+
+def ratios_of(results: list[Ratio]) -> dict[str, float]:
+    return {ratio_key(r.as_dict()): r.ratio for r in results}
+
+
 def load_ratios(path) -> dict[str, float]:
-    """{case: ratio} from a file of save_ratios, or from pytest-benchmark's JSON (--benchmark-json,
-    --benchmark-autosave) of bench/test_regression.py, whose extra_info holds case and ratio."""
+    """{case / reference: ratio} from a file of save_ratios, or from pytest-benchmark's JSON
+    (--benchmark-json, --benchmark-autosave) of bench/test_regression.py, whose extra_info holds
+    case, reference and ratio."""
     from pathlib import Path
 
     data = json.loads(Path(path).read_text())
     if data.get("kind") == REGRESSION_KIND:
-        return {r["case"]: float(r["ratio"]) for r in data["results"]}
+        return {ratio_key(r): float(r["ratio"]) for r in data["results"]}
     if "benchmarks" in data:
-        out = {b["extra_info"]["case"]: float(b["extra_info"]["ratio"])
+        out = {ratio_key(b["extra_info"]): float(b["extra_info"]["ratio"])
                for b in data["benchmarks"] if "ratio" in b.get("extra_info", {}) and "case" in b["extra_info"]}
         if out:
             return out
