@@ -82,6 +82,14 @@ class Recorder:
         """Every FastAttention projection matrix, in module order."""
         self.log(name, projection_matrices(model))
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """The program's optimizer.step(); optimizer.zero_grad(), with the gradients recorded
+        before and the projections after ("grads", "projections")."""
+        self.grads("grads", model)
+        optimizer.step()
+        optimizer.zero_grad()
+        self.projections("projections", model)
+
 
 def projection_matrices(model: nn.Module) -> list[torch.Tensor]:
     return [m.projection_matrix for m in model.modules() if hasattr(m, "projection_matrix")]

@@ -100,10 +100,7 @@ def program(lib, rec):
         loss = F.cross_entropy(logits, y)
         loss.backward()
         rec.log("loss", loss)
-        rec.grads("grads", model)
-        optimizer.step()
-        optimizer.zero_grad()
-        rec.projections("projections", model)
+        rec.optimizer_step(optimizer, model)  # optimizer.step(); optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
         x, batch, y = random_graph_batch()

@@ -121,10 +121,7 @@ def load_and_finetune(lib, rec):
         loss = wrapped(batch, return_loss=True)  # LitGpt.training_step -> forward(x, return_loss=True)
         loss.backward()
         rec.log("loss", loss)
-        rec.grads("grads", wrapped)
-        optimizer.step()
-        optimizer.zero_grad()
-        rec.projections("projections", wrapped)
+        rec.optimizer_step(optimizer, wrapped)  # optimizer.step(); optimizer.zero_grad()
     rec.params("final parameters", wrapped)
 
 

@@ -113,10 +113,7 @@ def program(lib, rec):
         loss = (out - x.flip(1)).square()[mask].mean()
         loss.backward()
         rec.log("out", out)
-        rec.grads("grads", omninet)
-        optimizer.step()
-        optimizer.zero_grad()
-        rec.projections("projections", omninet)
+        rec.optimizer_step(optimizer, omninet)  # optimizer.step(); optimizer.zero_grad()
 
 
 def test_omninet_performer_pooling_attention_as_performer_pytorch():

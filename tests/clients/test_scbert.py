@@ -131,10 +131,7 @@ def pretrain(lib, rec):
             loss.backward()
             if index % GRADIENT_ACCUMULATION == 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), int(1e2))
-                rec.grads("grads", model)
-                optimizer.step()
-                optimizer.zero_grad()
-                rec.projections("projections", model)
+                rec.optimizer_step(optimizer, model)  # optimizer.step(); optimizer.zero_grad()
             running_loss += loss.item()
             final = softmax(logits)[..., 1:-1].argmax(dim=-1) + 1
             pred_num = (labels != PAD_TOKEN_ID).sum(dim=-1)
@@ -211,10 +208,7 @@ def finetune(checkpoint):
                 rec.log("loss", loss)
                 if index % GRADIENT_ACCUMULATION == 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), int(1e6))
-                    rec.grads("grads", model)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    rec.projections("projections", model)
+                    rec.optimizer_step(optimizer, model)  # optimizer.step(); optimizer.zero_grad()
             model.eval()
             with torch.no_grad():
                 for data_v, labels_v in DataLoader(val_dataset, batch_size=BATCH_SIZE):
