@@ -1,6 +1,6 @@
 """Ahead-of-time compile report for every Triton kernel configuration the launchers can launch.
 
-    python bench/compile_report.py [--arch 90 80] [--filter TEXT] [--json FILE] [-j N]
+    python bench/compile_report.py [--arch 90 80] [--filter TEXT] [--json FILE] [-j N] [--quick | --target]
 
 Needs no GPU; TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
 
@@ -38,6 +38,49 @@ rows (one warpgroup's wgmma; HMMA from mma.sync does not count then), HMMA on sm
 them have fewer rows (mma.sync is the only tensor-core path for those), and HMMA on sm_80; a
 kernel whose dots are all ieee fp32 must show none and is not checked.  The check is per kernel:
 at least one such instruction when it has at least one tensor-core dot (TTIR).
+
+Every compile also reads its TTGIR (shown in the table; checked only by --target):
+- ctas_per_sm = min(65536 // (regs * threads), smem_per_sm // (smem + 1024), 2048 // threads, 32),
+  threads = 32 num_warps, smem_per_sm 233472 B (sm_90, 228 KiB) / 167936 B (sm_80, 164 KiB), 1 KiB
+  reserved per CTA (function ctas_per_sm).
+- duplication: for each tt.dot / ttng.warp_group_dot the nvidia_mma encoding of its result
+  tensor<M x N>: rows covered W0 * 16 (mma v2 and v3: a warpgroup of 4 covers 64), columns covered
+  W1 * instrShape[1] (v3) or W1 * 8 (v2); duplication = max over dots of max(rows covered / M,
+  columns covered / N, 1).  Must be 1: above it warps recompute other warps' outputs.
+- pipelined: every scf.for whose body loads from global memory (tt.load, async copies, TMA) has
+  no synchronous tt.load (one whose result is used in the same iteration; a load whose result only
+  feeds scf.yield is a register prefetch) and every ttg.async_wait in it keeps >= 1 group in flight
+  (num >= 1); `ttg.async_wait {num = 0}` means each iteration waits for its own loads.
+
+--target compiles only what the four launcher calls causal_fwd, causal_bwd, noncausal_fwd and
+noncausal_bwd launch at TARGET (bf16, b=2 h=8 n=8192 d=e=64 m=256, softmax features, causal
+without prefix), captured on meta tensors with the real specialisation (N % 16 == 0 hints), and
+exits 1 also on duplication > 1 or an unpipelined loop (unless EXCEPTIONS names the kernel and
+check with a reason).  Per call it reports:
+- launches = Triton launches + torch ops.  Torch ops are counted by a TorchDispatchMode around the
+  launcher on meta tensors: every aten op except views (OpOverload.is_view), empty allocations and
+  metadata/alias ops (_NO_KERNEL_OPS), i.e. the ops that launch a GPU kernel.
+- intermediate_bytes: every storage created during the call that is neither an input's nor a
+  returned output's storage, counted twice (written once + read once).
+- exp_count: exponentials executed.  Counted by running the launchers in Triton's interpreter in a
+  subprocess (TRITON_INTERPRET=1, CPU tensors, b = h = 1, n in INTERP_LENGTHS): the elements of
+  every tl.exp / tl.exp2 operand (masked lanes included, as the GPU computes them), extrapolated
+  affinely in n to TARGET n and times b*h, then times the kernel's sm_90 duplication (the warps
+  that duplicate a dot duplicate the elementwise work on its layout); exp_count_logical is without
+  it.  Minimum: 2 b h n m per forward (q' and k' once each) and the same per backward (recompute).
+  The dot FLOPs (2 M N K per tl.dot) come from the same runs.
+- estimate_us (H100 SXM model, +-50 %, a hypothesis for the first GPU run), per Triton launch from
+  its sm_90 compile: slots = ctas_per_sm * 132 SMs, waves = ceil(programs / slots), quantisation
+  q = waves * slots / programs; time = max(tensor-core FLOPs * duplication / 990 TFLOP/s (bf16/fp16;
+  495 for fp32 as tf32) * q, exps * duplication / (16 * 132 * 1.75e9 /s MUFU.EX2) * q, HBM bytes /
+  3.35 TB/s) + chain steps * 0.7 us * waves + 5 us launch/host time.  HBM bytes of a launch: every
+  distinct tensor argument's storage once (re-reads taken as L2 hits).  Chain steps: the launch
+  argument named in CHAIN_STEPS (chunks a program walks in sequence: causal _state/_dstate NT,
+  non-causal split kernels NTS), 0 for other kernels.  Each torch op adds 5 us.  A call sums its
+  launches.
+- roofline_us = max(minimal FLOPs / 990 TFLOP/s, (inputs read once + outputs written once) /
+  3.35 TB/s, minimal exps / MUFU rate); minimal FLOPs per row: forward 2 m (2 d + 2 e) (features
+  of q and k, k'^T v, q' @ state), backward twice that.
 """
 from __future__ import annotations
 
@@ -99,11 +142,12 @@ class Arch:
     name: str
     smem_limit: int  # bytes of shared memory per block (opt-in maximum)
     mma: str  # the tensor-core instruction a dot must become
+    smem_per_sm: int  # shared memory capacity per SM (occupancy)
 
 
 ARCHS = {
-    90: Arch("sm_90a", 232448, "HGMMA"),
-    80: Arch("sm_80", 166912, "HMMA"),
+    90: Arch("sm_90a", 232448, "HGMMA", 233472),
+    80: Arch("sm_80", 166912, "HMMA", 167936),
 }
 
 _TORCH_TO_TRITON = {
@@ -121,6 +165,7 @@ class Launch:
     fn: JITFunction
     args: tuple
     kwargs: dict
+    grid: tuple = ()  # the launch grid (programs = its product)
 
 
 @dataclass
@@ -152,6 +197,12 @@ class Result:
     hgmma: int = 0
     hmma: int = 0
     dots: list = field(default_factory=list)  # (operand type, input precision) per TTIR tt.dot
+    ctas_per_sm: int = 0  # occupancy from registers, shared memory and threads (ctas_per_sm)
+    duplication: float = 1.0  # max over the TTGIR dots of rows/columns covered / tile (duplication_of)
+    dup_detail: list = field(default_factory=list)  # per dot: "MxN vV warps=[W0,W1] -> xF"
+    pipelined: bool = True  # every loop that loads from global memory keeps loads in flight
+    loops: list = field(default_factory=list)  # per-loop details (loops_of): dicts
+    exp_static: list = field(default_factory=list)  # (elements, loop depth) per math.exp/exp2 (exp_ops)
     compile_s: float = 0.0
     problems: list = field(default_factory=list)
     error: str = ""  # full compiler message of a failed compile
@@ -166,7 +217,7 @@ def intercept_launches(sink: list):
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        sink.append((self, args, kwargs))
+        sink.append((self, args, kwargs, grid))
 
     JITFunction.run = record
     try:
@@ -180,7 +231,7 @@ def capture(label: str, launcher, *args, **kwargs):
     sink: list = []
     with intercept_launches(sink):
         result = launcher(*args, **kwargs)
-    return result, [Launch(label, fn, a, kw) for fn, a, kw in sink]
+    return result, [Launch(label, fn, a, kw, grid) for fn, a, kw, grid in sink]
 
 
 def _meta(shape, dtype) -> torch.Tensor:
@@ -340,6 +391,167 @@ def ptxas_usage(log: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+
+# ----------------------------------------------------------------------------- TTGIR readers
+# Each works on the text of one TTGIR module (kernel.asm["ttgir"]); unit-tested on literal snippets
+# in tests/test_compile_report.py.
+
+_MMA_ALIAS = re.compile(r"^(#[\w.]+) = #ttg\.nvidia_mma<\{(.*?)\}>", re.M)
+_DOT_RESULT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<(\d+)x(\d+)x\w+,\s*(#[^>]*?)>")
+_TENSOR = re.compile(r"tensor<((?:\d+x)*)[a-z]\w*")
+
+
+def _mma_params(body: str) -> dict:
+    """{'versionMajor': 3, 'warpsPerCTA': [8, 1], 'instrShape': [16, 32, 16], ...} of an
+    nvidia_mma encoding's attribute text."""
+    out = {}
+    for key, val in re.findall(r"(\w+) = (\[[^\]]*\]|\d+)", body):
+        out[key] = [int(x) for x in val.strip("[]").split(",") if x.strip()] if val.startswith("[") else int(val)
+    return out
+
+
+def duplication_of(ttgir: str) -> tuple[float, list[str]]:
+    """(duplication, per-dot details).  For each tt.dot / ttng.warp_group_dot, the nvidia_mma
+    encoding of its result tensor<M x N>: rows covered = W0 * 16 (v2: 16 rows per warp of
+    mma.sync; v3: a warpgroup of 4 warps covers 64 rows), columns covered = W1 * instrShape[1]
+    (v3) or W1 * 8 (v2).  duplication = max over dots of max(rows / M, cols / N, 1): the factor by
+    which the warps compute the same outputs again (1 = none).  Dots with another encoding
+    (FMA dots: blocked) count 1."""
+    aliases = {name: _mma_params(body) for name, body in _MMA_ALIAS.findall(ttgir)}
+    worst, detail = 1.0, []
+    for line in ttgir.splitlines():
+        hit = _DOT_RESULT.search(line)
+        if not hit:
+            continue
+        rows, cols, enc = int(hit.group(1)), int(hit.group(2)), hit.group(3).strip()
+        params = aliases.get(enc)
+        if params is None and enc.startswith("#ttg.nvidia_mma<{"):
+            params = _mma_params(enc)
+        if params is None:
+            continue
+        w0, w1 = params["warpsPerCTA"][:2]
+        version = params["versionMajor"]
+        cover_m = w0 * 16
+        cover_n = w1 * (params["instrShape"][1] if version >= 3 else 8)
+        dup = max(cover_m / rows, cover_n / cols, 1.0)
+        worst = max(worst, dup)
+        detail.append(f"{rows}x{cols} v{version} warps=[{w0},{w1}] x{dup:g}")
+    return worst, detail
+
+
+def _elements(type_text: str) -> int:
+    """Element count of the first tensor<...> type in the text (1 for a scalar)."""
+    hit = _TENSOR.search(type_text)
+    if not hit or not hit.group(1):
+        return 1
+    count = 1
+    for dim in hit.group(1).rstrip("x").split("x"):
+        count *= int(dim)
+    return count
+
+
+_GLOBAL_ASYNC = ("ttg.async_copy_global_to_local", "ttng.async_tma_copy_global_to_local", "tt.descriptor_load",
+                 "ttng.async_tma_gather")
+_RESULT_NAME = re.compile(r"^\s*(%[\w.#-]+)(?::\d+)?\s*=")
+
+
+def loops_of(ttgir: str) -> list[dict]:
+    """One dict per scf.for of the module, in order, with the ops directly in its body (ops of
+    nested loops belong to the nested loop):
+      depth (1 = outermost), line (of the scf.for in the TTGIR), sync_loads (global tt.load whose
+      result is used in the same iteration), prefetch_loads (global tt.load whose result only
+      feeds the scf.yield: issued for the next iteration), async_loads (async copies / TMA),
+      waits (the num of every ttg.async_wait), pipelined (see pipelining_of).
+    A loop "loads" when it has any of the three kinds of loads."""
+    loops, stack = [], []  # stack of (loop dict or None for other regions)
+    for number, line in enumerate(ttgir.splitlines(), 1):
+        text = line.split(" loc(")[0]
+        current = next((x for x in reversed(stack) if x is not None), None)
+        if "scf.for " in text:
+            loop = dict(depth=sum(1 for x in stack if x is not None) + 1, line=number, sync_loads=0,
+                        prefetch_loads=0, async_loads=0, waits=[], _loads=[], _body=[])
+            loops.append(loop)
+        elif current is not None:
+            current["_body"].append(text)
+            if re.search(r"= tt\.load ", text):
+                name = _RESULT_NAME.match(text)
+                current["_loads"].append(name.group(1) if name else "")
+            elif any(f"= {op} " in text or f" {op} " in text for op in _GLOBAL_ASYNC):
+                current["async_loads"] += 1
+            elif "ttg.async_wait" in text:
+                num = re.search(r"num = (\d+)", text)
+                current["waits"].append(int(num.group(1)) if num else 0)
+        opened = text.count("{") - text.count("}")
+        if "scf.for " in text:
+            stack.append(loops[-1])
+            opened -= 1
+        while opened > 0:
+            stack.append(None)
+            opened -= 1
+        while opened < 0 and stack:
+            stack.pop()
+            opened += 1
+    for loop in loops:
+        body, names = loop.pop("_body"), loop.pop("_loads")
+        yields = " ".join(x for x in body if "scf.yield" in x)
+        for name in names:
+            uses = sum(len(re.findall(re.escape(name) + r"(?![\w.#-])", x)) for x in body if "scf.yield" not in x)
+            if name and uses <= 1 and re.search(re.escape(name) + r"(?![\w.#-])", yields):
+                loop["prefetch_loads"] += 1  # defined here (1 match), carried to the next iteration
+            else:
+                loop["sync_loads"] += 1
+        loop["loads"] = bool(loop["sync_loads"] or loop["prefetch_loads"] or loop["async_loads"])
+        loop["pipelined"] = pipelining_of(loop)
+    return loops
+
+
+def pipelining_of(loop: dict) -> bool:
+    """A loop that loads from global memory is pipelined when none of its loads is synchronous
+    (used in the iteration that issues it), it has asynchronous loads (cp.async / TMA) or loads
+    prefetched into registers, and every ttg.async_wait in it leaves at least one group in flight
+    (num >= 1: with num = 0 each iteration waits for its own loads, nothing overlaps).
+    A loop without global loads is not a hot loop of this check: True."""
+    if not (loop["sync_loads"] or loop["prefetch_loads"] or loop["async_loads"]):
+        return True
+    if loop["sync_loads"]:
+        return False
+    return min(loop["waits"], default=1) >= 1
+
+
+def exp_ops(ttgir: str) -> list[tuple[int, int]]:
+    """(elements, loop depth) of every math.exp / math.exp2 in a TT(G)IR module: the tensor
+    element count of its result (1 for a scalar) and how many scf.for loops enclose it."""
+    out, depth_stack = [], []
+    for line in ttgir.splitlines():
+        text = line.split(" loc(")[0]
+        if re.search(r"= math\.exp2? ", text):
+            out.append((_elements(text.split(" : ")[-1]), sum(depth_stack)))
+        opened = text.count("{") - text.count("}")
+        is_for = "scf.for " in text
+        if is_for:
+            depth_stack.append(1)
+            opened -= 1
+        while opened > 0:
+            depth_stack.append(0)
+            opened -= 1
+        while opened < 0 and depth_stack:
+            depth_stack.pop()
+            opened += 1
+    return out
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared: int, arch: int) -> int:
+    """Resident CTAs per SM: min(65536 // (registers * threads), smem_per_sm // (shared + 1024),
+    2048 // threads, 32), threads = 32 * num_warps, smem_per_sm = 233472 B (sm_90, 228 KiB) or
+    167936 B (sm_80, 164 KiB), 1 KiB reserved per CTA.  Register allocation granularity (per warp,
+    256 registers) is ignored: ptxas reports multiples of 8 here."""
+    threads = 32 * max(1, num_warps)
+    limits = [32, 2048 // threads, ARCHS[arch].smem_per_sm // (shared + 1024)]
+    if registers:
+        limits.append(65536 // (registers * threads))
+    return max(0, min(limits))
+
+
 def problems_of(r: Result) -> list[str]:
     """The failure rules of the module docstring for one compiled kernel."""
     arch = ARCHS[r.arch]
@@ -419,6 +631,12 @@ def compile_and_inspect(fn: JITFunction, spec: Spec, arch: int, result: Result) 
     result.registers, result.spill_stores, result.spill_loads = ptxas_usage(meta.report_ptxas_log)
     result.hgmma, result.hmma = meta.report_mma
     result.dots = dots_of(kernel.asm["ttir"])
+    ttgir = kernel.asm["ttgir"]
+    result.ctas_per_sm = ctas_per_sm(result.registers, result.num_warps, result.shared, arch)
+    result.duplication, result.dup_detail = duplication_of(ttgir)
+    result.loops = loops_of(ttgir)
+    result.pipelined = all(loop["pipelined"] for loop in result.loops)
+    result.exp_static = exp_ops(ttgir)
     result.problems += problems_of(result)
     result.compile_s = round(time.perf_counter() - start, 2)
     return result
@@ -431,6 +649,292 @@ def _work(index: int) -> Result:
     fn, spec, arch, result = _JOBS[index]
     return compile_and_inspect(fn, spec, arch, result)
 
+
+
+# ----------------------------------------------------------------------------- --target
+
+TARGET = dict(b=2, h=8, n=8192, d=64, e=64, m=256, dtype="bf16", feature="softmax")
+TARGET_CALLS = ("causal_fwd", "causal_bwd", "noncausal_fwd", "noncausal_bwd")
+# Interpreter runs for the exponential and FLOP counts (count_in_interpreter): b = h = 1 at two
+# lengths; counts are affine in n between them (extrapolated to TARGET n) and linear in b*h.
+INTERP_LENGTHS = (128, 256)
+
+# H100 SXM model of estimate_us (module docstring, "--target"): +-50 % hypotheses
+SMS, CLOCK_HZ = 132, 1.75e9
+TC_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 495e12}  # dense; fp32 dots run as tf32
+MUFU_PER_S = 16 * SMS * CLOCK_HZ  # MUFU.EX2: 16 per clock per SM
+HBM_BYTES_PER_S = 3.35e12
+STEP_US = 0.7  # one exposed HBM round trip per step of a sequential chunk walk
+LAUNCH_US = 5.0  # host + launch time per Triton launch or torch op
+# Kernels whose programs walk the sequence's chunks one after another (a latency chain), and the
+# launch argument that gives the steps per program; the first name found in the launch is used.
+CHAIN_STEPS = {
+    "causal._state_kernel": ("NT",),
+    "causal._dstate_kernel": ("NT",),
+    "noncausal._state_kernel": ("NTS", "per"),
+    "noncausal._bwd_q_kernel": ("NTS", "per"),
+}
+
+# Accepted failures of the --target checks: kernel name -> {check: reason}; check is
+# "duplication" or "pipelined".  Only for reasons that hold on the GPU, not "not fixed yet".
+EXCEPTIONS: dict[str, dict[str, str]] = {}
+
+# aten ops that launch no GPU kernel (besides views, OpOverload.is_view): allocations and metadata
+_NO_KERNEL_OPS = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+    "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_unsafe_view", "aten::as_strided",
+    "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset", "aten::is_contiguous",
+    "aten::resize_",
+}
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(storage identity, storage bytes) of a tensor (meta tensors have storages too)."""
+    st = t.untyped_storage()
+    return st._cdata, st.nbytes()
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in _tensors(x)]
+    return []
+
+
+class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops of a launcher call that launch a GPU kernel: every op but views
+    (OpOverload.is_view) and _NO_KERNEL_OPS (empty allocations, detach/alias, metadata); records
+    the storages every op returns (allocations of the call, views included, deduplicated later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.storages: dict[int, int] = {}
+        self.alive: list = []  # the storages, held so that no later one reuses a freed one's address
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        if not func.is_view and name not in _NO_KERNEL_OPS:
+            self.ops.append(str(func).removesuffix(".default"))
+        for t in _tensors(out):
+            ident, nbytes = _storage(t)
+            self.storages.setdefault(ident, nbytes)
+            self.alive.append(t.untyped_storage())
+        return out
+
+
+@dataclass
+class Call:
+    """One launcher call at the target shape, captured on meta tensors."""
+    name: str
+    launches: list  # [Launch]
+    torch_ops: list  # names of the counted aten ops
+    intermediate_bytes: int
+    min_bytes: int  # inputs read once + outputs written once
+    min_flops: float
+    min_exps: int
+
+
+def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[object, Call]:
+    """Run a launcher on meta tensors with launches intercepted and aten ops counted.
+
+    intermediate_bytes: storages created during the call (by allocations or ops) that are neither
+    an input's nor a returned output's storage, each counted twice (written once + read once)."""
+    counter = TorchOpCounter()
+    sink: list = []
+    with intercept_launches(sink), counter:
+        result = launcher(*args, **kwargs)
+    launches = [Launch(name, fn, a, kw, grid) for fn, a, kw, grid in sink]
+    inputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(args)}
+    outputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(result)}
+    temp = sum(b for ident, b in counter.storages.items() if ident not in inputs and ident not in outputs)
+    t = TARGET
+    bhn = t["b"] * t["h"] * t["n"]
+    # minimal work of FAVOR+ (kernels/NOTES.md "Roofline"): features of q and k (2 m d each),
+    # k'^T v and q' @ state (2 m e each); the backward recomputes the features and runs 4 m e
+    # products and 2 m d input-gradient products per row and side (3x the forward)
+    fwd_flops = bhn * (2 * 2 * t["m"] * t["d"] + 2 * 2 * t["m"] * t["e"])
+    min_flops = fwd_flops * (2 if name.endswith("bwd") else 1)
+    call = Call(name, launches, counter.ops, 2 * temp, sum(inputs.values()) + sum(outputs.values()),
+                min_flops, 2 * bhn * t["m"])
+    return result, call
+
+
+def target_calls(modules: dict, failures: list, shape: dict | None = None, device="meta") -> list[Call]:
+    """The four launcher calls (TARGET_CALLS) at the target shape (or shape), softmax features,
+    causal without prefix; a backward runs its forward first (not counted)."""
+    t = shape or TARGET
+    dtype = DTYPES[t["dtype"]]
+    feature = _feature_code(t["feature"])
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*shape_):
+        if device == "meta":
+            return torch.empty(shape_, device="meta", dtype=dtype)
+        return (torch.randn(shape_, generator=gen) * 0.5).to(dtype)
+
+    q, k, v = (tensor(t["b"], t["h"], t["n"], t["d"]), tensor(t["b"], t["h"], t["n"], t["d"]),
+               tensor(t["b"], t["h"], t["n"], t["e"]))
+    projection = tensor(t["m"], t["d"])
+    calls = []
+    for causal in (True, False):
+        mode = "causal" if causal else "noncausal"
+        fwd, bwd = launchers(causal)
+        try:
+            saved, call = _capture_call(f"{mode}_fwd", fwd, (q, k, v, projection), dict(feature=feature))
+            calls.append(call)
+            grad = tensor(*saved[0].shape)
+            _, call = _capture_call(f"{mode}_bwd", bwd, (grad, q, k, v, projection, *saved), dict(feature=feature))
+            calls.append(call)
+        except Exception as exc:
+            failures.append(f"{mode} at the target shape: launcher raised {type(exc).__name__}: {exc}")
+    return calls
+
+
+def _feature_code(name: str) -> int:
+    """The kernel code of a feature map of performer_triton.feature_maps.KERNEL_MAPS, by name."""
+    from performer_triton.feature_maps import KERNEL_MAPS
+    return next(code for code, fmap in KERNEL_MAPS.items() if fmap.name == name)
+
+
+def _launch_programs(launch: Launch) -> int:
+    grid = launch.grid
+    if callable(grid):
+        fn = launch.fn
+        bound = fn.signature.bind(*launch.args, **{k: v for k, v in launch.kwargs.items()
+                                                  if k in [p.name for p in fn.params]})
+        grid = grid(dict(bound.arguments))
+    programs = 1
+    for g in grid:
+        programs *= int(g)
+    return programs
+
+
+def _launch_arg(launch: Launch, names: tuple) -> int | None:
+    fn = launch.fn
+    params = [p.name for p in fn.params]
+    bound = fn.signature.bind_partial(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in params})
+    for name in names:
+        if isinstance(bound.arguments.get(name), int):
+            return bound.arguments[name]
+    return None
+
+
+def _launch_bytes(launch: Launch) -> int:
+    """HBM bytes of a launch in the model: every distinct tensor argument's storage once
+    (re-reads within the launch are taken as L2 hits)."""
+    seen = {}
+    for t in _tensors(list(launch.args) + list(launch.kwargs.values())):
+        ident, nbytes = _storage(t)
+        seen[ident] = nbytes
+    return sum(seen.values())
+
+
+def count_in_interpreter(timeout: float = 900) -> dict:
+    """Exponentials and dot FLOPs per Triton launch of each target call, counted by running the
+    launchers in Triton's interpreter (a subprocess with TRITON_INTERPRET=1, CPU tensors, b = h = 1,
+    n in INTERP_LENGTHS): every element passed to tl.exp / tl.exp2 (InterpreterBuilder.create_exp,
+    create_exp2; masked lanes included, as the GPU computes them) and 2 M N K per tl.dot; then
+    affine in n to TARGET n, times TARGET b*h.  Returns {call: [{"kernel", "exps", "flops"}, ...]}
+    in launch order."""
+    env = {k: v for k, v in os.environ.items()}
+    env["TRITON_INTERPRET"] = "1"
+    runs = []
+    for n in INTERP_LENGTHS:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpreter-counts", str(n)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            raise RuntimeError(f"interpreter count at n={n} failed: {done.stderr.strip()[-2000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    (n1, c1), (n2, c2) = zip(INTERP_LENGTHS, runs)
+    t = TARGET
+    bh = t["b"] * t["h"]
+    out = {}
+    for call, kernels in c1.items():
+        rows = []
+        for a, b in zip(kernels, c2[call]):
+            row = {"kernel": a["kernel"]}
+            for key in ("exps", "flops"):
+                slope = (b[key] - a[key]) / (n2 - n1)
+                row[key] = int(round(bh * (a[key] + slope * (t["n"] - n1))))
+            rows.append(row)
+        out[call] = rows
+    return out
+
+
+def _interpreter_counts_main(n: int) -> int:
+    """--interpreter-counts N (run by count_in_interpreter, TRITON_INTERPRET=1): print the JSON
+    {call: [{"kernel", "exps", "flops"}, ...]} for b = h = 1 at length n."""
+    from triton.runtime import interpreter as interp
+    import numpy as np
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    counts: list = []
+
+    def counting(name, key, size):
+        original = getattr(interp.InterpreterBuilder, name)
+
+        def wrapped(self, *args, **kwargs):
+            if counts:
+                counts[-1][key] += size(*args)
+            return original(self, *args, **kwargs)
+        setattr(interp.InterpreterBuilder, name, wrapped)
+
+    counting("create_exp", "exps", lambda arg: int(np.size(arg.data)))
+    counting("create_exp2", "exps", lambda arg: int(np.size(arg.data)))
+    counting("create_dot", "flops", lambda a, b, *_: 2 * int(np.prod(a.data.shape)) * int(b.data.shape[-1]))
+    original_call = interp.GridExecutor.__call__
+
+    def call(self, *args, **kwargs):
+        fn = self.fn  # the kernel's Python function here
+        counts.append({"kernel": f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", "exps": 0, "flops": 0})
+        return original_call(self, *args, **kwargs)
+    interp.GridExecutor.__call__ = call
+    failures: list = []
+    modules, _ = import_required(failures)
+    shape = dict(TARGET, b=1, h=1, n=n)
+    out = {}
+    for causal in (True, False):
+        mode = "causal" if causal else "noncausal"
+        fwd, bwd = launchers(causal)
+        gen = torch.Generator().manual_seed(0)
+        dtype = DTYPES[shape["dtype"]]
+        q, k, v = ((torch.randn(1, 1, n, shape[c], generator=gen) * 0.5).to(dtype) for c in "dde")
+        projection = torch.randn(shape["m"], shape["d"], generator=gen).to(dtype)
+        feature = _feature_code(shape["feature"])
+        counts.clear()
+        saved = fwd(q, k, v, projection, feature=feature)
+        out[f"{mode}_fwd"] = list(counts)
+        counts.clear()
+        bwd(torch.randn(saved[0].shape, generator=gen).to(dtype), q, k, v, projection, *saved, feature=feature)
+        out[f"{mode}_bwd"] = list(counts)
+    print(json.dumps(out))
+    return 0
+
+
+def estimate_kernel(r: Result, launch: Launch, exps: int, flops: int, dtype: str) -> dict:
+    """The estimate model for one launch on H100 (sm_90 compile result r), module docstring."""
+    programs = _launch_programs(launch)
+    slots = max(1, r.ctas_per_sm) * SMS
+    waves = -(-programs // slots)
+    # a wave of partly filled slots takes as long as a full one: scale by slots used / programs
+    quant = waves * slots / programs
+    dup = r.duplication
+    tc_us = dup * flops / TC_FLOPS[dtype] * quant * 1e6
+    mufu_us = dup * exps / MUFU_PER_S * quant * 1e6
+    hbm_us = _launch_bytes(launch) / HBM_BYTES_PER_S * 1e6
+    steps = 0
+    names = CHAIN_STEPS.get(r.kernel)
+    if names:
+        steps = _launch_arg(launch, names) or 0
+    chain_us = steps * STEP_US * waves
+    total = max(tc_us, mufu_us, hbm_us) + chain_us + LAUNCH_US
+    return dict(kernel=r.kernel, programs=programs, waves=waves, tc_us=tc_us, mufu_us=mufu_us, hbm_us=hbm_us,
+                chain_steps=steps, chain_us=chain_us, us=total, exps=dup * exps, flops=dup * flops,
+                bytes=_launch_bytes(launch))
 
 # ----------------------------------------------------------------------------- main
 
@@ -475,7 +979,8 @@ def build_jobs(launches: list[Launch], archs: list[int], text: str | None) -> li
 
 
 def print_table(results: list[Result]) -> None:
-    head = ("arch", "kernel", "constexprs", "args", "w/s", "regs", "spill", "smem", "mma", "cfgs", "status")
+    head = ("arch", "kernel", "constexprs", "args", "w/s", "regs", "spill", "smem", "ctas/SM", "dup", "pipe", "mma",
+            "cfgs", "status")
     rows = []
     for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.constexprs, r.args)):
         mma = f"{ARCHS[r.arch].mma} {r.hgmma if r.arch >= 90 else r.hmma}"
@@ -483,20 +988,165 @@ def print_table(results: list[Result]) -> None:
             mma += f" (+HMMA {r.hmma})"
         status = "ok" if not r.problems else "FAIL: " + "; ".join(p.splitlines()[0] for p in r.problems)
         rows.append((ARCHS[r.arch].name, r.kernel, r.constexprs, r.args, f"{r.num_warps}/{r.num_stages}",
-                     str(r.registers), f"{r.spill_stores}+{r.spill_loads}", str(r.shared), mma,
-                     str(len(r.configs)), status))
+                     str(r.registers), f"{r.spill_stores}+{r.spill_loads}", str(r.shared), str(r.ctas_per_sm),
+                     f"{r.duplication:g}", "yes" if r.pipelined else "no", mma, str(len(r.configs)), status))
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head) - 1)]
     for row in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
 
 
+def target_problems(r: Result) -> list[str]:
+    """The --target checks beyond problems_of: duplication > 1 and unpipelined loops that load
+    from global memory, unless EXCEPTIONS accepts them for the kernel (with a reason)."""
+    accepted = EXCEPTIONS.get(r.kernel, {})
+    found = []
+    if r.duplication > 1 and "duplication" not in accepted:
+        found.append(f"duplication x{r.duplication:g} (" + "; ".join(d for d in r.dup_detail if not d.endswith("x1"))
+                     + ")")
+    if not r.pipelined and "pipelined" not in accepted:
+        bad = [f"loop@{x['line']} sync={x['sync_loads']} async={x['async_loads']} waits={x['waits']}"
+               for x in r.loops if not x["pipelined"]]
+        found.append("unpipelined loop(s): " + ", ".join(bad))
+    return found
+
+
+def _loop_text(r: Result) -> str:
+    parts = []
+    for x in r.loops:
+        if not x["loads"]:
+            continue
+        parts.append(f"loop@{x['line']}(d{x['depth']}): async {x['async_loads']}, prefetch {x['prefetch_loads']}, "
+                     f"sync {x['sync_loads']}, waits {x['waits'] or '-'} -> "
+                     f"{'pipelined' if x['pipelined'] else 'NOT pipelined'}")
+    return "; ".join(parts) or "no loop loads"
+
+
+def print_target_table(results: list[Result], calls: list[dict], kernel_rows: list[dict]) -> None:
+    head = ("arch", "kernel", "constexprs", "w/s", "regs", "spill", "smem", "ctas/SM", "dup", "pipelined", "mma",
+            "status")
+    rows = []
+    for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.constexprs)):
+        status = "ok" if not r.problems else "FAIL: " + "; ".join(p.splitlines()[0] for p in r.problems)
+        rows.append((ARCHS[r.arch].name, r.kernel, r.constexprs, f"{r.num_warps}/{r.num_stages}", str(r.registers),
+                     f"{r.spill_stores}+{r.spill_loads}", str(r.shared), str(r.ctas_per_sm), f"{r.duplication:g}",
+                     "yes" if r.pipelined else "no", f"HGMMA {r.hgmma} HMMA {r.hmma}", status))
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head) - 1)]
+    for row in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    print("\nloops (TTGIR scf.for with global loads):")
+    for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.constexprs)):
+        print(f"  {ARCHS[r.arch].name} {r.kernel} [{r.constexprs}]: {_loop_text(r)}")
+    print("\nper launch on H100 (sm_90a compile; model in the module docstring; exps and FLOPs x duplication):")
+    head = ("call", "kernel", "programs", "waves", "exps M", "GFLOP", "MB", "tc us", "mufu us", "hbm us", "chain",
+            "us")
+    rows = [(k["call"], k["kernel"], k["programs"], k["waves"], f"{k['exps'] / 1e6:.1f}", f"{k['flops'] / 1e9:.1f}",
+             f"{k['bytes'] / 1e6:.1f}", f"{k['tc_us']:.1f}", f"{k['mufu_us']:.1f}", f"{k['hbm_us']:.1f}",
+             f"{k['chain_steps']} ({k['chain_us']:.0f} us)", f"{k['us']:.1f}") for k in kernel_rows]
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print("\nper call at the target shape " + " ".join(f"{k}={v}" for k, v in TARGET.items()) + ":")
+    head = ("call", "launches", "triton", "torch ops", "intermediate MB", "exps M (min)", "estimate us",
+            "roofline us")
+    rows = [(c["name"], c["launches"], c["triton_launches"], c["torch_launches"],
+             f"{c['intermediate_bytes'] / 1e6:.1f}",
+             f"{c['exp_count'] / 1e6:.1f} ({c['exp_min'] / 1e6:.1f})", f"{c['estimate_us']:.1f}",
+             f"{c['roofline_us']:.1f}") for c in calls]
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for c in calls:
+        print(f"  {c['name']} torch ops: {', '.join(c['torch_ops']) or '-'}")
+
+
+def run_target(opts, failures: list, modules: dict) -> tuple[list[Result], list[dict], list[dict]]:
+    """--target: compile what the four target calls launch, check it, and model the calls."""
+    calls = target_calls(modules, failures)
+    launches = [launch for call in calls for launch in call.launches]
+    _JOBS[:] = build_jobs(launches, opts.arch, opts.filter)
+    if opts.j > 1:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(opts.j, mp_context=ctx) as pool:
+            futures = [pool.submit(_work, i) for i in range(len(_JOBS))]
+            try:
+                counts = count_in_interpreter()
+            except Exception as exc:
+                counts = None
+                failures.append(f"exponential/FLOP counts: {type(exc).__name__}: {exc}")
+            results = [f.result() for f in futures]
+    else:
+        results = [_work(i) for i in range(len(_JOBS))]
+        try:
+            counts = count_in_interpreter()
+        except Exception as exc:
+            counts = None
+            failures.append(f"exponential/FLOP counts: {type(exc).__name__}: {exc}")
+    for r in results:
+        r.problems += target_problems(r)
+    by_key = {}
+    for (fn, spec, arch, _), r in zip(_JOBS, results):
+        by_key[(spec.key(fn), arch)] = r
+    est_arch = 90 if 90 in opts.arch else opts.arch[0]
+    call_rows, kernel_rows = [], []
+    for call in calls:
+        exps = flops = 0
+        estimate = 0.0
+        per_kernel = (counts or {}).get(call.name, [])
+        if counts is not None and [k["kernel"] for k in per_kernel] != [kernel_name(l.fn) for l in call.launches]:
+            failures.append(f"{call.name}: interpreter launches {[k['kernel'] for k in per_kernel]} differ from "
+                            f"the captured ones")
+            per_kernel = []
+        for i, launch in enumerate(call.launches):
+            r = by_key.get((specialise(launch.fn, launch.args, launch.kwargs).key(launch.fn), est_arch))
+            count = per_kernel[i] if i < len(per_kernel) else {"exps": 0, "flops": 0}
+            if r is None or r.error:
+                estimate += LAUNCH_US
+                continue
+            row = estimate_kernel(r, launch, count["exps"], count["flops"], TARGET["dtype"])
+            kernel_rows.append(dict(row, call=call.name))
+            exps += int(round(row["exps"]))
+            flops += int(round(row["flops"]))
+            estimate += row["us"]
+        estimate += LAUNCH_US * len(call.torch_ops)
+        roofline = max(call.min_flops / TC_FLOPS[TARGET["dtype"]], call.min_bytes / HBM_BYTES_PER_S,
+                       call.min_exps / MUFU_PER_S) * 1e6
+        call_rows.append(dict(
+            name=call.name, launches=len(call.launches) + len(call.torch_ops), triton_launches=len(call.launches),
+            torch_launches=len(call.torch_ops), torch_ops=call.torch_ops, intermediate_bytes=call.intermediate_bytes,
+            exp_count=exps if counts is not None else None, exp_min=call.min_exps,
+            exp_count_logical=sum(k["exps"] for k in per_kernel) if counts is not None else None, flops=flops,
+            min_flops=call.min_flops, min_bytes=call.min_bytes,
+            estimate_us=round(estimate, 1), roofline_us=round(roofline, 1)))
+    return results, call_rows, kernel_rows
+
+
+def target_json(results: list[Result], calls: list[dict], kernel_rows: list[dict], failures: list) -> dict:
+    kernels = []
+    for r in sorted(results, key=lambda r: (r.kernel, r.constexprs, -r.arch)):
+        dtypes = sorted({d for d in r.args.split(" ")[0].split(",") if d in ("bf16", "fp16", "fp32")})
+        kernels.append(dict(
+            name=r.kernel, arch=ARCHS[r.arch].name, dtype=TARGET["dtype"] if TARGET["dtype"] in dtypes else
+            ",".join(dtypes), regs=r.registers, spill_bytes=r.spill_stores + r.spill_loads, smem_bytes=r.shared,
+            num_warps=r.num_warps, num_stages=r.num_stages, ctas_per_sm=r.ctas_per_sm, duplication=r.duplication,
+            pipelined=r.pipelined, mma={"HGMMA": r.hgmma, "HMMA": r.hmma}, constexprs=r.constexprs,
+            loops=r.loops, dup_detail=r.dup_detail, problems=r.problems))
+    return {"target": TARGET, "kernels": kernels, "calls": calls, "launches": kernel_rows, "failures": failures}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--interpreter-counts"]:
+        return _interpreter_counts_main(int(argv[1]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS, reverse=True))
     parser.add_argument("--filter", help="keep configurations whose kernel name or label contains this")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true",
                         help="head dims MAX_HEAD_DIM and 16, m=266 only (every kernel, feature map, dtype, mode)")
+    parser.add_argument("--target", action="store_true",
+                        help="only what the launchers launch at the target shape (TARGET), with the duplication, "
+                             "pipelining, occupancy and per-call model")
     parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="parallel compile workers")
     opts = parser.parse_args(argv)
     if "TRITON_INTERPRET" in os.environ:
@@ -507,33 +1157,43 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     failures: list[str] = []
     modules, missing = import_required(failures)
-    launches = sweep(modules, failures, quick=opts.quick)
-    _JOBS[:] = build_jobs(launches, opts.arch, opts.filter)
-    captured = time.perf_counter() - start
-    if opts.j > 1:
-        ctx = multiprocessing.get_context("fork")  # workers inherit _JOBS (JITFunctions do not pickle)
-        with concurrent.futures.ProcessPoolExecutor(opts.j, mp_context=ctx) as pool:
-            results = list(pool.map(_work, range(len(_JOBS))))
+    if opts.target:
+        results, calls, kernel_rows = run_target(opts, failures, modules)
+        print_target_table(results, calls, kernel_rows)
+        launches = sum(c["triton_launches"] for c in calls)
     else:
-        results = [_work(i) for i in range(len(_JOBS))]
-    print_table(results)
+        launches = sweep(modules, failures, quick=opts.quick)
+        _JOBS[:] = build_jobs(launches, opts.arch, opts.filter)
+        if opts.j > 1:
+            ctx = multiprocessing.get_context("fork")  # workers inherit _JOBS (JITFunctions do not pickle)
+            with concurrent.futures.ProcessPoolExecutor(opts.j, mp_context=ctx) as pool:
+                results = list(pool.map(_work, range(len(_JOBS))))
+        else:
+            results = [_work(i) for i in range(len(_JOBS))]
+        print_table(results)
+        launches = len(launches)
     elapsed = time.perf_counter() - start
     bad = [r for r in results if r.problems]
     for r in bad:
         for p in r.problems:
             failures.append(f"{ARCHS[r.arch].name} {r.kernel} [{r.constexprs}] [{r.args}] "
                             f"(e.g. {r.configs[0]}): {p}")
-    print(f"\n{len(launches)} launches captured, {len(_JOBS)} compiles "
+    print(f"\n{launches} launches captured, {len(_JOBS)} compiles "
           f"({len(_JOBS) // max(1, len(opts.arch))} unique x {len(opts.arch)} arch), "
-          f"capture {captured:.1f} s, total {elapsed:.1f} s with -j {opts.j}")
+          f"total {elapsed:.1f} s with -j {opts.j}")
     for f in failures:
         print(f"FAIL {f}")
     for name in missing:
         print(f"FAIL required kernel module {name} is missing (REQUIRED_MODULES)")
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump({"results": [asdict(r) for r in results], "failures": failures, "missing": missing,
-                       "launches": len(launches), "seconds": round(elapsed, 1)}, f, indent=1)
+            if opts.target:
+                data = target_json(results, calls, kernel_rows, failures)
+                data.update(missing=missing, seconds=round(elapsed, 1))
+            else:
+                data = {"results": [asdict(r) for r in results], "failures": failures, "missing": missing,
+                        "launches": launches, "seconds": round(elapsed, 1)}
+            json.dump(data, f, indent=1)
     if missing:
         return 2
     return 1 if failures else 0

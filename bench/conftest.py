@@ -28,6 +28,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: a target that needs a CUDA device")
     if not config.option.reportchars:
         config.option.reportchars = "s"  # show every skip reason
+    if DEVICE == "cuda":
+        _size_performer_pytorch_cap()
+
+
+def _size_performer_pytorch_cap():
+    """performer-pytorch 1.1.4's causal path without fast-transformers keeps (b, h, n, m, e) outer
+    products for backward; benchmark.PERFORMER_PYTORCH_MAX_BYTES (3 GiB) was sized for the 24 GiB
+    CPU machine and would skip it from n = 8192 on at the GPU shape (b=2 h=8 m=256 e=64 bf16:
+    4 GiB).  On a GPU let it have an eighth of the free memory: an H200 then runs it up to
+    n = 32768 (16 GiB saved), skipping it (with the reason) only at 65536."""
+    from performer_triton.cli import benchmark
+
+    free, _ = torch.cuda.mem_get_info()
+    benchmark.PERFORMER_PYTORCH_MAX_BYTES = max(benchmark.PERFORMER_PYTORCH_MAX_BYTES, free // 8)
 
 
 @pytest.fixture

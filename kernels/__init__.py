@@ -21,9 +21,10 @@ MAX_HEAD_DIM = 128
 
 def launchers(causal: bool):
     """(forward, backward) launch functions of one attention mode, with one signature:
-    fwd(q, k, v, projection, *, feature, prefix) -> (out, q_max, k_max, k_scale, rden);
-    bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *, feature, prefix)
-    -> (dq, dk, dv).  Imports triton on first use."""
+    fwd(q, k, v, projection, *, feature, prefix, causal_eps) -> (out, q_max, k_max, k_scale, rden);
+    bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *, feature, prefix,
+    causal_eps) -> (dq, dk, dv).  causal_eps (CAUSAL_EPS in every 1.1.4 path) is the eps of the
+    causal normaliser; non-causal has none and ignores it.  Imports triton on first use."""
     if causal:
         from .causal import causal_bwd, causal_fwd
 

@@ -6,15 +6,15 @@ Implements the launcher contract of kernels/NOTES.md for causal attention (n == 
 and P (kernels/feature_map.py) and never written to global memory.
 
 Per (b, h) the sequence is cut into NT chunks of BT positions:
-  _state_kernel    grid (m tiles, b*h): sequential over chunks, writes the key state H_c, z_c
+  _state_kernel    grid (b*h, m tiles): sequential over chunks, writes the key state H_c, z_c
                    and the value sum before every chunk (fp32, referenced to k_ref).
-  _output_kernel   grid (NT, b*h): out = inter (q~ @ H_c) + intra (masked score tile @ v).
-  _dstate_kernel   grid (m tiles, b*h): reverse walk, writes dH_c, dz_c (referenced to the
+  _output_kernel   grid (b*h, NT): out = inter (q~ @ H_c) + intra (masked score tile @ v).
+  _dstate_kernel   grid (b*h, m tiles): reverse walk, writes dH_c, dz_c (referenced to the
                    chunk's last k_stab) and partial eps sums of the later queries.
-  _bwd_qk_kernel   grid (NT NK, b*h), launched twice: dq (KEYS False; inter via the forward
+  _bwd_qk_kernel   grid (b*h, NT NK), launched twice: dq (KEYS False; inter via the forward
                    states) and dk (KEYS True; inter via the reverse states) of one chunk, intra
                    via the (BT, BT) tile.
-  _bwd_v_kernel    grid (NT, b*h): dv of one chunk (likewise).
+  _bwd_v_kernel    grid (b*h, NT): dv of one chunk (likewise).
 Splitting the backward three ways keeps each kernel's live tiles within the register file.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS
 from .feature_map import (
     FM_GIVEN, backward_in_value_slices, bh_base, block_config, block_range, check_inputs,
-    column_slice, diag_rows, empty_stats, feature_dims, features, features_chunked, half_sq_norm,
-    half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows,
-    row_stats, store_input_grad, store_rows
+    column_slice, diag_rows, empty_stats, feature_dims, features, features_chunked, finite_or_zero,
+    grad_dot_out, half_sq_norm, half_sq_norm_rows, head_scale, input_grad_tile, launch_options,
+    load_fused_rows, load_rows, load_vector, row_stats, store_input_grad, store_rows
 )
 
 __all__ = ["causal_fwd", "causal_bwd"]
@@ -47,7 +47,7 @@ def _state_kernel(
     """State before every chunk c, for one m tile:
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T, z_c the same with v = 1, and
     vsum_c = sum_{j < c BT} v_j (written by the first m tile), R_c = k_ref[max(c BT - 1, 0)]."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -98,7 +98,7 @@ def _output_kernel(
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
     than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads")."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_c = tl.program_id(0), tl.program_id(1)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,) queries and keys of this chunk
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -123,6 +123,7 @@ def _output_kernel(
     b_n = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) q~ @ H_c
     b_d = tl.zeros([BT], dtype=tl.float32)  # (BT,) q~ . z_c
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~
+    b_z_next = load_vector(z_state + o_s * M, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         if BK == BD:
@@ -139,7 +140,8 @@ def _output_kernel(
         b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_z = b_z_next  # (BM,)
+        b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         b_n += tl.dot(b_qf, b_h, input_precision=PRECISION)
         b_d += tl.sum(b_qf * b_z[None, :], axis=1)
     # inter-chunk: the state is referenced to r_c <= M_i; the eps part is a plain prefix sum
@@ -157,7 +159,11 @@ def _output_kernel(
     b_wmax = tl.max(b_w, axis=1)  # (BT,)
     b_wmax = tl.where(b_wmax > 0.0, b_wmax, 1.0)
     b_w = (b_w / b_wmax[:, None]).to(b_v.dtype)  # (BT, BT)
-    b_n += b_wmax[:, None] * tl.dot(b_w, b_v, input_precision=PRECISION)
+    # a non-finite value reaches rows from its own on: the dot takes finite values (0 * inf
+    # would reach earlier rows), the running sum of the others is added (0 if there are none)
+    b_vc = finite_or_zero(b_v)  # (BT, BV)
+    b_n += b_wmax[:, None] * tl.dot(b_w, b_vc, input_precision=PRECISION)
+    b_n += tl.cumsum((b_v - b_vc).to(tl.float32), axis=0)
     b_rden = 1.0 / b_d  # (BT,) fp32
     store_rows(out, b_n * b_rden[:, None], o_row, o_t, m_t, o_v, m_v, E)
     tl.store(rden + o_row + o_t, b_rden, mask=m_t)
@@ -176,7 +182,7 @@ def _dstate_kernel(
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T, dz_c = same with dD_i, Mend_c = k_stab at the
     chunk's last position; dns_c = sum_i (sum_{f in tile} q~_if) dN_i (partial over m tiles)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
     NM = tl.cdiv(M, BM)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -193,21 +199,28 @@ def _dstate_kernel(
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
     tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
     e_prev = tl.load(k_stab + o_row + N - 1)
+    # the out tile feeds no dot, so the pipeliner would load it synchronously: prefetched by hand
+    o_t, m_t = block_range(NT - 1, BT, N)  # (BT,) the last chunk, the first the walk reads
+    b_o_next = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v)  # (BT, BV)
     for i_r in range(1, NT):
         i_c = NT - 1 - i_r  # state of chunk i_c gathers the queries of chunk i_c + 1
         o_t, m_t = block_range(i_c + 1, BT, N)  # (BT,)
-        e_cur = tl.load(k_stab + o_row + (i_c + 1) * BT - 1)
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
+        # k_stab at the end of chunk i_c: the min of the non-decreasing k_stab over the rows one
+        # before chunk i_c + 1's (a tile load the pipeliner prefetches; a scalar one it does not)
+        e_cur = tl.min(tl.load(k_stab + o_row + o_t - 1, mask=m_t, other=float("inf")), axis=0)
         b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
         # q and P in BK-wide chunks: a resident (BT, d) q tile spills at d = 128 (sm_90)
         b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
-        b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+        b_o = b_o_next.to(tl.float32)  # (BT, BV)
+        o_tn, m_tn = block_range(i_c, BT, N)  # (BT,) the next chunk down (read, unused, at i_c = 0)
+        b_o_next = load_rows(p_o, o_tn, m_tn, stride_on, o_v, m_v)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
-        b_dd = -tl.sum(b_g * b_o, axis=1) * b_rden  # (BT,) dD
+        b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dD
         b_qq = b_qf * tl.exp(e_cur - b_stab)[:, None]  # (BT, BM), factor <= 1 (k_stab non-decreasing)
         b_decay = tl.exp(e_cur - e_prev)
         b_dh = b_dh * b_decay + tl.dot(tl.trans(b_qq), b_dn, input_precision=PRECISION)
@@ -231,12 +244,12 @@ def _chunk_grads(
 
     The pair tiles are (query i, key j), or (key j, query i) with KEY_ROWS, so that the key-side
     products need no transposed fp32 operand (which sm_80 builds through local memory)."""
-    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+    b_v = finite_or_zero(load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v))  # (BT, BV) as the forward's intra dot
     b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
     b_g = b_gin.to(tl.float32)  # (BT, BV)
     b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_go = tl.sum(b_g * b_o, axis=1)  # (BT,)
+    b_go = grad_dot_out(b_g, b_o)  # (BT,)
     b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
     b_dd = -b_go * b_rden  # (BT,) dD
     m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
@@ -283,7 +296,7 @@ def _bwd_qk_kernel(
     later queries (keys; passed as h_state, z_state), the intra part through the (BT, BT) tile.
     Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
     GIVEN: all of dx (b*h, n, M) (NK = 1)."""
-    i_ck, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_ck = tl.program_id(0), tl.program_id(1)
     i_c, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -309,11 +322,12 @@ def _bwd_qk_kernel(
         b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
         r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
         b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
-        b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
+        b_vs = finite_or_zero(tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0))  # (BV,)
         # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
         b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd  # (BT,)
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
     b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
+    b_z_next = load_vector(z_state + o_s * M, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_qf, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
@@ -321,8 +335,11 @@ def _bwd_qk_kernel(
         b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
         # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so (fp32 operand)
-        b_ht = load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
-        b_z = tl.load(z_state + o_s * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        # (a non-finite value poisons the forward states of later chunks only; their rows'
+        # gradients are 0 or the outputs' own inf / NaN)
+        b_ht = finite_or_zero(load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m))  # (BV, BM) fp32
+        b_z = b_z_next  # (BM,)
+        b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         if KEYS:
             # dk~ = a (v @ dH^T + dz) + (dw F)^T @ q~
             b_df = tl.dot(b_v.to(tl.float32), b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
@@ -354,7 +371,7 @@ def _bwd_v_kernel(
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_c = tl.program_id(0), tl.program_id(1)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     o_row = i_bh.to(tl.int64) * N
@@ -373,6 +390,8 @@ def _bwd_v_kernel(
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
     NM = tl.cdiv(M, BM)
+    p_dns = dns_state + o_s * NM * E  # (NM, E) partial eps sums of this chunk, one row per m tile
+    b_dns_next = tl.load(p_dns + o_v, mask=m_v, other=0.0)  # (BV,) prefetched one m tile ahead
     for i_m in range(0, NM):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
@@ -382,7 +401,9 @@ def _bwd_v_kernel(
         b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_dns += tl.load(dns_state + (o_s * NM + i_m) * E + o_v, mask=m_v, other=0.0)
+        b_dns += b_dns_next
+        o_dns = (i_m + 1) * E + o_v  # (BV,) the next m tile's row, none past the last
+        b_dns_next = tl.load(p_dns + o_dns, mask=m_v & (o_dns < NM * E), other=0.0)
         b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
     m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
     b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[None, :], 0.0)  # (BT, BT) W^T: rows j, columns i
@@ -396,7 +417,11 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
     states with its own, smallest m tile (BM_out) and keeps whole (BT, BD) q and k tiles (fp32:
     up to d = 64; wider fp32 heads are read in BK_out-wide chunks, NK_out of them); the backward
-    kernels use the state kernel's BM; every kernel runs 8 warps.  d = 0 for GIVEN."""
+    kernels take m tiles of 16 (at 32 the gradient kernels spill once their loads are prefetched).
+    4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot
+    twice (compile report: duplication); the forward kernels of 128-wide tiles (d or e > 64)
+    keep 8, whose halved per-thread share of those tiles is what keeps them from spilling
+    (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN."""
     cfg = block_config(d, e, m, dtype)
     BD = cfg["BD"]
     BK_out = 32 if dtype == torch.float32 and BD > 64 else BD
@@ -404,9 +429,9 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BM_out=16,
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else triton.cdiv(d, BK_out),
-        BM_bwd=cfg["BM"],
-        num_warps=8,
-        num_warps_bwd=8,
+        BM_bwd=16,
+        num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
+        num_warps_bwd=4,
     )
 
 
@@ -428,12 +453,12 @@ def _kernel_stats(
     return q_max, k_max, k_scale, k_stab, k_ref
 
 
-def _eps(feature: int, m: int) -> tuple[float, float]:
+def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
     """(k_eps, c_eps): the eps inside ratio-free key features, and the causal denominator eps
-    in ratio-free form (CAUSAL_EPS / ratio for SOFTMAX)."""
+    in ratio-free form (causal_eps / ratio for SOFTMAX)."""
     if feature == SOFTMAX:
-        return SOFTMAX_EPS, CAUSAL_EPS * m**0.5
-    return 0.0, CAUSAL_EPS
+        return SOFTMAX_EPS, causal_eps * m**0.5
+    return 0.0, causal_eps
 
 
 def _key_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, m: int, d: int, cfg: dict):
@@ -444,7 +469,7 @@ def _key_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, m: int
     h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=torch.float32)
     z_state = torch.empty((b * h, nt, m), device=k.device, dtype=torch.float32)
     v_state = torch.empty((b * h, nt, e), device=k.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg["BM"]), b * h)
+    grid = (b * h, triton.cdiv(m, cfg["BM"]))
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, k_ref,
         h_state, z_state, v_state,
@@ -458,10 +483,11 @@ def _key_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, m: int
 
 def causal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
-    prefix: bool = False,
+    prefix: bool = False, causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ forward.  q, k (b, h, n, d) [GIVEN: features (b, h, n, m)], v (b, h, n, e),
-    projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer.
+    projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer; causal_eps
+    is added to every key-feature prefix sum of the normaliser.
 
     Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
     (b, h, 0) otherwise) and rden (b, h, n) fp32 = 1 / denominator (ratio-free form).
@@ -478,12 +504,12 @@ def causal_fwd(
         q_max, k_max, k_scale = empty_stats(b, h, q.device)
     saved = (q_max, k_max, k_scale)
     q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
-    k_eps, c_eps = _eps(feature, m)
+    k_eps, c_eps = _eps(feature, m, causal_eps)
     h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
-    _output_kernel[(nt, b * h)](
+    _output_kernel[(b * h, nt)](
         q, k, v, q if projection is None else projection, q_max, k_max, k_scale, k_stab, k_ref,
         h_state, z_state, v_state, out, rden,
         h, n, m, d, e, nt,
@@ -499,6 +525,7 @@ def causal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
     k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int, prefix: bool = False,
+    causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
     returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
@@ -511,12 +538,14 @@ def causal_bwd(
     m, d = feature_dims(q, projection, feature)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
     return backward_in_value_slices(
-        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature, grad_dtype),
+        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature,
+                                                     causal_eps, grad_dtype),
         grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
     )
 
 
-def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, grad_dtype: torch.dtype):
+def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, causal_eps: float,
+               grad_dtype: torch.dtype):
     """causal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
@@ -524,7 +553,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, gr
     cfg = _config(d, e, m, q.dtype)
     dn = head_scale(d)
     q_max, k_max, k_scale, k_stab, k_ref = stats
-    k_eps, c_eps = _eps(feature, m)
+    k_eps, c_eps = _eps(feature, m, causal_eps)
     h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
     nt = triton.cdiv(n, cfg["BT"])
     nm = triton.cdiv(m, cfg["BM_bwd"])
@@ -535,7 +564,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, gr
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
-    _dstate_kernel[(nm, b * h)](
+    _dstate_kernel[(b * h, nm)](
         q, p, grad_out, out, rden, q_max, k_stab,
         dh_state, dz_state, dns_state,
         h, n, m, d, e, nt,
@@ -553,14 +582,14 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, gr
         out.stride(0), out.stride(1), out.stride(2),
     )
     for keys, (states, sums, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
-        _bwd_qk_kernel[(nt * nk, b * h)](
+        _bwd_qk_kernel[(b * h, nt * nk)](
             q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
             states, sums, v_state, dx,
             h, n, m, d, e, nt, *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), **opts,
         )
-    _bwd_v_kernel[(nt, b * h)](
+    _bwd_v_kernel[(b * h, nt)](
         q, k, p, grad_out, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

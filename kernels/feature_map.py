@@ -13,7 +13,7 @@ block sizes of rows, features, d, d chunks and value columns; NT, NK, NM counts 
 o_row = (b*h index) * rows is the base of a program's (b*h, rows) stat vectors.
 
 Tile helpers, bottom up: addresses, loads and stores (bh_base, block_range, column_slice,
-load_rows, load_fused_rows, store_rows); dash and diag tiles (dash_tile, dash_rows,
+load_rows, load_fused_rows, finite_or_zero, grad_dot_out, store_rows); dash and diag tiles (dash_tile, dash_rows,
 half_sq_norm, half_sq_norm_rows, diag_rows); feature tiles (key_units, relu_features,
 feature_tiles, then features / features_chunked, which also read GIVEN tiles); their gradients
 (feature_grad, input_grad_tile, store_input_grad). kernels/NOTES.md has the
@@ -82,6 +82,15 @@ def load_rows(p_base, o_t, m_t, stride_t, o_c, m_c):
 
 
 @triton.jit
+def load_vector(p_base, i, B: tl.constexpr, N):
+    """Block i (B,) of a length-N fp32 vector at p_base, 0 past its end. Loops load the next
+    block one iteration ahead: a small vector that its own iteration reads is a synchronous
+    load, which Triton's pipeliner leaves in the loop (compile report: "pipelined")."""
+    o, m = block_range(i, B, N)
+    return tl.load(p_base + o, mask=m, other=0.0)
+
+
+@triton.jit
 def load_fused_rows(p_base, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: tl.constexpr, FEATURE: tl.constexpr):
     """Rows of q, k or P as a resident (BT, BD) tile for the feature maps the kernels compute;
     zeros (unused) for GIVEN, which has no projection and loads its features per m tile."""
@@ -90,6 +99,19 @@ def load_fused_rows(p_base, o_t, m_t, stride_t, o_d, m_d, BT: tl.constexpr, BD: 
     else:
         b_x = load_rows(p_base, o_t, m_t, stride_t, o_d, m_d)  # (BT, BD)
     return b_x
+
+
+@triton.jit
+def finite_or_zero(b_x):
+    """b_x with inf and NaN entries replaced by 0 (b_x - b_x is 0 exactly where b_x is finite)."""
+    return tl.where(b_x - b_x == 0, b_x, 0.0)
+
+
+@triton.jit
+def grad_dot_out(b_g, b_o):
+    """Row sums of g * out (BT,): an output a future inf / NaN value made non-finite adds
+    nothing where its gradient is 0.  b_g, b_o (BT, BV) fp32."""
+    return tl.sum(tl.where(b_g == 0, 0.0, b_g * b_o), axis=1)
 
 
 @triton.jit
@@ -104,10 +126,24 @@ def store_rows(x, b_x, o_row, o_t, m_t, o_c, m_c, C):
 
 
 @triton.jit
+def _dash_dot(b_x, b_p, b_acc, PRECISION: tl.constexpr):
+    """b_acc + b_x @ b_p^T: b_x (BT, K), b_p (BM, K), b_acc (BT, BM) fp32.  The dash feeds exp
+    (softmax features) and the ReLU gates, where TF32's ~1e-3 relative error becomes 1e-3 in
+    every feature and flips gates near 0 (fp32 gradients off by 2-5e-3, ReLU by ~5e-2): with
+    TF32 dots the dash alone runs in 3xTF32 (split operands, ~fp32 accuracy). 16-bit tiles
+    multiply exactly on tensor cores whatever PRECISION says."""
+    if PRECISION == "tf32":
+        b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision="tf32x3")
+    else:
+        b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision=PRECISION)
+    return b_acc
+
+
+@triton.jit
 def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
-    """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32.
-    PRECISION matters for fp32 tiles only (16-bit tiles multiply exactly on tensor cores)."""
-    return tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION) * dn
+    """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32."""
+    b_dash = tl.zeros([b_x.shape[0], b_p.shape[0]], dtype=tl.float32)  # (BT, BM)
+    return _dash_dot(b_x, b_p, b_dash, PRECISION) * dn
 
 
 @triton.jit
@@ -116,7 +152,7 @@ def _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK: tl.con
     o_k, m_k = block_range(i_k, BK, D)  # (BK,)
     b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
     b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-    return b_dash + tl.dot(b_x, tl.trans(b_p), input_precision=PRECISION)
+    return _dash_dot(b_x, b_p, b_dash, PRECISION)
 
 
 @triton.jit
@@ -301,7 +337,7 @@ def _row_stats_kernel(
     dn,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_t = tl.program_id(0), tl.program_id(1)
     o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     p_x = bh_base(x, i_bh, H, stride_xb, stride_xh)
@@ -332,7 +368,7 @@ def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, 
     if n == 0 or b * h == 0:
         return row_max, row_scale
     BT, BM, BD = 64, 64, max(16, triton.next_power_of_2(d))
-    grid = (triton.cdiv(n, BT), b * h)
+    grid = (b * h, triton.cdiv(n, BT))
     _row_stats_kernel[grid](
         x, projection, row_max, row_scale,
         h, n, m, d,
@@ -404,7 +440,10 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BV=max(16, triton.next_power_of_2(e)),
         EV=32 if fp32 else 64,
         PRECISION=PRECISION,
-        num_stages=1 if fp32 else 2,  # a second stage's buffers cost registers there
+        # 16-bit: 3 stages keep the next tiles' loads in flight (at 2, Triton's pipeliner waits
+        # for each iteration's own loads: compile report "pipelined"); fp32 tiles are twice the
+        # size and a second stage's buffers cost registers
+        num_stages=1 if fp32 else 3,
     )
 
 

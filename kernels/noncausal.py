@@ -5,13 +5,15 @@ forward", "Backward"). Per (batch, head): q (n, d), k (s, d), v (s, e), P (m, d)
 (rows, BM) are computed from q / k and P inside every kernel (kernels/feature_map.py; loaded as
 tiles for GIVEN); q' and k' never reach global memory.
 
-  _state_kernel    grid (m tiles, key splits, b*h): partial key states H, z and the value sum
+  _state_kernel    grid (b*h, m tiles, key splits): partial key states H, z and the value sum
                    of one split of key blocks (summed by the launcher).
-  _output_kernel   grid (query blocks, b*h): out = N / D; finds the query row max online.
-  _bwd_q_kernel    grid (query splits NK, b*h): dq (one BK-wide column slice per program) and,
-                   from the first slice, the split's partial reverse states dH, dz.
-  _bwd_kv_kernel   grid (key blocks NK, b*h): dk (one column slice per program) and dv.
-Launches: forward row_stats(k) -> state -> output; backward state again -> dq -> dk, dv.
+  _output_kernel   grid (b*h, query blocks): out = N / D; finds the query row max online.
+  _dstate_kernel   grid (b*h, m tiles, query splits): partial reverse states dH, dz of one
+                   split of query blocks (summed by the launcher).
+  _bwd_q_kernel    grid (b*h, query blocks NK): dq (one BK-wide column slice per program).
+  _bwd_kv_kernel   grid (b*h, key blocks NK): dk (one column slice per program) and dv.
+Launches: forward row_stats(k) -> state -> output; backward state again -> dstate -> dq ->
+dk, dv. Every loop keeps its next loads in flight (no read-modify-write of global buffers).
 Partial sums over splits go to small fp32 buffers summed by the launcher (deterministic).
 """
 from __future__ import annotations
@@ -20,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GIVEN, SOFTMAX
+from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, FM_SOFTMAX_EPS, backward_in_value_slices, bh_base, block_config,
-    block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims,
+    block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims, grad_dot_out,
     features, features_chunked, half_sq_norm, head_scale, input_grad_tile, launch_options,
-    load_fused_rows, load_rows, row_stats, store_input_grad, store_rows
+    load_fused_rows, load_rows, load_vector, row_stats, store_input_grad, store_rows
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -43,7 +45,7 @@ def _state_kernel(
     """Key state of one split of NTS key blocks for one m tile:
     h_part[i_s, i_bh] = sum_j F_j^T v_j (M, E), z_part = sum_j F_j (M,), vs_part = sum_j v_j (E,)
     with F = U * exp(k_scale - R) (SOFTMAX, R = k_ref), the features (RELU), k' itself (GIVEN)."""
-    i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -100,7 +102,7 @@ def _output_kernel(
 
     SOFTMAX finds the query row max online over the m tiles (flash-style rescaling of the
     exp part; the eps part of q~ is separated), so q needs no stats pass, and writes q_max."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_t = tl.program_id(0), tl.program_id(1)
     o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -115,10 +117,12 @@ def _output_kernel(
     b_xs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f exp(dash_f - b_r)
     b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f H_f
     b_zs = tl.zeros([BM], dtype=tl.float32)  # (BM,) sum over tiles of z
+    b_z_next = load_vector(p_zb, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_h = load_rows(p_hb, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_z = tl.load(p_zb + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_z = b_z_next  # (BM,)
+        b_z_next = load_vector(p_zb, i_m + 1, BM, M)
         b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
         if FEATURE == FM_SOFTMAX:
             b_dash = dash_tile(b_q, b_p, dn, PRECISION)  # (BT, BM)
@@ -157,20 +161,70 @@ def _output_kernel(
 
 
 @triton.jit
-def _bwd_q_kernel(
-    q, g, out, p, q_max, rden, h, z, vs, dq, dh_part, dz_part,
-    H, N, S, M, D, E, BH, NTS,
+def _dstate_kernel(
+    q, g, out, p, q_max, rden, dh_part, dz_part,
+    H, N, M, D, E, BH, NTS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq for a split of NTS query blocks, columns [i_k BK, i_k BK + BK) of dq (program
-    i_s NK + i_k), and (i_k = 0) the split's partial key-side states
-    dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,).
+    """Reverse state of one split of NTS query blocks for one m tile:
+    dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,), accumulated in
+    registers (the key-side gradients need them whole before any dk, dv)."""
+    i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
+    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
+    o_row = i_bh.to(tl.int64) * N
+    b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
+    b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
+    i_t0 = i_s * NTS
+    i_t1 = tl.minimum(i_t0 + NTS, tl.cdiv(N, BT))
+    # the out tile feeds no dot, so the pipeliner would load it synchronously: prefetched by hand
+    o_t, m_t = block_range(i_t0, BT, N)  # (BT,)
+    b_o_next = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v)  # (BT, BV)
+    for i_t in range(i_t0, i_t1):
+        o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+        b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
+        b_o = b_o_next.to(tl.float32)  # (BT, BV)
+        o_tn, m_tn = block_range(i_t + 1, BT, N)  # (BT,) the next block (read, unused, after the split)
+        b_o_next = load_rows(p_o, o_tn, m_tn, stride_on, o_v, m_v)
+        b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
+        b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
+        b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dL/dD
+        b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
+        if FEATURE == FM_SOFTMAX:
+            b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+        else:
+            b_qmax = b_diag  # (BT,) unused
+        b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                   FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+        b_dh += tl.dot(tl.trans(b_qf), b_dn, input_precision=PRECISION)
+        b_dz += tl.sum(b_qf * b_dd[:, None], axis=0)
+    o_part = i_s * BH + i_bh  # (split, b*h) slot of this program
+    p_dh = dh_part + o_part.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :]
+    tl.store(p_dh, b_dh, mask=m_m[:, None] & m_v[None, :])
+    tl.store(dz_part + o_part.to(tl.int64) * M + o_m, b_dz, mask=m_m)
+
+
+@triton.jit
+def _bwd_q_kernel(
+    q, g, out, p, q_max, rden, h, z, vs, dq,
+    H, N, S, M, D, E,
+    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    dn,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq columns [i_k BK, i_k BK + BK) for BT queries (program i_t NK + i_k), from the key state
+    h (BH, M, E), z (BH, M) relative to the stabilizer and the value sum vs (BH, E).
     q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live."""
-    i_sk, i_bh = tl.program_id(0), tl.program_id(1)
-    i_s, i_k, o_k, m_k = column_slice(i_sk, NK, D, BK)  # (BK,) this program's columns of dq
+    i_bh, i_tk = tl.program_id(0), tl.program_id(1)
+    i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dq
+    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
     p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
@@ -178,58 +232,39 @@ def _bwd_q_kernel(
     o_row = i_bh.to(tl.int64) * N
     p_hb = h + i_bh.to(tl.int64) * M * E
     p_zb = z + i_bh.to(tl.int64) * M
-    o_part = i_s * BH + i_bh
-    p_dhb = dh_part + o_part.to(tl.int64) * M * E
-    p_dzb = dz_part + o_part.to(tl.int64) * M
+    b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
+    b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
+    b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dL/dD
+    b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
+    b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
+    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if FEATURE == FM_SOFTMAX:
+        b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_vs = tl.load(vs + i_bh.to(tl.int64) * E + o_v, mask=m_v, other=0.0)  # (BV,)
-    i_t0 = i_s * NTS
-    for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(N, BT))):
-        o_t, m_t = block_range(i_t, BT, N)  # (BT,)
-        b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
-        b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
-        b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
-        b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
-        b_dd = -tl.sum(b_g * b_o, axis=1) * b_rden  # (BT,) dL/dD
-        b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
-        b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
-        b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
+        # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
+        b_deps = FM_SOFTMAX_EPS * (tl.sum(b_dn * b_vs[None, :], axis=1) + S * b_dd)  # (BT,)
+    else:
+        b_qmax = b_diag  # (BT,) unused
+    b_z_next = load_vector(p_zb, 0, BM, M)  # (BM,) prefetched one m tile ahead
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+        # H^T loaded transposed rather than permuted in registers (an fp32 operand)
+        b_ht = load_rows(p_hb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
+        b_z = b_z_next  # (BM,)
+        b_z_next = load_vector(p_zb, i_m + 1, BM, M)
+        # dL/dq~ = H dN + z dD (dN, H unbounded: fp32 operands)
+        b_df = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+        _, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                                     FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         if FEATURE == FM_SOFTMAX:
-            b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-            # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
-            b_deps = FM_SOFTMAX_EPS * (tl.sum(b_dn * b_vs[None, :], axis=1) + S * b_dd)  # (BT,)
-        else:
-            b_qmax = b_diag  # (BT,) unused
-        for i_m in range(0, tl.cdiv(M, BM)):
-            o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-            # H^T loaded transposed rather than permuted in registers (an fp32 operand)
-            b_ht = load_rows(p_hb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
-            b_z = tl.load(p_zb + o_m, mask=m_m, other=0.0)  # (BM,)
-            # dL/dq~ = H dN + z dD (dN, H unbounded: fp32 operands)
-            b_df = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
-            b_qf, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                            FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
-            if FEATURE == FM_SOFTMAX:
-                b_df += b_deps[:, None]
-            # chain through the features (the stabilizer is detached)
-            b_dx, b_rs = input_grad_tile(dq, b_df, b_qaux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
-                                         FEATURE, PRECISION)
-            if i_k == 0:
-                # this program's own partial tiles: read-modify-write after the split's first block
-                m_hm = m_m[:, None] & m_v[None, :]
-                p_dh = p_dhb + o_m[:, None] * E + o_v[None, :]
-                b_dh = tl.dot(tl.trans(b_qf), b_dn, input_precision=PRECISION)  # (BM, BV)
-                b_dz = tl.sum(b_qf * b_dd[:, None], axis=0)  # (BM,)
-                if i_t > i_t0:
-                    b_dh += tl.load(p_dh, mask=m_hm, other=0.0)
-                    b_dz += tl.load(p_dzb + o_m, mask=m_m, other=0.0)
-                tl.store(p_dh, b_dh, mask=m_hm)
-                tl.store(p_dzb + o_m, b_dz, mask=m_m)
-                # the next query block re-reads these tiles, maybe from other threads: make the
-                # stores visible to the whole program first
-                tl.debug_barrier()
-        if FEATURE != FM_GIVEN:
-            store_input_grad(dq, p_q, b_dx, b_rs, o_row, o_t, m_t, stride_qn, o_k, m_k, D, dn, FEATURE)
+            b_df += b_deps[:, None]
+        # chain through the features (the stabilizer is detached)
+        b_dx, b_rs = input_grad_tile(dq, b_df, b_qaux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
+                                     FEATURE, PRECISION)
+    if FEATURE != FM_GIVEN:
+        store_input_grad(dq, p_q, b_dx, b_rs, o_row, o_t, m_t, stride_qn, o_k, m_k, D, dn, FEATURE)
 
 
 @triton.jit
@@ -243,7 +278,7 @@ def _bwd_kv_kernel(
 ):
     """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
     from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M)."""
-    i_tk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_tk = tl.program_id(0), tl.program_id(1)
     i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dk
     o_t, m_t = block_range(i_t, BT, S)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -264,10 +299,12 @@ def _bwd_kv_kernel(
         b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f dh_f = sum_i sum(q~_i) dN_i
     else:
         b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+    b_dz_next = load_vector(p_dzb, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_dh = load_rows(p_dhb, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
-        b_dz = tl.load(p_dzb + o_m, mask=m_m, other=0.0)  # (BM,)
+        b_dz = b_dz_next  # (BM,)
+        b_dz_next = load_vector(p_dzb, i_m + 1, BM, M)
         # dL/dF_jf = dh_f . v_j + dz_f for the (exp part of the) key features
         b_dht = load_rows(p_dhb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, dh^T loaded transposed
         b_df = tl.dot(b_v, b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
@@ -292,14 +329,18 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """feature_map.block_config plus the non-causal kernels' own: the output kernel shares the
     state kernel's m tile; the gradient kernels keep the most tiles live and take the smallest
     m tile, except for GIVEN feature tiles (no projection tiles live), where sm_80's ptxas
-    spills more at 16 than at 32; the forward runs 4 warps (16-bit) / 8 (fp32), the backward 8.
+    spills more at 16 than at 32; the reverse-state kernel takes 16 (at 32 it spills for GIVEN
+    d = e = 128). 4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps
+    computed each dot twice (compile report: duplication); the fp32 forward of 128-wide tiles
+    keeps 8, whose halved per-thread share keeps it from spilling (76-296 B at 4 warps).
     d = 0 for GIVEN."""
     cfg = block_config(d, e, m, dtype)
     return cfg | dict(
         BM_out=cfg["BM"],
         BM_bwd=32 if d == 0 else 16,
-        num_warps=8 if dtype == torch.float32 else 4,
-        num_warps_bwd=8,
+        BM_dstate=16,
+        num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
+        num_warps_bwd=4,
     )
 
 
@@ -326,7 +367,7 @@ def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: in
         k_stab, k_ref = k_max.amax(-1).reshape(-1), k_scale.amax(-1).reshape(-1)
     else:
         k_stab = k_ref = k_max
-    grid = (triton.cdiv(m, cfg["BM"]), ns, b * h)
+    grid = (b * h, triton.cdiv(m, cfg["BM"]), ns)
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, k_ref, h_part, z_part, vs_part,
         h, s, m, d, e, b * h, per,
@@ -349,11 +390,12 @@ def _no_prefix(prefix: bool) -> None:
 
 def noncausal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
-    prefix: bool = False,
+    prefix: bool = False, causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-causal FAVOR+ attention.  q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), P (m, d);
     for GIVEN q (b, h, n, m), k (b, h, s, m) are the features and projection is None.
-    prefix must be False (it selects a causal stabilizer; the signature is causal_fwd's).
+    prefix must be False (it selects a causal stabilizer; the signature is causal_fwd's) and
+    causal_eps is unused (the non-causal normaliser has no eps).
 
     Returns out (b, h, n, e) in q's dtype, fp32 q_max (b, h, n), k_max and k_scale (b, h, s)
     (SOFTMAX; (b, h, 0) otherwise) and fp32 rden = 1 / D (b, h, n)."""
@@ -371,7 +413,7 @@ def noncausal_fwd(
     states, sums, vsum, _ = _key_states(k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)
-    grid = (triton.cdiv(n, cfg["BT"]), b * h)
+    grid = (b * h, triton.cdiv(n, cfg["BT"]))
     _output_kernel[grid](
         q, q if projection is None else projection, states, sums, vsum, out, q_max, rden,
         h, n, k.shape[2], m, d, e,
@@ -386,6 +428,7 @@ def noncausal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
     k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int, prefix: bool = False,
+    causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of noncausal_fwd: dq, dk, dv in the dtypes and shapes of q, k, v (w.r.t. the
     features for GIVEN).  The stats are noncausal_fwd's outputs (contiguous).
@@ -414,22 +457,29 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dty
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
-    per, ns = _splits(triton.cdiv(n, cfg["BT"]), b * h)
+    nm = triton.cdiv(m, cfg["BM_dstate"])
+    per, ns = _splits(triton.cdiv(n, cfg["BT"]), nm * b * h)
     f32 = dict(device=q.device, dtype=torch.float32)
     dh_part = torch.empty((ns, b * h, m, e), **f32)
     dz_part = torch.empty((ns, b * h, m), **f32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+               out.stride(0), out.stride(1), out.stride(2))
+    _dstate_kernel[(b * h, nm, ns)](
+        q, grad_out, out, p, q_max, rden, dh_part, dz_part,
+        h, n, m, d, e, b * h, per, *strides,
+        dn,
+        **(opts | dict(BM=cfg["BM_dstate"])),
+    )
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
-    _bwd_q_kernel[(ns * nk, b * h)](
-        q, grad_out, out, p, q_max, rden, states, sums, vsum, dq, dh_part, dz_part,
-        h, n, s, m, d, e, b * h, per,
-        q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+    _bwd_q_kernel[(b * h, triton.cdiv(n, cfg["BT"]) * nk)](
+        q, grad_out, out, p, q_max, rden, states, sums, vsum, dq,
+        h, n, s, m, d, e, *strides,
         dn,
         **opts,
     )
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    _bwd_kv_kernel[(triton.cdiv(s, cfg["BT"]) * nk, b * h)](
+    _bwd_kv_kernel[(b * h, triton.cdiv(s, cfg["BT"]) * nk)](
         k, v, p, k_max, k_scale, k_stab, dh_part.sum(0), dz_part.sum(0), dk, dv,
         h, s, m, d, e,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

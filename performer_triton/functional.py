@@ -145,20 +145,19 @@ def favor_attention(
 
 
 def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: bool, eps, use_triton: bool) -> Tensor:
-    """The GIVEN op with eps (a float or (b, h, 1, 1)) in the causal normaliser. The kernels add
-    CAUSAL_EPS to every key-feature prefix sum; another eps enters as one extra key before the
-    sequence, features (eps - CAUSAL_EPS) and value 0, seen by every query (its own extra query's
-    output is dropped)."""
-    if causal and not (isinstance(eps, float) and eps == CAUSAL_EPS):
+    """The GIVEN op with eps (a float, or (b, h, 1, 1) for keys scaled per head) in the causal
+    normaliser. A float is the op's causal_eps; a per-head eps enters as one extra key before the
+    sequence, features eps and value 0, seen by every query (its own extra query's output is
+    dropped), with the op's causal_eps 0: every term of the normaliser stays positive."""
+    if causal and isinstance(eps, Tensor):
         def first(t: Tensor, fill) -> Tensor:  # (b, h, 1, .)
             return torch.zeros_like(t[..., :1, :]).add_(fill)
 
         q_features, k_features, v = (
-            torch.cat((first(t, fill), t), dim=-2)
-            for t, fill in ((q_features, 1.0), (k_features, eps - CAUSAL_EPS), (v, 0.0))
+            torch.cat((first(t, fill), t), dim=-2) for t, fill in ((q_features, 1.0), (k_features, eps), (v, 0.0))
         )
-        return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0][..., 1:, :]
-    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton)[0]
+        return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, 0.0)[0][..., 1:, :]
+    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, float(eps))[0]
 
 
 def linear_attention(

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .feature_maps import KERNEL_MAPS
-from .kernels import launchers
+from .kernels import CAUSAL_EPS, launchers
 
 
 def _unit_stride(t: Tensor) -> Tensor:
@@ -30,17 +30,20 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())
 def favor_fwd(
-    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool, use_triton: bool
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
+    use_triton: bool, causal_eps: float = CAUSAL_EPS,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, q_max, k_max, k_scale, rden); see kernels/NOTES.md."""
+    """(out, q_max, k_max, k_scale, rden); see kernels/NOTES.md. causal_eps: the eps added to every
+    key-feature prefix sum of the causal normaliser (1.1.4's 1e-6)."""
     q, k, v = map(_unit_stride, (q, k, v))
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
-        return launchers(causal)[0](q, k, v, projection, feature=feature, prefix=prefix)
-    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix)
+        return launchers(causal)[0](q, k, v, projection, **flags)
+    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
 
 
 @favor_fwd.register_fake
-def _(q, k, v, projection, causal, feature, prefix, use_triton):
+def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSAL_EPS):
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[3]
     softmax = KERNEL_MAPS[feature].stabilized
@@ -73,34 +76,37 @@ def favor_bwd(
     feature: int,
     prefix: bool,
     use_triton: bool,
+    causal_eps: float = CAUSAL_EPS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for favor_fwd."""
     grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
     args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
-        return launchers(causal)[1](*args, feature=feature, prefix=prefix)
-    return torch_backend.favor_bwd(*args, causal=causal, feature=feature, prefix=prefix)
+        return launchers(causal)[1](*args, **flags)
+    return torch_backend.favor_bwd(*args, causal=causal, **flags)
 
 
 @favor_bwd.register_fake
-def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, feature, prefix, use_triton):
+def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, feature, prefix, use_triton,
+      causal_eps=CAUSAL_EPS):
     # contiguous, whatever the inputs' strides: what every implementation returns (a fake with
     # other strides than the real op corrupts aot_autograd's output replay under torch.compile)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, projection, causal, feature, prefix, use_triton = inputs
+    q, k, v, projection, *flags = inputs  # causal, feature, prefix, use_triton, causal_eps
     out, q_max, k_max, k_scale, rden = output
     ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden)
-    ctx.flags = (causal, feature, prefix, use_triton)
+    ctx.flags = tuple(flags)
     ctx.mark_non_differentiable(q_max, k_max, k_scale, rden)
 
 
 def _backward(ctx, grad_out, *unused_stat_grads):
     q, k, v, projection, out, q_max, k_max, k_scale, rden = ctx.saved_tensors
     dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, *(None,) * (1 + len(ctx.flags))
 
 
 favor_fwd.register_autograd(_backward, setup_context=_setup_context)

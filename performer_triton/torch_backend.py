@@ -30,7 +30,8 @@ class ChunkFeatures:
     SOFTMAX base = exp(dash - shift), shift = row max + |dn x|^2 / 2 for queries (base = q~ - eps)
     and row max for keys (base = U); RELU base = relu(dash); GIVEN base = the input rows."""
 
-    def __init__(self, feature: int, projection: Tensor | None, d: int, dtype: torch.dtype):
+    def __init__(self, feature: int, projection: Tensor | None, d: int, dtype: torch.dtype,
+                 causal_eps: float = CAUSAL_EPS):
         fmap = KERNEL_MAPS[feature]
         self.softmax = fmap.stabilized
         self.given = not fmap.fused
@@ -40,7 +41,7 @@ class ChunkFeatures:
         self.dn2 = dn * dn
         self.eps = fmap.eps
         ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
-        self.causal_coef = CAUSAL_EPS / ratio  # c_i = causal_coef * sum_f q~_if
+        self.causal_coef = causal_eps / ratio  # c_i = causal_coef * sum_f q~_if
 
     def dash(self, x: Tensor) -> Tensor:
         """(dn x) @ P^T; GIVEN features pass through.  (b, h, t, d) -> (b, h, t, m)."""
@@ -134,23 +135,31 @@ def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tens
     return _bmm(keys.mT, vo, hz * (ref - base).exp_()[..., None, None]), new_ref
 
 
+def finite_or_zero(x: Tensor) -> Tensor:
+    """x with inf and NaN entries replaced by 0 (x - x is 0 exactly where x is finite)."""
+    return torch.where(x - x == 0, x, 0.0)
+
+
 def _upper(t: int, device: torch.device) -> Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).triu_(1)
 
 
 def _grad_aug(grad_out: Tensor, out: Tensor, rden: Tensor) -> Tensor:
-    """[dN, dD] with dN_i = g_i rden_i, dD_i = -(g_i . out_i) rden_i.  -> (b, h, n, e+1)."""
-    return torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) * rden[..., None]
+    """[dN, dD] with dN_i = g_i rden_i, dD_i = -(g_i . out_i) rden_i.  -> (b, h, n, e+1).
+    An output a future inf / NaN value made non-finite adds nothing where its gradient is 0."""
+    go = torch.where(grad_out == 0, 0.0, grad_out * out).sum(-1, keepdim=True)
+    return torch.cat([grad_out, -go], dim=-1) * rden[..., None]
 
 
 def favor_fwd(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
+    causal_eps: float = CAUSAL_EPS,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """FAVOR+ forward.  -> out (b, h, n, e) in q's dtype; q_max (b, h, n), k_max, k_scale (b, h, s)
     for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype."""
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
+    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
@@ -193,6 +202,12 @@ def favor_fwd(
 
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     upper = _upper(CHUNK, q.device)
+    # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
+    # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
+    # output adds the running sum of the non-finite ones (0 where all were finite).
+    vc_all = finite_or_zero(v)
+    poison = (v - vc_all).cumsum(-2)  # (b, h, n, e)
+    vo = with_ones(vc_all)
     v_before = q.new_zeros((b, h, 1, e + 1))  # [sum of v, count] over keys before the chunk
     for sl in _chunks(n):
         t = sl.stop - sl.start
@@ -209,12 +224,13 @@ def favor_fwd(
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         hz, ref = add_keys(hz, ref, units, rs, vc)
         v_before = v_upto[..., -1:, :]
-    return out.to(in_dtype), q_max, k_max, k_scale, rden
+    return out.add_(poison).to(in_dtype), q_max, k_max, k_scale, rden
 
 
 def favor_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
     q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,
+    causal_eps: float = CAUSAL_EPS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FAVOR+ backward from favor_fwd's outputs (stabilizers detached).  -> dq, dk, dv in the
     dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features)."""
@@ -222,11 +238,11 @@ def favor_bwd(
     dtype = _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q_max, k_max, k_scale, rden = q_max.to(dtype), k_max.to(dtype), k_scale.to(dtype), rden.to(dtype)
-    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
+    fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     grad = _grad_aug(grad_out.to(dtype), out.to(dtype), rden)  # (b, h, n, e+1) = [dN, dD]
-    vo = with_ones(v)  # (b, h, s, e+1)
+    vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1); causal: as the forward's chunks
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
     hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]

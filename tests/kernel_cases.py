@@ -13,9 +13,13 @@ from performer_triton.feature_maps import KERNEL_MAPS, half_sq_norm, project
 from performer_triton.kernels import GIVEN, SOFTMAX, launchers
 from performer_triton.projection import gaussian_orthogonal_random_matrix
 
-# fp32: the interpreter multiplies in full fp32; a GPU runs the kernels' fp32 dots in TF32
-# (kernels/feature_map.PRECISION), ~1e-3 relative
-BUDGET = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# fp32: a GPU runs the kernels' fp32 dots in TF32 (kernels/feature_map.PRECISION), ~1e-3
+# relative; the interpreter emulates it (conftest._tf32), so the budget is the same on both
+BUDGET = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# fp32 dq and dk pass through two chained TF32 dots (dN @ H^T, then the features' chain rule
+# through P), each truncating its operands to 10 bits: ~2.2e-3 measured, where out and dv
+# (one TF32 dot after the 3xTF32 dash) stay under 1.5e-3
+FP32_GRAD_BUDGET = 3e-3
 # the reference's feature_map name of each map the kernels compute
 FEATURE_MAP = {code: fmap.name for code, fmap in KERNEL_MAPS.items() if fmap.fused}
 
@@ -72,6 +76,8 @@ def check(q, k, v, proj, g, *, causal, feature, budget, prefix=False, limits=Non
     assert all(torch.isfinite(t).all() for t in (out, stats[-1], dq, dk, dv))
     errs = dict(out=rel_err(out, ref[0]), dq=rel_err(dq, ref[1]), dk=rel_err(dk, ref[2]), dv=rel_err(dv, ref[3]))
     limits = {name: budget for name in errs} | (limits or {})
+    if q.dtype == torch.float32 and budget == BUDGET[torch.float32]:
+        limits |= {name: max(limits[name], FP32_GRAD_BUDGET) for name in ("dq", "dk")}
     assert all(errs[name] < limits[name] for name in errs), errs
     return errs, out, stats
 

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 from conftest import DEVICE, HAS_TRITON
-from kernel_cases import BUDGET
+from kernel_cases import BUDGET, FP32_GRAD_BUDGET
 
 from performer_triton import FastAttention, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
 from performer_triton import reference
@@ -14,6 +14,12 @@ from performer_triton.ops import favor_fwd
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fp32_tol(backend: str) -> float:
+    """fp32 output budget: the PyTorch path computes in fp32, the kernels' dots run in TF32
+    (emulated by the interpreter, conftest._tf32)."""
+    return BUDGET[torch.float32] if backend == "triton" else 1e-5
 
 
 def qkv(b=2, h=3, n=37, d=16, e=None, dtype=torch.float32, s=None, seed=0):
@@ -152,7 +158,7 @@ def test_fully_masked_rows_give_finite_zeros_and_gradients(backend, causal, feat
     assert torch.equal(leaves[1].grad[1], torch.zeros_like(leaves[1].grad[1]))
     kept = favor_attention(q[:1, :, :6], k[:1, :, :6], v[:1, :, :6], P, causal=causal, feature_map=feature_map,
                            backend=backend)
-    assert rel(out[:1, :, :6], kept) <= 1e-5
+    assert rel(out[:1, :, :6], kept) <= fp32_tol(backend)
 
 
 def test_autocast_runs_in_low_precision():
@@ -307,7 +313,7 @@ def test_triton_backend_end_to_end_with_autograd(case):
     ref.backward(grad.double().cpu())
     assert rel(out.cpu(), ref) <= BUDGET[torch.float32]
     for ours, theirs in zip(leaves, ref_leaves):
-        assert rel(ours.grad.cpu(), theirs.grad) <= BUDGET[torch.float32]
+        assert rel(ours.grad.cpu(), theirs.grad) <= FP32_GRAD_BUDGET
 
 
 def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
@@ -350,6 +356,33 @@ def test_prefix_nan_key_never_reaches_earlier_outputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [dict(key_stabilizer="prefix"), dict(), dict(feature_map="relu"),
+                                  dict(feature_map="none")], ids=["prefix", "global", "relu", "none"])
+def test_causal_nonfinite_values_never_reach_earlier_outputs_or_their_gradients(backend, case):
+    """An inf or NaN value at position j reaches outputs from j on only, also inside j's own
+    chunk (1.1.4's cumulative sums behave so; a masked (t, t) matmul gives 0 * inf = NaN), and
+    a loss on the earlier outputs gets the gradients it gets without them."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=1, h=2, n=150, d=8))
+    P = None if case.get("feature_map") == "none" else projection(12, 8).to(DEVICE)
+
+    def run(v):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = favor_attention(*leaves, P, causal=True, backend=backend, **case)
+        out[:, :, :140].square().sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    clean, clean_grads = run(v)
+    v = v.clone()
+    v[0, :, 140, 3], v[0, :, 141, 2], v[0, :, 145, 3] = float("inf"), float("nan"), float("-inf")
+    out, grads = run(v)
+    assert torch.allclose(out[:, :, :140], clean[:, :, :140], rtol=1e-5, atol=1e-6)
+    assert torch.isposinf(out[0, :, 140:145, 3]).all() and torch.isnan(out[0, :, 145:, 3]).all()
+    assert torch.isnan(out[0, :, 141:, 2]).all() and torch.isfinite(out[0, :, 140, 2]).all()
+    for ours, theirs in zip(grads, clean_grads):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "rearranged"])
 def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
@@ -388,4 +421,6 @@ def test_size_one_dims_with_any_stride(backend, causal):
     out = favor_attention(q1, k1, v1, P, causal=causal, backend=backend)
     ref = reference.favor_attention(q1.double().cpu(), k1.double().cpu(), v1.double().cpu(), P.double().cpu(),
                                     causal=causal)
-    assert rel(out.cpu(), ref) <= 1e-5
+    # d = e = m = 1: each output is one TF32 product on the Triton path, no averaging of the
+    # truncation errors of its two operands
+    assert rel(out.cpu(), ref) <= (FP32_GRAD_BUDGET if backend == "triton" else 1e-5)

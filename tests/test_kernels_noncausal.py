@@ -92,7 +92,7 @@ def test_rden_and_stats():
     out, q_max, k_max, k_scale, rden = NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX)
     qf, kf = R.feature_maps(q.double(), k.double(), proj.double(), causal=False)
     den = torch.einsum("bhnm,bhm->bhn", qf, kf.sum(dim=2)) / 100**-1.0
-    assert rel_err(rden, 1.0 / den) < 1e-5
+    assert rel_err(rden, 1.0 / den) < BUDGET[torch.float32]  # the score and state dots run in TF32
     assert q_max.shape == (1, 2, 70) and k_max.shape == k_scale.shape == (1, 2, 50)
     check_row_stats(q, k, proj, q_max, k_max, k_scale)
 
@@ -123,9 +123,10 @@ def test_meta_launches():
     b, h, n, d, e, m = 2, 3, 200, 64, 64, 266
     launched = meta_launches(False, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m)
     assert [name for name, *_ in launched] == [
-        "_row_stats_kernel", "_state_kernel", "_output_kernel", "_state_kernel", "_bwd_q_kernel", "_bwd_kv_kernel",
+        "_row_stats_kernel", "_state_kernel", "_output_kernel", "_state_kernel", "_dstate_kernel", "_bwd_q_kernel",
+        "_bwd_kv_kernel",
     ]
-    assert launched[2][1] == (4, b * h)
+    assert launched[2][1] == (b * h, 4)
     assert all(kw["FEATURE"] == SOFTMAX for *_, kw in launched[1:])
     q, k, v, proj, _ = inputs(1, 1, 8, 16, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="causal attention only"):
