@@ -675,9 +675,22 @@ CHAIN_STEPS = {
     "noncausal._bwd_q_kernel": ("NTS", "per"),
 }
 
-# Accepted failures of the --target checks: kernel name -> {check: reason}; check is
-# "duplication" or "pipelined".  Only for reasons that hold on the GPU, not "not fixed yet".
-EXCEPTIONS: dict[str, dict[str, str]] = {}
+# Accepted failures of the --target checks: kernel name, or "kernel name@sm_NN" for one arch ->
+# {check: reason}; check is "duplication" or "pipelined".  Only for reasons that hold on the
+# GPU, not "not fixed yet".
+EXCEPTIONS: dict[str, dict[str, str]] = {
+    "causal._dstate_kernel": {
+        "pipelined": "the out tile (for dD = -rden g . out) feeds no dot, so Triton loads it synchronously; "
+                     "prefetched one chunk ahead by hand (+16 registers per thread) it spills 12 B on sm_80 at "
+                     "4 warps. One (BT, BV) load per step of a walk whose steps are latency-bound anyway; "
+                     "computing dD once outside the walk removes it (issue 12, state traffic).",
+    },
+    "causal._dstate_kernel@sm_80": {
+        "duplication": "sm_80's mma.sync lays the 4 warps along the 16 columns of the (64, 16) query-feature "
+                       "tile; BM = 16 is what the sm_90 register budget of the causal backward takes "
+                       "(BM = 32 spills there). sm_90 (the target) has duplication 1.",
+    },
+}
 
 # aten ops that launch no GPU kernel (besides views, OpOverload.is_view): allocations and metadata
 _NO_KERNEL_OPS = {
@@ -998,7 +1011,7 @@ def print_table(results: list[Result]) -> None:
 def target_problems(r: Result) -> list[str]:
     """The --target checks beyond problems_of: duplication > 1 and unpipelined loops that load
     from global memory, unless EXCEPTIONS accepts them for the kernel (with a reason)."""
-    accepted = EXCEPTIONS.get(r.kernel, {})
+    accepted = EXCEPTIONS.get(r.kernel, {}) | EXCEPTIONS.get(f"{r.kernel}@{ARCHS[r.arch].name}", {})
     found = []
     if r.duplication > 1 and "duplication" not in accepted:
         found.append(f"duplication x{r.duplication:g} (" + "; ".join(d for d in r.dup_detail if not d.endswith("x1"))

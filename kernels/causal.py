@@ -163,7 +163,8 @@ def _output_kernel(
     # would reach earlier rows), the running sum of the others is added (0 if there are none)
     b_vc = finite_or_zero(b_v)  # (BT, BV)
     b_n += b_wmax[:, None] * tl.dot(b_w, b_vc, input_precision=PRECISION)
-    b_n += tl.cumsum((b_v - b_vc).to(tl.float32), axis=0)
+    if tl.sum((b_v != b_vc).to(tl.int32)) > 0:  # rare: the scan's registers only on this branch
+        b_n += tl.cumsum((b_v - b_vc).to(tl.float32), axis=0)
     b_rden = 1.0 / b_d  # (BT,) fp32
     store_rows(out, b_n * b_rden[:, None], o_row, o_t, m_t, o_v, m_v, E)
     tl.store(rden + o_row + o_t, b_rden, mask=m_t)
@@ -199,9 +200,6 @@ def _dstate_kernel(
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
     tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
     e_prev = tl.load(k_stab + o_row + N - 1)
-    # the out tile feeds no dot, so the pipeliner would load it synchronously: prefetched by hand
-    o_t, m_t = block_range(NT - 1, BT, N)  # (BT,) the last chunk, the first the walk reads
-    b_o_next = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v)  # (BT, BV)
     for i_r in range(1, NT):
         i_c = NT - 1 - i_r  # state of chunk i_c gathers the queries of chunk i_c + 1
         o_t, m_t = block_range(i_c + 1, BT, N)  # (BT,)
@@ -215,9 +213,9 @@ def _dstate_kernel(
         b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
-        b_o = b_o_next.to(tl.float32)  # (BT, BV)
-        o_tn, m_tn = block_range(i_c, BT, N)  # (BT,) the next chunk down (read, unused, at i_c = 0)
-        b_o_next = load_rows(p_o, o_tn, m_tn, stride_on, o_v, m_v)
+        # a synchronous load (it feeds no dot); prefetched by hand it spills on sm_80 (compile
+        # report EXCEPTIONS)
+        b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
         b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
         b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dD

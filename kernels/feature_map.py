@@ -130,9 +130,12 @@ def _dash_dot(b_x, b_p, b_acc, PRECISION: tl.constexpr):
     """b_acc + b_x @ b_p^T: b_x (BT, K), b_p (BM, K), b_acc (BT, BM) fp32.  The dash feeds exp
     (softmax features) and the ReLU gates, where TF32's ~1e-3 relative error becomes 1e-3 in
     every feature and flips gates near 0 (fp32 gradients off by 2-5e-3, ReLU by ~5e-2): with
-    TF32 dots the dash alone runs in 3xTF32 (split operands, ~fp32 accuracy). 16-bit tiles
-    multiply exactly on tensor cores whatever PRECISION says."""
-    if PRECISION == "tf32":
+    TF32 dots the dash runs in 3xTF32 (split operands, ~fp32 accuracy) where the operands are
+    at most 64 wide (the chunked dash of every backward kernel); the resident 128-wide tiles of
+    the fp32 forward keep TF32 (their split halves spill 100-340 B; the forward's outputs are
+    continuous in the dash and stay within budget). 16-bit tiles multiply exactly on tensor
+    cores whatever PRECISION says."""
+    if PRECISION == "tf32" and b_x.shape[1] <= 64:
         b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision="tf32x3")
     else:
         b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision=PRECISION)
