@@ -126,16 +126,17 @@ def store_rows(x, b_x, o_row, o_t, m_t, o_c, m_c, C):
 
 
 @triton.jit
-def _dash_dot(b_x, b_p, b_acc, PRECISION: tl.constexpr):
-    """b_acc + b_x @ b_p^T: b_x (BT, K), b_p (BM, K), b_acc (BT, BM) fp32.  The dash feeds exp
-    (softmax features) and the ReLU gates, where TF32's ~1e-3 relative error becomes 1e-3 in
-    every feature and flips gates near 0 (fp32 gradients off by 2-5e-3, ReLU by ~5e-2): with
-    TF32 dots the dash runs in 3xTF32 (split operands, ~fp32 accuracy) where the operands are
-    at most 64 wide (the chunked dash of every backward kernel); the resident 128-wide tiles of
-    the fp32 forward keep TF32 (their split halves spill 100-340 B; the forward's outputs are
-    continuous in the dash and stay within budget). 16-bit tiles multiply exactly on tensor
-    cores whatever PRECISION says."""
-    if PRECISION == "tf32" and b_x.shape[1] <= 64:
+def _dash_dot(b_x, b_p, b_acc, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+    """b_acc + b_x @ b_p^T: b_x (BT, K), b_p (BM, K), b_acc (BT, BM) fp32, a K-wide part of a
+    WIDTH-wide (padded) head.  The dash feeds exp (softmax features) and the ReLU gates, where
+    TF32's ~1e-3 relative error becomes 1e-3 in every feature and flips gates near 0 (fp32
+    gradients off by 2-5e-3, ReLU by ~5e-2): with TF32 dots the dash of heads up to 64 wide runs
+    in 3xTF32 (split operands, ~fp32 accuracy), in every kernel alike. Wider fp32 heads keep
+    TF32 in every kernel: the split halves of their resident 128-wide forward tiles spill
+    100-340 B, and a forward and a backward that computed the features differently would
+    differentiate features other than those that made the outputs. 16-bit tiles multiply
+    exactly on tensor cores whatever PRECISION says."""
+    if PRECISION == "tf32" and WIDTH <= 64:
         b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision="tf32x3")
     else:
         b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision=PRECISION)
@@ -146,16 +147,17 @@ def _dash_dot(b_x, b_p, b_acc, PRECISION: tl.constexpr):
 def dash_tile(b_x, b_p, dn, PRECISION: tl.constexpr):
     """(dn x) @ P^T with an fp32 accumulator.  b_x (BT, BD), b_p (BM, BD) -> (BT, BM) fp32."""
     b_dash = tl.zeros([b_x.shape[0], b_p.shape[0]], dtype=tl.float32)  # (BT, BM)
-    return _dash_dot(b_x, b_p, b_dash, PRECISION) * dn
+    return _dash_dot(b_x, b_p, b_dash, b_x.shape[1], PRECISION) * dn
 
 
 @triton.jit
-def _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK: tl.constexpr, WIDTH: tl.constexpr,
+                PRECISION: tl.constexpr):
     """b_dash (BT, BM) += x[:, chunk i_k] @ P[:, chunk i_k]^T."""
     o_k, m_k = block_range(i_k, BK, D)  # (BK,)
     b_x = load_rows(p_x, o_t, m_t, stride_t, o_k, m_k)  # (BT, BK)
     b_p = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-    return _dash_dot(b_x, b_p, b_dash, PRECISION)
+    return _dash_dot(b_x, b_p, b_dash, WIDTH, PRECISION)
 
 
 @triton.jit
@@ -170,10 +172,10 @@ def dash_rows(p_x, o_t, m_t, stride_t, p, o_m, m_m, D, dn,
     b_dash = tl.zeros([BT, BM], dtype=tl.float32)  # (BT, BM)
     if NK <= 2:
         for i_k in tl.static_range(NK):
-            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, PRECISION)
+            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, NK * BK, PRECISION)
     else:
         for i_k in range(NK):
-            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, PRECISION)
+            b_dash = _dash_chunk(b_dash, p_x, o_t, m_t, stride_t, p, o_m, m_m, D, i_k, BK, NK * BK, PRECISION)
     return b_dash * dn
 
 

@@ -329,9 +329,9 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """feature_map.block_config plus the non-causal kernels' own: the output kernel shares the
     state kernel's m tile; the gradient kernels keep the most tiles live and take the smallest
     m tile, except for GIVEN feature tiles (no projection tiles live), where sm_80's ptxas
-    spills more at 16 than at 32; the reverse-state kernel takes 32 (at 16 sm_80's mma.sync
-    puts its 4 warps along the 16 columns of the query-feature tile: duplication 2), GIVEN 64
-    (16 and 32 spill 4-8 B there, at d = e = 16 and 128 respectively). 4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps
+    spills more at 16 than at 32; the reverse-state kernel takes the state kernel's BM (for
+    16-bit 32: at 16 sm_80's mma.sync puts its 4 warps along the 16 columns of the query-feature
+    tile, duplication 2), GIVEN 64 (16 and 32 spill 4-8 B there, at d = e = 16 and 128). 4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps
     computed each dot twice (compile report: duplication); the fp32 forward of 128-wide tiles
     keeps 8, whose halved per-thread share keeps it from spilling (76-296 B at 4 warps).
     d = 0 for GIVEN."""
@@ -339,7 +339,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     return cfg | dict(
         BM_out=cfg["BM"],
         BM_bwd=32 if d == 0 else 16,
-        BM_dstate=64 if d == 0 else 32,
+        BM_dstate=64 if d == 0 else cfg["BM"],
         num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )

@@ -424,3 +424,31 @@ def test_size_one_dims_with_any_stride(backend, causal):
     # d = e = m = 1: each output is one TF32 product on the Triton path, no averaging of the
     # truncation errors of its two operands
     assert rel(out.cpu(), ref) <= (FP32_GRAD_BUDGET if backend == "triton" else 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU (run by bench/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("local_attn_heads,reversible", [(0, False), (1, False), (1, True)])
+def test_cuda_autocast_trains_a_default_performer_lm(dtype, local_attn_heads, reversible):
+    """torch.autocast("cuda") around 1.1.4's defaults (rotary on, causal): the Triton kernels run
+    in the autocast dtype, loss and every gradient finite, close to the fp32 step."""
+    from performer_triton import PerformerLM
+
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=64, max_seq_len=128, dim=64, depth=2, heads=4, dim_head=16, causal=True,
+                        local_attn_heads=local_attn_heads, local_window_size=16, reversible=reversible).cuda()
+    x = torch.randint(0, 64, (2, 100), device="cuda")
+
+    def step(autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x).transpose(1, 2).float(), x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.eval()  # no projection redraws between the two steps
+    loss32, grads32 = step(False)
+    loss, grads = step(True)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert abs(loss.item() - loss32.item()) <= 2e-2 * abs(loss32.item())
+    assert rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads32])) <= 5e-2
