@@ -71,6 +71,8 @@ def pytest_configure(config):
             config.addinivalue_line("filterwarnings", f"ignore:{message}:RuntimeWarning:{module}")
     # performer-pytorch 1.1.4 (the comparison peer) imports distutils
     config.addinivalue_line("filterwarnings", "ignore:distutils Version classes are deprecated:DeprecationWarning")
+    # torch's own jit module warns about itself while torch.compile traces (tests/test_compile.py)
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 DEVICE = "cuda" if ON_GPU else "cpu"
