@@ -171,7 +171,8 @@ def favor_fwd(
         torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
-    vo = with_ones(v)  # (b, h, s, e+1)
+    # causal: the chunks see finite values only (see the poison below)
+    vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1)
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
     ref = q.new_full((b, h), float("-inf"))
@@ -205,9 +206,7 @@ def favor_fwd(
     # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
     # output adds the running sum of the non-finite ones (0 where all were finite).
-    vc_all = finite_or_zero(v)
-    poison = (v - vc_all).cumsum(-2)  # (b, h, n, e)
-    vo = with_ones(vc_all)
+    poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
     v_before = q.new_zeros((b, h, 1, e + 1))  # [sum of v, count] over keys before the chunk
     for sl in _chunks(n):
         t = sl.stop - sl.start
