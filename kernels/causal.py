@@ -6,11 +6,13 @@ Implements the launcher contract of kernels/NOTES.md for causal attention (n == 
 and P (kernels/feature_map.py) and never written to global memory.
 
 Per (b, h) the sequence is cut into NT chunks of BT positions:
-  _state_kernel    grid (b*h, m tiles): sequential over chunks, writes the key state H_c, z_c
-                   and the value sum before every chunk (fp32, referenced to k_ref).
+  _state_kernel    grid (b*h, m tiles): sequential over chunks (two per step), writes the key
+                   state H_c (bf16 for 16-bit inputs), z_c and the value sum before every chunk,
+                   referenced to R_c, and the chunk vectors c_ref, c_stab (the stabilizers).
   _output_kernel   grid (b*h, NT): out = inter (q~ @ H_c) + intra (masked score tile @ v).
-  _dstate_kernel   grid (b*h, m tiles): reverse walk, writes dH_c, dz_c (referenced to the
-                   chunk's last k_stab) and partial eps sums of the later queries.
+  _dd_kernel       grid (b*h, NT): dD = -rden (g . out) per row, the backward's one read of out.
+  _dstate_kernel   grid (b*h, m tiles): reverse walk, writes dH_c, dz_c (referenced to M at the
+                   chunk's last row) and partial eps sums of the later queries.
   _bwd_qk_kernel   grid (b*h, NT NK), launched twice: dq (KEYS False; inter via the forward
                    states) and dk (KEYS True; inter via the reverse states) of one chunk, intra
                    via the (BT, BT) tile.
@@ -35,65 +37,171 @@ __all__ = ["causal_fwd", "causal_bwd"]
 
 
 @triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def stab_before(c_stab, o_cs, i_c, NT, PREFIX: tl.constexpr):
+    """The key stabilizer carried into chunk i_c: the max of k_max over the keys before it
+    (PREFIX; chunk NT: over every key) or over every key (global)."""
+    if PREFIX:
+        s_in = tl.load(c_stab + o_cs + i_c)
+    else:
+        s_in = tl.load(c_stab + o_cs + NT)
+    return s_in
+
+
+@triton.jit
+def row_stabilizer(b_kmax, m_t, s_in, PREFIX: tl.constexpr):
+    """M_i (BT,) of a chunk's rows from stab_before s_in: s_in itself (global) or the running max
+    of the chunk's k_max (BT,) from s_in on (PREFIX: keys j <= i).  +inf on padded rows, which
+    gives them 0 weights."""
+    if PREFIX:
+        b_stab = tl.maximum(tl.associative_scan(tl.where(m_t, b_kmax, float("-inf")), 0, _max2), s_in)  # (BT,)
+    else:
+        b_stab = tl.zeros_like(b_kmax) + s_in  # (BT,)
+    return tl.where(m_t, b_stab, float("inf"))
+
+
+@triton.jit
+def _key_stats(k_max, k_scale, o_row, i_c, BT: tl.constexpr, N):
+    """k_max (0 on padded rows: finite features) and k_scale (-inf there: 0 weights) of chunk i_c,
+    (BT,) each."""
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    return b_kmax, b_kscale
+
+
+@triton.jit
+def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, stride_kn, stride_vn, o_d, m_d, o_m,
+                     m_m, o_v, m_v, dn, FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                     BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+    """What chunk i_c's keys add to a key state referenced to r_ref (>= their k_scale):
+    F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32, F = U exp(k_scale - r_ref) <= 1.
+    BK == BD: k as a resident (BT, BD) tile against the resident projection tile b_p; BK < BD
+    (fp32 heads wider than 64) k and P in BK-wide chunks (NOTES "Wide heads")."""
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    if BK == BD:
+        b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
+        b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
+                           PRECISION)  # (BT, BM)
+    else:
+        b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
+                                   FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+    b_kk = b_kf * tl.exp(b_kscale - r_ref)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
+    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
+    b_hc = tl.dot(tl.trans(b_kk.to(b_v.dtype)), b_v, input_precision=PRECISION)  # (BM, BV)
+    return b_hc, tl.sum(b_kk, axis=0), tl.sum(b_v.to(tl.float32), axis=0)
+
+
+@triton.jit
 def _state_kernel(
-    k, v, p, k_max, k_scale, k_ref,
+    k, v, p, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state,
     H, N, M, D, E, NT,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
-    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """State before every chunk c, for one m tile:
-    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T, z_c the same with v = 1, and
-    vsum_c = sum_{j < c BT} v_j (written by the first m tile), R_c = k_ref[max(c BT - 1, 0)]."""
+    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
+    with v = 1 and vsum_c = sum_{j < c BT} v_j (fp32), R_c = max_{j < c BT} k_scale_j.
+    The first m tile also writes the chunk vectors (b*h, NT + 1): c_ref[c] = R_c and
+    c_stab[c] = max_{j < c BT} k_max_j, c_stab[NT] = the max over every key (-inf before any).
+
+    Each step of the walk takes two chunks: their contributions are independent dots, so the
+    chain from one step to the next is two scaled adds, half as many steps as chunks."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    m_vs = o_v < tl.where(i_m == 0, E, 0)  # (BV,) the value sum is written by the first m tile
+    m_first = i_m == 0  # the value sum and the chunk vectors are written by the first m tile
+    m_vs = o_v < tl.where(m_first, E, 0)  # (BV,)
+    m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
     p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
     p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     o_row = i_bh.to(tl.int64) * N  # base of the (b*h, n) stat vectors
     o_st = i_bh.to(tl.int64) * NT  # base chunk index of the state buffers
-    b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+    o_cs = i_bh.to(tl.int64) * (NT + 1)  # base of the chunk vectors
+    p_hs = h_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
+    if BK == BD:
+        b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+    else:
+        b_p = tl.zeros([BM, BK], dtype=p.dtype.element_ty)  # (BM, BK) unused: P read in chunks
     b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
-    tl.store(h_state + o_st * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_m[:, None] & m_v[None, :])
+    tl.store(p_hs + o_st * M * E, b_h, mask=m_hv)
     tl.store(z_state + o_st * M + o_m, b_z, mask=m_m)
     tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
-    r_prev = tl.load(k_ref + o_row)
-    for i_c in range(1, NT):
-        o_t, m_t = block_range(i_c - 1, BT, N)  # (BT,) keys of the previous chunk (all < N)
-        r_cur = tl.load(k_ref + o_row + i_c * BT - 1)
-        b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-        b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False, PRECISION)
-        b_kk = b_kf * tl.exp(b_kscale - r_cur)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
-        b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
-        b_decay = tl.exp(r_prev - r_cur)  # <= 1: k_ref is a running max
-        b_h = b_h * b_decay + tl.dot(tl.trans(b_kk.to(b_v.dtype)), b_v, input_precision=PRECISION)
-        b_z = b_z * b_decay + tl.sum(b_kk, axis=0)
-        b_vs += tl.sum(b_v.to(tl.float32), axis=0)
+    r_prev = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
+    s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max over the keys so far
+    tl.store(c_ref + o_cs, r_prev, mask=m_first)
+    tl.store(c_stab + o_cs, s_run, mask=m_first)
+    # the stats of the step's two chunks, loaded one step ahead (loads that feed no dot are
+    # otherwise left synchronous by the pipeliner)
+    b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, 0, BT, N)  # (BT,) x2
+    b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, 1, BT, N)  # (BT,) x2
+    for i_p in range(0, tl.cdiv(NT - 1, 2)):
+        i_c = 2 * i_p + 1  # states i_c (after chunk a = i_c - 1) and i_c + 1 (after chunk b = i_c < NT)
+        m_ta = block_range(i_c - 1, BT, N)[1]  # (BT,)
+        m_tb = block_range(i_c, BT, N)[1]  # (BT,)
+        r_a = tl.maximum(r_prev, tl.max(b_kscale_a, axis=0))  # running maxima: every decay is <= 1
+        r_b = tl.maximum(r_a, tl.max(b_kscale_b, axis=0))
+        s_a = tl.maximum(s_run, tl.max(tl.where(m_ta, b_kmax_a, float("-inf")), axis=0))
+        s_b = tl.maximum(s_a, tl.max(tl.where(m_tb, b_kmax_b, float("-inf")), axis=0))
+        b_ha, b_za, b_va = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_a, b_kscale_a, r_a, i_c - 1, N, D, stride_kn,
+                                            stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
+                                            NK, PRECISION)
+        b_decay = tl.exp(r_prev - r_a)  # (0 on the first chunk, whose state is 0)
+        b_h = b_h * b_decay + b_ha
+        b_z = b_z * b_decay + b_za
+        b_vs += b_va
         o_s = o_st + i_c
-        tl.store(h_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_m[:, None] & m_v[None, :])
+        tl.store(p_hs + o_s * M * E, b_h, mask=m_hv)
         tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
         tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
-        r_prev = r_cur
+        tl.store(c_ref + o_cs + i_c, r_a, mask=m_first)
+        tl.store(c_stab + o_cs + i_c, s_a, mask=m_first)
+        # chunk b after chunk a's state is stored: both in flight at once spill on sm_90a
+        b_hb, b_zb, b_vb = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_b, b_kscale_b, r_b, i_c, N, D, stride_kn,
+                                            stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
+                                            NK, PRECISION)
+        b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, i_c + 1, BT, N)
+        b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, i_c + 2, BT, N)
+        # no state after chunk b when it is the last: (BM,) and (BV,) masks (a scalar one broadcast
+        # against a tile is rejected by the interpreter)
+        m_nm = m_m & (o_m * 0 + i_c + 1 < NT)  # (BM,)
+        m_nv = o_v * 0 + i_c + 1 < NT  # (BV,)
+        b_decay = tl.exp(r_a - r_b)
+        b_h = b_h * b_decay + b_hb
+        b_z = b_z * b_decay + b_zb
+        b_vs += b_vb
+        tl.store(p_hs + (o_s + 1) * M * E, b_h, mask=m_nm[:, None] & m_v[None, :] & m_nv[None, :])
+        tl.store(z_state + (o_s + 1) * M + o_m, b_z, mask=m_nm)
+        tl.store(v_state + (o_s + 1) * E + o_v, b_vs, mask=m_vs & m_nv)
+        # index NT after the last chunk: c_stab's global max, which s_b then is (c_ref[NT] is unused)
+        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first)
+        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first)
+        r_prev, s_run = r_b, s_b
+    # the last chunk's keys enter only the global max (again, if the last step took them)
+    o_t, m_t = block_range(NT - 1, BT, N)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    tl.store(c_stab + o_cs + NT, tl.maximum(s_run, tl.max(b_kmax, axis=0)), mask=m_first)
 
 
 @triton.jit
 def _output_kernel(
-    q, k, v, p, q_max, k_max, k_scale, k_stab, k_ref,
+    q, k, v, p, q_max, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state, out, rden,
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    NK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
@@ -107,6 +215,7 @@ def _output_kernel(
     p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c  # this chunk's state
+    o_cs = i_bh.to(tl.int64) * (NT + 1)
     if BK == BD:
         b_q = load_fused_rows(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
@@ -117,8 +226,8 @@ def _output_kernel(
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,) M_i; padded rows get 0 weights
-    r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
+    r_c = tl.load(c_ref + o_cs + i_c)
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) q~ . U
     b_n = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) q~ @ H_c
     b_d = tl.zeros([BT], dtype=tl.float32)  # (BT,) q~ . z_c
@@ -139,7 +248,7 @@ def _output_kernel(
                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_qf.to(b_v.dtype), tl.trans(b_kf.to(b_v.dtype)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
-        b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         b_n += tl.dot(b_qf, b_h, input_precision=PRECISION)
@@ -171,70 +280,137 @@ def _output_kernel(
 
 
 @triton.jit
+def _dd_kernel(
+    g, out, rden, dd,
+    H, N, E,
+    stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    BT: tl.constexpr, BV: tl.constexpr,
+):
+    """dD_i = -rden_i (g_i . out_i) (b*h, n) fp32 for one chunk: what every backward kernel needs
+    of out, read once here instead of by each of them."""
+    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    o_row = i_bh.to(tl.int64) * N
+    b_g = load_rows(bh_base(g, i_bh, H, stride_gb, stride_gh), o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_o = load_rows(bh_base(out, i_bh, H, stride_ob, stride_oh), o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    tl.store(dd + o_row + o_t, -grad_dot_out(b_g, b_o) * b_rden, mask=m_t)
+
+
+@triton.jit
+def _chunk_dd(dd, o_row, i_c, BT: tl.constexpr, N):
+    """dD (BT,) of chunk i_c's rows (0 past N and for i_c < 0)."""
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    return tl.load(dd + o_row + o_t, mask=m_t & (o_t >= 0), other=0.0)
+
+
+@triton.jit
+def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min, e_ref, N, D, dn,
+                       stride_qn, stride_gn, o_m, m_m, o_v, m_v, FEATURE: tl.constexpr,
+                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+                       PRECISION: tl.constexpr, PREFIX: tl.constexpr):
+    """What chunk i_c's queries (none if i_c < c_min) add to a reverse state referenced to e_ref, the
+    stabilizer at the end of chunk i_c - 1 (<= their M_i): sum_i exp(e_ref - M_i) q~_i dN_i^T
+    (BM, BV), the same with dD_i (BM,) (b_dd (BT,) the chunk's dD, loaded by the caller), and sum_i (sum_{f in tile} q~_if) dN_i (BV,), fp32."""
+    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    m_t = m_t & (o_t * 0 + i_c >= c_min)  # a vector mask: the interpreter rejects a scalar one here
+    b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_stab = row_stabilizer(b_kmax, m_t, e_ref, PREFIX)  # (BT,) +inf on masked rows: no weight
+    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
+    # q and P in BK-wide chunks: a resident (BT, d) q tile spills at d = 128 (sm_90)
+    b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
+                               FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
+    b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
+    b_dd = tl.where(m_t, b_dd, 0.0)  # (BT,) dD
+    b_qq = b_qf * tl.exp(e_ref - b_stab)[:, None]  # (BT, BM), factor <= 1 (M non-decreasing)
+    b_dhc = tl.dot(tl.trans(b_qq), b_dn, input_precision=PRECISION)  # (BM, BV)
+    return b_dhc, tl.sum(b_qq * b_dd[:, None], axis=0), tl.sum(tl.sum(b_qf, axis=1)[:, None] * b_dn, axis=0)
+
+
+@triton.jit
 def _dstate_kernel(
-    q, p, g, out, rden, q_max, k_stab,
+    q, p, g, dd, rden, q_max, k_max, c_stab,
     dh_state, dz_state, dns_state,
     H, N, M, D, E, NT,
-    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
-    dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T, dz_c = same with dD_i, Mend_c = k_stab at the
-    chunk's last position; dns_c = sum_i (sum_{f in tile} q~_if) dN_i (partial over m tiles)."""
+    dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in dh_state's dtype), dz_c = same with dD_i,
+    Mend_c = M at the chunk's last position (stab_before chunk c + 1); dns_c = sum_i
+    (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     NM = tl.cdiv(M, BM)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
     p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
     o_row = i_bh.to(tl.int64) * N
     o_st = i_bh.to(tl.int64) * NT
+    o_cs = i_bh.to(tl.int64) * (NT + 1)
+    p_dh = dh_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
+    p_dns = dns_state + i_m * E + o_v  # (BV,) this tile's row of chunk 0's partial sums
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
     o_s = o_st + NT - 1
-    tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh, mask=m_m[:, None] & m_v[None, :])
+    tl.store(p_dh + o_s * M * E, b_dh, mask=m_m[:, None] & m_v[None, :])
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
-    tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
-    e_prev = tl.load(k_stab + o_row + N - 1)
-    for i_r in range(1, NT):
-        i_c = NT - 1 - i_r  # state of chunk i_c gathers the queries of chunk i_c + 1
-        o_t, m_t = block_range(i_c + 1, BT, N)  # (BT,)
-        b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-        # k_stab at the end of chunk i_c: the min of the non-decreasing k_stab over the rows one
-        # before chunk i_c + 1's (a tile load the pipeliner prefetches; a scalar one it does not)
-        e_cur = tl.min(tl.load(k_stab + o_row + o_t - 1, mask=m_t, other=float("inf")), axis=0)
-        b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
-        # q and P in BK-wide chunks: a resident (BT, d) q tile spills at d = 128 (sm_90)
-        b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
-                                   FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
-        # a synchronous load (it feeds no dot); prefetched by hand it spills on sm_80 (compile
-        # report EXCEPTIONS)
-        b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
-        b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
-        b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dD
-        b_qq = b_qf * tl.exp(e_cur - b_stab)[:, None]  # (BT, BM), factor <= 1 (k_stab non-decreasing)
-        b_decay = tl.exp(e_cur - e_prev)
-        b_dh = b_dh * b_decay + tl.dot(tl.trans(b_qq), b_dn, input_precision=PRECISION)
-        b_dz = b_dz * b_decay + tl.sum(b_qq * b_dd[:, None], axis=0)
-        b_dns += tl.sum(tl.sum(b_qf, axis=1)[:, None] * b_dn, axis=0)
+    tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
+    e_prev = stab_before(c_stab, o_cs, NT, NT, PREFIX)  # M at the last key
+    # the step's references one step ahead (the pipeliner does not prefetch a scalar load);
+    # global: one M for all, loaded once (a loop-invariant load in the loop stops the pipeliner)
+    e_a = stab_before(c_stab, o_cs, NT - 1, NT, PREFIX)
+    e_b = stab_before(c_stab, o_cs, tl.maximum(NT - 2, 0), NT, PREFIX)
+    # the step's dD one step ahead: loads that feed no dot are otherwise synchronous
+    b_dd_a = _chunk_dd(dd, o_row, NT - 1, BT, N)  # (BT,)
+    b_dd_b = _chunk_dd(dd, o_row, NT - 2, BT, N)  # (BT,)
+    for i_p in range(0, tl.cdiv(NT - 1, 2)):
+        i_c = NT - 2 - 2 * i_p  # states i_c (queries of chunk a = i_c + 1) and i_c - 1 (chunk b = i_c)
+        b_dhc, b_dzc, b_dnsc = _chunk_query_state(
+            p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, N, D, dn, stride_qn, stride_gn,
+            o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
+        b_decay = tl.exp(e_a - e_prev)
+        b_dh = b_dh * b_decay + b_dhc
+        b_dz = b_dz * b_decay + b_dzc
+        b_dns += b_dnsc
         o_s = o_st + i_c
-        tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh, mask=m_m[:, None] & m_v[None, :])
+        tl.store(p_dh + o_s * M * E, b_dh, mask=m_m[:, None] & m_v[None, :])
         tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
-        tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
-        e_prev = e_cur
+        tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
+        # chunk b after chunk a's state is stored (as in _state_kernel); none when i_c = 0 (state
+        # i_c was chunk 0's, the walk's last): its rows are masked and nothing is stored
+        b_dhc, b_dzc, b_dnsc = _chunk_query_state(
+            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1, e_b, N, D, dn, stride_qn, stride_gn,
+            o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
+        b_decay = tl.exp(e_b - e_a)  # (0 when e_b = -inf past chunk 0: nothing is stored then)
+        e_prev = e_b
+        b_dd_a = _chunk_dd(dd, o_row, i_c - 1, BT, N)
+        b_dd_b = _chunk_dd(dd, o_row, i_c - 2, BT, N)
+        if PREFIX:
+            e_a = stab_before(c_stab, o_cs, tl.maximum(i_c - 1, 0), NT, PREFIX)
+            e_b = stab_before(c_stab, o_cs, tl.maximum(i_c - 2, 0), NT, PREFIX)
+        b_dh = b_dh * b_decay + b_dhc
+        b_dz = b_dz * b_decay + b_dzc
+        b_dns += b_dnsc
+        # (BM,) and (BV,) masks: the interpreter rejects a scalar one broadcast against a tile
+        m_mb = m_m & (o_m * 0 + i_c >= 1)  # (BM,)
+        m_vb = m_v & (o_v * 0 + i_c >= 1)  # (BV,)
+        tl.store(p_dh + (o_s - 1) * M * E, b_dh, mask=m_mb[:, None] & m_vb[None, :])
+        tl.store(dz_state + (o_s - 1) * M + o_m, b_dz, mask=m_mb)
+        tl.store(p_dns + (o_s - 1) * NM * E, b_dns, mask=m_vb)
 
 
 @triton.jit
 def _chunk_grads(
-    p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v,
-    stride_vn, stride_gn, stride_on, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
+    p_v, p_g, dd, rden, k_scale, b_stab, o_row, o_t, m_t, o_v, m_v,
+    stride_vn, stride_gn, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
 ):
     """What both backward kernels need of one chunk (NOTES "Backward"): v (BT, BV) in its dtype,
     dN (BT, BV), dD (BT,), dw F (BT, BT): dw_ij = dN_i . v_j + dD_i times the intra factor
@@ -244,31 +420,27 @@ def _chunk_grads(
     products need no transposed fp32 operand (which sm_80 builds through local memory)."""
     b_v = finite_or_zero(load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v))  # (BT, BV) as the forward's intra dot
     b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
-    b_g = b_gin.to(tl.float32)  # (BT, BV)
-    b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_go = grad_dot_out(b_g, b_o)  # (BT,)
-    b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
-    b_dd = -b_go * b_rden  # (BT,) dD
-    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
-    # dw_ij = rden_i (g_i . v_j - g_i . out_i) on visible pairs
+    b_dn = b_gin.to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
+    b_dd = tl.load(dd + o_row + o_t, mask=m_t, other=0.0)  # (BT,) dD (_dd_kernel)
+    m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
+    # dw_ij = rden_i g_i . v_j + dD_i on visible pairs
     if KEY_ROWS:
         b_dw = tl.dot(b_v, tl.trans(b_gin), input_precision=PRECISION)  # (BT, BT)
-        b_dw = tl.where(m_s, b_rden[None, :] * (b_dw - b_go[None, :]), 0.0)
+        b_dw = tl.where(m_s, b_rden[None, :] * b_dw + b_dd[None, :], 0.0)
         b_dws = tl.sum(b_dw, axis=0)  # (BT,)
     else:
         b_dw = tl.dot(b_gin, tl.trans(b_v), input_precision=PRECISION)  # (BT, BT)
-        b_dw = tl.where(m_s, b_rden[:, None] * (b_dw - b_go[:, None]), 0.0)
+        b_dw = tl.where(m_s, b_rden[:, None] * b_dw + b_dd[:, None], 0.0)
         b_dws = tl.sum(b_dw, axis=1)  # (BT,)
     return b_v, b_dn, b_dd, b_dw * b_f, b_dws
 
 
 @triton.jit
-def _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
+def _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
     """Visible-pair mask (BT, BT) and intra factor F (BT, BT) = exp(k_scale_j - M_i) on it (<= 1),
-    0 elsewhere; rows are queries i, or keys j with KEY_ROWS."""
+    0 elsewhere; rows are queries i, or keys j with KEY_ROWS.  b_stab (BT,) the chunk's M_i."""
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
     if KEY_ROWS:
         m_s = (o_t[:, None] <= o_t[None, :]) & m_t[None, :]  # (BT, BT) rows j, columns i
         b_f = tl.exp(tl.where(m_s, b_kscale[:, None] - b_stab[None, :], float("-inf")))  # (BT, BT)
@@ -280,14 +452,14 @@ def _pair_factor(k_scale, k_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 
 @triton.jit
 def _bwd_qk_kernel(
-    q, k, v, p, g, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+    q, k, v, p, g, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state, dx,
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
+    stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, KEYS: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr,
 ):
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
@@ -302,24 +474,21 @@ def _bwd_qk_kernel(
     p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
     p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
     o_row = i_bh.to(tl.int64) * N
     o_s = i_bh.to(tl.int64) * NT + i_c
-    # b_dwf (BT, BT): rows i, columns j (queries) or rows j, columns i (keys)
-    b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
-        p_v, p_g, p_o, rden, k_scale, k_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, stride_on, PRECISION,
-        KEYS)
-    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
+    o_cs = i_bh.to(tl.int64) * (NT + 1)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
+    # b_dwf (BT, BT): rows i, columns j (queries) or rows j, columns i (keys)
+    b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
+        p_v, p_g, dd, rden, k_scale, b_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, PRECISION, KEYS)
+    b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if KEYS:
         b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
-        b_a = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
+        b_a = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NT, PREFIX))  # (BT,) inter factor of the keys, <= 1
     else:
-        b_stab = tl.load(k_stab + o_row + o_t, mask=m_t, other=float("inf"))  # (BT,)
-        r_c = tl.load(k_ref + o_row + tl.maximum(i_c * BT - 1, 0))
-        b_a = tl.exp(r_c - b_stab)  # (BT,) inter factor of the queries
+        b_a = tl.exp(tl.load(c_ref + o_cs + i_c) - b_stab)  # (BT,) inter factor of the queries
         b_vs = finite_or_zero(tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0))  # (BV,)
         # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
         b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd  # (BT,)
@@ -335,7 +504,7 @@ def _bwd_qk_kernel(
         # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so (fp32 operand)
         # (a non-finite value poisons the forward states of later chunks only; their rows'
         # gradients are 0 or the outputs' own inf / NaN)
-        b_ht = finite_or_zero(load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m))  # (BV, BM) fp32
+        b_ht = finite_or_zero(load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m).to(tl.float32))  # (BV, BM)
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         if KEYS:
@@ -360,12 +529,12 @@ def _bwd_qk_kernel(
 
 @triton.jit
 def _bwd_v_kernel(
-    q, k, p, g, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
-    H, N, M, D, E, NT,
+    q, k, p, g, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv,
+    H, N, M, D, E, NT, NMD,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
     dn, k_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
@@ -381,15 +550,18 @@ def _bwd_v_kernel(
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    r_end = tl.load(k_stab + o_row + tl.minimum(i_c * BT + BT - 1, N - 1))
-    b_kfac = tl.exp(b_kscale - r_end)  # (BT,) inter factor of the keys, <= 1
+    o_cs = i_bh.to(tl.int64) * (NT + 1)
+    b_kfac = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NT, PREFIX))  # (BT,) inter factor of the keys, <= 1
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) U_j . q~_i (rows j)
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
     NM = tl.cdiv(M, BM)
-    p_dns = dns_state + o_s * NM * E  # (NM, E) partial eps sums of this chunk, one row per m tile
-    b_dns_next = tl.load(p_dns + o_v, mask=m_v, other=0.0)  # (BV,) prefetched one m tile ahead
+    # (NMD, E) partial eps sums of this chunk, one row per m tile of _dstate_kernel (NMD <= NM:
+    # its tiles are no narrower), summed one row per iteration, prefetched one ahead
+    p_dns = dns_state + o_s * NMD * E
+    b_dns_next = tl.load(p_dns + o_v, mask=m_v, other=0.0)  # (BV,)
     for i_m in range(0, NM):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
@@ -398,12 +570,12 @@ def _bwd_v_kernel(
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
-        b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_dns += b_dns_next
-        o_dns = (i_m + 1) * E + o_v  # (BV,) the next m tile's row, none past the last
-        b_dns_next = tl.load(p_dns + o_dns, mask=m_v & (o_dns < NM * E), other=0.0)
+        o_dns = (i_m + 1) * E + o_v  # (BV,) the next row, none past the last
+        b_dns_next = tl.load(p_dns + o_dns, mask=m_v & (o_dns < NMD * E), other=0.0)
         b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
-    m_s, b_f = _pair_factor(k_scale, k_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
+    m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
     b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[None, :], 0.0)  # (BT, BT) W^T: rows j, columns i
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
@@ -413,8 +585,9 @@ def _bwd_v_kernel(
 
 def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
-    states with its own, smallest m tile (BM_out) and keeps whole (BT, BD) q and k tiles (fp32:
-    up to d = 64; wider fp32 heads are read in BK_out-wide chunks, NK_out of them); the backward
+    states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
+    q and k tiles (fp32: up to d = 64; wider fp32 heads are read in BK_out-wide chunks, NK_out of
+    them: the state kernel's two chunks per step spill 100 B otherwise); the backward
     kernels take m tiles of 16 (at 32 the gradient kernels spill once their loads are prefetched).
     4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot
     twice (compile report: duplication); the forward kernels of 128-wide tiles (d or e > 64)
@@ -423,32 +596,33 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     cfg = block_config(d, e, m, dtype)
     BD = cfg["BD"]
     BK_out = 32 if dtype == torch.float32 and BD > 64 else BD
+    BM_bwd = 16
     return cfg | dict(
         BM_out=16,
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else triton.cdiv(d, BK_out),
-        BM_bwd=16,
+        BM_bwd=BM_bwd,
+        # the reverse walk takes the state kernel's m tile (16-bit 32: at 16 sm_80's mma.sync lays
+        # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
+        # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
+        BM_dstate=BM_bwd if d == 0 else cfg["BM"],
+        # the (m, e) states of every chunk: bf16 for 16-bit inputs (half the bytes of the
+        # largest intermediates; kernels/NOTES.md "State precision"), fp32 for fp32
+        state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )
 
 
 def _kernel_stats(
-    q_max: torch.Tensor, k_max: torch.Tensor, k_scale: torch.Tensor, shape: tuple, device, feature: int, prefix: bool
-) -> tuple[torch.Tensor, ...]:
-    """The (b, h, n) fp32 vectors the kernels read: (q_max, k_max, k_scale, k_stab, k_ref).
-
-    k_stab (M_i): global max of k_max, or its cummax (prefix); k_ref: cummax of k_scale.
-    RELU/GIVEN have no stabilizer: zeros, so every exp factor is 1."""
+    q_max: torch.Tensor, k_max: torch.Tensor, k_scale: torch.Tensor, shape: tuple, device, feature: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (b, h, n) fp32 vectors the kernels read: (q_max, k_max, k_scale); zeros for RELU and
+    GIVEN, which have no stabilizer (every exp factor is 1)."""
     if feature != SOFTMAX:
         zeros = torch.zeros(shape, device=device, dtype=torch.float32)
-        return zeros, zeros, zeros, zeros, zeros
-    if prefix:
-        k_stab = torch.cummax(k_max, dim=-1).values
-    else:
-        k_stab = k_max.amax(dim=-1, keepdim=True).expand(shape).contiguous()
-    k_ref = torch.cummax(k_scale, dim=-1).values
-    return q_max, k_max, k_scale, k_stab, k_ref
+        return zeros, zeros, zeros
+    return q_max, k_max, k_scale
 
 
 def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
@@ -459,24 +633,28 @@ def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
     return 0.0, causal_eps
 
 
-def _key_states(k, v, projection, k_max, k_scale, k_ref, *, feature: int, m: int, d: int, cfg: dict):
-    """Run _state_kernel: H (b*h, NT, m, e), z (b*h, NT, m), vsum (b*h, NT, e), all fp32."""
+def _key_states(k, v, projection, k_max, k_scale, *, feature: int, prefix: bool, m: int, d: int, cfg: dict):
+    """Run _state_kernel: H (b*h, NT, m, e) in cfg's state dtype; z (b*h, NT, m), vsum
+    (b*h, NT, e) and the chunk vectors c_ref, c_stab (b*h, NT + 1) in fp32."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     nt = triton.cdiv(n, cfg["BT"])
-    h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=torch.float32)
-    z_state = torch.empty((b * h, nt, m), device=k.device, dtype=torch.float32)
-    v_state = torch.empty((b * h, nt, e), device=k.device, dtype=torch.float32)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=cfg["state_dtype"])
+    z_state = torch.empty((b * h, nt, m), **f32)
+    v_state = torch.empty((b * h, nt, e), **f32)
+    c_ref = torch.empty((b * h, nt + 1), **f32)
+    c_stab = torch.empty((b * h, nt + 1), **f32)
     grid = (b * h, triton.cdiv(m, cfg["BM"]))
     _state_kernel[grid](
-        k, v, k if projection is None else projection, k_max, k_scale, k_ref,
+        k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
         h_state, z_state, v_state,
         h, n, m, d, e, nt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
-        FEATURE=feature, **launch_options(cfg, "state"),
+        FEATURE=feature, **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
-    return h_state, z_state, v_state
+    return h_state, z_state, v_state, c_ref, c_stab
 
 
 def causal_fwd(
@@ -489,6 +667,7 @@ def causal_fwd(
 
     Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
     (b, h, 0) otherwise) and rden (b, h, n) fp32 = 1 / denominator (ratio-free form).
+    Launches: row_stats (SOFTMAX), _state_kernel, _output_kernel.
     """
     m, d = check_inputs(q, k, v, projection, feature)
     b, h, n, _ = q.shape
@@ -496,25 +675,25 @@ def causal_fwd(
     assert k.shape[2] == n
     cfg = _config(d, e, m, q.dtype)
     if feature == SOFTMAX:
-        q_max, _ = row_stats(q, projection)
-        k_max, k_scale = row_stats(k, projection)
+        saved = row_stats(q, k, projection)
     else:
-        q_max, k_max, k_scale = empty_stats(b, h, q.device)
-    saved = (q_max, k_max, k_scale)
-    q_max, k_max, k_scale, k_stab, k_ref = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+        saved = empty_stats(b, h, q.device)
+    q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
-    h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
+    prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
+    h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
+                                                           prefix=prefix, m=m, d=d, cfg=cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
     _output_kernel[(b * h, nt)](
-        q, k, v, q if projection is None else projection, q_max, k_max, k_scale, k_stab, k_ref,
+        q, k, v, q if projection is None else projection, q_max, k_max, k_scale, c_ref, c_stab,
         h_state, z_state, v_state, out, rden,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         head_scale(d), k_eps, c_eps,
-        FEATURE=feature, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        FEATURE=feature, PREFIX=prefix, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return (out, *saved, rden)
 
@@ -527,22 +706,24 @@ def causal_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
     returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
-    dtypes.  Stabilizers are constants (detached, as 1.1.4).
+    dtypes.  Stabilizers are constants (detached, as 1.1.4).  Launches: _state_kernel (again),
+    _dd_kernel, _dstate_kernel, _bwd_qk_kernel (dq, dk), _bwd_v_kernel.
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
-    stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature, prefix)
+    stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
+    prefix = prefix and feature == SOFTMAX
     return backward_in_value_slices(
-        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature,
+        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature, prefix,
                                                      causal_eps, grad_dtype),
         grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
     )
 
 
-def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, causal_eps: float,
+def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, prefix: bool, causal_eps: float,
                grad_dtype: torch.dtype):
     """causal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
     b, h, n, _ = q.shape
@@ -550,26 +731,34 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, ca
     m, d = feature_dims(q, projection, feature)
     cfg = _config(d, e, m, q.dtype)
     dn = head_scale(d)
-    q_max, k_max, k_scale, k_stab, k_ref = stats
+    q_max, k_max, k_scale = stats
     k_eps, c_eps = _eps(feature, m, causal_eps)
-    h_state, z_state, v_state = _key_states(k, v, projection, k_max, k_scale, k_ref, feature=feature, m=m, d=d, cfg=cfg)
+    h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
+                                                           prefix=prefix, m=m, d=d, cfg=cfg)
     nt = triton.cdiv(n, cfg["BT"])
-    nm = triton.cdiv(m, cfg["BM_bwd"])
+    nm = triton.cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
+    assert cfg["BM_dstate"] >= cfg["BM_bwd"]  # _bwd_v_kernel sums them one per own m tile
     f32 = dict(device=q.device, dtype=torch.float32)
-    dh_state = torch.empty((b * h, nt, m, e), **f32)
+    dh_state = torch.empty((b * h, nt, m, e), device=q.device, dtype=cfg["state_dtype"])
     dz_state = torch.empty((b * h, nt, m), **f32)
     dns_state = torch.empty((b * h, nt, nm, e), **f32)
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
-    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
+    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix)
+    dd = torch.empty((b, h, n), **f32)
+    _dd_kernel[(b * h, nt)](
+        grad_out, out, rden, dd,
+        h, n, e,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        BT=cfg["BT"], BV=cfg["BV"], num_warps=4,
+    )
     _dstate_kernel[(b * h, nm)](
-        q, p, grad_out, out, rden, q_max, k_stab,
+        q, p, grad_out, dd, rden, q_max, k_max, c_stab,
         dh_state, dz_state, dns_state,
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
         dn,
-        **opts,
+        **(opts | dict(BM=cfg["BM_dstate"])),
     )
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
@@ -577,19 +766,18 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, ca
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
     )
     for keys, (states, sums, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
         _bwd_qk_kernel[(b * h, nt * nk)](
-            q, k, v, p, grad_out, out, rden, q_max, k_max, k_scale, k_stab, k_ref,
+            q, k, v, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
             states, sums, v_state, dx,
             h, n, m, d, e, nt, *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), **opts,
         )
     _bwd_v_kernel[(b * h, nt)](
-        q, k, p, grad_out, rden, q_max, k_max, k_scale, k_stab, dh_state, dns_state, dv,
-        h, n, m, d, e, nt,
+        q, k, p, grad_out, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv,
+        h, n, m, d, e, nt, nm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn, k_eps,

@@ -335,17 +335,10 @@ def store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_t, o_k, m_k, D
 
 
 @triton.jit
-def _row_stats_kernel(
-    x, p, row_max, row_scale,
-    H, N, M, D,
-    stride_xb, stride_xh, stride_xn,
-    dn,
-    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
-):
-    i_bh, i_t = tl.program_id(0), tl.program_id(1)
-    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+def _row_max(p_x, o_t, m_t, stride_xn, p, M, D, dn,
+             BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows o_t of x as a (BT, BD) tile and their max of dash over the M features (BT,) fp32."""
     o_d, m_d = block_range(0, BD, D)  # (BD,)
-    p_x = bh_base(x, i_bh, H, stride_xb, stride_xh)
     b_x = load_rows(p_x, o_t, m_t, stride_xn, o_d, m_d)  # (BT, BD)
     b_max = tl.full([BT], float("-inf"), dtype=tl.float32)  # (BT,)
     for i_m in range(0, tl.cdiv(M, BM)):
@@ -354,35 +347,60 @@ def _row_stats_kernel(
         b_dash = dash_tile(b_x, b_p, dn, PRECISION)  # (BT, BM)
         b_dash = tl.where(m_m[None, :], b_dash, float("-inf"))
         b_max = tl.maximum(b_max, tl.max(b_dash, axis=1))
-    b_scale = b_max - half_sq_norm(b_x, dn)  # (BT,)
+    return b_x, b_max
+
+
+@triton.jit
+def _row_stats_kernel(
+    q, k, p, q_max, k_max, k_scale,
+    H, N, M, D, X0,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    dn,
+    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (i_bh, i_t, i_x): rows of q (i_x + X0 = 0: q_max) or of k (1: k_max, k_scale)."""
+    i_bh, i_t, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2) + X0
+    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_row = i_bh.to(tl.int64) * N
-    tl.store(row_max + o_row + o_t, b_max, mask=m_t)
-    tl.store(row_scale + o_row + o_t, b_scale, mask=m_t)
+    if i_x == 0:
+        _, b_max = _row_max(bh_base(q, i_bh, H, stride_qb, stride_qh), o_t, m_t, stride_qn, p, M, D, dn,
+                            BT, BM, BD, PRECISION)  # (BT,)
+        tl.store(q_max + o_row + o_t, b_max, mask=m_t)
+    else:
+        b_x, b_max = _row_max(bh_base(k, i_bh, H, stride_kb, stride_kh), o_t, m_t, stride_kn, p, M, D, dn,
+                              BT, BM, BD, PRECISION)  # (BT, BD), (BT,)
+        tl.store(k_max + o_row + o_t, b_max, mask=m_t)
+        tl.store(k_scale + o_row + o_t, b_max - half_sq_norm(b_x, dn), mask=m_t)
 
 
-def row_stats(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row max of dash = (dn x) @ P^T over features, and that max minus |dn x|^2 / 2.
+def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row max of dash = (dn x) @ P^T over features, in one launch for q and k: q_max, and
+    k_max with k_scale = k_max - |dn k|^2 / 2.  A None input gets none (its stats are (b, h, 0)).
 
-    x (b, h, n, d) with unit last stride; projection (m, d) contiguous in x's dtype.
-    Returns two fp32 (b, h, n) tensors.
+    q, k (b, h, n, d) with unit last strides (one n for both); projection (m, d) contiguous in
+    their dtype.  Returns three fp32 tensors (q_max, k_max, k_scale), (b, h, n) each.
     """
+    x = q if q is not None else k
     b, h, n, d = x.shape
     m = projection.shape[0]
-    row_max = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
-    row_scale = torch.empty_like(row_max)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    q_max = torch.empty((b, h, n if q is not None else 0), **f32)
+    k_max = torch.empty((b, h, n if k is not None else 0), **f32)
+    k_scale = torch.empty_like(k_max)
     if n == 0 or b * h == 0:
-        return row_max, row_scale
+        return q_max, k_max, k_scale
+    q_, k_ = (q if q is not None else k), (k if k is not None else q)
     BT, BM, BD = 64, 64, max(16, triton.next_power_of_2(d))
-    grid = (b * h, triton.cdiv(n, BT))
+    grid = (b * h, triton.cdiv(n, BT), (q is not None) + (k is not None))
     _row_stats_kernel[grid](
-        x, projection, row_max, row_scale,
-        h, n, m, d,
-        x.stride(0), x.stride(1), x.stride(2),
+        q_, k_, projection, q_max, k_max, k_scale,
+        h, n, m, d, 0 if q is not None else 1,
+        q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
         head_scale(d),
         BT=BT, BM=BM, BD=BD, PRECISION=PRECISION,
         num_warps=4,
     )
-    return row_max, row_scale
+    return q_max, k_max, k_scale
 
 
 # ----------------------------------------------------------------------------- launcher helpers

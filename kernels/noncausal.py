@@ -6,15 +6,17 @@ forward", "Backward"). Per (batch, head): q (n, d), k (s, d), v (s, e), P (m, d)
 tiles for GIVEN); q' and k' never reach global memory.
 
   _state_kernel    grid (b*h, m tiles, key splits): partial key states H, z and the value sum
-                   of one split of key blocks (summed by the launcher).
+                   of one split of key blocks (summed by _combine_kernel).
   _output_kernel   grid (b*h, query blocks): out = N / D; finds the query row max online.
   _dstate_kernel   grid (b*h, m tiles, query splits): partial reverse states dH, dz of one
-                   split of query blocks (summed by the launcher).
+                   split of query blocks (summed by _combine_kernel).
   _bwd_q_kernel    grid (b*h, query blocks NK): dq (one BK-wide column slice per program).
   _bwd_kv_kernel   grid (b*h, key blocks NK): dk (one column slice per program) and dv.
-Launches: forward row_stats(k) -> state -> output; backward state again -> dstate -> dq ->
-dk, dv. Every loop keeps its next loads in flight (no read-modify-write of global buffers).
-Partial sums over splits go to small fp32 buffers summed by the launcher (deterministic).
+  _combine_kernel  grid (b*h, m tiles): sums the split partials (deterministic, no atomics), the
+                   key states rescaled from each split's reference to the global stabilizer.
+Launches: forward row_stats(k) -> state -> combine -> output; backward state -> combine ->
+dstate -> combine -> dq -> dk, dv. Every loop keeps its next loads in flight (no
+read-modify-write of global buffers).
 """
 from __future__ import annotations
 
@@ -34,8 +36,22 @@ __all__ = ["noncausal_fwd", "noncausal_bwd"]
 
 
 @triton.jit
+def _key_stats(k_max, k_scale, o_row, i_t, S, FEATURE: tl.constexpr, BT: tl.constexpr):
+    """k_max (0 on padded rows: finite features) and k_scale (-inf there: 0 weights) of key block
+    i_t, (BT,) each; zeros for the maps without stabilizer (whose stats are empty)."""
+    o_t, m_t = block_range(i_t, BT, S)  # (BT,)
+    if FEATURE == FM_SOFTMAX:
+        b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    else:
+        b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,)
+        b_kscale = tl.zeros([BT], dtype=tl.float32)  # (BT,)
+    return b_kmax, b_kscale
+
+
+@triton.jit
 def _state_kernel(
-    k, v, p, k_max, k_scale, k_ref, h_part, z_part, vs_part,
+    k, v, p, k_max, k_scale, h_part, z_part, vs_part, r_part, s_part,
     H, S, M, D, E, BH, NTS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
@@ -44,7 +60,10 @@ def _state_kernel(
 ):
     """Key state of one split of NTS key blocks for one m tile:
     h_part[i_s, i_bh] = sum_j F_j^T v_j (M, E), z_part = sum_j F_j (M,), vs_part = sum_j v_j (E,)
-    with F = U * exp(k_scale - R) (SOFTMAX, R = k_ref), the features (RELU), k' itself (GIVEN)."""
+    with F = U * exp(k_scale - R) (SOFTMAX), the features (RELU), k' itself (GIVEN).
+    SOFTMAX: R = the split's max of k_scale, found online (the partial sums rescaled when it
+    grows), written to r_part[i_s, i_bh] with the split's max of k_max (s_part) by the first
+    m tile; _combine_kernel brings the splits to the global stabilizer."""
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
@@ -53,26 +72,31 @@ def _state_kernel(
     p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
     o_row = i_bh.to(tl.int64) * S
     b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-    if FEATURE == FM_SOFTMAX:
-        r_ref = tl.load(k_ref + i_bh)  # max_j k_scale_j, so every factor below is <= 1
     b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+    r_run = tl.full([], float("-inf"), dtype=tl.float32)  # R so far
+    s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max so far
     i_t0 = i_s * NTS
+    # the block's stats one block ahead (loads that feed no dot are otherwise synchronous)
+    b_kmax_next, b_kscale_next = _key_stats(k_max, k_scale, o_row, i_t0, S, FEATURE, BT)  # (BT,) x2
     for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(S, BT))):
         o_t, m_t = block_range(i_t, BT, S)  # (BT,)
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-        if FEATURE == FM_SOFTMAX:
-            b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        else:
-            b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
+        b_kmax, b_kscale = b_kmax_next, b_kscale_next  # (BT,) x2
+        b_kmax_next, b_kscale_next = _key_stats(k_max, k_scale, o_row, i_t + 1, S, FEATURE, BT)
         b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
                            PRECISION)  # (BT, BM)
         if FEATURE == FM_SOFTMAX:
+            r_new = tl.maximum(r_run, tl.max(b_kscale, axis=0))
+            b_alpha = tl.exp(r_run - r_new)  # <= 1 (0 on the first block)
+            b_h *= b_alpha
+            b_z *= b_alpha
+            r_run = r_new
+            s_run = tl.maximum(s_run, tl.max(tl.where(m_t, b_kmax, float("-inf")), axis=0))
             # padded rows get factor exp(-inf) = 0
-            b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-            b_kf = b_kf * tl.exp(b_kscale - r_ref)[:, None]  # (BT, BM)
+            b_kf = b_kf * tl.exp(b_kscale - r_run)[:, None]  # (BT, BM)
         elif FEATURE != FM_GIVEN:
             b_kf = tl.where(m_t[:, None], b_kf, 0.0)  # (BT, BM) padded rows: no features
         # F is bounded (SOFTMAX) or as large as the dtype's own dash (RELU, GIVEN): cast for tl.dot
@@ -87,6 +111,65 @@ def _state_kernel(
     if FEATURE == FM_SOFTMAX:
         if i_m == 0:
             tl.store(vs_part + o_part.to(tl.int64) * E + o_v, b_vs, mask=m_v)
+            tl.store(r_part + o_part, r_run)
+            tl.store(s_part + o_part, s_run)
+
+
+@triton.jit
+def _combine_kernel(
+    h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
+    BH, M, E, NS,
+    REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
+):
+    """Sum NS split partials (NS, BH, ...) of one b*h and m tile: h (BH, M, E), z (BH, M) and,
+    REFS (the SOFTMAX key states), the value sum vs (BH, E) and the global stabilizer
+    k_stab (BH,) = max of the splits' s_part, each split scaled by exp(r_part - k_stab) <= 1.
+    Deterministic: a fixed order, no atomics."""
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
+    o_s, m_s = block_range(0, NSP, NS)  # (NSP,) the splits
+    if REFS:
+        b_r = tl.load(r_part + o_s * BH + i_bh, mask=m_s, other=float("-inf"))  # (NSP,)
+        r_stab = tl.max(tl.load(s_part + o_s * BH + i_bh, mask=m_s, other=float("-inf")), axis=0)
+        b_f = tl.where(m_s, tl.exp(b_r - r_stab), 0.0)  # (NSP,) from each split's reference to k_stab
+    else:
+        b_f = tl.where(m_s, 1.0, 0.0)  # (NSP,)
+    if REFS:
+        m_vs = m_v & (o_v * 0 + i_m == 0)  # (BV,) the value sum: by the first m tile
+    else:
+        m_vs = o_v < 0  # (BV,) no value sum
+    p_h = h_part + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :]  # (BM, BV) split 0
+    p_z = z_part + i_bh.to(tl.int64) * M + o_m  # (BM,)
+    p_vs = vs_part + i_bh.to(tl.int64) * E + o_v  # (BV,)
+    b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
+    b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
+    b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+    # the next split's tiles one step ahead (loads that feed no dot are otherwise synchronous)
+    b_h_next = tl.load(p_h, mask=m_hv, other=0.0)  # (BM, BV)
+    b_z_next = tl.load(p_z, mask=m_m, other=0.0)  # (BM,)
+    b_vs_next = tl.load(p_vs, mask=m_vs, other=0.0)  # (BV,)
+    for i_s in range(0, NS):
+        f_s = tl.sum(tl.where(o_s == i_s, b_f, 0.0), axis=0)
+        b_h += f_s * b_h_next
+        b_z += f_s * b_z_next
+        b_vs += b_vs_next
+        # split i_s + 1, none past the last (vector masks: the interpreter rejects a scalar one
+        # broadcast against a tile)
+        m_mn = m_m & (o_m * 0 + i_s + 1 < NS)  # (BM,)
+        m_vn = o_v * 0 + i_s + 1 < NS  # (BV,)
+        o_next = (i_bh.to(tl.int64) * 0 + i_s + 1) * BH  # (split, b*h) slot offset of split i_s + 1, int64
+        b_h_next = tl.load(p_h + o_next * M * E, mask=m_mn[:, None] & m_v[None, :] & m_vn[None, :],
+                           other=0.0)
+        b_z_next = tl.load(p_z + o_next * M, mask=m_mn, other=0.0)
+        b_vs_next = tl.load(p_vs + o_next * E, mask=m_vs & m_vn, other=0.0)
+    tl.store(h + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_hv)
+    tl.store(z + i_bh.to(tl.int64) * M + o_m, b_z, mask=m_m)
+    if REFS:
+        tl.store(vs + i_bh.to(tl.int64) * E + o_v, b_vs, mask=m_vs)
+        if i_m == 0:
+            tl.store(k_stab + i_bh, r_stab)
 
 
 @triton.jit
@@ -336,26 +419,56 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     keeps 8, whose halved per-thread share keeps it from spilling (76-296 B at 4 warps).
     d = 0 for GIVEN."""
     cfg = block_config(d, e, m, dtype)
+    if dtype != torch.float32 and max(cfg["BD"], cfg["BV"]) <= 64:
+        # 16-bit heads up to 64 wide: m tiles of 64 for the split and output kernels, half the
+        # sequential steps of a split walk at 32 (and half the re-reads of its key blocks), for
+        # 2 CTAs per SM instead of 3; 128-wide tiles spill at 64 (compile report)
+        cfg["BM"] = min(64, max(16, triton.next_power_of_2(m)))
     return cfg | dict(
         BM_out=cfg["BM"],
         BM_bwd=32 if d == 0 else 16,
         BM_dstate=64 if d == 0 else cfg["BM"],
+        BM_combine=32,
         num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )
 
 
-def _splits(blocks: int, programs: int, target: int = 264, min_blocks: int = 4) -> tuple[int, int]:
-    """(blocks per split, splits) so that programs * splits ~ target (2 waves of 132 SMs)
-    while each split keeps at least min_blocks blocks."""
-    ns = max(1, min(triton.cdiv(target, programs), triton.cdiv(blocks, min_blocks)))
+# Split sums: at most MAX_SPLITS partials per b*h (the combine kernel reads their references as
+# one vector), and splits that fill about one wave of the split kernels at 4 CTAs per SM on
+# 132 SMs (their compile-report occupancy on sm_90a).
+MAX_SPLITS = 64
+SPLIT_TARGET = 4 * 132
+
+
+def _splits(blocks: int, programs: int, target: int = SPLIT_TARGET, min_blocks: int = 4) -> tuple[int, int]:
+    """(blocks per split, splits): the most splits that keep programs * splits within target,
+    each with at least min_blocks blocks (at least one split, at most MAX_SPLITS)."""
+    ns = max(1, min(target // programs, triton.cdiv(blocks, min_blocks), MAX_SPLITS))
     per = triton.cdiv(blocks, ns)
     return per, triton.cdiv(blocks, per)
 
 
+def _combine(h_part, z_part, vs_part, r_part, s_part, *, refs: bool, cfg: dict):
+    """Run _combine_kernel on split partials (ns, b*h, m, e), (ns, b*h, m) [and, refs, the value
+    sums (ns, b*h, e) and references (ns, b*h)] -> h (b*h, m, e), z (b*h, m), vs (b*h, e or 0)
+    and k_stab (b*h or 0,), fp32."""
+    ns, bh, m, e = h_part.shape
+    f32 = dict(device=h_part.device, dtype=torch.float32)
+    h, z = torch.empty((bh, m, e), **f32), torch.empty((bh, m), **f32)
+    vs, k_stab = torch.empty((bh, e if refs else 0), **f32), torch.empty((bh if refs else 0,), **f32)
+    bm = cfg["BM_combine"]
+    _combine_kernel[(bh, triton.cdiv(m, bm))](
+        h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
+        bh, m, e, ns,
+        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, num_warps=4,
+    )
+    return h, z, vs, k_stab
+
+
 def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
     """Key states relative to the stabilizer M: H (b*h, m, e), z (b*h, m), vsum (b*h, e or 0),
-    and M (b*h,) (SOFTMAX; k_max otherwise)."""
+    and M (b*h,) (SOFTMAX; (0,) otherwise).  Launches _state_kernel and _combine_kernel."""
     b, h, s, _ = k.shape
     e = v.shape[-1]
     softmax = feature == SOFTMAX
@@ -364,24 +477,17 @@ def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: in
     h_part = torch.empty((ns, b * h, m, e), **f32)
     z_part = torch.empty((ns, b * h, m), **f32)
     vs_part = torch.empty((ns, b * h, e if softmax else 0), **f32)
-    if softmax:
-        k_stab, k_ref = k_max.amax(-1).reshape(-1), k_scale.amax(-1).reshape(-1)
-    else:
-        k_stab = k_ref = k_max
+    r_part = torch.empty((ns, b * h) if softmax else (0,), **f32)
+    s_part = torch.empty((ns, b * h) if softmax else (0,), **f32)
     grid = (b * h, triton.cdiv(m, cfg["BM"]), ns)
     _state_kernel[grid](
-        k, v, k if projection is None else projection, k_max, k_scale, k_ref, h_part, z_part, vs_part,
+        k, v, k if projection is None else projection, k_max, k_scale, h_part, z_part, vs_part, r_part, s_part,
         h, s, m, d, e, b * h, per,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
         FEATURE=feature, **launch_options(cfg, "state"),
     )
-    states, sums, vsum = h_part.sum(0), z_part.sum(0), vs_part.sum(0)
-    if softmax:
-        scale = torch.exp(k_ref - k_stab)  # exp(R - M) <= 1: from reference R to stabilizer M
-        states *= scale[:, None, None]
-        sums *= scale[:, None]
-    return states, sums, vsum, k_stab
+    return _combine(h_part, z_part, vs_part, r_part, s_part, refs=softmax, cfg=cfg)
 
 
 def _no_prefix(prefix: bool) -> None:
@@ -407,7 +513,7 @@ def noncausal_fwd(
     cfg = _config(d, e, m, q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
     if feature == SOFTMAX:
-        k_max, k_scale = row_stats(k, projection)
+        _, k_max, k_scale = row_stats(None, k, projection)
         q_max = torch.empty((b, h, n), **f32)
     else:
         q_max, k_max, k_scale = empty_stats(b, h, q.device)
@@ -471,6 +577,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dty
         dn,
         **(opts | dict(BM=cfg["BM_dstate"])),
     )
+    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, refs=False, cfg=cfg)
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     _bwd_q_kernel[(b * h, triton.cdiv(n, cfg["BT"]) * nk)](
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq,
@@ -481,7 +588,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dty
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     _bwd_kv_kernel[(b * h, triton.cdiv(s, cfg["BT"]) * nk)](
-        k, v, p, k_max, k_scale, k_stab, dh_part.sum(0), dz_part.sum(0), dk, dv,
+        k, v, p, k_max, k_scale, k_stab, dh, dz, dk, dv,
         h, s, m, d, e,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,

@@ -135,7 +135,7 @@ def check_row_stats(q, k, proj, q_max, k_max, k_scale, tol=1e-5):
 # ----------------------------------------------------------------------------- launches on meta tensors
 
 
-def meta_launches(causal, dtype, *, b=2, h=3, n=200, d=64, e=64, m=266, feature=SOFTMAX):
+def meta_launches(causal, dtype, *, b=2, h=3, n=200, d=64, e=64, m=266, feature=SOFTMAX, prefix=False):
     """Run the mode's forward and backward launchers on meta tensors with every kernel launch
     recorded instead of run (as the compile report does): [(kernel name, grid, keywords)]."""
     from performer_triton.kernels import feature_map
@@ -153,6 +153,6 @@ def meta_launches(causal, dtype, *, b=2, h=3, n=200, d=64, e=64, m=266, feature=
     fwd, bwd = launchers(causal)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel_type, "run", record)
-        out, *stats = fwd(q, k, v, proj, feature=feature, prefix=False)
-        bwd(g, q, k, v, proj, out, *stats, feature=feature, prefix=False)
+        out, *stats = fwd(q, k, v, proj, feature=feature, prefix=prefix)
+        bwd(g, q, k, v, proj, out, *stats, feature=feature, prefix=prefix)
     return launched

@@ -56,7 +56,8 @@ def test_compile_report_target_json_and_lint(tmp_path):
     assert data["kernels"] and data["calls"], tail
     for k in data["kernels"]:
         assert KERNEL_KEYS <= set(k), k
-        assert k["arch"] in ("sm_90a", "sm_80") and k["dtype"] == "bf16"
+        # bf16: every kernel that reads the inputs; the split combine reads fp32 partials only
+        assert k["arch"] in ("sm_90a", "sm_80") and k["dtype"] == ("fp32" if "_combine" in k["name"] else "bf16"), k
         assert isinstance(k["pipelined"], bool) and k["duplication"] >= 1 and k["ctas_per_sm"] >= 1, k
         assert set(k["mma"]) == {"HGMMA", "HMMA"} and k["regs"] > 0 and k["num_warps"] > 0, k
     assert {a for k in data["kernels"] for a in [k["arch"]]} == {"sm_90a", "sm_80"}
@@ -67,13 +68,16 @@ def test_compile_report_target_json_and_lint(tmp_path):
         assert c["launches"] >= c["triton_launches"] >= 1, c
         assert c["exp_count"] is not None and c["exp_count"] >= c["exp_min"] > 0, c  # the minimum is a floor
         assert c["estimate_us"] >= c["roofline_us"] > 0 and c["intermediate_bytes"] >= 0, c
+        # issue 12: at most 4 launches per forward and 6 per backward, none of them a torch op
+        assert c["torch_launches"] == 0 and c["launches"] <= (4 if c["name"].endswith("fwd") else 6), c
     # the lint: exit 1 exactly when something failed, and every failed check is listed
     report = _load_report()
     for k in data["kernels"]:
         excepted = report.EXCEPTIONS.get(k["name"], {}) | report.EXCEPTIONS.get(f"{k['name']}@{k['arch']}", {})
         if k["duplication"] > 1 and "duplication" not in excepted:
             assert any(k["name"] in f and "duplication" in f for f in data["failures"]), k
-        if not k["pipelined"] and "pipelined" not in excepted:
+        # an exception covers one synchronous load per loop, not a loop left unpipelined
+        if any(not x["pipelined"] and not ("pipelined" in excepted and report._one_sync_load(x)) for x in k["loops"]):
             assert any(k["name"] in f and "unpipelined" in f for f in data["failures"]), k
     assert (done.returncode == 1) == bool(data["failures"]), tail
     assert done.returncode == 0, "\n".join(data["failures"])
@@ -169,6 +173,15 @@ def test_loops_of_gives_nested_loads_to_the_inner_loop():
     first, second = cr.loops_of(outer)
     assert (first["depth"], first["sync_loads"], first["async_loads"]) == (1, 1, 0)
     assert (second["depth"], second["sync_loads"], second["async_loads"]) == (2, 0, 1)
+
+
+def test_a_pipelined_exception_covers_one_synchronous_load():
+    report = _load_report()
+    loop = dict(line=1, sync_loads=1, async_loads=5, prefetch_loads=0, waits=[5], pipelined=False)
+    assert report._one_sync_load(loop)
+    assert not report._one_sync_load(dict(loop, sync_loads=6, async_loads=0, waits=[]))  # nothing in flight
+    assert not report._one_sync_load(dict(loop, sync_loads=2))
+    assert not report._one_sync_load(dict(loop, waits=[0]))  # waits for its own loads
 
 
 def test_exp_ops_counts_elements_and_loop_depth():

@@ -126,18 +126,23 @@ def test_prefix_does_not_leak():
 
 def test_meta_launches():
     """Launchers run on meta tensors (the compile report intercepts every launch): no host reads
-    of tensor values; every kernel is reached, with the expected grids and constexprs."""
+    of tensor values; every kernel is reached, with the expected grids and constexprs; the
+    stabilizer vectors come from the kernels (no torch reductions between launches)."""
     b, h, n, d, e, m = 2, 3, 200, 64, 64, 266
-    launched = meta_launches(True, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m)
-    assert [name for name, *_ in launched] == [
-        "_row_stats_kernel", "_row_stats_kernel", "_state_kernel", "_output_kernel",
-        "_state_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
-    ]
-    attention = launched[2:]
-    bm = C._config(d, e, m, torch.bfloat16)["BM"]
-    assert attention[1][1] == (b * h, 4) and attention[0][1] == (b * h, -(-m // bm))
-    assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)
-    assert [kw["KEYS"] for name, _, kw in attention if name == "_bwd_qk_kernel"] == [False, True]
+    for prefix in (False, True):
+        launched = meta_launches(True, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m, prefix=prefix)
+        assert [name for name, *_ in launched] == [
+            "_row_stats_kernel", "_state_kernel", "_output_kernel",
+            "_state_kernel", "_dd_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
+        ]
+        assert launched[0][1] == (b * h, 4, 2)  # q and k rows in one launch
+        attention = launched[1:]
+        bm = C._config(d, e, m, torch.bfloat16)["BM"]
+        assert attention[1][1] == (b * h, 4) and attention[0][1] == (b * h, -(-m // bm))
+        attention = [x for x in attention if x[0] != "_dd_kernel"]  # dD of the rows: no features
+        assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)
+        assert all(kw["PREFIX"] == prefix for name, _, kw in attention if name != "_state_kernel")
+        assert [kw["KEYS"] for name, _, kw in attention if name == "_bwd_qk_kernel"] == [False, True]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
@@ -146,7 +151,10 @@ def test_launches_take_the_precision_constant(causal, monkeypatch):
     one place that decides how the fp32 dots run."""
     monkeypatch.setattr(FM, "PRECISION", "ieee")
     launched = meta_launches(causal, torch.float32)
-    assert len(launched) > 4 and all(kw["PRECISION"] == "ieee" for *_, kw in launched)
+    # (no dot, no PRECISION: the non-causal _combine_kernel adds split partials, the causal
+    # _dd_kernel takes row sums of g * out)
+    assert len(launched) > 4 and all(kw["PRECISION"] == "ieee" for name, _, kw in launched
+                                     if name not in ("_combine_kernel", "_dd_kernel"))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

@@ -99,14 +99,25 @@ def test_rden_and_stats():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_row_stats(dtype):
-    """Per-row max of (dn x) @ P^T over features, and that max minus |dn x|^2 / 2."""
-    x = torch.randn(2, 3, 37, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    """One launch for q and k: per-row max of (dn x) @ P^T over features (q_max, k_max), and
+    k_max minus |dn k|^2 / 2; a None input gets (b, h, 0) stats."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 37, 48, generator=gen).to(dtype) for _ in range(2))
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # strides other than q's
     proj = gaussian_orthogonal_random_matrix(100, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
-    row_max, row_scale = row_stats(x, proj)
-    dash = project(x.double(), proj.double())
     tol = 1e-6 if dtype == torch.float32 else 1e-3
-    assert rel_err(row_max, dash.amax(-1)) < tol
-    assert rel_err(row_scale, dash.amax(-1) - half_sq_norm(x.double())) < tol
+    dash_q, dash_k = project(q.double(), proj.double()), project(k.double(), proj.double())
+    for q_in, k_in in ((q, k), (None, k), (q, None)):
+        q_max, k_max, k_scale = row_stats(q_in, k_in, proj)
+        if q_in is None:
+            assert q_max.shape == (2, 3, 0)
+        else:
+            assert rel_err(q_max, dash_q.amax(-1)) < tol
+        if k_in is None:
+            assert k_max.shape == k_scale.shape == (2, 3, 0)
+        else:
+            assert rel_err(k_max, dash_k.amax(-1)) < tol
+            assert rel_err(k_scale, dash_k.amax(-1) - half_sq_norm(k.double())) < tol
 
 
 def test_split_reduction_is_deterministic_and_covers_every_key():
@@ -123,11 +134,13 @@ def test_meta_launches():
     b, h, n, d, e, m = 2, 3, 200, 64, 64, 266
     launched = meta_launches(False, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m)
     assert [name for name, *_ in launched] == [
-        "_row_stats_kernel", "_state_kernel", "_output_kernel", "_state_kernel", "_dstate_kernel", "_bwd_q_kernel",
-        "_bwd_kv_kernel",
+        "_row_stats_kernel", "_state_kernel", "_combine_kernel", "_output_kernel",
+        "_state_kernel", "_combine_kernel", "_dstate_kernel", "_combine_kernel", "_bwd_q_kernel", "_bwd_kv_kernel",
     ]
-    assert launched[2][1] == (b * h, 4)
-    assert all(kw["FEATURE"] == SOFTMAX for *_, kw in launched[1:])
+    assert launched[0][1] == (b * h, 4, 1)  # k rows only: the output kernel finds q's row max
+    assert launched[3][1] == (b * h, 4)
+    assert [kw["REFS"] for name, _, kw in launched if name == "_combine_kernel"] == [True, True, False]
+    assert all(kw["FEATURE"] == SOFTMAX for name, _, kw in launched[1:] if name != "_combine_kernel")
     q, k, v, proj, _ = inputs(1, 1, 8, 16, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="causal attention only"):
         NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=True)
