@@ -606,8 +606,8 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
         # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
         BM_dstate=BM_bwd if d == 0 else cfg["BM"],
-        # the (m, e) states of every chunk: bf16 for 16-bit inputs (half the bytes of the
-        # largest intermediates; kernels/NOTES.md "State precision"), fp32 for fp32
+        # the (m, e) states of every chunk: bf16 for 16-bit inputs (half the bytes of the largest
+        # intermediates), fp32 for fp32 (kernels/NOTES.md "State precision")
         state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
