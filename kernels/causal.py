@@ -633,7 +633,7 @@ def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
     return 0.0, causal_eps
 
 
-def _key_states(k, v, projection, k_max, k_scale, *, feature: int, prefix: bool, m: int, d: int, cfg: dict):
+def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
     """Run _state_kernel: H (b*h, NT, m, e) in cfg's state dtype; z (b*h, NT, m), vsum
     (b*h, NT, e) and the chunk vectors c_ref, c_stab (b*h, NT + 1) in fp32."""
     b, h, n, _ = k.shape
@@ -682,7 +682,7 @@ def causal_fwd(
     k_eps, c_eps = _eps(feature, m, causal_eps)
     prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
     h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
-                                                           prefix=prefix, m=m, d=d, cfg=cfg)
+                                                           m=m, d=d, cfg=cfg)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
@@ -734,7 +734,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, pr
     q_max, k_max, k_scale = stats
     k_eps, c_eps = _eps(feature, m, causal_eps)
     h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
-                                                           prefix=prefix, m=m, d=d, cfg=cfg)
+                                                           m=m, d=d, cfg=cfg)
     nt = triton.cdiv(n, cfg["BT"])
     nm = triton.cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
     assert cfg["BM_dstate"] >= cfg["BM_bwd"]  # _bwd_v_kernel sums them one per own m tile
