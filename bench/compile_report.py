@@ -61,7 +61,10 @@ check with a reason).  Per call it reports:
   launcher on meta tensors: every aten op except views (OpOverload.is_view), empty allocations and
   metadata/alias ops (_NO_KERNEL_OPS), i.e. the ops that launch a GPU kernel.
 - intermediate_bytes: every storage created during the call that is neither an input's nor a
-  returned output's storage, counted twice (written once + read once).
+  returned output's storage, counted twice (written once + read once), plus the key states the
+  forward saves for the backward (the launchers' list of tensors): twice by the forward that
+  writes and reads them, once more by the backward that reads them again; not in roofline_us's
+  bytes.
 - exp_count: exponentials executed.  Counted by running the launchers in Triton's interpreter in a
   subprocess (TRITON_INTERPRET=1, CPU tensors, b = h = 1, n in INTERP_LENGTHS): the elements of
   every tl.exp / tl.exp2 operand (masked lanes included, as the GPU computes them), extrapolated
@@ -279,7 +282,7 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                     q, k, v = _meta(qk, dtype), _meta(qk, dtype), _meta((BATCH, HEADS, SEQ_LEN, e), dtype)
                     proj = None if given else projection
                     for mode, causal, extra in modes:
-                        fwd, bwd = launchers(causal)
+                        fwd, bwd, _ = launchers(causal)
                         label = f"{mode} {shape} {fmap.name}"
                         saved = run(f"{label} fwd", fwd, q, k, v, proj, feature=feature, **extra)
                         if saved is not None:
@@ -748,7 +751,8 @@ def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[objec
     """Run a launcher on meta tensors with launches intercepted and aten ops counted.
 
     intermediate_bytes: storages created during the call (by allocations or ops) that are neither
-    an input's nor a returned output's storage, each counted twice (written once + read once)."""
+    an input's nor a returned output's storage, each counted twice (written once + read once),
+    and the saved key states (the list among the results: twice; among the arguments: once)."""
     counter = TorchOpCounter()
     sink: list = []
     with intercept_launches(sink), counter:
@@ -756,7 +760,10 @@ def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[objec
     launches = [Launch(name, fn, a, kw, grid) for fn, a, kw, grid in sink]
     inputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(args)}
     outputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(result)}
+    saved = {_storage(t)[0]: _storage(t)[1] for x in (*args, *result) if isinstance(x, list) for t in x}
+    saved_passes = 2 if any(isinstance(x, list) for x in result) else 1
     temp = sum(b for ident, b in counter.storages.items() if ident not in inputs and ident not in outputs)
+    essential = sum(b for ident, b in (inputs | outputs).items() if ident not in saved)
     t = TARGET
     bhn = t["b"] * t["h"] * t["n"]
     # minimal work of FAVOR+ (kernels/NOTES.md "Roofline"): features of q and k (2 m d each),
@@ -764,8 +771,8 @@ def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[objec
     # products and 2 m d input-gradient products per row and side (3x the forward)
     fwd_flops = bhn * (2 * 2 * t["m"] * t["d"] + 2 * 2 * t["m"] * t["e"])
     min_flops = fwd_flops * (2 if name.endswith("bwd") else 1)
-    call = Call(name, launches, counter.ops, 2 * temp, sum(inputs.values()) + sum(outputs.values()),
-                min_flops, 2 * bhn * t["m"])
+    call = Call(name, launches, counter.ops, 2 * temp + saved_passes * sum(saved.values()), essential, min_flops,
+                2 * bhn * t["m"])
     return result, call
 
 
@@ -788,7 +795,7 @@ def target_calls(modules: dict, failures: list, shape: dict | None = None, devic
     calls = []
     for causal in (True, False):
         mode = "causal" if causal else "noncausal"
-        fwd, bwd = launchers(causal)
+        fwd, bwd, _ = launchers(causal)
         try:
             saved, call = _capture_call(f"{mode}_fwd", fwd, (q, k, v, projection), dict(feature=feature))
             calls.append(call)
@@ -902,7 +909,7 @@ def _interpreter_counts_main(n: int) -> int:
     out = {}
     for causal in (True, False):
         mode = "causal" if causal else "noncausal"
-        fwd, bwd = launchers(causal)
+        fwd, bwd, _ = launchers(causal)
         gen = torch.Generator().manual_seed(0)
         dtype = DTYPES[shape["dtype"]]
         q, k, v = ((torch.randn(1, 1, n, shape[c], generator=gen) * 0.5).to(dtype) for c in "dde")

@@ -20,15 +20,19 @@ MAX_HEAD_DIM = 128
 
 
 def launchers(causal: bool):
-    """(forward, backward) launch functions of one attention mode, with one signature:
-    fwd(q, k, v, projection, *, feature, prefix, causal_eps) -> (out, q_max, k_max, k_scale, rden);
-    bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *, feature, prefix,
-    causal_eps) -> (dq, dk, dv).  causal_eps (CAUSAL_EPS in every 1.1.4 path) is the eps of the
-    causal normaliser; non-causal has none and ignores it.  Imports triton on first use."""
+    """(forward, backward, saved_states) functions of one attention mode, with one signature:
+    fwd(q, k, v, projection, *, feature, prefix, causal_eps)
+        -> (out, q_max, k_max, k_scale, rden, states);
+    bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *, feature,
+    prefix, causal_eps) -> (dq, dk, dv);
+    saved_states(q, k, v, projection, *, feature) -> empty buffers shaped as fwd's states (the
+    key states the backward reads instead of recomputing them; the custom op's fake).
+    causal_eps (CAUSAL_EPS in every 1.1.4 path) is the eps of the causal normaliser; non-causal
+    has none and ignores it.  Imports triton on first use."""
     if causal:
-        from .causal import causal_bwd, causal_fwd
+        from .causal import causal_bwd, causal_fwd, saved_states
 
-        return causal_fwd, causal_bwd
-    from .noncausal import noncausal_bwd, noncausal_fwd
+        return causal_fwd, causal_bwd, saved_states
+    from .noncausal import noncausal_bwd, noncausal_fwd, saved_states
 
-    return noncausal_fwd, noncausal_bwd
+    return noncausal_fwd, noncausal_bwd, saved_states

@@ -10,6 +10,7 @@ Per (b, h) the sequence is cut into NT chunks of BT positions:
                    state H_c (bf16 for 16-bit inputs), z_c and the value sum before every chunk,
                    referenced to R_c, and the chunk vectors c_ref, c_stab (the stabilizers).
   _output_kernel   grid (b*h, NT): out = inter (q~ @ H_c) + intra (masked score tile @ v).
+                   The key states are returned for the backward, which reads them again.
   _dd_kernel       grid (b*h, NT): dD = -rden (g . out) per row, the backward's one read of out.
   _dstate_kernel   grid (b*h, m tiles): reverse walk, writes dH_c, dz_c (referenced to M at the
                    chunk's last row) and partial eps sums of the later queries.
@@ -454,7 +455,7 @@ def _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 def _bwd_qk_kernel(
     q, k, v, p, g, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state, dx,
-    H, N, M, D, E, NT,
+    H, N, M, D, E, NT, SE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
@@ -464,6 +465,8 @@ def _bwd_qk_kernel(
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
     later queries (keys; passed as h_state, z_state), the intra part through the (BT, BT) tile.
+    SE: the row stride of h_state and v_state (the forward's value width when a backward value
+    slice reads the saved states' columns).
     Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
     GIVEN: all of dx (b*h, n, M) (NK = 1)."""
     i_bh, i_ck = tl.program_id(0), tl.program_id(1)
@@ -489,7 +492,7 @@ def _bwd_qk_kernel(
         b_a = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NT, PREFIX))  # (BT,) inter factor of the keys, <= 1
     else:
         b_a = tl.exp(tl.load(c_ref + o_cs + i_c) - b_stab)  # (BT,) inter factor of the queries
-        b_vs = finite_or_zero(tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0))  # (BV,)
+        b_vs = finite_or_zero(tl.load(v_state + o_s * SE + o_v, mask=m_v, other=0.0))  # (BV,)
         # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
         b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd  # (BT,)
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
@@ -504,7 +507,7 @@ def _bwd_qk_kernel(
         # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so (fp32 operand)
         # (a non-finite value poisons the forward states of later chunks only; their rows'
         # gradients are 0 or the outputs' own inf / NaN)
-        b_ht = finite_or_zero(load_rows(h_state + o_s * M * E, o_v, m_v, 1, o_m * E, m_m).to(tl.float32))  # (BV, BM)
+        b_ht = finite_or_zero(load_rows(h_state + o_s * M * SE, o_v, m_v, 1, o_m * SE, m_m).to(tl.float32))  # (BV, BM)
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         if KEYS:
@@ -633,18 +636,33 @@ def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
     return 0.0, causal_eps
 
 
-def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
-    """Run _state_kernel: H (b*h, NT, m, e) in cfg's state dtype; z (b*h, NT, m), vsum
-    (b*h, NT, e) and the chunk vectors c_ref, c_stab (b*h, NT + 1) in fp32."""
+def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
+                 feature: int) -> list[torch.Tensor]:
+    """Empty buffers of the key states causal_fwd returns for the backward (its fake tensors
+    too): H (b*h, NT, m, e) in the config's state dtype; z (b*h, NT, m), vsum (b*h, NT, e) and
+    the chunk vectors c_ref, c_stab (b*h, NT + 1) in fp32."""
+    b, h, n, _ = k.shape
+    e = v.shape[-1]
+    m, d = feature_dims(q, projection, feature)
+    cfg = _config(d, e, m, q.dtype)
+    nt = triton.cdiv(n, cfg["BT"])
+    f32 = dict(device=k.device, dtype=torch.float32)
+    return [
+        torch.empty((b * h, nt, m, e), device=k.device, dtype=cfg["state_dtype"]),
+        torch.empty((b * h, nt, m), **f32),
+        torch.empty((b * h, nt, e), **f32),
+        torch.empty((b * h, nt + 1), **f32),
+        torch.empty((b * h, nt + 1), **f32),
+    ]
+
+
+def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
+    """Run _state_kernel into saved_states' buffers (returned)."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     nt = triton.cdiv(n, cfg["BT"])
-    f32 = dict(device=k.device, dtype=torch.float32)
-    h_state = torch.empty((b * h, nt, m, e), device=k.device, dtype=cfg["state_dtype"])
-    z_state = torch.empty((b * h, nt, m), **f32)
-    v_state = torch.empty((b * h, nt, e), **f32)
-    c_ref = torch.empty((b * h, nt + 1), **f32)
-    c_stab = torch.empty((b * h, nt + 1), **f32)
+    states = saved_states(q, k, v, projection, feature=feature)
+    h_state, z_state, v_state, c_ref, c_stab = states
     grid = (b * h, triton.cdiv(m, cfg["BM"]))
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
@@ -654,19 +672,20 @@ def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: in
         head_scale(d),
         FEATURE=feature, **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
-    return h_state, z_state, v_state, c_ref, c_stab
+    return states
 
 
 def causal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
     prefix: bool = False, causal_eps: float = CAUSAL_EPS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Causal FAVOR+ forward.  q, k (b, h, n, d) [GIVEN: features (b, h, n, m)], v (b, h, n, e),
     projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer; causal_eps
     is added to every key-feature prefix sum of the normaliser.
 
     Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
-    (b, h, 0) otherwise) and rden (b, h, n) fp32 = 1 / denominator (ratio-free form).
+    (b, h, 0) otherwise), rden (b, h, n) fp32 = 1 / denominator (ratio-free form) and the key
+    states (saved_states) for causal_bwd.
     Launches: row_stats (SOFTMAX), _state_kernel, _output_kernel.
     """
     m, d = check_inputs(q, k, v, projection, feature)
@@ -681,8 +700,8 @@ def causal_fwd(
     q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
     prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
-    h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
-                                                           m=m, d=d, cfg=cfg)
+    states = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    h_state, z_state, v_state, c_ref, c_stab = states
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
@@ -695,19 +714,19 @@ def causal_fwd(
         head_scale(d), k_eps, c_eps,
         FEATURE=feature, PREFIX=prefix, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
-    return (out, *saved, rden)
+    return (out, *saved, rden, states)
 
 
 def causal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
-    k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int, prefix: bool = False,
+    k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor], *, feature: int, prefix: bool = False,
     causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs and grad_out (b, h, n, e);
-    returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the features] and dv (b, h, n, e) in the input
-    dtypes.  Stabilizers are constants (detached, as 1.1.4).  Launches: _state_kernel (again),
-    _dd_kernel, _dstate_kernel, _bwd_qk_kernel (dq, dk), _bwd_v_kernel.
+    """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs (its key states saved, not
+    recomputed) and grad_out (b, h, n, e); returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the
+    features] and dv (b, h, n, e) in the input dtypes.  Stabilizers are constants (detached, as
+    1.1.4).  Launches: _dd_kernel, _dstate_kernel, _bwd_qk_kernel (dq, dk), _bwd_v_kernel.
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
@@ -717,15 +736,16 @@ def causal_bwd(
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
     return backward_in_value_slices(
-        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, feature, prefix,
-                                                     causal_eps, grad_dtype),
+        lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, states,
+                                                           cols, feature, prefix, causal_eps, grad_dtype),
         grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
     )
 
 
-def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, prefix: bool, causal_eps: float,
-               grad_dtype: torch.dtype):
-    """causal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
+def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: slice, feature: int, prefix: bool,
+               causal_eps: float, grad_dtype: torch.dtype):
+    """causal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
+    grad_dtype, dv in v's dtype."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
@@ -733,8 +753,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, pr
     dn = head_scale(d)
     q_max, k_max, k_scale = stats
     k_eps, c_eps = _eps(feature, m, causal_eps)
-    h_state, z_state, v_state, c_ref, c_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature,
-                                                           m=m, d=d, cfg=cfg)
+    h_state, z_state, v_state, c_ref, c_stab = states
+    h_state, v_state = h_state[..., cols], v_state[..., cols]  # views: the kernels take their row stride
     nt = triton.cdiv(n, cfg["BT"])
     nm = triton.cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
     assert cfg["BM_dstate"] >= cfg["BM_bwd"]  # _bwd_v_kernel sums them one per own m tile
@@ -767,11 +787,11 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, feature: int, pr
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
-    for keys, (states, sums, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
+    for keys, (h_s, z_s, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
         _bwd_qk_kernel[(b * h, nt * nk)](
             q, k, v, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
-            states, sums, v_state, dx,
-            h, n, m, d, e, nt, *strides,
+            h_s, z_s, v_state, dx,
+            h, n, m, d, e, nt, h_s.stride(-2), *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), **opts,
         )

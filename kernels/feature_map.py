@@ -489,7 +489,8 @@ def launch_options(cfg: dict, role: str, **constexprs) -> dict:
 
 
 def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dtype):
-    """Run a backward on value columns: bwd_slice(grad_out, v, out, grad_dtype) -> (dq, dk, dv).
+    """Run a backward on value columns: bwd_slice(grad_out, v, out, cols, grad_dtype) -> (dq, dk, dv),
+    cols the slice of value columns (the saved states' columns to read).
 
     e up to ev runs once (dq, dk in q's / k's dtype). Wider e runs on cdiv(e, ev) even slices
     (one tile width, BV = ev): dq and dk are linear in (dN, dD) and dD = -rden (g . out) splits
@@ -498,13 +499,13 @@ def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dt
     e = v.shape[-1]
     width = triton.cdiv(e, triton.cdiv(e, ev))
     if width == e:
-        dq, dk, dv = bwd_slice(grad_out, v, out, q_dtype)
+        dq, dk, dv = bwd_slice(grad_out, v, out, slice(0, e), q_dtype)
         return dq.to(q_dtype), dk.to(k_dtype), dv
     dq = dk = None
     dv = []
     for e0 in range(0, e, width):
         cols = slice(e0, e0 + width)
-        dq_s, dk_s, dv_s = bwd_slice(grad_out[..., cols], v[..., cols], out[..., cols], torch.float32)
+        dq_s, dk_s, dv_s = bwd_slice(grad_out[..., cols], v[..., cols], out[..., cols], cols, torch.float32)
         dq = dq_s if dq is None else dq.add_(dq_s)
         dk = dk_s if dk is None else dk.add_(dk_s)
         dv.append(dv_s)

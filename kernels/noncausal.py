@@ -14,8 +14,8 @@ tiles for GIVEN); q' and k' never reach global memory.
   _bwd_kv_kernel   grid (b*h, key blocks NK): dk (one column slice per program) and dv.
   _combine_kernel  grid (b*h, m tiles): sums the split partials (deterministic, no atomics), the
                    key states rescaled from each split's reference to the global stabilizer.
-Launches: forward row_stats(k) -> state -> combine -> output; backward state -> combine ->
-dstate -> combine -> dq -> dk, dv. Every loop keeps its next loads in flight (no
+Launches: forward row_stats(k) -> state -> combine -> output (the combined key states are
+saved for the backward); backward dstate -> combine -> dq -> dk, dv. Every loop keeps its next loads in flight (no
 read-modify-write of global buffers).
 """
 from __future__ import annotations
@@ -296,14 +296,15 @@ def _dstate_kernel(
 @triton.jit
 def _bwd_q_kernel(
     q, g, out, p, q_max, rden, h, z, vs, dq,
-    H, N, S, M, D, E,
+    H, N, S, M, D, E, SE,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq columns [i_k BK, i_k BK + BK) for BT queries (program i_t NK + i_k), from the key state
-    h (BH, M, E), z (BH, M) relative to the stabilizer and the value sum vs (BH, E).
+    h (BH, M, E), z (BH, M) relative to the stabilizer and the value sum vs (BH, E); SE the row
+    stride of h and vs (the forward's value width when a backward value slice reads its columns).
     q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live."""
     i_bh, i_tk = tl.program_id(0), tl.program_id(1)
     i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dq
@@ -313,7 +314,7 @@ def _bwd_q_kernel(
     p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
     p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
     o_row = i_bh.to(tl.int64) * N
-    p_hb = h + i_bh.to(tl.int64) * M * E
+    p_hb = h + i_bh.to(tl.int64) * M * SE
     p_zb = z + i_bh.to(tl.int64) * M
     b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
@@ -325,7 +326,7 @@ def _bwd_q_kernel(
     b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if FEATURE == FM_SOFTMAX:
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_vs = tl.load(vs + i_bh.to(tl.int64) * E + o_v, mask=m_v, other=0.0)  # (BV,)
+        b_vs = tl.load(vs + i_bh.to(tl.int64) * SE + o_v, mask=m_v, other=0.0)  # (BV,)
         # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
         b_deps = FM_SOFTMAX_EPS * (tl.sum(b_dn * b_vs[None, :], axis=1) + S * b_dd)  # (BT,)
     else:
@@ -334,7 +335,7 @@ def _bwd_q_kernel(
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         # H^T loaded transposed rather than permuted in registers (an fp32 operand)
-        b_ht = load_rows(p_hb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32
+        b_ht = load_rows(p_hb, o_v, m_v, 1, o_m * SE, m_m)  # (BV, BM) fp32
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(p_zb, i_m + 1, BM, M)
         # dL/dq~ = H dN + z dD (dN, H unbounded: fp32 operands)
@@ -449,24 +450,38 @@ def _splits(blocks: int, programs: int, target: int = SPLIT_TARGET, min_blocks: 
     return per, triton.cdiv(blocks, per)
 
 
-def _combine(h_part, z_part, vs_part, r_part, s_part, *, refs: bool, cfg: dict):
+def _sums(bh: int, m: int, e: int, refs: bool, device) -> list[torch.Tensor]:
+    """Empty fp32 combined sums: h (bh, m, e), z (bh, m), vs (bh, e or 0), k_stab (bh or 0,)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    return [torch.empty((bh, m, e), **f32), torch.empty((bh, m), **f32),
+            torch.empty((bh, e if refs else 0), **f32), torch.empty((bh if refs else 0,), **f32)]
+
+
+def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
+                 feature: int) -> list[torch.Tensor]:
+    """Empty buffers of the key states noncausal_fwd returns for the backward (its fake tensors
+    too): H (b*h, m, e), z (b*h, m) relative to the stabilizer M, the value sum (b*h, e) and M
+    (b*h,) (SOFTMAX; (b*h, 0) and (0,) otherwise), fp32."""
+    b, h = k.shape[:2]
+    m, _ = feature_dims(q, projection, feature)
+    return _sums(b * h, m, v.shape[-1], feature == SOFTMAX, k.device)
+
+
+def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict):
     """Run _combine_kernel on split partials (ns, b*h, m, e), (ns, b*h, m) [and, refs, the value
-    sums (ns, b*h, e) and references (ns, b*h)] -> h (b*h, m, e), z (b*h, m), vs (b*h, e or 0)
-    and k_stab (b*h or 0,), fp32."""
+    sums (ns, b*h, e) and references (ns, b*h)] into sums (_sums: h, z, vs, k_stab; returned)."""
     ns, bh, m, e = h_part.shape
-    f32 = dict(device=h_part.device, dtype=torch.float32)
-    h, z = torch.empty((bh, m, e), **f32), torch.empty((bh, m), **f32)
-    vs, k_stab = torch.empty((bh, e if refs else 0), **f32), torch.empty((bh if refs else 0,), **f32)
+    h, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
     _combine_kernel[(bh, triton.cdiv(m, bm))](
         h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
         bh, m, e, ns,
         REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, num_warps=4,
     )
-    return h, z, vs, k_stab
+    return sums
 
 
-def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
+def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
     """Key states relative to the stabilizer M: H (b*h, m, e), z (b*h, m), vsum (b*h, e or 0),
     and M (b*h,) (SOFTMAX; (0,) otherwise).  Launches _state_kernel and _combine_kernel."""
     b, h, s, _ = k.shape
@@ -487,7 +502,8 @@ def _key_states(k, v, projection, k_max, k_scale, *, feature: int, m: int, d: in
         head_scale(d),
         FEATURE=feature, **launch_options(cfg, "state"),
     )
-    return _combine(h_part, z_part, vs_part, r_part, s_part, refs=softmax, cfg=cfg)
+    return _combine(h_part, z_part, vs_part, r_part, s_part, saved_states(q, k, v, projection, feature=feature),
+                    refs=softmax, cfg=cfg)
 
 
 def _no_prefix(prefix: bool) -> None:
@@ -498,14 +514,15 @@ def _no_prefix(prefix: bool) -> None:
 def noncausal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
     prefix: bool = False, causal_eps: float = CAUSAL_EPS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Non-causal FAVOR+ attention.  q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), P (m, d);
     for GIVEN q (b, h, n, m), k (b, h, s, m) are the features and projection is None.
     prefix must be False (it selects a causal stabilizer; the signature is causal_fwd's) and
     causal_eps is unused (the non-causal normaliser has no eps).
 
     Returns out (b, h, n, e) in q's dtype, fp32 q_max (b, h, n), k_max and k_scale (b, h, s)
-    (SOFTMAX; (b, h, 0) otherwise) and fp32 rden = 1 / D (b, h, n)."""
+    (SOFTMAX; (b, h, 0) otherwise), fp32 rden = 1 / D (b, h, n) and the key states
+    (saved_states) for noncausal_bwd."""
     _no_prefix(prefix)
     m, d = check_inputs(q, k, v, projection, feature)
     b, h, n, _ = q.shape
@@ -517,7 +534,8 @@ def noncausal_fwd(
         q_max = torch.empty((b, h, n), **f32)
     else:
         q_max, k_max, k_scale = empty_stats(b, h, q.device)
-    states, sums, vsum, _ = _key_states(k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    saved = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    states, sums, vsum, _ = saved
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)
     grid = (b * h, triton.cdiv(n, cfg["BT"]))
@@ -528,17 +546,18 @@ def noncausal_fwd(
         head_scale(d),
         FEATURE=feature, **launch_options(cfg, "out"),
     )
-    return out, q_max, k_max, k_scale, rden
+    return out, q_max, k_max, k_scale, rden, saved
 
 
 def noncausal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
-    k_scale: torch.Tensor, rden: torch.Tensor, *, feature: int, prefix: bool = False,
+    k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor], *, feature: int, prefix: bool = False,
     causal_eps: float = CAUSAL_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of noncausal_fwd: dq, dk, dv in the dtypes and shapes of q, k, v (w.r.t. the
-    features for GIVEN).  The stats are noncausal_fwd's outputs (contiguous).
+    features for GIVEN).  The stats and key states are noncausal_fwd's outputs (contiguous).
+    Launches: _dstate_kernel, _combine_kernel, _bwd_q_kernel, _bwd_kv_kernel.
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     _no_prefix(prefix)
@@ -547,20 +566,23 @@ def noncausal_bwd(
     m, d = feature_dims(q, projection, feature)
     stats = (q_max, k_max, k_scale, rden)
     return backward_in_value_slices(
-        lambda g, v_s, out_s, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, stats, feature, grad_dtype),
+        lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, stats, states, cols,
+                                                           feature, grad_dtype),
         grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
     )
 
 
-def _bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dtype: torch.dtype):
-    """noncausal_bwd for value dims up to EV; dq, dk in grad_dtype, dv in v's dtype."""
+def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, feature: int, grad_dtype: torch.dtype):
+    """noncausal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
+    grad_dtype, dv in v's dtype."""
     q_max, k_max, k_scale, rden = stats
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[-1]
     m, d = feature_dims(q, projection, feature)
     cfg = _config(d, e, m, q.dtype)
     dn = head_scale(d)
-    states, sums, vsum, k_stab = _key_states(k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    states, sums, vsum, k_stab = states
+    states, vsum = states[..., cols], vsum[..., cols]  # views: _bwd_q_kernel takes their row stride
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
@@ -577,11 +599,12 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, feature: int, grad_dty
         dn,
         **(opts | dict(BM=cfg["BM_dstate"])),
     )
-    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, refs=False, cfg=cfg)
+    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, _sums(b * h, m, e, False, q.device),
+                            refs=False, cfg=cfg)
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     _bwd_q_kernel[(b * h, triton.cdiv(n, cfg["BT"]) * nk)](
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq,
-        h, n, s, m, d, e, *strides,
+        h, n, s, m, d, e, states.stride(-2), *strides,
         dn,
         **opts,
     )

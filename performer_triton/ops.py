@@ -1,6 +1,8 @@
 """torch.library custom ops for FAVOR+ attention, with autograd and fake (meta) kernels.
 
-One forward op and one backward op. `use_triton` picks the implementation: the fused Triton
+One forward op and one backward op. The forward also returns the key states its backward reads
+(kernels.launchers: the fused kernels' chunk states; none for the PyTorch path), saved by
+autograd in place of a second walk over the keys. `use_triton` picks the implementation: the fused Triton
 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or the chunked pure-PyTorch
 path (performer_triton.torch_backend). Both follow the launcher contract of kernels/NOTES.md,
 so the op is opaque to torch.compile (no graph breaks) and passes torch.library.opcheck.
@@ -32,14 +34,14 @@ def _unit_stride(t: Tensor) -> Tensor:
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
     use_triton: bool, causal_eps: float = CAUSAL_EPS,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, q_max, k_max, k_scale, rden); see kernels/NOTES.md. causal_eps: the eps added to every
-    key-feature prefix sum of the causal normaliser (1.1.4's 1e-6)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """(out, q_max, k_max, k_scale, rden, states); see kernels/NOTES.md. causal_eps: the eps added
+    to every key-feature prefix sum of the causal normaliser (1.1.4's 1e-6)."""
     q, k, v = map(_unit_stride, (q, k, v))
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
-    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
+    return (*torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags), [])
 
 
 @favor_fwd.register_fake
@@ -51,12 +53,14 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
     def stat(rows: int) -> Tensor:  # fp32 statistics, fp64 for fp64 inputs
         return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
+    states = launchers(causal)[2](q, k, v, projection, feature=feature) if use_triton else []
     return (
         q.new_empty((b, h, n, e)),
         stat(n if softmax else 0),
         stat(s if softmax else 0),
         stat(s if softmax else 0),
         stat(n),
+        states,
     )
 
 
@@ -72,6 +76,7 @@ def favor_bwd(
     k_max: Tensor,
     k_scale: Tensor,
     rden: Tensor,
+    states: list[Tensor],
     causal: bool,
     feature: int,
     prefix: bool,
@@ -83,12 +88,12 @@ def favor_bwd(
     args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
-        return launchers(causal)[1](*args, **flags)
+        return launchers(causal)[1](*args, states, **flags)
     return torch_backend.favor_bwd(*args, causal=causal, **flags)
 
 
 @favor_bwd.register_fake
-def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, feature, prefix, use_triton,
+def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, causal, feature, prefix, use_triton,
       causal_eps=CAUSAL_EPS):
     # contiguous, whatever the inputs' strides: what every implementation returns (a fake with
     # other strides than the real op corrupts aot_autograd's output replay under torch.compile)
@@ -97,16 +102,22 @@ def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal, f
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, *flags = inputs  # causal, feature, prefix, use_triton, causal_eps
-    out, q_max, k_max, k_scale, rden = output
-    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden)
+    out, q_max, k_max, k_scale, rden, states = output
+    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, *states)
     ctx.flags = tuple(flags)
-    ctx.mark_non_differentiable(q_max, k_max, k_scale, rden)
+    ctx.mark_non_differentiable(q_max, k_max, k_scale, rden, *states)
+    # the gradients of the statistics and states are never used: no zero tensors of their size
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, *unused_stat_grads):
-    q, k, v, projection, out, q_max, k_max, k_scale, rden = ctx.saved_tensors
-    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, *ctx.flags)
-    return dq, dk, dv, *(None,) * (1 + len(ctx.flags))
+def _backward(ctx, grad_out, *unused_grads):
+    q, k, v, projection, out, q_max, k_max, k_scale, rden, *states = ctx.saved_tensors
+    if grad_out is None:  # only reached through the non-differentiable outputs
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags)
+    # one gradient per argument the op was called with: the dispatcher drops trailing arguments
+    # equal to their defaults (causal_eps), and a list output makes autograd count exactly
+    return dq, dk, dv, *(None,) * (len(ctx.needs_input_grad) - 3)
 
 
 favor_fwd.register_autograd(_backward, setup_context=_setup_context)

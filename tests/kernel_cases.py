@@ -66,14 +66,15 @@ def check(q, k, v, proj, g, *, causal, feature, budget, prefix=False, limits=Non
     """Run the launchers of the mode (kernels.launchers) and compare out, dq, dk, dv with the
     reference: dtypes kept, everything finite, relative errors below budget (or limits[name]).
     Returns (errors, out, stats)."""
-    fwd, bwd = launchers(causal)
+    fwd, bwd, _ = launchers(causal)
     out, *stats = fwd(q, k, v, proj, feature=feature, prefix=prefix)
     dq, dk, dv = bwd(g, q, k, v, proj, out, *stats, feature=feature, prefix=prefix)
     ref = reference(q, k, v, proj, g, causal=causal, feature=feature, prefix=prefix)
-    assert out.dtype == q.dtype and stats[-1].dtype == torch.float32
+    rden = stats[-2]
+    assert out.dtype == q.dtype and rden.dtype == torch.float32
     assert (dq.dtype, dk.dtype, dv.dtype) == (q.dtype, k.dtype, v.dtype)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
-    assert all(torch.isfinite(t).all() for t in (out, stats[-1], dq, dk, dv))
+    assert all(torch.isfinite(t).all() for t in (out, rden, dq, dk, dv))
     errs = dict(out=rel_err(out, ref[0]), dq=rel_err(dq, ref[1]), dk=rel_err(dk, ref[2]), dv=rel_err(dv, ref[3]))
     limits = {name: budget for name in errs} | (limits or {})
     if q.dtype == torch.float32 and budget == BUDGET[torch.float32]:
@@ -150,7 +151,7 @@ def meta_launches(causal, dtype, *, b=2, h=3, n=200, d=64, e=64, m=266, feature=
     q, k = torch.empty(b, h, n, d, **meta), torch.empty(b, h, n, d, **meta)
     v, g = torch.empty(b, h, n, e, **meta), torch.empty(b, h, n, e, **meta)
     proj = torch.empty(m, d, **meta)
-    fwd, bwd = launchers(causal)
+    fwd, bwd, _ = launchers(causal)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel_type, "run", record)
         out, *stats = fwd(q, k, v, proj, feature=feature, prefix=prefix)

@@ -401,10 +401,15 @@ def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
     bwd_args = (grad, q, k, v, P, *out, *flags)
     grads = torch.ops.performer_triton.favor_bwd(*bwd_args)
     with FakeTensorMode() as mode:
-        as_fake = lambda args: tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
+        def as_fake(args):
+            fake = lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            return tuple([fake(t) for t in a] if isinstance(a, list) else fake(a) for a in args)
+
         fake_out = torch.ops.performer_triton.favor_fwd(*as_fake(fwd_args))
         fake_grads = torch.ops.performer_triton.favor_bwd(*as_fake(bwd_args))
-    for real, fake in zip((*out, *grads), (*fake_out, *fake_grads)):
+    flat = lambda outputs: [t for o in outputs for t in (o if isinstance(o, list) else [o])]  # noqa: E731
+    assert len(flat(out)) == len(flat(fake_out)) == 5 + (5 if causal else 4) * (backend == "triton")
+    for real, fake in zip(flat((*out, *grads)), flat((*fake_out, *fake_grads))):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
 
 

@@ -22,7 +22,7 @@ def check(q, k, v, proj, g, *, feature, prefix, budget, limits=None):
     """Causal forward and backward against the float64 reference (see kernel_cases.check)."""
     _, out, stats = kernel_check(q, k, v, proj, g, causal=True, feature=feature, prefix=prefix,
                                  budget=budget, limits=limits)
-    return out, stats[-1]
+    return out, stats[-2]  # rden
 
 
 # (b, h, n, d, e, m): n = 1 / 37 / 100 / 257 (partial last chunk), m not a multiple of BM
@@ -98,15 +98,32 @@ def test_large_inputs(dtype, prefix):
 def test_rden_and_stats():
     """rden = ratio^2 / (q' . (sum_{j<=i} k'_j + 1e-6)) and the saved per-row stats."""
     q, k, v, proj, _ = inputs(1, 2, 70, 32, 32, 100, torch.float32, seed=7)
-    out, q_max, k_max, k_scale, rden = C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=False)
+    out, q_max, k_max, k_scale, rden, states = C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=False)
     qf, kf = R.feature_maps(q.double(), k.double(), proj.double(), causal=True)
     den = torch.einsum("bhnm,bhnm->bhn", qf, kf.cumsum(dim=2) + R.CAUSAL_EPS) / 100**-1.0
     assert rel_err(rden, 1.0 / den) < BUDGET[torch.float32]  # the score and state dots run in TF32
     check_row_stats(q, k, proj, q_max, k_max, k_scale)
+    # saved for the backward: H (b*h, NT, m, e), z, vsum, c_ref, c_stab; c_stab[NT] is the key max
+    h_state, z_state, v_state, c_ref, c_stab = states
+    assert h_state.shape == (2, 2, 100, 32) and z_state.shape == (2, 2, 100) and c_stab.shape == (2, 3)
+    assert torch.equal(c_stab[:, -1], k_max.amax(-1).flatten())
+    assert torch.allclose(v_state[:, 1], v[0, :, :64].sum(1), atol=1e-5)
     for feature in (RELU, GIVEN):
         x = q if feature == RELU else q.abs()
         stats = C.causal_fwd(x, x, v, proj if feature == RELU else None, feature=feature, prefix=True)[1:4]
         assert all(s.shape == (1, 2, 0) and s.dtype == torch.float32 for s in stats)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_backward_reads_the_saved_states(prefix):
+    """The backward takes the forward's key states (no second walk over the keys): with them it
+    matches the reference (check); with a changed state its query gradients change."""
+    q, k, v, proj, g = inputs(1, 1, 130, 16, 16, 20, torch.float32, seed=3)
+    out, *stats, states = C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=prefix)
+    dq = C.causal_bwd(g, q, k, v, proj, out, *stats, states, feature=SOFTMAX, prefix=prefix)[0]
+    states[0].mul_(2.0)
+    dq2 = C.causal_bwd(g, q, k, v, proj, out, *stats, states, feature=SOFTMAX, prefix=prefix)[0]
+    assert torch.equal(dq[:, :, :64], dq2[:, :, :64]) and not torch.allclose(dq[:, :, 64:], dq2[:, :, 64:])
 
 
 def test_prefix_does_not_leak():
@@ -133,7 +150,7 @@ def test_meta_launches():
         launched = meta_launches(True, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m, prefix=prefix)
         assert [name for name, *_ in launched] == [
             "_row_stats_kernel", "_state_kernel", "_output_kernel",
-            "_state_kernel", "_dd_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
+            "_dd_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
         ]
         assert launched[0][1] == (b * h, 4, 2)  # q and k rows in one launch
         attention = launched[1:]

@@ -89,12 +89,22 @@ def test_large_inputs(dtype):
 def test_rden_and_stats():
     """rden = ratio^2 / (q' . sum_j k'_j) and the saved per-row stats."""
     q, k, v, proj, _ = inputs(1, 2, 70, 32, 32, 100, torch.float32, s=50, seed=7)
-    out, q_max, k_max, k_scale, rden = NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX)
+    out, q_max, k_max, k_scale, rden, states = NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX)
     qf, kf = R.feature_maps(q.double(), k.double(), proj.double(), causal=False)
     den = torch.einsum("bhnm,bhm->bhn", qf, kf.sum(dim=2)) / 100**-1.0
     assert rel_err(rden, 1.0 / den) < BUDGET[torch.float32]  # the score and state dots run in TF32
     assert q_max.shape == (1, 2, 70) and k_max.shape == k_scale.shape == (1, 2, 50)
     check_row_stats(q, k, proj, q_max, k_max, k_scale)
+    # saved for the backward: H (b*h, m, e) and z relative to M, the value sum and M itself
+    h, z, vsum, k_stab = states
+    assert h.shape == (2, 100, 32) and z.shape == (2, 100) and vsum.shape == (2, 32)
+    assert torch.equal(k_stab, k_max.amax(-1).flatten())
+    assert torch.allclose(vsum, v[0].sum(1), atol=1e-5)
+    g = torch.randn_like(out)
+    dq = NC.noncausal_bwd(g, q, k, v, proj, out, q_max, k_max, k_scale, rden, states, feature=SOFTMAX)[0]
+    h.mul_(2.0)  # the backward reads the saved states (no second walk over the keys)
+    dq2 = NC.noncausal_bwd(g, q, k, v, proj, out, q_max, k_max, k_scale, rden, states, feature=SOFTMAX)[0]
+    assert not torch.allclose(dq, dq2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -135,11 +145,11 @@ def test_meta_launches():
     launched = meta_launches(False, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m)
     assert [name for name, *_ in launched] == [
         "_row_stats_kernel", "_state_kernel", "_combine_kernel", "_output_kernel",
-        "_state_kernel", "_combine_kernel", "_dstate_kernel", "_combine_kernel", "_bwd_q_kernel", "_bwd_kv_kernel",
+        "_dstate_kernel", "_combine_kernel", "_bwd_q_kernel", "_bwd_kv_kernel",
     ]
     assert launched[0][1] == (b * h, 4, 1)  # k rows only: the output kernel finds q's row max
     assert launched[3][1] == (b * h, 4)
-    assert [kw["REFS"] for name, _, kw in launched if name == "_combine_kernel"] == [True, True, False]
+    assert [kw["REFS"] for name, _, kw in launched if name == "_combine_kernel"] == [True, False]
     assert all(kw["FEATURE"] == SOFTMAX for name, _, kw in launched[1:] if name != "_combine_kernel")
     q, k, v, proj, _ = inputs(1, 1, 8, 16, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="causal attention only"):
