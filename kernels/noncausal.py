@@ -14,8 +14,9 @@ tiles for GIVEN); q' and k' never reach global memory.
   _bwd_kv_kernel   grid (b*h, key blocks NK): dk (one column slice per program) and dv.
   _combine_kernel  grid (b*h, m tiles): sums the split partials (deterministic, no atomics), the
                    key states rescaled from each split's reference to the global stabilizer.
-Launches: forward row_stats(k) -> state -> combine -> output (the combined key states are
-saved for the backward); backward dstate -> combine -> dq -> dk, dv. Every loop keeps its next loads in flight (no
+Launches: forward state -> combine -> output (the combined key states are saved for the
+backward; the key maxima come from the state kernel's tiles, no row-stats pass over k); backward
+dstate -> combine -> dq -> dk, dv. Every loop keeps its next loads in flight (no
 read-modify-write of global buffers).
 """
 from __future__ import annotations
@@ -26,33 +27,19 @@ import triton.language as tl
 
 from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
-    FM_GIVEN, FM_SOFTMAX, FM_SOFTMAX_EPS, backward_in_value_slices, bh_base, block_config,
+    FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, backward_in_value_slices, bh_base, block_config,
     block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims, grad_dot_out,
     features, features_chunked, half_sq_norm, head_scale, input_grad_tile, launch_options,
-    load_fused_rows, load_rows, load_vector, row_stats, store_input_grad, store_rows
+    load_fused_rows, load_rows, load_vector, store_input_grad, store_rows
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
 
 
 @triton.jit
-def _key_stats(k_max, k_scale, o_row, i_t, S, FEATURE: tl.constexpr, BT: tl.constexpr):
-    """k_max (0 on padded rows: finite features) and k_scale (-inf there: 0 weights) of key block
-    i_t, (BT,) each; zeros for the maps without stabilizer (whose stats are empty)."""
-    o_t, m_t = block_range(i_t, BT, S)  # (BT,)
-    if FEATURE == FM_SOFTMAX:
-        b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    else:
-        b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,)
-        b_kscale = tl.zeros([BT], dtype=tl.float32)  # (BT,)
-    return b_kmax, b_kscale
-
-
-@triton.jit
 def _state_kernel(
-    k, v, p, k_max, k_scale, h_part, z_part, vs_part, r_part, s_part,
-    H, S, M, D, E, BH, NTS,
+    k, v, p, h_part, z_part, vs_part, r_part, s_part,
+    H, S, M, D, E, BH, NTS, NMT,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -60,10 +47,11 @@ def _state_kernel(
 ):
     """Key state of one split of NTS key blocks for one m tile:
     h_part[i_s, i_bh] = sum_j F_j^T v_j (M, E), z_part = sum_j F_j (M,), vs_part = sum_j v_j (E,)
-    with F = U * exp(k_scale - R) (SOFTMAX), the features (RELU), k' itself (GIVEN).
-    SOFTMAX: R = the split's max of k_scale, found online (the partial sums rescaled when it
-    grows), written to r_part[i_s, i_bh] with the split's max of k_max (s_part) by the first
-    m tile; _combine_kernel brings the splits to the global stabilizer."""
+    with F = exp(dash - diag - R) (SOFTMAX), the features (RELU), k' itself (GIVEN).
+    SOFTMAX: R = the split's max of dash - diag over this m tile, found online on the tiles
+    (the partial sums rescaled when it grows; no per-row key statistics), written to
+    r_part[i_s, i_bh, i_m] with the tile's max of dash (s_part); _combine_kernel brings the
+    partials to the global stabilizer M = max of dash over every key and feature (1.1.4's)."""
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
@@ -76,28 +64,28 @@ def _state_kernel(
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
     r_run = tl.full([], float("-inf"), dtype=tl.float32)  # R so far
-    s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max so far
+    s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of dash so far
     i_t0 = i_s * NTS
-    # the block's stats one block ahead (loads that feed no dot are otherwise synchronous)
-    b_kmax_next, b_kscale_next = _key_stats(k_max, k_scale, o_row, i_t0, S, FEATURE, BT)  # (BT,) x2
     for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(S, BT))):
         o_t, m_t = block_range(i_t, BT, S)  # (BT,)
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
-        b_kmax, b_kscale = b_kmax_next, b_kscale_next  # (BT,) x2
-        b_kmax_next, b_kscale_next = _key_stats(k_max, k_scale, o_row, i_t + 1, S, FEATURE, BT)
-        b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
-                           PRECISION)  # (BT, BM)
         if FEATURE == FM_SOFTMAX:
-            r_new = tl.maximum(r_run, tl.max(b_kscale, axis=0))
+            m_tm = m_t[:, None] & m_m[None, :]  # (BT, BM)
+            b_dash = tl.where(m_tm, dash_tile(b_k, b_p, dn, PRECISION), float("-inf"))  # (BT, BM)
+            b_u = b_dash - half_sq_norm(b_k, dn)[:, None]  # (BT, BM) log k~, -inf on padding
+            r_new = tl.maximum(r_run, tl.max(tl.max(b_u, axis=1), axis=0))
+            s_run = tl.maximum(s_run, tl.max(tl.max(b_dash, axis=1), axis=0))
             b_alpha = tl.exp(r_run - r_new)  # <= 1 (0 on the first block)
             b_h *= b_alpha
             b_z *= b_alpha
             r_run = r_new
-            s_run = tl.maximum(s_run, tl.max(tl.where(m_t, b_kmax, float("-inf")), axis=0))
-            # padded rows get factor exp(-inf) = 0
-            b_kf = b_kf * tl.exp(b_kscale - r_run)[:, None]  # (BT, BM)
-        elif FEATURE != FM_GIVEN:
+            b_kf = tl.exp(b_u - r_run)  # (BT, BM) <= 1, 0 on padding
+        else:
+            b_none = tl.zeros([BT], dtype=tl.float32)  # (BT,) no row statistics without a stabilizer
+            b_kf, _ = features(p_k, b_k, b_p, b_none, b_none, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
+                               PRECISION)  # (BT, BM)
+        if FEATURE == FM_RELU:
             b_kf = tl.where(m_t[:, None], b_kf, 0.0)  # (BT, BM) padded rows: no features
         # F is bounded (SOFTMAX) or as large as the dtype's own dash (RELU, GIVEN): cast for tl.dot
         b_h += tl.dot(tl.trans(b_kf.to(b_v.dtype)), b_v, input_precision=PRECISION)
@@ -111,31 +99,44 @@ def _state_kernel(
     if FEATURE == FM_SOFTMAX:
         if i_m == 0:
             tl.store(vs_part + o_part.to(tl.int64) * E + o_v, b_vs, mask=m_v)
-            tl.store(r_part + o_part, r_run)
-            tl.store(s_part + o_part, s_run)
+        tl.store(r_part + o_part.to(tl.int64) * NMT + i_m, r_run)
+        tl.store(s_part + o_part.to(tl.int64) * NMT + i_m, s_run)
+
+
+@triton.jit
+def _split_refs(p_r, m_m, REFS: tl.constexpr):
+    """(BM,) references of one split's partial rows (REFS; -inf on masked rows), else zeros."""
+    if REFS:
+        b_r = tl.load(p_r, mask=m_m, other=float("-inf"))  # (BM,)
+    else:
+        b_r = tl.where(m_m, 0.0, 0.0)  # (BM,)
+    return b_r
 
 
 @triton.jit
 def _combine_kernel(
     h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-    BH, M, E, NS,
-    REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
+    BH, M, E, NS, NMT,
+    REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr, BMS: tl.constexpr,
+    NMTP: tl.constexpr,
 ):
     """Sum NS split partials (NS, BH, ...) of one b*h and m tile: h (BH, M, E), z (BH, M) and,
     REFS (the SOFTMAX key states), the value sum vs (BH, E) and the global stabilizer
-    k_stab (BH,) = max of the splits' s_part, each split scaled by exp(r_part - k_stab) <= 1.
-    Deterministic: a fixed order, no atomics."""
+    k_stab (BH,) = max of s_part (NS, BH, NMT) over the splits and the state kernel's NMT m
+    tiles of BMS features, each partial row scaled by exp(r_part[split, b*h, its tile] - k_stab)
+    <= 1.  Deterministic: a fixed order, no atomics."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
     o_s, m_s = block_range(0, NSP, NS)  # (NSP,) the splits
+    p_r = r_part + i_bh.to(tl.int64) * NMT + o_m // BMS  # (BM,) split 0's reference of each row's tile
+    r_stab = tl.full([], 0.0, dtype=tl.float32)
     if REFS:
-        b_r = tl.load(r_part + o_s * BH + i_bh, mask=m_s, other=float("-inf"))  # (NSP,)
-        r_stab = tl.max(tl.load(s_part + o_s * BH + i_bh, mask=m_s, other=float("-inf")), axis=0)
-        b_f = tl.where(m_s, tl.exp(b_r - r_stab), 0.0)  # (NSP,) from each split's reference to k_stab
-    else:
-        b_f = tl.where(m_s, 1.0, 0.0)  # (NSP,)
+        o_mt, m_mt = block_range(0, NMTP, NMT)  # (NMTP,) the state kernel's m tiles
+        b_s = tl.load(s_part + (o_s[:, None] * BH + i_bh) * NMT + o_mt[None, :], mask=m_s[:, None] & m_mt[None, :],
+                      other=float("-inf"))  # (NSP, NMTP)
+        r_stab = tl.max(tl.max(b_s, axis=1), axis=0)
     if REFS:
         m_vs = m_v & (o_v * 0 + i_m == 0)  # (BV,) the value sum: by the first m tile
     else:
@@ -150,10 +151,14 @@ def _combine_kernel(
     b_h_next = tl.load(p_h, mask=m_hv, other=0.0)  # (BM, BV)
     b_z_next = tl.load(p_z, mask=m_m, other=0.0)  # (BM,)
     b_vs_next = tl.load(p_vs, mask=m_vs, other=0.0)  # (BV,)
+    b_r_next = _split_refs(p_r, m_m, REFS)  # (BM,)
     for i_s in range(0, NS):
-        f_s = tl.sum(tl.where(o_s == i_s, b_f, 0.0), axis=0)
-        b_h += f_s * b_h_next
-        b_z += f_s * b_z_next
+        if REFS:
+            b_f = tl.exp(b_r_next - r_stab)  # (BM,) from the split's references to k_stab, <= 1
+        else:
+            b_f = tl.where(m_m, 1.0, 0.0)  # (BM,)
+        b_h += b_f[:, None] * b_h_next
+        b_z += b_f * b_z_next
         b_vs += b_vs_next
         # split i_s + 1, none past the last (vector masks: the interpreter rejects a scalar one
         # broadcast against a tile)
@@ -164,6 +169,7 @@ def _combine_kernel(
                            other=0.0)
         b_z_next = tl.load(p_z + o_next * M, mask=m_mn, other=0.0)
         b_vs_next = tl.load(p_vs + o_next * E, mask=m_vs & m_vn, other=0.0)
+        b_r_next = _split_refs(p_r + o_next * NMT, m_mn, REFS)
     tl.store(h + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_hv)
     tl.store(z + i_bh.to(tl.int64) * M + o_m, b_z, mask=m_m)
     if REFS:
@@ -353,7 +359,7 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_kernel(
-    k, v, p, k_max, k_scale, k_stab, dh, dz, dk, dv,
+    k, v, p, k_stab, dh, dz, dk, dv,
     H, S, M, D, E,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
@@ -361,7 +367,8 @@ def _bwd_kv_kernel(
     BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
-    from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M)."""
+    from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M).  SOFTMAX key
+    features exp(dash - diag - M) from the stabilizer k_stab (BH,) alone: they stay fp32 here."""
     i_bh, i_tk = tl.program_id(0), tl.program_id(1)
     i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dk
     o_t, m_t = block_range(i_t, BT, S)  # (BT,)
@@ -377,9 +384,9 @@ def _bwd_kv_kernel(
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
     b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
     if FEATURE == FM_SOFTMAX:
-        b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        b_kfac = tl.exp(b_kscale - tl.load(k_stab + i_bh))  # (BT,) exp(row_scale - M) <= 1
+        # diag + M per row, what key_units subtracts (+inf on padded rows: 0 features)
+        b_diag = diag_rows(p_k, o_t, m_t, stride_kn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
+        b_kmax = tl.where(m_t, b_diag + tl.load(k_stab + i_bh), float("inf"))  # (BT,)
         b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f dh_f = sum_i sum(q~_i) dN_i
     else:
         b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
@@ -395,8 +402,6 @@ def _bwd_kv_kernel(
         b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
         if FEATURE == FM_SOFTMAX:
-            b_kf = b_kf * b_kfac[:, None]  # (BT, BM) exp part of k~
-            b_kaux = b_kf
             b_hs += tl.sum(b_dh, axis=0)
         b_dx, b_rs = input_grad_tile(dk, b_df, b_kaux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
                                      FEATURE, PRECISION)
@@ -467,43 +472,46 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     return _sums(b * h, m, v.shape[-1], feature == SOFTMAX, k.device)
 
 
-def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict):
+def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict, nmt: int = 1):
     """Run _combine_kernel on split partials (ns, b*h, m, e), (ns, b*h, m) [and, refs, the value
-    sums (ns, b*h, e) and references (ns, b*h)] into sums (_sums: h, z, vs, k_stab; returned)."""
+    sums (ns, b*h, e), references and dash maxima (ns, b*h, nmt) of the state kernel's nmt m
+    tiles] into sums (_sums: h, z, vs, k_stab; returned)."""
     ns, bh, m, e = h_part.shape
     h, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
     _combine_kernel[(bh, triton.cdiv(m, bm))](
         h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-        bh, m, e, ns,
-        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, num_warps=4,
+        bh, m, e, ns, nmt,
+        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=triton.next_power_of_2(nmt),
+        num_warps=4,
     )
     return sums
 
 
-def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
+def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict):
     """Key states relative to the stabilizer M: H (b*h, m, e), z (b*h, m), vsum (b*h, e or 0),
     and M (b*h,) (SOFTMAX; (0,) otherwise).  Launches _state_kernel and _combine_kernel."""
     b, h, s, _ = k.shape
     e = v.shape[-1]
     softmax = feature == SOFTMAX
-    per, ns = _splits(triton.cdiv(s, cfg["BT"]), triton.cdiv(m, cfg["BM"]) * b * h)
+    nmt = triton.cdiv(m, cfg["BM"])
+    per, ns = _splits(triton.cdiv(s, cfg["BT"]), nmt * b * h)
     f32 = dict(device=k.device, dtype=torch.float32)
     h_part = torch.empty((ns, b * h, m, e), **f32)
     z_part = torch.empty((ns, b * h, m), **f32)
     vs_part = torch.empty((ns, b * h, e if softmax else 0), **f32)
-    r_part = torch.empty((ns, b * h) if softmax else (0,), **f32)
-    s_part = torch.empty((ns, b * h) if softmax else (0,), **f32)
-    grid = (b * h, triton.cdiv(m, cfg["BM"]), ns)
+    r_part = torch.empty((ns, b * h, nmt) if softmax else (0,), **f32)
+    s_part = torch.empty((ns, b * h, nmt) if softmax else (0,), **f32)
+    grid = (b * h, nmt, ns)
     _state_kernel[grid](
-        k, v, k if projection is None else projection, k_max, k_scale, h_part, z_part, vs_part, r_part, s_part,
-        h, s, m, d, e, b * h, per,
+        k, v, k if projection is None else projection, h_part, z_part, vs_part, r_part, s_part,
+        h, s, m, d, e, b * h, per, nmt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
         FEATURE=feature, **launch_options(cfg, "state"),
     )
     return _combine(h_part, z_part, vs_part, r_part, s_part, saved_states(q, k, v, projection, feature=feature),
-                    refs=softmax, cfg=cfg)
+                    refs=softmax, cfg=cfg, nmt=nmt)
 
 
 def _no_prefix(prefix: bool) -> None:
@@ -520,21 +528,20 @@ def noncausal_fwd(
     prefix must be False (it selects a causal stabilizer; the signature is causal_fwd's) and
     causal_eps is unused (the non-causal normaliser has no eps).
 
-    Returns out (b, h, n, e) in q's dtype, fp32 q_max (b, h, n), k_max and k_scale (b, h, s)
-    (SOFTMAX; (b, h, 0) otherwise), fp32 rden = 1 / D (b, h, n) and the key states
-    (saved_states) for noncausal_bwd."""
+    Returns out (b, h, n, e) in q's dtype, fp32 q_max (b, h, n) (SOFTMAX; (b, h, 0) otherwise),
+    k_max and k_scale (b, h, 0): the key maxima are taken on the state kernel's tiles, no per-row
+    key statistics), fp32 rden = 1 / D (b, h, n) and the key states (saved_states) for
+    noncausal_bwd.  Launches: _state_kernel, _combine_kernel, _output_kernel."""
     _no_prefix(prefix)
     m, d = check_inputs(q, k, v, projection, feature)
     b, h, n, _ = q.shape
     e = v.shape[-1]
     cfg = _config(d, e, m, q.dtype)
     f32 = dict(device=q.device, dtype=torch.float32)
+    q_max, k_max, k_scale = empty_stats(b, h, q.device)
     if feature == SOFTMAX:
-        _, k_max, k_scale = row_stats(None, k, projection)
         q_max = torch.empty((b, h, n), **f32)
-    else:
-        q_max, k_max, k_scale = empty_stats(b, h, q.device)
-    saved = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg)
     states, sums, vsum, _ = saved
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)
@@ -611,7 +618,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     _bwd_kv_kernel[(b * h, triton.cdiv(s, cfg["BT"]) * nk)](
-        k, v, p, k_max, k_scale, k_stab, dh, dz, dk, dv,
+        k, v, p, k_stab, dh, dz, dk, dv,
         h, s, m, d, e,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,

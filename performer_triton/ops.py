@@ -54,11 +54,13 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
         return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
     states = launchers(causal)[2](q, k, v, projection, feature=feature) if use_triton else []
+    # the non-causal kernels take their key maxima on tiles: no per-row key statistics
+    key_rows = s if softmax and (causal or not use_triton) else 0
     return (
         q.new_empty((b, h, n, e)),
         stat(n if softmax else 0),
-        stat(s if softmax else 0),
-        stat(s if softmax else 0),
+        stat(key_rows),
+        stat(key_rows),
         stat(n),
         states,
     )

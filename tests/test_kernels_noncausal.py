@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from kernel_cases import (
-    BUDGET, GIVEN_CASES, check_row_stats, dtype_cases, given_case, inputs,
+    BUDGET, GIVEN_CASES, dtype_cases, given_case, inputs,
     large_inputs_case, meta_launches, rel_err, strided_case,
 )
 from kernel_cases import check as kernel_check
@@ -93,12 +93,14 @@ def test_rden_and_stats():
     qf, kf = R.feature_maps(q.double(), k.double(), proj.double(), causal=False)
     den = torch.einsum("bhnm,bhm->bhn", qf, kf.sum(dim=2)) / 100**-1.0
     assert rel_err(rden, 1.0 / den) < BUDGET[torch.float32]  # the score and state dots run in TF32
-    assert q_max.shape == (1, 2, 70) and k_max.shape == k_scale.shape == (1, 2, 50)
-    check_row_stats(q, k, proj, q_max, k_max, k_scale)
+    # no per-row key statistics: the key maxima are taken on the state kernel's tiles
+    assert q_max.shape == (1, 2, 70) and k_max.shape == k_scale.shape == (1, 2, 0)
+    assert rel_err(q_max, project(q.double(), proj.double()).amax(-1)) < 1e-5
     # saved for the backward: H (b*h, m, e) and z relative to M, the value sum and M itself
     h, z, vsum, k_stab = states
     assert h.shape == (2, 100, 32) and z.shape == (2, 100) and vsum.shape == (2, 32)
-    assert torch.equal(k_stab, k_max.amax(-1).flatten())
+    # the stabilizer: 1.1.4's max of dash over every key and feature
+    assert rel_err(k_stab, project(k.double(), proj.double()).flatten(-2).amax(-1).flatten()) < 1e-5
     assert torch.allclose(vsum, v[0].sum(1), atol=1e-5)
     g = torch.randn_like(out)
     dq = NC.noncausal_bwd(g, q, k, v, proj, out, q_max, k_max, k_scale, rden, states, feature=SOFTMAX)[0]
@@ -144,13 +146,15 @@ def test_meta_launches():
     b, h, n, d, e, m = 2, 3, 200, 64, 64, 266
     launched = meta_launches(False, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m)
     assert [name for name, *_ in launched] == [
-        "_row_stats_kernel", "_state_kernel", "_combine_kernel", "_output_kernel",
+        "_state_kernel", "_combine_kernel", "_output_kernel",
         "_dstate_kernel", "_combine_kernel", "_bwd_q_kernel", "_bwd_kv_kernel",
     ]
-    assert launched[0][1] == (b * h, 4, 1)  # k rows only: the output kernel finds q's row max
-    assert launched[3][1] == (b * h, 4)
+    # no row-stats launch: the state kernel takes key maxima on its m tiles (64: 5 for m = 266),
+    # the output kernel finds the query row max online
+    assert launched[0][1][:2] == (b * h, 5) and launched[2][1] == (b * h, 4)
     assert [kw["REFS"] for name, _, kw in launched if name == "_combine_kernel"] == [True, False]
-    assert all(kw["FEATURE"] == SOFTMAX for name, _, kw in launched[1:] if name != "_combine_kernel")
+    assert launched[1][2]["BMS"] == 64 and launched[1][2]["NMTP"] == 8
+    assert all(kw["FEATURE"] == SOFTMAX for name, _, kw in launched if name != "_combine_kernel")
     q, k, v, proj, _ = inputs(1, 1, 8, 16, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="causal attention only"):
         NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=True)
