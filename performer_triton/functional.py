@@ -87,6 +87,16 @@ def _empty_result(q: Tensor, v: Tensor) -> Tensor:
     return q[..., :0] @ v[..., :0, :]
 
 
+def _after(rows: int, q: Tensor, fill: float) -> Tensor:
+    """q (b, h, n, .) after `rows` rows of `fill`.  Causal attention with n queries and s > n keys
+    (bottom-right aligned, as FlashAttention: the KV-cache call) runs as s positions whose first
+    s - n queries are placeholders; their outputs are dropped, and each query's output depends on
+    its own row and the keys only.  fill keeps the placeholders' features finite and positive."""
+    if rows == 0:
+        return q
+    return torch.cat((q.new_full((*q.shape[:2], rows, q.shape[3]), fill), q), dim=2)
+
+
 def favor_attention(
     q: Tensor,
     k: Tensor,
@@ -109,6 +119,8 @@ def favor_attention(
     key_padding_mask: (b, s) bool, True = keep; padded keys are excluded from the numerator,
     the normaliser and the stabilizer.
     backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
+    causal with fewer queries than keys (n < s): the queries are the last n of the s positions
+    (bottom-right aligned, the KV-cache call).
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
@@ -132,16 +144,18 @@ def favor_attention(
 
     fused = fmap.fused and key_padding_mask is None
     use_triton = _use_triton(backend, q, v, fused)
+    before = k.shape[2] - q.shape[2] if causal else 0  # placeholder queries (_after)
     if fused:
         projection = projection_matrix.to(q.dtype).contiguous()
-        return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, use_triton)[0]
+        return favor_fwd(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix, use_triton)[0][
+            ..., before:, :]
     q_features, k_features = fmap.features(
         q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
-    return _given_attention(q_features, k_features, v, causal, eps, use_triton)
+    return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton)[..., before:, :]
 
 
 def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: bool, eps, use_triton: bool) -> Tensor:
@@ -168,7 +182,7 @@ def linear_attention(
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
-    prefix sum.
+    prefix sum; with fewer queries than keys the queries are the last n positions.
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
@@ -176,4 +190,6 @@ def linear_attention(
     if q_features.shape[2] == 0:
         return _empty_result(q_features, v)
     use_triton = _use_triton(backend, q_features, v, False)
-    return _given_attention(q_features, k_features, v, causal, float(eps), use_triton)
+    before = k_features.shape[2] - q_features.shape[2] if causal else 0  # placeholder queries (_after)
+    return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, float(eps), use_triton)[
+        ..., before:, :]

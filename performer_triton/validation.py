@@ -52,9 +52,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
         raise ValueError(
             f"{q_name} and {k_name} must have the same last dimension, got {q.shape[3]} and {k.shape[3]}"
         )
-    if causal and q.shape[2] != k.shape[2]:
+    if causal and q.shape[2] > k.shape[2]:
         raise ValueError(
-            f"causal attention needs {q_name} and {k_name} of the same length, got {q.shape[2]} and {k.shape[2]}"
+            f"causal attention takes at most as many queries as keys ({q_name} is the last n of the s positions "
+            f"of {k_name}), got {q_name} of length {q.shape[2]} and {k_name} of length {k.shape[2]}"
         )
     if q.shape[2] > 0 and k.shape[2] == 0:
         raise ValueError(f"{k_name} has length 0 but {q_name} has {q.shape[2]} positions: nothing to attend to")

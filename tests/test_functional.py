@@ -161,6 +161,44 @@ def test_fully_masked_rows_give_finite_zeros_and_gradients(backend, causal, feat
     assert rel(out[:1, :, :6], kept) <= fp32_tol(backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES[1:])
+@pytest.mark.parametrize("feature_map", ["softmax", "relu", "none"])
+@pytest.mark.parametrize("n", [1, 5, 37])
+def test_causal_queries_after_a_longer_key_prefix(backend, case, feature_map, n):
+    """Causal with n queries and s > n keys (the KV-cache call): the queries are the last n of
+    the s positions (bottom-right aligned), as the last n rows of one call over all s positions,
+    gradients included; the earlier positions' queries do not matter."""
+    s = 70
+    q_all, k, v = (t.to(DEVICE) for t in qkv(b=2, h=2, n=s, d=8, e=6))
+    P = projection(12, 8).to(DEVICE)
+    g = torch.randn(2, 2, n, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ours = tuple(t.clone().requires_grad_() for t in (q_all[:, :, s - n:], k, v))
+    out = favor_attention(*ours, P, feature_map=feature_map, backend=backend, **case)
+    out.backward(g)
+    theirs = tuple(t.double().requires_grad_() for t in (q_all, k, v))
+    ref = reference.favor_attention(*theirs, P.double(), feature_map=feature_map, **case)[:, :, s - n:]
+    ref.backward(g.double())
+    tol = fp32_tol(backend) if backend == "triton" else 1e-5
+    assert out.shape == (2, 2, n, 6) and rel(out, ref) <= tol
+    assert rel(ours[0].grad, theirs[0].grad[:, :, s - n:]) <= 3 * tol
+    assert torch.equal(theirs[0].grad[:, :, : s - n], torch.zeros_like(theirs[0].grad[:, :, : s - n]))
+    for a, b in zip(ours[1:], theirs[1:]):
+        assert rel(a.grad, b.grad) <= 3 * tol
+
+
+def test_fast_attention_kv_cache_call():
+    """FastAttention(causal=True) with one query and the whole key cache gives the last row of
+    the full-sequence call (1.1.4 attended to the first key only)."""
+    torch.manual_seed(0)
+    attn = FastAttention(16, nb_features=24, causal=True, key_stabilizer="prefix")
+    q, k, v = qkv(b=1, h=2, n=33, d=16)
+    full = attn(q, k, v)
+    for i in (0, 10, 32):
+        step = attn(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
+        assert rel(step, full[:, :, i : i + 1]) <= 1e-5
+
+
 def test_autocast_runs_in_low_precision():
     q, k, v = qkv(n=37, d=16)
     P = projection(44, 16)
@@ -231,7 +269,7 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k[:, :2], v[:, :2], P)
     with bad("k and v must have the same length"):
         favor_attention(q, k, v[:, :, :5], P)
-    with bad("same length, got 8 and 5"):
+    with bad("at most as many queries as keys .* q of length 8 and k of length 5"):
         favor_attention(q, k[:, :, :5], v[:, :, :5], P, causal=True)
     with bad("projection_matrix must have shape \\(nb_features, 16\\)"):
         favor_attention(q, k, v, projection(20, 8))
