@@ -18,7 +18,9 @@ Sweep: dtype fp32/fp16/bf16 x (d, e) in HEAD_DIMS (up to kernels.MAX_HEAD_DIM) x
 NB_FEATURES x n = SEQ_LEN x every kernel code of the feature-map registry
 (performer_triton.feature_maps.KERNEL_MAPS: softmax, relu, given) x non-causal/causal/
 causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; plus
-row_stats(q, k, projection) on its own.  Targets: sm_90a (H100) and sm_80 (A100).
+row_stats(q, k, projection) on its own and the decode step (kernels.decode.decode_step, the
+fused maps, with and without a keep mask; fp32 states as FavorState keeps for fp32 models and
+16-bit ones for 16-bit models).  Targets: sm_90a (H100) and sm_80 (A100).
 
 Per unique compile: kernel, constexprs, argument dtypes and the int arguments without the
 16-divisibility hint, num_warps/num_stages, registers and spill bytes (bundled ptxas -v with
@@ -123,6 +125,7 @@ REQUIRED_MODULES = (
     "performer_triton.kernels.feature_map",
     "performer_triton.kernels.noncausal",
     "performer_triton.kernels.causal",
+    "performer_triton.kernels.decode",
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -276,6 +279,16 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                 projection = _meta((m, d), dtype)
                 rows = _meta((BATCH, HEADS, SEQ_LEN, d), dtype)
                 run(f"row_stats {shape}", feature_map.row_stats, rows, rows, projection)
+                decode = modules.get("performer_triton.kernels.decode")
+                for feature, fmap in sorted(registry.KERNEL_MAPS.items()) if decode else ():
+                    if fmap.fused:
+                        one, state = (BATCH, HEADS, 1), (BATCH, HEADS)
+                        keep = torch.empty((BATCH,), device="meta", dtype=torch.bool)
+                        for mask in (None, keep):
+                            run(f"decode {shape} {fmap.name}", decode.decode_step, _meta((*one, d), dtype),
+                                _meta((*one, d), dtype), _meta((*one, e), dtype), projection, mask,
+                                _meta((*state, m, e + 1), dtype), _meta((*state, e + 1), dtype), _meta(state, dtype),
+                                _meta(state, dtype), feature=feature, causal_coef=1e-6)
                 for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
                     given = not fmap.fused
                     qk = (BATCH, HEADS, SEQ_LEN, m if given else d)

@@ -25,6 +25,8 @@
 #                  shape and the causal fwd+bwd sweep against SDPA (flash), fla's chunk linear
 #                  attention and performer-pytorch 1.1.4 at n = GPU_CHECK_SIZES (1k..64k);
 #                  pytest-benchmark JSON in OUTDIR/targets.json, junit in OUTDIR/targets.xml
+#   generation     pytest bench/test_generation.py: ms per token by context length, the cached
+#                  (fused) decode step against recomputing; OUTDIR/generation.json
 #   summary        python bench/gpu_summary.py summary OUTDIR: OUTDIR/summary.md and summary.json
 # Logs: OUTDIR/logs/<stage>.log; one line per stage in OUTDIR/stages.tsv.
 #
@@ -251,6 +253,12 @@ if [ "$CUDA" = 1 ]; then
       --sizes $SIZES --benchmark-json \"\$OUT/targets.json\" --junitxml \"\$OUT/targets.xml\""
 else
   skip targets "$NO_CUDA"
+fi
+if [ "$CUDA" = 1 ]; then  # time per token vs context length: the fused decode step, flat
+  stage generation 60 $SUMMARY_RESERVE "\"\$PY\" -m pytest bench/test_generation.py -q -rfEs -p no:cacheprovider \
+      --benchmark-json \"\$OUT/generation.json\""
+else
+  skip generation "$NO_CUDA"
 fi
 if ! finish_compile_report $(( DEADLINE - $(now) - 10 )); then  # its own timeout ends it before this
   kill -TERM "$CR_PID" 2> /dev/null || true

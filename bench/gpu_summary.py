@@ -12,6 +12,8 @@ ran out of time leaves less, and the summary says so):
     logs/sanitize_*.log   compute-sanitizer's output (memcheck, racecheck)
     targets.json          pytest-benchmark JSON of bench/test_targets.py (targets, times, sweep)
     targets.xml           junit XML of the same run (outcomes and skip reasons)
+    generation.json       pytest-benchmark JSON of bench/test_generation.py (ms per token by
+                          context length: the cached decode step against recomputing)
     compile_report.json   `bench/compile_report.py --target --json`: {"kernels": [...],
                           "calls": [{"name", "estimate_us", "roofline_us", ...}]}
 
@@ -336,6 +338,18 @@ def compile_flags(report: dict | None) -> list[str]:
 # ----------------------------------------------------------------------------- summary
 
 
+def generation_rows(bench_json: dict | None) -> list[dict]:
+    """Per context length: ms per token of the cached decode step and of recomputing the prefix
+    (bench/test_generation.py's extra_info cached_ms_N, recompute_ms_N)."""
+    rows: dict[int, dict] = {}
+    for bench in (bench_json or {}).get("benchmarks", []):
+        for key, value in (bench.get("extra_info") or {}).items():
+            found = re.fullmatch(r"(cached|recompute)_ms_(\d+)", key)
+            if found:
+                rows.setdefault(int(found.group(2)), dict(n=int(found.group(2))))[f"{found.group(1)}_ms"] = value
+    return [rows[n] for n in sorted(rows)]
+
+
 def summarize(out: Path) -> dict:
     env = read_json(out / "env.json") or {}
     env["packages"] = package_versions()
@@ -357,6 +371,7 @@ def summarize(out: Path) -> dict:
         targets=target_rows(bench_json, targets_junit),
         target_tests=None if targets_junit is None else {k: v for k, v in targets_junit.items() if k != "cases"},
         sweep=sweep_rows(bench_json, targets_junit),
+        generation=generation_rows(read_json(out / "generation.json")),
         target_shape=TARGET_SHAPE,
         measured_us=measured,
         estimates=estimate_rows(report, measured) if report or measured else [],
@@ -441,6 +456,14 @@ def markdown(s: dict) -> str:
                 else:
                     cells.append(f"{p.get('outcome')}: {p.get('message', '')}")
             lines.append(f"| {r['n']} | {_fmt(r.get('ours_ms'))} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("no results (see the stages)")
+    lines.append("")
+
+    lines += ["## Generation: ms per token against context length (bench/test_generation.py)", ""]
+    if s.get("generation"):
+        lines += ["| context | cached step ms | recompute ms |", "|---|---|---|"]
+        lines += [f"| {r['n']} | {_fmt(r.get('cached_ms'))} | {_fmt(r.get('recompute_ms'))} |" for r in s["generation"]]
     else:
         lines.append("no results (see the stages)")
     lines.append("")

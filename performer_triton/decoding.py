@@ -16,6 +16,10 @@ features of maps the kernels do not compute (no_projection, a callable kernel_fn
 query's stabilizer M is the max over all keys so far, which is both the "prefix" stabilizer and,
 for the last position, the "global" one. Local (windowed) heads keep only the keys and values
 their window can still see.
+
+One new position at a time with the kernels' own feature maps (softmax, relu) runs the fused
+Triton step (kernels/decode.py: features, state update and output in one launch per layer) on
+CUDA, or wherever the attention's backend is "triton"; the PyTorch update otherwise.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 
 from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap
+from .functional import triton_unsupported
 from .torch_backend import ChunkFeatures, add_keys, with_ones
 
 __all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
@@ -69,13 +74,16 @@ def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
 class FavorState:
     """Running state of the causal FAVOR+ heads of one layer (see the module docstring).
 
-    feature_map: the layer's FeatureMap; projection (m, d) or None (no_projection)."""
+    feature_map: the layer's FeatureMap; projection (m, d) or None (no_projection); fused: single
+    positions run the fused Triton step (kernels/decode.py) on this state."""
 
     def __init__(
-        self, feature_map: FeatureMap, projection: Tensor | None, b: int, h: int, m: int, e: int, dtype, device
+        self, feature_map: FeatureMap, projection: Tensor | None, b: int, h: int, m: int, e: int, dtype, device,
+        fused: bool = False,
     ):
         self.feature_map = feature_map
         self.projection = projection
+        self.fused = fused
         kernel_map = feature_map if feature_map.fused else GIVEN_MAP  # what the chunk math computes
         self.chunk = ChunkFeatures(kernel_map.code, projection, m if projection is None else projection.shape[1], dtype)
         self.ref = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # R
@@ -130,6 +138,13 @@ class FavorState:
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
+        if self.fused and q.shape[2] == 1:
+            from .kernels.decode import decode_step  # imports triton
+
+            return decode_step(
+                q, k, v, self.projection, None if keep is None else keep[:, 0].contiguous(), self.hz, self.v_sum,
+                self.ref, self.stab, feature=self.feature_map.code, causal_coef=self.chunk.causal_coef,
+            )
         return _step(self, q, k, v, keep)
 
 
@@ -148,9 +163,21 @@ def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorSta
         raise ValueError("incremental decoding needs a causal FastAttention (causal=False here)")
     b, h, _, e = v.shape
     fmap = fast_attention.feature_map
-    projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(k.dtype)
+    projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(k.dtype).contiguous()
     m = k.shape[-1] if projection is None else projection.shape[0]
-    return FavorState(fmap, projection, b, h, m, e, k.dtype, k.device)
+    return FavorState(fmap, projection, b, h, m, e, k.dtype, k.device, _fused_step(fast_attention.backend, fmap, k, v))
+
+
+def _fused_step(backend: str, fmap: FeatureMap, k: Tensor, v: Tensor) -> bool:
+    """Whether single positions run the fused Triton step: the kernels' own feature maps, with
+    backend "triton", or "auto" on CUDA where the kernels take the inputs (fp32 included: the
+    step has no tensor-core dot, so no TF32 question)."""
+    if backend == "torch" or not fmap.fused:
+        return False
+    reason = triton_unsupported(k, v, fused=True)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
+    return reason is None and (backend == "triton" or k.device.type == "cuda")
 
 
 class LocalWindowState:

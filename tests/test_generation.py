@@ -267,3 +267,55 @@ def test_no_projection_state_stays_exact_for_keys_that_overflow_exp():
     full = fa(q, k, v)  # one call: one shift for the whole sequence
     assert torch.isfinite(out).all()
     assert rel(out[:, :, 17:], full[:, :, 20:]) <= 1e-6
+
+
+# the fused decode step (kernels/decode.py), in Triton's interpreter on CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kwargs", [dict(key_stabilizer="prefix"), dict(generalized_attention=True)],
+                         ids=["softmax", "relu"])
+def test_fused_decode_step_equals_the_pytorch_step(kwargs, dtype):
+    """One launch per position (features of q and k, state update, output) against FavorState's
+    PyTorch update: outputs and the state it leaves, with a prompt prefilled, a dropped key,
+    head dims not powers of two and m not a multiple of the m tile; NaN-filled outputs."""
+    torch.manual_seed(0)
+    fused, plain = (FastAttention(24, 50, causal=True, backend=backend, **kwargs) for backend in ("triton", "torch"))
+    plain.load_state_dict(fused.state_dict())
+    q, k, v = (t.to(dtype) for t in qkv(b=2, h=3, n=12, d=24, e=20, scale=2.0))
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 6] = False
+    states = [favor_state(fa, k, v) for fa in (fused, plain)]
+    assert states[0].fused and not states[1].fused
+    outs = [decode(state, q, k, v, keep, prompt=4) for state in states]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert outs[0].dtype == dtype and torch.isfinite(outs[0]).all()
+    assert rel(outs[0].double(), outs[1].double()) <= tol
+    for name in ("hz", "v_sum", "ref", "stab"):
+        a, b = (getattr(s, name).double() for s in states)
+        finite = torch.isfinite(b)
+        assert torch.equal(a[~finite], b[~finite]), name  # relu: M stays -inf
+        scale = max(b.nan_to_num(0.0, 0.0, 0.0).abs().max().item(), 1.0)  # relu: R = 0
+        assert (a - b).nan_to_num(0.0).abs().max() <= tol * scale, name
+
+
+def test_fused_decode_in_a_model_equals_the_pytorch_decoder():
+    """A PerformerLM with backend="triton" decodes position by position with the fused step
+    (one launch per layer) and gives the logits of the PyTorch decoder.  One layer: its prompt
+    runs the fused chunk kernels, whose TF32 dots (emulated) would move a second layer's keys."""
+    models = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        models.append(PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=32, dim=32, depth=1, heads=2, dim_head=16,
+                                  nb_features=20, causal=True, key_stabilizer="prefix", backend=backend).eval())
+    x = torch.randint(0, NUM_TOKENS, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits = []
+    with torch.no_grad():
+        for model in models:
+            cache = DecodingCache()
+            logits.append(torch.cat([model(x[:, :5], cache=cache)] + [model(x[:, i : i + 1], cache=cache)
+                                                                      for i in range(5, 9)], dim=1))
+            favor, _ = next(iter(cache._states.values()))
+            assert favor.fused == (model is models[0])
+    assert rel(logits[0][:, 5:], logits[1][:, 5:]) <= 1e-5  # the steps
+    assert rel(logits[0][:, :5], logits[1][:, :5]) <= 2e-3  # the prompt: TF32

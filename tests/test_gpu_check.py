@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "bench" / "gpu_summary.py"
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 GPU_STAGES = ("install", "install_peers", "compile_report", "kernel_tests", "sanitize_warm", "sanitize_memcheck",
-              "sanitize_racecheck", "targets")
+              "sanitize_racecheck", "targets", "generation")
 
 
 def junit(cases: list[tuple[str, str, str]]) -> str:
@@ -83,6 +83,10 @@ def stage_outputs(tmp_path):
         ("test_gpu_sweep[n65536-torch-sdpa]", "passed", ""),
         ("test_gpu_sweep[n65536-performer-pytorch]", "skipped", "performer-pytorch: 32.0 GiB over the cap"),
     ]))
+    (out / "generation.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_time_per_token_is_flat_with_the_cache", "extra_info": {
+            "cached_ms_128": 0.5, "cached_ms_4096": 0.55, "recompute_ms_128": 2.0, "recompute_ms_4096": 40.0,
+            "cached_growth": 1.1}}]}))
     (out / "compile_report.json").write_text(json.dumps({
         "target": {"b": 2, "h": 8, "n": 8192, "d": 64, "e": 64, "m": 256, "dtype": "bf16"},
         "kernels": [{"name": "causal._state_kernel", "arch": "sm_90a", "dtype": "bf16", "regs": 128,
@@ -135,6 +139,8 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     assert est["noncausal fwd"]["estimate_us"] is None  # not in this report
     assert "| causal fwd | 250 | 20 | 200 | 0.8 | 10 |" in md
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
+    assert s["generation"] == [dict(n=128, cached_ms=0.5, recompute_ms=2.0), dict(n=4096, cached_ms=0.55, recompute_ms=40.0)]
+    assert "| 4096 | 0.55 | 40 |" in md
 
 
 def test_summary_with_nothing_but_stages(tmp_path):
@@ -144,7 +150,7 @@ def test_summary_with_nothing_but_stages(tmp_path):
     assert run.returncode == 0, run.stderr
     md = (tmp_path / "summary.md").read_text()
     assert "| targets | timeout | 300 | timed out after 300 s |" in md
-    assert md.count("no results (see the stages)") == 3
+    assert md.count("no results (see the stages)") == 4  # kernel tests, targets, sweep, generation
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
