@@ -1,6 +1,7 @@
 """performer_triton: fused Triton FAVOR+ (Performer) attention, a drop-in successor of
 performer-pytorch 1.1.4 (same exports: swap `performer_pytorch` for `performer_triton`)."""
 from . import feature_maps, functional
+from .attention_state import AttentionState
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .convert import replace_fast_attention
 from .fast_attention import FastAttention
@@ -12,6 +13,7 @@ from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chu
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionState",
     "AutoregressiveWrapper",
     "CrossAttention",
     "FastAttention",

@@ -29,6 +29,7 @@ import torch
 from local_attention.rotary import rotate_half
 from torch import Tensor, nn
 
+from .attention_state import AttentionState, check_state
 from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap
 from .functional import triton_unsupported
@@ -90,6 +91,18 @@ class FavorState:
         self.stab = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # M
         self.hz = torch.zeros(b, h, m, e + 1, dtype=dtype, device=device)  # [H | z] relative to R
         self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
+
+    @property
+    def state(self) -> AttentionState:
+        """The running sums as the functional API's state (favor_attention(initial_state=...))."""
+        return AttentionState(self.hz, self.v_sum, self.ref, self.stab)
+
+    def load(self, state: AttentionState) -> None:
+        """Continue from a state (favor_attention(..., output_final_state=True)'s), in this
+        state's dtype."""
+        b, h, m, e1 = self.hz.shape
+        state = check_state(state, b, h, m, e1 - 1, self.hz.device)
+        self.hz, self.v_sum, self.ref, self.stab = (t.to(self.hz.dtype).contiguous() for t in state)
 
     def _rows(self, x: Tensor, is_query: bool) -> Tensor:
         """What the chunk math takes: x itself (fused maps) or its features (b, h, t, m)."""

@@ -11,9 +11,10 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM
-from .ops import favor_fwd
+from .ops import favor_fwd, favor_state_fwd
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
@@ -108,7 +109,9 @@ def favor_attention(
     feature_map: FeatureMapArg = "softmax",
     key_padding_mask: Tensor | None = None,
     backend: str = "auto",
-) -> Tensor:
+    initial_state: AttentionState | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, AttentionState]:
     """FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e), projection_matrix (m,d) -> (b,h,n,e).
 
     feature_map: "softmax" (positive random features, fused), "relu" (generalized attention,
@@ -121,6 +124,10 @@ def favor_attention(
     backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
     causal with fewer queries than keys (n < s): the queries are the last n of the s positions
     (bottom-right aligned, the KV-cache call).
+    initial_state, output_final_state (causal; softmax features with key_stabilizer="prefix"):
+    start from the keys a state holds (performer_triton.attention_state) and also return the state
+    after this call's keys, (out, state); gradients flow into the initial state's hz and v_sum.
+    Runs on the PyTorch path for now.
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
@@ -139,6 +146,9 @@ def favor_attention(
                 "key_padding_mask with key_stabilizer='prefix' is not supported; causal models padded "
                 "on the right need no mask (later keys are never visible)"
             )
+    if initial_state is not None or output_final_state:
+        return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, key_padding_mask, backend,
+                                 initial_state, output_final_state, causal=causal)
     if q.shape[2] == 0:
         return _empty_result(q, v)
 
@@ -156,6 +166,51 @@ def favor_attention(
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
     return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton)[..., before:, :]
+
+
+def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str, key_padding_mask, backend: str,
+                      initial_state, output_final_state: bool, *, causal: bool):
+    """favor_attention from a state (checks, then the features and _with_state)."""
+    what = "initial_state / output_final_state"
+    if not causal:
+        raise ValueError(f"{what}: causal attention only (a state holds the keys before the queries)")
+    if fmap.stabilized and key_stabilizer != "prefix":
+        raise ValueError(f"{what} with softmax features need key_stabilizer='prefix': the global stabilizer is a "
+                         "max over every key of the sequence, keys a state has not seen yet")
+    if key_padding_mask is not None:
+        raise ValueError(f"{what}: key_padding_mask is not supported; pass the kept keys only")
+    if fmap.fused:
+        return _with_state(q, k, v, projection.to(q.dtype).contiguous(), fmap.code, fmap.stabilized, CAUSAL_EPS,
+                           initial_state, output_final_state, backend, 0.0)
+    eps = fmap.causal_eps(k)
+    if isinstance(eps, Tensor):
+        raise ValueError(f"{what}: not with no_projection, whose causal keys are rescaled per call (by their max)")
+    q_features, k_features = fmap.features(q, k, projection, causal=True)
+    return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, eps, initial_state, output_final_state,
+                       backend, 1.0)
+
+
+def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feature: int, prefix: bool, eps: float,
+                initial_state, output_final_state: bool, backend: str, fill: float):
+    """The stateful causal op (ops.favor_state_fwd) on rows the op takes: q, k, or their features
+    (GIVEN, projection None).  -> out, or (out, final state)."""
+    if backend == "triton":
+        raise ValueError("backend='triton' cannot run initial_state / output_final_state yet: the state passing "
+                         "runs on the PyTorch path (backend='auto' or 'torch')")
+    (b, h, n, _), s, e = q.shape, k.shape[2], v.shape[3]
+    m = k.shape[3] if projection is None else projection.shape[0]
+    if initial_state is None:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
+    else:
+        initial_state = check_state(initial_state, b, h, m, e, q.device)
+    if s == 0:  # no keys: the state as it was
+        out = _empty_result(q, v)
+        return (out, initial_state) if output_final_state else out
+    before = s - n  # placeholder queries (_after)
+    outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state)
+    out = outs[0][..., before:, :]
+    return (out, AttentionState(*outs[5:])) if output_final_state else out
 
 
 def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: bool, eps, use_triton: bool) -> Tensor:
@@ -176,17 +231,24 @@ def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: 
 
 def linear_attention(
     q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
-    eps: float = CAUSAL_EPS,
-) -> Tensor:
+    eps: float = CAUSAL_EPS, initial_state: AttentionState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, AttentionState]:
     """Linear attention on precomputed (positive) features, fused.
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
     prefix sum; with fewer queries than keys the queries are the last n positions.
+    initial_state, output_final_state: as favor_attention's (causal only).
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
+    if initial_state is not None or output_final_state:
+        if not causal:
+            raise ValueError("initial_state / output_final_state: causal attention only (a state holds the keys "
+                             "before the queries)")
+        return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, float(eps), initial_state,
+                           output_final_state, backend, 1.0)
     if q_features.shape[2] == 0:
         return _empty_result(q_features, v)
     use_triton = _use_triton(backend, q_features, v, False)

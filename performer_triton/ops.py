@@ -41,7 +41,7 @@ def favor_fwd(
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
-    return (*torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags), [])
+    return (*torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)[:5], [])
 
 
 @favor_fwd.register_fake
@@ -91,7 +91,7 @@ def favor_bwd(
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
         return launchers(causal)[1](*args, states, **flags)
-    return torch_backend.favor_bwd(*args, causal=causal, **flags)
+    return torch_backend.favor_bwd(*args, causal=causal, **flags)[:3]
 
 
 @favor_bwd.register_fake
@@ -123,3 +123,85 @@ def _backward(ctx, grad_out, *unused_grads):
 
 
 favor_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- with a state
+# Causal attention that starts from a state and returns the state after its keys
+# (performer_triton.attention_state): the PyTorch path; hz0, v_sum0 and the final hz, v_sum are
+# differentiable, the references and stabilizers are constants (as every stabilizer).
+
+
+@torch.library.custom_op("performer_triton::favor_state_fwd", mutates_args=())
+def favor_state_fwd(
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
+    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, q_max, k_max, k_scale, rden, hz, v_sum, ref, stab): causal favor_fwd from the state
+    (hz0, v_sum0, ref0, stab0), and the state after the last key in the compute dtype."""
+    q, k, v = map(_unit_stride, (q, k, v))
+    out, q_max, k_max, k_scale, rden, final = torch_backend.favor_fwd(
+        q, k, v, projection, causal=True, feature=feature, prefix=prefix, causal_eps=causal_eps,
+        initial=(hz0, v_sum0, ref0, stab0), final=True)
+    return out, q_max, k_max, k_scale, rden, *final
+
+
+@favor_state_fwd.register_fake
+def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0):
+    b, h, n, _ = q.shape
+    s = k.shape[2]
+    softmax = KERNEL_MAPS[feature].stabilized
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def like(t: Tensor) -> Tensor:
+        return t.new_empty(t.shape, dtype=compute)
+
+    return (q.new_empty((b, h, n, v.shape[3])), *(q.new_empty((b, h, rows), dtype=compute) for rows in
+            (n if softmax else 0, s if softmax else 0, s if softmax else 0, n)),
+            like(hz0), like(v_sum0), like(ref0), like(stab0))
+
+
+@torch.library.custom_op("performer_triton::favor_state_bwd", mutates_args=())
+def favor_state_bwd(
+    grad_out: Tensor, grad_hz: Optional[Tensor], grad_v_sum: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], out: Tensor, q_max: Tensor, k_max: Tensor,
+    k_scale: Tensor, rden: Tensor, hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, ref: Tensor,
+    feature: int, prefix: bool, causal_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d hz0, d v_sum0) for favor_state_fwd; grad_hz, grad_v_sum: the final state's
+    gradients (None: it had none), ref its reference."""
+    grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
+    final = None
+    if grad_hz is not None or grad_v_sum is not None:
+        final = ((None, None, ref, None), grad_hz, grad_v_sum)
+    dq, dk, dv, (d_hz0, d_vs0) = torch_backend.favor_bwd(
+        grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal=True, feature=feature, prefix=prefix,
+        causal_eps=causal_eps, initial=(hz0, v_sum0, ref0, stab0), final=final)
+    return dq, dk, dv, d_hz0, d_vs0
+
+
+@favor_state_bwd.register_fake
+def _(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0,
+      ref, feature, prefix, causal_eps):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), hz0.new_empty(hz0.shape),
+            v_sum0.new_empty(v_sum0.shape))
+
+
+def _setup_state_context(ctx, inputs, output):
+    q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0 = inputs
+    out, q_max, k_max, k_scale, rden, _, _, ref, stab = output
+    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref)
+    ctx.flags = (feature, prefix, causal_eps)
+    ctx.mark_non_differentiable(q_max, k_max, k_scale, rden, ref, stab)
+    ctx.set_materialize_grads(False)
+
+
+def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, grad_v_sum, _ref, _stab):
+    q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref = ctx.saved_tensors
+    if grad_out is None:  # only the final state is used
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, d_hz0, d_vs0 = favor_state_bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
+                                               k_scale, rden, hz0, v_sum0, ref0, stab0, ref, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, d_hz0, d_vs0, None, None
+
+
+favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_context)

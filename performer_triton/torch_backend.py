@@ -151,12 +151,25 @@ def _grad_aug(grad_out: Tensor, out: Tensor, rden: Tensor) -> Tensor:
     return torch.cat([grad_out, -go], dim=-1) * rden[..., None]
 
 
+def _initial(initial, q: Tensor, m: int, e: int, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(hz, v_sum (b, h, 1, e+1), ref, stab) in the compute dtype from a causal state
+    (performer_triton.attention_state), or the empty state (no keys: R = M = -inf)."""
+    b, h = q.shape[:2]
+    if initial is None:
+        return (q.new_zeros((b, h, m, e + 1)), q.new_zeros((b, h, 1, e + 1)), q.new_full((b, h), float("-inf")),
+                q.new_full((b, h), float("-inf")))
+    hz, v_sum, ref, stab = (t.to(dtype) for t in initial)
+    return hz, v_sum[..., None, :], ref, stab
+
+
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
-    causal_eps: float = CAUSAL_EPS,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """FAVOR+ forward.  -> out (b, h, n, e) in q's dtype; q_max (b, h, n), k_max, k_scale (b, h, s)
-    for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype."""
+    for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype.
+    Causal only: initial, the state before the first key (hz, v_sum, ref, stab; the stabilizer
+    is then the prefix one), and final: also return the state after the last key (else [])."""
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
@@ -174,8 +187,8 @@ def favor_fwd(
     # causal: the chunks see finite values only (see the poison below)
     vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1)
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
-    hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
-    ref = q.new_full((b, h), float("-inf"))
+    # sum_j exp(u_j - ref) [v_j, 1], [sum of v, count] before the first key, R, M
+    hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)
 
     def query_features(sl: slice) -> Tensor:  # q~ (b, h, t, m)
         dash = fm.dash(q[..., sl, :])
@@ -199,15 +212,16 @@ def favor_fwd(
             # D = 0 only when every key is masked out (GIVEN zero features): no keys, output 0
             rden[..., sl] = nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0)
             out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
-        return out.to(in_dtype), q_max, k_max, k_scale, rden
+        return out.to(in_dtype), q_max, k_max, k_scale, rden, []
 
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
+    if initial is not None and stats:  # the prefix stabilizer goes on from the state's
+        stab = torch.maximum(stab, stab0[..., None])
     upper = _upper(CHUNK, q.device)
     # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
     # output adds the running sum of the non-finite ones (0 where all were finite).
     poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
-    v_before = q.new_zeros((b, h, 1, e + 1))  # [sum of v, count] over keys before the chunk
     for sl in _chunks(n):
         t = sl.stop - sl.start
         qt = query_features(sl)  # (b, h, t, m)
@@ -223,16 +237,23 @@ def favor_fwd(
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         hz, ref = add_keys(hz, ref, units, rs, vc)
         v_before = v_upto[..., -1:, :]
-    return out.add_(poison).to(in_dtype), q_max, k_max, k_scale, rden
+    state = []
+    if final:  # M after the last key: the newest query's (prefix) stabilizer
+        # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
+        state = [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
+                 stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
+    return out.add_(poison).to(in_dtype), q_max, k_max, k_scale, rden, state
 
 
 def favor_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
     q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,
-    causal_eps: float = CAUSAL_EPS,
-) -> tuple[Tensor, Tensor, Tensor]:
+    causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: tuple | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """FAVOR+ backward from favor_fwd's outputs (stabilizers detached).  -> dq, dk, dv in the
-    dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features)."""
+    dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features) and the gradients
+    of the initial state's hz and v_sum ([] without one).  final: (state, d hz, d v_sum), the
+    forward's final state and the gradients it received (None when it had none)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     dtype = _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -244,14 +265,15 @@ def favor_bwd(
     vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1); causal: as the forward's chunks
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
-    hz = q.new_zeros((b, h, m, e + 1))  # sum_j exp(u_j - ref) [v_j, 1]
-    ref = q.new_full((b, h), float("-inf"))
+    hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)  # sum_j exp(u_j - ref) [v_j, 1], ...
+    if initial is not None and fm.softmax:
+        stab = torch.maximum(stab, stab0[..., None])
 
     def query_base(sl: slice) -> Tensor:  # q~ - eps (b, h, t, m)
         return fm.query_base(q[..., sl, :], fm.dash(q[..., sl, :]), q_max[..., sl])
 
-    def done() -> tuple[Tensor, Tensor, Tensor]:
-        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+    def done(d_initial: list[Tensor] = []) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:  # noqa: B006
+        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), d_initial
 
     if not causal:
         for sl in _chunks(s):
@@ -269,7 +291,7 @@ def favor_bwd(
             # dk~_j = dH @ v_j + dz;  dv_j = k~_j @ dH
             dk[..., sl, :] = fm.vjp(k[..., sl, :], keys, vo[..., sl, :] @ dhz.mT)
             dv[..., sl, :] = torch.add(keys @ dhz[..., :e], dhz[..., :e].sum(-2, keepdim=True), alpha=fm.eps)
-        return done()
+        return done()  # (no state: causal only)
 
     upper = _upper(CHUNK, q.device)
 
@@ -279,7 +301,6 @@ def favor_bwd(
         return _visible(grad[..., sl, :] @ vo[..., sl, :].mT, factor, upper[:t, :t]), factor
 
     # forward sweep: query gradients, with the forward's states
-    v_before = q.new_zeros((b, h, 1, e + 1))
     for sl in _chunks(n):
         base = query_base(sl)
         units = fm.key_units(k[..., sl, :], k_max[..., sl])
@@ -298,6 +319,15 @@ def favor_bwd(
     # reverse sweep: key and value gradients, with states of the later queries
     dhz = torch.zeros_like(hz)  # sum_{i after chunk} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
     later = q.new_zeros((b, h, 1, e))  # sum_{i after chunk} sum(q~_i) dN_i
+    later_d = q.new_zeros((b, h))  # sum_i sum(q~_i) dD_i: the key count's gradient
+    # the final state's gradients reach every key with its own factor exp(row_scale_j - R_final)
+    # <= 1 (folding them into dhz would need exp(M_end - R_final), unbounded)
+    d_hz_f = d_vs_f = None
+    if final is not None:
+        (_, _, ref_f, _), d_hz_f, d_vs_f = final
+        ref_f = ref_f.to(dtype)
+        d_hz_f = torch.zeros_like(hz) if d_hz_f is None else d_hz_f.to(dtype)
+        d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
     for sl in reversed(_chunks(n)):
         qt = query_base(sl) + fm.eps
         units = fm.key_units(k[..., sl, :], k_max[..., sl])
@@ -306,16 +336,37 @@ def favor_bwd(
         m_end = m_i[..., -1]  # (b, h): dhz is relative to it
         key_scale = (row_scale[..., sl] - m_end[..., None]).exp_()[..., None]  # (b, h, t, 1)
         # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
-        dk[..., sl, :] = fm.vjp(k[..., sl, :], units, _bmm(dwf.mT, qt, (vc @ dhz.mT).mul_(key_scale)))
+        du = (vc @ dhz.mT).mul_(key_scale)
+        if d_hz_f is not None:
+            key_f = (row_scale[..., sl] - ref_f[..., None]).exp_()[..., None]  # (b, h, t, 1)
+            du += (vc @ d_hz_f.mT).mul_(key_f)
+        dk[..., sl, :] = fm.vjp(k[..., sl, :], units, _bmm(dwf.mT, qt, du))
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
         weights = _visible(qt @ units.mT, factor, upper[: factor.shape[-1], : factor.shape[-1]])  # exp part of w_ij
         q_dn = qt.sum(-1, keepdim=True) * g[..., :e]  # (b, h, t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
         inter = _bmm(units * key_scale, dhz[..., :e], q_dn_from * fm.eps)
+        if d_hz_f is not None:
+            inter = _bmm(units * key_f, d_hz_f[..., :e], inter).add_(d_vs_f[..., None, :e])
         dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter)
         later = q_dn_from[..., :1, :]
-        if sl.start > 0:  # fold this chunk's queries in, relative to the previous chunk's end
-            m_prev = stab[..., sl.start - 1]
+        later_d += (qt.sum(-1) * g[..., e]).sum(-1)
+        if sl.start > 0 or initial is not None:
+            # fold this chunk's queries in, relative to the previous chunk's end (the initial
+            # state's stabilizer before the first chunk; the maps without one: 0)
+            m_prev = stab[..., sl.start - 1] if sl.start > 0 else (stab0 if fm.softmax else torch.zeros_like(m_end))
             scaled = qt * (m_prev[..., None] - m_i).exp_()[..., None]
             dhz = _bmm(scaled.mT, g, dhz * (m_prev - m_end).exp_()[..., None, None])
-    return done()
+    if initial is None:
+        return done()
+    # out_i depends on the initial hz through exp(R0 - M_i) q~_i . hz0 and the final state on it
+    # through exp(R0 - R_final) hz0; an empty state (R0 = -inf) has none
+    ref0 = initial[2].to(dtype)
+    empty = torch.isinf(ref0)[..., None, None]
+    d_hz0 = dhz * (ref0 - stab0 if fm.softmax else ref0).masked_fill(empty[..., 0, 0], 0.0).exp_()[..., None, None]
+    d_vs0 = torch.cat([later[..., 0, :], later_d[..., None]], dim=-1).mul_(fm.eps)
+    if d_hz_f is not None:
+        d_hz0 += d_hz_f * (ref0 - ref_f).masked_fill(empty[..., 0, 0], 0.0).exp_()[..., None, None]
+        d_vs0 += d_vs_f
+    d_hz0 = d_hz0.masked_fill(empty, 0.0)
+    return done([d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)])

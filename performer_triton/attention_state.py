@@ -1,0 +1,60 @@
+"""The state of causal FAVOR+ attention after some keys: what a later call needs of them.
+
+The running sums of the cached decoder (performer_triton.decoding.FavorState) in the referenced
+form of kernels/NOTES.md, per (batch, head); m features, e value dim:
+
+    hz    (b, h, m, e + 1)  [H | z] = sum_j exp(row_scale_j - R) u_j [v_j, 1]^T
+    v_sum (b, h, e + 1)     [sum of the values | number of keys]
+    ref   (b, h)            R: running max of row_scale = row_max - |dn k|^2 / 2 (softmax);
+                            0 for the maps without a stabilizer once a key is in; -inf before
+    stab  (b, h)            M: running max of row_max, the next query's key stabilizer
+                            (softmax; -inf for the other maps)
+
+with u_j the key units exp(dash_j - row_max_j) (softmax), relu(dash_j) (relu) or the given key
+features. Every factor exp(row_scale_j - R) is at most 1 and a query reads the state with
+exp(R - M) <= 1, so the state stays finite in fp16 however large |k| is. Chaining:
+`favor_attention(x2, initial_state=s1)`, s1 the final state of `favor_attention(x1)`, gives the
+outputs (and gradients) of one call over x1 and x2 with the prefix stabilizer.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class AttentionState(NamedTuple):
+    """Causal FAVOR+ attention state (module docstring): hz, v_sum, ref, stab."""
+
+    hz: Tensor
+    v_sum: Tensor
+    ref: Tensor
+    stab: Tensor
+
+    @classmethod
+    def empty(cls, b: int, h: int, m: int, e: int, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> AttentionState:
+        """The state before any key: zero sums, R = M = -inf."""
+        kw = dict(dtype=dtype, device=device)
+        return cls(torch.zeros(b, h, m, e + 1, **kw), torch.zeros(b, h, e + 1, **kw),
+                   torch.full((b, h), float("-inf"), **kw), torch.full((b, h), float("-inf"), **kw))
+
+
+def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.device) -> AttentionState:
+    """state as an AttentionState of these sizes on this device (ValueError / TypeError naming
+    what differs)."""
+    if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
+        raise TypeError(f"initial_state must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
+    state = AttentionState(*state)
+    expected = dict(hz=(b, h, m, e + 1), v_sum=(b, h, e + 1), ref=(b, h), stab=(b, h))
+    for name, shape in expected.items():
+        t = getattr(state, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {shape} (b, h, m, e of this call), "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+    return state

@@ -1,0 +1,208 @@
+"""Attention state in and out (issue 13): chaining calls equals one call, outputs and gradients,
+gradients into the initial state, the bottom-right aligned call as a state, the decoder's state,
+clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from performer_triton import AttentionState, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
+from performer_triton.decoding import favor_state
+from performer_triton.fast_attention import FastAttention
+
+MAPS = {
+    "softmax": dict(feature_map="softmax", key_stabilizer="prefix"),
+    "relu": dict(feature_map="relu"),
+    "softplus": dict(feature_map=torch.nn.Softplus()),
+}
+
+
+def qkv(b=2, h=3, n=257, d=12, e=7, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(scale * torch.randn(b, h, n, dim, generator=g, dtype=torch.float64) for dim in (d, d, e))
+
+
+def projection(m=20, d=12):
+    return gaussian_orthogonal_random_matrix(m, d, generator=torch.Generator().manual_seed(1)).double()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def chained(q, k, v, P, cuts, **kw):
+    """One call per piece between cuts, each starting from the previous one's final state."""
+    outs, state = [], None
+    bounds = [0, *cuts, q.shape[2]]
+    for a, b in zip(bounds, bounds[1:]):
+        out, state = favor_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], P, causal=True, initial_state=state,
+                                     output_final_state=True, **kw)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+@pytest.mark.parametrize("cuts", [[1], [37, 128, 129, 200], [256]], ids=["1", "37-128-129-200", "256"])
+def test_chained_calls_equal_one_call_with_gradients(name, cuts):
+    """Splitting the sequence anywhere (chunk boundaries of the PyTorch path included) and chaining
+    the states gives the outputs, the final state and the gradients of one call."""
+    kw = MAPS[name]
+    q, k, v = qkv(scale=2.0)
+    P = projection()
+    g = torch.randn(2, 3, 257, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ones = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    whole, whole_state = favor_attention(*ones, P, causal=True, output_final_state=True, **kw)
+    whole.backward(g)
+    parts = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out, state = chained(*parts, P, cuts, **kw)
+    out.backward(g)
+    assert rel(out, whole) <= 1e-12
+    for a, b in zip(state, whole_state):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], rtol=1e-11, atol=1e-14)
+    for a, b in zip(parts, ones):
+        assert rel(a.grad, b.grad) <= 1e-11
+    # without a state the result is the plain call's (global and prefix agree with no later keys)
+    plain = favor_attention(q, k, v, P, causal=True, **kw)
+    assert rel(whole.detach(), plain) <= 1e-12
+
+
+def test_final_state_gradients_reach_keys_values_and_the_initial_state():
+    """A loss on the final state alone (truncated backpropagation through time) differentiates
+    through the keys, the values and the initial state; float64 finite differences (relu: no
+    stabilizer, so the function is smooth where no projection is 0)."""
+    q, k, v = qkv(b=1, h=2, n=9, d=6, e=4)
+    P = projection(8, 6)
+    _, s0 = favor_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], P, causal=True, feature_map="relu",
+                            output_final_state=True)
+
+    def f(k1, v1, hz0, vs0):
+        out, s1 = favor_attention(q[:, :, 5:], k1, v1, P, causal=True, feature_map="relu",
+                                  initial_state=AttentionState(hz0, vs0, s0.ref, s0.stab), output_final_state=True)
+        return out, s1.hz, s1.v_sum
+
+    inputs = tuple(t.clone().requires_grad_() for t in (k[:, :, 5:], v[:, :, 5:], s0.hz, s0.v_sum))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_linear_attention_state_gradcheck():
+    """Given features: the state's every gradient against finite differences."""
+    g = torch.Generator().manual_seed(3)
+    qf, kf = (torch.rand(1, 2, 7, 5, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
+    v = torch.randn(1, 2, 7, 3, generator=g, dtype=torch.float64)
+    _, s0 = linear_attention(qf[:, :, :3], kf[:, :, :3], v[:, :, :3], causal=True, output_final_state=True)
+
+    def f(qf1, kf1, v1, hz0, vs0):
+        out, s1 = linear_attention(qf1, kf1, v1, causal=True, initial_state=(hz0, vs0, s0.ref, s0.stab),
+                                   output_final_state=True)
+        return out, s1.hz, s1.v_sum
+
+    inputs = tuple(t.clone().requires_grad_() for t in (qf[:, :, 3:], kf[:, :, 3:], v[:, :, 3:], s0.hz, s0.v_sum))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["softmax", "relu"])
+def test_a_longer_key_prefix_equals_its_keys_as_a_state(name):
+    """Causal with n queries and s > n keys (bottom-right aligned) equals passing the first s - n
+    keys as a state; the decoder's state after those keys is the same state."""
+    kw = MAPS[name]
+    q, k, v = qkv(n=40)
+    P = projection()
+    out = favor_attention(q[:, :, 30:], k, v, P, causal=True, **kw)
+    _, state = favor_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], P, causal=True, output_final_state=True,
+                               **kw)
+    chained_out = favor_attention(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], P, causal=True, initial_state=state, **kw)
+    assert rel(chained_out, out) <= 1e-12
+    fa = FastAttention(12, 20, causal=True, generalized_attention=name == "relu",
+                       key_stabilizer="prefix" if name == "softmax" else "global").double()
+    fa.projection_matrix.copy_(P)
+    decoder = favor_state(fa, k, v)
+    decoder.extend(k[:, :, :30], v[:, :, :30])
+    for a, b in zip((decoder.hz, decoder.v_sum, decoder.ref, decoder.stab), state):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], rtol=1e-12)
+
+
+def test_state_of_16_bit_inputs_is_fp32_and_chains():
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(n=70, scale=3.0))
+    P = projection()
+    out, state = favor_attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], P, causal=True, key_stabilizer="prefix",
+                                 output_final_state=True)
+    assert out.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in state)
+    rest = favor_attention(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], P, causal=True, key_stabilizer="prefix",
+                           initial_state=state)
+    whole = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
+    assert rel(rest.float(), whole[:, :, 40:].float()) <= 1e-2
+
+
+def test_state_under_torch_compile_with_backward():
+    q, k, v = (t.float() for t in qkv(n=50))
+    P = projection().float()
+
+    def step(q, k, v, state):
+        out, state = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state,
+                                     output_final_state=True)
+        return out.square().sum() + state.hz.sum(), state
+
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    _, s0 = favor_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], P, causal=True, key_stabilizer="prefix",
+                            output_final_state=True)
+    loss, _ = torch.compile(step, fullgraph=True)(*(t[:, :, 20:] for t in leaves), s0)
+    loss.backward()
+    eager = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    loss_e, _ = step(*(t[:, :, 20:] for t in eager), s0)
+    loss_e.backward()
+    assert rel(loss.detach(), loss_e.detach()) <= 1e-5
+    for a, b in zip(leaves, eager):
+        assert rel(a.grad, b.grad) <= 1e-4
+
+
+def test_bad_state_arguments_are_refused():
+    q, k, v = qkv(n=10)
+    P = projection()
+    _, state = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    with pytest.raises(ValueError, match="causal attention only"):
+        favor_attention(q, k, v, P, initial_state=state)
+    with pytest.raises(ValueError, match="key_stabilizer='prefix'"):
+        favor_attention(q, k, v, P, causal=True, output_final_state=True)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state,
+                        key_padding_mask=torch.ones(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no_projection"):
+        favor_attention(q, k, v, None, causal=True, feature_map="none", output_final_state=True)
+    with pytest.raises(ValueError, match=r"initial_state.hz must have shape \(2, 3, 20, 8\)"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state._replace(
+            hz=state.hz[..., :5]))
+    with pytest.raises(TypeError, match="AttentionState"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state.hz)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state, backend="triton")
+    with pytest.raises(ValueError, match="causal attention only"):
+        linear_attention(F.relu(q), F.relu(k), v, output_final_state=True)
+
+
+def test_state_ops_pass_opcheck():
+    """The stateful custom op: schema, fake tensors (shapes, strides), autograd registration."""
+    from performer_triton.ops import favor_state_fwd
+
+    q, k, v = (t.float() for t in qkv(b=1, h=2, n=9, d=6, e=4))
+    P = projection(8, 6).float()
+    _, s0 = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    args = (*(t.clone().requires_grad_() for t in (q, k, v)), P, 0, True, 1e-6,
+            s0.hz.clone().requires_grad_(), s0.v_sum.clone().requires_grad_(), s0.ref, s0.stab)
+    torch.library.opcheck(favor_state_fwd, args)
+
+
+def test_the_decoder_continues_from_a_prefill_state():
+    """A prompt run once through favor_attention(output_final_state=True) seeds the decoder, which
+    then gives the outputs of one call over prompt and continuation."""
+    q, k, v = qkv(n=30)
+    fa = FastAttention(12, 20, causal=True, key_stabilizer="prefix").double()
+    P = fa.projection_matrix
+    _, state = favor_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], P, causal=True, key_stabilizer="prefix",
+                               output_final_state=True)
+    decoder = favor_state(fa, k, v)
+    decoder.load(state)
+    outs = decoder.step(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:])
+    whole = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
+    assert rel(outs, whole[:, :, 20:]) <= 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(decoder.state, (decoder.hz, decoder.v_sum, decoder.ref, decoder.stab)))
