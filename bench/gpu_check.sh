@@ -26,7 +26,8 @@
 #                  attention and performer-pytorch 1.1.4 at n = GPU_CHECK_SIZES (1k..64k);
 #                  pytest-benchmark JSON in OUTDIR/targets.json, junit in OUTDIR/targets.xml
 #   generation     pytest bench/test_generation.py: ms per token by context length, the cached
-#                  (fused) decode step against recomputing; OUTDIR/generation.json
+#                  (fused) decode step against recomputing, and chunked-prefill tokens/s by chunk
+#                  length; OUTDIR/generation.json
 #   summary        python bench/gpu_summary.py summary OUTDIR: OUTDIR/summary.md and summary.json
 # Logs: OUTDIR/logs/<stage>.log; one line per stage in OUTDIR/stages.tsv.
 #

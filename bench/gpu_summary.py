@@ -350,6 +350,18 @@ def generation_rows(bench_json: dict | None) -> list[dict]:
     return [rows[n] for n in sorted(rows)]
 
 
+def prefill_rows(bench_json: dict | None) -> list[dict]:
+    """Per chunk length: tokens per second of chunked prefill (bench/test_generation.py's
+    extra_info tokens_per_s_chunkN)."""
+    rows = []
+    for bench in (bench_json or {}).get("benchmarks", []):
+        for key, value in (bench.get("extra_info") or {}).items():
+            found = re.fullmatch(r"tokens_per_s_chunk(\d+)", key)
+            if found:
+                rows.append(dict(chunk=int(found.group(1)), tokens_per_s=value))
+    return sorted(rows, key=lambda r: r["chunk"])
+
+
 def summarize(out: Path) -> dict:
     env = read_json(out / "env.json") or {}
     env["packages"] = package_versions()
@@ -372,6 +384,7 @@ def summarize(out: Path) -> dict:
         target_tests=None if targets_junit is None else {k: v for k, v in targets_junit.items() if k != "cases"},
         sweep=sweep_rows(bench_json, targets_junit),
         generation=generation_rows(read_json(out / "generation.json")),
+        prefill=prefill_rows(read_json(out / "generation.json")),
         target_shape=TARGET_SHAPE,
         measured_us=measured,
         estimates=estimate_rows(report, measured) if report or measured else [],
@@ -466,6 +479,10 @@ def markdown(s: dict) -> str:
         lines += [f"| {r['n']} | {_fmt(r.get('cached_ms'))} | {_fmt(r.get('recompute_ms'))} |" for r in s["generation"]]
     else:
         lines.append("no results (see the stages)")
+    if s.get("prefill"):
+        lines += ["", "Chunked prefill (state passing), 8192 tokens: tokens per second by chunk length", "",
+                  "| chunk | tokens/s |", "|---|---|"]
+        lines += [f"| {r['chunk']} | {_fmt(r['tokens_per_s'])} |" for r in s["prefill"]]
     lines.append("")
 
     lines += [f"## Compile report estimates vs measured, {TARGET_SHAPE}", ""]

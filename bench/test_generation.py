@@ -1,6 +1,7 @@
-"""Decoding cost per token vs prefix length: cached recurrent state (O(1) per token) against
-recomputing the whole prefix each step (1.1.4's generate).  A leak-free causal PerformerLM,
-checked first: the cached step's logits equal the recomputed ones."""
+"""Decoding cost per token vs prefix length: cached recurrent state (O(1) per token; on CUDA the
+fused decode step) against recomputing the whole prefix each step (1.1.4's generate).  A
+leak-free causal PerformerLM, checked first: the cached step's logits equal the recomputed ones.
+And chunked prefill (state passing): tokens per second by chunk length."""
 import statistics
 import time
 
@@ -80,3 +81,46 @@ def test_time_per_token_is_flat_with_the_cache(benchmark):
     benchmark.pedantic(lambda: model(tokens[:, next(position) :][:, :1], cache=cache), rounds=STEPS, iterations=1)
     assert cached[last] < 1.5 * cached[first], benchmark.extra_info  # flat: O(1) per token
     assert recompute[last] > 4 * recompute[first], benchmark.extra_info  # grows with the prefix
+
+
+PREFILL_LENGTH = 8192
+PREFILL_CHUNKS = (256, 1024, 4096, 8192)
+
+
+@torch.no_grad()
+def test_prefill_throughput_by_chunk_length(benchmark):
+    """Chunked prefill (favor_attention with initial_state / output_final_state, issue 13): tokens
+    per second of one causal attention layer over an 8192-token prompt fed in chunks of 256 to
+    8192; the chained outputs equal the single call's (checked first).  b=1 h=8 d=e=64 m=256."""
+    from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, PREFILL_LENGTH, 64, generator=gen).to(DEVICE) for _ in range(3))
+    P = gaussian_orthogonal_random_matrix(256, 64, generator=gen).to(DEVICE)
+
+    def prefill(chunk: int):
+        outs, state = [], None
+        for a in range(0, PREFILL_LENGTH, chunk):
+            out, state = favor_attention(q[:, :, a : a + chunk], k[:, :, a : a + chunk], v[:, :, a : a + chunk], P,
+                                         causal=True, key_stabilizer="prefix", initial_state=state,
+                                         output_final_state=True)
+            outs.append(out)
+        return torch.cat(outs, dim=2)
+
+    whole = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
+    assert torch.allclose(prefill(1024), whole, rtol=1e-4, atol=1e-5)
+    seconds = {}
+    for chunk in PREFILL_CHUNKS:
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            prefill(chunk)
+            sync()
+            times.append(time.perf_counter() - t0)
+        seconds[chunk] = statistics.median(times)
+    benchmark.group = "prefill: tokens per second by chunk length"
+    benchmark.extra_info.update({f"tokens_per_s_chunk{c}": PREFILL_LENGTH / seconds[c] for c in PREFILL_CHUNKS})
+    benchmark.pedantic(lambda: prefill(1024), rounds=3, iterations=1)
+    # chaining costs little: chunks of 1024 keep at least half the one-call throughput
+    assert seconds[1024] < 2.0 * seconds[PREFILL_LENGTH], benchmark.extra_info

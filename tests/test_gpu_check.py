@@ -86,7 +86,9 @@ def stage_outputs(tmp_path):
     (out / "generation.json").write_text(json.dumps({"benchmarks": [
         {"name": "test_time_per_token_is_flat_with_the_cache", "extra_info": {
             "cached_ms_128": 0.5, "cached_ms_4096": 0.55, "recompute_ms_128": 2.0, "recompute_ms_4096": 40.0,
-            "cached_growth": 1.1}}]}))
+            "cached_growth": 1.1}},
+        {"name": "test_prefill_throughput_by_chunk_length", "extra_info": {
+            "tokens_per_s_chunk256": 1.0e6, "tokens_per_s_chunk8192": 2.0e6}}]}))
     (out / "compile_report.json").write_text(json.dumps({
         "target": {"b": 2, "h": 8, "n": 8192, "d": 64, "e": 64, "m": 256, "dtype": "bf16"},
         "kernels": [{"name": "causal._state_kernel", "arch": "sm_90a", "dtype": "bf16", "regs": 128,
@@ -141,6 +143,8 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
     assert s["generation"] == [dict(n=128, cached_ms=0.5, recompute_ms=2.0), dict(n=4096, cached_ms=0.55, recompute_ms=40.0)]
     assert "| 4096 | 0.55 | 40 |" in md
+    assert s["prefill"] == [dict(chunk=256, tokens_per_s=1.0e6), dict(chunk=8192, tokens_per_s=2.0e6)]
+    assert "| 8192 | 2,000,000 |" in md
 
 
 def test_summary_with_nothing_but_stages(tmp_path):
