@@ -18,7 +18,8 @@ Sweep: dtype fp32/fp16/bf16 x (d, e) in HEAD_DIMS (up to kernels.MAX_HEAD_DIM) x
 NB_FEATURES x n = SEQ_LEN x every kernel code of the feature-map registry
 (performer_triton.feature_maps.KERNEL_MAPS: softmax, relu, given) x non-causal/causal/
 causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; plus
-row_stats(q, k, projection) on its own and the decode step (kernels.decode.decode_step, the
+row_stats(q, k, projection) on its own, the causal forward from a state (causal_fwd_state,
+with the prefix stabilizer) and the decode step (kernels.decode.decode_step, the
 fused maps, with and without a keep mask; fp32 states as FavorState keeps for fp32 models and
 16-bit ones for 16-bit models).  Targets: sm_90a (H100) and sm_80 (A100).
 
@@ -116,7 +117,7 @@ from triton.backends.nvidia.compiler import CUDAOptions
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, KernelParam
 
-from performer_triton.kernels import MAX_HEAD_DIM, launchers
+from performer_triton.kernels import MAX_HEAD_DIM, launchers, state_unsupported
 
 # What the sweep reads: the feature-map registry (the kernel codes, by name) and every kernel
 # module the library ships; a missing one fails the report (exit 2).
@@ -140,6 +141,8 @@ NB_FEATURES = (256, 266)
 # heads (16) never spilled and cost CI ~3 minutes: they are in the full sweep, run after kernel
 # changes (kernels/NOTES.md "Compile report figures").
 QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM),)
+# ... and the causal forward from a state (fp16/bf16, fused maps) at its widest heads
+QUICK_STATE_HEAD_DIM = 64
 QUICK_NB_FEATURES = (266,)
 # One length / batch / head count: they change only divisibility hints (N % 16) or ints that can
 # become 1 (n <= BT, b * h = 1), each a further compile of every kernel.
@@ -270,6 +273,24 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
         modes.append(("causal-prefix", True, {"prefix": True}))
     if feature_map is None or registry is None:
         return launches
+
+    def run_state(label, q, k, v, proj, feature, extra):  # state passing (attention_state): its forward
+        b, h, _, e = v.shape
+        m_s = q.shape[-1] if proj is None else proj.shape[0]
+        state = [_meta((b, h, m_s, e + 1), torch.float32), _meta((b, h, e + 1), torch.float32),
+                 _meta((b, h), torch.float32), _meta((b, h), torch.float32)]
+        run(label, modules["performer_triton.kernels.causal"].causal_fwd_state, q, k, v, proj, state,
+            feature=feature, **extra)
+
+    if quick and "performer_triton.kernels.causal" in modules:  # the widest heads that take a state
+        for dname, dtype in DTYPES.items():
+            for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
+                d = e = QUICK_STATE_HEAD_DIM
+                if state_unsupported(dtype, feature, 0 if not fmap.fused else d, e) is None:
+                    m = QUICK_NB_FEATURES[0]
+                    q, k, v = (_meta((BATCH, HEADS, SEQ_LEN, d), dtype) for _ in range(3))
+                    run_state(f"causal-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q, k, v,
+                              _meta((m, d), dtype), feature, {"prefix": True})
     for dname, dtype in DTYPES.items():
         for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
             if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these
@@ -298,6 +319,8 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                         fwd, bwd, _ = launchers(causal)
                         label = f"{mode} {shape} {fmap.name}"
                         saved = run(f"{label} fwd", fwd, q, k, v, proj, feature=feature, **extra)
+                        if mode == "causal-prefix" and state_unsupported(dtype, feature, 0 if given else d, e) is None:
+                            run_state(f"{label} fwd from a state", q, k, v, proj, feature, extra)
                         if saved is not None:
                             grad = torch.empty_like(saved[0])
                             run(f"{label} bwd", bwd, grad, q, k, v, proj, *saved, feature=feature, **extra)

@@ -19,6 +19,20 @@ CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denomin
 MAX_HEAD_DIM = 128
 
 
+def state_unsupported(dtype, feature: int, d: int, e: int) -> str | None:
+    """Why the causal forward from a state (kernels.causal.causal_fwd_state) cannot take these
+    inputs, or None: it takes fp16/bf16 with the fused maps and heads up to 64 wide, the
+    configurations the compile report finds spill-free (kernels/NOTES.md "Attention state");
+    the others run on the PyTorch path.  d = 0 for GIVEN."""
+    if feature == GIVEN:
+        return "the kernels take a state with their own feature maps (softmax, relu), not given features"
+    if getattr(dtype, "itemsize", 4) != 2:
+        return f"the kernels take a state for float16 and bfloat16 inputs, got {dtype}"
+    if max(d, e) > 64:
+        return f"the kernels take a state for head dims up to 64, got {max(d, e)}"
+    return None
+
+
 def launchers(causal: bool):
     """(forward, backward, saved_states) functions of one attention mode, with one signature:
     fwd(q, k, v, projection, *, feature, prefix, causal_eps)

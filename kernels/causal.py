@@ -26,15 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS
+from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS, state_unsupported
 from .feature_map import (
-    FM_GIVEN, backward_in_value_slices, bh_base, block_config, block_range, check_inputs,
+    FM_GIVEN, FM_SOFTMAX, backward_in_value_slices, bh_base, block_config, block_range, check_inputs,
     column_slice, diag_rows, empty_stats, feature_dims, features, features_chunked, finite_or_zero,
     grad_dot_out, half_sq_norm, half_sq_norm_rows, head_scale, input_grad_tile, launch_options,
     load_fused_rows, load_rows, load_vector, row_stats, store_input_grad, store_rows
 )
 
-__all__ = ["causal_fwd", "causal_bwd"]
+__all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state"]
 
 
 @triton.jit
@@ -101,11 +101,12 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
 def _state_kernel(
     k, v, p, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state,
+    hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f,
     H, N, M, D, E, NT,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
 ):
     """State before every chunk c, for one m tile:
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
@@ -114,7 +115,11 @@ def _state_kernel(
     c_stab[c] = max_{j < c BT} k_max_j, c_stab[NT] = the max over every key (-inf before any).
 
     Each step of the walk takes two chunks: their contributions are independent dots, so the
-    chain from one step to the next is two scaled adds, half as many steps as chunks."""
+    chain from one step to the next is two scaled adds, half as many steps as chunks.
+
+    STATE (NOTES "Attention state"): the walk starts from the state hz0 (b*h, M, E + 1) = [H | z],
+    vs0 (b*h, E + 1) = [value sum | count], ref0, stab0 (b*h,) instead of no keys, and writes the
+    state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout)."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
@@ -132,21 +137,31 @@ def _state_kernel(
         b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
     else:
         b_p = tl.zeros([BM, BK], dtype=p.dtype.element_ty)  # (BM, BK) unused: P read in chunks
-    b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
-    b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
-    b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+    if STATE:
+        p_h0 = hz0 + i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+        b_h = tl.load(p_h0[:, None] + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)  # (BM, BV)
+        b_z = tl.load(p_h0 + E, mask=m_m, other=0.0).to(tl.float32)  # (BM,)
+        b_vs = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0).to(tl.float32)  # (BV,)
+        r_prev = tl.load(ref0 + i_bh).to(tl.float32)  # R_0: the state's reference
+        s_run = tl.load(stab0 + i_bh).to(tl.float32)  # its max of k_max
+    else:
+        b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
+        b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
+        b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
+        r_prev = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
+        s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max over the keys so far
     tl.store(p_hs + o_st * M * E, b_h, mask=m_hv)
     tl.store(z_state + o_st * M + o_m, b_z, mask=m_m)
     tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
-    r_prev = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
-    s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max over the keys so far
     tl.store(c_ref + o_cs, r_prev, mask=m_first)
     tl.store(c_stab + o_cs, s_run, mask=m_first)
     # the stats of the step's two chunks, loaded one step ahead (loads that feed no dot are
     # otherwise left synchronous by the pipeliner)
     b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, 0, BT, N)  # (BT,) x2
     b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, 1, BT, N)  # (BT,) x2
-    for i_p in range(0, tl.cdiv(NT - 1, 2)):
+    # STATE: one more step when NT is odd, its chunk a the last one (for the final state) and its
+    # chunk b none (no rows: it adds nothing); the states past NT - 1 are not stored
+    for i_p in range(0, tl.cdiv(NT - 1 + STATE, 2)):
         i_c = 2 * i_p + 1  # states i_c (after chunk a = i_c - 1) and i_c + 1 (after chunk b = i_c < NT)
         m_ta = block_range(i_c - 1, BT, N)[1]  # (BT,)
         m_tb = block_range(i_c, BT, N)[1]  # (BT,)
@@ -162,9 +177,16 @@ def _state_kernel(
         b_z = b_z * b_decay + b_za
         b_vs += b_va
         o_s = o_st + i_c
-        tl.store(p_hs + o_s * M * E, b_h, mask=m_hv)
-        tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
-        tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
+        if STATE:  # (BM,) and (BV,) masks: no state i_c = NT
+            m_am = m_m & (o_m * 0 + i_c < NT)
+            m_av = m_v & (o_v * 0 + i_c < NT)
+            tl.store(p_hs + o_s * M * E, b_h, mask=m_am[:, None] & m_av[None, :])
+            tl.store(z_state + o_s * M + o_m, b_z, mask=m_am)
+            tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs & m_av)
+        else:
+            tl.store(p_hs + o_s * M * E, b_h, mask=m_hv)
+            tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
+            tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
         tl.store(c_ref + o_cs + i_c, r_a, mask=m_first)
         tl.store(c_stab + o_cs + i_c, s_a, mask=m_first)
         # chunk b after chunk a's state is stored: both in flight at once spill on sm_90a
@@ -185,28 +207,42 @@ def _state_kernel(
         tl.store(z_state + (o_s + 1) * M + o_m, b_z, mask=m_nm)
         tl.store(v_state + (o_s + 1) * E + o_v, b_vs, mask=m_vs & m_nv)
         # index NT after the last chunk: c_stab's global max, which s_b then is (c_ref[NT] is unused)
-        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first)
-        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first)
+        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first & (i_c + 1 <= NT))
+        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first & (i_c + 1 <= NT))
         r_prev, s_run = r_b, s_b
     # the last chunk's keys enter only the global max (again, if the last step took them)
     o_t, m_t = block_range(NT - 1, BT, N)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
     tl.store(c_stab + o_cs + NT, tl.maximum(s_run, tl.max(b_kmax, axis=0)), mask=m_first)
+    if STATE:  # the walk took every chunk: the state after the last one
+        p_hf = hz_f + i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,)
+        tl.store(p_hf[:, None] + o_v[None, :], b_h, mask=m_hv)
+        tl.store(p_hf + E, b_z, mask=m_m)
+        p_vf = vs_f + i_bh.to(tl.int64) * (E + 1)
+        tl.store(p_vf + o_v, b_vs, mask=m_vs)
+        n_before = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # the state's key count
+        tl.store(p_vf + E, n_before + N, mask=m_first)
+        tl.store(ref_f + i_bh, r_prev, mask=m_first)
+        if FEATURE != FM_SOFTMAX:  # no stabilizer: M stays as the state had it (the decoder's -inf)
+            s_run = tl.load(stab0 + i_bh).to(tl.float32)
+        tl.store(stab_f + i_bh, s_run, mask=m_first)
 
 
 @triton.jit
 def _output_kernel(
     q, k, v, p, q_max, k_max, k_scale, c_ref, c_stab,
-    h_state, z_state, v_state, out, rden,
+    h_state, z_state, v_state, out, rden, vs0,
     H, N, M, D, E, NT,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
 ):
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
-    than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads")."""
+    than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads").
+    STATE: the keys before the call count vs0[b*h, E] in the eps part (the state walk started
+    from their sums)."""
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,) queries and keys of this chunk
     o_d, m_d = block_range(0, BD, D)  # (BD,)
@@ -258,7 +294,11 @@ def _output_kernel(
     b_a = tl.exp(r_c - b_stab)  # (BT,) <= 1
     b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
     b_n = b_a[:, None] * b_n + (k_eps * b_sq)[:, None] * b_vs[None, :]
-    b_d = b_a * b_d + k_eps * b_sq * (i_c * BT)
+    if STATE:
+        n_before = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before the call
+    else:
+        n_before = 0.0
+    b_d = b_a * b_d + k_eps * b_sq * (i_c * BT + n_before)
     # intra-chunk: W_ij = (q~_i . U_j) exp(k_scale_j - M_i) + eps sum(q~_i) for j <= i
     m_s = o_t[:, None] >= o_t[None, :]  # (BT, BT)
     b_f = tl.exp(tl.where(m_s, b_kscale[None, :] - b_stab[:, None], float("-inf")))  # (BT, BT) <= 1
@@ -656,23 +696,30 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     ]
 
 
-def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict):
-    """Run _state_kernel into saved_states' buffers (returned)."""
+def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, initial=None):
+    """Run _state_kernel into saved_states' buffers; from the state initial (hz, v_sum, ref, stab:
+    performer_triton.attention_state) when given.  -> (saved states, the state after the last
+    chunk in fp32, or [])."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     nt = triton.cdiv(n, cfg["BT"])
     states = saved_states(q, k, v, projection, feature=feature)
     h_state, z_state, v_state, c_ref, c_stab = states
+    final = []
+    if initial is not None:
+        final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
+    state_args = (*initial, *final) if initial is not None else (c_ref,) * 8  # (unused without STATE)
     grid = (b * h, triton.cdiv(m, cfg["BM"]))
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
-        h_state, z_state, v_state,
+        h_state, z_state, v_state, *state_args,
         h, n, m, d, e, nt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
-        FEATURE=feature, **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        FEATURE=feature, STATE=initial is not None,
+        **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
-    return states
+    return states, final
 
 
 def causal_fwd(
@@ -688,7 +735,28 @@ def causal_fwd(
     states (saved_states) for causal_bwd.
     Launches: row_stats (SOFTMAX), _state_kernel, _output_kernel.
     """
+    return _forward(q, k, v, projection, feature, prefix, causal_eps, None)[:6]
+
+
+def causal_fwd_state(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, initial: list[torch.Tensor],
+    *, feature: int, prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """causal_fwd from the state initial = [hz (b, h, m, e + 1), v_sum (b, h, e + 1), ref, stab
+    (b, h)] (performer_triton.attention_state; NOTES "Attention state").  Returns out, q_max,
+    k_max, k_scale, rden as causal_fwd and the state after the last key (fp32, same layout) in
+    place of the saved key states: the backward of a state call runs on the PyTorch path."""
+    reason = state_unsupported(q.dtype, feature, 0 if projection is None else q.shape[-1], v.shape[-1])
+    if reason is not None:
+        raise ValueError(f"causal_fwd_state: {reason}")
+    out, q_max, k_max, k_scale, rden, _, final = _forward(q, k, v, projection, feature, prefix, causal_eps, initial)
+    return out, q_max, k_max, k_scale, rden, final
+
+
+def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float, initial):
     m, d = check_inputs(q, k, v, projection, feature)
+    if initial is not None:
+        initial = [t.contiguous() for t in initial]
     b, h, n, _ = q.shape
     e = v.shape[-1]
     assert k.shape[2] == n
@@ -700,21 +768,23 @@ def causal_fwd(
     q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
     prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
-    states = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg)
+    states, final = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg,
+                                initial=initial)
     h_state, z_state, v_state, c_ref, c_stab = states
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt = triton.cdiv(n, cfg["BT"])
     _output_kernel[(b * h, nt)](
         q, k, v, q if projection is None else projection, q_max, k_max, k_scale, c_ref, c_stab,
-        h_state, z_state, v_state, out, rden,
+        h_state, z_state, v_state, out, rden, rden if initial is None else initial[1],
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         head_scale(d), k_eps, c_eps,
-        FEATURE=feature, PREFIX=prefix, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        FEATURE=feature, PREFIX=prefix, STATE=initial is not None,
+        **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
-    return (out, *saved, rden, states)
+    return (out, *saved, rden, states, final)
 
 
 def causal_bwd(

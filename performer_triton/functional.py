@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
-from .kernels import MAX_HEAD_DIM
+from .kernels import MAX_HEAD_DIM, state_unsupported
 from .ops import favor_fwd, favor_state_fwd
 from .validation import (
     BACKENDS,
@@ -127,7 +127,7 @@ def favor_attention(
     initial_state, output_final_state (causal; softmax features with key_stabilizer="prefix"):
     start from the keys a state holds (performer_triton.attention_state) and also return the state
     after this call's keys, (out, state); gradients flow into the initial state's hz and v_sum.
-    Runs on the PyTorch path for now.
+    The forward runs on the fused kernels where they run, the backward on the PyTorch path.
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
@@ -194,9 +194,12 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
                 initial_state, output_final_state: bool, backend: str, fill: float):
     """The stateful causal op (ops.favor_state_fwd) on rows the op takes: q, k, or their features
     (GIVEN, projection None).  -> out, or (out, final state)."""
-    if backend == "triton":
-        raise ValueError("backend='triton' cannot run initial_state / output_final_state yet: the state passing "
-                         "runs on the PyTorch path (backend='auto' or 'torch')")
+    use_triton = _use_triton(backend, q, v, projection is not None)
+    reason = state_unsupported(q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3])
+    if use_triton and reason is not None:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run here: {reason}")
+        use_triton = False
     (b, h, n, _), s, e = q.shape, k.shape[2], v.shape[3]
     m = k.shape[3] if projection is None else projection.shape[0]
     if initial_state is None:
@@ -208,7 +211,8 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         out = _empty_result(q, v)
         return (out, initial_state) if output_final_state else out
     before = s - n  # placeholder queries (_after)
-    outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state)
+    outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
+                           use_triton)
     out = outs[0][..., before:, :]
     return (out, AttentionState(*outs[5:])) if output_final_state else out
 

@@ -127,18 +127,26 @@ favor_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- with a state
 # Causal attention that starts from a state and returns the state after its keys
-# (performer_triton.attention_state): the PyTorch path; hz0, v_sum0 and the final hz, v_sum are
-# differentiable, the references and stabilizers are constants (as every stabilizer).
+# (performer_triton.attention_state): the forward on the fused kernels (use_triton) or the
+# PyTorch path, the backward on the PyTorch path (the kernels' backward takes no state yet; it
+# reads the forward's statistics, which both paths define alike); hz0, v_sum0 and the final hz,
+# v_sum are differentiable, the references and stabilizers are constants (as every stabilizer).
 
 
 @torch.library.custom_op("performer_triton::favor_state_fwd", mutates_args=())
 def favor_state_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
-    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor,
+    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, q_max, k_max, k_scale, rden, hz, v_sum, ref, stab): causal favor_fwd from the state
     (hz0, v_sum0, ref0, stab0), and the state after the last key in the compute dtype."""
     q, k, v = map(_unit_stride, (q, k, v))
+    if use_triton:
+        from .kernels.causal import causal_fwd_state  # imports triton
+
+        *outs, final = causal_fwd_state(q, k, v, projection, [hz0, v_sum0, ref0, stab0], feature=feature,
+                                        prefix=prefix, causal_eps=causal_eps)
+        return (*outs, *final)
     out, q_max, k_max, k_scale, rden, final = torch_backend.favor_fwd(
         q, k, v, projection, causal=True, feature=feature, prefix=prefix, causal_eps=causal_eps,
         initial=(hz0, v_sum0, ref0, stab0), final=True)
@@ -146,7 +154,7 @@ def favor_state_fwd(
 
 
 @favor_state_fwd.register_fake
-def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0):
+def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton):
     b, h, n, _ = q.shape
     s = k.shape[2]
     softmax = KERNEL_MAPS[feature].stabilized
@@ -187,7 +195,7 @@ def _(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_s
 
 
 def _setup_state_context(ctx, inputs, output):
-    q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0 = inputs
+    q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, _ = inputs
     out, q_max, k_max, k_scale, rden, _, _, ref, stab = output
     ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref)
     ctx.flags = (feature, prefix, causal_eps)
@@ -201,7 +209,7 @@ def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, gra
         grad_out = torch.zeros_like(out)
     dq, dk, dv, d_hz0, d_vs0 = favor_state_bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
                                                k_scale, rden, hz0, v_sum0, ref0, stab0, ref, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, d_hz0, d_vs0, None, None
+    return dq, dk, dv, None, None, None, None, d_hz0, d_vs0, None, None, None
 
 
 favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_context)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from performer_triton import AttentionState, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
 from performer_triton.decoding import favor_state
 from performer_triton.fast_attention import FastAttention
+from conftest import DEVICE, HAS_TRITON
+from kernel_cases import BUDGET
 
 MAPS = {
     "softmax": dict(feature_map="softmax", key_stabilizer="prefix"),
@@ -174,7 +176,7 @@ def test_bad_state_arguments_are_refused():
             hz=state.hz[..., :5]))
     with pytest.raises(TypeError, match="AttentionState"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state.hz)
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run here: .*float64"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state, backend="triton")
     with pytest.raises(ValueError, match="causal attention only"):
         linear_attention(F.relu(q), F.relu(k), v, output_final_state=True)
@@ -188,7 +190,7 @@ def test_state_ops_pass_opcheck():
     P = projection(8, 6).float()
     _, s0 = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
     args = (*(t.clone().requires_grad_() for t in (q, k, v)), P, 0, True, 1e-6,
-            s0.hz.clone().requires_grad_(), s0.v_sum.clone().requires_grad_(), s0.ref, s0.stab)
+            s0.hz.clone().requires_grad_(), s0.v_sum.clone().requires_grad_(), s0.ref, s0.stab, False)
     torch.library.opcheck(favor_state_fwd, args)
 
 
@@ -206,3 +208,55 @@ def test_the_decoder_continues_from_a_prefill_state():
     whole = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
     assert rel(outs, whole[:, :, 20:]) <= 1e-12
     assert all(torch.equal(a, b) for a, b in zip(decoder.state, (decoder.hz, decoder.v_sum, decoder.ref, decoder.stab)))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["softmax", "relu"])
+@pytest.mark.parametrize("n", [37, 128, 200])  # one partial chunk; two chunks (even); four (odd walk end)
+def test_fused_forward_from_a_state(name, dtype, n):
+    """The fused causal kernels start from a state and return the one after their keys: the
+    PyTorch path's outputs and final state, within the kernels' 16-bit budget, NaN-filled
+    outputs; the backward (PyTorch path) gives the PyTorch path's gradients."""
+    kw = MAPS[name]
+    q, k, v = (t.to(DEVICE, dtype) for t in qkv(n=n + 40, scale=2.0))
+    P = projection().to(DEVICE, dtype)
+    _, state = favor_attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], P, causal=True, output_final_state=True,
+                               backend="torch", **kw)
+    g = torch.randn(2, 3, n, 7, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = tuple(t[:, :, 40:].clone().requires_grad_() for t in (q, k, v))
+        s0 = AttentionState(state.hz.clone().requires_grad_(), state.v_sum.clone().requires_grad_(), state.ref,
+                            state.stab)
+        out, s1 = favor_attention(*leaves, P, causal=True, initial_state=s0, output_final_state=True,
+                                  backend=backend, **kw)
+        (out.float() * g.float()).sum().add(s1.hz.sum()).backward()
+        results.append((out.float(), s1, [t.grad.float() for t in leaves] + [s0.hz.grad, s0.v_sum.grad]))
+    (fused, s_fused, g_fused), (plain, s_plain, g_plain) = results
+    budget = BUDGET[dtype]
+    assert torch.isfinite(fused).all() and rel(fused, plain) <= budget
+    for a, b in zip(s_fused, s_plain):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a))
+        assert (a - b)[finite].norm() <= budget * max(b[finite].norm().item(), 1.0)  # relu: R = 0
+    for a, b in zip(g_fused, g_plain):
+        # the TF32 forward's statistics in an fp32 backward; given features: d v_sum0 = 0 (no eps)
+        assert (a - b).norm() <= 5 * budget * max(b.norm().item(), 1e-30)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_states_the_kernels_do_not_take_run_on_the_pytorch_path():
+    """fp32, given features and heads wider than 64 with a state: backend="triton" says why,
+    backend="auto" runs the PyTorch path (the CPU here; on CUDA the same rule)."""
+    q, k, v = (t.float().to(DEVICE) for t in qkv(n=20))
+    P = projection().float().to(DEVICE)
+    with pytest.raises(ValueError, match="float16 and bfloat16"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True, backend="triton")
+    with pytest.raises(ValueError, match="own feature maps"):
+        favor_attention(q.half(), k.half(), v.half(), P.half(), causal=True, feature_map=torch.nn.Softplus(),
+                        output_final_state=True, backend="triton")
+    wide = torch.randn(2, 3, 20, 72, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 64, got 72"):
+        favor_attention(q.half(), k.half(), wide, P.half(), causal=True, key_stabilizer="prefix",
+                        output_final_state=True, backend="triton")
