@@ -111,6 +111,7 @@ def favor_attention(
     backend: str = "auto",
     initial_state: AttentionState | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, AttentionState]:
     """FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e), projection_matrix (m,d) -> (b,h,n,e).
 
@@ -128,9 +129,22 @@ def favor_attention(
     start from the keys a state holds (performer_triton.attention_state) and also return the state
     after this call's keys, (out, state); gradients flow into the initial state's hz and v_sum.
     The forward runs on the fused kernels where they run, the backward on the PyTorch path.
+    cu_seqlens: packed variable-length sequences (FlashAttention's convention): q, k, v of shape
+    (1, h, total, .) and N + 1 int32 offsets; each sequence attends within itself with its own
+    stabilizers, states (if any) are per sequence, (N, h, ...).  The offsets are read on the host.
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError("cu_seqlens packs sequences without padding: key_padding_mask does not apply")
+
+        def one(q_i, k_i, v_i, state):
+            return favor_attention(q_i, k_i, v_i, projection_matrix, causal=causal, key_stabilizer=key_stabilizer,
+                                   feature_map=feature_map, backend=backend, initial_state=state,
+                                   output_final_state=output_final_state)
+
+        return _packed(one, q, k, v, cu_seqlens, initial_state, output_final_state)
     check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
     check_choice("backend", backend, BACKENDS)
     if key_stabilizer == "prefix" and not causal:
@@ -166,6 +180,42 @@ def favor_attention(
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
     return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton)[..., before:, :]
+
+
+def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
+    """call(q_i, k_i, v_i, state_i) on every sequence of a packed batch (cu_seqlens: N + 1
+    offsets into the length of q, k, v, batch 1), outputs concatenated along the sequence and
+    final states along the batch."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
+                                                                                              torch.int64):
+        got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(
+            cu_seqlens).__name__
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor of N + 1 sequence offsets, got {got}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v hold the packed sequences as (1, h, total, .), got batch {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"cu_seqlens packs queries and keys alike: q and k need one length, got {q.shape[2]} and "
+                         f"{k.shape[2]}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    total = q.shape[2]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total} (N + 1 >= 2 offsets), got "
+                         f"{bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
+    count = len(bounds) - 1
+    if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
+                                      or initial_state[0].shape[0] != count):
+        raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        state = None if initial_state is None else AttentionState(*(t[i : i + 1] for t in initial_state))
+        result = call(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state)
+        out, final = result if output_final_state else (result, None)
+        outs.append(out)
+        finals.append(final)
+    out = torch.cat(outs, dim=2)
+    if not output_final_state:
+        return out
+    return out, AttentionState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
 
 
 def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str, key_padding_mask, backend: str,
@@ -236,17 +286,24 @@ def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: 
 def linear_attention(
     q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
     eps: float = CAUSAL_EPS, initial_state: AttentionState | None = None, output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, AttentionState]:
     """Linear attention on precomputed (positive) features, fused.
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
     prefix sum; with fewer queries than keys the queries are the last n positions.
-    initial_state, output_final_state: as favor_attention's (causal only).
+    initial_state, output_final_state, cu_seqlens: as favor_attention's (states causal only).
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
+    if cu_seqlens is not None:
+        def one(q_i, k_i, v_i, state):
+            return linear_attention(q_i, k_i, v_i, causal=causal, backend=backend, eps=eps, initial_state=state,
+                                    output_final_state=output_final_state)
+
+        return _packed(one, q_features, k_features, v, cu_seqlens, initial_state, output_final_state)
     if initial_state is not None or output_final_state:
         if not causal:
             raise ValueError("initial_state / output_final_state: causal attention only (a state holds the keys "

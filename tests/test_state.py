@@ -260,3 +260,86 @@ def test_states_the_kernels_do_not_take_run_on_the_pytorch_path():
     with pytest.raises(ValueError, match="head dims up to 64, got 72"):
         favor_attention(q.half(), k.half(), wide, P.half(), causal=True, key_stabilizer="prefix",
                         output_final_state=True, backend="triton")
+
+
+# packed variable-length batches (cu_seqlens)
+
+LENGTHS = [1, 63, 64, 65, 300]
+
+
+def packed(lengths=LENGTHS, d=12, e=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(6)
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, 2, total, x, generator=g, dtype=torch.float64).to(dtype) for x in (d, d, e))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("case", [dict(causal=False), dict(causal=True), dict(causal=True, key_stabilizer="prefix")],
+                         ids=["noncausal", "causal-global", "causal-prefix"])
+@pytest.mark.parametrize("feature_map", ["softmax", "relu"])
+def test_packed_sequences_equal_each_sequence_alone(case, feature_map):
+    """Lengths 1, 63, 64, 65, 300 in one pack: outputs and gradients of each sequence alone (its
+    own stabilizers), the pack's own empty-free offsets."""
+    q, k, v, cu = packed()
+    P = projection()
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out = favor_attention(*leaves, P, feature_map=feature_map, cu_seqlens=cu, **case)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out.backward(g)
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        alone = tuple(t[:, :, a:b].clone().requires_grad_() for t in (q, k, v))
+        ref = favor_attention(*alone, P, feature_map=feature_map, **case)
+        ref.backward(g[:, :, a:b])
+        assert rel(out[:, :, a:b], ref) <= 1e-12
+        for x, y in zip(leaves, alone):  # absolute floor: one key has dq = dk = 0 exactly
+            assert (x.grad[:, :, a:b] - y.grad).norm() <= 1e-11 * max(y.grad.norm().item(), 1.0)
+
+
+def test_packed_sequences_with_per_sequence_states():
+    """Initial and final states per sequence (an empty sequence keeps its state)."""
+    lengths = [5, 0, 40]
+    q, k, v, cu = packed(lengths)
+    P = projection()
+    kw = dict(causal=True, key_stabilizer="prefix")
+    _, s0 = favor_attention(*packed([7, 7, 7])[:3], P, cu_seqlens=packed([7, 7, 7])[3], output_final_state=True, **kw)
+    out, s1 = favor_attention(q, k, v, P, cu_seqlens=cu, initial_state=s0, output_final_state=True, **kw)
+    assert out.shape == (1, 2, 45, 7) and s1.hz.shape[0] == 3
+    bounds = cu.tolist()
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        state = AttentionState(*(t[i : i + 1] for t in s0))
+        ref, ref_state = favor_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], P, initial_state=state,
+                                         output_final_state=True, **kw)
+        if b > a:
+            assert rel(out[:, :, a:b], ref) <= 1e-12
+        for x, y in zip(s1, ref_state):
+            assert torch.equal(torch.isfinite(x[i : i + 1]), torch.isfinite(y))
+            assert torch.allclose(x[i : i + 1][torch.isfinite(y)], y[torch.isfinite(y)], rtol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_packed_sequences_on_the_kernels():
+    q, k, v, cu = packed(dtype=torch.bfloat16)
+    P = projection().to(torch.bfloat16)
+    fused = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu, backend="triton")
+    plain = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu, backend="torch")
+    assert rel(fused.float(), plain.float()) <= BUDGET[torch.bfloat16]
+
+
+def test_bad_cu_seqlens_are_refused():
+    q, k, v, cu = packed([3, 4])
+    P = projection()
+    with pytest.raises(TypeError, match="1-D int32 tensor"):
+        favor_attention(q, k, v, P, cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match="rise from 0 to the packed length 7"):
+        favor_attention(q, k, v, P, cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="rise from 0 to the packed length 7"):
+        favor_attention(q, k, v, P, cu_seqlens=torch.tensor([0, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="got batch 2"):
+        favor_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), P, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        favor_attention(q, k, v, P, cu_seqlens=cu, key_padding_mask=torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one state per sequence"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu,
+                        initial_state=AttentionState.empty(1, 2, 20, 7, dtype=torch.float64))
