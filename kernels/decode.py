@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
-from .feature_map import block_range, head_scale
+from .feature_map import FM_SOFTMAX, block_range, head_scale
 
 __all__ = ["decode_step"]
-
-FM_SOFTMAX = tl.constexpr(SOFTMAX)
 
 
 @triton.jit

@@ -88,6 +88,12 @@ def _empty_result(q: Tensor, v: Tensor) -> Tensor:
     return q[..., :0] @ v[..., :0, :]
 
 
+def _last(rows: int, out: Tensor) -> Tensor:
+    """out without its first `rows` positions (the placeholders of _after); out itself when none:
+    no view of an op's output on the common path."""
+    return out[..., rows:, :] if rows else out
+
+
 def _after(rows: int, q: Tensor, fill: float) -> Tensor:
     """q (b, h, n, .) after `rows` rows of `fill`.  Causal attention with n queries and s > n keys
     (bottom-right aligned, as FlashAttention: the KV-cache call) runs as s positions whose first
@@ -171,15 +177,15 @@ def favor_attention(
     before = k.shape[2] - q.shape[2] if causal else 0  # placeholder queries (_after)
     if fused:
         projection = projection_matrix.to(q.dtype).contiguous()
-        return favor_fwd(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix, use_triton)[0][
-            ..., before:, :]
+        return _last(before, favor_fwd(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
+                                       use_triton)[0])
     q_features, k_features = fmap.features(
         q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
-    return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton)[..., before:, :]
+    return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
 
 
 def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
@@ -263,7 +269,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     before = s - n  # placeholder queries (_after)
     outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
                            use_triton)
-    out = outs[0][..., before:, :]
+    out = _last(before, outs[0])
     return (out, AttentionState(*outs[5:])) if output_final_state else out
 
 
@@ -314,5 +320,5 @@ def linear_attention(
         return _empty_result(q_features, v)
     use_triton = _use_triton(backend, q_features, v, False)
     before = k_features.shape[2] - q_features.shape[2] if causal else 0  # placeholder queries (_after)
-    return _given_attention(_after(before, q_features, 1.0), k_features, v, causal, float(eps), use_triton)[
-        ..., before:, :]
+    return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, float(eps),
+                                          use_triton))

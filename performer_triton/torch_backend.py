@@ -272,8 +272,8 @@ def favor_bwd(
     def query_base(sl: slice) -> Tensor:  # q~ - eps (b, h, t, m)
         return fm.query_base(q[..., sl, :], fm.dash(q[..., sl, :]), q_max[..., sl])
 
-    def done(d_initial: list[Tensor] = []) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:  # noqa: B006
-        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), d_initial
+    def done(d_initial: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), d_initial or []
 
     if not causal:
         for sl in _chunks(s):
