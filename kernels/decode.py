@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
-from .feature_map import FM_SOFTMAX, block_range, head_scale
+from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale
 
 __all__ = ["decode_step"]
 
@@ -36,11 +36,16 @@ def _step_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     dn, f_eps, causal_coef,
     FEATURE: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    AL: tl.constexpr,
 ):
     """One position of (b, h) = program i_bh: q, k (BD,), v (E,) rows; keep (b,) bool (HAS_KEEP):
     a dropped key leaves the state unchanged. hz (b*h, M, E + 1), v_sum (b*h, E + 1), ref, stab
     (b*h,) updated in place; out (E,) = N / D of the query against the updated state."""
     i_bh = tl.program_id(0)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
+    stride_qh, stride_kb, stride_kh = aligned(stride_qh, AL), aligned(stride_kb, AL), aligned(stride_kh, AL)
+    stride_vb, stride_vh, stride_ob = aligned(stride_vb, AL), aligned(stride_vh, AL), aligned(stride_ob, AL)
+    stride_oh = aligned(stride_oh, AL)
     i_b, i_h = i_bh // H, i_bh % H
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E + 1)  # (BV,) value columns, then the z / count column E
@@ -145,6 +150,6 @@ def decode_step(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         head_scale(d), SOFTMAX_EPS if feature == SOFTMAX else GENERALIZED_EPS, causal_coef,
         FEATURE=feature, HAS_KEEP=keep is not None, BM=32, BD=max(16, triton.next_power_of_2(d)),
-        BV=max(16, triton.next_power_of_2(e + 1)), num_warps=4,
+        BV=max(16, triton.next_power_of_2(e + 1)), AL=alignment(d, e, q, k, v, out), num_warps=4,
     )
     return out

@@ -21,6 +21,8 @@ factorisation they implement.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -63,6 +65,17 @@ def block_range(i, B: tl.constexpr, N):
     """Offsets (B,) of block i of size B along a dimension of length N, and their mask."""
     o = i * B + tl.arange(0, B)
     return o, o < N
+
+
+@triton.jit
+def aligned(x, AL: tl.constexpr):
+    """The int argument x, which the launcher found a multiple of AL (alignment), with that
+    divisibility visible to the compiler. Triton specialises int arguments only on divisibility
+    by 16: a head dim or row stride of 40 or 24 left every row load unvectorised and outside the
+    asynchronous copies, which spilled up to 650 B per thread (kernels/NOTES.md "Alignment")."""
+    if AL < 16:
+        x = x // AL * AL
+    return x
 
 
 @triton.jit
@@ -356,10 +369,13 @@ def _row_stats_kernel(
     H, N, M, D, X0,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     dn,
-    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
 ):
     """Program (i_bh, i_t, i_x): rows of q (i_x + X0 = 0: q_max) or of k (1: k_max, k_scale)."""
     i_bh, i_t, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2) + X0
+    D, stride_qb, stride_qh = aligned(D, AL), aligned(stride_qb, AL), aligned(stride_qh, AL)
+    stride_qn, stride_kb, stride_kh = aligned(stride_qn, AL), aligned(stride_kb, AL), aligned(stride_kh, AL)
+    stride_kn = aligned(stride_kn, AL)
     o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_row = i_bh.to(tl.int64) * N
     if i_x == 0:
@@ -398,7 +414,7 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
         h, n, m, d, 0 if q is not None else 1,
         q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
         head_scale(d),
-        BT=BT, BM=BM, BD=BD, PRECISION=PRECISION,
+        BT=BT, BM=BM, BD=BD, PRECISION=PRECISION, AL=alignment(d, q_, k_),
         num_warps=4,
     )
     return q_max, k_max, k_scale
@@ -473,6 +489,16 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
 
 # the m tile and warps of each kernel role, as _config names them
 _ROLES = {"state": ("BM", "num_warps"), "out": ("BM_out", "num_warps"), "bwd": ("BM_bwd", "num_warps_bwd")}
+
+
+def alignment(*xs) -> int:
+    """AL of a launch: the largest power of two up to 16 that divides every int in xs and every
+    stride but the last (1) of every tensor in xs; the kernel declares exactly these (aligned)."""
+    al = 16
+    for x in xs:
+        for s in x.stride()[:-1] if isinstance(x, torch.Tensor) else (x,):
+            al = math.gcd(al, s)
+    return al
 
 
 def launch_options(cfg: dict, role: str, **constexprs) -> dict:

@@ -114,6 +114,22 @@ def strided_case(*, causal, prefix=False):
     check(q, k, v, proj, g, causal=causal, feature=SOFTMAX, prefix=prefix, budget=BUDGET[torch.float32])
 
 
+def unaligned_case(dtype, *, causal, prefix=False):
+    """q, k, v, grad_out as column windows of wider rows: odd row strides (alignment 1 while the
+    head dims d = 24, e = 40 alone would declare 8) and base pointers one element off 16 bytes."""
+    b, h, n, d, e, m = 1, 2, 70, 24, 40, 50
+    q, k, v, proj, g = inputs(b, h, n, d, e, m, dtype, seed=4)
+
+    def window(x):
+        wide = torch.full((*x.shape[:-1], x.shape[-1] + 3), float("nan"), dtype=x.dtype, device=x.device)
+        wide[..., 1:-2] = x
+        return wide[..., 1:-2]
+
+    q, k, v, g = (window(t) for t in (q, k, v, g))
+    assert q.stride(2) % 2 == 1 and v.stride(2) % 2 == 1
+    check(q, k, v, proj, g, causal=causal, feature=SOFTMAX, prefix=prefix, budget=BUDGET[dtype])
+
+
 def large_inputs_case(dtype, *, causal, prefix=False):
     """q, k ~ 3 N(0, 1), where 1.1.4 overflows in fp16: finite, out within 1e-2 (fp16) / 3e-2
     (bf16). dq is the ill-conditioned residue of a cancellation and dk (~1e-14) underflows fp16,

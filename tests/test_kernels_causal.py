@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_cases import (
     BUDGET, GIVEN_CASES, check_row_stats, dtype_cases, given_case, inputs,
-    large_inputs_case, meta_launches, rel_err, strided_case,
+    large_inputs_case, meta_launches, rel_err, strided_case, unaligned_case,
 )
 from kernel_cases import check as kernel_check
 
@@ -86,6 +86,11 @@ def test_strided_inputs():
     strided_case(causal=True, prefix=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_unaligned_row_strides(dtype):
+    unaligned_case(dtype, causal=True, prefix=True)
+
+
 @pytest.mark.parametrize("prefix", [False, True], ids=["global", "prefix"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_large_inputs(dtype, prefix):
@@ -160,6 +165,29 @@ def test_meta_launches():
         assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)
         assert all(kw["PREFIX"] == prefix for name, _, kw in attention if name != "_state_kernel")
         assert [kw["KEYS"] for name, _, kw in attention if name == "_bwd_qk_kernel"] == [False, True]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize(("d", "e", "al"), [(64, 64, 16), (64, 40, 8), (24, 64, 8), (20, 64, 4), (64, 33, 1)])
+def test_launches_declare_the_alignment_of_their_dims_and_strides(causal, d, e, al):
+    """Every kernel that takes head dims and row strides gets AL = their largest common power of
+    two up to 16 (feature_map.aligned): Triton alone knows only divisibility by 16."""
+    launched = meta_launches(causal, torch.bfloat16, n=200, d=d, e=e)
+    takes = [name for name, _, kw in launched if "AL" in kw]
+    assert {name for name, *_ in launched} - set(takes) <= {"_combine_kernel"}
+    only = {"_row_stats_kernel": math.gcd(16, d), "_dd_kernel": math.gcd(16, e)}  # q, k rows; g, out rows
+    assert {name: kw["AL"] for name, _, kw in launched if "AL" in kw} == {name: only.get(name, al) for name in takes}
+
+
+def test_alignment_of_dims_and_tensors():
+    from performer_triton.kernels.feature_map import alignment
+
+    x = torch.empty(2, 3, 10, 40)
+    assert alignment(64, 128, torch.empty(2, 3, 10, 64)) == 16
+    assert alignment(64, x) == 8 and alignment(64, x[..., :24]) == 8
+    assert alignment(x[:, :, ::3]) == 8  # row stride 120
+    assert alignment(torch.empty(2, 3, 10, 43)[..., 1:-2]) == 1
+    assert alignment(0, 16) == 16  # GIVEN passes d = 0
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

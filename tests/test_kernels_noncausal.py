@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import (
     BUDGET, GIVEN_CASES, dtype_cases, given_case, inputs,
-    large_inputs_case, meta_launches, rel_err, strided_case,
+    large_inputs_case, meta_launches, rel_err, strided_case, unaligned_case,
 )
 from kernel_cases import check as kernel_check
 
@@ -77,6 +77,11 @@ def test_given(dtype, feature_map, e):
 
 def test_strided_inputs():
     strided_case(causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_unaligned_row_strides(dtype):
+    unaligned_case(dtype, causal=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
