@@ -23,10 +23,12 @@ __all__ = ["decode_step"]
 
 
 @triton.jit
-def _row_dash(p, b_x, o_m, m_m, o_d, m_d, D, dn):
-    """(dn x) @ P[o_m]^T for one row b_x (BD,) fp32 -> (BM,) fp32 (0 on padded features)."""
+def _row_dashes(p, b_k, b_q, o_m, m_m, o_d, m_d, D, dn):
+    """(dn x) @ P[o_m]^T for the rows b_k and b_q (BD,) fp32 from one load of the projection
+    tile -> two (BM,) fp32 (0 on padded features)."""
     b_p = tl.load(p + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)  # (BM, BD)
-    return tl.sum(b_p.to(tl.float32) * b_x[None, :], axis=1) * dn
+    b_p = b_p.to(tl.float32)
+    return tl.sum(b_p * b_k[None, :], axis=1) * dn, tl.sum(b_p * b_q[None, :], axis=1) * dn
 
 
 @triton.jit
@@ -67,8 +69,9 @@ def _step_kernel(
         q_max = tl.full([], float("-inf"), dtype=tl.float32)
         for i_m in range(0, tl.cdiv(M, BM)):
             o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-            k_max = tl.maximum(k_max, tl.max(tl.where(m_m, _row_dash(p, b_k, o_m, m_m, o_d, m_d, D, dn), float("-inf"))))
-            q_max = tl.maximum(q_max, tl.max(tl.where(m_m, _row_dash(p, b_q, o_m, m_m, o_d, m_d, D, dn), float("-inf"))))
+            b_dk, b_dq = _row_dashes(p, b_k, b_q, o_m, m_m, o_d, m_d, D, dn)  # (BM,) x2
+            k_max = tl.maximum(k_max, tl.max(tl.where(m_m, b_dk, float("-inf"))))
+            q_max = tl.maximum(q_max, tl.max(tl.where(m_m, b_dq, float("-inf"))))
         k_diag = tl.sum(b_k * b_k) * (dn * dn * 0.5)
         q_diag = tl.sum(b_q * b_q) * (dn * dn * 0.5)
     row_scale = tl.where(kept, k_max - k_diag, float("-inf"))  # RELU: 0, as FavorState
@@ -82,8 +85,7 @@ def _step_kernel(
     q_sum = tl.full([], 0.0, dtype=tl.float32)
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-        b_dk = _row_dash(p, b_k, o_m, m_m, o_d, m_d, D, dn)  # (BM,)
-        b_dq = _row_dash(p, b_q, o_m, m_m, o_d, m_d, D, dn)  # (BM,)
+        b_dk, b_dq = _row_dashes(p, b_k, b_q, o_m, m_m, o_d, m_d, D, dn)  # (BM,) x2
         if FEATURE == FM_SOFTMAX:
             b_u = tl.exp(b_dk - k_max)  # (BM,) units in (0, 1]
             b_qf = tl.exp(b_dq - q_diag - q_max) + f_eps  # (BM,) q~
@@ -149,7 +151,9 @@ def decode_step(
         h, m, d, e,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         head_scale(d), SOFTMAX_EPS if feature == SOFTMAX else GENERALIZED_EPS, causal_coef,
-        FEATURE=feature, HAS_KEEP=keep is not None, BM=32, BD=max(16, triton.next_power_of_2(d)),
+        # m tiles of 16: at 32 the (BM, BD) projection and (BM, BV) state tiles spilled 4-24 B
+        # (full sweep, heads of 64 and more, and d = 24)
+        FEATURE=feature, HAS_KEEP=keep is not None, BM=16, BD=max(16, triton.next_power_of_2(d)),
         BV=max(16, triton.next_power_of_2(e + 1)), AL=alignment(d, e, q, k, v, out), num_warps=4,
     )
     return out

@@ -20,8 +20,12 @@ from torch import Tensor
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS
 
-# Rows per chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
+# Rows per causal chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
 CHUNK = 128
+# Non-causal chunks have no (t, t) part: their rows are as many as keep one (b, h, t, m) feature
+# tile within FEATURE_TILE elements (8 MB in fp32), whole multiples of CHUNK. At b h = 8, m = 266
+# that is 896 rows: a quarter of the ops of 128-row chunks (bench/RESULTS.md, issue 15).
+FEATURE_TILE = 2**21
 
 
 class ChunkFeatures:
@@ -83,8 +87,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int) -> list[slice]:
-    return [slice(t0, min(t0 + CHUNK, n)) for t0 in range(0, n, CHUNK)]
+def _chunks(n: int, rows: int | None = None) -> list[slice]:
+    rows = rows or CHUNK
+    return [slice(t0, min(t0 + rows, n)) for t0 in range(0, n, rows)]
+
+
+def _wide_rows(bh: int, m: int) -> int:
+    """Rows per non-causal chunk (FEATURE_TILE) for b h heads of m features."""
+    return max(CHUNK, FEATURE_TILE // max(1, bh * m) // CHUNK * CHUNK)
 
 
 def with_ones(x: Tensor) -> Tensor:
@@ -179,7 +189,7 @@ def favor_fwd(
     k_max = k.new_empty((b, h, s if stats else 0))
     k_scale = k.new_empty((b, h, s if stats else 0))
     if stats and causal:  # every key's stabilizer is needed from the first chunk on
-        for sl in _chunks(s):
+        for sl in _chunks(s, _wide_rows(b * h, fm.proj.shape[0])):
             k_max[..., sl] = fm.dash(k[..., sl, :]).amax(-1)
         torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
@@ -197,7 +207,8 @@ def favor_fwd(
         return fm.query_base(q[..., sl, :], dash, q_max[..., sl]) + fm.eps
 
     if not causal:
-        for sl in _chunks(s):  # one projection of each key chunk: its stats, then its units
+        rows = _wide_rows(b * h, m)
+        for sl in _chunks(s, rows):  # one projection of each key chunk: its stats, then its units
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
                 k_max[..., sl] = dash.amax(-1)
@@ -207,7 +218,7 @@ def favor_fwd(
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
         # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1)
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
-        for sl in _chunks(n):
+        for sl in _chunks(n, rows):
             nd = query_features(sl) @ context  # (b, h, t, e+1) = [N, D]
             # D = 0 only when every key is masked out (GIVEN zero features): no keys, output 0
             rden[..., sl] = nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0)
@@ -276,17 +287,18 @@ def favor_bwd(
         return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), d_initial or []
 
     if not causal:
-        for sl in _chunks(s):
+        rows = _wide_rows(b * h, m)
+        for sl in _chunks(s, rows):
             hz, ref = add_keys(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
         dhz = torch.zeros_like(hz)  # sum_i q~_i [dN_i, dD_i]   (m, e+1)
-        for sl in _chunks(n):
+        for sl in _chunks(n, rows):
             base = query_base(sl)
             g = grad[..., sl, :]
             dq[..., sl, :] = fm.vjp(q[..., sl, :], base, g @ context.mT)
             dhz = _bmm((base + fm.eps).mT, g, dhz)
         key_scale = (row_scale - stab[..., None]).exp_()  # exp(row_scale_j - M)   (b, h, s)
-        for sl in _chunks(s):
+        for sl in _chunks(s, rows):
             keys = fm.key_units(k[..., sl, :], k_max[..., sl]) * key_scale[..., sl, None]  # k~ - eps
             # dk~_j = dH @ v_j + dz;  dv_j = k~_j @ dH
             dk[..., sl, :] = fm.vjp(k[..., sl, :], keys, vo[..., sl, :] @ dhz.mT)

@@ -81,6 +81,28 @@ def test_softmax_gradients_equal_the_reference_in_float64(case, n):
         assert (a.grad - b.grad).norm() <= 1e-12 * max(b.grad.norm().item(), 1.0)
 
 
+@pytest.mark.parametrize("feature_map", ["softmax", "relu"])
+def test_noncausal_chunking_does_not_change_the_result(monkeypatch, feature_map):
+    """The PyTorch path's non-causal chunks (torch_backend._wide_rows: one chunk here) give the
+    reference's outputs and gradients in float64, and so do 128-row chunks (3 of them)."""
+    from performer_triton import torch_backend
+
+    q, k, v = qkv(b=1, h=2, n=300, d=12, e=7, dtype=torch.float64)
+    P = projection(30, 12).double()
+    grad = torch.randn(1, 2, 300, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theirs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    ref = reference.favor_attention(*theirs, P, causal=False, feature_map=feature_map)
+    ref.backward(grad)
+    for tile in (torch_backend.FEATURE_TILE, 1):
+        monkeypatch.setattr(torch_backend, "FEATURE_TILE", tile)
+        ours = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        out = favor_attention(*ours, P, causal=False, feature_map=feature_map, backend="torch")
+        out.backward(grad)
+        assert (out - ref).norm() <= 1e-12 * ref.norm()
+        for a, b in zip(ours, theirs):
+            assert (a.grad - b.grad).norm() <= 1e-12 * b.grad.norm()
+
+
 def test_cross_attention_lengths():
     q, k, v = qkv(n=5, s=41, d=16)
     P = projection(30, 16)
