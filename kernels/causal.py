@@ -106,7 +106,7 @@ def _state_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr, AL: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """State before every chunk c, for one m tile:
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
@@ -121,9 +121,9 @@ def _state_kernel(
     vs0 (b*h, E + 1) = [value sum | count], ref0, stab0 (b*h,) instead of no keys, and writes the
     state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout)."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
-    D, E, stride_kb = aligned(D, AL), aligned(E, AL), aligned(stride_kb, AL)
-    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AL)
-    stride_vh, stride_vn = aligned(stride_vh, AL), aligned(stride_vn, AL)
+    D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
+    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
+    stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -240,7 +240,7 @@ def _output_kernel(
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
-    AL: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr,
 ):
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
@@ -248,10 +248,10 @@ def _output_kernel(
     STATE: the keys before the call count vs0[b*h, E] in the eps part (the state walk started
     from their sums)."""
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_kb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_kb, AL)
-    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AL)
-    stride_vh, stride_vn = aligned(stride_vh, AL), aligned(stride_vn, AL)
+    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
+    stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,) queries and keys of this chunk
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -334,14 +334,14 @@ def _dd_kernel(
     g, out, rden, dd,
     H, N, E,
     stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
-    BT: tl.constexpr, BV: tl.constexpr, AL: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, AV: tl.constexpr,
 ):
     """dD_i = -rden_i (g_i . out_i) (b*h, n) fp32 for one chunk: what every backward kernel needs
     of out, read once here instead of by each of them."""
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
-    E, stride_gb, stride_gh = aligned(E, AL), aligned(stride_gb, AL), aligned(stride_gh, AL)
-    stride_gn, stride_ob, stride_oh = aligned(stride_gn, AL), aligned(stride_ob, AL), aligned(stride_oh, AL)
-    stride_on = aligned(stride_on, AL)
+    E, stride_gb, stride_gh = aligned(E, AV), aligned(stride_gb, AV), aligned(stride_gh, AV)
+    stride_gn, stride_ob, stride_oh = aligned(stride_gn, AV), aligned(stride_ob, AV), aligned(stride_oh, AV)
+    stride_on = aligned(stride_on, AV)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     o_row = i_bh.to(tl.int64) * N
@@ -392,16 +392,16 @@ def _dstate_kernel(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in dh_state's dtype), dz_c = same with dD_i,
     Mend_c = M at the chunk's last position (stab_before chunk c + 1); dns_c = sum_i
     (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
-    stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AL)
-    stride_gh, stride_gn = aligned(stride_gh, AL), aligned(stride_gn, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
+    stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
+    stride_gh, stride_gn = aligned(stride_gh, AV), aligned(stride_gn, AV)
     NM = tl.cdiv(M, BM)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -515,7 +515,7 @@ def _bwd_qk_kernel(
     stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
@@ -525,11 +525,11 @@ def _bwd_qk_kernel(
     Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
     GIVEN: all of dx (b*h, n, M) (NK = 1)."""
     i_bh, i_ck = tl.program_id(0), tl.program_id(1)
-    D, E, SE = aligned(D, AL), aligned(E, AL), aligned(SE, AL)
+    D, E, SE = aligned(D, AL), aligned(E, AV), aligned(SE, AV)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, AL), aligned(stride_qh, AL), aligned(stride_qn, AL)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, AL), aligned(stride_kh, AL), aligned(stride_kn, AL)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, AL), aligned(stride_vh, AL), aligned(stride_vn, AL)
-    stride_gb, stride_gh, stride_gn = aligned(stride_gb, AL), aligned(stride_gh, AL), aligned(stride_gn, AL)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, AV), aligned(stride_vh, AV), aligned(stride_vn, AV)
+    stride_gb, stride_gh, stride_gn = aligned(stride_gb, AV), aligned(stride_gh, AV), aligned(stride_gn, AV)
     i_c, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -597,15 +597,15 @@ def _bwd_v_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
     dn, k_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_kb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_kb, AL)
-    stride_kh, stride_kn, stride_gb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_gb, AL)
-    stride_gh, stride_gn = aligned(stride_gh, AL), aligned(stride_gn, AL)
+    stride_kh, stride_kn, stride_gb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_gb, AV)
+    stride_gh, stride_gn = aligned(stride_gh, AV), aligned(stride_gn, AV)
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     o_row = i_bh.to(tl.int64) * N
@@ -741,7 +741,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
         h, n, m, d, e, nt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
-        FEATURE=feature, STATE=initial is not None, AL=alignment(d, e, k, v),
+        FEATURE=feature, STATE=initial is not None, AL=alignment(d, k), AV=alignment(e, v),
         **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return states, final
@@ -806,7 +806,7 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         head_scale(d), k_eps, c_eps,
-        FEATURE=feature, PREFIX=prefix, STATE=initial is not None, AL=alignment(d, e, q, k, v),
+        FEATURE=feature, PREFIX=prefix, STATE=initial is not None, AL=alignment(d, q, k), AV=alignment(e, v),
         **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return (out, *saved, rden, states, final)
@@ -865,7 +865,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         grad_out, out, rden, dd,
         h, n, e,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        BT=cfg["BT"], BV=cfg["BV"], AL=alignment(e, grad_out, out), num_warps=4,
+        BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
     _dstate_kernel[(b * h, nm)](
         q, p, grad_out, dd, rden, q_max, k_max, c_stab,
@@ -873,7 +873,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         h, n, m, d, e, nt,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
-        **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, e, q, grad_out))),
+        **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out))),
     )
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
@@ -888,7 +888,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
             h_s, z_s, v_state, dx,
             h, n, m, d, e, nt, h_s.stride(-2), *strides,
             dn, k_eps, c_eps,
-            KEYS=bool(keys), AL=alignment(d, e, h_s.stride(-2), q, k, v, grad_out), **opts,
+            KEYS=bool(keys), AL=alignment(d, q, k), AV=alignment(e, h_s.stride(-2), v, grad_out), **opts,
         )
     _bwd_v_kernel[(b * h, nt)](
         q, k, p, grad_out, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv,
@@ -896,6 +896,6 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn, k_eps,
-        AL=alignment(d, e, q, k, grad_out), **opts,
+        AL=alignment(d, q, k), AV=alignment(e, grad_out), **opts,
     )
     return dq, dk, dv

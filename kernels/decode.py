@@ -38,16 +38,16 @@ def _step_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     dn, f_eps, causal_coef,
     FEATURE: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    AL: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr,
 ):
     """One position of (b, h) = program i_bh: q, k (BD,), v (E,) rows; keep (b,) bool (HAS_KEEP):
     a dropped key leaves the state unchanged. hz (b*h, M, E + 1), v_sum (b*h, E + 1), ref, stab
     (b*h,) updated in place; out (E,) = N / D of the query against the updated state."""
     i_bh = tl.program_id(0)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_kb, stride_kh = aligned(stride_qh, AL), aligned(stride_kb, AL), aligned(stride_kh, AL)
-    stride_vb, stride_vh, stride_ob = aligned(stride_vb, AL), aligned(stride_vh, AL), aligned(stride_ob, AL)
-    stride_oh = aligned(stride_oh, AL)
+    stride_vb, stride_vh, stride_ob = aligned(stride_vb, AV), aligned(stride_vh, AV), aligned(stride_ob, AV)
+    stride_oh = aligned(stride_oh, AV)
     i_b, i_h = i_bh // H, i_bh % H
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E + 1)  # (BV,) value columns, then the z / count column E
@@ -154,6 +154,7 @@ def decode_step(
         # m tiles of 16: at 32 the (BM, BD) projection and (BM, BV) state tiles spilled 4-24 B
         # (full sweep, heads of 64 and more, and d = 24)
         FEATURE=feature, HAS_KEEP=keep is not None, BM=16, BD=max(16, triton.next_power_of_2(d)),
-        BV=max(16, triton.next_power_of_2(e + 1)), AL=alignment(d, e, q, k, v, out), num_warps=4,
+        BV=max(16, triton.next_power_of_2(e + 1)), AL=alignment(d, q, k),
+        AV=alignment(e, v, out), num_warps=4,
     )
     return out

@@ -72,8 +72,10 @@ def aligned(x, AL: tl.constexpr):
     """The int argument x, which the launcher found a multiple of AL (alignment), with that
     divisibility visible to the compiler. Triton specialises int arguments only on divisibility
     by 16: a head dim or row stride of 40 or 24 left every row load unvectorised and outside the
-    asynchronous copies, which spilled up to 650 B per thread (kernels/NOTES.md "Alignment")."""
-    if AL < 16:
+    asynchronous copies, which spilled up to 650 B per thread (kernels/NOTES.md "Alignment").
+    Kernels take two: AL for d and the q, k rows, AV for e and the v, grad_out, out rows, so
+    that one side's small alignment does not hide the other's divisibility by 16."""
+    if AL > 1 and AL < 16:
         x = x // AL * AL
     return x
 
@@ -492,13 +494,15 @@ _ROLES = {"state": ("BM", "num_warps"), "out": ("BM_out", "num_warps"), "bwd": (
 
 
 def alignment(*xs) -> int:
-    """AL of a launch: the largest power of two up to 16 that divides every int in xs and every
-    stride but the last (1) of every tensor in xs; the kernel declares exactly these (aligned)."""
+    """AL (or AV) of a launch: the largest power of two up to 16 that divides every int in xs and
+    every stride but the last (1) of every tensor in xs; the kernel declares exactly these
+    (aligned). 2 counts as 1 (no declaration): two-element vectors spilled where scalar loads
+    did not (fp32 GIVEN features of m = 266, causal output kernel, 36 B on sm_90a)."""
     al = 16
     for x in xs:
         for s in x.stride()[:-1] if isinstance(x, torch.Tensor) else (x,):
             al = math.gcd(al, s)
-    return al
+    return al if al >= 4 else 1
 
 
 def launch_options(cfg: dict, role: str, **constexprs) -> dict:

@@ -43,7 +43,7 @@ def _state_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """Key state of one split of NTS key blocks for one m tile:
     h_part[i_s, i_bh] = sum_j F_j^T v_j (M, E), z_part = sum_j F_j (M,), vs_part = sum_j v_j (E,)
@@ -53,9 +53,9 @@ def _state_kernel(
     r_part[i_s, i_bh, i_m] with the tile's max of dash (s_part); _combine_kernel brings the
     partials to the global stabilizer M = max of dash over every key and feature (1.1.4's)."""
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    D, E, stride_kb = aligned(D, AL), aligned(E, AL), aligned(stride_kb, AL)
-    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AL)
-    stride_vh, stride_vn = aligned(stride_vh, AL), aligned(stride_vn, AL)
+    D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
+    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
+    stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -188,14 +188,14 @@ def _output_kernel(
     stride_qb, stride_qh, stride_qn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """out = N / D for BT queries, h (BH, M, E) and z (BH, M) relative to the stabilizer M.
 
     SOFTMAX finds the query row max online over the m tiles (flash-style rescaling of the
     exp part; the eps part of q~ is separated), so q needs no stats pass, and writes q_max."""
     i_bh, i_t = tl.program_id(0), tl.program_id(1)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn = aligned(stride_qh, AL), aligned(stride_qn, AL)
     o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
@@ -261,16 +261,16 @@ def _dstate_kernel(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """Reverse state of one split of NTS query blocks for one m tile:
     dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,), accumulated in
     registers (the key-side gradients need them whole before any dk, dv)."""
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    D, E, stride_qb = aligned(D, AL), aligned(E, AL), aligned(stride_qb, AL)
-    stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AL)
-    stride_gh, stride_gn, stride_ob = aligned(stride_gh, AL), aligned(stride_gn, AL), aligned(stride_ob, AL)
-    stride_oh, stride_on = aligned(stride_oh, AL), aligned(stride_on, AL)
+    D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
+    stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
+    stride_gh, stride_gn, stride_ob = aligned(stride_gh, AV), aligned(stride_gn, AV), aligned(stride_ob, AV)
+    stride_oh, stride_on = aligned(stride_oh, AV), aligned(stride_on, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
@@ -315,17 +315,17 @@ def _bwd_q_kernel(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """dq columns [i_k BK, i_k BK + BK) for BT queries (program i_t NK + i_k), from the key state
     h (BH, M, E), z (BH, M) relative to the stabilizer and the value sum vs (BH, E); SE the row
     stride of h and vs (the forward's value width when a backward value slice reads its columns).
     q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live."""
     i_bh, i_tk = tl.program_id(0), tl.program_id(1)
-    D, E, SE = aligned(D, AL), aligned(E, AL), aligned(SE, AL)
+    D, E, SE = aligned(D, AL), aligned(E, AV), aligned(SE, AV)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, AL), aligned(stride_qh, AL), aligned(stride_qn, AL)
-    stride_gb, stride_gh, stride_gn = aligned(stride_gb, AL), aligned(stride_gh, AL), aligned(stride_gn, AL)
-    stride_ob, stride_oh, stride_on = aligned(stride_ob, AL), aligned(stride_oh, AL), aligned(stride_on, AL)
+    stride_gb, stride_gh, stride_gn = aligned(stride_gb, AV), aligned(stride_gh, AV), aligned(stride_gn, AV)
+    stride_ob, stride_oh, stride_on = aligned(stride_ob, AV), aligned(stride_oh, AV), aligned(stride_on, AV)
     i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dq
     o_t, m_t = block_range(i_t, BT, N)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -377,15 +377,15 @@ def _bwd_kv_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
 ):
     """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
     from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M).  SOFTMAX key
     features exp(dash - diag - M) from the stabilizer k_stab (BH,) alone: they stay fp32 here."""
     i_bh, i_tk = tl.program_id(0), tl.program_id(1)
-    D, E, stride_kb = aligned(D, AL), aligned(E, AL), aligned(stride_kb, AL)
-    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AL)
-    stride_vh, stride_vn = aligned(stride_vh, AL), aligned(stride_vn, AL)
+    D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
+    stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
+    stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
     i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dk
     o_t, m_t = block_range(i_t, BT, S)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
@@ -526,7 +526,7 @@ def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict)
         h, s, m, d, e, b * h, per, nmt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
-        FEATURE=feature, AL=alignment(d, e, k, v), **launch_options(cfg, "state"),
+        FEATURE=feature, AL=alignment(d, k), AV=alignment(e, v), **launch_options(cfg, "state"),
     )
     return _combine(h_part, z_part, vs_part, r_part, s_part, saved_states(q, k, v, projection, feature=feature),
                     refs=softmax, cfg=cfg, nmt=nmt)
@@ -569,7 +569,7 @@ def noncausal_fwd(
         h, n, k.shape[2], m, d, e,
         q.stride(0), q.stride(1), q.stride(2),
         head_scale(d),
-        FEATURE=feature, AL=alignment(d, e, q), **launch_options(cfg, "out"),
+        FEATURE=feature, AL=alignment(d, q), AV=alignment(e), **launch_options(cfg, "out"),
     )
     return out, q_max, k_max, k_scale, rden, saved
 
@@ -611,7 +611,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
-    al = alignment(d, e, q, grad_out, out)  # (the dq, dstate kernels'; dk, dv take k, v)
+    al, av = alignment(d, q), alignment(e, grad_out, out)  # (the dq, dstate kernels'; dk, dv take k, v)
     nm = triton.cdiv(m, cfg["BM_dstate"])
     per, ns = _splits(triton.cdiv(n, cfg["BT"]), nm * b * h)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -623,7 +623,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
         q, grad_out, out, p, q_max, rden, dh_part, dz_part,
         h, n, m, d, e, b * h, per, *strides,
         dn,
-        **(opts | dict(BM=cfg["BM_dstate"], AL=al)),
+        **(opts | dict(BM=cfg["BM_dstate"], AL=al, AV=av)),
     )
     dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, _sums(b * h, m, e, False, q.device),
                             refs=False, cfg=cfg)
@@ -632,7 +632,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq,
         h, n, s, m, d, e, states.stride(-2), *strides,
         dn,
-        AL=alignment(al, states.stride(-2)), **opts,
+        AL=al, AV=alignment(av, states.stride(-2)), **opts,
     )
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -641,6 +641,6 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
         h, s, m, d, e,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,
-        AL=alignment(d, e, k, v), **opts,
+        AL=alignment(d, k), AV=alignment(e, v), **opts,
     )
     return dq, dk, dv

@@ -168,15 +168,18 @@ def test_meta_launches():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize(("d", "e", "al"), [(64, 64, 16), (64, 40, 8), (24, 64, 8), (20, 64, 4), (64, 33, 1)])
-def test_launches_declare_the_alignment_of_their_dims_and_strides(causal, d, e, al):
-    """Every kernel that takes head dims and row strides gets AL = their largest common power of
-    two up to 16 (feature_map.aligned): Triton alone knows only divisibility by 16."""
+@pytest.mark.parametrize(("d", "e"), [(64, 64), (64, 40), (24, 64), (20, 64), (64, 33), (64, 34)])
+def test_launches_declare_the_alignment_of_their_dims_and_strides(causal, d, e):
+    """Every kernel that takes head dims and row strides gets AL (d and the q, k rows) and AV (e
+    and the v, grad_out, out rows): their largest common power of two up to 16
+    (feature_map.aligned); Triton alone knows only divisibility by 16."""
     launched = meta_launches(causal, torch.bfloat16, n=200, d=d, e=e)
-    takes = [name for name, _, kw in launched if "AL" in kw]
-    assert {name for name, *_ in launched} - set(takes) <= {"_combine_kernel"}
-    only = {"_row_stats_kernel": math.gcd(16, d), "_dd_kernel": math.gcd(16, e)}  # q, k rows; g, out rows
-    assert {name: kw["AL"] for name, _, kw in launched if "AL" in kw} == {name: only.get(name, al) for name in takes}
+    names = {name for name, *_ in launched}
+    assert names - {name for name, _, kw in launched if "AL" in kw} <= {"_combine_kernel", "_dd_kernel"}
+    assert names - {name for name, _, kw in launched if "AV" in kw} <= {"_combine_kernel", "_row_stats_kernel"}
+    declared = {16: 16, 8: 8, 4: 4, 2: 1, 1: 1}
+    assert {kw["AL"] for _, _, kw in launched if "AL" in kw} == {declared[math.gcd(16, d)]}
+    assert {kw["AV"] for _, _, kw in launched if "AV" in kw} == {declared[math.gcd(16, e)]}
 
 
 def test_alignment_of_dims_and_tensors():
@@ -187,6 +190,7 @@ def test_alignment_of_dims_and_tensors():
     assert alignment(64, x) == 8 and alignment(64, x[..., :24]) == 8
     assert alignment(x[:, :, ::3]) == 8  # row stride 120
     assert alignment(torch.empty(2, 3, 10, 43)[..., 1:-2]) == 1
+    assert alignment(torch.empty(2, 3, 10, 266)) == 1  # 2 declares nothing
     assert alignment(0, 16) == 16  # GIVEN passes d = 0
 
 
