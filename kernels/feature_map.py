@@ -21,8 +21,6 @@ factorisation they implement.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -501,7 +499,8 @@ def alignment(*xs) -> int:
     al = 16
     for x in xs:
         for s in x.stride()[:-1] if isinstance(x, torch.Tensor) else (x,):
-            al = math.gcd(al, s)
+            while s % al:
+                al //= 2
     return al if al >= 4 else 1
 
 
