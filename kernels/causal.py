@@ -106,7 +106,8 @@ def _state_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr,
 ):
     """State before every chunk c, for one m tile:
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
@@ -290,7 +291,8 @@ def _output_kernel(
                                        FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
             b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_s += tl.dot(b_qf.to(v.dtype.element_ty), tl.trans(b_kf.to(v.dtype.element_ty)), input_precision=PRECISION)
+        b_s += tl.dot(b_qf.to(v.dtype.element_ty), tl.trans(b_kf.to(v.dtype.element_ty)),
+                      input_precision=PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_z = b_z_next  # (BM,)
@@ -515,7 +517,8 @@ def _bwd_qk_kernel(
     stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr,
 ):
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the

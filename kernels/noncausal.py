@@ -27,8 +27,9 @@ import triton.language as tl
 
 from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
-    FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base, block_config,
-    block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims, grad_dot_out,
+    FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
+    block_config, block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims,
+    grad_dot_out,
     features, features_chunked, half_sq_norm, head_scale, input_grad_tile, launch_options,
     load_fused_rows, load_rows, load_vector, store_input_grad, store_rows
 )

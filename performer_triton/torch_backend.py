@@ -24,7 +24,7 @@ from .kernels import CAUSAL_EPS
 CHUNK = 128
 # Non-causal chunks have no (t, t) part: their rows are as many as keep one (b, h, t, m) feature
 # tile within FEATURE_TILE elements (8 MB in fp32), whole multiples of CHUNK. At b h = 8, m = 266
-# that is 896 rows: a quarter of the ops of 128-row chunks (bench/RESULTS.md, issue 15).
+# that is 896 rows: a seventh of the chunk loops (and their ops) of 128-row chunks (issue 15).
 FEATURE_TILE = 2**21
 
 
