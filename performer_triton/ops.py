@@ -1,9 +1,9 @@
 """torch.library custom ops for FAVOR+ attention, with autograd and fake (meta) kernels.
 
 One forward op and one backward op. The forward also returns the key states its backward reads
-(kernels.launchers: the fused kernels' chunk states; none for the PyTorch path), saved by
-autograd in place of a second walk over the keys. `use_triton` picks the implementation: the fused Triton
-kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or the chunked pure-PyTorch
+(kernels.launchers: the fused kernels' chunk states; the PyTorch path's non-causal context),
+saved by autograd in place of a second walk over the keys. `use_triton` picks the
+implementation: the fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or the chunked pure-PyTorch
 path (performer_triton.torch_backend). Both follow the launcher contract of kernels/NOTES.md,
 so the op is opaque to torch.compile (no graph breaks) and passes torch.library.opcheck.
 """
@@ -41,7 +41,7 @@ def favor_fwd(
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
-    return (*torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)[:5], [])
+    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
 
 
 @favor_fwd.register_fake
@@ -53,7 +53,10 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
     def stat(rows: int) -> Tensor:  # fp32 statistics, fp64 for fp64 inputs
         return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
-    states = launchers(causal)[2](q, k, v, projection, feature=feature) if use_triton else []
+    if use_triton:
+        states = launchers(causal)[2](q, k, v, projection, feature=feature)
+    else:
+        states = torch_backend.saved_like(q, v, projection, causal)
     # the non-causal kernels take their key maxima on tiles: no per-row key statistics
     key_rows = s if softmax and (causal or not use_triton) else 0
     return (
@@ -91,7 +94,7 @@ def favor_bwd(
     flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
     if use_triton:
         return launchers(causal)[1](*args, states, **flags)
-    return torch_backend.favor_bwd(*args, causal=causal, **flags)[:3]
+    return torch_backend.favor_bwd(*args, causal=causal, saved=states, **flags)[:3]
 
 
 @favor_bwd.register_fake

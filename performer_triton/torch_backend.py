@@ -22,10 +22,11 @@ from .kernels import CAUSAL_EPS
 
 # Rows per causal chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
 CHUNK = 128
-# Non-causal chunks have no (t, t) part: their rows are as many as keep one (b, h, t, m) feature
-# tile within FEATURE_TILE elements (8 MB in fp32), whole multiples of CHUNK. At b h = 8, m = 266
-# that is 896 rows: a seventh of the chunk loops (and their ops) of 128-row chunks (issue 15).
-FEATURE_TILE = 2**21
+# Non-causal chunks have no (t, t) part: their rows are as many as make one (b, h, t, m) feature
+# tile of about FEATURE_TILE elements (2 MB in fp32, cache-resident between the passes over it),
+# a multiple of 64 rows: 256 at b h = 8, m = 266, where the (b h t, d) @ (d, m) products ran at
+# 1.4x the rate of 896-row chunks (issue 15).
+FEATURE_TILE = 2**19
 
 
 class ChunkFeatures:
@@ -42,6 +43,8 @@ class ChunkFeatures:
         dn = d**-0.25
         # (m, d): dn folded into the projection once instead of scaling every chunk of x
         self.proj = None if self.given else projection.to(dtype) * dn
+        # (m, d + 1): [dn P | 1], so the backward's one matmul also yields the row sums of du
+        self.proj_sum = None if self.given else with_ones(self.proj)
         self.dn2 = dn * dn
         self.eps = fmap.eps
         ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
@@ -49,7 +52,10 @@ class ChunkFeatures:
 
     def dash(self, x: Tensor) -> Tensor:
         """(dn x) @ P^T; GIVEN features pass through.  (b, h, t, d) -> (b, h, t, m)."""
-        return x if self.given else x @ self.proj.mT
+        if self.given:
+            return x
+        # one (b h t, d) @ (d, m) product: matmul would take a sliced x as b h small products
+        return (x.reshape(-1, x.shape[-1]) @ self.proj.mT).view(*x.shape[:-1], -1)
 
     def half_sq_norm(self, x: Tensor) -> Tensor:
         """|dn x|^2 / 2.  (b, h, t, d) -> (b, h, t)."""
@@ -69,18 +75,29 @@ class ChunkFeatures:
             return dash.sub_(k_max[..., None]).exp_()
         return self._generalized(dash)
 
+    def keys(self, x: Tensor, ref: Tensor, dash: Tensor | None = None) -> Tensor:
+        """Key features minus eps relative to the reference R (b, h): U exp(row_scale - R)
+        = exp(dash - |dn x|^2 / 2 - R) for SOFTMAX in one exponential (every entry <= 1 when
+        R >= every row_scale), the base of the other maps (their row_scale and R are 0).
+        x (b, h, t, d), dash of x if already computed (overwritten) -> (b, h, t, m)."""
+        dash = self.dash(x) if dash is None else dash
+        if self.softmax:
+            return dash.sub_((self.half_sq_norm(x) + ref[..., None])[..., None]).exp_()
+        return self._generalized(dash)
+
     def _generalized(self, dash: Tensor) -> Tensor:
         return dash if self.given else dash.clamp_min_(0.0)
 
     def vjp(self, x: Tensor, base: Tensor, dbase: Tensor) -> Tensor:
-        """Gradient w.r.t. rows x from the gradient w.r.t. their base.  -> (b, h, t, d)."""
+        """Gradient w.r.t. rows x from the gradient w.r.t. their base (overwritten).  -> (b, h, t, d)."""
         if self.given:
             return dbase
-        if not self.softmax:
-            return (dbase * (base > 0)) @ self.proj
-        du = dbase * base  # through exp: gradient w.r.t. dash - diag
-        # dash and diag both depend on x: dx = dn du @ P - dn^2 rowsum(du) x
-        return torch.addcmul(du @ self.proj, du.sum(-1, keepdim=True), x, value=-self.dn2)
+        if not self.softmax:  # by selection: an inf gradient at a dead unit adds nothing
+            return torch.where(base > 0, dbase, 0.0) @ self.proj
+        # through exp, du = dbase base is the gradient w.r.t. dash - diag; dash and diag both
+        # depend on x: dx = dn du @ P - dn^2 rowsum(du) x, both from one matmul with [dn P | 1]
+        du_p = dbase.mul_(base) @ self.proj_sum  # (b, h, t, d + 1)
+        return torch.addcmul(du_p[..., :-1], du_p[..., -1:], x, value=-self.dn2)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +111,7 @@ def _chunks(n: int, rows: int | None = None) -> list[slice]:
 
 def _wide_rows(bh: int, m: int) -> int:
     """Rows per non-causal chunk (FEATURE_TILE) for b h heads of m features."""
-    return max(CHUNK, FEATURE_TILE // max(1, bh * m) // CHUNK * CHUNK)
+    return max(64, round(FEATURE_TILE / max(1, bh * m) / 64) * 64)
 
 
 def with_ones(x: Tensor) -> Tensor:
@@ -103,10 +120,12 @@ def with_ones(x: Tensor) -> Tensor:
 
 
 def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
-    """(acc +) a @ b over leading (b, h) dims, via one baddbmm when accumulating."""
+    """(acc +) a @ b over leading (b, h) dims, via one baddbmm when accumulating; acc may
+    broadcast over the rows of a.  a (b, h, t, k), b (b, h, k, c) -> (b, h, t, c)."""
     if acc is None:
         return a @ b
-    return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(acc.shape)
+    out = torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1))
+    return out.view(*a.shape[:-1], b.shape[-1])
 
 
 def _key_terms(k_max: Tensor, k_scale: Tensor, s: int, causal: bool, prefix: bool) -> tuple[Tensor, Tensor]:
@@ -139,10 +158,18 @@ def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tens
     of row_scale (both exp factors <= 1).  A key with row_scale -inf adds nothing; before any key
     R stays -inf and hz zero.  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
     row_scale (b, h, t), vo (b, h, t, e+1) -> (hz, ref)."""
-    new_ref = torch.maximum(ref, row_scale.amax(-1))
-    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)  # no key yet: nothing to rescale
+    hz, new_ref, base = _rebase(hz, ref, row_scale)
     keys = units * (row_scale - base[..., None]).exp_()[..., None]  # (b, h, t, m)
-    return _bmm(keys.mT, vo, hz * (ref - base).exp_()[..., None, None]), new_ref
+    return _bmm(keys.mT, vo, hz), new_ref
+
+
+def _rebase(hz: Tensor, ref: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Before adding keys of row_scale (b, h, t): hz rescaled to the new reference (the running
+    max), that reference, and the finite base the keys' exp factors are taken against (0 while
+    no key has come: nothing to rescale).  -> hz (b, h, m, e+1), new ref (b, h), base (b, h)."""
+    new_ref = torch.maximum(ref, row_scale.amax(-1))
+    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)
+    return hz * (ref - base).exp_()[..., None, None], new_ref, base
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -172,14 +199,25 @@ def _initial(initial, q: Tensor, m: int, e: int, dtype) -> tuple[Tensor, Tensor,
     return hz, v_sum[..., None, :], ref, stab
 
 
+def saved_like(q: Tensor, v: Tensor, projection: Tensor | None, causal: bool) -> list[Tensor]:
+    """Empty tensors shaped as what favor_fwd (without final) returns for its backward: the
+    context (b, h, m, e+1) in the compute dtype when non-causal, nothing when causal."""
+    if causal:
+        return []
+    m = q.shape[-1] if projection is None else projection.shape[0]
+    return [q.new_empty((*q.shape[:2], m, v.shape[-1] + 1), dtype=_compute_dtype(q.dtype))]
+
+
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
     causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """FAVOR+ forward.  -> out (b, h, n, e) in q's dtype; q_max (b, h, n), k_max, k_scale (b, h, s)
     for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype.
-    Causal only: initial, the state before the first key (hz, v_sum, ref, stab; the stabilizer
-    is then the prefix one), and final: also return the state after the last key (else [])."""
+    The last output is what the backward reads besides them (`saved_like`): non-causal, the
+    context (b, h, m, e+1); causal, [] or with final, the state after the last key. Causal only:
+    initial, the state before the first key (hz, v_sum, ref, stab; the stabilizer is then the
+    prefix one)."""
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
@@ -200,30 +238,29 @@ def favor_fwd(
     # sum_j exp(u_j - ref) [v_j, 1], [sum of v, count] before the first key, R, M
     hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)
 
-    def query_features(sl: slice) -> Tensor:  # q~ (b, h, t, m)
-        dash = fm.dash(q[..., sl, :])
-        if stats:
-            q_max[..., sl] = dash.amax(-1)
-        return fm.query_base(q[..., sl, :], dash, q_max[..., sl]) + fm.eps
-
     if not causal:
         rows = _wide_rows(b * h, m)
-        for sl in _chunks(s, rows):  # one projection of each key chunk: its stats, then its units
+        for sl in _chunks(s, rows):  # one projection of each key chunk: its stats, then its keys
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
                 k_max[..., sl] = dash.amax(-1)
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
-            hz, ref = add_keys(hz, ref, fm.key_units(kc, k_max[..., sl], dash), row_scale, vo[..., sl, :])
+            hz, ref, base = _rebase(hz, ref, row_scale)
+            hz = _bmm(fm.keys(kc, base, dash).mT, vo[..., sl, :], hz)
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
-        # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1)
+        # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1), saved for the backward
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
+        eps_nd = context.sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e+1): the eps part of every q~
         for sl in _chunks(n, rows):
-            nd = query_features(sl) @ context  # (b, h, t, e+1) = [N, D]
+            qc, dash = q[..., sl, :], fm.dash(q[..., sl, :])
+            if stats:
+                q_max[..., sl] = dash.amax(-1)
+            nd = _bmm(fm.query_base(qc, dash, q_max[..., sl]), context, eps_nd)  # (b, h, t, e+1) = [N, D]
             # D = 0 only when every key is masked out (GIVEN zero features): no keys, output 0
             rden[..., sl] = nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0)
             out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
-        return out.to(in_dtype), q_max, k_max, k_scale, rden, []
+        return out.to(in_dtype), q_max, k_max, k_scale, rden, [context]
 
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     if initial is not None and stats:  # the prefix stabilizer goes on from the state's
@@ -234,15 +271,20 @@ def favor_fwd(
     # output adds the running sum of the non-finite ones (0 where all were finite).
     poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
     for sl in _chunks(n):
-        t = sl.stop - sl.start
-        qt = query_features(sl)  # (b, h, t, m)
+        t, qc = sl.stop - sl.start, q[..., sl, :]
+        dash = fm.dash(qc)
+        if stats:
+            q_max[..., sl] = dash.amax(-1)
+        base = fm.query_base(qc, dash, q_max[..., sl])  # q~ - eps   (b, h, t, m)
         units = fm.key_units(k[..., sl, :], k_max[..., sl])  # (b, h, t, m)
         vc, m_i, rs = vo[..., sl, :], stab[..., sl], row_scale[..., sl]
-        q_sum = qt.sum(-1)  # (b, h, t)
-        scores = _visible(qt @ units.mT, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, t, t)
+        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, t)
+        # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
+        pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
+        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, t, t)
         v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1): [sum v, count] over keys j <= i
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
-        nd = _bmm(qt, hz).mul_((ref[..., None] - m_i).exp_()[..., None])
+        nd = _bmm(base, hz, hz.sum(-2, keepdim=True).mul_(fm.eps)).mul_((ref[..., None] - m_i).exp_()[..., None])
         nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], v_upto, value=fm.eps))
         rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum)
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
@@ -259,12 +301,14 @@ def favor_fwd(
 def favor_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
     q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,
-    causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: tuple | None = None,
+    causal_eps: float = CAUSAL_EPS, saved: list[Tensor] | None = None, initial: tuple | None = None,
+    final: tuple | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """FAVOR+ backward from favor_fwd's outputs (stabilizers detached).  -> dq, dk, dv in the
     dtypes of q, k, v (for GIVEN, dq and dk are gradients w.r.t. the features) and the gradients
-    of the initial state's hz and v_sum ([] without one).  final: (state, d hz, d v_sum), the
-    forward's final state and the gradients it received (None when it had none)."""
+    of the initial state's hz and v_sum ([] without one).  saved: the forward's last output
+    (non-causal); final: (state, d hz, d v_sum), the forward's final state and the gradients it
+    received (None when it had none)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     dtype = _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -288,47 +332,36 @@ def favor_bwd(
 
     if not causal:
         rows = _wide_rows(b * h, m)
-        for sl in _chunks(s, rows):
-            hz, ref = add_keys(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vo[..., sl, :])
-        context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
-        dhz = torch.zeros_like(hz)  # sum_i q~_i [dN_i, dD_i]   (m, e+1)
+        (context,) = saved  # the forward's sum_j k~_j [v_j, 1]   (b, h, m, e+1)
+        # sum_i q~_i [dN_i, dD_i] = sum_i (q~_i - eps) [dN_i, dD_i] + eps sum_i [dN_i, dD_i]   (m, e+1)
+        dhz = grad.sum(-2, keepdim=True).mul_(fm.eps).expand(b, h, m, e + 1).contiguous()
         for sl in _chunks(n, rows):
             base = query_base(sl)
             g = grad[..., sl, :]
+            dhz = _bmm(base.mT, g, dhz)
             dq[..., sl, :] = fm.vjp(q[..., sl, :], base, g @ context.mT)
-            dhz = _bmm((base + fm.eps).mT, g, dhz)
-        key_scale = (row_scale - stab[..., None]).exp_()  # exp(row_scale_j - M)   (b, h, s)
+        eps_dv = dhz[..., :e].sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e): the eps part of every k~
         for sl in _chunks(s, rows):
-            keys = fm.key_units(k[..., sl, :], k_max[..., sl]) * key_scale[..., sl, None]  # k~ - eps
-            # dk~_j = dH @ v_j + dz;  dv_j = k~_j @ dH
-            dk[..., sl, :] = fm.vjp(k[..., sl, :], keys, vo[..., sl, :] @ dhz.mT)
-            dv[..., sl, :] = torch.add(keys @ dhz[..., :e], dhz[..., :e].sum(-2, keepdim=True), alpha=fm.eps)
+            kc = k[..., sl, :]
+            keys = fm.keys(kc, stab)  # k~ - eps = U exp(row_scale - M)
+            # dv_j = k~_j @ dH;  dk~_j = dH @ v_j + dz
+            dv[..., sl, :] = _bmm(keys, dhz[..., :e], eps_dv)
+            dk[..., sl, :] = fm.vjp(kc, keys, vo[..., sl, :] @ dhz.mT)
         return done()  # (no state: causal only)
 
     upper = _upper(CHUNK, q.device)
 
-    def intra(sl: slice) -> tuple[Tensor, Tensor]:  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij and F   (b, h, t, t)
-        t = sl.stop - sl.start
-        factor = _intra_factor(row_scale[..., sl], stab[..., sl], upper[:t, :t])
-        return _visible(grad[..., sl, :] @ vo[..., sl, :].mT, factor, upper[:t, :t]), factor
-
-    # forward sweep: query gradients, with the forward's states
+    # forward sweep: the state before each chunk, for the reverse sweep's query gradients
+    # (transient: n / CHUNK states of (m, e+1), 0.7x the size of q, k, v at m = 266, d = e = 64)
+    befores = []
     for sl in _chunks(n):
-        base = query_base(sl)
-        units = fm.key_units(k[..., sl, :], k_max[..., sl])
-        g, vc = grad[..., sl, :], vo[..., sl, :]
-        dwf, _ = intra(sl)
-        v_upto = vc.cumsum(-2).add_(v_before)
-        # inter: exp(R - M_i) [dN, dD]_i @ H^T;  eps: eps sum_{j<=i} dw_ij;  c_i: coef dD_i
-        dqt = _bmm(g, hz.mT).mul_((ref[..., None] - stab[..., sl]).exp_()[..., None])
-        dqt = _bmm(dwf, units, dqt)
-        # eps part of every visible key: eps sum_{j<=i} dw_ij;  c_i: coef dD_i
-        dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
-        dq[..., sl, :] = fm.vjp(q[..., sl, :], base, dqt)
-        hz, ref = add_keys(hz, ref, units, row_scale[..., sl], vc)
-        v_before = v_upto[..., -1:, :]
+        vc = vo[..., sl, :]
+        befores.append((hz, ref, v_before))
+        hz, ref = add_keys(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vc)
+        v_before = v_before + vc.sum(-2, keepdim=True)
 
-    # reverse sweep: key and value gradients, with states of the later queries
+    # reverse sweep: every gradient of a chunk from one computation of its features, with the
+    # forward's state before it (queries) and the states of the later queries (keys, values)
     dhz = torch.zeros_like(hz)  # sum_{i after chunk} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
     later = q.new_zeros((b, h, 1, e))  # sum_{i after chunk} sum(q~_i) dN_i
     later_d = q.new_zeros((b, h))  # sum_i sum(q~_i) dD_i: the key count's gradient
@@ -341,34 +374,53 @@ def favor_bwd(
         d_hz_f = torch.zeros_like(hz) if d_hz_f is None else d_hz_f.to(dtype)
         d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
     for sl in reversed(_chunks(n)):
-        qt = query_base(sl) + fm.eps
-        units = fm.key_units(k[..., sl, :], k_max[..., sl])
+        hz, ref, v_before = befores.pop()
+        t, qc, kc = sl.stop - sl.start, q[..., sl, :], k[..., sl, :]
+        up = upper[:t, :t]
+        base = fm.query_base(qc, fm.dash(qc), q_max[..., sl])  # q~ - eps   (b, h, t, m)
+        units = fm.key_units(kc, k_max[..., sl])  # (b, h, t, m)
         g, vc, m_i = grad[..., sl, :], vo[..., sl, :], stab[..., sl]
-        dwf, factor = intra(sl)
+        factor = _intra_factor(row_scale[..., sl], m_i, up)  # (b, h, t, t)
+        dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
+        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, t)
+
+        # dq~_i: inter exp(R - M_i) [dN, dD]_i @ H^T; intra sum_j dw_ij F_ij U_j; eps part of
+        # every visible key eps sum_{j<=i} dw_ij; c_i: coef dD_i
+        v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1)
+        dqt = _bmm(g, hz.mT).mul_((ref[..., None] - m_i).exp_()[..., None])
+        dqt = _bmm(dwf, units, dqt)
+        dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
+        dq[..., sl, :] = fm.vjp(qc, base, dqt)
+
+        # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
         m_end = m_i[..., -1]  # (b, h): dhz is relative to it
         key_scale = (row_scale[..., sl] - m_end[..., None]).exp_()[..., None]  # (b, h, t, 1)
-        # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
         du = (vc @ dhz.mT).mul_(key_scale)
         if d_hz_f is not None:
             key_f = (row_scale[..., sl] - ref_f[..., None]).exp_()[..., None]  # (b, h, t, 1)
             du += (vc @ d_hz_f.mT).mul_(key_f)
-        dk[..., sl, :] = fm.vjp(k[..., sl, :], units, _bmm(dwf.mT, qt, du))
+        du = _bmm(dwf.mT, base, du).add_(dwf.sum(-2).mul_(fm.eps)[..., None])
+        dk[..., sl, :] = fm.vjp(kc, units, du)
+
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
-        weights = _visible(qt @ units.mT, factor, upper[: factor.shape[-1], : factor.shape[-1]])  # exp part of w_ij
-        q_dn = qt.sum(-1, keepdim=True) * g[..., :e]  # (b, h, t, e)
+        pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])  # q~_i . U_j
+        weights = _visible(pairs, factor, up)  # exp part of w_ij
+        q_dn = q_sum[..., None] * g[..., :e]  # (b, h, t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
         inter = _bmm(units * key_scale, dhz[..., :e], q_dn_from * fm.eps)
         if d_hz_f is not None:
             inter = _bmm(units * key_f, d_hz_f[..., :e], inter).add_(d_vs_f[..., None, :e])
         dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter)
         later = q_dn_from[..., :1, :]
-        later_d += (qt.sum(-1) * g[..., e]).sum(-1)
+        later_d += (q_sum * g[..., e]).sum(-1)
         if sl.start > 0 or initial is not None:
             # fold this chunk's queries in, relative to the previous chunk's end (the initial
-            # state's stabilizer before the first chunk; the maps without one: 0)
+            # state's stabilizer before the first chunk; the maps without one: 0): with
+            # g_s = exp(M_prev - M_i) [dN, dD]_i, sum_i q~_i g_s_i = (q~ - eps)^T g_s + eps sum_i g_s_i
             m_prev = stab[..., sl.start - 1] if sl.start > 0 else (stab0 if fm.softmax else torch.zeros_like(m_end))
-            scaled = qt * (m_prev[..., None] - m_i).exp_()[..., None]
-            dhz = _bmm(scaled.mT, g, dhz * (m_prev - m_end).exp_()[..., None, None])
+            g_s = g * (m_prev[..., None] - m_i).exp_()[..., None]
+            acc = (dhz * (m_prev - m_end).exp_()[..., None, None]).add_(g_s.sum(-2, keepdim=True), alpha=fm.eps)
+            dhz = _bmm(base.mT, g_s, acc)
     if initial is None:
         return done()
     # out_i depends on the initial hz through exp(R0 - M_i) q~_i . hz0 and the final state on it
