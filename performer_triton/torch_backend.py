@@ -2,11 +2,15 @@
 kernels/NOTES.md (ratio-free features, per-row stats, keys factored as U * exp(row_scale - M),
 states relative to a running reference, eps parts handled exactly) in plain tensor ops.
 
-Work is done in chunks of CHUNK rows batched over (b, h): the (b, h, n, m) features of the whole
-sequence never exist at once, and only the contract's tensors are saved for backward, which
-recomputes features chunk by chunk. States are (m, e + 1): values plus a ones column, so the
-numerator and the denominator come out of the same matmul. Causal attention carries the state
-across chunks and does the masked intra-chunk part as (CHUNK, CHUNK) matmuls.
+Work is done in row chunks batched over (b, h): the (b, h, n, m) features of the whole sequence
+never exist at once, and only the contract's tensors are saved for backward (plus the non-causal
+context), which recomputes features chunk by chunk. States are (m, e + 1): values plus a ones
+column, so the numerator and the denominator come out of the same matmul. Non-causal chunks are
+sized by FEATURE_TILE. Causal attention does the masked intra-chunk part as (CHUNK, CHUNK)
+matmuls and carries the state across chunks; whole chunks are batched into blocks (one product
+of each kind per block, the chunk states scanned in a short loop of small adds), and the
+backward makes one reverse sweep over the blocks with the forward states before each chunk.
+Where the time goes: bench/RESULTS.md, "Profile of the PyTorch path".
 
 Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), projection (m, d); for GIVEN, q and k
 are the features (b, h, n, m), (b, h, s, m) and projection is None. fp16/bf16 compute in fp32;
@@ -104,9 +108,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int, rows: int | None = None) -> list[slice]:
-    rows = rows or CHUNK
+def _chunks(n: int, rows: int) -> list[slice]:
     return [slice(t0, min(t0 + rows, n)) for t0 in range(0, n, rows)]
+
+
+def _blocks(n: int, bh: int, m: int) -> list[tuple[slice, int]]:
+    """Causal blocks: whole CHUNK-row chunks, as many per block as _wide_rows allows (one product
+    per kind for all of them), then the rest of the rows as one shorter chunk.
+    -> (rows of the block, rows per chunk) pairs."""
+    full = n // CHUNK * CHUNK
+    rows = max(CHUNK, _wide_rows(bh, m) // CHUNK * CHUNK)
+    blocks = [(sl, CHUNK) for sl in _chunks(full, rows)]
+    return blocks + ([(slice(full, n), n - full)] if full < n else [])
 
 
 def _wide_rows(bh: int, m: int) -> int:
@@ -120,12 +133,14 @@ def with_ones(x: Tensor) -> Tensor:
 
 
 def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
-    """(acc +) a @ b over leading (b, h) dims, via one baddbmm when accumulating; acc may
-    broadcast over the rows of a.  a (b, h, t, k), b (b, h, k, c) -> (b, h, t, c)."""
+    """(acc +) a @ b over the leading dims of a (b, h or b, h, G), via one baddbmm when
+    accumulating; acc may broadcast.  a (..., t, k), b (..., k, c) -> (..., t, c)."""
     if acc is None:
         return a @ b
-    out = torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1))
-    return out.view(*a.shape[:-1], b.shape[-1])
+    lead = a.shape[:-2]
+    out = torch.baddbmm(acc.expand(*lead, *acc.shape[-2:]).flatten(0, -3), a.flatten(0, -3),
+                        b.expand(*lead, *b.shape[-2:]).flatten(0, -3))
+    return out.view(*lead, a.shape[-2], b.shape[-1])
 
 
 def _key_terms(k_max: Tensor, k_scale: Tensor, s: int, causal: bool, prefix: bool) -> tuple[Tensor, Tensor]:
@@ -158,9 +173,37 @@ def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tens
     of row_scale (both exp factors <= 1).  A key with row_scale -inf adds nothing; before any key
     R stays -inf and hz zero.  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
     row_scale (b, h, t), vo (b, h, t, e+1) -> (hz, ref)."""
-    hz, new_ref, base = _rebase(hz, ref, row_scale)
-    keys = units * (row_scale - base[..., None]).exp_()[..., None]  # (b, h, t, m)
-    return _bmm(keys.mT, vo, hz), new_ref
+    return _merge(hz, ref, *_chunk_states(units, row_scale, vo))
+
+
+def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
+    """Each chunk's own state: sum_j exp(row_scale_j - r) units_j [v_j, 1]^T relative to its
+    max r of row_scale (0 for the products while -inf: no key).  units (..., t, m),
+    row_scale (..., t), vo (..., t, e+1) -> ((..., m, e+1), r (...))."""
+    local = row_scale.amax(-1)
+    base = local.masked_fill(torch.isinf(local), 0.0)
+    return (units * (row_scale - base[..., None]).exp_()[..., None]).mT @ vo, local
+
+
+def _merge(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
+    reference (both factors <= 1; the finite base 0 while neither has a key).  -> (hz, ref)."""
+    new_ref = torch.maximum(ref, kv_ref)
+    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
+    hz = torch.addcmul(hz * (ref[..., None, None] - base).exp_(), kv, (kv_ref[..., None, None] - base).exp_())
+    return hz, new_ref
+
+
+def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The state before each of G chunks and after the last, from the state before the first
+    and the chunks' own states.  hz (b, h, m, e+1), ref (b, h), kv (b, h, G, m, e+1),
+    kv_ref (b, h, G) -> (hz before (b, h, G, m, e+1), ref before (b, h, G), hz, ref)."""
+    hz_before, ref_before = [], []
+    for c in range(kv.shape[2]):
+        hz_before.append(hz)
+        ref_before.append(ref)
+        hz, ref = _merge(hz, ref, kv[:, :, c], kv_ref[:, :, c])
+    return torch.stack(hz_before, 2), torch.stack(ref_before, 2), hz, ref
 
 
 def _rebase(hz: Tensor, ref: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,25 +313,31 @@ def favor_fwd(
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
     # output adds the running sum of the non-finite ones (0 where all were finite).
     poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
-    for sl in _chunks(n):
-        t, qc = sl.stop - sl.start, q[..., sl, :]
+    for sl, t in _blocks(n, b * h, m):
+        qc, nc = q[..., sl, :], (sl.stop - sl.start) // t
+
+        def chunked(x: Tensor) -> Tensor:  # (b, h, nc t, ...) -> (b, h, nc, t, ...)
+            return x.unflatten(2, (nc, t))
+
         dash = fm.dash(qc)
         if stats:
             q_max[..., sl] = dash.amax(-1)
-        base = fm.query_base(qc, dash, q_max[..., sl])  # q~ - eps   (b, h, t, m)
-        units = fm.key_units(k[..., sl, :], k_max[..., sl])  # (b, h, t, m)
-        vc, m_i, rs = vo[..., sl, :], stab[..., sl], row_scale[..., sl]
-        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, t)
+        base = chunked(fm.query_base(qc, dash, q_max[..., sl]))  # q~ - eps   (b, h, nc, t, m)
+        units = chunked(fm.key_units(k[..., sl, :], k_max[..., sl]))  # (b, h, nc, t, m)
+        vc, m_i, rs = chunked(vo[..., sl, :]), chunked(stab[..., sl]), chunked(row_scale[..., sl])
+        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
-        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, t, t)
-        v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1): [sum v, count] over keys j <= i
+        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, nc, t, t)
+        v_upto = vo[..., sl, :].cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
+        # the state before each chunk (H(R) relative to its R), from the chunks' own states
+        hz_before, ref_before, hz, ref = _scan_states(hz, ref, *_chunk_states(units, rs, vc))
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
-        nd = _bmm(base, hz, hz.sum(-2, keepdim=True).mul_(fm.eps)).mul_((ref[..., None] - m_i).exp_()[..., None])
-        nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], v_upto, value=fm.eps))
-        rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum)
+        nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
+        nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])
+        nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], chunked(v_upto), value=fm.eps)).flatten(2, 3)
+        rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
-        hz, ref = add_keys(hz, ref, units, rs, vc)
         v_before = v_upto[..., -1:, :]
     state = []
     if final:  # M after the last key: the newest query's (prefix) stabilizer
@@ -351,19 +400,22 @@ def favor_bwd(
 
     upper = _upper(CHUNK, q.device)
 
+    blocks = _blocks(n, b * h, m)
     # forward sweep: the state before each chunk, for the reverse sweep's query gradients
     # (transient: n / CHUNK states of (m, e+1), 0.7x the size of q, k, v at m = 266, d = e = 64)
     befores = []
-    for sl in _chunks(n):
-        vc = vo[..., sl, :]
-        befores.append((hz, ref, v_before))
-        hz, ref = add_keys(hz, ref, fm.key_units(k[..., sl, :], k_max[..., sl]), row_scale[..., sl], vc)
-        v_before = v_before + vc.sum(-2, keepdim=True)
+    for sl, t in blocks:
+        units = fm.key_units(k[..., sl, :], k_max[..., sl]).unflatten(2, (-1, t))  # (b, h, nc, t, m)
+        vc = vo[..., sl, :].unflatten(2, (-1, t))
+        kv = _chunk_states(units, row_scale[..., sl].unflatten(2, (-1, t)), vc)
+        hz_before, ref_before, hz, ref = _scan_states(hz, ref, *kv)
+        befores.append((hz_before, ref_before, v_before))
+        v_before = v_before + vo[..., sl, :].sum(-2, keepdim=True)
 
-    # reverse sweep: every gradient of a chunk from one computation of its features, with the
-    # forward's state before it (queries) and the states of the later queries (keys, values)
-    dhz = torch.zeros_like(hz)  # sum_{i after chunk} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
-    later = q.new_zeros((b, h, 1, e))  # sum_{i after chunk} sum(q~_i) dN_i
+    # reverse sweep: every gradient of a block from one computation of its features, with the
+    # forward's states before its chunks (queries) and the states of later queries (keys, values)
+    dhz = torch.zeros_like(hz)  # sum_{i after the block} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
+    later = q.new_zeros((b, h, 1, e))  # sum_{i after the block} sum(q~_i) dN_i
     later_d = q.new_zeros((b, h))  # sum_i sum(q~_i) dD_i: the key count's gradient
     # the final state's gradients reach every key with its own factor exp(row_scale_j - R_final)
     # <= 1 (folding them into dhz would need exp(M_end - R_final), unbounded)
@@ -373,54 +425,64 @@ def favor_bwd(
         ref_f = ref_f.to(dtype)
         d_hz_f = torch.zeros_like(hz) if d_hz_f is None else d_hz_f.to(dtype)
         d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
-    for sl in reversed(_chunks(n)):
-        hz, ref, v_before = befores.pop()
-        t, qc, kc = sl.stop - sl.start, q[..., sl, :], k[..., sl, :]
+    for sl, t in reversed(blocks):
+        hz_before, ref_before, v_before = befores.pop()
+        qc, kc, nc = q[..., sl, :], k[..., sl, :], (sl.stop - sl.start) // t
+
+        def chunked(x: Tensor) -> Tensor:  # (b, h, nc t, ...) -> (b, h, nc, t, ...)
+            return x.unflatten(2, (nc, t))
+
         up = upper[:t, :t]
-        base = fm.query_base(qc, fm.dash(qc), q_max[..., sl])  # q~ - eps   (b, h, t, m)
-        units = fm.key_units(kc, k_max[..., sl])  # (b, h, t, m)
-        g, vc, m_i = grad[..., sl, :], vo[..., sl, :], stab[..., sl]
-        factor = _intra_factor(row_scale[..., sl], m_i, up)  # (b, h, t, t)
+        base = chunked(fm.query_base(qc, fm.dash(qc), q_max[..., sl]))  # q~ - eps   (b, h, nc, t, m)
+        units = chunked(fm.key_units(kc, k_max[..., sl]))  # (b, h, nc, t, m)
+        g, vc, m_i, rs = chunked(grad[..., sl, :]), chunked(vo[..., sl, :]), chunked(stab[..., sl]), chunked(row_scale[..., sl])
+        factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
-        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, t)
+        q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
 
         # dq~_i: inter exp(R - M_i) [dN, dD]_i @ H^T; intra sum_j dw_ij F_ij U_j; eps part of
         # every visible key eps sum_{j<=i} dw_ij; c_i: coef dD_i
-        v_upto = vc.cumsum(-2).add_(v_before)  # (b, h, t, e+1)
-        dqt = _bmm(g, hz.mT).mul_((ref[..., None] - m_i).exp_()[..., None])
+        v_upto = chunked(vo[..., sl, :].cumsum(-2).add_(v_before))  # (b, h, nc, t, e+1)
+        dqt = _bmm(g, hz_before.mT).mul_((ref_before[..., None] - m_i).exp_()[..., None])
         dqt = _bmm(dwf, units, dqt)
         dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
-        dq[..., sl, :] = fm.vjp(qc, base, dqt)
+        dq[..., sl, :] = fm.vjp(qc, base.flatten(2, 3), dqt.flatten(2, 3))
+
+        # sum over the queries after each chunk, relative to the chunk's last M: fold the later
+        # chunks' queries in one by one, each relative to the M before it (the initial state's
+        # before the first chunk; the maps without one: 0), with g_s = exp(M_prev - M_i) [dN, dD]_i:
+        # sum_i q~_i g_s_i = (q~ - eps)^T g_s + eps sum_i g_s_i
+        m_end = m_i[..., -1]  # (b, h, nc)
+        first = stab[..., sl.start - 1] if sl.start > 0 else (stab0 if fm.softmax else torch.zeros_like(stab0))
+        m_prev = torch.cat([first[..., None], m_end[..., :-1]], -1)  # (b, h, nc)
+        g_s = g * (m_prev[..., None] - m_i).exp_()[..., None]
+        folds = _bmm(base.mT, g_s, g_s.sum(-2, keepdim=True).mul_(fm.eps))  # (b, h, nc, m, e+1)
+        dhz_after = []
+        for c in reversed(range(nc)):
+            dhz_after.append(dhz)
+            dhz = torch.addcmul(folds[:, :, c], dhz, (m_prev[..., c] - m_end[..., c]).exp_()[..., None, None])
+        dhz_after = torch.stack(dhz_after[::-1], 2)  # (b, h, nc, m, e+1)
 
         # dU_j = sum_{i in chunk} dw_ij F_ij q~_i + exp(row_scale_j - M_end) (dH @ v_j + dz)
-        m_end = m_i[..., -1]  # (b, h): dhz is relative to it
-        key_scale = (row_scale[..., sl] - m_end[..., None]).exp_()[..., None]  # (b, h, t, 1)
-        du = (vc @ dhz.mT).mul_(key_scale)
+        key_scale = (rs - m_end[..., None]).exp_()[..., None]  # (b, h, nc, t, 1)
+        du = (vc @ dhz_after.mT).mul_(key_scale)
         if d_hz_f is not None:
-            key_f = (row_scale[..., sl] - ref_f[..., None]).exp_()[..., None]  # (b, h, t, 1)
-            du += (vc @ d_hz_f.mT).mul_(key_f)
+            key_f = (rs - ref_f[..., None, None]).exp_()[..., None]  # (b, h, nc, t, 1)
+            du += (vc @ d_hz_f[:, :, None].mT).mul_(key_f)
         du = _bmm(dwf.mT, base, du).add_(dwf.sum(-2).mul_(fm.eps)[..., None])
-        dk[..., sl, :] = fm.vjp(kc, units, du)
+        dk[..., sl, :] = fm.vjp(kc, units.flatten(2, 3), du.flatten(2, 3))
 
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])  # q~_i . U_j
         weights = _visible(pairs, factor, up)  # exp part of w_ij
-        q_dn = q_sum[..., None] * g[..., :e]  # (b, h, t, e)
+        q_dn = q_sum.flatten(2, 3)[..., None] * grad[..., sl, :e]  # (b, h, nc t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
-        inter = _bmm(units * key_scale, dhz[..., :e], q_dn_from * fm.eps)
+        inter = _bmm(units * key_scale, dhz_after[..., :e], chunked(q_dn_from) * fm.eps)
         if d_hz_f is not None:
-            inter = _bmm(units * key_f, d_hz_f[..., :e], inter).add_(d_vs_f[..., None, :e])
-        dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter)
+            inter = _bmm(units * key_f, d_hz_f[:, :, None, :, :e], inter).add_(d_vs_f[:, :, None, None, :e])
+        dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter).flatten(2, 3)
         later = q_dn_from[..., :1, :]
-        later_d += (q_sum * g[..., e]).sum(-1)
-        if sl.start > 0 or initial is not None:
-            # fold this chunk's queries in, relative to the previous chunk's end (the initial
-            # state's stabilizer before the first chunk; the maps without one: 0): with
-            # g_s = exp(M_prev - M_i) [dN, dD]_i, sum_i q~_i g_s_i = (q~ - eps)^T g_s + eps sum_i g_s_i
-            m_prev = stab[..., sl.start - 1] if sl.start > 0 else (stab0 if fm.softmax else torch.zeros_like(m_end))
-            g_s = g * (m_prev[..., None] - m_i).exp_()[..., None]
-            acc = (dhz * (m_prev - m_end).exp_()[..., None, None]).add_(g_s.sum(-2, keepdim=True), alpha=fm.eps)
-            dhz = _bmm(base.mT, g_s, acc)
+        later_d += (q_sum * g[..., e]).sum((-2, -1))
     if initial is None:
         return done()
     # out_i depends on the initial hz through exp(R0 - M_i) q~_i . hz0 and the final state on it

@@ -4,13 +4,31 @@ Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The
 must be selected before triton is first imported, so this happens at the top of conftest,
 before any test module imports performer_triton.
 """
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import torch
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _inductor_cache() -> str:
+    """An inductor cache of this source tree's own: inductor keys cached graphs by their code, not
+    by the custom ops' implementations (pytorch/pytorch#144344), so a cache filled by an earlier
+    checkout replayed a backward that received the ops' old saved states (found when the PyTorch
+    path began saving the non-causal context).  Runs of one tree share it (warm compiles)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    digest = hashlib.sha1()
+    for path in sorted([*root.glob("performer_triton/**/*.py"), *root.glob("kernels/*.py")]):
+        digest.update(path.read_bytes())
+    return os.path.join(tempfile.gettempdir(), f"performer_triton-inductor-{digest.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache())
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -103,6 +103,32 @@ def test_noncausal_chunking_does_not_change_the_result(monkeypatch, feature_map)
             assert (a.grad - b.grad).norm() <= 1e-12 * b.grad.norm()
 
 
+@pytest.mark.parametrize("case", [dict(), dict(key_stabilizer="prefix"), dict(feature_map="relu")],
+                         ids=["global", "prefix", "relu"])
+def test_causal_blocks_of_chunks_equal_the_reference(monkeypatch, case):
+    """The causal PyTorch path batches whole chunks into blocks and scans their states: with
+    8-row chunks, 8 to a block (n = 150: 2 full blocks, a block of 2 chunks, a 6-row tail),
+    outputs and gradients equal the reference's in float64."""
+    from performer_triton import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CHUNK", 8)
+    monkeypatch.setattr(torch_backend, "FEATURE_TILE", 64 * 2 * 30)  # 64-row blocks at b h = 2, m = 30
+    assert torch_backend._blocks(150, 2, 30) == [(slice(0, 64), 8), (slice(64, 128), 8), (slice(128, 144), 8),
+                                                 (slice(144, 150), 6)]
+    q, k, v = qkv(b=1, h=2, n=150, d=12, e=7, dtype=torch.float64)
+    P = projection(30, 12).double()
+    grad = torch.randn(1, 2, 150, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    theirs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    out = favor_attention(*ours, P, causal=True, backend="torch", **case)
+    ref = reference.favor_attention(*theirs, P, causal=True, **case)
+    out.backward(grad)
+    ref.backward(grad)
+    assert (out - ref).norm() <= 1e-12 * ref.norm()
+    for a, b in zip(ours, theirs):
+        assert (a.grad - b.grad).norm() <= 1e-12 * b.grad.norm()
+
+
 def test_cross_attention_lengths():
     q, k, v = qkv(n=5, s=41, d=16)
     P = projection(30, 16)

@@ -42,11 +42,18 @@ def chained(q, k, v, P, cuts, **kw):
     return torch.cat(outs, dim=2), state
 
 
+@pytest.mark.parametrize("chunk", [None, 8], ids=["chunk128", "chunk8"])
 @pytest.mark.parametrize("name", list(MAPS))
 @pytest.mark.parametrize("cuts", [[1], [37, 128, 129, 200], [256]], ids=["1", "37-128-129-200", "256"])
-def test_chained_calls_equal_one_call_with_gradients(name, cuts):
+def test_chained_calls_equal_one_call_with_gradients(monkeypatch, name, cuts, chunk):
     """Splitting the sequence anywhere (chunk boundaries of the PyTorch path included) and chaining
-    the states gives the outputs, the final state and the gradients of one call."""
+    the states gives the outputs, the final state and the gradients of one call; also with the
+    PyTorch path's blocks of 8-row chunks, 8 to a block (states scanned inside a block)."""
+    if chunk:
+        from performer_triton import torch_backend
+
+        monkeypatch.setattr(torch_backend, "CHUNK", chunk)
+        monkeypatch.setattr(torch_backend, "FEATURE_TILE", 64 * 6 * 20)  # 64-row blocks at b h = 6, m = 20
     kw = MAPS[name]
     q, k, v = qkv(scale=2.0)
     P = projection()
