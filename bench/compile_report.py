@@ -136,11 +136,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = ((16, 16), (32, 32), (48, 48), (64, 64), (24, 64), (64, 40), (24, 32), (80, 96), (128, 128), (128, 48),
              (128, 32), (16, 128))
 NB_FEATURES = (256, 266)
-# --quick (what the test suite runs in CI): every kernel, feature map, dtype and mode at the widest
+# --quick (what the test suite runs in CI): every kernel, feature map, mode and QUICK_DTYPES at the widest
 # head dim (most registers: where spills show), with the default m (M % 16 != 0). The narrowest
 # heads (16) never spilled and cost CI ~3 minutes: they are in the full sweep, run after kernel
 # changes (kernels/NOTES.md "Compile report figures").
 QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM),)
+# fp32 and bf16 only: fp16 compiles the tiles, layouts and loops of bf16 with another element type
+# (the full sweep compiles it); it cost CI a third of the quick sweep (~65 s)
+QUICK_DTYPES = ("fp32", "bf16")
 # ... and the causal forward from a state (fp16/bf16, fused maps) at its widest heads
 QUICK_STATE_HEAD_DIM = 64
 QUICK_NB_FEATURES = (266,)
@@ -282,8 +285,9 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
         run(label, modules["performer_triton.kernels.causal"].causal_fwd_state, q, k, v, proj, state,
             feature=feature, **extra)
 
+    dtypes = {name: DTYPES[name] for name in QUICK_DTYPES} if quick else DTYPES
     if quick and "performer_triton.kernels.causal" in modules:  # the widest heads that take a state
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in dtypes.items():
             for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
                 d = e = QUICK_STATE_HEAD_DIM
                 if state_unsupported(dtype, feature, 0 if not fmap.fused else d, e) is None:
@@ -291,7 +295,7 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                     q, k, v = (_meta((BATCH, HEADS, SEQ_LEN, d), dtype) for _ in range(3))
                     run_state(f"causal-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q, k, v,
                               _meta((m, d), dtype), feature, {"prefix": True})
-    for dname, dtype in DTYPES.items():
+    for dname, dtype in dtypes.items():
         for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
             if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these
                 continue
@@ -1196,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", help="keep configurations whose kernel name or label contains this")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true",
-                        help="head dims MAX_HEAD_DIM, m=266 only (every kernel, feature map, dtype, mode)")
+                        help="head dims MAX_HEAD_DIM, m=266, fp32 and bf16 only (every kernel, feature map, mode)")
     parser.add_argument("--target", action="store_true",
                         help="only what the launchers launch at the target shape (TARGET), with the duplication, "
                              "pipelining, occupancy and per-call model")

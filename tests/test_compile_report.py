@@ -6,7 +6,7 @@
   the real specialisation; fails on a compile error, a spill, shared memory over the limit, a
   tensor-core dot without its MMA instruction, duplicated warps (duplication > 1) or a loop whose
   global loads are not in flight, unless compile_report.EXCEPTIONS gives a reason.
-- `--quick --arch 90`: every kernel, feature map, dtype and mode at head dim 128 (the widest
+- `--quick --arch 90`: every kernel, feature map and mode, fp32 and bf16, at head dim 128 (the widest
   tiles) for sm_90a (the target configuration's sm_80 compile is in `--target`; the full sweep,
   both archs and every head dim, is `python bench/compile_report.py`, run after kernel changes).
 Plus unit tests of the TTGIR readers on literal snippets."""

@@ -129,6 +129,26 @@ def test_causal_blocks_of_chunks_equal_the_reference(monkeypatch, case):
         assert (a.grad - b.grad).norm() <= 1e-12 * b.grad.norm()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_saved_for_backward_is_linear_in_n_without_features(causal):
+    """What autograd keeps between forward and backward (PyTorch path, default arguments): q, k,
+    v, out, four per-row statistics and, non-causal, the (m, e+1) context - never an (n, m)
+    feature tensor (issue 15: saved memory O(n (d + e)))."""
+    b, h, n, d, e, m = 1, 2, 300, 12, 7, 40
+    q, k, v = (t.requires_grad_() for t in qkv(b=b, h=h, n=n, d=d, e=e))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = favor_attention(q, k, v, projection(m, d), causal=causal, backend="torch")
+    out.sum().backward()
+    context = 0 if causal else b * h * m * (e + 1)
+    assert sum(saved) <= b * h * n * (2 * d + 2 * e + 4) + m * d + context, saved
+
+
 def test_cross_attention_lengths():
     q, k, v = qkv(n=5, s=41, d=16)
     P = projection(30, 16)
