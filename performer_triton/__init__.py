@@ -1,5 +1,7 @@
 """performer_triton: fused Triton FAVOR+ (Performer) attention, a drop-in successor of
 performer-pytorch 1.1.4 (same exports: swap `performer_pytorch` for `performer_triton`)."""
+__version__ = "0.1.0"  # before the imports: ops.py puts it into torch.compile's cache key
+
 from . import feature_maps, functional
 from .attention_state import AttentionState
 from .autoregressive_wrapper import AutoregressiveWrapper
@@ -9,8 +11,6 @@ from .functional import favor_attention, linear_attention
 from .performer_pytorch import CrossAttention, Performer, PerformerLM, ProjectionUpdater, SelfAttention
 from .performer_enc_dec import PerformerEncDec
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionState",

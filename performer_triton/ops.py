@@ -3,9 +3,10 @@
 One forward op and one backward op. The forward also returns the key states its backward reads
 (kernels.launchers: the fused kernels' chunk states; the PyTorch path's non-causal context),
 saved by autograd in place of a second walk over the keys. `use_triton` picks the
-implementation: the fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or the chunked pure-PyTorch
-path (performer_triton.torch_backend). Both follow the launcher contract of kernels/NOTES.md,
-so the op is opaque to torch.compile (no graph breaks) and passes torch.library.opcheck.
+implementation: the fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+or the chunked pure-PyTorch path (performer_triton.torch_backend). Both follow the launcher
+contract of kernels/NOTES.md, so the op is opaque to torch.compile (no graph breaks) and passes
+torch.library.opcheck.
 """
 from __future__ import annotations
 
@@ -14,9 +15,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_backend
+from . import __version__, torch_backend
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS, launchers
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's on-disk caches key a graph by its code, not by what the custom ops in it
+    compute or save (pytorch/pytorch#144344): a graph cached under an older release replayed its
+    backward with the older ops' saved tensors. This release joins torch's cache key tag (kept
+    with any tag the user set), so an upgrade compiles afresh once."""
+    tag = f"performer_triton-{__version__}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current.split("+"):
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+
+
+_tag_compile_caches()
 
 
 def _unit_stride(t: Tensor) -> Tensor:

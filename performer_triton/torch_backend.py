@@ -435,7 +435,8 @@ def favor_bwd(
         up = upper[:t, :t]
         base = chunked(fm.query_base(qc, fm.dash(qc), q_max[..., sl]))  # q~ - eps   (b, h, nc, t, m)
         units = chunked(fm.key_units(kc, k_max[..., sl]))  # (b, h, nc, t, m)
-        g, vc, m_i, rs = chunked(grad[..., sl, :]), chunked(vo[..., sl, :]), chunked(stab[..., sl]), chunked(row_scale[..., sl])
+        g, vc = chunked(grad[..., sl, :]), chunked(vo[..., sl, :])
+        m_i, rs = chunked(stab[..., sl]), chunked(row_scale[..., sl])
         factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)

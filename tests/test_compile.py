@@ -91,3 +91,16 @@ def test_one_compile_serves_every_length():
         assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         frames.append(counter.frame_count)
     assert frames == [frames[0]] * 4
+
+
+def test_the_release_joins_the_compile_cache_key():
+    """Cached graphs of an older release must not be replayed with this one's ops
+    (pytorch/pytorch#144344): importing the package tags torch.compile's cache key, once."""
+    import performer_triton
+    from performer_triton import ops
+
+    tag = f"performer_triton-{performer_triton.__version__}"
+    assert tag in torch.compiler.config.cache_key_tag.split("+")
+    before = torch.compiler.config.cache_key_tag
+    ops._tag_compile_caches()
+    assert torch.compiler.config.cache_key_tag == before
