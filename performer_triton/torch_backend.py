@@ -109,7 +109,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunks(n: int, rows: int) -> list[slice]:
+    """Slices of `rows` rows (the last one shorter) covering n."""
     return [slice(t0, min(t0 + rows, n)) for t0 in range(0, n, rows)]
+
+
+def _by_chunk(x: Tensor, t: int) -> Tensor:
+    """The rows of a block as its chunks of t rows.  (b, h, nc t, ...) -> (b, h, nc, t, ...)."""
+    return x.unflatten(2, (-1, t))
 
 
 def _blocks(n: int, bh: int, m: int) -> list[tuple[slice, int]]:
@@ -314,17 +320,14 @@ def favor_fwd(
     # output adds the running sum of the non-finite ones (0 where all were finite).
     poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
     for sl, t in _blocks(n, b * h, m):
-        qc, nc = q[..., sl, :], (sl.stop - sl.start) // t
-
-        def chunked(x: Tensor) -> Tensor:  # (b, h, nc t, ...) -> (b, h, nc, t, ...)
-            return x.unflatten(2, (nc, t))
-
+        qc = q[..., sl, :]
         dash = fm.dash(qc)
         if stats:
             q_max[..., sl] = dash.amax(-1)
-        base = chunked(fm.query_base(qc, dash, q_max[..., sl]))  # q~ - eps   (b, h, nc, t, m)
-        units = chunked(fm.key_units(k[..., sl, :], k_max[..., sl]))  # (b, h, nc, t, m)
-        vc, m_i, rs = chunked(vo[..., sl, :]), chunked(stab[..., sl]), chunked(row_scale[..., sl])
+        base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
+        units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
+        vc = _by_chunk(vo[..., sl, :], t)
+        m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
@@ -335,7 +338,7 @@ def favor_fwd(
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
         nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
         nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])
-        nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], chunked(v_upto), value=fm.eps)).flatten(2, 3)
+        nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], _by_chunk(v_upto, t), value=fm.eps)).flatten(2, 3)
         rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         v_before = v_upto[..., -1:, :]
@@ -405,9 +408,9 @@ def favor_bwd(
     # (transient: n / CHUNK states of (m, e+1), 0.7x the size of q, k, v at m = 266, d = e = 64)
     befores = []
     for sl, t in blocks:
-        units = fm.key_units(k[..., sl, :], k_max[..., sl]).unflatten(2, (-1, t))  # (b, h, nc, t, m)
-        vc = vo[..., sl, :].unflatten(2, (-1, t))
-        kv = _chunk_states(units, row_scale[..., sl].unflatten(2, (-1, t)), vc)
+        units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
+        vc = _by_chunk(vo[..., sl, :], t)
+        kv = _chunk_states(units, _by_chunk(row_scale[..., sl], t), vc)
         hz_before, ref_before, hz, ref = _scan_states(hz, ref, *kv)
         befores.append((hz_before, ref_before, v_before))
         v_before = v_before + vo[..., sl, :].sum(-2, keepdim=True)
@@ -427,23 +430,19 @@ def favor_bwd(
         d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
     for sl, t in reversed(blocks):
         hz_before, ref_before, v_before = befores.pop()
-        qc, kc, nc = q[..., sl, :], k[..., sl, :], (sl.stop - sl.start) // t
-
-        def chunked(x: Tensor) -> Tensor:  # (b, h, nc t, ...) -> (b, h, nc, t, ...)
-            return x.unflatten(2, (nc, t))
-
+        qc, kc = q[..., sl, :], k[..., sl, :]
         up = upper[:t, :t]
-        base = chunked(fm.query_base(qc, fm.dash(qc), q_max[..., sl]))  # q~ - eps   (b, h, nc, t, m)
-        units = chunked(fm.key_units(kc, k_max[..., sl]))  # (b, h, nc, t, m)
-        g, vc = chunked(grad[..., sl, :]), chunked(vo[..., sl, :])
-        m_i, rs = chunked(stab[..., sl]), chunked(row_scale[..., sl])
+        base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
+        units = _by_chunk(fm.key_units(kc, k_max[..., sl]), t)  # (b, h, nc, t, m)
+        g, vc = _by_chunk(grad[..., sl, :], t), _by_chunk(vo[..., sl, :], t)
+        m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
 
         # dq~_i: inter exp(R - M_i) [dN, dD]_i @ H^T; intra sum_j dw_ij F_ij U_j; eps part of
         # every visible key eps sum_{j<=i} dw_ij; c_i: coef dD_i
-        v_upto = chunked(vo[..., sl, :].cumsum(-2).add_(v_before))  # (b, h, nc, t, e+1)
+        v_upto = _by_chunk(vo[..., sl, :].cumsum(-2).add_(v_before), t)  # (b, h, nc, t, e+1)
         dqt = _bmm(g, hz_before.mT).mul_((ref_before[..., None] - m_i).exp_()[..., None])
         dqt = _bmm(dwf, units, dqt)
         dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
@@ -459,7 +458,7 @@ def favor_bwd(
         g_s = g * (m_prev[..., None] - m_i).exp_()[..., None]
         folds = _bmm(base.mT, g_s, g_s.sum(-2, keepdim=True).mul_(fm.eps))  # (b, h, nc, m, e+1)
         dhz_after = []
-        for c in reversed(range(nc)):
+        for c in reversed(range(m_end.shape[-1])):
             dhz_after.append(dhz)
             dhz = torch.addcmul(folds[:, :, c], dhz, (m_prev[..., c] - m_end[..., c]).exp_()[..., None, None])
         dhz_after = torch.stack(dhz_after[::-1], 2)  # (b, h, nc, m, e+1)
@@ -478,7 +477,7 @@ def favor_bwd(
         weights = _visible(pairs, factor, up)  # exp part of w_ij
         q_dn = q_sum.flatten(2, 3)[..., None] * grad[..., sl, :e]  # (b, h, nc t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
-        inter = _bmm(units * key_scale, dhz_after[..., :e], chunked(q_dn_from) * fm.eps)
+        inter = _bmm(units * key_scale, dhz_after[..., :e], _by_chunk(q_dn_from, t) * fm.eps)
         if d_hz_f is not None:
             inter = _bmm(units * key_f, d_hz_f[:, :, None, :, :e], inter).add_(d_vs_f[:, :, None, None, :e])
         dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter).flatten(2, 3)
