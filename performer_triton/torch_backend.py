@@ -186,9 +186,15 @@ def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor,
     """Each chunk's own state: sum_j exp(row_scale_j - r) units_j [v_j, 1]^T relative to its
     max r of row_scale (0 for the products while -inf: no key).  units (..., t, m),
     row_scale (..., t), vo (..., t, e+1) -> ((..., m, e+1), r (...))."""
-    local = row_scale.amax(-1)
-    base = local.masked_fill(torch.isinf(local), 0.0)
+    local, base = _key_reference(row_scale)
     return (units * (row_scale - base[..., None]).exp_()[..., None]).mT @ vo, local
+
+
+def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference of keys of row_scale (..., t): their max r, and the finite base their exp
+    factors are taken against (r; 0 while r is -inf: no key).  -> (r, base), each (...)."""
+    local = row_scale.amax(-1)
+    return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
 def _merge(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,15 +216,6 @@ def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[T
         ref_before.append(ref)
         hz, ref = _merge(hz, ref, kv[:, :, c], kv_ref[:, :, c])
     return torch.stack(hz_before, 2), torch.stack(ref_before, 2), hz, ref
-
-
-def _rebase(hz: Tensor, ref: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Before adding keys of row_scale (b, h, t): hz rescaled to the new reference (the running
-    max), that reference, and the finite base the keys' exp factors are taken against (0 while
-    no key has come: nothing to rescale).  -> hz (b, h, m, e+1), new ref (b, h), base (b, h)."""
-    new_ref = torch.maximum(ref, row_scale.amax(-1))
-    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)
-    return hz * (ref - base).exp_()[..., None, None], new_ref, base
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -295,8 +292,8 @@ def favor_fwd(
                 k_max[..., sl] = dash.amax(-1)
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
-            hz, ref, base = _rebase(hz, ref, row_scale)
-            hz = _bmm(fm.keys(kc, base, dash).mT, vo[..., sl, :], hz)
+            local, base = _key_reference(row_scale)
+            hz, ref = _merge(hz, ref, fm.keys(kc, base, dash).mT @ vo[..., sl, :], local)
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
         # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1), saved for the backward
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
