@@ -17,9 +17,10 @@ Identical specialisations are compiled once per arch.
 Sweep: dtype fp32/fp16/bf16 x (d, e) in HEAD_DIMS (up to kernels.MAX_HEAD_DIM) x m in
 NB_FEATURES x n = SEQ_LEN x every kernel code of the feature-map registry
 (performer_triton.feature_maps.KERNEL_MAPS: softmax, relu, given) x non-causal/causal/
-causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; plus
-row_stats(q, k, projection) on its own, the causal forward from a state (causal_fwd_state,
-with the prefix stabilizer) and the decode step (kernels.decode.decode_step, the
+causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; the same launchers
+on packed sequences (cu_seqlens: the BATCH sequences in one (1, HEADS, .) pack, VARLEN) where
+kernels.extension_unsupported allows them; plus row_stats(q, k, projection) on its own, the
+causal forward from a state (causal_fwd_state, with the prefix stabilizer) and the decode step (kernels.decode.decode_step, the
 fused maps, with and without a keep mask; fp32 states as FavorState keeps for fp32 models and
 16-bit ones for 16-bit models).  Targets: sm_90a (H100) and sm_80 (A100).
 
@@ -117,7 +118,7 @@ from triton.backends.nvidia.compiler import CUDAOptions
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, KernelParam
 
-from performer_triton.kernels import MAX_HEAD_DIM, launchers, state_unsupported
+from performer_triton.kernels import MAX_HEAD_DIM, extension_unsupported, launchers
 
 # What the sweep reads: the feature-map registry (the kernel codes, by name) and every kernel
 # module the library ships; a missing one fails the report (exit 2).
@@ -144,7 +145,8 @@ QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM),)
 # fp32 and bf16 only: fp16 compiles the tiles, layouts and loops of bf16 with another element type
 # (the full sweep compiles it); it cost CI a third of the quick sweep (~65 s)
 QUICK_DTYPES = ("fp32", "bf16")
-# ... and the causal forward from a state (fp16/bf16, fused maps) at its widest heads
+# ... and the causal forward from a state and packed sequences (fp16/bf16, fused maps) at their
+# widest heads
 QUICK_STATE_HEAD_DIM = 64
 QUICK_NB_FEATURES = (266,)
 # One length / batch / head count: they change only divisibility hints (N % 16) or ints that can
@@ -269,11 +271,16 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
     registry = modules.get("performer_triton.feature_maps")
     feature_map = modules.get("performer_triton.kernels.feature_map")
     modes = []  # (name, causal, keyword arguments) of the launchers kernels.launchers(causal) returns
+    # packed sequences (VARLEN): the BATCH sequences of SEQ_LEN rows in one (1, HEADS, .) pack
+    packed = torch.empty((BATCH + 1,), device="meta", dtype=torch.int32)
     if "performer_triton.kernels.noncausal" in modules:
         modes.append(("noncausal", False, {"prefix": False}))
+        modes.append(("noncausal-packed", False, {"prefix": False, "cu_seqlens": packed}))
     if "performer_triton.kernels.causal" in modules:
         modes.append(("causal", True, {"prefix": False}))
         modes.append(("causal-prefix", True, {"prefix": True}))
+        modes.append(("causal-packed", True, {"prefix": False, "cu_seqlens": packed}))
+        modes.append(("causal-packed-prefix", True, {"prefix": True, "cu_seqlens": packed}))
     if feature_map is None or registry is None:
         return launches
 
@@ -286,15 +293,26 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
             feature=feature, **extra)
 
     dtypes = {name: DTYPES[name] for name in QUICK_DTYPES} if quick else DTYPES
-    if quick and "performer_triton.kernels.causal" in modules:  # the widest heads that take a state
+    if quick:  # the widest heads that take a pack or a state
         for dname, dtype in dtypes.items():
             for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
                 d = e = QUICK_STATE_HEAD_DIM
-                if state_unsupported(dtype, feature, 0 if not fmap.fused else d, e) is None:
-                    m = QUICK_NB_FEATURES[0]
-                    q, k, v = (_meta((BATCH, HEADS, SEQ_LEN, d), dtype) for _ in range(3))
-                    run_state(f"causal-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q, k, v,
-                              _meta((m, d), dtype), feature, {"prefix": True})
+                m = QUICK_NB_FEATURES[0]
+                if extension_unsupported("packed sequences", dtype, feature, 0 if not fmap.fused else d, e) is None:
+                    q, k, v = (_meta((1, HEADS, BATCH * SEQ_LEN, d), dtype) for _ in range(3))
+                    for mode, causal, extra in modes:
+                        if "cu_seqlens" in extra:
+                            fwd, bwd, _ = launchers(causal)
+                            label = f"{mode} {dname} d={d} e={e} m={m} {fmap.name}"
+                            saved = run(f"{label} fwd", fwd, q, k, v, _meta((m, d), dtype), feature=feature, **extra)
+                            if saved is not None:
+                                run(f"{label} bwd", bwd, torch.empty_like(saved[0]), q, k, v, _meta((m, d), dtype),
+                                    *saved, feature=feature, **extra)
+                if "performer_triton.kernels.causal" in modules:
+                    if extension_unsupported("a state", dtype, feature, 0 if not fmap.fused else d, e) is None:
+                        q, k, v = (_meta((BATCH, HEADS, SEQ_LEN, d), dtype) for _ in range(3))
+                        run_state(f"causal-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q, k, v,
+                                  _meta((m, d), dtype), feature, {"prefix": True})
     for dname, dtype in dtypes.items():
         for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
             if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these
@@ -317,13 +335,19 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                 for feature, fmap in sorted(registry.KERNEL_MAPS.items()):
                     given = not fmap.fused
                     qk = (BATCH, HEADS, SEQ_LEN, m if given else d)
-                    q, k, v = _meta(qk, dtype), _meta(qk, dtype), _meta((BATCH, HEADS, SEQ_LEN, e), dtype)
+                    plain = _meta(qk, dtype), _meta(qk, dtype), _meta((BATCH, HEADS, SEQ_LEN, e), dtype)
+                    pack = tuple(_meta((1, HEADS, BATCH * SEQ_LEN, x.shape[-1]), dtype) for x in plain)
                     proj = None if given else projection
                     for mode, causal, extra in modes:
+                        if "cu_seqlens" in extra and extension_unsupported(
+                                "packed sequences", dtype, feature, 0 if given else d, e) is not None:
+                            continue  # (the launchers refuse these packs)
+                        q, k, v = pack if "cu_seqlens" in extra else plain
                         fwd, bwd, _ = launchers(causal)
                         label = f"{mode} {shape} {fmap.name}"
                         saved = run(f"{label} fwd", fwd, q, k, v, proj, feature=feature, **extra)
-                        if mode == "causal-prefix" and state_unsupported(dtype, feature, 0 if given else d, e) is None:
+                        if mode == "causal-prefix" and extension_unsupported("a state", dtype, feature, 0 if given else d,
+                                                                             e) is None:
                             run_state(f"{label} fwd from a state", q, k, v, proj, feature, extra)
                         if saved is not None:
                             grad = torch.empty_like(saved[0])

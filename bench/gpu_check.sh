@@ -25,7 +25,8 @@
 #                  shape and the causal fwd+bwd sweep against SDPA (flash), fla's chunk linear
 #                  attention and performer-pytorch 1.1.4 at n = GPU_CHECK_SIZES (1k..64k);
 #                  pytest-benchmark JSON in OUTDIR/targets.json, junit in OUTDIR/targets.xml
-#   generation     pytest bench/test_generation.py: ms per token by context length, the cached
+#   generation     pytest bench/test_generation.py bench/test_packed.py (fused pack vs one call per
+#                  sequence): ms per token by context length, the cached
 #                  (fused) decode step against recomputing, and chunked-prefill tokens/s by chunk
 #                  length; OUTDIR/generation.json
 #   summary        python bench/gpu_summary.py summary OUTDIR: OUTDIR/summary.md and summary.json
@@ -256,8 +257,8 @@ else
   skip targets "$NO_CUDA"
 fi
 if [ "$CUDA" = 1 ]; then  # time per token vs context length: the fused decode step, flat
-  stage generation 60 $SUMMARY_RESERVE "\"\$PY\" -m pytest bench/test_generation.py -q -rfEs -p no:cacheprovider \
-      --benchmark-json \"\$OUT/generation.json\""
+  stage generation 90 $SUMMARY_RESERVE "\"\$PY\" -m pytest bench/test_generation.py bench/test_packed.py -q -rfEs \
+      -p no:cacheprovider --benchmark-json \"\$OUT/generation.json\""
 else
   skip generation "$NO_CUDA"
 fi

@@ -362,6 +362,18 @@ def prefill_rows(bench_json: dict | None) -> list[dict]:
     return sorted(rows, key=lambda r: r["chunk"])
 
 
+def packed_rows(bench_json: dict | None) -> list[dict]:
+    """Per mode: fwd+bwd ms of the fused pack and of one call per sequence (bench/test_packed.py's
+    extra_info fused_ms, per_sequence_ms, speedup)."""
+    rows = []
+    for bench in (bench_json or {}).get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "fused_ms" in info:
+            rows.append(dict(case=bench.get("param") or bench.get("name", ""), fused_ms=info["fused_ms"],
+                             per_sequence_ms=info.get("per_sequence_ms"), speedup=info.get("speedup")))
+    return rows
+
+
 def summarize(out: Path) -> dict:
     env = read_json(out / "env.json") or {}
     env["packages"] = package_versions()
@@ -385,6 +397,7 @@ def summarize(out: Path) -> dict:
         sweep=sweep_rows(bench_json, targets_junit),
         generation=generation_rows(read_json(out / "generation.json")),
         prefill=prefill_rows(read_json(out / "generation.json")),
+        packed=packed_rows(read_json(out / "generation.json")),
         target_shape=TARGET_SHAPE,
         measured_us=measured,
         estimates=estimate_rows(report, measured) if report or measured else [],
@@ -483,6 +496,11 @@ def markdown(s: dict) -> str:
         lines += ["", "Chunked prefill (state passing), 8192 tokens: tokens per second by chunk length", "",
                   "| chunk | tokens/s |", "|---|---|"]
         lines += [f"| {r['chunk']} | {_fmt(r['tokens_per_s'])} |" for r in s["prefill"]]
+    if s.get("packed"):
+        lines += ["", "Packed sequences (bench/test_packed.py), fwd+bwd: one fused pack vs one call per sequence", "",
+                  "| case | fused ms | per sequence ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {_fmt(r['fused_ms'])} | {_fmt(r['per_sequence_ms'])} | {_fmt(r['speedup'])} |"
+                  for r in s["packed"]]
     lines.append("")
 
     lines += [f"## Compile report estimates vs measured, {TARGET_SHAPE}", ""]

@@ -19,17 +19,19 @@ CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denomin
 MAX_HEAD_DIM = 128
 
 
-def state_unsupported(dtype, feature: int, d: int, e: int) -> str | None:
-    """Why the causal forward from a state (kernels.causal.causal_fwd_state) cannot take these
-    inputs, or None: it takes fp16/bf16 with the fused maps and heads up to 64 wide, the
-    configurations the compile report finds spill-free (kernels/NOTES.md "Attention state");
-    the others run on the PyTorch path.  d = 0 for GIVEN."""
+def extension_unsupported(what: str, dtype, feature: int, d: int, e: int) -> str | None:
+    """Why the kernels' extensions cannot take these inputs, or None: the causal forward from a
+    state (what = "a state": kernels.causal.causal_fwd_state) and packed sequences (what =
+    "packed sequences": the launchers' cu_seqlens) take fp16/bf16 with the fused maps and heads up
+    to 64 wide, the configurations the compile report finds spill-free on sm_90a (kernels/NOTES.md
+    "Attention state", "Packed sequences"); the others run on the PyTorch path or one sequence at
+    a time.  d = 0 for GIVEN."""
     if feature == GIVEN:
-        return "the kernels take a state with their own feature maps (softmax, relu), not given features"
+        return f"the kernels take {what} with their own feature maps (softmax, relu), not given features"
     if getattr(dtype, "itemsize", 4) != 2:
-        return f"the kernels take a state for float16 and bfloat16 inputs, got {dtype}"
+        return f"the kernels take {what} for float16 and bfloat16 inputs, got {dtype}"
     if max(d, e) > 64:
-        return f"the kernels take a state for head dims up to 64, got {max(d, e)}"
+        return f"the kernels take {what} for head dims up to 64, got {max(d, e)}"
     return None
 
 

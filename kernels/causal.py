@@ -26,12 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS, state_unsupported
+from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 from .feature_map import (
-    FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_range,
-    check_inputs, column_slice, diag_rows, empty_stats, feature_dims, features, features_chunked, finite_or_zero,
-    grad_dot_out, half_sq_norm, half_sq_norm_rows, head_scale, input_grad_tile, launch_options,
-    load_fused_rows, load_rows, load_vector, row_stats, store_input_grad, store_rows
+    FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
+    block_program, block_range, check_inputs, chunk_program, chunk_slots, chunk_table, column_slice, diag_rows,
+    empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
+    half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
+    row_block, row_stats, sequence_span, store_input_grad, store_rows
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state"]
@@ -101,13 +102,13 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
 def _state_kernel(
     k, v, p, k_max, k_scale, c_ref, c_stab,
     h_state, z_state, v_state,
-    hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f,
-    H, N, M, D, E, NT,
+    hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f, cu_seqlens, chunk_first,
+    H, N, M, D, E, NT, NS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
-    AL: tl.constexpr, AV: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """State before every chunk c, for one m tile:
     H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
@@ -120,8 +121,10 @@ def _state_kernel(
 
     STATE (NOTES "Attention state"): the walk starts from the state hz0 (b*h, M, E + 1) = [H | z],
     vs0 (b*h, E + 1) = [value sum | count], ref0, stab0 (b*h,) instead of no keys, and writes the
-    state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout)."""
-    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout).
+    VARLEN (NOTES "Packed sequences"): program row i_nh walks the NC chunks of sequence i_nh // H
+    of a pack (feature_map.sequence_span: its rows, state slots and chunk vectors)."""
+    i_nh, i_m = tl.program_id(0), tl.program_id(1)
     D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
     stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
@@ -131,23 +134,22 @@ def _state_kernel(
     m_first = i_m == 0  # the value sum and the chunk vectors are written by the first m tile
     m_vs = o_v < tl.where(m_first, E, 0)  # (BV,)
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
-    o_row = i_bh.to(tl.int64) * N  # base of the (b*h, n) stat vectors
-    o_st = i_bh.to(tl.int64) * NT  # base chunk index of the state buffers
-    o_cs = i_bh.to(tl.int64) * (NT + 1)  # base of the chunk vectors
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
     p_hs = h_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
     if BK == BD:
         b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
     else:
         b_p = tl.zeros([BM, BK], dtype=p.dtype.element_ty)  # (BM, BK) unused: P read in chunks
     if STATE:
-        p_h0 = hz0 + i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+        p_h0 = hz0 + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
         b_h = tl.load(p_h0[:, None] + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)  # (BM, BV)
         b_z = tl.load(p_h0 + E, mask=m_m, other=0.0).to(tl.float32)  # (BM,)
-        b_vs = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0).to(tl.float32)  # (BV,)
-        r_prev = tl.load(ref0 + i_bh).to(tl.float32)  # R_0: the state's reference
-        s_run = tl.load(stab0 + i_bh).to(tl.float32)  # its max of k_max
+        b_vs = tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0).to(tl.float32)  # (BV,)
+        r_prev = tl.load(ref0 + i_nh).to(tl.float32)  # R_0: the state's reference
+        s_run = tl.load(stab0 + i_nh).to(tl.float32)  # its max of k_max
     else:
         b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
         b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
@@ -161,19 +163,19 @@ def _state_kernel(
     tl.store(c_stab + o_cs, s_run, mask=m_first)
     # the stats of the step's two chunks, loaded one step ahead (loads that feed no dot are
     # otherwise left synchronous by the pipeliner)
-    b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, 0, BT, N)  # (BT,) x2
-    b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, 1, BT, N)  # (BT,) x2
-    # STATE: one more step when NT is odd, its chunk a the last one (for the final state) and its
-    # chunk b none (no rows: it adds nothing); the states past NT - 1 are not stored
-    for i_p in range(0, tl.cdiv(NT - 1 + STATE, 2)):
-        i_c = 2 * i_p + 1  # states i_c (after chunk a = i_c - 1) and i_c + 1 (after chunk b = i_c < NT)
-        m_ta = block_range(i_c - 1, BT, N)[1]  # (BT,)
-        m_tb = block_range(i_c, BT, N)[1]  # (BT,)
+    b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, 0, BT, T)  # (BT,) x2
+    b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, 1, BT, T)  # (BT,) x2
+    # STATE: one more step when NC is odd, its chunk a the last one (for the final state) and its
+    # chunk b none (no rows: it adds nothing); the states past NC - 1 are not stored
+    for i_p in range(0, tl.cdiv(NC - 1 + STATE, 2)):
+        i_c = 2 * i_p + 1  # states i_c (after chunk a = i_c - 1) and i_c + 1 (after chunk b = i_c < NC)
+        m_ta = block_range(i_c - 1, BT, T)[1]  # (BT,)
+        m_tb = block_range(i_c, BT, T)[1]  # (BT,)
         r_a = tl.maximum(r_prev, tl.max(b_kscale_a, axis=0))  # running maxima: every decay is <= 1
         r_b = tl.maximum(r_a, tl.max(b_kscale_b, axis=0))
         s_a = tl.maximum(s_run, tl.max(tl.where(m_ta, b_kmax_a, float("-inf")), axis=0))
         s_b = tl.maximum(s_a, tl.max(tl.where(m_tb, b_kmax_b, float("-inf")), axis=0))
-        b_ha, b_za, b_va = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_a, b_kscale_a, r_a, i_c - 1, N, D, stride_kn,
+        b_ha, b_za, b_va = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_a, b_kscale_a, r_a, i_c - 1, T, D, stride_kn,
                                             stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
                                             NK, PRECISION)
         b_decay = tl.exp(r_prev - r_a)  # (0 on the first chunk, whose state is 0)
@@ -181,9 +183,9 @@ def _state_kernel(
         b_z = b_z * b_decay + b_za
         b_vs += b_va
         o_s = o_st + i_c
-        if STATE:  # (BM,) and (BV,) masks: no state i_c = NT
-            m_am = m_m & (o_m * 0 + i_c < NT)
-            m_av = m_v & (o_v * 0 + i_c < NT)
+        if STATE:  # (BM,) and (BV,) masks: no state i_c = NC
+            m_am = m_m & (o_m * 0 + i_c < NC)
+            m_av = m_v & (o_v * 0 + i_c < NC)
             tl.store(p_hs + o_s * M * E, b_h, mask=m_am[:, None] & m_av[None, :])
             tl.store(z_state + o_s * M + o_m, b_z, mask=m_am)
             tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs & m_av)
@@ -194,15 +196,15 @@ def _state_kernel(
         tl.store(c_ref + o_cs + i_c, r_a, mask=m_first)
         tl.store(c_stab + o_cs + i_c, s_a, mask=m_first)
         # chunk b after chunk a's state is stored: both in flight at once spill on sm_90a
-        b_hb, b_zb, b_vb = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_b, b_kscale_b, r_b, i_c, N, D, stride_kn,
+        b_hb, b_zb, b_vb = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_b, b_kscale_b, r_b, i_c, T, D, stride_kn,
                                             stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
                                             NK, PRECISION)
-        b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, i_c + 1, BT, N)
-        b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, i_c + 2, BT, N)
+        b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, i_c + 1, BT, T)
+        b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, i_c + 2, BT, T)
         # no state after chunk b when it is the last: (BM,) and (BV,) masks (a scalar one broadcast
         # against a tile is rejected by the interpreter)
-        m_nm = m_m & (o_m * 0 + i_c + 1 < NT)  # (BM,)
-        m_nv = o_v * 0 + i_c + 1 < NT  # (BV,)
+        m_nm = m_m & (o_m * 0 + i_c + 1 < NC)  # (BM,)
+        m_nv = o_v * 0 + i_c + 1 < NC  # (BV,)
         b_decay = tl.exp(r_a - r_b)
         b_h = b_h * b_decay + b_hb
         b_z = b_z * b_decay + b_zb
@@ -210,58 +212,63 @@ def _state_kernel(
         tl.store(p_hs + (o_s + 1) * M * E, b_h, mask=m_nm[:, None] & m_v[None, :] & m_nv[None, :])
         tl.store(z_state + (o_s + 1) * M + o_m, b_z, mask=m_nm)
         tl.store(v_state + (o_s + 1) * E + o_v, b_vs, mask=m_vs & m_nv)
-        # index NT after the last chunk: c_stab's global max, which s_b then is (c_ref[NT] is unused)
-        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first & (i_c + 1 <= NT))
-        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first & (i_c + 1 <= NT))
+        # index NC after the last chunk: c_stab's global max, which s_b then is (c_ref[NC] is unused)
+        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first & (i_c + 1 <= NC))
+        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first & (i_c + 1 <= NC))
         r_prev, s_run = r_b, s_b
-    # the last chunk's keys enter only the global max (again, if the last step took them)
-    o_t, m_t = block_range(NT - 1, BT, N)  # (BT,)
+    # the last chunk's keys enter only the global max (again, if the last step took them);
+    # c_ref[NC] is unused but written: the op's outputs are a function of its inputs (opcheck)
+    o_t, m_t = block_range(NC - 1, BT, T)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    tl.store(c_stab + o_cs + NT, tl.maximum(s_run, tl.max(b_kmax, axis=0)), mask=m_first)
+    tl.store(c_stab + o_cs + NC, tl.maximum(s_run, tl.max(b_kmax, axis=0)), mask=m_first)
+    tl.store(c_ref + o_cs + NC, r_prev, mask=m_first)
     if STATE:  # the walk took every chunk: the state after the last one
-        p_hf = hz_f + i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,)
+        p_hf = hz_f + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,)
         tl.store(p_hf[:, None] + o_v[None, :], b_h, mask=m_hv)
         tl.store(p_hf + E, b_z, mask=m_m)
-        p_vf = vs_f + i_bh.to(tl.int64) * (E + 1)
+        p_vf = vs_f + i_nh.to(tl.int64) * (E + 1)
         tl.store(p_vf + o_v, b_vs, mask=m_vs)
-        n_before = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # the state's key count
-        tl.store(p_vf + E, n_before + N, mask=m_first)
-        tl.store(ref_f + i_bh, r_prev, mask=m_first)
+        n_before = tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # the state's key count
+        tl.store(p_vf + E, n_before + T, mask=m_first)
+        tl.store(ref_f + i_nh, r_prev, mask=m_first)
         if FEATURE != FM_SOFTMAX:  # no stabilizer: M stays as the state had it (the decoder's -inf)
-            s_run = tl.load(stab0 + i_bh).to(tl.float32)
-        tl.store(stab_f + i_bh, s_run, mask=m_first)
+            s_run = tl.load(stab0 + i_nh).to(tl.float32)
+        tl.store(stab_f + i_nh, s_run, mask=m_first)
 
 
 @triton.jit
 def _output_kernel(
     q, k, v, p, q_max, k_max, k_scale, c_ref, c_stab,
-    h_state, z_state, v_state, out, rden, vs0,
-    H, N, M, D, E, NT,
+    h_state, z_state, v_state, out, rden, vs0, cu_seqlens, chunk_first, chunk_seq,
+    H, N, M, D, E, NT, NS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
-    AL: tl.constexpr, AV: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
     than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads").
     STATE: the keys before the call count vs0[b*h, E] in the eps part (the state walk started
     from their sums)."""
-    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    i_h, i_g = block_program(VARLEN)
+    i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_kb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
     stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
-    o_t, m_t = block_range(i_c, BT, N)  # (BT,) queries and keys of this chunk
+    o_t, m_t = block_range(i_c, BT, T)  # (BT,) queries and keys of this chunk
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
-    o_row = i_bh.to(tl.int64) * N
-    o_s = i_bh.to(tl.int64) * NT + i_c  # this chunk's state
-    o_cs = i_bh.to(tl.int64) * (NT + 1)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
+    o_s = o_st + i_c  # this chunk's state
     if BK == BD:
         b_q = load_fused_rows(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
@@ -271,7 +278,7 @@ def _output_kernel(
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
     r_c = tl.load(c_ref + o_cs + i_c)
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) q~ . U
     b_n = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) q~ @ H_c
@@ -304,7 +311,7 @@ def _output_kernel(
     b_vs = tl.load(v_state + o_s * E + o_v, mask=m_v, other=0.0)  # (BV,)
     b_n = b_a[:, None] * b_n + (k_eps * b_sq)[:, None] * b_vs[None, :]
     if STATE:
-        n_before = tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before the call
+        n_before = tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before the call
     else:
         n_before = 0.0
     b_d = b_a * b_d + k_eps * b_sq * (i_c * BT + n_before)
@@ -339,8 +346,8 @@ def _dd_kernel(
     BT: tl.constexpr, BV: tl.constexpr, AV: tl.constexpr,
 ):
     """dD_i = -rden_i (g_i . out_i) (b*h, n) fp32 for one chunk: what every backward kernel needs
-    of out, read once here instead of by each of them."""
-    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    of out, read once here instead of by each of them.  Grid (b*h cdiv(n, BT),): row_block."""
+    i_bh, i_c = row_block(BT, N)
     E, stride_gb, stride_gh = aligned(E, AV), aligned(stride_gb, AV), aligned(stride_gh, AV)
     stride_gn, stride_ob, stride_oh = aligned(stride_gn, AV), aligned(stride_ob, AV), aligned(stride_oh, AV)
     stride_on = aligned(stride_on, AV)
@@ -389,50 +396,50 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
 @triton.jit
 def _dstate_kernel(
     q, p, g, dd, rden, q_max, k_max, c_stab,
-    dh_state, dz_state, dns_state,
-    H, N, M, D, E, NT,
+    dh_state, dz_state, dns_state, cu_seqlens, chunk_first,
+    H, N, M, D, E, NT, NS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in dh_state's dtype), dz_c = same with dD_i,
     Mend_c = M at the chunk's last position (stab_before chunk c + 1); dns_c = sum_i
     (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel."""
-    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    i_nh, i_m = tl.program_id(0), tl.program_id(1)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
     stride_gh, stride_gn = aligned(stride_gh, AV), aligned(stride_gn, AV)
     NM = tl.cdiv(M, BM)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    o_row = i_bh.to(tl.int64) * N
-    o_st = i_bh.to(tl.int64) * NT
-    o_cs = i_bh.to(tl.int64) * (NT + 1)
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
     p_dh = dh_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
     p_dns = dns_state + i_m * E + o_v  # (BV,) this tile's row of chunk 0's partial sums
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
-    o_s = o_st + NT - 1
+    o_s = o_st + NC - 1
     tl.store(p_dh + o_s * M * E, b_dh, mask=m_m[:, None] & m_v[None, :])
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
     tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
-    e_prev = stab_before(c_stab, o_cs, NT, NT, PREFIX)  # M at the last key
+    e_prev = stab_before(c_stab, o_cs, NC, NC, PREFIX)  # M at the last key
     # the step's references one step ahead (the pipeliner does not prefetch a scalar load);
     # global: one M for all, loaded once (a loop-invariant load in the loop stops the pipeliner)
-    e_a = stab_before(c_stab, o_cs, NT - 1, NT, PREFIX)
-    e_b = stab_before(c_stab, o_cs, tl.maximum(NT - 2, 0), NT, PREFIX)
+    e_a = stab_before(c_stab, o_cs, NC - 1, NC, PREFIX)
+    e_b = stab_before(c_stab, o_cs, tl.maximum(NC - 2, 0), NC, PREFIX)
     # the step's dD one step ahead: loads that feed no dot are otherwise synchronous
-    b_dd_a = _chunk_dd(dd, o_row, NT - 1, BT, N)  # (BT,)
-    b_dd_b = _chunk_dd(dd, o_row, NT - 2, BT, N)  # (BT,)
-    for i_p in range(0, tl.cdiv(NT - 1, 2)):
-        i_c = NT - 2 - 2 * i_p  # states i_c (queries of chunk a = i_c + 1) and i_c - 1 (chunk b = i_c)
+    b_dd_a = _chunk_dd(dd, o_row, NC - 1, BT, T)  # (BT,)
+    b_dd_b = _chunk_dd(dd, o_row, NC - 2, BT, T)  # (BT,)
+    for i_p in range(0, tl.cdiv(NC - 1, 2)):
+        i_c = NC - 2 - 2 * i_p  # states i_c (queries of chunk a = i_c + 1) and i_c - 1 (chunk b = i_c)
         b_dhc, b_dzc, b_dnsc = _chunk_query_state(
-            p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, N, D, dn, stride_qn, stride_gn,
+            p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, T, D, dn, stride_qn, stride_gn,
             o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
         b_decay = tl.exp(e_a - e_prev)
         b_dh = b_dh * b_decay + b_dhc
@@ -445,15 +452,15 @@ def _dstate_kernel(
         # chunk b after chunk a's state is stored (as in _state_kernel); none when i_c = 0 (state
         # i_c was chunk 0's, the walk's last): its rows are masked and nothing is stored
         b_dhc, b_dzc, b_dnsc = _chunk_query_state(
-            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1, e_b, N, D, dn, stride_qn, stride_gn,
+            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1, e_b, T, D, dn, stride_qn, stride_gn,
             o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
         b_decay = tl.exp(e_b - e_a)  # (0 when e_b = -inf past chunk 0: nothing is stored then)
         e_prev = e_b
-        b_dd_a = _chunk_dd(dd, o_row, i_c - 1, BT, N)
-        b_dd_b = _chunk_dd(dd, o_row, i_c - 2, BT, N)
+        b_dd_a = _chunk_dd(dd, o_row, i_c - 1, BT, T)
+        b_dd_b = _chunk_dd(dd, o_row, i_c - 2, BT, T)
         if PREFIX:
-            e_a = stab_before(c_stab, o_cs, tl.maximum(i_c - 1, 0), NT, PREFIX)
-            e_b = stab_before(c_stab, o_cs, tl.maximum(i_c - 2, 0), NT, PREFIX)
+            e_a = stab_before(c_stab, o_cs, tl.maximum(i_c - 1, 0), NC, PREFIX)
+            e_b = stab_before(c_stab, o_cs, tl.maximum(i_c - 2, 0), NC, PREFIX)
         b_dh = b_dh * b_decay + b_dhc
         b_dz = b_dz * b_decay + b_dzc
         b_dns += b_dnsc
@@ -511,14 +518,14 @@ def _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 @triton.jit
 def _bwd_qk_kernel(
     q, k, v, p, g, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
-    h_state, z_state, v_state, dx,
-    H, N, M, D, E, NT, SE,
+    h_state, z_state, v_state, dx, cu_seqlens, chunk_first, chunk_seq,
+    H, N, M, D, E, NT, NS, SE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr,
-    AL: tl.constexpr, AV: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
@@ -527,32 +534,35 @@ def _bwd_qk_kernel(
     slice reads the saved states' columns).
     Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
     GIVEN: all of dx (b*h, n, M) (NK = 1)."""
-    i_bh, i_ck = tl.program_id(0), tl.program_id(1)
+    i_h, i_ck = block_program(VARLEN)
+    i_g, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
+    i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     D, E, SE = aligned(D, AL), aligned(E, AV), aligned(SE, AV)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, AL), aligned(stride_qh, AL), aligned(stride_qn, AL)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, AL), aligned(stride_kh, AL), aligned(stride_kn, AL)
     stride_vb, stride_vh, stride_vn = aligned(stride_vb, AV), aligned(stride_vh, AV), aligned(stride_vn, AV)
     stride_gb, stride_gh, stride_gn = aligned(stride_gb, AV), aligned(stride_gh, AV), aligned(stride_gn, AV)
-    i_c, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
-    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    o_t, m_t = block_range(i_c, BT, T)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
-    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    o_row = i_bh.to(tl.int64) * N
-    o_s = i_bh.to(tl.int64) * NT + i_c
-    o_cs = i_bh.to(tl.int64) * (NT + 1)
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
+    o_s = o_st + i_c
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
     # b_dwf (BT, BT): rows i, columns j (queries) or rows j, columns i (keys)
     b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
         p_v, p_g, dd, rden, k_scale, b_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, PRECISION, KEYS)
     b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if KEYS:
         b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-        b_a = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NT, PREFIX))  # (BT,) inter factor of the keys, <= 1
+        b_a = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NC, PREFIX))  # (BT,) inter factor of the keys, <= 1
     else:
         b_a = tl.exp(tl.load(c_ref + o_cs + i_c) - b_stab)  # (BT,) inter factor of the queries
         b_vs = finite_or_zero(tl.load(v_state + o_s * SE + o_v, mask=m_v, other=0.0))  # (BV,)
@@ -595,34 +605,38 @@ def _bwd_qk_kernel(
 
 @triton.jit
 def _bwd_v_kernel(
-    q, k, p, g, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv,
-    H, N, M, D, E, NT, NMD,
+    q, k, p, g, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv, cu_seqlens, chunk_first, chunk_seq,
+    H, N, M, D, E, NT, NS, NMD,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
     dn, k_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
     W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
-    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    i_h, i_g = block_program(VARLEN)
+    i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_kb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_gb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_gb, AV)
     stride_gh, stride_gn = aligned(stride_gh, AV), aligned(stride_gn, AV)
-    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
+    o_t, m_t = block_range(i_c, BT, T)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    o_row = i_bh.to(tl.int64) * N
-    o_s = i_bh.to(tl.int64) * NT + i_c
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
+    o_s = o_st + i_c
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
     b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    o_cs = i_bh.to(tl.int64) * (NT + 1)
-    b_kfac = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NT, PREFIX))  # (BT,) inter factor of the keys, <= 1
-    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NT, PREFIX), PREFIX)  # (BT,) M_i
+    b_kfac = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NC, PREFIX))  # (BT,) inter factor of the keys, <= 1
+    b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) U_j . q~_i (rows j)
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
@@ -653,7 +667,7 @@ def _bwd_v_kernel(
     store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
 
 
-def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
+def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> dict:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
     states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
     q and k tiles in 16 bits; fp32 reads them in BK_out-wide chunks, NK_out of them (heads up to
@@ -663,8 +677,13 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot
     twice (compile report: duplication); the forward kernels of 128-wide tiles (d or e > 64)
     keep 8, whose halved per-thread share of those tiles is what keeps them from spilling
-    (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN."""
+    (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN.
+    packed (cu_seqlens): both walks take m tiles of 16: a packed sequence's length, chunk count
+    and bases are values the walk keeps (an unpacked one reads N, NT as arguments), and at 32
+    those registers spilled 4-32 B (16-bit, d = e = 64; NOTES "Packed sequences")."""
     cfg = block_config(d, e, m, dtype)
+    if packed:
+        cfg["BM"] = 16
     BD = cfg["BD"]
     BK_out = min(BD, 16 if BD <= 64 else 32) if dtype == torch.float32 else BD
     BM_bwd = 16
@@ -676,7 +695,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # the reverse walk takes the state kernel's m tile (16-bit 32: at 16 sm_80's mma.sync lays
         # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
         # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
-        BM_dstate=BM_bwd if d == 0 else cfg["BM"],
+        BM_dstate=BM_bwd if d == 0 or packed else cfg["BM"],
         # the (m, e) states of every chunk: bf16 for 16-bit inputs (half the bytes of the largest
         # intermediates), fp32 for fp32 (kernels/NOTES.md "State precision")
         state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
@@ -705,54 +724,72 @@ def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
-                 feature: int) -> list[torch.Tensor]:
+                 feature: int, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Empty buffers of the key states causal_fwd returns for the backward (its fake tensors
     too): H (b*h, NT, m, e) in the config's state dtype; z (b*h, NT, m), vsum (b*h, NT, e) and
-    the chunk vectors c_ref, c_stab (b*h, NT + 1) in fp32."""
+    the chunk vectors c_ref, c_stab (b*h, NT + NS) in fp32 (NT chunk slots, NS sequences:
+    feature_map.chunk_slots)."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
     cfg = _config(d, e, m, q.dtype)
-    nt = triton.cdiv(n, cfg["BT"])
+    nt, ns = chunk_slots(cu_seqlens, cfg["BT"], n)
     f32 = dict(device=k.device, dtype=torch.float32)
-    return [
+    states = [
         torch.empty((b * h, nt, m, e), device=k.device, dtype=cfg["state_dtype"]),
         torch.empty((b * h, nt, m), **f32),
         torch.empty((b * h, nt, e), **f32),
-        torch.empty((b * h, nt + 1), **f32),
-        torch.empty((b * h, nt + 1), **f32),
+        torch.empty((b * h, nt + ns), **f32),
+        torch.empty((b * h, nt + ns), **f32),
     ]
+    if cu_seqlens is not None:
+        # a pack's slots past its sequences' (at most NS: they use >= cdiv(n, BT)) are never
+        # written: zeros, so that the op's outputs are a function of its inputs (opcheck)
+        for t in states:
+            t[:, -ns:].zero_()
+    return states
 
 
-def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, initial=None):
+def _packing(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.Tensor) -> tuple:
+    """(nt, ns, (cu_seqlens, chunk_first, chunk_seq), VARLEN): the chunk slots per (b, h) slice,
+    the sequences per slice, the packing's launch arguments (feature_map.chunk_table; dummy
+    pointers without cu_seqlens) and its constexpr."""
+    nt, ns = chunk_slots(cu_seqlens, bt, n)
+    if cu_seqlens is None:
+        return nt, ns, (dummy,) * 3, False
+    return nt, ns, chunk_table(cu_seqlens, bt, n), True
+
+
+def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, packing: tuple,
+                initial=None, cu_seqlens=None):
     """Run _state_kernel into saved_states' buffers; from the state initial (hz, v_sum, ref, stab:
     performer_triton.attention_state) when given.  -> (saved states, the state after the last
     chunk in fp32, or [])."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
-    nt = triton.cdiv(n, cfg["BT"])
-    states = saved_states(q, k, v, projection, feature=feature)
+    nt, ns, varlen, is_varlen = packing
+    states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
     h_state, z_state, v_state, c_ref, c_stab = states
     final = []
     if initial is not None:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
     state_args = (*initial, *final) if initial is not None else (c_ref,) * 8  # (unused without STATE)
-    grid = (b * h, triton.cdiv(m, cfg["BM"]))
+    grid = (b * h * ns, triton.cdiv(m, cfg["BM"]))
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
-        h_state, z_state, v_state, *state_args,
-        h, n, m, d, e, nt,
+        h_state, z_state, v_state, *state_args, *varlen[:2],
+        h, n, m, d, e, nt, ns,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
         FEATURE=feature, STATE=initial is not None, AL=alignment(d, k), AV=alignment(e, v),
-        **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        VARLEN=is_varlen, **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return states, final
 
 
 def causal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
-    prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+    prefix: bool = False, causal_eps: float = CAUSAL_EPS, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Causal FAVOR+ forward.  q, k (b, h, n, d) [GIVEN: features (b, h, n, m)], v (b, h, n, e),
     projection (m, d) or None (GIVEN).  prefix selects the leak-free key stabilizer; causal_eps
@@ -761,9 +798,11 @@ def causal_fwd(
     Returns out (b, h, n, e) in q's dtype, q_max, k_max, k_scale (b, h, n) fp32 (SOFTMAX;
     (b, h, 0) otherwise), rden (b, h, n) fp32 = 1 / denominator (ratio-free form) and the key
     states (saved_states) for causal_bwd.
+    cu_seqlens (NS + 1,) int32: q, k, v (1, h, n, .) hold NS packed sequences, each attending
+    within itself with its own stabilizers (NOTES "Packed sequences").
     Launches: row_stats (SOFTMAX), _state_kernel, _output_kernel.
     """
-    return _forward(q, k, v, projection, feature, prefix, causal_eps, None)[:6]
+    return _forward(q, k, v, projection, feature, prefix, causal_eps, None, cu_seqlens)[:6]
 
 
 def causal_fwd_state(
@@ -774,21 +813,22 @@ def causal_fwd_state(
     (b, h)] (performer_triton.attention_state; NOTES "Attention state").  Returns out, q_max,
     k_max, k_scale, rden as causal_fwd and the state after the last key (fp32, same layout) in
     place of the saved key states: the backward of a state call runs on the PyTorch path."""
-    reason = state_unsupported(q.dtype, feature, 0 if projection is None else q.shape[-1], v.shape[-1])
+    reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[-1], v.shape[-1])
     if reason is not None:
         raise ValueError(f"causal_fwd_state: {reason}")
-    out, q_max, k_max, k_scale, rden, _, final = _forward(q, k, v, projection, feature, prefix, causal_eps, initial)
+    out, q_max, k_max, k_scale, rden, _, final = _forward(q, k, v, projection, feature, prefix, causal_eps, initial,
+                                                          None)
     return out, q_max, k_max, k_scale, rden, final
 
 
-def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float, initial):
-    m, d = check_inputs(q, k, v, projection, feature)
+def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float, initial, cu_seqlens):
+    m, d = check_inputs(q, k, v, projection, feature, cu_seqlens)
     if initial is not None:
         initial = [t.contiguous() for t in initial]
     b, h, n, _ = q.shape
     e = v.shape[-1]
     assert k.shape[2] == n
-    cfg = _config(d, e, m, q.dtype)
+    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
     if feature == SOFTMAX:
         saved = row_stats(q, k, projection)
     else:
@@ -796,21 +836,22 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
     q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
     prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
+    packing = _packing(cu_seqlens, cfg["BT"], n, k_scale)
     states, final = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg,
-                                initial=initial)
+                                initial=initial, cu_seqlens=cu_seqlens, packing=packing)
     h_state, z_state, v_state, c_ref, c_stab = states
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    nt = triton.cdiv(n, cfg["BT"])
-    _output_kernel[(b * h, nt)](
+    nt, ns, varlen, is_varlen = packing
+    _output_kernel[block_grid(b * h, nt, is_varlen)](
         q, k, v, q if projection is None else projection, q_max, k_max, k_scale, c_ref, c_stab,
-        h_state, z_state, v_state, out, rden, rden if initial is None else initial[1],
-        h, n, m, d, e, nt,
+        h_state, z_state, v_state, out, rden, rden if initial is None else initial[1], *varlen,
+        h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         head_scale(d), k_eps, c_eps,
         FEATURE=feature, PREFIX=prefix, STATE=initial is not None, AL=alignment(d, q, k), AV=alignment(e, v),
-        **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        VARLEN=is_varlen, **launch_options(cfg, "out", BK=cfg["BK_out"], NK=cfg["NK_out"]),
     )
     return (out, *saved, rden, states, final)
 
@@ -819,7 +860,7 @@ def causal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
     k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor], *, feature: int, prefix: bool = False,
-    causal_eps: float = CAUSAL_EPS,
+    causal_eps: float = CAUSAL_EPS, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs (its key states saved, not
     recomputed) and grad_out (b, h, n, e); returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the
@@ -833,27 +874,29 @@ def causal_bwd(
     m, d = feature_dims(q, projection, feature)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
+    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
+    packing = _packing(cu_seqlens, cfg["BT"], n, rden)
     return backward_in_value_slices(
         lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, states,
-                                                           cols, feature, prefix, causal_eps, grad_dtype),
-        grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
+                                                           cols, feature, prefix, causal_eps, grad_dtype, packing),
+        grad_out, v, out, cfg["EV"], q.dtype, k.dtype,
     )
 
 
 def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: slice, feature: int, prefix: bool,
-               causal_eps: float, grad_dtype: torch.dtype):
+               causal_eps: float, grad_dtype: torch.dtype, packing: tuple):
     """causal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype."""
+    grad_dtype, dv in v's dtype; packing as _packing gives it."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
-    cfg = _config(d, e, m, q.dtype)
+    cfg = _config(d, e, m, q.dtype, packing[3])
     dn = head_scale(d)
     q_max, k_max, k_scale = stats
     k_eps, c_eps = _eps(feature, m, causal_eps)
     h_state, z_state, v_state, c_ref, c_stab = states
     h_state, v_state = h_state[..., cols], v_state[..., cols]  # views: the kernels take their row stride
-    nt = triton.cdiv(n, cfg["BT"])
+    nt, ns, varlen, is_varlen = packing
     nm = triton.cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
     assert cfg["BM_dstate"] >= cfg["BM_bwd"]  # _bwd_v_kernel sums them one per own m tile
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -862,18 +905,18 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
     dns_state = torch.empty((b * h, nt, nm, e), **f32)
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
-    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix)
+    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix, VARLEN=is_varlen)
     dd = torch.empty((b, h, n), **f32)
-    _dd_kernel[(b * h, nt)](
+    _dd_kernel[(b * h * triton.cdiv(n, cfg["BT"]),)](  # per row: packed sequences need nothing of their own
         grad_out, out, rden, dd,
         h, n, e,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
-    _dstate_kernel[(b * h, nm)](
+    _dstate_kernel[(b * h * ns, nm)](
         q, p, grad_out, dd, rden, q_max, k_max, c_stab,
-        dh_state, dz_state, dns_state,
-        h, n, m, d, e, nt,
+        dh_state, dz_state, dns_state, *varlen[:2],
+        h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out))),
@@ -886,16 +929,16 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
     for keys, (h_s, z_s, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
-        _bwd_qk_kernel[(b * h, nt * nk)](
+        _bwd_qk_kernel[block_grid(b * h, nt * nk, is_varlen)](
             q, k, v, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
-            h_s, z_s, v_state, dx,
-            h, n, m, d, e, nt, h_s.stride(-2), *strides,
+            h_s, z_s, v_state, dx, *varlen,
+            h, n, m, d, e, nt, ns, h_s.stride(-2), *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), AL=alignment(d, q, k), AV=alignment(e, h_s.stride(-2), v, grad_out), **opts,
         )
-    _bwd_v_kernel[(b * h, nt)](
-        q, k, p, grad_out, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv,
-        h, n, m, d, e, nt, nm,
+    _bwd_v_kernel[block_grid(b * h, nt, is_varlen)](
+        q, k, p, grad_out, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv, *varlen,
+        h, n, m, d, e, nt, ns, nm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn, k_eps,

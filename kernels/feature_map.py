@@ -10,9 +10,11 @@ Naming in kernels/ (fla style): b_ tiles, each with a shape comment where it is 
 o_ offsets and m_ masks (o_t / m_t rows, o_m / m_m features, o_d / m_d all of d, o_k / m_k a
 BK-wide chunk of d, o_v / m_v value columns); i_ program and loop indices; BT, BM, BD, BK, BV the
 block sizes of rows, features, d, d chunks and value columns; NT, NK, NM counts of blocks.
-o_row = (b*h index) * rows is the base of a program's (b*h, rows) stat vectors.
+o_row = (b*h index) * rows (+ a packed sequence's first row) is the base of a program's (b*h, rows)
+stat vectors; i_nh a program's sequence row (b*h, or sequence*h of a pack: NOTES "Packed sequences").
 
-Tile helpers, bottom up: addresses, loads and stores (bh_base, block_range, column_slice,
+Tile helpers, bottom up: addresses (bh_base; the packs' sequence_rows, sequence_span, row_block,
+block_program, chunk_program), loads and stores (block_range, column_slice,
 load_rows, load_fused_rows, finite_or_zero, grad_dot_out, store_rows); dash and diag tiles (dash_tile, dash_rows,
 half_sq_norm, half_sq_norm_rows, diag_rows); feature tiles (key_units, relu_features,
 feature_tiles, then features / features_chunked, which also read GIVEN tiles); their gradients
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GENERALIZED_EPS, GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
+from . import GENERALIZED_EPS, GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 
 # Constexpr copies of kernels/__init__.py's values: the only kind of global a @triton.jit body
 # may read (compiled Triton rejects plain ints and floats; the interpreter does not notice).
@@ -56,6 +58,89 @@ def bh_base(x, i_bh, H, stride_b, stride_h):
     """Pointer to the (b, h) slice i_bh = b H + h of a (b, h, ...) tensor x."""
     i_b, i_h = i_bh // H, i_bh % H
     return x + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def sequence_rows(cu_seqlens, i_nh, H, N, VARLEN: tl.constexpr):
+    """Where the sequence of program row i_nh lies (i_nh = b H + h, or with VARLEN sequence H + h
+    of a packed batch (1, h, N, .) cut by the offsets cu_seqlens (NS + 1,)): i_bh, the (b, h)
+    slice of the inputs and of the (b, h, N) vectors; bos (int64), its first row there; T, its
+    length (N without VARLEN)."""
+    if VARLEN:
+        i_bh = i_nh % H
+        bos = tl.load(cu_seqlens + i_nh // H).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_nh // H + 1) - bos).to(tl.int32)
+    else:
+        i_bh, T = i_nh, N
+        bos = tl.full([], 0, tl.int64)
+    return i_bh, bos, T
+
+
+@triton.jit
+def sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """sequence_rows, and the sequence's chunks of BT rows: NC of them (at least 1, so that every
+    sequence owns its chunk slots), o_st the base of its chunk states (NT slots per (b, h) slice,
+    chunk_first (NS + 1,) each sequence's first: chunk_table) and o_cs of its chunk vectors
+    (NC + 1 each: NT + NS per slice).  -> (i_bh, bos, T, NC, o_st, o_cs)."""
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, N, VARLEN)
+    if VARLEN:
+        i_n = i_nh // H
+        c_0 = tl.load(chunk_first + i_n).to(tl.int64)
+        NC = tl.maximum(tl.cdiv(T, BT), 1)
+        o_st = i_bh.to(tl.int64) * NT + c_0
+        o_cs = i_bh.to(tl.int64) * (NT + NS) + c_0 + i_n
+    else:
+        NC = NT
+        o_st = i_nh.to(tl.int64) * NT
+        o_cs = i_nh.to(tl.int64) * (NT + 1)
+    return i_bh, bos, T, NC, o_st, o_cs
+
+
+@triton.jit
+def row_block(BT: tl.constexpr, N):
+    """(i_bh, i_t) of a per-row kernel on grid (b*h cdiv(N, BT),): (b, h) and block of BT rows
+    from one axis, which takes 2^31 - 1 programs (axis 1 stops at 65535 blocks)."""
+    NB = tl.cdiv(N, BT)
+    i_p = tl.program_id(0)
+    return i_p // NB, i_p % NB
+
+
+@triton.jit
+def block_program(VARLEN: tl.constexpr):
+    """(i_h, i_g) of a block program: its (b, h) row and block index on grid (b*h, blocks); a
+    pack's grid is (block slots, h), its many slots on axis 0 (up to 2^31 - 1; axis 1 stops at
+    65535, 4.2M rows in blocks of 64)."""
+    if VARLEN:
+        i_h, i_g = tl.program_id(1), tl.program_id(0)
+    else:
+        i_h, i_g = tl.program_id(0), tl.program_id(1)
+    return i_h, i_g
+
+
+def block_grid(rows: int, blocks: int, packed: bool) -> tuple[int, int]:
+    """The launch grid of block_program: (rows, blocks), a pack's (blocks, rows).  Grid axis 1
+    takes at most 65535 programs: beyond, a clear error rather than a failed launch."""
+    grid = (blocks, rows) if packed else (rows, blocks)
+    if grid[1] > 65535:
+        what = f"{rows} heads" if packed else f"{blocks} blocks of rows (a sequence of about {blocks * 64} or more rows)"
+        raise ValueError(f"{what}: more than the 65535 programs a launch grid takes on axis 1; "
+                         + ("" if packed else "a pack of one sequence (cu_seqlens=[0, n]) puts its blocks on axis 0"))
+    return grid
+
+
+@triton.jit
+def chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN: tl.constexpr):
+    """(i_nh, i_c, i_n) of the chunk program (i_h, i_g): its sequence row for sequence_span, its
+    chunk there and its sequence (0 without VARLEN).  VARLEN: i_h is the head and i_g a chunk
+    slot of the packed batch, chunk_seq (slots,) its sequence (NS past the last one: the program
+    has nothing to do)."""
+    if VARLEN:
+        i_n = tl.load(chunk_seq + i_g)
+        i_c = i_g - tl.load(chunk_first + i_n)
+        i_nh = i_n * H + i_h
+    else:
+        i_nh, i_c, i_n = i_h, i_g, 0
+    return i_nh, i_c, i_n
 
 
 @triton.jit
@@ -371,8 +456,11 @@ def _row_stats_kernel(
     dn,
     BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr,
 ):
-    """Program (i_bh, i_t, i_x): rows of q (i_x + X0 = 0: q_max) or of k (1: k_max, k_scale)."""
-    i_bh, i_t, i_x = tl.program_id(0), tl.program_id(1), tl.program_id(2) + X0
+    """Program (i_bh NB + i_t, i_x): rows of q (i_x + X0 = 0: q_max) or of k (1: k_max, k_scale),
+    NB = cdiv(N, BT) blocks per (b, h): (b, h) and block on axis 0, which takes 2^31 - 1
+    programs (axis 1 stops at 65535 blocks, 4.2M rows)."""
+    i_bh, i_t = row_block(BT, N)
+    i_x = tl.program_id(1) + X0
     D, stride_qb, stride_qh = aligned(D, AL), aligned(stride_qb, AL), aligned(stride_qh, AL)
     stride_qn, stride_kb, stride_kh = aligned(stride_qn, AL), aligned(stride_kb, AL), aligned(stride_kh, AL)
     stride_kn = aligned(stride_kn, AL)
@@ -408,7 +496,7 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
     q_, k_ = (q if q is not None else k), (k if k is not None else q)
     # fp32: m tiles of 32 (at 64 the 3xTF32 dash of a 64-wide head spilled 272 B on sm_80)
     BT, BM, BD = 64, 32 if x.dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d))
-    grid = (b * h, triton.cdiv(n, BT), (q is not None) + (k is not None))
+    grid = (b * h * triton.cdiv(n, BT), (q is not None) + (k is not None))
     _row_stats_kernel[grid](
         q_, k_, projection, q_max, k_max, k_scale,
         h, n, m, d, 0 if q is not None else 1,
@@ -423,6 +511,34 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
 # ----------------------------------------------------------------------------- launcher helpers
 
 
+def chunk_slots(cu_seqlens: torch.Tensor | None, bt: int, n: int) -> tuple[int, int]:
+    """(NT, NS): chunk slots per (b, h) slice of n rows cut into NS packed sequences by
+    cu_seqlens (NS + 1,) offsets, NT = cdiv(n, bt) + NS >= the sum of every sequence's
+    max(cdiv(T, bt), 1); without cu_seqlens (cdiv(n, bt), 1).  From shapes only."""
+    if cu_seqlens is None:
+        return triton.cdiv(n, bt), 1
+    ns = cu_seqlens.shape[0] - 1
+    return triton.cdiv(n, bt) + ns, ns
+
+
+def chunk_table(cu_seqlens: torch.Tensor, bt: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets, chunk_first, chunk_seq) of a packed batch (chunk_slots): offsets (NS + 1,) int32
+    cu_seqlens clamped into [0, n] and made non-decreasing (what the kernels read: offsets the
+    caller did not check cannot address memory outside the tensors), chunk_first (NS + 1,) int32
+    the first slot of each sequence (the last: the slots used), chunk_seq (NT,) int32 the
+    sequence of each slot (NS past the used ones).  On the device with no host sync: the launch
+    grids depend on shapes only (torch.compile, CUDA graphs)."""
+    nt, ns = chunk_slots(cu_seqlens, bt, n)
+    offsets = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, n), 0).values
+    lengths = offsets[1:] - offsets[:-1]
+    counts = torch.clamp((lengths + bt - 1) // bt, min=1)
+    chunk_first = torch.zeros((ns + 1,), device=cu_seqlens.device, dtype=torch.int64)
+    chunk_first[1:] = torch.cumsum(counts, 0)
+    slots = torch.arange(nt, device=cu_seqlens.device, dtype=torch.int64)
+    chunk_seq = torch.searchsorted(chunk_first[1:], slots, right=True, out_int32=True)
+    return offsets.to(torch.int32), chunk_first.to(torch.int32), chunk_seq
+
+
 def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
     """Launchers' guard: the kernels take DTYPES, and head dims up to MAX_HEAD_DIM (wider ones
     would compile to spilling kernels)."""
@@ -434,12 +550,20 @@ def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None,
-                 feature: int) -> tuple[int, int]:
+                 feature: int, cu_seqlens: torch.Tensor | None = None) -> tuple[int, int]:
     """The forward launchers' guard (kernels/NOTES.md "Launcher contract": unit last-dim strides,
-    check_head_dims) -> (m, d) as feature_dims gives them."""
+    check_head_dims; a pack: batch 1, one length for q and k, the configurations
+    extension_unsupported allows) -> (m, d) as feature_dims gives them."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     m, d = feature_dims(q, projection, feature)
     check_head_dims(q.dtype, d=d, e=v.shape[-1])
+    if cu_seqlens is not None:
+        reason = extension_unsupported("packed sequences", q.dtype, feature, d, v.shape[-1])
+        if reason is not None:
+            raise ValueError(f"cu_seqlens: {reason}")
+        if q.shape[0] != 1 or k.shape[2] != q.shape[2]:
+            raise ValueError(f"cu_seqlens: q, k, v hold a pack as (1, h, total, .), got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}")
     return m, d
 
 

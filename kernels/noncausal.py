@@ -28,10 +28,10 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
-    block_config, block_range, check_inputs, column_slice, dash_tile, diag_rows, empty_stats, feature_dims,
-    grad_dot_out,
-    features, features_chunked, half_sq_norm, head_scale, input_grad_tile, launch_options,
-    load_fused_rows, load_rows, load_vector, store_input_grad, store_rows
+    block_config, block_grid, block_program, block_range, check_inputs, chunk_program, chunk_slots, chunk_table,
+    column_slice, dash_tile, diag_rows, empty_stats, feature_dims, grad_dot_out, features, features_chunked,
+    half_sq_norm, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
+    sequence_rows, store_input_grad, store_rows
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -39,12 +39,12 @@ __all__ = ["noncausal_fwd", "noncausal_bwd"]
 
 @triton.jit
 def _state_kernel(
-    k, v, p, h_part, z_part, vs_part, r_part, s_part,
+    k, v, p, h_part, z_part, vs_part, r_part, s_part, cu_seqlens,
     H, S, M, D, E, BH, NTS, NMT,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Key state of one split of NTS key blocks for one m tile:
     h_part[i_s, i_bh] = sum_j F_j^T v_j (M, E), z_part = sum_j F_j (M,), vs_part = sum_j v_j (E,)
@@ -52,17 +52,18 @@ def _state_kernel(
     SOFTMAX: R = the split's max of dash - diag over this m tile, found online on the tiles
     (the partial sums rescaled when it grows; no per-row key statistics), written to
     r_part[i_s, i_bh, i_m] with the tile's max of dash (s_part); _combine_kernel brings the
-    partials to the global stabilizer M = max of dash over every key and feature (1.1.4's)."""
-    i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    partials to the global stabilizer M = max of dash over every key and feature (1.1.4's).
+    VARLEN: program row i_nh is sequence H + head of a pack (BH = NS H rows of partials)."""
+    i_nh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, S, VARLEN)
     D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
     stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
-    o_row = i_bh.to(tl.int64) * S
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
     b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
     b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
@@ -70,8 +71,8 @@ def _state_kernel(
     r_run = tl.full([], float("-inf"), dtype=tl.float32)  # R so far
     s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of dash so far
     i_t0 = i_s * NTS
-    for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(S, BT))):
-        o_t, m_t = block_range(i_t, BT, S)  # (BT,)
+    for i_t in range(i_t0, tl.minimum(i_t0 + NTS, tl.cdiv(T, BT))):
+        o_t, m_t = block_range(i_t, BT, T)  # (BT,)
         b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         if FEATURE == FM_SOFTMAX:
@@ -96,7 +97,7 @@ def _state_kernel(
         b_z += tl.sum(b_kf, axis=0)
         if FEATURE == FM_SOFTMAX:
             b_vs += tl.sum(b_v.to(tl.float32), axis=0)
-    o_part = i_s * BH + i_bh  # (split, b*h) slot of this program
+    o_part = i_s * BH + i_nh  # (split, b*h) slot of this program
     p_h = h_part + o_part.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :]
     tl.store(p_h, b_h, mask=m_m[:, None] & m_v[None, :])
     tl.store(z_part + o_part.to(tl.int64) * M + o_m, b_z, mask=m_m)
@@ -120,20 +121,20 @@ def _split_refs(p_r, m_m, REFS: tl.constexpr):
 @triton.jit
 def _combine_kernel(
     h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-    BH, M, E, NS, NMT,
+    BH, M, E, NSPLIT, NMT,
     REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr, BMS: tl.constexpr,
     NMTP: tl.constexpr,
 ):
-    """Sum NS split partials (NS, BH, ...) of one b*h and m tile: h (BH, M, E), z (BH, M) and,
+    """Sum NSPLIT split partials (NSPLIT, BH, ...) of one b*h and m tile: h (BH, M, E), z (BH, M) and,
     REFS (the SOFTMAX key states), the value sum vs (BH, E) and the global stabilizer
-    k_stab (BH,) = max of s_part (NS, BH, NMT) over the splits and the state kernel's NMT m
+    k_stab (BH,) = max of s_part (NSPLIT, BH, NMT) over the splits and the state kernel's NMT m
     tiles of BMS features, each partial row scaled by exp(r_part[split, b*h, its tile] - k_stab)
     <= 1.  Deterministic: a fixed order, no atomics."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
-    o_s, m_s = block_range(0, NSP, NS)  # (NSP,) the splits
+    o_s, m_s = block_range(0, NSP, NSPLIT)  # (NSP,) the splits
     p_r = r_part + i_bh.to(tl.int64) * NMT + o_m // BMS  # (BM,) split 0's reference of each row's tile
     r_stab = tl.full([], 0.0, dtype=tl.float32)
     if REFS:
@@ -141,6 +142,8 @@ def _combine_kernel(
         b_s = tl.load(s_part + (o_s[:, None] * BH + i_bh) * NMT + o_mt[None, :], mask=m_s[:, None] & m_mt[None, :],
                       other=float("-inf"))  # (NSP, NMTP)
         r_stab = tl.max(tl.max(b_s, axis=1), axis=0)
+        # no keys at all (an empty packed sequence): zero sums, not exp(-inf + inf)
+        r_stab = tl.where(r_stab == float("-inf"), 0.0, r_stab)
     if REFS:
         m_vs = m_v & (o_v * 0 + i_m == 0)  # (BV,) the value sum: by the first m tile
     else:
@@ -156,7 +159,7 @@ def _combine_kernel(
     b_z_next = tl.load(p_z, mask=m_m, other=0.0)  # (BM,)
     b_vs_next = tl.load(p_vs, mask=m_vs, other=0.0)  # (BV,)
     b_r_next = _split_refs(p_r, m_m, REFS)  # (BM,)
-    for i_s in range(0, NS):
+    for i_s in range(0, NSPLIT):
         if REFS:
             b_f = tl.exp(b_r_next - r_stab)  # (BM,) from the split's references to k_stab, <= 1
         else:
@@ -166,8 +169,8 @@ def _combine_kernel(
         b_vs += b_vs_next
         # split i_s + 1, none past the last (vector masks: the interpreter rejects a scalar one
         # broadcast against a tile)
-        m_mn = m_m & (o_m * 0 + i_s + 1 < NS)  # (BM,)
-        m_vn = o_v * 0 + i_s + 1 < NS  # (BV,)
+        m_mn = m_m & (o_m * 0 + i_s + 1 < NSPLIT)  # (BM,)
+        m_vn = o_v * 0 + i_s + 1 < NSPLIT  # (BV,)
         o_next = (i_bh.to(tl.int64) * 0 + i_s + 1) * BH  # (split, b*h) slot offset of split i_s + 1, int64
         b_h_next = tl.load(p_h + o_next * M * E, mask=m_mn[:, None] & m_v[None, :] & m_vn[None, :],
                            other=0.0)
@@ -184,27 +187,34 @@ def _combine_kernel(
 
 @triton.jit
 def _output_kernel(
-    q, p, h, z, vs, out, q_max, rden,
-    H, N, S, M, D, E,
+    q, p, h, z, vs, out, q_max, rden, cu_seqlens, chunk_first, chunk_seq,
+    H, N, S, M, D, E, NS,
     stride_qb, stride_qh, stride_qn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """out = N / D for BT queries, h (BH, M, E) and z (BH, M) relative to the stabilizer M.
 
     SOFTMAX finds the query row max online over the m tiles (flash-style rescaling of the
-    exp part; the eps part of q~ is separated), so q needs no stats pass, and writes q_max."""
-    i_bh, i_t = tl.program_id(0), tl.program_id(1)
+    exp part; the eps part of q~ is separated), so q needs no stats pass, and writes q_max.
+    VARLEN: program (head, chunk slot) of a pack, the key states of its sequence's row."""
+    i_h, i_g = block_program(VARLEN)
+    i_nh, i_t, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, N, VARLEN)
+    if VARLEN:  # a packed sequence's keys are its queries
+        S = T
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn = aligned(stride_qh, AL), aligned(stride_qn, AL)
-    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+    o_t, m_t = block_range(i_t, BT, T)  # (BT,)
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_hb = h + i_bh.to(tl.int64) * M * E
-    p_zb = z + i_bh.to(tl.int64) * M
-    o_row = i_bh.to(tl.int64) * N
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_hb = h + i_nh.to(tl.int64) * M * E
+    p_zb = z + i_nh.to(tl.int64) * M
+    o_row = i_bh.to(tl.int64) * N + bos
     b_q = load_fused_rows(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
     b_acc = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV) sum_f F_f H_f
     b_den = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f F_f z_f
@@ -240,7 +250,7 @@ def _output_kernel(
     if FEATURE == FM_SOFTMAX:
         # q~_f = exp(dash_f - b_r) * exp(-diag) + eps on the M real features
         b_ed = tl.exp(-half_sq_norm(b_q, dn))  # (BT,)
-        b_vsum = tl.load(vs + i_bh.to(tl.int64) * E + o_v, mask=m_v, other=0.0)  # (BV,)
+        b_vsum = tl.load(vs + i_nh.to(tl.int64) * E + o_v, mask=m_v, other=0.0)  # (BV,)
         b_qs = b_ed * b_xs + FM_SOFTMAX_EPS * M  # (BT,) sum_f q~_f
         b_num = (b_ed[:, None] * b_acc + FM_SOFTMAX_EPS * b_hs[None, :]
                  + FM_SOFTMAX_EPS * b_qs[:, None] * b_vsum[None, :])  # (BT, BV)
@@ -257,39 +267,41 @@ def _output_kernel(
 
 @triton.jit
 def _dstate_kernel(
-    q, g, out, p, q_max, rden, dh_part, dz_part,
+    q, g, out, p, q_max, rden, dh_part, dz_part, cu_seqlens,
     H, N, M, D, E, BH, NTS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Reverse state of one split of NTS query blocks for one m tile:
     dh_part[i_s, i_bh] = sum_i q~_i dN_i^T (M, E), dz_part = sum_i q~_i dD_i (M,), accumulated in
-    registers (the key-side gradients need them whole before any dk, dv)."""
-    i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    registers (the key-side gradients need them whole before any dk, dv).  VARLEN as
+    _state_kernel."""
+    i_nh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, N, VARLEN)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
     stride_gh, stride_gn, stride_ob = aligned(stride_gh, AV), aligned(stride_gn, AV), aligned(stride_ob, AV)
     stride_oh, stride_on = aligned(stride_oh, AV), aligned(stride_on, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
-    o_row = i_bh.to(tl.int64) * N
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
+    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh) + bos * stride_on
+    o_row = i_bh.to(tl.int64) * N + bos
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     i_t0 = i_s * NTS
-    i_t1 = tl.minimum(i_t0 + NTS, tl.cdiv(N, BT))
+    i_t1 = tl.minimum(i_t0 + NTS, tl.cdiv(T, BT))
     # the out tile feeds no dot, so the pipeliner would load it synchronously: prefetched by hand
-    o_t, m_t = block_range(i_t0, BT, N)  # (BT,)
+    o_t, m_t = block_range(i_t0, BT, T)  # (BT,)
     b_o_next = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v)  # (BT, BV)
     for i_t in range(i_t0, i_t1):
-        o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+        o_t, m_t = block_range(i_t, BT, T)  # (BT,)
         b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
         b_o = b_o_next.to(tl.float32)  # (BT, BV)
-        o_tn, m_tn = block_range(i_t + 1, BT, N)  # (BT,) the next block (read, unused, after the split)
+        o_tn, m_tn = block_range(i_t + 1, BT, T)  # (BT,) the next block (read, unused, after the split)
         b_o_next = load_rows(p_o, o_tn, m_tn, stride_on, o_v, m_v)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
         b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
@@ -303,7 +315,7 @@ def _dstate_kernel(
                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_dh += tl.dot(tl.trans(b_qf), b_dn, input_precision=PRECISION)
         b_dz += tl.sum(b_qf * b_dd[:, None], axis=0)
-    o_part = i_s * BH + i_bh  # (split, b*h) slot of this program
+    o_part = i_s * BH + i_nh  # (split, b*h) slot of this program
     p_dh = dh_part + o_part.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :]
     tl.store(p_dh, b_dh, mask=m_m[:, None] & m_v[None, :])
     tl.store(dz_part + o_part.to(tl.int64) * M + o_m, b_dz, mask=m_m)
@@ -311,31 +323,38 @@ def _dstate_kernel(
 
 @triton.jit
 def _bwd_q_kernel(
-    q, g, out, p, q_max, rden, h, z, vs, dq,
-    H, N, S, M, D, E, SE,
+    q, g, out, p, q_max, rden, h, z, vs, dq, cu_seqlens, chunk_first, chunk_seq,
+    H, N, S, M, D, E, NS, SE,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_ob, stride_oh, stride_on,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dq columns [i_k BK, i_k BK + BK) for BT queries (program i_t NK + i_k), from the key state
     h (BH, M, E), z (BH, M) relative to the stabilizer and the value sum vs (BH, E); SE the row
     stride of h and vs (the forward's value width when a backward value slice reads its columns).
-    q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live."""
-    i_bh, i_tk = tl.program_id(0), tl.program_id(1)
+    q and P are read in BK-wide chunks (dash_rows): no (BT, d) tile stays live.  VARLEN as
+    _output_kernel."""
+    i_h, i_tk = block_program(VARLEN)
+    i_g, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dq
+    i_nh, i_t, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, N, VARLEN)
+    if VARLEN:  # a packed sequence's keys are its queries
+        S = T
     D, E, SE = aligned(D, AL), aligned(E, AV), aligned(SE, AV)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, AL), aligned(stride_qh, AL), aligned(stride_qn, AL)
     stride_gb, stride_gh, stride_gn = aligned(stride_gb, AV), aligned(stride_gh, AV), aligned(stride_gn, AV)
     stride_ob, stride_oh, stride_on = aligned(stride_ob, AV), aligned(stride_oh, AV), aligned(stride_on, AV)
-    i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dq
-    o_t, m_t = block_range(i_t, BT, N)  # (BT,)
+    o_t, m_t = block_range(i_t, BT, T)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh)
-    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh)
-    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh)
-    o_row = i_bh.to(tl.int64) * N
-    p_hb = h + i_bh.to(tl.int64) * M * SE
-    p_zb = z + i_bh.to(tl.int64) * M
+    p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
+    p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
+    p_o = bh_base(out, i_bh, H, stride_ob, stride_oh) + bos * stride_on
+    o_row = i_bh.to(tl.int64) * N + bos
+    p_hb = h + i_nh.to(tl.int64) * M * SE
+    p_zb = z + i_nh.to(tl.int64) * M
     b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_o = load_rows(p_o, o_t, m_t, stride_on, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
@@ -346,7 +365,7 @@ def _bwd_q_kernel(
     b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if FEATURE == FM_SOFTMAX:
         b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-        b_vs = tl.load(vs + i_bh.to(tl.int64) * SE + o_v, mask=m_v, other=0.0)  # (BV,)
+        b_vs = tl.load(vs + i_nh.to(tl.int64) * SE + o_v, mask=m_v, other=0.0)  # (BV,)
         # the eps part of the key features: d/dq~_f of eps * sum_f q~_f (vsum . dN + s dD)
         b_deps = FM_SOFTMAX_EPS * (tl.sum(b_dn * b_vs[None, :], axis=1) + S * b_dd)  # (BT,)
     else:
@@ -373,28 +392,33 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_kernel(
-    k, v, p, k_stab, dh, dz, dk, dv,
-    H, S, M, D, E,
+    k, v, p, k_stab, dh, dz, dk, dv, cu_seqlens, chunk_first, chunk_seq,
+    H, S, M, D, E, NS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
     from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M).  SOFTMAX key
-    features exp(dash - diag - M) from the stabilizer k_stab (BH,) alone: they stay fp32 here."""
-    i_bh, i_tk = tl.program_id(0), tl.program_id(1)
+    features exp(dash - diag - M) from the stabilizer k_stab (BH,) alone: they stay fp32 here.
+    VARLEN as _output_kernel."""
+    i_h, i_tk = block_program(VARLEN)
+    i_g, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dk
+    i_nh, i_t, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T = sequence_rows(cu_seqlens, i_nh, H, S, VARLEN)
     D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
     stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
-    i_t, i_k, o_k, m_k = column_slice(i_tk, NK, D, BK)  # (BK,) this program's columns of dk
-    o_t, m_t = block_range(i_t, BT, S)  # (BT,)
+    o_t, m_t = block_range(i_t, BT, T)  # (BT,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    o_row = i_bh.to(tl.int64) * S
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh)
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh)
-    p_dhb = dh + i_bh.to(tl.int64) * M * E
-    p_dzb = dz + i_bh.to(tl.int64) * M
+    o_row = i_bh.to(tl.int64) * S + bos
+    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
+    p_dhb = dh + i_nh.to(tl.int64) * M * E
+    p_dzb = dz + i_nh.to(tl.int64) * M
     # dh is unbounded: v enters its tl.dot as fp32
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v).to(tl.float32)  # (BT, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
@@ -403,7 +427,7 @@ def _bwd_kv_kernel(
     if FEATURE == FM_SOFTMAX:
         # diag + M per row, what key_units subtracts (+inf on padded rows: 0 features)
         b_diag = diag_rows(p_k, o_t, m_t, stride_kn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
-        b_kmax = tl.where(m_t, b_diag + tl.load(k_stab + i_bh), float("inf"))  # (BT,)
+        b_kmax = tl.where(m_t, b_diag + tl.load(k_stab + i_nh), float("inf"))  # (BT,)
         b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f dh_f = sum_i sum(q~_i) dN_i
     else:
         b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
@@ -482,55 +506,74 @@ def _sums(bh: int, m: int, e: int, refs: bool, device) -> list[torch.Tensor]:
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
-                 feature: int) -> list[torch.Tensor]:
+                 feature: int, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Empty buffers of the key states noncausal_fwd returns for the backward (its fake tensors
     too): H (b*h, m, e), z (b*h, m) relative to the stabilizer M, the value sum (b*h, e) and M
-    (b*h,) (SOFTMAX; (b*h, 0) and (0,) otherwise), fp32."""
-    b, h = k.shape[:2]
+    (b*h,) (SOFTMAX; (b*h, 0) and (0,) otherwise), fp32; b*h -> NS h rows for a pack of NS
+    sequences (cu_seqlens)."""
     m, _ = feature_dims(q, projection, feature)
-    return _sums(b * h, m, v.shape[-1], feature == SOFTMAX, k.device)
+    return _sums(_state_rows(k, cu_seqlens), m, v.shape[-1], feature == SOFTMAX, k.device)
+
+
+def _state_rows(k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """Rows of the key states: one per (b, h), or per (sequence, h) of a pack."""
+    b, h = k.shape[:2]
+    return b * h * (1 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+
+
+def _packing(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.Tensor) -> tuple:
+    """(nt, ns, (offsets, chunk_first, chunk_seq), VARLEN) as causal._packing: the block slots
+    per head, the sequences, the launch arguments (dummy pointers without cu_seqlens) and the
+    constexpr."""
+    nt, ns = chunk_slots(cu_seqlens, bt, n)
+    if cu_seqlens is None:
+        return nt, ns, (dummy,) * 3, False
+    return nt, ns, chunk_table(cu_seqlens, bt, n), True
 
 
 def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict, nmt: int = 1):
-    """Run _combine_kernel on split partials (ns, b*h, m, e), (ns, b*h, m) [and, refs, the value
-    sums (ns, b*h, e), references and dash maxima (ns, b*h, nmt) of the state kernel's nmt m
+    """Run _combine_kernel on split partials (splits, b*h, m, e), (splits, b*h, m) [and, refs, the
+    value sums (splits, b*h, e), references and dash maxima (splits, b*h, nmt) of the state kernel's nmt m
     tiles] into sums (_sums: h, z, vs, k_stab; returned)."""
-    ns, bh, m, e = h_part.shape
+    splits, bh, m, e = h_part.shape
     h, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
     _combine_kernel[(bh, triton.cdiv(m, bm))](
         h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-        bh, m, e, ns, nmt,
+        bh, m, e, splits, nmt,
         REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=triton.next_power_of_2(nmt),
         num_warps=4,
     )
     return sums
 
 
-def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict):
+def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict, cu_seqlens, offsets):
     """Key states relative to the stabilizer M: H (b*h, m, e), z (b*h, m), vsum (b*h, e or 0),
-    and M (b*h,) (SOFTMAX; (0,) otherwise).  Launches _state_kernel and _combine_kernel."""
-    b, h, s, _ = k.shape
+    and M (b*h,) (SOFTMAX; (0,) otherwise); a pack (offsets: its clamped cu_seqlens): one row
+    per (sequence, h).  Launches _state_kernel and _combine_kernel."""
+    h, s = k.shape[1], k.shape[2]
     e = v.shape[-1]
     softmax = feature == SOFTMAX
+    bh = _state_rows(k, cu_seqlens)
     nmt = triton.cdiv(m, cfg["BM"])
-    per, ns = _splits(triton.cdiv(s, cfg["BT"]), nmt * b * h)
+    # (a pack: the splits of its longest possible sequence; shorter ones leave theirs empty)
+    per, splits = _splits(triton.cdiv(s, cfg["BT"]), nmt * bh)
     f32 = dict(device=k.device, dtype=torch.float32)
-    h_part = torch.empty((ns, b * h, m, e), **f32)
-    z_part = torch.empty((ns, b * h, m), **f32)
-    vs_part = torch.empty((ns, b * h, e if softmax else 0), **f32)
-    r_part = torch.empty((ns, b * h, nmt) if softmax else (0,), **f32)
-    s_part = torch.empty((ns, b * h, nmt) if softmax else (0,), **f32)
-    grid = (b * h, nmt, ns)
-    _state_kernel[grid](
-        k, v, k if projection is None else projection, h_part, z_part, vs_part, r_part, s_part,
-        h, s, m, d, e, b * h, per, nmt,
+    h_part = torch.empty((splits, bh, m, e), **f32)
+    z_part = torch.empty((splits, bh, m), **f32)
+    vs_part = torch.empty((splits, bh, e if softmax else 0), **f32)
+    r_part = torch.empty((splits, bh, nmt) if softmax else (0,), **f32)
+    s_part = torch.empty((splits, bh, nmt) if softmax else (0,), **f32)
+    _state_kernel[(bh, nmt, splits)](
+        k, v, k if projection is None else projection, h_part, z_part, vs_part, r_part, s_part, offsets,
+        h, s, m, d, e, bh, per, nmt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
-        FEATURE=feature, AL=alignment(d, k), AV=alignment(e, v), **launch_options(cfg, "state"),
+        FEATURE=feature, AL=alignment(d, k), AV=alignment(e, v), VARLEN=cu_seqlens is not None,
+        **launch_options(cfg, "state"),
     )
-    return _combine(h_part, z_part, vs_part, r_part, s_part, saved_states(q, k, v, projection, feature=feature),
-                    refs=softmax, cfg=cfg, nmt=nmt)
+    sums = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
+    return _combine(h_part, z_part, vs_part, r_part, s_part, sums, refs=softmax, cfg=cfg, nmt=nmt)
 
 
 def _no_prefix(prefix: bool) -> None:
@@ -540,7 +583,7 @@ def _no_prefix(prefix: bool) -> None:
 
 def noncausal_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *, feature: int,
-    prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+    prefix: bool = False, causal_eps: float = CAUSAL_EPS, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Non-causal FAVOR+ attention.  q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), P (m, d);
     for GIVEN q (b, h, n, m), k (b, h, s, m) are the features and projection is None.
@@ -550,9 +593,11 @@ def noncausal_fwd(
     Returns out (b, h, n, e) in q's dtype, fp32 q_max (b, h, n) (SOFTMAX; (b, h, 0) otherwise),
     k_max and k_scale (b, h, 0): the key maxima are taken on the state kernel's tiles, no per-row
     key statistics), fp32 rden = 1 / D (b, h, n) and the key states (saved_states) for
-    noncausal_bwd.  Launches: _state_kernel, _combine_kernel, _output_kernel."""
+    noncausal_bwd.  cu_seqlens (NS + 1,) int32: q, k, v (1, h, n, .) hold NS packed sequences
+    (n == s), each attending within itself with its own stabilizer (NOTES "Packed sequences").
+    Launches: _state_kernel, _combine_kernel, _output_kernel."""
     _no_prefix(prefix)
-    m, d = check_inputs(q, k, v, projection, feature)
+    m, d = check_inputs(q, k, v, projection, feature, cu_seqlens)
     b, h, n, _ = q.shape
     e = v.shape[-1]
     cfg = _config(d, e, m, q.dtype)
@@ -560,17 +605,18 @@ def noncausal_fwd(
     q_max, k_max, k_scale = empty_stats(b, h, q.device)
     if feature == SOFTMAX:
         q_max = torch.empty((b, h, n), **f32)
-    saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg)
-    states, sums, vsum, _ = saved
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)
-    grid = (b * h, triton.cdiv(n, cfg["BT"]))
-    _output_kernel[grid](
-        q, q if projection is None else projection, states, sums, vsum, out, q_max, rden,
-        h, n, k.shape[2], m, d, e,
+    nt, ns, varlen, is_varlen = _packing(cu_seqlens, cfg["BT"], n, rden)
+    saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg, cu_seqlens=cu_seqlens,
+                        offsets=varlen[0])
+    states, sums, vsum, _ = saved
+    _output_kernel[block_grid(b * h, nt, is_varlen)](
+        q, q if projection is None else projection, states, sums, vsum, out, q_max, rden, *varlen,
+        h, n, k.shape[2], m, d, e, ns,
         q.stride(0), q.stride(1), q.stride(2),
         head_scale(d),
-        FEATURE=feature, AL=alignment(d, q), AV=alignment(e), **launch_options(cfg, "out"),
+        FEATURE=feature, AL=alignment(d, q), AV=alignment(e), VARLEN=is_varlen, **launch_options(cfg, "out"),
     )
     return out, q_max, k_max, k_scale, rden, saved
 
@@ -579,7 +625,7 @@ def noncausal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
     k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor], *, feature: int, prefix: bool = False,
-    causal_eps: float = CAUSAL_EPS,
+    causal_eps: float = CAUSAL_EPS, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of noncausal_fwd: dq, dk, dv in the dtypes and shapes of q, k, v (w.r.t. the
     features for GIVEN).  The stats and key states are noncausal_fwd's outputs (contiguous).
@@ -591,16 +637,19 @@ def noncausal_bwd(
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
     stats = (q_max, k_max, k_scale, rden)
+    cfg = _config(d, e, m, q.dtype)
+    packing = _packing(cu_seqlens, cfg["BT"], q.shape[2], rden) + (_state_rows(k, cu_seqlens),)
     return backward_in_value_slices(
         lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, stats, states, cols,
-                                                           feature, grad_dtype),
-        grad_out, v, out, _config(d, e, m, q.dtype)["EV"], q.dtype, k.dtype,
+                                                           feature, grad_dtype, packing),
+        grad_out, v, out, cfg["EV"], q.dtype, k.dtype,
     )
 
 
-def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, feature: int, grad_dtype: torch.dtype):
+def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, feature: int, grad_dtype: torch.dtype,
+               packing: tuple):
     """noncausal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype."""
+    grad_dtype, dv in v's dtype; packing: _packing's and the key states' rows."""
     q_max, k_max, k_scale, rden = stats
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[-1]
@@ -611,35 +660,37 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     states, vsum = states[..., cols], vsum[..., cols]  # views: _bwd_q_kernel takes their row stride
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
-    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk)
+    nt, ns, varlen, is_varlen, bh = packing
+    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, VARLEN=is_varlen)
     al, av = alignment(d, q), alignment(e, grad_out, out)  # (the dq, dstate kernels'; dk, dv take k, v)
     nm = triton.cdiv(m, cfg["BM_dstate"])
-    per, ns = _splits(triton.cdiv(n, cfg["BT"]), nm * b * h)
+    per, splits = _splits(triton.cdiv(n, cfg["BT"]), nm * bh)
     f32 = dict(device=q.device, dtype=torch.float32)
-    dh_part = torch.empty((ns, b * h, m, e), **f32)
-    dz_part = torch.empty((ns, b * h, m), **f32)
+    dh_part = torch.empty((splits, bh, m, e), **f32)
+    dz_part = torch.empty((splits, bh, m), **f32)
     strides = (q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                out.stride(0), out.stride(1), out.stride(2))
-    _dstate_kernel[(b * h, nm, ns)](
-        q, grad_out, out, p, q_max, rden, dh_part, dz_part,
-        h, n, m, d, e, b * h, per, *strides,
+    _dstate_kernel[(bh, nm, splits)](
+        q, grad_out, out, p, q_max, rden, dh_part, dz_part, varlen[0],
+        h, n, m, d, e, bh, per, *strides,
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=al, AV=av)),
     )
-    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, _sums(b * h, m, e, False, q.device),
+    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, _sums(bh, m, e, False, q.device),
                             refs=False, cfg=cfg)
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
-    _bwd_q_kernel[(b * h, triton.cdiv(n, cfg["BT"]) * nk)](
-        q, grad_out, out, p, q_max, rden, states, sums, vsum, dq,
-        h, n, s, m, d, e, states.stride(-2), *strides,
+    _bwd_q_kernel[block_grid(b * h, nt * nk, is_varlen)](
+        q, grad_out, out, p, q_max, rden, states, sums, vsum, dq, *varlen,
+        h, n, s, m, d, e, ns, states.stride(-2), *strides,
         dn,
         AL=al, AV=alignment(av, states.stride(-2)), **opts,
     )
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    _bwd_kv_kernel[(b * h, triton.cdiv(s, cfg["BT"]) * nk)](
-        k, v, p, k_stab, dh, dz, dk, dv,
-        h, s, m, d, e,
+    key_blocks = nt if is_varlen else triton.cdiv(s, cfg["BT"])  # (a pack: s == n)
+    _bwd_kv_kernel[block_grid(b * h, key_blocks * nk, is_varlen)](
+        k, v, p, k_stab, dh, dz, dk, dv, *varlen,
+        h, s, m, d, e, ns,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,
         AL=alignment(d, k), AV=alignment(e, v), **opts,

@@ -13,12 +13,13 @@ from torch import Tensor
 
 from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
-from .kernels import MAX_HEAD_DIM, state_unsupported
+from .kernels import MAX_HEAD_DIM, extension_unsupported
 from .ops import favor_fwd, favor_state_fwd
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
     check_choice,
+    check_cu_seqlens,
     check_key_padding_mask,
     check_projection,
     check_qkv,
@@ -137,13 +138,30 @@ def favor_attention(
     The forward runs on the fused kernels where they run, the backward on the PyTorch path.
     cu_seqlens: packed variable-length sequences (FlashAttention's convention): q, k, v of shape
     (1, h, total, .) and N + 1 int32 offsets; each sequence attends within itself with its own
-    stabilizers, states (if any) are per sequence, (N, h, ...).  The offsets are read on the host.
+    stabilizers, states (if any) are per sequence, (N, h, ...).  Softmax / relu attention without
+    a state runs on the kernels as one fused forward and backward over the whole pack (eager
+    mode reads the offsets once to check them; compiled graphs do not); the other cases run one
+    sequence at a time.
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
+    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+    check_choice("backend", backend, BACKENDS)
+    if key_stabilizer == "prefix" and not causal:
+        raise ValueError("key_stabilizer='prefix' applies to causal attention only; non-causal accepts 'global'")
     if cu_seqlens is not None:
         if key_padding_mask is not None:
             raise ValueError("cu_seqlens packs sequences without padding: key_padding_mask does not apply")
+        check_cu_seqlens(cu_seqlens, q, k, initial_state)
+        fmap = resolve(feature_map)
+        stateless = initial_state is None and not output_final_state
+        fused = fmap.fused and stateless and q.shape[2] > 0
+        if fused and extension_unsupported("packed sequences", q.dtype, fmap.code, q.shape[3], v.shape[3]) is None \
+                and _use_triton(backend, q, v, True):
+            projection = check_projection(projection_matrix, q).to(q.dtype).contiguous()
+            prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
+            return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS,
+                             cu_seqlens.to(device=q.device, dtype=torch.int32))[0]
 
         def one(q_i, k_i, v_i, state):
             return favor_attention(q_i, k_i, v_i, projection_matrix, causal=causal, key_stabilizer=key_stabilizer,
@@ -151,10 +169,6 @@ def favor_attention(
                                    output_final_state=output_final_state)
 
         return _packed(one, q, k, v, cu_seqlens, initial_state, output_final_state)
-    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
-    check_choice("backend", backend, BACKENDS)
-    if key_stabilizer == "prefix" and not causal:
-        raise ValueError("key_stabilizer='prefix' applies to causal attention only; non-causal accepts 'global'")
     fmap = resolve(feature_map)
     if fmap.needs_projection:
         projection_matrix = check_projection(projection_matrix, q)
@@ -190,27 +204,9 @@ def favor_attention(
 
 def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
     """call(q_i, k_i, v_i, state_i) on every sequence of a packed batch (cu_seqlens: N + 1
-    offsets into the length of q, k, v, batch 1), outputs concatenated along the sequence and
-    final states along the batch."""
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
-                                                                                              torch.int64):
-        got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(
-            cu_seqlens).__name__
-        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor of N + 1 sequence offsets, got {got}")
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, q, k, v hold the packed sequences as (1, h, total, .), got batch {q.shape[0]}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"cu_seqlens packs queries and keys alike: q and k need one length, got {q.shape[2]} and "
-                         f"{k.shape[2]}")
+    offsets into the length of q, k, v, batch 1, checked by check_cu_seqlens), outputs
+    concatenated along the sequence and final states along the batch."""
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    total = q.shape[2]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total} (N + 1 >= 2 offsets), got "
-                         f"{bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
-    count = len(bounds) - 1
-    if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
-                                      or initial_state[0].shape[0] != count):
-        raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         state = None if initial_state is None else AttentionState(*(t[i : i + 1] for t in initial_state))
@@ -251,7 +247,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     """The stateful causal op (ops.favor_state_fwd) on rows the op takes: q, k, or their features
     (GIVEN, projection None).  -> out, or (out, final state)."""
     use_triton = _use_triton(backend, q, v, projection is not None)
-    reason = state_unsupported(q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3])
+    reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3])
     if use_triton and reason is not None:
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run here: {reason}")
@@ -305,6 +301,8 @@ def linear_attention(
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
     if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q_features, k_features, initial_state)
+
         def one(q_i, k_i, v_i, state):
             return linear_attention(q_i, k_i, v_i, causal=causal, backend=backend, eps=eps, initial_state=state,
                                     output_final_state=output_final_state)

@@ -48,19 +48,30 @@ def _unit_stride(t: Tensor) -> Tensor:
 @torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
-    use_triton: bool, causal_eps: float = CAUSAL_EPS,
+    use_triton: bool, causal_eps: float = CAUSAL_EPS, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, q_max, k_max, k_scale, rden, states); see kernels/NOTES.md. causal_eps: the eps added
-    to every key-feature prefix sum of the causal normaliser (1.1.4's 1e-6)."""
+    to every key-feature prefix sum of the causal normaliser (1.1.4's 1e-6). cu_seqlens: packed
+    sequences in q, k, v (1, h, total, .), on the fused kernels only."""
     q, k, v = map(_unit_stride, (q, k, v))
-    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _packed(cu_seqlens, use_triton)
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
     return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
 
 
+def _packed(cu_seqlens: Optional[Tensor], use_triton: bool) -> dict:
+    """The launchers' cu_seqlens keyword: only where given (the PyTorch path takes none)."""
+    if cu_seqlens is None:
+        return {}
+    if not use_triton:
+        raise ValueError("cu_seqlens: the ops take packed sequences on the fused kernels only; "
+                         "performer_triton.favor_attention runs the PyTorch path one sequence at a time")
+    return dict(cu_seqlens=cu_seqlens)
+
+
 @favor_fwd.register_fake
-def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSAL_EPS):
+def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSAL_EPS, cu_seqlens=None):
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[3]
     softmax = KERNEL_MAPS[feature].stabilized
@@ -69,7 +80,7 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
         return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
     if use_triton:
-        states = launchers(causal)[2](q, k, v, projection, feature=feature)
+        states = launchers(causal)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, use_triton))
     else:
         states = torch_backend.saved_like(q, v, projection, causal)
     # the non-causal kernels take their key maxima on tiles: no per-row key statistics
@@ -102,11 +113,12 @@ def favor_bwd(
     prefix: bool,
     use_triton: bool,
     causal_eps: float = CAUSAL_EPS,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for favor_fwd."""
     grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
     args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
-    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps)
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _packed(cu_seqlens, use_triton)
     if use_triton:
         return launchers(causal)[1](*args, states, **flags)
     return torch_backend.favor_bwd(*args, causal=causal, saved=states, **flags)[:3]
@@ -114,29 +126,32 @@ def favor_bwd(
 
 @favor_bwd.register_fake
 def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, causal, feature, prefix, use_triton,
-      causal_eps=CAUSAL_EPS):
+      causal_eps=CAUSAL_EPS, cu_seqlens=None):
     # contiguous, whatever the inputs' strides: what every implementation returns (a fake with
     # other strides than the real op corrupts aot_autograd's output replay under torch.compile)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, projection, *flags = inputs  # causal, feature, prefix, use_triton, causal_eps
+    # the dispatcher drops trailing arguments equal to their defaults (causal_eps, cu_seqlens)
+    q, k, v, projection, causal, feature, prefix, use_triton, *rest = inputs
+    causal_eps, cu_seqlens = (*rest, *(CAUSAL_EPS, None)[len(rest):])
     out, q_max, k_max, k_scale, rden, states = output
-    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, *states)
-    ctx.flags = tuple(flags)
+    ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, cu_seqlens, *states)
+    ctx.flags = (causal, feature, prefix, use_triton, causal_eps)
     ctx.mark_non_differentiable(q_max, k_max, k_scale, rden, *states)
     # the gradients of the statistics and states are never used: no zero tensors of their size
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, *unused_grads):
-    q, k, v, projection, out, q_max, k_max, k_scale, rden, *states = ctx.saved_tensors
+    q, k, v, projection, out, q_max, k_max, k_scale, rden, cu_seqlens, *states = ctx.saved_tensors
     if grad_out is None:  # only reached through the non-differentiable outputs
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags)
+    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
+                           cu_seqlens=cu_seqlens)
     # one gradient per argument the op was called with: the dispatcher drops trailing arguments
-    # equal to their defaults (causal_eps), and a list output makes autograd count exactly
+    # equal to their defaults (causal_eps, cu_seqlens), and a list output makes autograd count exactly
     return dq, dk, dv, *(None,) * (len(ctx.needs_input_grad) - 3)
 
 

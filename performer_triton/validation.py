@@ -108,3 +108,32 @@ def warn_ignored(where: str, names: Iterable[str], why: str = "performer-pytorch
 def ignored_kwargs(where: str, kwargs: dict[str, Any]) -> None:
     """warn_ignored for the non-None keyword arguments in kwargs."""
     warn_ignored(where, (key for key, value in kwargs.items() if value is not None))
+
+
+def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: object) -> None:
+    """A packed batch: cu_seqlens a 1-D int32 / int64 tensor of N + 1 offsets, q, k, v of batch 1
+    with one length, one initial state per sequence; in eager mode the offsets themselves, read
+    once on the host (rising from 0 to the packed length).  A compiled graph skips that read (a
+    host sync): the kernels clamp the offsets they read."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
+                                                                                              torch.int64):
+        got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(
+            cu_seqlens).__name__
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor of N + 1 sequence offsets, got {got}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v hold the packed sequences as (1, h, total, .), got batch {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"cu_seqlens packs queries and keys alike: q and k need one length, got {q.shape[2]} and "
+                         f"{k.shape[2]}")
+    count = cu_seqlens.shape[0] - 1
+    if count < 1:
+        raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.shape[0]}")
+    if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
+                                      or initial_state[0].shape[0] != count):
+        raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
+    if torch.compiler.is_compiling():
+        return
+    bounds, total = cu_seqlens.tolist(), q.shape[2]
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total} (N + 1 >= 2 offsets), got "
+                         f"{bounds[:8]}{' ...' if len(bounds) > 8 else ''}")

@@ -88,7 +88,9 @@ def stage_outputs(tmp_path):
             "cached_ms_128": 0.5, "cached_ms_4096": 0.55, "recompute_ms_128": 2.0, "recompute_ms_4096": 40.0,
             "cached_growth": 1.1}},
         {"name": "test_prefill_throughput_by_chunk_length", "extra_info": {
-            "tokens_per_s_chunk256": 1.0e6, "tokens_per_s_chunk8192": 2.0e6}}]}))
+            "tokens_per_s_chunk256": 1.0e6, "tokens_per_s_chunk8192": 2.0e6}},
+        {"name": "test_fused_pack_against_one_call_per_sequence[causal-prefix]", "param": "causal-prefix",
+         "extra_info": {"fused_ms": 2.0, "per_sequence_ms": 9.0, "speedup": 4.5, "tokens": 30000}}]}))
     (out / "compile_report.json").write_text(json.dumps({
         "target": {"b": 2, "h": 8, "n": 8192, "d": 64, "e": 64, "m": 256, "dtype": "bf16"},
         "kernels": [{"name": "causal._state_kernel", "arch": "sm_90a", "dtype": "bf16", "regs": 128,
@@ -142,6 +144,8 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     assert "| causal fwd | 250 | 20 | 200 | 0.8 | 10 |" in md
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
     assert s["generation"] == [dict(n=128, cached_ms=0.5, recompute_ms=2.0), dict(n=4096, cached_ms=0.55, recompute_ms=40.0)]
+    assert s["packed"] == [dict(case="causal-prefix", fused_ms=2.0, per_sequence_ms=9.0, speedup=4.5)]
+    assert "| causal-prefix | 2 | 9 | 4.5 |" in (out / "summary.md").read_text()
     assert "| 4096 | 0.55 | 40 |" in md
     assert s["prefill"] == [dict(chunk=256, tokens_per_s=1.0e6), dict(chunk=8192, tokens_per_s=2.0e6)]
     assert "| 8192 | 2,000,000 |" in md

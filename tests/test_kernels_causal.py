@@ -6,14 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
 from kernel_cases import (
-    BUDGET, GIVEN_CASES, check_row_stats, dtype_cases, given_case, inputs,
-    large_inputs_case, meta_launches, rel_err, strided_case, unaligned_case,
+    BUDGET, GIVEN_CASES, check_row_stats, dtype_cases, given_case, inputs, large_inputs_case, meta_launches,
+    packed_case, packed_inputs, packed_run, rel_err, strided_case, unaligned_case,
 )
 from kernel_cases import check as kernel_check
 
 from performer_triton import reference as R
-from performer_triton.kernels import GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX
+from performer_triton.kernels import GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, launchers
 from performer_triton.kernels import causal as C
 from performer_triton.kernels import feature_map as FM
 
@@ -89,6 +90,39 @@ def test_strided_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_unaligned_row_strides(dtype):
     unaligned_case(dtype, causal=True, prefix=True)
+
+
+@pytest.mark.parametrize("dtype,feature,prefix", [
+    (torch.bfloat16, SOFTMAX, False), (torch.bfloat16, SOFTMAX, True), (torch.float16, RELU, True),
+], ids=["bfloat16-softmax-global", "bfloat16-softmax-prefix", "float16-relu"])
+def test_packed_sequences(dtype, feature, prefix):
+    packed_case(dtype, causal=True, feature=feature, prefix=prefix)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_packs_the_kernels_do_not_take_are_refused(causal):
+    """Packs run on the kernels for 16-bit heads up to 64 (kernels.extension_unsupported): the
+    launchers refuse the others, and a pack of a batch other than 1, with a clear error."""
+    fwd = launchers(causal)[0]
+    q, k, v, proj, _, cu = packed_inputs(torch.float16, lengths=(3, 4))
+    with pytest.raises(ValueError, match="packed sequences for float16 and bfloat16 inputs, got torch.float32"):
+        fwd(q.float(), k.float(), v.float(), proj.float(), feature=SOFTMAX, cu_seqlens=cu)
+    wide = torch.zeros(1, 2, 7, 80, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 64, got 80"):
+        fwd(q, k, wide, proj, feature=SOFTMAX, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"\(1, h, total, \.\)"):
+        fwd(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), proj, feature=SOFTMAX,
+            cu_seqlens=cu)
+
+
+def test_packed_offsets_are_clamped():
+    """Offsets the caller did not check (the API checks them in eager mode only) address nothing
+    outside the tensors: clamped into [0, n] and made non-decreasing."""
+    q, k, v, proj, g, _ = packed_inputs(torch.bfloat16, lengths=(20, 10))
+    bad = torch.tensor([0, 500, 3, 30], dtype=torch.int32, device=DEVICE)
+    good = torch.tensor([0, 30, 30, 30], dtype=torch.int32, device=DEVICE)
+    runs = [packed_run(q, k, v, proj, g, cu, causal=True, feature=SOFTMAX, prefix=True) for cu in (bad, good)]
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 
 @pytest.mark.parametrize("prefix", [False, True], ids=["global", "prefix"])

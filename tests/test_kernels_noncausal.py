@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import (
     BUDGET, GIVEN_CASES, dtype_cases, given_case, inputs,
-    large_inputs_case, meta_launches, rel_err, strided_case, unaligned_case,
+    large_inputs_case, meta_launches, packed_case, rel_err, strided_case, unaligned_case,
 )
 from kernel_cases import check as kernel_check
 
@@ -77,6 +77,12 @@ def test_given(dtype, feature_map, e):
 
 def test_strided_inputs():
     strided_case(causal=False)
+
+
+@pytest.mark.parametrize("dtype,feature", [(torch.bfloat16, SOFTMAX), (torch.float16, RELU)],
+                         ids=["bfloat16-softmax", "float16-relu"])
+def test_packed_sequences(dtype, feature):
+    packed_case(dtype, causal=False, feature=feature)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

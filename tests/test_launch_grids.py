@@ -41,6 +41,37 @@ def test_grids_fit_cuda_limits_at_70000_heads(grids, causal_mode, feature):
     out, *saved = fwd(q, k, v, projection, feature=feature)
     bwd(torch.empty_like(out), q, k, v, projection, out, *saved, feature=feature)
     assert len(grids) >= 4  # forward and backward kernels were reached
+    blocks = triton.cdiv(n, 64)
     for name, grid in grids:
-        assert grid[0] == b * h, (name, grid)  # one program per (b, h) along axis 0
+        assert grid[0] in (b * h, b * h * blocks), (name, grid)  # the (b, h) rows (per-row kernels: x blocks) on axis 0
         assert all(1 <= size <= limit for size, limit in zip(grid, AXIS_LIMITS)), (name, grid)
+
+
+@pytest.mark.parametrize("causal_mode", [False, True], ids=["noncausal", "causal"])
+def test_pack_grids_fit_cuda_limits_at_70000_sequences(grids, causal_mode):
+    """A pack of 70000 sequences (4.5M rows): its 140000 block slots go on grid axis 0, its
+    sequences' walks on axis 0 as NS h rows."""
+    ns, h, length, d, m = 70000, 8, 64, 64, 256
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = (torch.empty(1, h, ns * length, d, **meta) for _ in range(3))
+    cu = torch.empty(ns + 1, device="meta", dtype=torch.int32)
+    fwd, bwd, _ = launchers(causal_mode)
+    out, *saved = fwd(q, k, v, torch.empty(m, d, **meta), feature=SOFTMAX, cu_seqlens=cu)
+    bwd(torch.empty_like(out), q, k, v, torch.empty(m, d, **meta), out, *saved, feature=SOFTMAX, cu_seqlens=cu)
+    assert len(grids) >= 4
+    for name, grid in grids:
+        assert all(1 <= size <= limit for size, limit in zip(grid, AXIS_LIMITS)), (name, grid)
+    assert max(grid[0] for _, grid in grids) >= ns  # the slots (or the NS h walks) on axis 0
+
+
+def test_too_many_blocks_for_a_grid_axis_is_a_clear_error(grids):
+    """An unpacked sequence of 4.2M rows puts 65536 blocks on axis 1: a ValueError naming the way
+    out (a pack of one sequence, whose blocks go on axis 0), not a failed launch."""
+    n, d = 65536 * 64, 64
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = (torch.empty(1, 1, n, d, **meta) for _ in range(3))
+    fwd = launchers(True)[0]
+    with pytest.raises(ValueError, match="a pack of one sequence"):
+        fwd(q, k, v, torch.empty(256, d, **meta), feature=SOFTMAX)
+    cu = torch.empty(2, device="meta", dtype=torch.int32)
+    fwd(q, k, v, torch.empty(256, d, **meta), feature=SOFTMAX, cu_seqlens=cu)  # the same rows as a pack
