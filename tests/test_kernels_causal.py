@@ -191,7 +191,7 @@ def test_meta_launches():
             "_row_stats_kernel", "_state_kernel", "_output_kernel",
             "_dd_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
         ]
-        assert launched[0][1] == (b * h, 4, 2)  # q and k rows in one launch
+        assert launched[0][1] == (b * h * 4, 2)  # q and k rows in one launch, (b*h, block) on axis 0
         attention = launched[1:]
         bm = C._config(d, e, m, torch.bfloat16)["BM"]
         assert attention[1][1] == (b * h, 4) and attention[0][1] == (b * h, -(-m // bm))
@@ -199,6 +199,7 @@ def test_meta_launches():
         assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)
         assert all(kw["PREFIX"] == prefix for name, _, kw in attention if name != "_state_kernel")
         assert [kw["KEYS"] for name, _, kw in attention if name == "_bwd_qk_kernel"] == [False, True]
+        assert not any(kw["VARLEN"] for *_, kw in attention)  # no pack: the unpacked addressing
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
