@@ -332,8 +332,8 @@ def rearranged(t):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", [dict(causal=True), dict(causal=True, key_stabilizer="prefix"), dict(causal=False)],
-                         ids=["causal-global", "causal-prefix", "noncausal"])
+@pytest.mark.parametrize("case", [dict(causal=True, key_stabilizer="prefix"), dict(causal=False)],
+                         ids=["causal-prefix", "noncausal"])  # (the global stabilizer: test_kernels_causal)
 def test_packed_sequences_on_the_kernels(case):
     """Packs run as one fused forward and backward (offsets left on the device): each sequence's
     outputs and gradients are the PyTorch path's, within the fp16 budget; a NaN value in one
