@@ -29,10 +29,10 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
-    block_program, block_range, check_inputs, chunk_program, chunk_slots, chunk_table, column_slice, diag_rows,
+    block_program, block_range, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
     half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
-    row_block, row_stats, sequence_span, store_input_grad, store_rows
+    packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state"]
@@ -750,16 +750,6 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     return states
 
 
-def _packing(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.Tensor) -> tuple:
-    """(nt, ns, (cu_seqlens, chunk_first, chunk_seq), VARLEN): the chunk slots per (b, h) slice,
-    the sequences per slice, the packing's launch arguments (feature_map.chunk_table; dummy
-    pointers without cu_seqlens) and its constexpr."""
-    nt, ns = chunk_slots(cu_seqlens, bt, n)
-    if cu_seqlens is None:
-        return nt, ns, (dummy,) * 3, False
-    return nt, ns, chunk_table(cu_seqlens, bt, n), True
-
-
 def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, packing: tuple,
                 initial=None, cu_seqlens=None):
     """Run _state_kernel into saved_states' buffers; from the state initial (hz, v_sum, ref, stab:
@@ -836,7 +826,7 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
     q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
     prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
-    packing = _packing(cu_seqlens, cfg["BT"], n, k_scale)
+    packing = packing_args(cu_seqlens, cfg["BT"], n, k_scale)
     states, final = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg,
                                 initial=initial, cu_seqlens=cu_seqlens, packing=packing)
     h_state, z_state, v_state, c_ref, c_stab = states
@@ -875,7 +865,7 @@ def causal_bwd(
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
     cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
-    packing = _packing(cu_seqlens, cfg["BT"], n, rden)
+    packing = packing_args(cu_seqlens, cfg["BT"], n, rden)
     return backward_in_value_slices(
         lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, states,
                                                            cols, feature, prefix, causal_eps, grad_dtype, packing),
@@ -886,7 +876,7 @@ def causal_bwd(
 def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: slice, feature: int, prefix: bool,
                causal_eps: float, grad_dtype: torch.dtype, packing: tuple):
     """causal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype; packing as _packing gives it."""
+    grad_dtype, dv in v's dtype; packing as feature_map.packing_args gives it."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)

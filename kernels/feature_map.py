@@ -539,6 +539,16 @@ def chunk_table(cu_seqlens: torch.Tensor, bt: int, n: int) -> tuple[torch.Tensor
     return offsets.to(torch.int32), chunk_first.to(torch.int32), chunk_seq
 
 
+def packing_args(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.Tensor) -> tuple:
+    """(nt, ns, (offsets, chunk_first, chunk_seq), VARLEN): the chunk slots per (b, h) slice, the
+    sequences per slice, a launch's packing arguments (chunk_table; dummy pointers without
+    cu_seqlens) and its constexpr."""
+    nt, ns = chunk_slots(cu_seqlens, bt, n)
+    if cu_seqlens is None:
+        return nt, ns, (dummy,) * 3, False
+    return nt, ns, chunk_table(cu_seqlens, bt, n), True
+
+
 def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
     """Launchers' guard: the kernels take DTYPES, and head dims up to MAX_HEAD_DIM (wider ones
     would compile to spilling kernels)."""

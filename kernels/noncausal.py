@@ -28,9 +28,9 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
-    block_config, block_grid, block_program, block_range, check_inputs, chunk_program, chunk_slots, chunk_table,
-    column_slice, dash_tile, diag_rows, empty_stats, feature_dims, grad_dot_out, features, features_chunked,
-    half_sq_norm, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
+    block_config, block_grid, block_program, block_range, check_inputs, chunk_program, column_slice,
+    dash_tile, diag_rows, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
+    head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, packing_args,
     sequence_rows, store_input_grad, store_rows
 )
 
@@ -521,16 +521,6 @@ def _state_rows(k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     return b * h * (1 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
 
 
-def _packing(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.Tensor) -> tuple:
-    """(nt, ns, (offsets, chunk_first, chunk_seq), VARLEN) as causal._packing: the block slots
-    per head, the sequences, the launch arguments (dummy pointers without cu_seqlens) and the
-    constexpr."""
-    nt, ns = chunk_slots(cu_seqlens, bt, n)
-    if cu_seqlens is None:
-        return nt, ns, (dummy,) * 3, False
-    return nt, ns, chunk_table(cu_seqlens, bt, n), True
-
-
 def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict, nmt: int = 1):
     """Run _combine_kernel on split partials (splits, b*h, m, e), (splits, b*h, m) [and, refs, the
     value sums (splits, b*h, e), references and dash maxima (splits, b*h, nmt) of the state kernel's nmt m
@@ -607,7 +597,7 @@ def noncausal_fwd(
         q_max = torch.empty((b, h, n), **f32)
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), **f32)
-    nt, ns, varlen, is_varlen = _packing(cu_seqlens, cfg["BT"], n, rden)
+    nt, ns, varlen, is_varlen = packing_args(cu_seqlens, cfg["BT"], n, rden)
     saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg, cu_seqlens=cu_seqlens,
                         offsets=varlen[0])
     states, sums, vsum, _ = saved
@@ -638,7 +628,7 @@ def noncausal_bwd(
     m, d = feature_dims(q, projection, feature)
     stats = (q_max, k_max, k_scale, rden)
     cfg = _config(d, e, m, q.dtype)
-    packing = _packing(cu_seqlens, cfg["BT"], q.shape[2], rden) + (_state_rows(k, cu_seqlens),)
+    packing = packing_args(cu_seqlens, cfg["BT"], q.shape[2], rden) + (_state_rows(k, cu_seqlens),)
     return backward_in_value_slices(
         lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, stats, states, cols,
                                                            feature, grad_dtype, packing),
@@ -649,7 +639,7 @@ def noncausal_bwd(
 def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, feature: int, grad_dtype: torch.dtype,
                packing: tuple):
     """noncausal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype; packing: _packing's and the key states' rows."""
+    grad_dtype, dv in v's dtype; packing: packing_args' and the key states' rows."""
     q_max, k_max, k_scale, rden = stats
     b, h, n, _ = q.shape
     s, e = k.shape[2], v.shape[-1]
