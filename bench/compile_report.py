@@ -20,7 +20,7 @@ NB_FEATURES x n = SEQ_LEN x every kernel code of the feature-map registry
 causal-prefix (kernels.launchers) x forward/backward, b = BATCH, h = HEADS; the same launchers
 on packed sequences (cu_seqlens: the BATCH sequences in one (1, HEADS, .) pack, VARLEN) where
 kernels.extension_unsupported allows them; plus row_stats(q, k, projection) on its own, the
-causal forward from a state (causal_fwd_state, with the prefix stabilizer) and the decode step (kernels.decode.decode_step, the
+causal forward and backward from a state (causal_fwd_state, causal_bwd_state, with the prefix stabilizer) and the decode step (kernels.decode.decode_step, the
 fused maps, with and without a keep mask; fp32 states as FavorState keeps for fp32 models and
 16-bit ones for 16-bit models).  Targets: sm_90a (H100) and sm_80 (A100).
 
@@ -284,13 +284,17 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
     if feature_map is None or registry is None:
         return launches
 
-    def run_state(label, q, k, v, proj, feature, extra):  # state passing (attention_state): its forward
+    def run_state(label, q, k, v, proj, feature, extra):  # state passing (attention_state): fwd and bwd
         b, h, _, e = v.shape
         m_s = q.shape[-1] if proj is None else proj.shape[0]
         state = [_meta((b, h, m_s, e + 1), torch.float32), _meta((b, h, e + 1), torch.float32),
                  _meta((b, h), torch.float32), _meta((b, h), torch.float32)]
-        run(label, modules["performer_triton.kernels.causal"].causal_fwd_state, q, k, v, proj, state,
-            feature=feature, **extra)
+        causal = modules["performer_triton.kernels.causal"]
+        saved = run(label, causal.causal_fwd_state, q, k, v, proj, state, feature=feature, **extra)
+        if saved is not None:
+            out, *stats, states, final = saved
+            run(label.replace(" fwd ", " bwd "), causal.causal_bwd_state, torch.empty_like(out), *final[:2], q, k, v,
+                proj, out, *stats, states, state, feature=feature, **extra)
 
     dtypes = {name: DTYPES[name] for name in QUICK_DTYPES} if quick else DTYPES
     if quick:  # the widest heads that take a pack or a state

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GIVEN, SOFTMAX, SOFTMAX_EPS, extension_unsupported
+from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
     block_program, block_range, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
@@ -35,7 +35,7 @@ from .feature_map import (
     packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows
 )
 
-__all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state"]
+__all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
 
 
 @triton.jit
@@ -374,7 +374,8 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
                        PRECISION: tl.constexpr, PREFIX: tl.constexpr):
     """What chunk i_c's queries (none if i_c < c_min) add to a reverse state referenced to e_ref, the
     stabilizer at the end of chunk i_c - 1 (<= their M_i): sum_i exp(e_ref - M_i) q~_i dN_i^T
-    (BM, BV), the same with dD_i (BM,) (b_dd (BT,) the chunk's dD, loaded by the caller), and sum_i (sum_{f in tile} q~_if) dN_i (BV,), fp32."""
+    (BM, BV), the same with dD_i (BM,) (b_dd (BT,) the chunk's dD, loaded by the caller), and sum_i
+    (sum_{f in tile} q~_if) dN_i (BV,), fp32."""
     o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     m_t = m_t & (o_t * 0 + i_c >= c_min)  # a vector mask: the interpreter rejects a scalar one here
     b_qmax = tl.load(q_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
@@ -395,19 +396,26 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
 
 @triton.jit
 def _dstate_kernel(
-    q, p, g, dd, rden, q_max, k_max, c_stab,
-    dh_state, dz_state, dns_state, cu_seqlens, chunk_first,
+    q, p, g, dd, rden, q_max, k_max, c_ref, c_stab,
+    dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, cu_seqlens, chunk_first,
     H, N, M, D, E, NT, NS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
-    VARLEN: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Reverse states for every chunk c, one m tile, over the queries after chunk c:
     dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in dh_state's dtype), dz_c = same with dD_i,
     Mend_c = M at the chunk's last position (stab_before chunk c + 1); dns_c = sum_i
-    (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel."""
+    (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel.
+
+    STATE (a forward from a state, NOTES "Attention state"): the walk goes on over chunk 0's
+    queries to the state before the call, and writes the initial state's gradients: dhz0
+    (b*h, M, E + 1) = exp(R0 - M0) [dH, dz]_-1 + exp(R0 - R_f) [gh_f, gz_f] (0 for an empty
+    state, R0 = -inf; gh_f (b*h, M, E), gz_f (b*h, M) the final state's H and z gradients, R0 =
+    c_ref[0], R_f = c_ref[NC]) and dvs0 (b*h, NM, E) this m tile's sum_i sq_i dN_i over every
+    query (the launcher sums the tiles and scales by the eps)."""
     i_nh, i_m = tl.program_id(0), tl.program_id(1)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
@@ -436,7 +444,9 @@ def _dstate_kernel(
     # the step's dD one step ahead: loads that feed no dot are otherwise synchronous
     b_dd_a = _chunk_dd(dd, o_row, NC - 1, BT, T)  # (BT,)
     b_dd_b = _chunk_dd(dd, o_row, NC - 2, BT, T)  # (BT,)
-    for i_p in range(0, tl.cdiv(NC - 1, 2)):
+    # STATE: one more step when NC is odd (its chunk a chunk 0, its chunk b none), so that the walk
+    # ends with chunk 0's queries in (the state before the call, "-1"); states below 0 are not stored
+    for i_p in range(0, tl.cdiv(NC - 1 + STATE, 2)):
         i_c = NC - 2 - 2 * i_p  # states i_c (queries of chunk a = i_c + 1) and i_c - 1 (chunk b = i_c)
         b_dhc, b_dzc, b_dnsc = _chunk_query_state(
             p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, T, D, dn, stride_qn, stride_gn,
@@ -446,15 +456,22 @@ def _dstate_kernel(
         b_dz = b_dz * b_decay + b_dzc
         b_dns += b_dnsc
         o_s = o_st + i_c
-        tl.store(p_dh + o_s * M * E, b_dh, mask=m_m[:, None] & m_v[None, :])
-        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
-        tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
+        if STATE:
+            m_am = m_m & (o_m * 0 + i_c >= 0)  # (BM,) state -1 is not stored
+            m_av = m_v & (o_v * 0 + i_c >= 0)  # (BV,)
+        else:
+            m_am, m_av = m_m, m_v
+        tl.store(p_dh + o_s * M * E, b_dh, mask=m_am[:, None] & m_av[None, :])
+        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_am)
+        tl.store(p_dns + o_s * NM * E, b_dns, mask=m_av)
         # chunk b after chunk a's state is stored (as in _state_kernel); none when i_c = 0 (state
-        # i_c was chunk 0's, the walk's last): its rows are masked and nothing is stored
+        # i_c was chunk 0's, the walk's last) unless STATE, nor when i_c < 0: its rows are masked
         b_dhc, b_dzc, b_dnsc = _chunk_query_state(
-            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1, e_b, T, D, dn, stride_qn, stride_gn,
+            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1 - STATE, e_b, T, D, dn, stride_qn, stride_gn,
             o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
         b_decay = tl.exp(e_b - e_a)  # (0 when e_b = -inf past chunk 0: nothing is stored then)
+        if STATE:  # past chunk 0 both references are M0, -inf for an empty state: no NaN factor
+            b_decay = tl.where(e_b == e_a, 1.0, b_decay)
         e_prev = e_b
         b_dd_a = _chunk_dd(dd, o_row, i_c - 1, BT, T)
         b_dd_b = _chunk_dd(dd, o_row, i_c - 2, BT, T)
@@ -470,6 +487,17 @@ def _dstate_kernel(
         tl.store(p_dh + (o_s - 1) * M * E, b_dh, mask=m_mb[:, None] & m_vb[None, :])
         tl.store(dz_state + (o_s - 1) * M + o_m, b_dz, mask=m_mb)
         tl.store(p_dns + (o_s - 1) * NM * E, b_dns, mask=m_vb)
+    if STATE:  # the walk's registers hold state -1, referenced to M0 (stab_before chunk 0)
+        r_0 = tl.load(c_ref + o_cs)  # R0
+        empty = r_0 == float("-inf")  # a state without keys: no gradient reaches it
+        f_0 = tl.where(empty, 0.0, tl.exp(r_0 - stab_before(c_stab, o_cs, 0, NC, PREFIX)))  # <= 1
+        f_f = tl.where(empty, 0.0, tl.exp(r_0 - tl.load(c_ref + o_cs + NC)))  # exp(R0 - R_f) <= 1
+        b_gh = load_rows(gh_f + i_bh.to(tl.int64) * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV)
+        b_gz = tl.load(gz_f + i_bh.to(tl.int64) * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        o_hz = i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+        tl.store(dhz0 + o_hz[:, None] + o_v[None, :], f_0 * b_dh + f_f * b_gh, mask=m_m[:, None] & m_v[None, :])
+        tl.store(dhz0 + o_hz + E, f_0 * b_dz + f_f * b_gz, mask=m_m)
+        tl.store(dvs0 + (i_bh.to(tl.int64) * NM + i_m) * E + o_v, b_dns, mask=m_v)
 
 
 @triton.jit
@@ -518,14 +546,14 @@ def _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS: tl.constexpr):
 @triton.jit
 def _bwd_qk_kernel(
     q, k, v, p, g, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
-    h_state, z_state, v_state, dx, cu_seqlens, chunk_first, chunk_seq,
+    h_state, z_state, v_state, dx, vs0, gh_f, gz_f, cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS, SE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn,
     dn, k_eps, c_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, KEYS: tl.constexpr,
-    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
+    STATE: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dq (KEYS False) or dk (KEYS True) of one chunk's rows (NOTES "Backward"): the inter part
     through the forward states H_c, z_c, vsum_c (queries) or the reverse states dH_c, dz_c of the
@@ -533,7 +561,10 @@ def _bwd_qk_kernel(
     SE: the row stride of h_state and v_state (the forward's value width when a backward value
     slice reads the saved states' columns).
     Program (i_c NK + i_k) writes columns [i_k BK, i_k BK + BK) of dx (b*h, n, D) contiguous;
-    GIVEN: all of dx (b*h, n, M) (NK = 1)."""
+    GIVEN: all of dx (b*h, n, M) (NK = 1).
+    STATE (a forward from a state): queries count the state's vs0[b*h, E] keys in the eps part;
+    keys take the final state's H and z gradients gh_f (b*h, M, E), gz_f (b*h, M) with
+    exp(k_scale_j - R_f) <= 1."""
     i_h, i_ck = block_program(VARLEN)
     i_g, i_k, o_k, m_k = column_slice(i_ck, NK, D, BK)  # (BK,) this program's columns of dx
     i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
@@ -563,14 +594,25 @@ def _bwd_qk_kernel(
     if KEYS:
         b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
         b_a = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NC, PREFIX))  # (BT,) inter factor of the keys, <= 1
+        if STATE:
+            # (BT,) the final state's factor exp(k_scale_j - R_f) <= 1 (0 on padded rows)
+            b_af = tl.where(m_t, tl.exp(b_kscale - tl.load(c_ref + o_cs + NC)), 0.0)
+            p_gh = gh_f + i_bh.to(tl.int64) * M * E  # this head's H gradient (M, E)
+            p_gz = gz_f + i_bh.to(tl.int64) * M  # and its z gradient (M,)
     else:
         b_a = tl.exp(tl.load(c_ref + o_cs + i_c) - b_stab)  # (BT,) inter factor of the queries
         b_vs = finite_or_zero(tl.load(v_state + o_s * SE + o_v, mask=m_v, other=0.0))  # (BV,)
         # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
-        b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * (i_c * BT) + b_dws) + c_eps * b_dd  # (BT,)
+        if STATE:
+            n_before = i_c * BT + tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before
+        else:
+            n_before = i_c * BT
+        b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * n_before + b_dws) + c_eps * b_dd  # (BT,)
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
     b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
     b_z_next = load_vector(z_state + o_s * M, 0, BM, M)  # (BM,) prefetched one m tile ahead
+    if KEYS and STATE:
+        b_gz_next = load_vector(p_gz, 0, BM, M)  # (BM,) as b_z_next
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
         b_qf, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
@@ -586,7 +628,14 @@ def _bwd_qk_kernel(
         if KEYS:
             # dk~ = a (v @ dH^T + dz) + (dw F)^T @ q~
             b_df = tl.dot(b_v.to(tl.float32), b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
-            b_df = tl.dot(b_dwf, b_qf, b_a[:, None] * b_df, input_precision=PRECISION)  # accumulates in place
+            b_df = b_a[:, None] * b_df
+            if STATE:  # + exp(k_scale_j - R_f) (v @ dH_f^T + dz_f)
+                b_gt = load_rows(p_gh, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) dH_f^T
+                b_gz = b_gz_next  # (BM,)
+                b_gz_next = load_vector(p_gz, i_m + 1, BM, M)
+                b_gf = tl.dot(b_v.to(tl.float32), b_gt, input_precision=PRECISION) + b_gz[None, :]  # (BT, BM)
+                b_df += b_af[:, None] * b_gf
+            b_df = tl.dot(b_dwf, b_qf, b_df, input_precision=PRECISION)  # accumulates in place
             b_aux = b_kaux
         else:
             # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
@@ -605,16 +654,21 @@ def _bwd_qk_kernel(
 
 @triton.jit
 def _bwd_v_kernel(
-    q, k, p, g, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv, cu_seqlens, chunk_first, chunk_seq,
+    q, k, p, g, dd, rden, q_max, k_max, k_scale, c_ref, c_stab, dh_state, dns_state, dv, gh_f, dvs_f, dcount,
+    cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS, NMD,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_gn,
     dn, k_eps,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr,
-    VARLEN: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
+    AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dv of one chunk's keys (NOTES "Backward"): inter (U kfac) @ dH_c + eps dns_c, intra
-    W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous."""
+    W^T @ dN with the forward's (BT, BT) weights W.  dv is (b*h, n, E) contiguous.
+    STATE (a forward from a state): + (U exp(k_scale - R_f)) @ gh_f + dvs_f[:E], the final
+    state's gradients gh_f (b*h, M, E) and dvs_f (b*h, E + 1); and the chunk's part of the state's
+    key-count gradient, dcount (b*h, NT) = sum_i sq_i dD_i over its queries (sq_i = sum_f q~_if,
+    which W needs anyway; the launcher sums the chunks and scales by the eps)."""
     i_h, i_g = block_program(VARLEN)
     i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
     if i_n >= NS:  # a chunk slot past the packed batch's last sequence
@@ -637,6 +691,9 @@ def _bwd_v_kernel(
     b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
     b_kfac = tl.exp(b_kscale - stab_before(c_stab, o_cs, i_c + 1, NC, PREFIX))  # (BT,) inter factor of the keys, <= 1
     b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
+    if STATE:
+        b_af = tl.where(m_t, tl.exp(b_kscale - tl.load(c_ref + o_cs + NC)), 0.0)  # (BT,) exp(k_scale_j - R_f)
+        p_gh = gh_f + i_bh.to(tl.int64) * M * E  # this head's H gradient (M, E)
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) U_j . q~_i (rows j)
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
@@ -659,11 +716,18 @@ def _bwd_v_kernel(
         o_dns = (i_m + 1) * E + o_v  # (BV,) the next row, none past the last
         b_dns_next = tl.load(p_dns + o_dns, mask=m_v & (o_dns < NMD * E), other=0.0)
         b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
+        if STATE:
+            b_gh = load_rows(p_gh, o_m, m_m, E, o_v, m_v)  # (BM, BV) dH_f
+            b_dv += tl.dot(b_kf * b_af[:, None], b_gh, input_precision=PRECISION)
     m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
     b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[None, :], 0.0)  # (BT, BT) W^T: rows j, columns i
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
     b_dv += tl.dot(b_w, b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
+    if STATE:
+        b_dv += tl.load(dvs_f + i_bh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0)[None, :]
+        b_dd = tl.load(dd + o_row + o_t, mask=m_t, other=0.0)  # (BT,) dD
+        tl.store(dcount + i_bh.to(tl.int64) * NT + i_c, tl.sum(b_sq * b_dd, axis=0))
     store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
 
 
@@ -801,14 +865,26 @@ def causal_fwd_state(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """causal_fwd from the state initial = [hz (b, h, m, e + 1), v_sum (b, h, e + 1), ref, stab
     (b, h)] (performer_triton.attention_state; NOTES "Attention state").  Returns out, q_max,
-    k_max, k_scale, rden as causal_fwd and the state after the last key (fp32, same layout) in
-    place of the saved key states: the backward of a state call runs on the PyTorch path."""
+    k_max, k_scale, rden, the key states as causal_fwd (for causal_bwd_state) and the state after
+    the last key (fp32, initial's layout)."""
     reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[-1], v.shape[-1])
     if reason is not None:
         raise ValueError(f"causal_fwd_state: {reason}")
-    out, q_max, k_max, k_scale, rden, _, final = _forward(q, k, v, projection, feature, prefix, causal_eps, initial,
-                                                          None)
-    return out, q_max, k_max, k_scale, rden, final
+    hz0, v_sum0, ref0, stab0 = initial
+    initial = [_relu_units(hz0, v_sum0, feature, 1.0), v_sum0, ref0, stab0]
+    *outs, (hz, v_sum, ref, stab) = _forward(q, k, v, projection, feature, prefix, causal_eps, initial, None)
+    return (*outs, [_relu_units(hz, v_sum, feature, -1.0), v_sum, ref, stab])
+
+
+def _relu_units(hz: torch.Tensor, v_sum: torch.Tensor, feature: int, sign: float) -> torch.Tensor:
+    """An AttentionState's hz in the kernels' form (sign 1) or back (-1).  The kernels' RELU key
+    units carry the feature eps (relu + eps: no separate eps part, k_eps = 0), the state's do not
+    (relu alone, the eps part in v_sum: the PyTorch path's and the decoder's form), so the
+    kernels' hz = the state's + eps [sum v, count] in every feature row (R = 0: no factor).  The
+    other maps: hz as it is."""
+    if feature != RELU:
+        return hz
+    return torch.add(hz, v_sum[..., None, :].to(hz.dtype), alpha=sign * GENERALIZED_EPS)
 
 
 def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float, initial, cu_seqlens):
@@ -846,6 +922,48 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
     return (out, *saved, rden, states, final)
 
 
+def causal_bwd_state(
+    grad_out: torch.Tensor, grad_hz: torch.Tensor | None, grad_v_sum: torch.Tensor | None, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor,
+    k_max: torch.Tensor, k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor],
+    initial: list[torch.Tensor], *, feature: int, prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """causal_bwd of causal_fwd_state: grad_hz (b, h, m, e + 1), grad_v_sum (b, h, e + 1) the final
+    state's gradients (None: it had none), states and initial as causal_fwd_state took and
+    returned them.  -> dq, dk, dv as causal_bwd and the initial state's d hz, d v_sum (fp32; NOTES
+    "Attention state").  Launches: causal_bwd's, one sum of the eps partials."""
+    assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    b, h, n, _ = q.shape
+    e = v.shape[-1]
+    m, d = feature_dims(q, projection, feature)
+    reason = extension_unsupported("a state", q.dtype, feature, d, e)
+    if reason is not None:
+        raise ValueError(f"causal_bwd_state: {reason}")
+    f32 = dict(device=q.device, dtype=torch.float32)
+    grad_hz = torch.zeros((b, h, m, e + 1), **f32) if grad_hz is None else grad_hz.float()
+    grad_v_sum = torch.zeros((b, h, e + 1), **f32) if grad_v_sum is None else grad_v_sum.float()
+    grad_v_sum_k = grad_v_sum  # the kernels' final v_sum gradient
+    if feature == RELU:  # the final hz = the kernels' - eps v_sum (_relu_units)
+        grad_v_sum_k = grad_v_sum - GENERALIZED_EPS * grad_hz.sum(2)
+    stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
+    prefix = prefix and feature == SOFTMAX
+    cfg = _config(d, e, m, q.dtype)
+    assert e <= cfg["EV"]  # one value slice (extension_unsupported: heads up to 64)
+    d_hz0 = torch.empty((b, h, m, e + 1), **f32)
+    d_vs0 = torch.empty((b, h, triton.cdiv(m, cfg["BM_dstate"]), e), **f32)  # per reverse-walk m tile
+    d_count = torch.empty((b, h, triton.cdiv(n, cfg["BT"])), **f32)  # per chunk
+    state = (initial[1].contiguous(), grad_hz[..., :e].contiguous(), grad_hz[..., e].contiguous(),
+             grad_v_sum_k.contiguous(), d_hz0, d_vs0, d_count)
+    dq, dk, dv = _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, slice(0, e), feature, prefix,
+                            causal_eps, q.dtype, packing_args(None, cfg["BT"], n, rden), state)
+    # v_sum0 reaches the outputs through the eps part of every query, sum_i sq_i [dN_i, dD_i] (the
+    # kernel's partials; RELU: the kernels' q~ carry the eps, and every factor is 1), and the final
+    # v_sum directly; an empty state's too (its eps part is added all the same)
+    eps = GENERALIZED_EPS if feature == RELU else _eps(feature, m, causal_eps)[0]
+    return dq, dk.to(k.dtype), dv, d_hz0, torch.add(grad_v_sum, torch.cat([d_vs0.sum(2), d_count.sum(2, True)], 2),
+                                                    alpha=eps)
+
+
 def causal_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor, k_max: torch.Tensor,
@@ -874,9 +992,11 @@ def causal_bwd(
 
 
 def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: slice, feature: int, prefix: bool,
-               causal_eps: float, grad_dtype: torch.dtype, packing: tuple):
+               causal_eps: float, grad_dtype: torch.dtype, packing: tuple, state=None):
     """causal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype; packing as feature_map.packing_args gives it."""
+    grad_dtype, dv in v's dtype; packing as feature_map.packing_args gives it.  state: the STATE
+    kernels' (v_sum0, d H_f, d z_f, d v_sum_f, d hz0, d v_sum0 and key-count partials)
+    (causal_bwd_state)."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
@@ -895,7 +1015,9 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
     dns_state = torch.empty((b * h, nt, nm, e), **f32)
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
-    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix, VARLEN=is_varlen)
+    opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix, STATE=state is not None,
+                          VARLEN=is_varlen)
+    vs0, gh_f, gz_f, dvs_f, dhz0, dvs0, dcount = (rden,) * 7 if state is None else state  # (dummies without STATE)
     dd = torch.empty((b, h, n), **f32)
     _dd_kernel[(b * h * triton.cdiv(n, cfg["BT"]),)](  # per row: packed sequences need nothing of their own
         grad_out, out, rden, dd,
@@ -904,8 +1026,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
     _dstate_kernel[(b * h * ns, nm)](
-        q, p, grad_out, dd, rden, q_max, k_max, c_stab,
-        dh_state, dz_state, dns_state, *varlen[:2],
+        q, p, grad_out, dd, rden, q_max, k_max, c_ref, c_stab,
+        dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, *varlen[:2],
         h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
@@ -921,13 +1043,14 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
     for keys, (h_s, z_s, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
         _bwd_qk_kernel[block_grid(b * h, nt * nk, is_varlen)](
             q, k, v, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
-            h_s, z_s, v_state, dx, *varlen,
+            h_s, z_s, v_state, dx, vs0, gh_f, gz_f, *varlen,
             h, n, m, d, e, nt, ns, h_s.stride(-2), *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), AL=alignment(d, q, k), AV=alignment(e, h_s.stride(-2), v, grad_out), **opts,
         )
     _bwd_v_kernel[block_grid(b * h, nt, is_varlen)](
-        q, k, p, grad_out, rden, q_max, k_max, k_scale, c_stab, dh_state, dns_state, dv, *varlen,
+        q, k, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab, dh_state, dns_state, dv, gh_f, dvs_f, dcount,
+        *varlen,
         h, n, m, d, e, nt, ns, nm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),

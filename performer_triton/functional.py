@@ -135,7 +135,8 @@ def favor_attention(
     initial_state, output_final_state (causal; softmax features with key_stabilizer="prefix"):
     start from the keys a state holds (performer_triton.attention_state) and also return the state
     after this call's keys, (out, state); gradients flow into the initial state's hz and v_sum.
-    The forward runs on the fused kernels where they run, the backward on the PyTorch path.
+    Forward and backward run on the fused kernels where they run (fp16/bf16, softmax / relu, heads
+    up to 64), else on the PyTorch path.
     cu_seqlens: packed variable-length sequences (FlashAttention's convention): q, k, v of shape
     (1, h, total, .) and N + 1 int32 offsets; each sequence attends within itself with its own
     stabilizers, states (if any) are per sequence, (N, h, ...).  Softmax / relu attention without
@@ -266,7 +267,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
                            use_triton)
     out = _last(before, outs[0])
-    return (out, AttentionState(*outs[5:])) if output_final_state else out
+    return (out, AttentionState(*outs[5:9])) if output_final_state else out
 
 
 def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: bool, eps, use_triton: bool) -> Tensor:
