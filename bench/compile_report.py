@@ -285,7 +285,8 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
         return launches
 
     def run_state(label, q, k, v, proj, feature, extra):  # state passing (attention_state): fwd and bwd
-        b, h, _, e = v.shape
+        _, h, _, e = v.shape
+        b = extra["cu_seqlens"].shape[0] - 1 if "cu_seqlens" in extra else v.shape[0]  # a state per sequence
         m_s = q.shape[-1] if proj is None else proj.shape[0]
         state = [_meta((b, h, m_s, e + 1), torch.float32), _meta((b, h, e + 1), torch.float32),
                  _meta((b, h), torch.float32), _meta((b, h), torch.float32)]
@@ -317,6 +318,9 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                         q, k, v = (_meta((BATCH, HEADS, SEQ_LEN, d), dtype) for _ in range(3))
                         run_state(f"causal-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q, k, v,
                                   _meta((m, d), dtype), feature, {"prefix": True})
+                        q, k, v = (_meta((1, HEADS, BATCH * SEQ_LEN, d), dtype) for _ in range(3))
+                        run_state(f"causal-packed-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q,
+                                  k, v, _meta((m, d), dtype), feature, {"prefix": True, "cu_seqlens": packed})
     for dname, dtype in dtypes.items():
         for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
             if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these

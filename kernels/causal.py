@@ -452,6 +452,8 @@ def _dstate_kernel(
             p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, T, D, dn, stride_qn, stride_gn,
             o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
         b_decay = tl.exp(e_a - e_prev)
+        if STATE:  # equal references, -inf for a packed sequence without queries: no NaN factor
+            b_decay = tl.where(e_a == e_prev, 1.0, b_decay)
         b_dh = b_dh * b_decay + b_dhc
         b_dz = b_dz * b_decay + b_dzc
         b_dns += b_dnsc
@@ -490,14 +492,16 @@ def _dstate_kernel(
     if STATE:  # the walk's registers hold state -1, referenced to M0 (stab_before chunk 0)
         r_0 = tl.load(c_ref + o_cs)  # R0
         empty = r_0 == float("-inf")  # a state without keys: no gradient reaches it
-        f_0 = tl.where(empty, 0.0, tl.exp(r_0 - stab_before(c_stab, o_cs, 0, NC, PREFIX)))  # <= 1
+        # the queries' part: 0 for a packed sequence without any (its relu stabilizer is -inf)
+        f_0 = tl.where(empty | (T == 0), 0.0, tl.exp(r_0 - stab_before(c_stab, o_cs, 0, NC, PREFIX)))  # <= 1
         f_f = tl.where(empty, 0.0, tl.exp(r_0 - tl.load(c_ref + o_cs + NC)))  # exp(R0 - R_f) <= 1
-        b_gh = load_rows(gh_f + i_bh.to(tl.int64) * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV)
-        b_gz = tl.load(gz_f + i_bh.to(tl.int64) * M + o_m, mask=m_m, other=0.0)  # (BM,)
-        o_hz = i_bh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+        # the state tensors are per (b, h), or per (sequence, h) of a pack: row i_nh
+        b_gh = load_rows(gh_f + i_nh.to(tl.int64) * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV)
+        b_gz = tl.load(gz_f + i_nh.to(tl.int64) * M + o_m, mask=m_m, other=0.0)  # (BM,)
+        o_hz = i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
         tl.store(dhz0 + o_hz[:, None] + o_v[None, :], f_0 * b_dh + f_f * b_gh, mask=m_m[:, None] & m_v[None, :])
         tl.store(dhz0 + o_hz + E, f_0 * b_dz + f_f * b_gz, mask=m_m)
-        tl.store(dvs0 + (i_bh.to(tl.int64) * NM + i_m) * E + o_v, b_dns, mask=m_v)
+        tl.store(dvs0 + (i_nh.to(tl.int64) * NM + i_m) * E + o_v, b_dns, mask=m_v)
 
 
 @triton.jit
@@ -597,14 +601,14 @@ def _bwd_qk_kernel(
         if STATE:
             # (BT,) the final state's factor exp(k_scale_j - R_f) <= 1 (0 on padded rows)
             b_af = tl.where(m_t, tl.exp(b_kscale - tl.load(c_ref + o_cs + NC)), 0.0)
-            p_gh = gh_f + i_bh.to(tl.int64) * M * E  # this head's H gradient (M, E)
-            p_gz = gz_f + i_bh.to(tl.int64) * M  # and its z gradient (M,)
+            p_gh = gh_f + i_nh.to(tl.int64) * M * E  # this head's (sequence's) H gradient (M, E)
+            p_gz = gz_f + i_nh.to(tl.int64) * M  # and its z gradient (M,)
     else:
         b_a = tl.exp(tl.load(c_ref + o_cs + i_c) - b_stab)  # (BT,) inter factor of the queries
         b_vs = finite_or_zero(tl.load(v_state + o_s * SE + o_v, mask=m_v, other=0.0))  # (BV,)
         # constant-over-features part of dq~: eps of k~ (inter and intra) and the causal eps
         if STATE:
-            n_before = i_c * BT + tl.load(vs0 + i_bh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before
+            n_before = i_c * BT + tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before
         else:
             n_before = i_c * BT
         b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * n_before + b_dws) + c_eps * b_dd  # (BT,)
@@ -668,7 +672,8 @@ def _bwd_v_kernel(
     STATE (a forward from a state): + (U exp(k_scale - R_f)) @ gh_f + dvs_f[:E], the final
     state's gradients gh_f (b*h, M, E) and dvs_f (b*h, E + 1); and the chunk's part of the state's
     key-count gradient, dcount (b*h, NT) = sum_i sq_i dD_i over its queries (sq_i = sum_f q~_if,
-    which W needs anyway; the launcher sums the chunks and scales by the eps)."""
+    which W needs anyway; the launcher sums each sequence's chunks and scales by the eps).  Packed
+    (VARLEN): the state tensors have a row per (sequence, head)."""
     i_h, i_g = block_program(VARLEN)
     i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
     if i_n >= NS:  # a chunk slot past the packed batch's last sequence
@@ -693,7 +698,7 @@ def _bwd_v_kernel(
     b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
     if STATE:
         b_af = tl.where(m_t, tl.exp(b_kscale - tl.load(c_ref + o_cs + NC)), 0.0)  # (BT,) exp(k_scale_j - R_f)
-        p_gh = gh_f + i_bh.to(tl.int64) * M * E  # this head's H gradient (M, E)
+        p_gh = gh_f + i_nh.to(tl.int64) * M * E  # this head's (sequence's) H gradient (M, E)
     b_s = tl.zeros([BT, BT], dtype=tl.float32)  # (BT, BT) U_j . q~_i (rows j)
     b_sq = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f q~_i
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
@@ -725,9 +730,9 @@ def _bwd_v_kernel(
     b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
     b_dv += tl.dot(b_w, b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
     if STATE:
-        b_dv += tl.load(dvs_f + i_bh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0)[None, :]
+        b_dv += tl.load(dvs_f + i_nh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0)[None, :]
         b_dd = tl.load(dd + o_row + o_t, mask=m_t, other=0.0)  # (BT,) dD
-        tl.store(dcount + i_bh.to(tl.int64) * NT + i_c, tl.sum(b_sq * b_dd, axis=0))
+        tl.store(dcount + o_s, tl.sum(b_sq * b_dd, axis=0))
     store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
 
 
@@ -861,18 +866,19 @@ def causal_fwd(
 
 def causal_fwd_state(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, initial: list[torch.Tensor],
-    *, feature: int, prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+    *, feature: int, prefix: bool = False, causal_eps: float = CAUSAL_EPS, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """causal_fwd from the state initial = [hz (b, h, m, e + 1), v_sum (b, h, e + 1), ref, stab
     (b, h)] (performer_triton.attention_state; NOTES "Attention state").  Returns out, q_max,
     k_max, k_scale, rden, the key states as causal_fwd (for causal_bwd_state) and the state after
-    the last key (fp32, initial's layout)."""
+    the last key (fp32, initial's layout).  cu_seqlens: a pack as causal_fwd's, the states per
+    sequence ((N, h, ...))."""
     reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[-1], v.shape[-1])
     if reason is not None:
         raise ValueError(f"causal_fwd_state: {reason}")
     hz0, v_sum0, ref0, stab0 = initial
     initial = [_relu_units(hz0, v_sum0, feature, 1.0), v_sum0, ref0, stab0]
-    *outs, (hz, v_sum, ref, stab) = _forward(q, k, v, projection, feature, prefix, causal_eps, initial, None)
+    *outs, (hz, v_sum, ref, stab) = _forward(q, k, v, projection, feature, prefix, causal_eps, initial, cu_seqlens)
     return (*outs, [_relu_units(hz, v_sum, feature, -1.0), v_sum, ref, stab])
 
 
@@ -927,11 +933,13 @@ def causal_bwd_state(
     k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, out: torch.Tensor, q_max: torch.Tensor,
     k_max: torch.Tensor, k_scale: torch.Tensor, rden: torch.Tensor, states: list[torch.Tensor],
     initial: list[torch.Tensor], *, feature: int, prefix: bool = False, causal_eps: float = CAUSAL_EPS,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """causal_bwd of causal_fwd_state: grad_hz (b, h, m, e + 1), grad_v_sum (b, h, e + 1) the final
     state's gradients (None: it had none), states and initial as causal_fwd_state took and
     returned them.  -> dq, dk, dv as causal_bwd and the initial state's d hz, d v_sum (fp32; NOTES
-    "Attention state").  Launches: causal_bwd's, one sum of the eps partials."""
+    "Attention state").  Launches: causal_bwd's, plus small torch ops on state-sized tensors (the
+    final state's gradient in contiguous pieces, the sums of the eps partials)."""
     assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
     b, h, n, _ = q.shape
     e = v.shape[-1]
@@ -940,28 +948,34 @@ def causal_bwd_state(
     if reason is not None:
         raise ValueError(f"causal_bwd_state: {reason}")
     f32 = dict(device=q.device, dtype=torch.float32)
-    grad_hz = torch.zeros((b, h, m, e + 1), **f32) if grad_hz is None else grad_hz.float()
-    grad_v_sum = torch.zeros((b, h, e + 1), **f32) if grad_v_sum is None else grad_v_sum.float()
+    rows = initial[1].shape[0]  # b, or the pack's sequences
+    grad_hz = torch.zeros((rows, h, m, e + 1), **f32) if grad_hz is None else grad_hz.float()
+    grad_v_sum = torch.zeros((rows, h, e + 1), **f32) if grad_v_sum is None else grad_v_sum.float()
     grad_v_sum_k = grad_v_sum  # the kernels' final v_sum gradient
     if feature == RELU:  # the final hz = the kernels' - eps v_sum (_relu_units)
         grad_v_sum_k = grad_v_sum - GENERALIZED_EPS * grad_hz.sum(2)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
-    cfg = _config(d, e, m, q.dtype)
+    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
     assert e <= cfg["EV"]  # one value slice (extension_unsupported: heads up to 64)
-    d_hz0 = torch.empty((b, h, m, e + 1), **f32)
-    d_vs0 = torch.empty((b, h, triton.cdiv(m, cfg["BM_dstate"]), e), **f32)  # per reverse-walk m tile
-    d_count = torch.empty((b, h, triton.cdiv(n, cfg["BT"])), **f32)  # per chunk
+    packing = packing_args(cu_seqlens, cfg["BT"], n, rden)
+    d_hz0 = torch.empty((rows, h, m, e + 1), **f32)
+    d_vs0 = torch.empty((rows, h, triton.cdiv(m, cfg["BM_dstate"]), e), **f32)  # per reverse-walk m tile
+    d_count = torch.zeros((b * h, packing[0]), **f32)  # per chunk slot (a pack's unused ones stay 0)
     state = (initial[1].contiguous(), grad_hz[..., :e].contiguous(), grad_hz[..., e].contiguous(),
              grad_v_sum_k.contiguous(), d_hz0, d_vs0, d_count)
     dq, dk, dv = _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, slice(0, e), feature, prefix,
-                            causal_eps, q.dtype, packing_args(None, cfg["BT"], n, rden), state)
+                            causal_eps, q.dtype, packing, state)
+    if cu_seqlens is None:
+        d_count = d_count.view(b, h, -1).sum(2, keepdim=True)
+    else:  # each sequence's slots (chunk_seq: NS for the unused ones)
+        d_count = d_count.new_zeros((h, packing[1] + 1)).index_add_(1, packing[2][2].long(), d_count)
+        d_count = d_count[:, :-1].T[..., None]
     # v_sum0 reaches the outputs through the eps part of every query, sum_i sq_i [dN_i, dD_i] (the
     # kernel's partials; RELU: the kernels' q~ carry the eps, and every factor is 1), and the final
     # v_sum directly; an empty state's too (its eps part is added all the same)
     eps = GENERALIZED_EPS if feature == RELU else _eps(feature, m, causal_eps)[0]
-    return dq, dk.to(k.dtype), dv, d_hz0, torch.add(grad_v_sum, torch.cat([d_vs0.sum(2), d_count.sum(2, True)], 2),
-                                                    alpha=eps)
+    return dq, dk.to(k.dtype), dv, d_hz0, torch.add(grad_v_sum, torch.cat([d_vs0.sum(2), d_count], 2), alpha=eps)
 
 
 def causal_bwd(

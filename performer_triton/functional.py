@@ -139,10 +139,10 @@ def favor_attention(
     up to 64), else on the PyTorch path.
     cu_seqlens: packed variable-length sequences (FlashAttention's convention): q, k, v of shape
     (1, h, total, .) and N + 1 int32 offsets; each sequence attends within itself with its own
-    stabilizers, states (if any) are per sequence, (N, h, ...).  Softmax / relu attention without
-    a state runs on the kernels as one fused forward and backward over the whole pack (eager
-    mode reads the offsets once to check them; compiled graphs do not); the other cases run one
-    sequence at a time.
+    stabilizers, states (if any) are per sequence, (N, h, ...).  Softmax / relu attention (causal
+    with or without states, non-causal without) runs on the kernels as one fused forward and
+    backward over the whole pack (eager mode reads the offsets once to check them; compiled
+    graphs do not); the other cases run one sequence at a time.
     """
     q, k, v = _autocast(q, k, v)
     check_qkv(q, k, v, causal=causal)
@@ -156,13 +156,16 @@ def favor_attention(
         check_cu_seqlens(cu_seqlens, q, k, initial_state)
         fmap = resolve(feature_map)
         stateless = initial_state is None and not output_final_state
-        fused = fmap.fused and stateless and q.shape[2] > 0
+        fused = fmap.fused and (stateless or causal) and q.shape[2] > 0
         if fused and extension_unsupported("packed sequences", q.dtype, fmap.code, q.shape[3], v.shape[3]) is None \
                 and _use_triton(backend, q, v, True):
+            cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            if not stateless:  # per-sequence states in the same fused launches
+                return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, None, backend,
+                                         initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
             projection = check_projection(projection_matrix, q).to(q.dtype).contiguous()
             prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
-            return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS,
-                             cu_seqlens.to(device=q.device, dtype=torch.int32))[0]
+            return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS, cu_seqlens)[0]
 
         def one(q_i, k_i, v_i, state):
             return favor_attention(q_i, k_i, v_i, projection_matrix, causal=causal, key_stabilizer=key_stabilizer,
@@ -222,8 +225,9 @@ def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, ou
 
 
 def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str, key_padding_mask, backend: str,
-                      initial_state, output_final_state: bool, *, causal: bool):
-    """favor_attention from a state (checks, then the features and _with_state)."""
+                      initial_state, output_final_state: bool, *, causal: bool, cu_seqlens: Tensor | None = None):
+    """favor_attention from a state (checks, then the features and _with_state); cu_seqlens: a
+    pack the fused kernels take (int32 on q's device), one state per sequence."""
     what = "initial_state / output_final_state"
     if not causal:
         raise ValueError(f"{what}: causal attention only (a state holds the keys before the queries)")
@@ -233,8 +237,9 @@ def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str
     if key_padding_mask is not None:
         raise ValueError(f"{what}: key_padding_mask is not supported; pass the kept keys only")
     if fmap.fused:
-        return _with_state(q, k, v, projection.to(q.dtype).contiguous(), fmap.code, fmap.stabilized, CAUSAL_EPS,
-                           initial_state, output_final_state, backend, 0.0)
+        projection = check_projection(projection, q).to(q.dtype).contiguous()
+        return _with_state(q, k, v, projection, fmap.code, fmap.stabilized, CAUSAL_EPS, initial_state,
+                           output_final_state, backend, 0.0, cu_seqlens)
     eps = fmap.causal_eps(k)
     if isinstance(eps, Tensor):
         raise ValueError(f"{what}: not with no_projection, whose causal keys are rescaled per call (by their max)")
@@ -244,9 +249,10 @@ def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str
 
 
 def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feature: int, prefix: bool, eps: float,
-                initial_state, output_final_state: bool, backend: str, fill: float):
+                initial_state, output_final_state: bool, backend: str, fill: float, cu_seqlens: Tensor | None = None):
     """The stateful causal op (ops.favor_state_fwd) on rows the op takes: q, k, or their features
-    (GIVEN, projection None).  -> out, or (out, final state)."""
+    (GIVEN, projection None); cu_seqlens a pack for the kernels (its caller checked that they take
+    it).  -> out, or (out, final state)."""
     use_triton = _use_triton(backend, q, v, projection is not None)
     reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3])
     if use_triton and reason is not None:
@@ -255,6 +261,8 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         use_triton = False
     (b, h, n, _), s, e = q.shape, k.shape[2], v.shape[3]
     m = k.shape[3] if projection is None else projection.shape[0]
+    if cu_seqlens is not None:
+        b = cu_seqlens.shape[0] - 1  # a state per sequence
     if initial_state is None:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
@@ -265,7 +273,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         return (out, initial_state) if output_final_state else out
     before = s - n  # placeholder queries (_after)
     outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
-                           use_triton)
+                           use_triton, cu_seqlens)
     out = _last(before, outs[0])
     return (out, AttentionState(*outs[5:9])) if output_final_state else out
 

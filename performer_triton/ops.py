@@ -168,19 +168,21 @@ favor_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("performer_triton::favor_state_fwd", mutates_args=())
 def favor_state_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
-    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool,
+    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, q_max, k_max, k_scale, rden, hz, v_sum, ref, stab, states): causal favor_fwd from the
     state (hz0, v_sum0, ref0, stab0), the state after the last key in the compute dtype, and the
     key states the backward reads (the kernels'; [] on the PyTorch path, whose backward walks the
-    keys again)."""
+    keys again).  cu_seqlens: a pack (favor_fwd's), the states per sequence, on the kernels only."""
     q, k, v = map(_unit_stride, (q, k, v))
     if use_triton:
         from .kernels.causal import causal_fwd_state  # imports triton
 
         *outs, states, final = causal_fwd_state(q, k, v, projection, [hz0, v_sum0, ref0, stab0], feature=feature,
-                                                prefix=prefix, causal_eps=causal_eps)
+                                                prefix=prefix, causal_eps=causal_eps,
+                                                **_packed(cu_seqlens, use_triton))
         return (*outs, *final, states)
+    _packed(cu_seqlens, use_triton)
     out, q_max, k_max, k_scale, rden, final = torch_backend.favor_fwd(
         q, k, v, projection, causal=True, feature=feature, prefix=prefix, causal_eps=causal_eps,
         initial=(hz0, v_sum0, ref0, stab0), final=True)
@@ -188,7 +190,7 @@ def favor_state_fwd(
 
 
 @favor_state_fwd.register_fake
-def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton):
+def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton, cu_seqlens=None):
     b, h, n, _ = q.shape
     s = k.shape[2]
     softmax = KERNEL_MAPS[feature].stabilized
@@ -197,7 +199,7 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
     def like(t: Tensor) -> Tensor:
         return t.new_empty(t.shape, dtype=compute)
 
-    states = launchers(True)[2](q, k, v, projection, feature=feature) if use_triton else []
+    states = launchers(True)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, True)) if use_triton else []
     return (q.new_empty((b, h, n, v.shape[3])), *(q.new_empty((b, h, rows), dtype=compute) for rows in
             (n if softmax else 0, s if softmax else 0, s if softmax else 0, n)),
             like(hz0), like(v_sum0), like(ref0), like(stab0), states)
@@ -209,6 +211,7 @@ def favor_state_bwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], out: Tensor, q_max: Tensor, k_max: Tensor,
     k_scale: Tensor, rden: Tensor, hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, ref: Tensor,
     states: list[Tensor], feature: int, prefix: bool, causal_eps: float, use_triton: bool,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d hz0, d v_sum0) for favor_state_fwd; grad_hz, grad_v_sum: the final state's
     gradients (None: it had none), ref its reference, states the forward's key states."""
@@ -218,8 +221,10 @@ def favor_state_bwd(
 
         dq, dk, dv, d_hz0, d_vs0 = causal_bwd_state(
             grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_scale, rden, states,
-            [hz0, v_sum0, ref0, stab0], feature=feature, prefix=prefix, causal_eps=causal_eps)
+            [hz0, v_sum0, ref0, stab0], feature=feature, prefix=prefix, causal_eps=causal_eps,
+            **_packed(cu_seqlens, use_triton))
         return dq, dk, dv, d_hz0.to(hz0.dtype), d_vs0.to(v_sum0.dtype)
+    _packed(cu_seqlens, use_triton)
     final = None
     if grad_hz is not None or grad_v_sum is not None:
         final = ((None, None, ref, None), grad_hz, grad_v_sum)
@@ -231,28 +236,33 @@ def favor_state_bwd(
 
 @favor_state_bwd.register_fake
 def _(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0,
-      ref, states, feature, prefix, causal_eps, use_triton):
+      ref, states, feature, prefix, causal_eps, use_triton, cu_seqlens=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), hz0.new_empty(hz0.shape),
             v_sum0.new_empty(v_sum0.shape))
 
 
 def _setup_state_context(ctx, inputs, output):
-    q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton = inputs
+    # the dispatcher drops a trailing cu_seqlens equal to its default
+    q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton, *rest = inputs
+    cu_seqlens = rest[0] if rest else None
     out, q_max, k_max, k_scale, rden, _, _, ref, stab, states = output
     ctx.save_for_backward(q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref,
-                          *states)
+                          cu_seqlens, *states)
     ctx.flags = (feature, prefix, causal_eps, use_triton)
     ctx.mark_non_differentiable(q_max, k_max, k_scale, rden, ref, stab, *states)
     ctx.set_materialize_grads(False)
 
 
 def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, grad_v_sum, _ref, _stab, *_states):
-    q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref, *states = ctx.saved_tensors
+    (q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref, cu_seqlens,
+     *states) = ctx.saved_tensors
     if grad_out is None:  # only the final state is used
         grad_out = torch.zeros_like(out)
     dq, dk, dv, d_hz0, d_vs0 = favor_state_bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
-                                               k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, d_hz0, d_vs0, None, None, None
+                                               k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags,
+                                               cu_seqlens=cu_seqlens)
+    # one gradient per argument the op was called with (a trailing default cu_seqlens is dropped)
+    return (dq, dk, dv, None, None, None, None, d_hz0, d_vs0, *(None,) * (len(ctx.needs_input_grad) - 9))
 
 
 favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_context)

@@ -412,6 +412,46 @@ def test_packed_sequences_on_the_kernels(case):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name,dtype", [("softmax", torch.float16), ("relu", torch.bfloat16)], ids=str)
+def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype):
+    """A pack with a state per sequence in one fused forward and backward (no per-sequence loop):
+    rearranged 16-bit inputs, an empty sequence (keeps its state), a loss on the output and both
+    parts of the final states; against float64 one sequence at a time on the PyTorch path."""
+    import performer_triton.functional as functional
+
+    kw = MAPS[name]
+    q, k, v, cu = (rearranged(t) if t.dim() == 4 else t for t in packed([5, 0, 70, 64], dtype=dtype))
+    P = projection().to(dtype)
+    first = packed([7, 7, 7, 7])
+    _, s0 = favor_attention(*(t.to(dtype).double() for t in first[:3]), P.double(), cu_seqlens=first[3], causal=True,
+                            output_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(8)
+    weights = (torch.randn(1, 2, 139, 7, generator=gen), torch.randn(4, 2, 20, 8, generator=gen),
+               torch.randn(4, 2, 8, generator=gen))
+    runs = []
+    for backend, cast in (("triton", lambda t: t.float() if t.dtype == torch.float64 else t), ("torch", torch.Tensor.double)):
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (q, k, v, s0.hz, s0.v_sum)]
+        state = AttentionState(leaves[3], leaves[4], cast(s0.ref), cast(s0.stab))
+        with monkeypatch.context() as patch:
+            if backend == "triton":
+                patch.setattr(functional, "_packed", lambda *a: pytest.fail("the pack ran one sequence at a time"))
+            out, final = favor_attention(*leaves[:3], cast(P), causal=True, cu_seqlens=cu, initial_state=state,
+                                         output_final_state=True, backend=backend, **kw)
+        loss = (out.double() * weights[0]).sum() + (final.hz.double() * weights[1]).sum()
+        (loss + (final.v_sum.double() * weights[2]).sum()).backward()
+        runs.append((out, final, [t.grad for t in leaves]))
+    (out, final, grads), (out64, final64, grads64) = runs
+    budget = BUDGET[dtype]
+    assert out.dtype == dtype and rel(out.double(), out64) <= budget
+    for a, b in zip(final, final64):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a))
+        assert (a.double() - b)[finite].norm() <= budget * max(b[finite].norm().item(), 1.0)
+    for a, b in zip(grads, grads64):
+        assert rel(a.double(), b) <= budget
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_packs_the_kernels_do_not_take_run_one_sequence_at_a_time():
     """fp32 (and heads over 64): the pack's fused kernels refuse it, backend='triton' runs each
     sequence on the unpacked kernels."""
