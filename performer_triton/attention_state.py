@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .torch_backend import merge_referenced
+
 
 class AttentionState(NamedTuple):
     """Causal FAVOR+ attention state (module docstring): hz, v_sum, ref, stab."""
@@ -58,3 +60,12 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
         if t.device != device:
             raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
     return state
+
+
+def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
+    """The state after the keys of first and then those of then (a state of its keys alone, from
+    the empty state): sums relative to the larger reference (both factors <= 1), counts added,
+    the larger stabilizer.  Differentiable in hz and v_sum; references and stabilizers are
+    constants, as every stabilizer."""
+    hz, ref = merge_referenced(first.hz, first.ref, then.hz, then.ref)
+    return AttentionState(hz, first.v_sum + then.v_sum, ref, torch.maximum(first.stab, then.stab))

@@ -179,7 +179,7 @@ def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tens
     of row_scale (both exp factors <= 1).  A key with row_scale -inf adds nothing; before any key
     R stays -inf and hz zero.  hz (b, h, m, e+1), ref (b, h), units (b, h, t, m),
     row_scale (b, h, t), vo (b, h, t, e+1) -> (hz, ref)."""
-    return _merge(hz, ref, *_chunk_states(units, row_scale, vo))
+    return merge_referenced(hz, ref, *_chunk_states(units, row_scale, vo))
 
 
 def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
@@ -197,7 +197,7 @@ def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
-def _merge(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
+def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
     """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
     reference (both factors <= 1; the finite base 0 while neither has a key).  -> (hz, ref)."""
     new_ref = torch.maximum(ref, kv_ref)
@@ -214,7 +214,7 @@ def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[T
     for c in range(kv.shape[2]):
         hz_before.append(hz)
         ref_before.append(ref)
-        hz, ref = _merge(hz, ref, kv[:, :, c], kv_ref[:, :, c])
+        hz, ref = merge_referenced(hz, ref, kv[:, :, c], kv_ref[:, :, c])
     return torch.stack(hz_before, 2), torch.stack(ref_before, 2), hz, ref
 
 
@@ -293,7 +293,7 @@ def favor_fwd(
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
             local, base = _key_reference(row_scale)
-            hz, ref = _merge(hz, ref, fm.keys(kc, base, dash).mT @ vo[..., sl, :], local)
+            hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ vo[..., sl, :], local)
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
         # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1), saved for the backward
         context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
