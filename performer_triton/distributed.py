@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_state import AttentionState, chain_states
+from .feature_maps import project, resolve, softmax_features
 from .functional import favor_attention
 
 __all__ = ["context_parallel_attention"]
@@ -63,6 +64,41 @@ class _StatesBefore(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(sum) whose backward is one too: every rank's piece reaches every rank's sum."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor, feature_map: str, group) -> Tensor:
+    """out = q' S[:e] / q' S[e], S = sum over every rank's keys of k' [v, 1] (an all-reduce of
+    (m, e + 1) per head); softmax keys take the max over every rank's keys as 1.1.4 takes it over
+    the whole sequence (an all-reduce max first).  On the PyTorch feature maps."""
+    fmap = resolve(feature_map)
+    if fmap.stabilized:
+        key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
+        dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
+        q_f = softmax_features(q, projection_matrix, is_query=True)
+        k_f = softmax_features(k, projection_matrix, is_query=False, key_max=key_max)
+    else:
+        q_f, k_f = fmap.features(q, k, projection_matrix, causal=False)
+    ones = torch.ones_like(v[..., :1])
+    sums = _AllReduceSum.apply(k_f.mT @ torch.cat([v, ones], dim=-1), group)  # (b, h, m, e + 1)
+    out = q_f @ sums
+    return (out[..., :-1] / out[..., -1:]).to(v.dtype)
+
+
 def context_parallel_attention(
     q: Tensor,
     k: Tensor,
@@ -81,14 +117,16 @@ def context_parallel_attention(
     Causal (key_stabilizer="prefix" with softmax features, or relu): this block's keys as a state,
     an all-gather of the states, the chain of the earlier ranks' states (an exclusive scan) as the
     initial state of this block's attention; autograd runs the reverse scan (the all-gather's
-    backward sums the state gradients over ranks).  Not yet: non-causal attention and the causal
-    global stabilizer, which need the key stabilizer all-reduced first (issue 14).
+    backward sums the state gradients over ranks).  Non-causal: the key stabilizer all-reduced
+    (max), then the key sums (sum), on the PyTorch feature maps.  Not yet: the causal global
+    stabilizer (favor_attention refuses a state with it: a ValueError).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("context_parallel_attention needs an initialized torch.distributed process group")
     if not causal:
-        raise ValueError("context_parallel_attention: causal=True only for now (non-causal needs the global key "
-                         "stabilizer all-reduced before the key sums)")
+        if key_stabilizer != "global":
+            raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")
+        return _noncausal(q, k, v, projection_matrix, feature_map, group)
     kw = dict(causal=True, key_stabilizer=key_stabilizer, feature_map=feature_map)
     # this block's keys alone: their state (the outputs of this pass are not used)
     _, local = favor_attention(q, k, v, projection_matrix, output_final_state=True, **kw)
