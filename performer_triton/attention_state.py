@@ -23,7 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .torch_backend import merge_referenced
+from .feature_maps import GIVEN_MAP, FeatureMap, resolve
+from .torch_backend import KeysState, merge_referenced
+from .validation import check_projection, check_qkv
 
 
 class AttentionState(NamedTuple):
@@ -69,3 +71,25 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
     constants, as every stabilizer."""
     hz, ref = merge_referenced(first.hz, first.ref, then.hz, then.ref)
     return AttentionState(hz, first.v_sum + then.v_sum, ref, torch.maximum(first.stab, then.stab))
+
+
+def keys_state(k: Tensor, v: Tensor, projection_matrix: Tensor | None, *,
+               feature_map: str | FeatureMap = "softmax") -> AttentionState:
+    """The state after keys k (b, h, s, d) and values v (b, h, s, e) from the empty state,
+    without queries: the final state of favor_attention(q, k, v, projection_matrix, causal=True,
+    key_stabilizer="prefix", feature_map=feature_map, output_final_state=True) for any q, at a
+    fraction of its cost (one chunked pass over the keys, on the PyTorch path).  Differentiable in
+    k and v.  feature_map: "softmax", "relu" or a callable kernel_fn ("none" rescales its keys per
+    call and has no state)."""
+    check_qkv(k, k, v, causal=True, q_name="k")
+    fmap = resolve(feature_map)
+    if fmap.name == "none":
+        raise ValueError("keys_state: feature_map 'none' (no_projection) rescales its causal keys per call (by their "
+                         "max): it has no state")
+    if fmap.fused:
+        projection = check_projection(projection_matrix, k)
+        return AttentionState(*KeysState.apply(k, v, projection.to(k.dtype), fmap.code))
+    if fmap.needs_projection:
+        projection_matrix = check_projection(projection_matrix, k)
+    features = fmap.key_features(k, projection_matrix, True, None)
+    return AttentionState(*KeysState.apply(features, v, None, GIVEN_MAP.code))

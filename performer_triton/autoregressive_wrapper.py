@@ -3,14 +3,19 @@ generation: each new token updates per-layer recurrent state instead of re-runni
 from __future__ import annotations
 
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache
+from .distributed import ContextParallel, with_neighbours
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 def exists(val) -> bool:
     return val is not None
@@ -168,13 +173,31 @@ class AutoregressiveWrapper(nn.Module):
         out = out[:, t:]
         return out.squeeze(0) if num_dims == 1 else out
 
-    def forward(self, x: Tensor, **kwargs) -> Tensor:
-        """Next-token cross-entropy of x (b, n): the net sees x[:, :-1] and predicts x[:, 1:]."""
-        xi, xo = x[:, :-1], x[:, 1:]
-        # a mask given for the full sequence is trimmed to the input
+    def forward(self, x: Tensor, *, context_parallel_group: ProcessGroup | None = None, **kwargs) -> Tensor:
+        """Next-token cross-entropy of x (b, n): the net sees x[:, :-1] and predicts x[:, 1:].
+
+        context_parallel_group: x is this rank's contiguous block of sequences split over the
+        group's ranks in rank order (performer_triton.distributed); its last target is the next
+        rank's first token, and the loss returned is this rank's share of the whole sequence's:
+        its targets' summed cross-entropy over the number of targets on every rank, so the sum
+        over ranks (and of the gradients, an all-reduce) is the unsharded loss (and gradients)."""
         mask = kwargs.pop("mask", None)
+        if exists(context_parallel_group):
+            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)
+            xo = with_neighbours(x, cp, before=0, after=1, dim=1)[:, 1:]
+        else:
+            xo = x[:, 1:]
+        xi = x[:, : xo.shape[1]]
+        # a mask given for the full sequence is trimmed to the input
         if exists(mask) and mask.shape[1] == x.shape[1]:
-            mask = mask[:, :-1]
+            mask = mask[:, : xi.shape[1]]
         kwargs.update(mask=mask)
+        if exists(context_parallel_group):
+            kwargs.update(context_parallel_group=context_parallel_group)
         out = self.net(xi, **kwargs)
-        return F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index)
+        if not exists(context_parallel_group):
+            return F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index)
+        total = F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index, reduction="sum")
+        count = (xo != self.ignore_index).sum().to(total.dtype)
+        dist.all_reduce(count, group=context_parallel_group)
+        return total / count

@@ -3,64 +3,196 @@ torch.distributed process group, each rank holding one contiguous block, blocks 
 
 A rank needs only the attention state (performer_triton.attention_state) of the keys before its
 block, never those keys: the traffic per layer is one all-gather of (m, e + 1) states per head,
-whatever the sequence length.
+whatever the sequence length.  The models (Performer, PerformerLM, PerformerEncDec) take the group
+as a forward keyword, context_parallel_group, and route a ContextParallel (the group and every
+rank's block length) to their layers; windowed heads and token shifts get the neighbouring ranks'
+rows they read (with_neighbours).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .attention_state import AttentionState, chain_states
-from .feature_maps import project, resolve, softmax_features
-from .functional import favor_attention
+from .attention_state import AttentionState, chain_states, keys_state
+from .feature_maps import CAUSAL_EPS, GIVEN_MAP, project, resolve, softmax_features
+from .functional import FeatureMapArg, favor_attention, linear_attention
 
-__all__ = ["context_parallel_attention"]
+__all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
+
+
+def _check_initialized(where: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{where} needs an initialized torch.distributed process group")
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """A sequence split over the ranks of `group` (None: the world) in rank order: this rank's
+    index and every rank's block length."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def gather(cls, n_local: int, group: dist.ProcessGroup | None = None,
+               device: torch.device | str = "cpu") -> ContextParallel:
+        """Every rank's block length (one all-gather of an int; device: where the group's
+        backend takes tensors, CUDA for NCCL)."""
+        _check_initialized("context parallelism")
+        world = dist.get_world_size(group)
+        parts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(parts, torch.tensor([n_local], dtype=torch.int64, device=device), group=group)
+        return cls(group, dist.get_rank(group), tuple(int(t) for t in parts))
+
+    @property
+    def world(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offset(self) -> int:
+        """The position of this block's first row in the whole sequence."""
+        return sum(self.lengths[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def peer(self, rank: int) -> int:
+        """The global rank of the group's `rank` (what point-to-point calls take)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def rows_from(self, before: int, after: int) -> tuple[int, int]:
+        """The rows with_neighbours brings to this rank: from the previous rank's end and the
+        next rank's start (0 at the ends of the sequence, at most that rank's length)."""
+        r = self.rank
+        return (min(before, self.lengths[r - 1]) if r > 0 else 0,
+                min(after, self.lengths[r + 1]) if r + 1 < self.world else 0)
+
+    def broadcast_(self, tensors: list[Tensor]) -> None:
+        """Copy the group's rank 0 values of `tensors` into every rank's (one flat broadcast)."""
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=self.peer(0), group=self.group)
+        with torch.no_grad():
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(part.view_as(t))
+
+
+def _exchange(cp: ContextParallel, sends: list[tuple[Tensor, int]], shapes: list[tuple[tuple[int, ...], int]],
+              like: Tensor) -> list[Tensor]:
+    """Point-to-point: each (tensor, group rank) sent, one tensor of each (shape, group rank)
+    received (like's dtype and device), in one batch.  Empty tensors are not sent (both sides
+    know the sizes)."""
+    ops, received = [], []
+    for t, rank in sends:
+        if t.numel():
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), cp.peer(rank), cp.group))
+    for shape, rank in shapes:
+        buf = like.new_empty(shape)
+        received.append(buf)
+        if buf.numel():
+            ops.append(dist.P2POp(dist.irecv, buf, cp.peer(rank), cp.group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return received
+
+
+class _WithNeighbours(torch.autograd.Function):
+    """x (this rank's block along dim) -> [previous rank's last `before` rows, x, next rank's
+    first `after` rows]; the backward sends those rows' gradients back to their ranks."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, before: int, after: int, cp: ContextParallel) -> Tensor:
+        r, n = cp.rank, x.shape[dim]
+        got_before, got_after = cp.rows_from(before, after)
+        # what the neighbours take of this block: the next rank its last rows, the previous its first
+        to_next = min(before, n) if r + 1 < cp.world else 0
+        to_prev = min(after, n) if r > 0 else 0
+
+        def shape(rows: int) -> tuple[int, ...]:
+            return (*x.shape[:dim], rows, *x.shape[dim + 1:])
+
+        sends = [(x.narrow(dim, n - to_next, to_next), r + 1), (x.narrow(dim, 0, to_prev), r - 1)]
+        prev_rows, next_rows = _exchange(cp, sends, [(shape(got_before), r - 1), (shape(got_after), r + 1)], x)
+        ctx.dim, ctx.cp, ctx.rows = dim, cp, (got_before, n, got_after, to_next, to_prev)
+        return torch.cat([prev_rows, x, next_rows], dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dim, cp = ctx.dim, ctx.cp
+        got_before, n, got_after, to_next, to_prev = ctx.rows
+        r = cp.rank
+
+        def shape(rows: int) -> tuple[int, ...]:
+            return (*grad.shape[:dim], rows, *grad.shape[dim + 1:])
+
+        sends = [(grad.narrow(dim, 0, got_before), r - 1), (grad.narrow(dim, got_before + n, got_after), r + 1)]
+        from_next, from_prev = _exchange(cp, sends, [(shape(to_next), r + 1), (shape(to_prev), r - 1)], grad)
+        dx = grad.narrow(dim, got_before, n).clone()
+        dx.narrow(dim, n - to_next, to_next).add_(from_next)
+        dx.narrow(dim, 0, to_prev).add_(from_prev)
+        return dx, None, None, None, None
+
+
+def with_neighbours(x: Tensor, cp: ContextParallel, *, before: int, after: int = 0, dim: int = 2) -> Tensor:
+    """x with the previous rank's last `before` rows in front and the next rank's first `after`
+    rows behind, along dim (fewer at the ends of the sequence: ContextParallel.rows_from);
+    differentiable.  Bool tensors (masks) travel as uint8."""
+    if x.dtype == torch.bool:
+        return _WithNeighbours.apply(x.to(torch.uint8), dim, before, after, cp).bool()
+    return _WithNeighbours.apply(x, dim, before, after, cp)
+
+
+def _all_gather(t: Tensor, group) -> list[Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
 
 
 class _StatesBefore(torch.autograd.Function):
     """The exclusive scan of the ranks' states: this rank's state of its own keys in, the chain of
-    the earlier ranks' states (chain_states, from the empty state) out.  Forward: one all-gather
-    per state tensor.  Backward: rank r's incoming gradient reaches rank j < r's hz with the
-    chain's factor exp(ref_j - R_r) (<= 1) and its v_sum unchanged; one all-reduce of those
-    per-rank rows (gloo and NCCL both have it), each rank keeping its own row.  Every rank takes
-    part in both, rank 0 too (its output, the empty state, still carries the gradient call)."""
+    the earlier ranks' states (chain_states, from the empty state) out.  Forward: an all-gather of
+    the states.  Backward, the reverse scan: rank r's incoming gradient reaches rank j < r's hz
+    with the chain's factor exp(ref_j - R_r) (<= 1) and its v_sum unchanged; an all-gather of
+    every rank's gradient and R_r, each rank adding what reaches it.  Either way a rank sends one
+    state, whatever the number of ranks.  Every rank takes part in both, rank 0 too (its output,
+    the empty state, still carries the gradient call)."""
 
     @staticmethod
     def forward(ctx, hz: Tensor, v_sum: Tensor, ref: Tensor, stab: Tensor, group):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        gathered = []
-        for t in (hz, v_sum, ref, stab):
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            gathered.append(parts)
+        rank = dist.get_rank(group)
+        gathered = [_all_gather(t, group) for t in (hz, v_sum, ref, stab)]
         b, h, m, e1 = hz.shape
         before = AttentionState.empty(b, h, m, e1 - 1, dtype=hz.dtype, device=hz.device)
         for j in range(rank):
             before = chain_states(before, AttentionState(*(parts[j] for parts in gathered)))
-        ctx.group, ctx.rank, ctx.world = group, rank, world
-        ctx.save_for_backward(torch.stack(gathered[2]), before.ref)
+        ctx.group, ctx.rank = group, rank
+        ctx.save_for_backward(ref, before.ref)
         ctx.mark_non_differentiable(before.ref, before.stab)
         return tuple(before)
 
     @staticmethod
     def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
-        refs, ref = ctx.saved_tensors  # (world, b, h), (b, h)
-        base = ref.masked_fill(torch.isinf(ref), 0.0)  # chain_states' finite base
-        rows_hz = d_hz.new_zeros((ctx.world, *d_hz.shape)) if d_hz is not None else None
-        rows_vs = d_v_sum.new_zeros((ctx.world, *d_v_sum.shape)) if d_v_sum is not None else None
-        for j in range(ctx.rank):
-            if rows_hz is not None:
-                rows_hz[j] = d_hz * (refs[j] - base).exp()[..., None, None]
-            if rows_vs is not None:
-                rows_vs[j] = d_v_sum
+        own_ref, chain_ref = ctx.saved_tensors  # (b, h): this rank's keys' reference, R of its chain
+        base = chain_ref.masked_fill(torch.isinf(chain_ref), 0.0)  # chain_states' finite base
         grads = []
-        for rows in (rows_hz, rows_vs):
-            if rows is None:  # (every rank alike: the same graph on every rank)
+        for d, factor in ((d_hz, True), (d_v_sum, False)):
+            if d is None:  # (every rank alike: the same graph on every rank)
                 grads.append(None)
                 continue
-            dist.all_reduce(rows, group=ctx.group)
-            grads.append(rows[ctx.rank])
+            parts = _all_gather(d, ctx.group)
+            bases = _all_gather(base, ctx.group) if factor else None
+            total = torch.zeros_like(d)
+            for r in range(ctx.rank + 1, len(parts)):
+                scale = (own_ref - bases[r]).exp()[..., None, None] if factor else 1.0
+                total = total + parts[r] * scale
+            grads.append(total)
         return (*grads, None, None, None)
 
 
@@ -81,22 +213,33 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor, feature_map: str, group) -> Tensor:
+def _global_key_max(k: Tensor, projection_matrix: Tensor, group) -> Tensor:
+    """1.1.4's key stabilizer over every rank's keys: the max of (dn k) P^T over the whole
+    sequence and the features, per (b, h) (b, h, 1, 1); detached, as every stabilizer."""
+    key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
+    dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
+    return key_max
+
+
+def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor, feature_map, group) -> Tensor:
     """out = q' S[:e] / q' S[e], S = sum over every rank's keys of k' [v, 1] (an all-reduce of
     (m, e + 1) per head); softmax keys take the max over every rank's keys as 1.1.4 takes it over
     the whole sequence (an all-reduce max first).  On the PyTorch feature maps."""
     fmap = resolve(feature_map)
     if fmap.stabilized:
-        key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
-        dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
         q_f = softmax_features(q, projection_matrix, is_query=True)
-        k_f = softmax_features(k, projection_matrix, is_query=False, key_max=key_max)
+        k_f = softmax_features(k, projection_matrix, is_query=False,
+                               key_max=_global_key_max(k, projection_matrix, group))
     else:
         q_f, k_f = fmap.features(q, k, projection_matrix, causal=False)
     ones = torch.ones_like(v[..., :1])
     sums = _AllReduceSum.apply(k_f.mT @ torch.cat([v, ones], dim=-1), group)  # (b, h, m, e + 1)
     out = q_f @ sums
     return (out[..., :-1] / out[..., -1:]).to(v.dtype)
+
+
+def _states_before(local: AttentionState, group) -> AttentionState:
+    return AttentionState(*_StatesBefore.apply(*local, group))
 
 
 def context_parallel_attention(
@@ -108,27 +251,43 @@ def context_parallel_attention(
     group: dist.ProcessGroup | None = None,
     causal: bool = False,
     key_stabilizer: str = "global",
-    feature_map: str = "softmax",
+    feature_map: FeatureMapArg = "softmax",
+    backend: str = "auto",
 ) -> Tensor:
     """favor_attention over the whole sequence, this rank's block of it: q, k (b, h, n_local, d),
     v (b, h, n_local, e) -> (b, h, n_local, e); group (default: the world) holds the blocks in
-    rank order.
+    rank order.  Cross-attention: q and k, v may be blocks of different sequences (non-causal).
 
-    Causal (key_stabilizer="prefix" with softmax features, or relu): this block's keys as a state,
-    an all-gather of the states, the chain of the earlier ranks' states (an exclusive scan) as the
-    initial state of this block's attention; autograd runs the reverse scan (the all-gather's
-    backward sums the state gradients over ranks).  Non-causal: the key stabilizer all-reduced
-    (max), then the key sums (sum), on the PyTorch feature maps.  Not yet: the causal global
-    stabilizer (favor_attention refuses a state with it: a ValueError).
+    Causal: this block's keys as a state (attention_state.keys_state), an all-gather of the
+    states, the chain of the earlier ranks' states (an exclusive scan) as the initial state of
+    this block's attention; autograd runs the reverse scan.  With softmax features and
+    key_stabilizer="global" (1.1.4's) the key max is all-reduced first and the features (as a
+    kernel_fn's) enter linear attention from a state.
+    Non-causal: the key stabilizer all-reduced (max), then the key sums (sum), on the PyTorch
+    feature maps.  feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised
+    over each call's sequence.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("context_parallel_attention needs an initialized torch.distributed process group")
+    _check_initialized("context_parallel_attention")
+    fmap = resolve(feature_map)
+    if fmap.name == "none":
+        raise ValueError("context_parallel_attention: feature_map 'none' (no_projection) normalises the keys over "
+                         "each call's whole sequence; use 'softmax', 'relu' or a kernel_fn")
     if not causal:
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")
-        return _noncausal(q, k, v, projection_matrix, feature_map, group)
-    kw = dict(causal=True, key_stabilizer=key_stabilizer, feature_map=feature_map)
-    # this block's keys alone: their state (the outputs of this pass are not used)
-    _, local = favor_attention(q, k, v, projection_matrix, output_final_state=True, **kw)
-    before = AttentionState(*_StatesBefore.apply(*local, group))
-    return favor_attention(q, k, v, projection_matrix, initial_state=before, **kw)
+        return _noncausal(q, k, v, projection_matrix, fmap, group)
+    if fmap.fused and not (fmap.stabilized and key_stabilizer == "global"):
+        before = _states_before(keys_state(k, v, projection_matrix, feature_map=fmap), group)
+        return favor_attention(q, k, v, projection_matrix, causal=True, key_stabilizer=key_stabilizer,
+                               feature_map=fmap, backend=backend, initial_state=before)
+    # features in PyTorch: softmax with 1.1.4's key max over every rank's keys, or a kernel_fn
+    if fmap.stabilized:
+        q_f = softmax_features(q, projection_matrix, is_query=True)
+        k_f = softmax_features(k, projection_matrix, is_query=False,
+                               key_max=_global_key_max(k, projection_matrix, group))
+        eps = CAUSAL_EPS
+    else:
+        q_f, k_f = fmap.features(q, k, projection_matrix, causal=True)
+        eps = fmap.causal_eps(k)
+    before = _states_before(keys_state(k_f, v, None, feature_map=GIVEN_MAP), group)
+    return linear_attention(q_f, k_f, v, causal=True, eps=eps, backend=backend, initial_state=before)

@@ -10,7 +10,7 @@ backend are keyword-only additions passed down.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .performer_pytorch import PerformerLM
 from .validation import InputError, warn_ignored
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 ENC_PREFIX = "enc_"
 DEC_PREFIX = "dec_"
@@ -118,9 +121,17 @@ class PerformerEncDec(nn.Module):
             self.enc.train(was_training)
         return self.dec.generate(seq_out_start, seq_len, context=encodings, **{**dec_kwargs, **kwargs})
 
-    def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Decoder next-token loss of seq_out (b, m) given seq_in (b, n)."""
+    def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, *,
+                context_parallel_group: ProcessGroup | None = None, **kwargs) -> Tensor:
+        """Decoder next-token loss of seq_out (b, m) given seq_in (b, n).
+
+        context_parallel_group: seq_in and seq_out (and enc_mask) are this rank's contiguous
+        blocks of both sequences split over the group's ranks in rank order; the loss is this
+        rank's share (AutoregressiveWrapper.forward)."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
         warn_ignored("PerformerEncDec.forward", kwargs, "as in performer-pytorch 1.1.4: prefix them with 'enc_' or 'dec_'")
+        if context_parallel_group is not None:
+            enc_kwargs.update(context_parallel_group=context_parallel_group)
+            dec_kwargs.update(context_parallel_group=context_parallel_group)
         encodings = self.enc(seq_in, mask=enc_mask, return_encodings=True, **enc_kwargs)
         return self.dec(seq_out, context=encodings, context_mask=enc_mask, **dec_kwargs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,16 @@ from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason
+from .distributed import ContextParallel, context_parallel_attention, with_neighbours
 from .fast_attention import FastAttention
 from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
 from .validation import InputError, ignored_kwargs
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
 
@@ -129,15 +133,31 @@ class PreShiftTokens(nn.Module):
         self.shifts = tuple(shifts)
 
     def forward(self, x: Tensor, **kwargs):
-        mask, cache = kwargs.get("mask"), kwargs.get("cache")
+        mask, cache, cp = kwargs.get("mask"), kwargs.get("cache"), kwargs.get("context_parallel")
         segments = len(self.shifts)
         parts = x.split(x.shape[-1] // segments, dim=-1)
         to_shift, rest = parts[:segments], parts[segments:]
-        if cache is None:
+        if exists(cp):
+            shifted = self._shift_parallel(to_shift, mask, cp)
+        elif cache is None:
             shifted = [shift(t, amount, mask=mask) for t, amount in zip(to_shift, self.shifts)]
         else:
             shifted = self._shift_cached(to_shift, mask, cache)
         return self.fn(torch.cat((*shifted, *rest), dim=-1), **kwargs)
+
+    def _shift_parallel(self, segments: Sequence[Tensor], mask: Tensor | None, cp: ContextParallel) -> list[Tensor]:
+        """Shifts across the blocks of a sequence split over ranks: the rows that come in from
+        before (after) this block are the previous (next) rank's."""
+        before, after = max(0, *self.shifts), max(0, *(-a for a in self.shifts))
+        n = segments[0].shape[1]
+        wide = with_neighbours(torch.cat(segments, dim=-1), cp, before=before, after=after, dim=1)
+        wide_mask = with_neighbours(mask, cp, before=before, after=after, dim=1) if exists(mask) else None
+        first, _ = cp.rows_from(before, after)
+        width = segments[0].shape[-1]
+        return [
+            shift(wide[..., i * width : (i + 1) * width], amount, mask=wide_mask)[:, first : first + n]
+            for i, amount in enumerate(self.shifts)
+        ]
 
     def _shift_cached(self, segments: Sequence[Tensor], mask: Tensor | None, cache: DecodingCache) -> list[Tensor]:
         if min(self.shifts) < 0:
@@ -419,6 +439,7 @@ class Attention(nn.Module):
         context_mask: Tensor | None = None,
         *,
         cache: DecodingCache | None = None,
+        context_parallel: ContextParallel | None = None,
         **kwargs,
     ) -> Tensor:
         """x (b, n, dim) -> (b, n, dim).
@@ -426,7 +447,9 @@ class Attention(nn.Module):
         pos_emb (1, n, dim_head) rotary sinusoids for the global heads; context (b, s, dim) for
         cross-attention; mask (b, n) / context_mask (b, s) bool, True = keep. With ``cache``
         (causal self-attention), x holds only the new positions and the layer's recurrent state
-        is read and updated. Other keywords are ignored (with a one-time warning), as in 1.1.4.
+        is read and updated. context_parallel: x (and context) are this rank's blocks of sequences
+        split over ranks (performer_triton.distributed). Other keywords are ignored (with a
+        one-time warning), as in 1.1.4.
         """
         ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
         _check_input("x", x, self.dim)
@@ -443,6 +466,8 @@ class Attention(nn.Module):
         _check_mask("context_mask", context_mask, b, context.shape[1])
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
+        if exists(context_parallel) and exists(cache):
+            raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
 
         if b == 0 or n == 0:  # nothing to attend from (1.1.4 failed in torch.cat)
             return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
@@ -461,7 +486,7 @@ class Attention(nn.Module):
             if exists(state):
                 outs.append(state[0].step(q, k, v, key_keep))
             else:
-                outs.append(self._global_attention(q, k, v, key_keep))
+                outs.append(self._global_attention(q, k, v, key_keep, context_parallel))
         if not empty(lq):
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
@@ -473,7 +498,7 @@ class Attention(nn.Module):
                     # views of this graph's intermediates handed out of the graph get replayed by
                     # aot_autograd from their base, which corrupts shapes (torch 2.13): hand copies
                     lq, lk, lv = lq.clone(), lk.clone(), lv.clone()
-                outs.append(self._local_attention(lq, lk, lv, local_mask))
+                outs.append(self._local_attention(lq, lk, lv, local_mask, context_parallel))
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
 
@@ -481,15 +506,35 @@ class Attention(nn.Module):
         return self.dropout(self.to_out(out))
 
     @torch.compiler.disable
-    def _local_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def _local_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                         cp: ContextParallel | None = None) -> Tensor:
         """local-attention's windowed heads, eagerly: inductor (torch 2.13) compiles their backward
         to wrong gradients (0.4 relative, tests/test_compile.py), so they stay out of the graph.
         Its rotary embedding returns fp32 q, k for 16-bit inputs, which its einsum then meets with
-        16-bit v: 16-bit local heads run in fp32."""
+        16-bit v: 16-bit local heads run in fp32.  With context parallelism the block gets the
+        window before it (and after it, non-causal) from the neighbouring ranks; its windows
+        line up with the whole sequence's when every block but the last is a multiple of the
+        window size."""
         wide = (q, k, v) if q.dtype.itemsize >= 4 else (q.float(), k.float(), v.float())
-        return self.local_attn(*wide, input_mask=mask).to(q.dtype)
+        if cp is None:
+            return self.local_attn(*wide, input_mask=mask).to(q.dtype)
+        la = self.local_attn
+        w = la.window_size
+        if any(n < 1 or n % w for n in cp.lengths[:-1]):
+            raise ValueError(
+                f"local attention heads with context parallelism need every block but the last to be a positive "
+                f"multiple of local_window_size={w} (the windows of the whole sequence), got block lengths "
+                f"{list(cp.lengths)}"
+            )
+        before, after = w * la.look_backward, w * la.look_forward
+        wide = [with_neighbours(t, cp, before=before, after=after) for t in wide]
+        if exists(mask):
+            mask = with_neighbours(mask, cp, before=before, after=after, dim=1)
+        first, _ = cp.rows_from(before, after)
+        return la(*wide, input_mask=mask)[:, :, first : first + q.shape[2]].to(q.dtype)
 
-    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None) -> Tensor:
+    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
+                          cp: ContextParallel | None = None) -> Tensor:
         fa = self.fast_attention
         if key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map.stabilized:
             # later keys are invisible to causal queries, so right padding needs no key mask
@@ -499,7 +544,15 @@ class Attention(nn.Module):
                     "(each mask row True up to its length, then False)"
                 )
             key_keep = None
-        return fa(q, k, v, key_padding_mask=key_keep)
+        if cp is None:
+            return fa(q, k, v, key_padding_mask=key_keep)
+        if key_keep is not None:
+            raise ValueError("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, "
+                             "exact_mask=False, is: padded keys' values are zeroed on their rank)")
+        return context_parallel_attention(
+            q, k, v, None if fa.no_projection else fa.projection_matrix, group=cp.group, causal=fa.causal,
+            key_stabilizer=fa.key_stabilizer, feature_map=fa.feature_map, backend=fa.backend,
+        )
 
     def _start_cache(self, cache: DecodingCache, global_kv: tuple, local_kv: tuple) -> None:
         q, k, v, key_keep = global_kv
@@ -713,7 +766,10 @@ class Performer(nn.Module):
         route_context = ((False, False), (True, False)) * depth
         # exact_mask: the feed-forward token shift also zeroes padded positions (1.1.4 routes no mask there)
         route_mask = ((True, exact_mask),) * n_layers
-        args_route = {"mask": route_mask, "pos_emb": route_attn, "cache": ((True, True),) * n_layers}
+        args_route = {"mask": route_mask, "pos_emb": route_attn, "cache": ((True, True),) * n_layers,
+                      # attention layers, and the token shifts of both halves of a self-attention layer
+                      "context_parallel": tuple((True, shift_tokens and i % (1 + cross_attend) == 0)
+                                                for i in range(n_layers))}
         if cross_attend:
             args_route.update(context=route_context, context_mask=route_context)
         execute_type = ReversibleSequence if reversible else SequentialSequence
@@ -756,13 +812,23 @@ class Performer(nn.Module):
             )
         return None
 
-    def forward(self, x: Tensor, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, *, context_parallel_group: ProcessGroup | None = None, **kwargs) -> Tensor:
         """x (b, n, dim) -> (b, n, dim); keywords (mask, pos_emb, context, context_mask, cache) are
         routed to the layers that take them, any other is ignored
-        with a one-time warning, as in 1.1.4."""
+        with a one-time warning, as in 1.1.4.
+
+        context_parallel_group: x (and context, mask, pos_emb) are this rank's contiguous blocks
+        of sequences split over the group's ranks in rank order (performer_triton.distributed);
+        the output is this rank's block of the whole sequence's.  Every rank's projections are
+        first set to the group's rank 0 ones (one broadcast), so all ranks attend alike."""
         _check_input("x", x, self.dim)
         if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
             self.proj_updater.redraw_projections()
+        if exists(context_parallel_group):
+            kwargs["context_parallel"] = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)
+        cp = kwargs.get("context_parallel")
+        if exists(cp):
+            cp.broadcast_([m.projection_matrix for m in find_modules(self, FastAttention)])
         cache = kwargs.get("cache")
         if exists(cache):
             reason = self.cache_unsupported_reason()
@@ -857,12 +923,16 @@ class PerformerLM(nn.Module):
         return self.performer.cache_unsupported_reason()
 
     def forward(
-        self, x: Tensor, return_encodings: bool = False, *, cache: DecodingCache | None = None, **kwargs
+        self, x: Tensor, return_encodings: bool = False, *, cache: DecodingCache | None = None,
+        context_parallel_group: ProcessGroup | None = None, **kwargs
     ) -> Tensor:
         """Token ids x (b, n) -> logits (b, n, num_tokens), or the final encodings (b, n, dim).
 
         kwargs: mask (b, n) bool, context (b, s, dim), context_mask (b, s) bool. With ``cache``
         (a DecodingCache), x holds only the tokens after those the cache has seen.
+        context_parallel_group: x (mask, context, context_mask) are this rank's contiguous blocks
+        of sequences split over the group's ranks in rank order; positions count from the
+        block's offset in the whole sequence (performer_triton.distributed).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
@@ -876,16 +946,26 @@ class PerformerLM(nn.Module):
             raise ValueError(
                 f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
             )
-        offset = cache.length if exists(cache) else 0
-        n = offset + x.shape[1]
+        cp = None
+        if exists(context_parallel_group):
+            if exists(cache):
+                raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
+            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)
+            offset, n = cp.offset, cp.total
+        else:
+            offset = cache.length if exists(cache) else 0
+            n = offset + x.shape[1]
         if n > self.max_seq_len:
-            what = f"sequence length {n}" if offset == 0 else f"cached length {offset} + new length {x.shape[1]} = {n}"
+            what = f"sequence length {n}" if offset == 0 or exists(cp) else \
+                f"cached length {offset} + new length {x.shape[1]} = {n}"
             raise InputError(f"{what} exceeds max_seq_len {self.max_seq_len}")
 
         x = self.token_emb(x)
         x = x + _positions(self.pos_emb, x, offset)
         x = self.dropout(x)
         layer_pos_emb = _positions(self.layer_pos_emb, x, offset)
+        if exists(cp):
+            kwargs["context_parallel"] = cp
         x = self.performer(x, pos_emb=layer_pos_emb, cache=cache, **kwargs)
         x = self.norm(x)
         if return_encodings:

@@ -254,6 +254,56 @@ def saved_like(q: Tensor, v: Tensor, projection: Tensor | None, causal: bool) ->
     return [q.new_empty((*q.shape[:2], m, v.shape[-1] + 1), dtype=_compute_dtype(q.dtype))]
 
 
+class KeysState(torch.autograd.Function):
+    """The causal state (performer_triton.attention_state) after keys k (b, h, s, d), or their
+    features for GIVEN, and values v (b, h, s, e) from the empty state, without queries:
+    hz (b, h, m, e+1), v_sum (b, h, e+1), ref, stab (b, h), in the compute dtype.  Chunks of keys
+    added with add_keys; the backward recomputes each chunk's keys relative to the final
+    reference, so nothing of size (s, m) is kept.  apply(k, v, projection, feature)."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, projection: Tensor | None, feature: int):
+        dtype = _compute_dtype(k.dtype)
+        fm = ChunkFeatures(feature, projection, k.shape[-1], dtype)
+        (b, h, s), e = k.shape[:3], v.shape[-1]
+        m = k.shape[-1] if fm.given else fm.proj.shape[0]
+        hz, ref = k.new_zeros((b, h, m, e + 1), dtype=dtype), k.new_full((b, h), float("-inf"), dtype=dtype)
+        stab = ref.clone()
+        for sl in _chunks(s, _wide_rows(b * h, m)):
+            kc, vo = k[..., sl, :].to(dtype), with_ones(v[..., sl, :].to(dtype))
+            dash = fm.dash(kc)
+            if fm.softmax:
+                k_max = dash.amax(-1)
+                stab = torch.maximum(stab, k_max.amax(-1))
+                row_scale = k_max - fm.half_sq_norm(kc)
+            else:  # 0: the reference of the maps without a stabilizer once a key is in
+                k_max = row_scale = kc.new_zeros(kc.shape[:-1])
+            hz, ref = add_keys(hz, ref, fm.key_units(kc, k_max, dash), row_scale, vo)
+        v_sum = with_ones(v.to(dtype)).sum(-2)
+        ctx.save_for_backward(k, v, projection, ref)
+        ctx.feature = feature
+        ctx.mark_non_differentiable(ref, stab)
+        return hz, v_sum, ref, stab
+
+    @staticmethod
+    def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
+        k, v, projection, ref = ctx.saved_tensors
+        dtype = ref.dtype
+        fm = ChunkFeatures(ctx.feature, projection, k.shape[-1], dtype)
+        (b, h, s), e = k.shape[:3], v.shape[-1]
+        m = k.shape[-1] if fm.given else fm.proj.shape[0]
+        d_hz = k.new_zeros((b, h, m, e + 1), dtype=dtype) if d_hz is None else d_hz.to(dtype)
+        d_v = k.new_zeros((b, h, 1, e), dtype=dtype) if d_v_sum is None else d_v_sum[:, :, None, :e].to(dtype)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        base = ref.masked_fill(torch.isinf(ref), 0.0)  # (no key: no chunk either)
+        for sl in _chunks(s, _wide_rows(b * h, m)):
+            kc, vc = k[..., sl, :].to(dtype), v[..., sl, :].to(dtype)
+            keys = fm.keys(kc, base)  # (b, h, t, m): the keys' terms of hz, each <= 1
+            dv[..., sl, :] = keys @ d_hz[..., :e] + d_v
+            dk[..., sl, :] = fm.vjp(kc, keys, with_ones(vc) @ d_hz.mT)
+        return dk, dv, None, None
+
+
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
     causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,

@@ -77,7 +77,7 @@ def test_graph_breaks_of_performer_lm():
     assert _breaks(model.eval(), x) == []
     assert _breaks(model.train(), x) == ["self.proj_updater.redraw_projections()"]
     local = _lm(local_attn_heads=1, local_window_size=16)
-    assert _breaks(local.eval(), x) == ["outs.append(self._local_attention(lq, lk, lv, local_mask))"]
+    assert _breaks(local.eval(), x) == ["outs.append(self._local_attention(lq, lk, lv, local_mask, context_parallel))"]
 
 
 def test_one_compile_serves_every_length():

@@ -12,9 +12,12 @@ from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
 
 CASES = {  # name: favor_attention's keywords
     "causal-softmax": dict(causal=True, feature_map="softmax", key_stabilizer="prefix"),
+    "causal-softmax-global": dict(causal=True, feature_map="softmax"),  # 1.1.4's stabilizer
     "causal-relu": dict(causal=True, feature_map="relu"),
+    "causal-softplus": dict(causal=True, feature_map=torch.nn.functional.softplus),  # features in PyTorch
     "noncausal-softmax": dict(causal=False, feature_map="softmax"),
     "noncausal-relu": dict(causal=False, feature_map="relu"),
+    "noncausal-softplus": dict(causal=False, feature_map=torch.nn.functional.softplus),
 }
 BLOCKS = {2: [30, 41], 4: [1, 20, 19, 31]}  # n = 71
 
@@ -47,8 +50,8 @@ def _worker(rank: int, world: int, init_file: str, results) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_equals_one_process(world):
     """Outputs and gradients of q, k, v of every rank's block equal one favor_attention over the
-    whole sequence (float64): causal (softmax with the prefix stabilizer, relu) and non-causal
-    (softmax with the global key max, relu)."""
+    whole sequence (float64): causal (softmax with the prefix and the global stabilizer, relu, a
+    kernel_fn) and non-causal (softmax with the global key max, relu, a kernel_fn)."""
     with tempfile.TemporaryDirectory() as tmp:
         results = mp.Manager().dict()
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
@@ -72,3 +75,136 @@ def test_context_parallel_needs_a_process_group():
     q, k, v, _, P = _inputs(5)
     with pytest.raises(ValueError, match="initialized torch.distributed process group"):
         context_parallel_attention(q, k, v, P, causal=True)
+
+
+# Models: one training step of the whole sequence, and of its blocks over the ranks
+
+MODEL_BLOCKS = {2: [24, 29], 4: [16, 8, 16, 13]}  # n = 53; every block but the last a multiple of 8
+SMALL = dict(num_tokens=20, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8, nb_features=12)
+MODELS = {  # name: PerformerLM keywords (or PerformerEncDec's, "encdec")
+    # 1.1.4's defaults: causal global stabilizer, rotary positions; a windowed head, token shifts
+    "lm-causal-rotary-local-shift": dict(causal=True, local_attn_heads=1, local_window_size=8, shift_tokens=True),
+    # non-causal relu features, absolute positions, a windowed head looking both ways, padded keys
+    "lm-noncausal-absolute-local-mask": dict(causal=False, local_attn_heads=1, local_window_size=8,
+                                             generalized_attention=True, rotary_position_emb=False,
+                                             shift_tokens=True),
+    # leak-free causal softmax, axial positions, reversible layers
+    "lm-causal-axial-prefix-reversible": dict(causal=True, key_stabilizer="prefix", rotary_position_emb=False,
+                                              axial_position_emb=True, axial_position_shape=(8, 8), reversible=True),
+    "encdec": dict(enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=64, enc_local_attn_heads=1,
+                   enc_local_window_size=8, dec_num_tokens=20, dec_depth=2, dec_heads=2, dec_max_seq_len=64),
+}
+
+
+def _model(name: str):
+    from performer_triton import PerformerEncDec, PerformerLM
+
+    torch.manual_seed(0)
+    kw = MODELS[name]
+    if name == "encdec":
+        return PerformerEncDec(dim=16, enc_dim_head=8, dec_dim_head=8, enc_nb_features=12, dec_nb_features=12,
+                               **kw).double()
+    return PerformerLM(**SMALL, **kw).double()
+
+
+def _batch(n: int):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 20, (2, n), generator=g)
+    other = torch.randint(0, 20, (2, n), generator=g)
+    weights = torch.randn(2, n, 20, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, n - 9:] = False  # right padding
+    mask[0, 3] = False
+    return tokens, other, weights, mask
+
+
+def _step(model, name: str, tokens, other, weights, mask, group=None):
+    """One SGD step; -> (loss, gradients, parameters after the step), this rank's share of the loss."""
+    kw = {} if group is None else dict(context_parallel_group=group)
+    if name == "encdec":
+        loss = model(tokens, other, enc_mask=mask, **kw)
+    else:
+        loss = (model(tokens, mask=mask if "mask" in name else None, **kw) * weights).sum()
+    loss.backward()
+    for p in model.parameters():  # (the encoder's logits layer is not used)
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    if group is not None:  # the ranks' gradients add up to the whole sequence's
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=group)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return loss.detach(), grads, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _model_worker(rank: int, world: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bounds = [0, *torch.tensor(MODEL_BLOCKS[world]).cumsum(0).tolist()]
+        a, b = bounds[rank], bounds[rank + 1]
+        tokens, other, weights, mask = (t[:, a:b] for t in _batch(bounds[-1]))
+        for name in MODELS:
+            model = _model(name)
+            if rank:  # ranks whose random streams drew other projections: forward uses rank 0's
+                torch.manual_seed(rank)
+                for m in model.modules():
+                    if hasattr(m, "redraw_projection_matrix"):
+                        m.redraw_projection_matrix()
+            results[(rank, name)] = _step(model, name, tokens, other, weights, mask, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_models_train_the_same_over_ranks(world):
+    """A training step of PerformerLM (causal with 1.1.4's defaults, windowed heads and token
+    shifts; non-causal relu with absolute positions and a padding mask; leak-free causal with
+    axial positions, reversible) and PerformerEncDec, each sequence split over the ranks: the
+    summed loss, the all-reduced gradients and the parameters after the step equal one process's
+    over the whole sequence (float64)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_model_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
+        results = dict(results)
+    batch = _batch(sum(MODEL_BLOCKS[world]))
+    for name in MODELS:
+        whole = _step(_model(name), name, *batch)
+        for rank in range(world):
+            for what, got, want in zip(("loss", "grads", "params"), results[(rank, name)], whole):
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-11), (name, rank, what, (got - want).abs().max())
+
+
+def test_model_context_parallel_refusals():
+    """What the models cannot split is refused with a clear error before any communication:
+    windowed heads whose blocks do not line up with the windows, cached decoding."""
+    from performer_triton import PerformerLM
+    from performer_triton.distributed import ContextParallel
+    from performer_triton.performer_pytorch import SelfAttention
+
+    attn = SelfAttention(16, causal=True, heads=2, dim_head=8, local_heads=2, local_window_size=8)
+    cp = ContextParallel(None, 0, (12, 8))  # 12 is not a multiple of the window
+    with pytest.raises(ValueError, match=r"multiple of local_window_size=8.*\[12, 8\]"):
+        attn(torch.randn(1, 12, 16), context_parallel=cp)
+    lm = PerformerLM(**SMALL, causal=True)
+    from performer_triton.decoding import DecodingCache
+
+    with pytest.raises(ValueError, match="not with context parallelism"):
+        lm(torch.zeros(1, 4, dtype=torch.long), cache=DecodingCache(), context_parallel_group=object())
+
+
+def test_example_trains_with_torchrun():
+    """examples/context_parallel_train.py as its docstring launches it (torchrun, 2 CPU ranks)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "context_parallel_train.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         "--steps", "3", "--seq-len", "64", "--window", "16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in run.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses), run.stdout  # steps 0 and 2

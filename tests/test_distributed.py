@@ -72,3 +72,49 @@ def test_ddp_default_redraws_are_per_rank_then_broadcast():
     for i in range(STEPS):
         assert torch.equal(proj0[i], proj1[i]) == (i not in redraw_steps), i
         assert (loss0[i] == loss1[i]) == (i not in redraw_steps), i
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial model on every rank, as FSDP2 expects
+        model = PerformerLM(num_tokens=32, max_seq_len=16, dim=32, depth=2, heads=2, dim_head=16, causal=True,
+                            nb_features=20, feature_redraw_interval=INTERVAL, redraw_seed=7)
+        mesh = init_device_mesh("cpu", (world,))
+        for attn_ff in model.performer.net.layers:
+            for block in attn_ff:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.manual_seed(100 + rank)  # each rank's global RNG differs from here on
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(5 + rank))  # per-rank data
+        losses, projections = [], []
+        for _ in range(STEPS):
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            projections.append(torch.cat([m.projection_matrix.flatten() for m in model.modules()
+                                          if isinstance(m, FastAttention)]))
+        results[rank] = (losses, torch.stack(projections))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_trains_with_identical_projections():
+    """FSDP2 (fully_shard per attention and feed-forward block and at the root, gloo on CPU, a different batch and global
+    RNG per rank): training runs (the loss falls) and with redraw_seed every rank holds the same
+    projection buffers at every step, through the redraws of steps 3 and 6."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_fsdp_worker, args=(2, os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        (loss0, proj0), (loss1, proj1) = results[0], results[1]
+    assert torch.equal(proj0, proj1)
+    changed = [not torch.equal(proj0[i], proj0[i - 1]) for i in range(1, STEPS)]
+    assert changed == [False, True, False, False, True]
+    assert loss0[-1] < loss0[0] and loss1[-1] < loss1[0]

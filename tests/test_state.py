@@ -93,6 +93,41 @@ def test_final_state_gradients_reach_keys_values_and_the_initial_state():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", list(MAPS))
+@pytest.mark.parametrize("n", [0, 1, 37, 257])
+def test_keys_state_is_the_final_state_without_queries(name, n):
+    """keys_state(k, v) equals the final state favor_attention computes along with its outputs,
+    values and gradients of a loss on the state (float64, awkward lengths, large keys that need
+    the reference); it chains as that state does."""
+    from performer_triton.attention_state import keys_state
+
+    q, k, v = qkv(b=2, h=3, n=n, d=12, e=7, scale=2.0)
+    P = projection(20, 12)
+    g = torch.Generator().manual_seed(9)
+    w_hz, w_vs = torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 8, generator=g,
+                                                                                        dtype=torch.float64)
+    got_leaves = [t.clone().requires_grad_() for t in (k, v)]
+    got = keys_state(*got_leaves, P, feature_map=MAPS[name]["feature_map"])
+    want_leaves = [t.clone().requires_grad_() for t in (k, v)]
+    _, want = favor_attention(q, *want_leaves, P, causal=True, output_final_state=True, **MAPS[name])
+    for what, a, b in zip(AttentionState._fields, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, what)
+        if what in ("hz", "v_sum"):
+            assert rel(a, b) < 1e-12 and torch.isfinite(a).all(), (name, what)
+        else:  # the reference and the stabilizer: the same maxima (-inf without keys)
+            assert torch.allclose(a, b, rtol=1e-13, atol=0) or torch.equal(a, b), (name, what)
+    if n:
+        for state, leaves in ((got, got_leaves), (want, want_leaves)):
+            ((state.hz * w_hz).sum() + (state.v_sum * w_vs).sum()).backward()
+        for a, b in zip(got_leaves, want_leaves):
+            assert rel(a.grad, b.grad) < 1e-12, name
+    if n > 5:  # the rest of the sequence from the state of its first 5 keys: the outputs of one call
+        state = keys_state(k[:, :, :5], v[:, :, :5], P, feature_map=MAPS[name]["feature_map"])
+        rest = favor_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], P, causal=True, initial_state=state, **MAPS[name])
+        whole = favor_attention(q, k, v, P, causal=True, **MAPS[name])
+        assert rel(rest, whole[:, :, 5:]) < 1e-12, name
+
+
 def test_linear_attention_state_gradcheck():
     """Given features: the state's every gradient against finite differences."""
     g = torch.Generator().manual_seed(3)
