@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_state import AttentionState, chain_states, keys_state
-from .feature_maps import CAUSAL_EPS, GIVEN_MAP, project, resolve, softmax_features
+from .feature_maps import GIVEN_MAP, project, resolve, softmax_features
 from .functional import FeatureMapArg, favor_attention, linear_attention
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
@@ -103,6 +103,11 @@ def _exchange(cp: ContextParallel, sends: list[tuple[Tensor, int]], shapes: list
     return received
 
 
+def _rows(x: Tensor, dim: int, rows: int) -> tuple[int, ...]:
+    """x's shape with `rows` along dim."""
+    return (*x.shape[:dim], rows, *x.shape[dim + 1:])
+
+
 class _WithNeighbours(torch.autograd.Function):
     """x (this rank's block along dim) -> [previous rank's last `before` rows, x, next rank's
     first `after` rows]; the backward sends those rows' gradients back to their ranks."""
@@ -114,12 +119,9 @@ class _WithNeighbours(torch.autograd.Function):
         # what the neighbours take of this block: the next rank its last rows, the previous its first
         to_next = min(before, n) if r + 1 < cp.world else 0
         to_prev = min(after, n) if r > 0 else 0
-
-        def shape(rows: int) -> tuple[int, ...]:
-            return (*x.shape[:dim], rows, *x.shape[dim + 1:])
-
         sends = [(x.narrow(dim, n - to_next, to_next), r + 1), (x.narrow(dim, 0, to_prev), r - 1)]
-        prev_rows, next_rows = _exchange(cp, sends, [(shape(got_before), r - 1), (shape(got_after), r + 1)], x)
+        receives = [(_rows(x, dim, got_before), r - 1), (_rows(x, dim, got_after), r + 1)]
+        prev_rows, next_rows = _exchange(cp, sends, receives, x)
         ctx.dim, ctx.cp, ctx.rows = dim, cp, (got_before, n, got_after, to_next, to_prev)
         return torch.cat([prev_rows, x, next_rows], dim=dim)
 
@@ -128,12 +130,9 @@ class _WithNeighbours(torch.autograd.Function):
         dim, cp = ctx.dim, ctx.cp
         got_before, n, got_after, to_next, to_prev = ctx.rows
         r = cp.rank
-
-        def shape(rows: int) -> tuple[int, ...]:
-            return (*grad.shape[:dim], rows, *grad.shape[dim + 1:])
-
         sends = [(grad.narrow(dim, 0, got_before), r - 1), (grad.narrow(dim, got_before + n, got_after), r + 1)]
-        from_next, from_prev = _exchange(cp, sends, [(shape(to_next), r + 1), (shape(to_prev), r - 1)], grad)
+        receives = [(_rows(grad, dim, to_next), r + 1), (_rows(grad, dim, to_prev), r - 1)]
+        from_next, from_prev = _exchange(cp, sends, receives, grad)
         dx = grad.narrow(dim, got_before, n).clone()
         dx.narrow(dim, n - to_next, to_next).add_(from_next)
         dx.narrow(dim, 0, to_prev).add_(from_prev)
@@ -143,7 +142,14 @@ class _WithNeighbours(torch.autograd.Function):
 def with_neighbours(x: Tensor, cp: ContextParallel, *, before: int, after: int = 0, dim: int = 2) -> Tensor:
     """x with the previous rank's last `before` rows in front and the next rank's first `after`
     rows behind, along dim (fewer at the ends of the sequence: ContextParallel.rows_from);
-    differentiable.  Bool tensors (masks) travel as uint8."""
+    differentiable.  Bool tensors (masks) travel as uint8.  Rows come from the adjacent ranks
+    only: a block between two others shorter than the rows asked for is refused (ValueError)."""
+    short = [n for n in cp.lengths[1:-1] if n < max(before, after)]
+    if short:
+        raise ValueError(
+            f"with_neighbours: the rows of {max(before, after)} positions around each block come from the adjacent "
+            f"ranks, but a block between two others holds fewer: block lengths {list(cp.lengths)}"
+        )
     if x.dtype == torch.bool:
         return _WithNeighbours.apply(x.to(torch.uint8), dim, before, after, cp).bool()
     return _WithNeighbours.apply(x, dim, before, after, cp)
@@ -162,30 +168,32 @@ class _StatesBefore(torch.autograd.Function):
     with the chain's factor exp(ref_j - R_r) (<= 1) and its v_sum unchanged; an all-gather of
     every rank's gradient and R_r, each rank adding what reaches it.  Either way a rank sends one
     state, whatever the number of ranks.  Every rank takes part in both, rank 0 too (its output,
-    the empty state, still carries the gradient call)."""
+    the empty state, still carries the gradient call).  whole_max: the stabilizer out is the max
+    over every rank's keys, later ones too (1.1.4's global stabilizer)."""
 
     @staticmethod
-    def forward(ctx, hz: Tensor, v_sum: Tensor, ref: Tensor, stab: Tensor, group):
+    def forward(ctx, hz: Tensor, v_sum: Tensor, ref: Tensor, stab: Tensor, group, whole_max: bool):
         rank = dist.get_rank(group)
         gathered = [_all_gather(t, group) for t in (hz, v_sum, ref, stab)]
         b, h, m, e1 = hz.shape
         before = AttentionState.empty(b, h, m, e1 - 1, dtype=hz.dtype, device=hz.device)
         for j in range(rank):
             before = chain_states(before, AttentionState(*(parts[j] for parts in gathered)))
+        if whole_max:
+            before = before._replace(stab=torch.stack(gathered[3]).amax(0))
         ctx.group, ctx.rank = group, rank
-        ctx.save_for_backward(ref, before.ref)
+        ctx.save_for_backward(ref, before.ref, hz, v_sum)
         ctx.mark_non_differentiable(before.ref, before.stab)
         return tuple(before)
 
     @staticmethod
     def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
-        own_ref, chain_ref = ctx.saved_tensors  # (b, h): this rank's keys' reference, R of its chain
+        own_ref, chain_ref, hz, v_sum = ctx.saved_tensors  # own_ref: this rank's keys' R; chain_ref: its chain's
         base = chain_ref.masked_fill(torch.isinf(chain_ref), 0.0)  # chain_states' finite base
         grads = []
-        for d, factor in ((d_hz, True), (d_v_sum, False)):
-            if d is None:  # (every rank alike: the same graph on every rank)
-                grads.append(None)
-                continue
+        # every rank gathers, whether or not its output reached its loss (an empty block's does not)
+        for d, like, factor in ((d_hz, hz, True), (d_v_sum, v_sum, False)):
+            d = torch.zeros_like(like) if d is None else d
             parts = _all_gather(d, ctx.group)
             bases = _all_gather(base, ctx.group) if factor else None
             total = torch.zeros_like(d)
@@ -193,7 +201,7 @@ class _StatesBefore(torch.autograd.Function):
                 scale = (own_ref - bases[r]).exp()[..., None, None] if factor else 1.0
                 total = total + parts[r] * scale
             grads.append(total)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -216,7 +224,10 @@ class _AllReduceSum(torch.autograd.Function):
 def _global_key_max(k: Tensor, projection_matrix: Tensor, group) -> Tensor:
     """1.1.4's key stabilizer over every rank's keys: the max of (dn k) P^T over the whole
     sequence and the features, per (b, h) (b, h, 1, 1); detached, as every stabilizer."""
-    key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
+    if k.shape[2] == 0:  # an empty block: no key to take the max of
+        key_max = k.new_full((*k.shape[:2], 1, 1), float("-inf"))
+    else:
+        key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
     dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
     return key_max
 
@@ -238,8 +249,16 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor, featu
     return (out[..., :-1] / out[..., -1:]).to(v.dtype)
 
 
-def _states_before(local: AttentionState, group) -> AttentionState:
-    return AttentionState(*_StatesBefore.apply(*local, group))
+def _states_before(local: AttentionState, group, whole_max: bool = False) -> AttentionState:
+    return AttentionState(*_StatesBefore.apply(*local, group, whole_max))
+
+
+def _joined(out: Tensor, before: AttentionState) -> Tensor:
+    """out, its autograd graph joined to the incoming state's even when out is empty (a rank with
+    an empty block): the backward's all-gather then runs on every rank."""
+    if out.numel():
+        return out
+    return out + (before.hz.sum() + before.v_sum.sum()).to(out.dtype) * 0
 
 
 def context_parallel_attention(
@@ -261,8 +280,8 @@ def context_parallel_attention(
     Causal: this block's keys as a state (attention_state.keys_state), an all-gather of the
     states, the chain of the earlier ranks' states (an exclusive scan) as the initial state of
     this block's attention; autograd runs the reverse scan.  With softmax features and
-    key_stabilizer="global" (1.1.4's) the key max is all-reduced first and the features (as a
-    kernel_fn's) enter linear attention from a state.
+    key_stabilizer="global" (1.1.4's) that state's stabilizer is the max over every rank's keys
+    (from the same all-gather).  A kernel_fn's features are computed in PyTorch.
     Non-causal: the key stabilizer all-reduced (max), then the key sums (sum), on the PyTorch
     feature maps.  feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised
     over each call's sequence.
@@ -276,18 +295,16 @@ def context_parallel_attention(
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")
         return _noncausal(q, k, v, projection_matrix, fmap, group)
-    if fmap.fused and not (fmap.stabilized and key_stabilizer == "global"):
-        before = _states_before(keys_state(k, v, projection_matrix, feature_map=fmap), group)
-        return favor_attention(q, k, v, projection_matrix, causal=True, key_stabilizer=key_stabilizer,
-                               feature_map=fmap, backend=backend, initial_state=before)
-    # features in PyTorch: softmax with 1.1.4's key max over every rank's keys, or a kernel_fn
-    if fmap.stabilized:
-        q_f = softmax_features(q, projection_matrix, is_query=True)
-        k_f = softmax_features(k, projection_matrix, is_query=False,
-                               key_max=_global_key_max(k, projection_matrix, group))
-        eps = CAUSAL_EPS
-    else:
-        q_f, k_f = fmap.features(q, k, projection_matrix, causal=True)
-        eps = fmap.causal_eps(k)
+    if fmap.fused:
+        # 1.1.4's global stabilizer is the max over every key; a call whose initial state already
+        # has that max as its stabilizer keeps it for every query (the prefix stabilizer is the
+        # running max from the state's on): the global numbers on the prefix path, fused
+        whole = fmap.stabilized and key_stabilizer == "global"
+        before = _states_before(keys_state(k, v, projection_matrix, feature_map=fmap), group, whole_max=whole)
+        return _joined(favor_attention(q, k, v, projection_matrix, causal=True,
+                                       key_stabilizer="prefix" if fmap.stabilized else key_stabilizer,
+                                       feature_map=fmap, backend=backend, initial_state=before), before)
+    q_f, k_f = fmap.features(q, k, projection_matrix, causal=True)  # a kernel_fn's, in PyTorch
     before = _states_before(keys_state(k_f, v, None, feature_map=GIVEN_MAP), group)
-    return linear_attention(q_f, k_f, v, causal=True, eps=eps, backend=backend, initial_state=before)
+    return _joined(linear_attention(q_f, k_f, v, causal=True, eps=fmap.causal_eps(k), backend=backend,
+                                    initial_state=before), before)

@@ -469,7 +469,9 @@ class Attention(nn.Module):
         if exists(context_parallel) and exists(cache):
             raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
 
-        if b == 0 or n == 0:  # nothing to attend from (1.1.4 failed in torch.cat)
+        # nothing to attend from (1.1.4 failed in torch.cat); a rank's empty block still takes part
+        # in its group's exchanges
+        if b == 0 or (n == 0 and context_parallel is None):
             return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
@@ -478,7 +480,7 @@ class Attention(nn.Module):
         prefill = exists(cache) and not cross_attend and state is None
         key_keep = context_mask if self.exact_mask else None
         outs = []
-        if not empty(q):
+        if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
                 v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
             if exists(pos_emb) and not cross_attend:
@@ -487,7 +489,7 @@ class Attention(nn.Module):
                 outs.append(state[0].step(q, k, v, key_keep))
             else:
                 outs.append(self._global_attention(q, k, v, key_keep, context_parallel))
-        if not empty(lq):
+        if gh < h:
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
                 local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)

@@ -19,7 +19,7 @@ CASES = {  # name: favor_attention's keywords
     "noncausal-relu": dict(causal=False, feature_map="relu"),
     "noncausal-softplus": dict(causal=False, feature_map=torch.nn.functional.softplus),
 }
-BLOCKS = {2: [30, 41], 4: [1, 20, 19, 31]}  # n = 71
+BLOCKS = {2: [30, 41], 4: [1, 0, 39, 31]}  # n = 71; a rank with an empty block still takes part
 
 
 def _inputs(n: int):
@@ -79,7 +79,9 @@ def test_context_parallel_needs_a_process_group():
 
 # Models: one training step of the whole sequence, and of its blocks over the ranks
 
-MODEL_BLOCKS = {2: [24, 29], 4: [16, 8, 16, 13]}  # n = 53; every block but the last a multiple of 8
+# every block but the last a multiple of 8 (the windows); 4 ranks: the decoder's input block of the
+# last rank is empty (its one token is the previous rank's last target)
+MODEL_BLOCKS = {2: [24, 29], 4: [8, 16, 24, 1]}
 SMALL = dict(num_tokens=20, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8, nb_features=12)
 MODELS = {  # name: PerformerLM keywords (or PerformerEncDec's, "encdec")
     # 1.1.4's defaults: causal global stabilizer, rotary positions; a windowed head, token shifts
@@ -91,16 +93,21 @@ MODELS = {  # name: PerformerLM keywords (or PerformerEncDec's, "encdec")
     # leak-free causal softmax, axial positions, reversible layers
     "lm-causal-axial-prefix-reversible": dict(causal=True, key_stabilizer="prefix", rotary_position_emb=False,
                                               axial_position_emb=True, axial_position_shape=(8, 8), reversible=True),
+    # the bare Performer on embeddings (no positions), windowed heads
+    "performer": dict(dim=16, depth=1, heads=2, dim_head=8, nb_features=12, causal=True, local_attn_heads=1,
+                      local_window_size=8),
     "encdec": dict(enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=64, enc_local_attn_heads=1,
                    enc_local_window_size=8, dec_num_tokens=20, dec_depth=2, dec_heads=2, dec_max_seq_len=64),
 }
 
 
 def _model(name: str):
-    from performer_triton import PerformerEncDec, PerformerLM
+    from performer_triton import Performer, PerformerEncDec, PerformerLM
 
     torch.manual_seed(0)
     kw = MODELS[name]
+    if name == "performer":
+        return Performer(**kw).double()
     if name == "encdec":
         return PerformerEncDec(dim=16, enc_dim_head=8, dec_dim_head=8, enc_nb_features=12, dec_nb_features=12,
                                **kw).double()
@@ -123,6 +130,9 @@ def _step(model, name: str, tokens, other, weights, mask, group=None):
     kw = {} if group is None else dict(context_parallel_group=group)
     if name == "encdec":
         loss = model(tokens, other, enc_mask=mask, **kw)
+    elif name == "performer":
+        embeddings = torch.randn(20, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        loss = (model(embeddings[tokens], **kw) * weights[..., :16]).sum()
     else:
         loss = (model(tokens, mask=mask if "mask" in name else None, **kw) * weights).sum()
     loss.backward()
@@ -160,7 +170,8 @@ def _model_worker(rank: int, world: int, init_file: str, results) -> None:
 def test_models_train_the_same_over_ranks(world):
     """A training step of PerformerLM (causal with 1.1.4's defaults, windowed heads and token
     shifts; non-causal relu with absolute positions and a padding mask; leak-free causal with
-    axial positions, reversible) and PerformerEncDec, each sequence split over the ranks: the
+    axial positions, reversible), a bare Performer and PerformerEncDec, each sequence split over
+    the ranks: the
     summed loss, the all-reduced gradients and the parameters after the step equal one process's
     over the whole sequence (float64)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +188,8 @@ def test_models_train_the_same_over_ranks(world):
 
 def test_model_context_parallel_refusals():
     """What the models cannot split is refused with a clear error before any communication:
-    windowed heads whose blocks do not line up with the windows, cached decoding."""
+    windowed heads whose blocks do not line up with the windows, neighbouring rows a block
+    cannot pass on, cached decoding."""
     from performer_triton import PerformerLM
     from performer_triton.distributed import ContextParallel
     from performer_triton.performer_pytorch import SelfAttention
@@ -186,6 +198,10 @@ def test_model_context_parallel_refusals():
     cp = ContextParallel(None, 0, (12, 8))  # 12 is not a multiple of the window
     with pytest.raises(ValueError, match=r"multiple of local_window_size=8.*\[12, 8\]"):
         attn(torch.randn(1, 12, 16), context_parallel=cp)
+    from performer_triton.distributed import with_neighbours
+
+    with pytest.raises(ValueError, match=r"block lengths \[3, 0, 4\]"):  # the middle block cannot pass row 2 on
+        with_neighbours(torch.randn(1, 1, 3, 2), ContextParallel(None, 2, (3, 0, 4)), before=1)
     lm = PerformerLM(**SMALL, causal=True)
     from performer_triton.decoding import DecodingCache
 
