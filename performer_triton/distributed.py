@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_state import AttentionState, chain_states, keys_state
-from .feature_maps import GIVEN_MAP, project, resolve, softmax_features
+from .feature_maps import GIVEN_MAP, KERNEL_MAPS, resolve
 from .functional import FeatureMapArg, favor_attention, linear_attention
+from .torch_backend import ReadContext
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -221,32 +222,29 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _global_key_max(k: Tensor, projection_matrix: Tensor, group) -> Tensor:
-    """1.1.4's key stabilizer over every rank's keys: the max of (dn k) P^T over the whole
-    sequence and the features, per (b, h) (b, h, 1, 1); detached, as every stabilizer."""
-    if k.shape[2] == 0:  # an empty block: no key to take the max of
-        key_max = k.new_full((*k.shape[:2], 1, 1), float("-inf"))
-    else:
-        key_max = project(k, projection_matrix).detach().amax(dim=(-1, -2), keepdim=True)
-    dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
-    return key_max
-
-
-def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor, feature_map, group) -> Tensor:
-    """out = q' S[:e] / q' S[e], S = sum over every rank's keys of k' [v, 1] (an all-reduce of
-    (m, e + 1) per head); softmax keys take the max over every rank's keys as 1.1.4 takes it over
-    the whole sequence (an all-reduce max first).  On the PyTorch feature maps."""
-    fmap = resolve(feature_map)
-    if fmap.stabilized:
-        q_f = softmax_features(q, projection_matrix, is_query=True)
-        k_f = softmax_features(k, projection_matrix, is_query=False,
-                               key_max=_global_key_max(k, projection_matrix, group))
-    else:
+def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor | None, fmap, group) -> Tensor:
+    """out = q~ C[:e] / q~ C[e], C = sum over every rank's keys of k~ [v, 1]: each rank's keys as a
+    state (keys_state), rescaled to the key max over every rank (softmax: 1.1.4 takes it over the
+    whole sequence; an all-reduce max of the states' stabilizers), plus the eps part, then an
+    all-reduce (sum) of these (m, e + 1) contexts, then the queries read it.  Chunked on the
+    PyTorch path, forward and backward, so no (n, m) feature tensor is kept."""
+    if fmap.fused:
+        local, rows, projection, code = keys_state(k, v, projection_matrix, feature_map=fmap), q, projection_matrix, \
+            fmap.code
+    else:  # a kernel_fn's features, computed in PyTorch
         q_f, k_f = fmap.features(q, k, projection_matrix, causal=False)
-    ones = torch.ones_like(v[..., :1])
-    sums = _AllReduceSum.apply(k_f.mT @ torch.cat([v, ones], dim=-1), group)  # (b, h, m, e + 1)
-    out = q_f @ sums
-    return (out[..., :-1] / out[..., -1:]).to(v.dtype)
+        local, rows, projection, code = keys_state(k_f, v, None, feature_map=GIVEN_MAP), q_f, None, GIVEN_MAP.code
+    key_max = torch.zeros_like(local.stab)
+    if fmap.stabilized:
+        key_max = local.stab.clone()
+        dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
+        key_max = key_max.masked_fill(torch.isinf(key_max), 0.0)  # no key on any rank
+    eps = KERNEL_MAPS[code].eps
+    # sum_j k~_j [v_j, 1] of this rank's keys: exp(R - key max) hz (every factor <= 1) + eps [sum v, n]
+    context = torch.addcmul(eps * local.v_sum[..., None, :], local.hz, (local.ref - key_max).exp()[..., None, None])
+    context = _AllReduceSum.apply(context, group)
+    projection = None if projection is None else projection.to(q.dtype)
+    return ReadContext.apply(rows, context, projection, code).to(v.dtype)
 
 
 def _states_before(local: AttentionState, group, whole_max: bool = False) -> AttentionState:
@@ -282,8 +280,8 @@ def context_parallel_attention(
     this block's attention; autograd runs the reverse scan.  With softmax features and
     key_stabilizer="global" (1.1.4's) that state's stabilizer is the max over every rank's keys
     (from the same all-gather).  A kernel_fn's features are computed in PyTorch.
-    Non-causal: the key stabilizer all-reduced (max), then the key sums (sum), on the PyTorch
-    feature maps.  feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised
+    Non-causal: each rank's keys as a state, their key max all-reduced (max), the key sums
+    (m, e + 1) all-reduced (sum), read by the queries; on the chunked PyTorch path.  feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised
     over each call's sequence.
     """
     _check_initialized("context_parallel_attention")

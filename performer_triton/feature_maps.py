@@ -61,21 +61,17 @@ def softmax_features(
     key_padding_mask: Tensor | None = None,
     normalize: bool = True,
     eps: float = SOFTMAX_EPS,
-    key_max: Tensor | None = None,
 ) -> Tensor:
     """1.1.4's softmax_kernel: ratio (exp(dash - |dn x|^2 / 2 - max) + eps), ratio = m**-0.5.
 
     The max (detached) is per row for queries and over all keys and features of each (b, h)
-    for keys; key_max (b, h, 1, 1) replaces the keys' (the max over keys other processes hold:
-    performer_triton.distributed). key_padding_mask (b, n) bool (True = keep): padded keys get
-    zero features and do not enter the max."""
+    for keys. key_padding_mask (b, n) bool (True = keep): padded keys get zero features and do
+    not enter the max."""
     ratio = projection.shape[0] ** -0.5
     dash = project(x, projection, normalize)
     diag = half_sq_norm(x, normalize)[..., None]
     if is_query:
         stab = dash.amax(dim=-1, keepdim=True).detach()
-    elif key_max is not None:
-        stab = key_max.detach()
     elif key_padding_mask is None:
         stab = dash.amax(dim=(-1, -2), keepdim=True).detach()
     else:

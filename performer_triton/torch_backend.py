@@ -304,6 +304,51 @@ class KeysState(torch.autograd.Function):
         return dk, dv, None, None
 
 
+def _query_base(fm: ChunkFeatures, x: Tensor) -> Tensor:
+    """q~ - eps of queries x (b, h, t, d) with their own row maxima.  -> (b, h, t, m)."""
+    dash = fm.dash(x)
+    return fm.query_base(x, dash, dash.amax(-1) if fm.softmax else None)
+
+
+class ReadContext(torch.autograd.Function):
+    """Non-causal attention of queries q (b, h, n, d), or their features for GIVEN, on a given
+    context C (b, h, m, e+1) = sum over keys of k~_j [v_j, 1] (ratio-free key features):
+    out_i = q~_i C[:, :e] / q~_i C[:, e] -> (b, h, n, e) in q's dtype.  Chunks of queries; the
+    backward recomputes their features, so nothing of size (n, m) is kept (saved: q, C, out and
+    1 / q~ C[:, e]).  The query stabilizer is detached, as in 1.1.4.  apply(q, context,
+    projection, feature)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, context: Tensor, projection: Tensor | None, feature: int) -> Tensor:
+        dtype = _compute_dtype(q.dtype)
+        fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
+        context = context.to(dtype)
+        (b, h, n), e = q.shape[:3], context.shape[-1] - 1
+        out, rden = q.new_empty((b, h, n, e)), q.new_empty((b, h, n), dtype=dtype)
+        for sl in _chunks(n, _wide_rows(b * h, context.shape[-2])):
+            nd = (_query_base(fm, q[..., sl, :].to(dtype)) + fm.eps) @ context  # (b, h, t, e+1)
+            rden[..., sl] = nd[..., e].reciprocal()
+            out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+        ctx.save_for_backward(q, context, projection, out, rden)
+        ctx.feature = feature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, context, projection, out, rden = ctx.saved_tensors
+        dtype = context.dtype
+        fm = ChunkFeatures(ctx.feature, projection, q.shape[-1], dtype)
+        b, h, n = q.shape[:3]
+        dq, d_context = torch.empty_like(q), torch.zeros_like(context)
+        for sl in _chunks(n, _wide_rows(b * h, context.shape[-2])):
+            x = q[..., sl, :].to(dtype)
+            base = _query_base(fm, x)
+            grad = _grad_aug(grad_out[..., sl, :].to(dtype), out[..., sl, :].to(dtype), rden[..., sl])  # [dN, dD]
+            d_context += (base + fm.eps).mT @ grad
+            dq[..., sl, :] = fm.vjp(x, base, grad @ context.mT)
+        return dq, d_context, None, None
+
+
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
     causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,

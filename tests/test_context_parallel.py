@@ -224,3 +224,38 @@ def test_example_trains_with_torchrun():
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float(line.split()[3]) for line in run.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses), run.stdout  # steps 0 and 2
+
+
+def test_one_rank_keeps_no_feature_tensors(tmp_path):
+    """A group of one rank (in this process) gives favor_attention's values and gradients, and
+    autograd keeps no (n, m) feature tensor: keys as a chunked state, queries reading the
+    context in chunks (non-causal), the fused prefix path from a state (causal); the biggest
+    saved tensor is an input, out, or the (n, m_chunk) of nothing."""
+    from performer_triton.distributed import context_parallel_attention
+
+    n, m = 300, 40
+    q, k, v, grad, _ = _inputs(n)
+    P = gaussian_orthogonal_random_matrix(m, 12, generator=torch.Generator().manual_seed(1)).double()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for name, kw in CASES.items():
+            sizes = []
+
+            def pack(t):
+                sizes.append(t.numel())
+                return t
+
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = context_parallel_attention(*leaves, P, **kw)
+            (out * grad).sum().backward()
+            whole = [t.clone().requires_grad_() for t in (q, k, v)]
+            want = favor_attention(*whole, P, **kw)
+            (want * grad).sum().backward()
+            assert torch.allclose(out, want, rtol=1e-9, atol=1e-12), name
+            for a, b in zip(leaves, whole):
+                assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12), name
+            if "softplus" not in name:  # (a kernel_fn's features are computed in PyTorch)
+                assert max(sizes) < 2 * 3 * n * m, (name, max(sizes))
+    finally:
+        dist.destroy_process_group()
