@@ -18,8 +18,9 @@ from torch import Tensor
 
 from .attention_state import AttentionState, chain_states, keys_state
 from .feature_maps import GIVEN_MAP, KERNEL_MAPS, resolve
-from .functional import FeatureMapArg, favor_attention, linear_attention
+from .functional import FeatureMapArg, _autocast, favor_attention, linear_attention
 from .torch_backend import ReadContext
+from .validation import check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -32,22 +33,28 @@ def _check_initialized(where: str) -> None:
 @dataclass(frozen=True)
 class ContextParallel:
     """A sequence split over the ranks of `group` (None: the world) in rank order: this rank's
-    index and every rank's block length."""
+    index, every rank's block length, and whether any rank has a mask / a context mask (a rank
+    without one then uses an all-True one, so that every rank takes part in the same exchanges)."""
 
     group: dist.ProcessGroup | None
     rank: int
     lengths: tuple[int, ...]
+    masked: bool = False
+    context_masked: bool = False
 
     @classmethod
-    def gather(cls, n_local: int, group: dist.ProcessGroup | None = None,
-               device: torch.device | str = "cpu") -> ContextParallel:
-        """Every rank's block length (one all-gather of an int; device: where the group's
-        backend takes tensors, CUDA for NCCL)."""
+    def gather(cls, n_local: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu", *,
+               masked: bool = False, context_masked: bool = False) -> ContextParallel:
+        """Every rank's block length and mask flags (one all-gather of three ints; device: where
+        the group's backend takes tensors, CUDA for NCCL)."""
         _check_initialized("context parallelism")
         world = dist.get_world_size(group)
-        parts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(parts, torch.tensor([n_local], dtype=torch.int64, device=device), group=group)
-        return cls(group, dist.get_rank(group), tuple(int(t) for t in parts))
+        mine = torch.tensor([n_local, int(masked), int(context_masked)], dtype=torch.int64, device=device)
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        rows = torch.stack(parts).tolist()
+        return cls(group, dist.get_rank(group), tuple(r[0] for r in rows), any(r[1] for r in rows),
+                   any(r[2] for r in rows))
 
     @property
     def world(self) -> int:
@@ -81,7 +88,8 @@ class ContextParallel:
         dist.broadcast(flat, src=self.peer(0), group=self.group)
         with torch.no_grad():
             for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-                t.copy_(part.view_as(t))
+                if not torch.equal(t, part.view_as(t)):  # (a copy would bump the version autograd checks)
+                    t.copy_(part.view_as(t))
 
 
 def _exchange(cp: ContextParallel, sends: list[tuple[Tensor, int]], shapes: list[tuple[tuple[int, ...], int]],
@@ -145,6 +153,10 @@ def with_neighbours(x: Tensor, cp: ContextParallel, *, before: int, after: int =
     rows behind, along dim (fewer at the ends of the sequence: ContextParallel.rows_from);
     differentiable.  Bool tensors (masks) travel as uint8.  Rows come from the adjacent ranks
     only: a block between two others shorter than the rows asked for is refused (ValueError)."""
+    dim %= x.dim()
+    if x.shape[dim] != cp.lengths[cp.rank]:
+        raise ValueError(f"with_neighbours: x has {x.shape[dim]} rows along dim {dim}, but this rank's block holds "
+                         f"{cp.lengths[cp.rank]} (block lengths {list(cp.lengths)})")
     short = [n for n in cp.lengths[1:-1] if n < max(before, after)]
     if short:
         raise ValueError(
@@ -285,6 +297,9 @@ def context_parallel_attention(
     over each call's sequence.
     """
     _check_initialized("context_parallel_attention")
+    q, k, v = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast
+    # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
+    check_qkv(q if k.shape[2] else q[..., :0, :], k, v, causal=causal)
     fmap = resolve(feature_map)
     if fmap.name == "none":
         raise ValueError("context_parallel_attention: feature_map 'none' (no_projection) normalises the keys over "

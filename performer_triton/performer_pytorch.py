@@ -138,6 +138,8 @@ class PreShiftTokens(nn.Module):
         parts = x.split(x.shape[-1] // segments, dim=-1)
         to_shift, rest = parts[:segments], parts[segments:]
         if exists(cp):
+            if mask is None and cp.masked:  # another rank has a mask: exchange all-True rows
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             shifted = self._shift_parallel(to_shift, mask, cp)
         elif cache is None:
             shifted = [shift(t, amount, mask=mask) for t, amount in zip(to_shift, self.shifts)]
@@ -468,6 +470,8 @@ class Attention(nn.Module):
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
         if exists(context_parallel) and exists(cache):
             raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
+        if exists(context_parallel) and context_parallel.masked and mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)  # another rank has one: take part alike
 
         # nothing to attend from (1.1.4 failed in torch.cat); a rank's empty block still takes part
         # in its group's exchanges
@@ -645,17 +649,18 @@ class FixedPositionalEmbedding(nn.Module):
         return self.emb[None, offset : offset + x.shape[1], :].to(x)
 
 
-def _positions(module: nn.Module, x: Tensor, offset: int) -> Tensor | None:
-    """A positional module's output for positions offset .. offset + n - 1 of x (b, n, dim)."""
+def _positions(module: nn.Module, x: Tensor, offset: int, total: int) -> Tensor | None:
+    """A positional module's output for positions offset .. offset + n - 1 of x (b, n, dim), of a
+    sequence of `total` positions (more than offset + n when x is one rank's block)."""
     if isinstance(module, Always):
         return module.val
     if isinstance(module, (FixedPositionalEmbedding, AbsolutePositionalEmbedding)):
         return module(x, offset=offset)
     # AxialPositionalEmbedding embeds from position 0 and only reads x's shape and dtype
     b, n, dim = x.shape
-    if offset + n > module.max_seq_len:
+    if total > module.max_seq_len:
         raise ValueError(
-            f"sequence length {offset + n} exceeds the {module.max_seq_len} positions of axial_position_shape "
+            f"sequence length {total} exceeds the {module.max_seq_len} positions of axial_position_shape "
             f"{tuple(module.shape)}"
         )
     return module(x.new_zeros(()).expand(b, offset + n, dim))[:, offset:]
@@ -827,9 +832,14 @@ class Performer(nn.Module):
         if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
             self.proj_updater.redraw_projections()
         if exists(context_parallel_group):
-            kwargs["context_parallel"] = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)
+            kwargs["context_parallel"] = ContextParallel.gather(
+                x.shape[1], context_parallel_group, x.device, masked=kwargs.get("mask") is not None,
+                context_masked=kwargs.get("context_mask") is not None)
         cp = kwargs.get("context_parallel")
         if exists(cp):
+            if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
+                raise ValueError("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, "
+                                 "exact_mask=False, is: padded keys' values are zeroed on their rank)")
             cp.broadcast_([m.projection_matrix for m in find_modules(self, FastAttention)])
         cache = kwargs.get("cache")
         if exists(cache):
@@ -952,7 +962,9 @@ class PerformerLM(nn.Module):
         if exists(context_parallel_group):
             if exists(cache):
                 raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
-            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)
+            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device,
+                                        masked=kwargs.get("mask") is not None,
+                                        context_masked=kwargs.get("context_mask") is not None)
             offset, n = cp.offset, cp.total
         else:
             offset = cache.length if exists(cache) else 0
@@ -963,9 +975,9 @@ class PerformerLM(nn.Module):
             raise InputError(f"{what} exceeds max_seq_len {self.max_seq_len}")
 
         x = self.token_emb(x)
-        x = x + _positions(self.pos_emb, x, offset)
+        x = x + _positions(self.pos_emb, x, offset, n)
         x = self.dropout(x)
-        layer_pos_emb = _positions(self.layer_pos_emb, x, offset)
+        layer_pos_emb = _positions(self.layer_pos_emb, x, offset, n)
         if exists(cp):
             kwargs["context_parallel"] = cp
         x = self.performer(x, pos_emb=layer_pos_emb, cache=cache, **kwargs)

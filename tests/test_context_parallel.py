@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
+from performer_triton import PerformerLM, favor_attention, gaussian_orthogonal_random_matrix
 
 CASES = {  # name: favor_attention's keywords
     "causal-softmax": dict(causal=True, feature_map="softmax", key_stabilizer="prefix"),
@@ -20,6 +20,10 @@ CASES = {  # name: favor_attention's keywords
     "noncausal-softplus": dict(causal=False, feature_map=torch.nn.functional.softplus),
 }
 BLOCKS = {2: [30, 41], 4: [1, 0, 39, 31]}  # n = 71; a rank with an empty block still takes part
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
 
 
 def _inputs(n: int):
@@ -162,8 +166,23 @@ def _model_worker(rank: int, world: int, init_file: str, results) -> None:
                     if hasattr(m, "redraw_projection_matrix"):
                         m.redraw_projection_matrix()
             results[(rank, name)] = _step(model, name, tokens, other, weights, mask, group=dist.group.WORLD)
+        results[(rank, "usage")] = _usage(tokens, mask if rank else None, group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def _usage(tokens, mask, group=None):
+    """How programs call a model: a mask on some ranks only (None = all kept), two forwards
+    before one backward (the projections broadcast must not bump their version), bf16 autocast.
+    -> (logits, autocast logits)."""
+    torch.manual_seed(0)
+    model = PerformerLM(**SMALL, causal=True, local_attn_heads=1, local_window_size=8, shift_tokens=True).double()
+    kw = {} if group is None else dict(context_parallel_group=group)
+    logits = model(tokens, mask=mask, **kw)
+    (logits.sum() + model(tokens, **kw).sum()).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.float()(tokens, **kw)
+    return logits.detach(), low.detach().float()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -179,6 +198,15 @@ def test_models_train_the_same_over_ranks(world):
         mp.spawn(_model_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, join=True)
         results = dict(results)
     batch = _batch(sum(MODEL_BLOCKS[world]))
+    tokens, mask = batch[0], batch[3].clone()
+    mask[:, : MODEL_BLOCKS[world][0]] = True  # rank 0 passed no mask
+    logits, low = _usage(tokens, mask)
+    bounds = [0, *torch.tensor(MODEL_BLOCKS[world]).cumsum(0).tolist()]
+    for rank in range(world):
+        got, got_low = results[(rank, "usage")]
+        sl = slice(bounds[rank], bounds[rank + 1])
+        assert torch.allclose(got, logits[:, sl], rtol=1e-9, atol=1e-11), rank
+        assert rel(got_low, low[:, sl].float()) < 2e-2, rank  # bf16
     for name in MODELS:
         whole = _step(_model(name), name, *batch)
         for rank in range(world):
@@ -187,9 +215,9 @@ def test_models_train_the_same_over_ranks(world):
 
 
 def test_model_context_parallel_refusals():
-    """What the models cannot split is refused with a clear error before any communication:
-    windowed heads whose blocks do not line up with the windows, neighbouring rows a block
-    cannot pass on, cached decoding."""
+    """What the models cannot split is refused with a clear error, on every rank alike (the
+    block lengths are known to all): windowed heads whose blocks do not line up with the
+    windows, neighbouring rows a block cannot pass on, cached decoding."""
     from performer_triton import PerformerLM
     from performer_triton.distributed import ContextParallel
     from performer_triton.performer_pytorch import SelfAttention
