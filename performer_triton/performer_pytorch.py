@@ -526,11 +526,12 @@ class Attention(nn.Module):
             return self.local_attn(*wide, input_mask=mask).to(q.dtype)
         la = self.local_attn
         w = la.window_size
-        if any(n < 1 or n % w for n in cp.lengths[:-1]):
+        last = max((i for i, n in enumerate(cp.lengths) if n), default=0)  # empty blocks may follow it
+        if any(n < 1 or n % w for n in cp.lengths[:last]):
             raise ValueError(
-                f"local attention heads with context parallelism need every block but the last to be a positive "
-                f"multiple of local_window_size={w} (the windows of the whole sequence), got block lengths "
-                f"{list(cp.lengths)}"
+                f"local attention heads with context parallelism need every block before the last non-empty one to "
+                f"be a positive multiple of local_window_size={w} (the windows of the whole sequence), got block "
+                f"lengths {list(cp.lengths)}"
             )
         before, after = w * la.look_backward, w * la.look_forward
         wide = [with_neighbours(t, cp, before=before, after=after) for t in wide]
