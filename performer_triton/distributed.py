@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_state import AttentionState, chain_states, keys_state
-from .feature_maps import GIVEN_MAP, KERNEL_MAPS, resolve
+from .feature_maps import GIVEN_MAP, resolve
 from .functional import FeatureMapArg, _autocast, favor_attention, linear_attention
-from .torch_backend import ReadContext
+from .torch_backend import ReadContext, key_context
 from .validation import check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
@@ -240,23 +240,19 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor | None
     whole sequence; an all-reduce max of the states' stabilizers), plus the eps part, then an
     all-reduce (sum) of these (m, e + 1) contexts, then the queries read it.  Chunked on the
     PyTorch path, forward and backward, so no (n, m) feature tensor is kept."""
-    if fmap.fused:
-        local, rows, projection, code = keys_state(k, v, projection_matrix, feature_map=fmap), q, projection_matrix, \
-            fmap.code
-    else:  # a kernel_fn's features, computed in PyTorch
-        q_f, k_f = fmap.features(q, k, projection_matrix, causal=False)
-        local, rows, projection, code = keys_state(k_f, v, None, feature_map=GIVEN_MAP), q_f, None, GIVEN_MAP.code
+    if not fmap.fused:  # a kernel_fn's features, computed in PyTorch, are the rows
+        q, k = fmap.features(q, k, projection_matrix, causal=False)
+        projection_matrix, fmap = None, GIVEN_MAP
+    local = keys_state(k, v, projection_matrix, feature_map=fmap)
     key_max = torch.zeros_like(local.stab)
     if fmap.stabilized:
         key_max = local.stab.clone()
         dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
         key_max = key_max.masked_fill(torch.isinf(key_max), 0.0)  # no key on any rank
-    eps = KERNEL_MAPS[code].eps
-    # sum_j k~_j [v_j, 1] of this rank's keys: exp(R - key max) hz (every factor <= 1) + eps [sum v, n]
-    context = torch.addcmul(eps * local.v_sum[..., None, :], local.hz, (local.ref - key_max).exp()[..., None, None])
-    context = _AllReduceSum.apply(context, group)
-    projection = None if projection is None else projection.to(q.dtype)
-    return ReadContext.apply(rows, context, projection, code).to(v.dtype)
+    # this rank's keys' part of the context (every factor exp(R - key max) <= 1), summed over ranks
+    context = _AllReduceSum.apply(key_context(local.hz, local.ref, key_max, local.v_sum, fmap.eps), group)
+    projection = None if projection_matrix is None else projection_matrix.to(q.dtype)
+    return ReadContext.apply(q, context, projection, fmap.code).to(v.dtype)
 
 
 def _states_before(local: AttentionState, group, whole_max: bool = False) -> AttentionState:
@@ -293,8 +289,9 @@ def context_parallel_attention(
     key_stabilizer="global" (1.1.4's) that state's stabilizer is the max over every rank's keys
     (from the same all-gather).  A kernel_fn's features are computed in PyTorch.
     Non-causal: each rank's keys as a state, their key max all-reduced (max), the key sums
-    (m, e + 1) all-reduced (sum), read by the queries; on the chunked PyTorch path.  feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised
-    over each call's sequence.
+    (m, e + 1) all-reduced (sum), read by the queries; on the chunked PyTorch path.
+    feature_map "none" (1.1.4's no_projection) is refused: its keys are normalised over each
+    call's sequence.
     """
     _check_initialized("context_parallel_attention")
     q, k, v = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast

@@ -304,6 +304,24 @@ class KeysState(torch.autograd.Function):
         return dk, dv, None, None
 
 
+def key_context(hz: Tensor, ref: Tensor, stab: Tensor, v_sum: Tensor, eps: float) -> Tensor:
+    """sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]: the non-causal context of keys
+    held as a state (hz (b, h, m, e+1) relative to R = ref, v_sum (b, h, e+1)) for the key
+    stabilizer M = stab (b, h).  -> (b, h, m, e+1)."""
+    return torch.addcmul(eps * v_sum[..., None, :], hz, (ref - stab).exp()[..., None, None])
+
+
+def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tensor) -> None:
+    """Queries q~ = base + eps (b, h, t, m) reading a context (b, h, m, e+1), the eps part
+    eps_nd = eps colsum(context) folded into the product: out (b, h, t, e) = N / D and
+    rden (b, h, t) = 1 / D written in place.  D = 0 only when there is no key (GIVEN zero
+    features): output 0."""
+    e = out.shape[-1]
+    nd = _bmm(base, context, eps_nd)  # (b, h, t, e+1) = [N, D]
+    rden.copy_(nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0))
+    out.copy_(nd[..., :e] * rden[..., None])
+
+
 def _query_base(fm: ChunkFeatures, x: Tensor) -> Tensor:
     """q~ - eps of queries x (b, h, t, d) with their own row maxima.  -> (b, h, t, m)."""
     dash = fm.dash(x)
@@ -324,11 +342,11 @@ class ReadContext(torch.autograd.Function):
         fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
         context = context.to(dtype)
         (b, h, n), e = q.shape[:3], context.shape[-1] - 1
-        out, rden = q.new_empty((b, h, n, e)), q.new_empty((b, h, n), dtype=dtype)
+        out, rden = q.new_empty((b, h, n, e), dtype=dtype), q.new_empty((b, h, n), dtype=dtype)
+        eps_nd = context.sum(-2, keepdim=True) * fm.eps  # (b, h, 1, e+1): the eps part of every q~
         for sl in _chunks(n, _wide_rows(b * h, context.shape[-2])):
-            nd = (_query_base(fm, q[..., sl, :].to(dtype)) + fm.eps) @ context  # (b, h, t, e+1)
-            rden[..., sl] = nd[..., e].reciprocal()
-            out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+            _read(_query_base(fm, q[..., sl, :].to(dtype)), context, eps_nd, out[..., sl, :], rden[..., sl])
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, context, projection, out, rden)
         ctx.feature = feature
         return out
@@ -344,7 +362,7 @@ class ReadContext(torch.autograd.Function):
             x = q[..., sl, :].to(dtype)
             base = _query_base(fm, x)
             grad = _grad_aug(grad_out[..., sl, :].to(dtype), out[..., sl, :].to(dtype), rden[..., sl])  # [dN, dD]
-            d_context += (base + fm.eps).mT @ grad
+            d_context += base.mT @ grad + fm.eps * grad.sum(-2, keepdim=True)  # (the eps part of q~ folded)
             dq[..., sl, :] = fm.vjp(x, base, grad @ context.mT)
         return dq, d_context, None, None
 
@@ -390,17 +408,13 @@ def favor_fwd(
             local, base = _key_reference(row_scale)
             hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ vo[..., sl, :], local)
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
-        # sum_j k~_j(M) [v_j, 1] = exp(R - M) H(R) + eps [sum_j v_j, s]   (m, e+1), saved for the backward
-        context = torch.add(hz * (ref - stab).exp_()[..., None, None], vo.sum(-2)[..., None, :], alpha=fm.eps)
+        context = key_context(hz, ref, stab, vo.sum(-2), fm.eps)  # saved for the backward
         eps_nd = context.sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e+1): the eps part of every q~
         for sl in _chunks(n, rows):
             qc, dash = q[..., sl, :], fm.dash(q[..., sl, :])
             if stats:
                 q_max[..., sl] = dash.amax(-1)
-            nd = _bmm(fm.query_base(qc, dash, q_max[..., sl]), context, eps_nd)  # (b, h, t, e+1) = [N, D]
-            # D = 0 only when every key is masked out (GIVEN zero features): no keys, output 0
-            rden[..., sl] = nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0)
-            out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+            _read(fm.query_base(qc, dash, q_max[..., sl]), context, eps_nd, out[..., sl, :], rden[..., sl])
         return out.to(in_dtype), q_max, k_max, k_scale, rden, [context]
 
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
