@@ -398,8 +398,9 @@ def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> Spec:
         raise KeyError(f"{fn.__name__}: unrecognised launch keyword(s) {sorted(unknown)}")
     # JITFunction.run sets these three before binding
     options["debug"] = options.get("debug", fn.debug) or knobs.runtime.debug
-    options["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    options["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # newer tritons only
+        if hasattr(knobs.compilation, knob) and knob in CUDAOptions.__dataclass_fields__:
+            options[knob] = getattr(knobs.compilation, knob)
     bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
     bound.apply_defaults()
     signature, constexprs, attrs = {}, {}, {}
@@ -1139,7 +1140,8 @@ def print_target_table(results: list[Result], calls: list[dict], kernel_rows: li
             "roofline us")
     rows = [(c["name"], c["launches"], c["triton_launches"], c["torch_launches"],
              f"{c['intermediate_bytes'] / 1e6:.1f}",
-             f"{c['exp_count'] / 1e6:.1f} ({c['exp_min'] / 1e6:.1f})", f"{c['estimate_us']:.1f}",
+             "n/a" if c["exp_count"] is None else f"{c['exp_count'] / 1e6:.1f} ({c['exp_min'] / 1e6:.1f})",
+             f"{c['estimate_us']:.1f}",
              f"{c['roofline_us']:.1f}") for c in calls]
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:

@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# Stages, each under `timeout` within an overall budget (GPU_CHECK_BUDGET_S, default 460 s: the
+# Stages, each under `timeout` within an overall budget (GPU_CHECK_BUDGET_S, default 480 s: the
 # whole run stays under 8 minutes); a stage that fails or runs out of time is recorded and the
 # later stages still run:
 #   env            OUTDIR/env.json: device, driver, CUDA, torch, triton, python, date (UTC); it also
@@ -14,8 +14,13 @@
 #   install        pip install --no-index --find-links .whl --no-build-isolation -e . plus the
 #                  test tools (pytest, pytest-benchmark, hypothesis, numpy); install_peers:
 #                  performer-pytorch 1.1.4, flash-linear-attention + fla-core (module fla)
+#   profile        python bench/gpu_profile.py --json OUTDIR/profile.json: wall time and per-kernel
+#                  device times per call at the target shape (ours causal / non-causal, SDPA), first
+#                  because it is the most telling minute of the run
 #   compile_report python bench/compile_report.py --target --json OUTDIR/compile_report.json, in
 #                  the background (CPU only, niced) while the tests and the sanitizer run
+#   cuda_tests     the tests only a GPU runs (tests/test_functional.py -k cuda_autocast: CUDA
+#                  autocast training steps); junit in OUTDIR/cuda_tests.xml
 #   kernel_tests   pytest on the kernel test files (GPU_CHECK_TESTS) on CUDA: tests/conftest.py
 #                  selects CUDA whenever torch sees a device (the interpreter only without one);
 #                  no -x; pytest-xdist workers when installed; junit in OUTDIR/kernel_tests.xml
@@ -38,9 +43,9 @@
 # GPU_CHECK_ASSUME_CUDA=1 runs the GPU stages' commands without a GPU (to test this script).
 # Exit status: 0 when no stage failed or timed out (skips are fine), 1 otherwise, 2 on usage.
 #
-# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (460), GPU_CHECK_SIZES
+# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_SIZES
 # (1024,2048,4096,8192,16384,32768,65536), GPU_CHECK_TESTS (the kernel and functional test
-# files), GPU_CHECK_WORKERS (xdist workers, 8), GPU_CHECK_COMPILE_JOBS (half the cores),
+# files), GPU_CHECK_WORKERS (xdist workers, 12), GPU_CHECK_COMPILE_JOBS (a quarter of the cores),
 # GPU_CHECK_COMPILE_ARGS (more compile_report.py arguments: "--arch 90", sm_90 only; "" for all).
 set -euo pipefail
 
@@ -54,16 +59,16 @@ OUT="$(cd "$1" && pwd)"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 cd "$ROOT"
-rm -f "$OUT"/{stages.tsv,env.json,kernel_tests.xml,targets.json,targets.xml,compile_report.json,summary.md,summary.json}
+rm -f "$OUT"/{stages.tsv,env.json,cuda_tests.xml,profile.json,kernel_tests.xml,targets.json,targets.xml,compile_report.json,summary.md,summary.json}
 rm -f "$LOGS"/*.log
 
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-460}"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 SIZES="${GPU_CHECK_SIZES:-1024,2048,4096,8192,16384,32768,65536}"
 read -r -a TESTS <<< "${GPU_CHECK_TESTS:-tests/test_kernels_causal.py tests/test_kernels_noncausal.py tests/test_functional.py}"
-WORKERS="${GPU_CHECK_WORKERS:-8}"
+WORKERS="${GPU_CHECK_WORKERS:-12}"
 NPROC="$(nproc 2>/dev/null || echo 2)"
-JOBS="${GPU_CHECK_COMPILE_JOBS:-$(( NPROC / 2 > 0 ? NPROC / 2 : 1 ))}"
+JOBS="${GPU_CHECK_COMPILE_JOBS:-$(( NPROC / 4 > 0 ? NPROC / 4 : 1 ))}"
 START="$(date +%s)"
 DEADLINE=$(( START + BUDGET ))
 SUMMARY_RESERVE=20  # seconds kept for the summary at the end
@@ -199,13 +204,28 @@ finish_compile_report() {
   return 0
 }
 
+# ----------------------------------------------------------------------------- profile
+# first, as the most telling minute: per-kernel device times and wall time per call at the target
+# shape (wall far above the kernels' sum: the host is the bottleneck)
+if [ "$CUDA" = 1 ]; then
+  stage profile 75 300 '"$PY" bench/gpu_profile.py --json "$OUT/profile.json"'
+else
+  skip profile "$NO_CUDA"
+fi
+
 # ----------------------------------------------------------------------------- kernel tests
 if [ "$CUDA" = 1 ]; then
   PYTEST_OPTS="-q -rfE -p no:cacheprovider"
   if has_module xdist; then PYTEST_OPTS="$PYTEST_OPTS -n $WORKERS"; fi
   if has_module pytest_timeout; then PYTEST_OPTS="$PYTEST_OPTS --timeout 240"; fi
-  stage kernel_tests 150 230 "\"\$PY\" -m pytest ${TESTS[*]} $PYTEST_OPTS --junitxml \"\$OUT/kernel_tests.xml\""
+  # the tests that only a GPU runs (CUDA autocast training) first: the first run's kernel tests
+  # ran out of time before most of them
+  stage cuda_tests 60 280 "\"\$PY\" -m pytest tests/test_functional.py -k cuda_autocast $PYTEST_OPTS \
+      --junitxml \"\$OUT/cuda_tests.xml\""
+  stage kernel_tests 100 200 "\"\$PY\" -m pytest ${TESTS[*]} -k 'not cuda_autocast' $PYTEST_OPTS \
+      --junitxml \"\$OUT/kernel_tests.xml\""
 else
+  skip cuda_tests "$NO_CUDA"
   skip kernel_tests "$NO_CUDA"
 fi
 
@@ -251,7 +271,7 @@ fi
 # still runs it goes on (niced) and is waited for after the targets
 finish_compile_report 30 || echo "[gpu_check] compile_report: still running, niced, during the targets"
 if [ "$CUDA" = 1 ]; then
-  stage targets 300 $SUMMARY_RESERVE "\"\$PY\" -m pytest bench/test_targets.py -k gpu -q -rfEs -p no:cacheprovider \
+  stage targets 300 $SUMMARY_RESERVE "\"\$PY\" -m pytest bench/test_targets.py -k gpu -q -rfEs -p no:cacheprovider --durations 20 \
       --sizes $SIZES --benchmark-json \"\$OUT/targets.json\" --junitxml \"\$OUT/targets.xml\""
 else
   skip targets "$NO_CUDA"

@@ -8,12 +8,15 @@ ran out of time leaves less, and the summary says so):
 
     env.json              device, driver, CUDA, torch, triton, date (written by `env`)
     stages.tsv            name, status, exit code, seconds, detail: one line per stage
+    cuda_tests.xml        junit XML of the CUDA-only tests (autocast training), run first
     kernel_tests.xml      junit XML of the kernel tests on CUDA
     logs/sanitize_*.log   compute-sanitizer's output (memcheck, racecheck)
     targets.json          pytest-benchmark JSON of bench/test_targets.py (targets, times, sweep)
     targets.xml           junit XML of the same run (outcomes and skip reasons)
     generation.json       pytest-benchmark JSON of bench/test_generation.py (ms per token by
                           context length: the cached decode step against recomputing)
+    profile.json          `bench/gpu_profile.py --json`: wall and per-kernel device times per
+                          call at the target shape
     compile_report.json   `bench/compile_report.py --target --json`: {"kernels": [...],
                           "calls": [{"name", "estimate_us", "roofline_us", ...}]}
 
@@ -162,6 +165,15 @@ def read_junit(path: Path) -> dict | None:
     return dict(counts, cases=cases)
 
 
+def _merge_junit(*results: dict | None) -> dict | None:
+    """read_junit results of several runs as one (None where none ran)."""
+    present = [r for r in results if r is not None]
+    if not present:
+        return None
+    merged = {key: sum(r[key] for r in present) for key in ("tests", "passed", "failed", "errors", "skipped")}
+    return dict(merged, cases={k: v for r in present for k, v in r["cases"].items()})
+
+
 def _first_line(text: str, limit: int = 200) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -288,24 +300,49 @@ def measured_times(bench_json: dict | None) -> dict[str, float]:
     return out
 
 
-def estimate_rows(report: dict | None, measured: dict[str, float]) -> list[dict]:
-    """The compile report's estimate and roofline per call next to the measured time: fwd,
-    fwd+bwd (estimate fwd + bwd) and bwd alone (measured fwd+bwd - fwd) for both modes."""
+def profile_rows(profile: dict | None) -> list[dict]:
+    """bench/gpu_profile.py's runs: {run, wall_us, kernels_us, kernels: [(name, us), ...]}."""
+    rows = []
+    for run, r in ((profile or {}).get("runs") or {}).items():
+        rows.append(dict(run=run, wall_us=r["ms"] * 1e3, kernels_us=r["device_us"],
+                         kernels=list(r["kernels"].items())))
+    return rows
+
+
+def kernel_times(profile: dict | None) -> dict[str, float]:
+    """Our summed kernel times (us) per call from the profile: {causal_fwd, causal_fwd+bwd, ...}."""
+    out = {}
+    for r in profile_rows(profile):
+        parts = r["run"].split()
+        if parts[0] == "ours":
+            out[f"{parts[1]}_{parts[2]}"] = r["kernels_us"]
+    return out
+
+
+def estimate_rows(report: dict | None, measured: dict[str, float], kernels: dict[str, float]) -> list[dict]:
+    """The compile report's estimate and roofline per call next to the measured time (wall) and
+    the summed kernel time (profile): fwd, fwd+bwd (estimate fwd + bwd) and bwd alone (measured
+    fwd+bwd - fwd) for both modes."""
     calls = {c.get("name"): c for c in (report or {}).get("calls", [])}
     rows = []
     for mode in ("causal", "noncausal"):
         fwd, bwd = calls.get(f"{mode}_fwd", {}), calls.get(f"{mode}_bwd", {})
         m_fwd, m_both = measured.get(f"{mode}_fwd"), measured.get(f"{mode}_fwd+bwd")
-        m_bwd = m_both - m_fwd if m_fwd is not None and m_both is not None else None
-        for label, est, roof, meas in (
-            ("fwd", fwd.get("estimate_us"), fwd.get("roofline_us"), m_fwd),
-            ("bwd", bwd.get("estimate_us"), bwd.get("roofline_us"), m_bwd),
+        k_fwd, k_both = kernels.get(f"{mode}_fwd"), kernels.get(f"{mode}_fwd+bwd")
+        for label, est, roof, meas, kern in (
+            ("fwd", fwd.get("estimate_us"), fwd.get("roofline_us"), m_fwd, k_fwd),
+            ("bwd", bwd.get("estimate_us"), bwd.get("roofline_us"), _sub(m_both, m_fwd), _sub(k_both, k_fwd)),
             ("fwd+bwd", _add(fwd.get("estimate_us"), bwd.get("estimate_us")),
-             _add(fwd.get("roofline_us"), bwd.get("roofline_us")), m_both),
+             _add(fwd.get("roofline_us"), bwd.get("roofline_us")), m_both, k_both),
         ):
             rows.append(dict(call=f"{mode} {label}", estimate_us=est, roofline_us=roof, measured_us=meas,
-                             measured_over_estimate=_ratio(meas, est), measured_over_roofline=_ratio(meas, roof)))
+                             kernels_us=kern, measured_over_estimate=_ratio(meas, est),
+                             kernels_over_estimate=_ratio(kern, est), measured_over_roofline=_ratio(meas, roof)))
     return rows
+
+
+def _sub(a, b):
+    return None if a is None or b is None else a - b
 
 
 def _add(a, b):
@@ -378,7 +415,7 @@ def summarize(out: Path) -> dict:
     env = read_json(out / "env.json") or {}
     env["packages"] = package_versions()
     stages = read_stages(out / "stages.tsv")
-    tests = read_junit(out / "kernel_tests.xml")
+    tests = _merge_junit(read_junit(out / "cuda_tests.xml"), read_junit(out / "kernel_tests.xml"))
     targets_junit = read_junit(out / "targets.xml")
     bench_json = read_json(out / "targets.json")
     report = read_json(out / "compile_report.json")
@@ -386,7 +423,11 @@ def summarize(out: Path) -> dict:
     for tool, stage in ((t, next((s for s in stages if s["name"] == f"sanitize_{t}"), None)) for t in sanitizer):
         if stage and stage["status"] == "skipped":
             sanitizer[tool] = dict(verdict=stage["detail"])
+    profile = read_json(out / "profile.json")
     measured = measured_times(bench_json)
+    for call, r in ((f"{p['run'].split()[1]}_{p['run'].split()[2]}", p) for p in profile_rows(profile)
+                    if p["run"].startswith("ours ")):
+        measured.setdefault(call, r["wall_us"])  # when the targets did not time it
     return dict(
         env=env, stages=stages,
         kernel_tests=None if tests is None else {k: v for k, v in tests.items() if k != "cases"}
@@ -400,7 +441,8 @@ def summarize(out: Path) -> dict:
         packed=packed_rows(read_json(out / "generation.json")),
         target_shape=TARGET_SHAPE,
         measured_us=measured,
-        estimates=estimate_rows(report, measured) if report or measured else [],
+        profile=profile_rows(profile),
+        estimates=estimate_rows(report, measured, kernel_times(profile)) if report or measured else [],
         compile_report=None if report is None else dict(
             kernels=len(report.get("kernels", [])), target=report.get("target"), flags=compile_flags(report),
             calls={c.get("name"): {k: c.get(k) for k in ("launches", "triton_launches", "intermediate_bytes",
@@ -503,15 +545,27 @@ def markdown(s: dict) -> str:
                   for r in s["packed"]]
     lines.append("")
 
+    lines += [f"## Profile (bench/gpu_profile.py), {TARGET_SHAPE}: per call", ""]
+    if s.get("profile"):
+        lines += ["| run | wall us | kernels us | kernels (us) |", "|---|---|---|---|"]
+        for r in s["profile"]:
+            top = ", ".join(f"{name.split('(')[0][:40]} {us:.0f}" for name, us in r["kernels"][:6])
+            lines.append(f"| {r['run']} | {_fmt(r['wall_us'])} | {_fmt(r['kernels_us'])} | {top} |")
+    else:
+        lines.append("no results (see the stages)")
+    lines.append("")
+
     lines += [f"## Compile report estimates vs measured, {TARGET_SHAPE}", ""]
     if s["estimates"]:
-        lines += ["| call | estimate us | roofline us | measured us | measured / estimate | measured / roofline |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| call | estimate us | roofline us | measured us | kernels us | measured / estimate "
+                  "| kernels / estimate | measured / roofline |", "|---|---|---|---|---|---|---|---|"]
         for r in s["estimates"]:
             lines.append(f"| {r['call']} | {_fmt(r['estimate_us'])} | {_fmt(r['roofline_us'])} | {_fmt(r['measured_us'])} "
-                         f"| {_fmt(r['measured_over_estimate'])} | {_fmt(r['measured_over_roofline'])} |")
+                         f"| {_fmt(r.get('kernels_us'))} | {_fmt(r['measured_over_estimate'])} "
+                         f"| {_fmt(r.get('kernels_over_estimate'))} | {_fmt(r['measured_over_roofline'])} |")
         lines.append("")
-        lines.append("bwd measured = fwd+bwd - fwd; fwd+bwd estimate = fwd + bwd estimates.")
+        lines.append("measured = wall time per call; kernels = summed device time of its kernels (profile); "
+                     "bwd = fwd+bwd - fwd; fwd+bwd estimate = fwd + bwd estimates.")
     else:
         lines.append("no compile report and no measured times (see the stages)")
     cr = s["compile_report"]

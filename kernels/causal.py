@@ -29,7 +29,7 @@ import triton.language as tl
 from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
-    block_program, block_range, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
+    block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
     half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
     packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows
@@ -300,7 +300,10 @@ def _output_kernel(
                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_s += tl.dot(b_qf.to(v.dtype.element_ty), tl.trans(b_kf.to(v.dtype.element_ty)),
                       input_precision=PRECISION)
-        b_sq += tl.sum(b_qf, axis=1)
+        if FEATURE == FM_GIVEN:  # triton 3.6 fails to compile the sum of a loaded fp32 dot operand
+            b_sq += tl.sum(tl.where(m_m[None, :], b_qf, 0.0), axis=1)
+        else:
+            b_sq += tl.sum(b_qf, axis=1)
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
@@ -759,7 +762,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
     return cfg | dict(
         BM_out=16,
         BK_out=BK_out,
-        NK_out=1 if BK_out == BD else triton.cdiv(d, BK_out),
+        NK_out=1 if BK_out == BD else cdiv(d, BK_out),
         BM_bwd=BM_bwd,
         # the reverse walk takes the state kernel's m tile (16-bit 32: at 16 sm_80's mma.sync lays
         # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
@@ -833,7 +836,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     if initial is not None:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
     state_args = (*initial, *final) if initial is not None else (c_ref,) * 8  # (unused without STATE)
-    grid = (b * h * ns, triton.cdiv(m, cfg["BM"]))
+    grid = (b * h * ns, cdiv(m, cfg["BM"]))
     _state_kernel[grid](
         k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
         h_state, z_state, v_state, *state_args, *varlen[:2],
@@ -960,7 +963,7 @@ def causal_bwd_state(
     assert e <= cfg["EV"]  # one value slice (extension_unsupported: heads up to 64)
     packing = packing_args(cu_seqlens, cfg["BT"], n, rden)
     d_hz0 = torch.empty((rows, h, m, e + 1), **f32)
-    d_vs0 = torch.empty((rows, h, triton.cdiv(m, cfg["BM_dstate"]), e), **f32)  # per reverse-walk m tile
+    d_vs0 = torch.empty((rows, h, cdiv(m, cfg["BM_dstate"]), e), **f32)  # per reverse-walk m tile
     d_count = torch.zeros((b * h, packing[0]), **f32)  # per chunk slot (a pack's unused ones stay 0)
     state = (initial[1].contiguous(), grad_hz[..., :e].contiguous(), grad_hz[..., e].contiguous(),
              grad_v_sum_k.contiguous(), d_hz0, d_vs0, d_count)
@@ -1021,19 +1024,19 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
     h_state, z_state, v_state, c_ref, c_stab = states
     h_state, v_state = h_state[..., cols], v_state[..., cols]  # views: the kernels take their row stride
     nt, ns, varlen, is_varlen = packing
-    nm = triton.cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
+    nm = cdiv(m, cfg["BM_dstate"])  # rows of the eps partials, one per reverse-walk m tile
     assert cfg["BM_dstate"] >= cfg["BM_bwd"]  # _bwd_v_kernel sums them one per own m tile
     f32 = dict(device=q.device, dtype=torch.float32)
     dh_state = torch.empty((b * h, nt, m, e), device=q.device, dtype=cfg["state_dtype"])
     dz_state = torch.empty((b * h, nt, m), **f32)
     dns_state = torch.empty((b * h, nt, nm, e), **f32)
     p = q if projection is None else projection
-    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
+    nk = 1 if feature == GIVEN else cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, PREFIX=prefix, STATE=state is not None,
                           VARLEN=is_varlen)
     vs0, gh_f, gz_f, dvs_f, dhz0, dvs0, dcount = (rden,) * 7 if state is None else state  # (dummies without STATE)
     dd = torch.empty((b, h, n), **f32)
-    _dd_kernel[(b * h * triton.cdiv(n, cfg["BT"]),)](  # per row: packed sequences need nothing of their own
+    _dd_kernel[(b * h * cdiv(n, cfg["BT"]),)](  # per row: packed sequences need nothing of their own
         grad_out, out, rden, dd,
         h, n, e,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
-from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale
+from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale, next_power_of_2
 
 __all__ = ["decode_step"]
 
@@ -153,8 +153,8 @@ def decode_step(
         head_scale(d), SOFTMAX_EPS if feature == SOFTMAX else GENERALIZED_EPS, causal_coef,
         # m tiles of 16: at 32 the (BM, BD) projection and (BM, BV) state tiles spilled 4-24 B
         # (full sweep, heads of 64 and more, and d = 24)
-        FEATURE=feature, HAS_KEEP=keep is not None, BM=16, BD=max(16, triton.next_power_of_2(d)),
-        BV=max(16, triton.next_power_of_2(e + 1)), AL=alignment(d, q, k),
+        FEATURE=feature, HAS_KEEP=keep is not None, BM=16, BD=max(16, next_power_of_2(d)),
+        BV=max(16, next_power_of_2(e + 1)), AL=alignment(d, q, k),
         AV=alignment(e, v, out), num_warps=4,
     )
     return out

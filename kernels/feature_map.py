@@ -495,8 +495,8 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
         return q_max, k_max, k_scale
     q_, k_ = (q if q is not None else k), (k if k is not None else q)
     # fp32: m tiles of 32 (at 64 the 3xTF32 dash of a 64-wide head spilled 272 B on sm_80)
-    BT, BM, BD = 64, 32 if x.dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d))
-    grid = (b * h * triton.cdiv(n, BT), (q is not None) + (k is not None))
+    BT, BM, BD = 64, 32 if x.dtype == torch.float32 else 64, max(16, next_power_of_2(d))
+    grid = (b * h * cdiv(n, BT), (q is not None) + (k is not None))
     _row_stats_kernel[grid](
         q_, k_, projection, q_max, k_max, k_scale,
         h, n, m, d, 0 if q is not None else 1,
@@ -516,9 +516,9 @@ def chunk_slots(cu_seqlens: torch.Tensor | None, bt: int, n: int) -> tuple[int, 
     cu_seqlens (NS + 1,) offsets, NT = cdiv(n, bt) + NS >= the sum of every sequence's
     max(cdiv(T, bt), 1); without cu_seqlens (cdiv(n, bt), 1).  From shapes only."""
     if cu_seqlens is None:
-        return triton.cdiv(n, bt), 1
+        return cdiv(n, bt), 1
     ns = cu_seqlens.shape[0] - 1
-    return triton.cdiv(n, bt) + ns, ns
+    return cdiv(n, bt) + ns, ns
 
 
 def chunk_table(cu_seqlens: torch.Tensor, bt: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -590,6 +590,18 @@ def feature_dims(q: torch.Tensor, projection: torch.Tensor | None, feature: int)
     return projection.shape[0], projection.shape[1]
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host code: triton.cdiv and triton.next_power_of_2 are
+    constexpr functions in triton >= 3.5 that cost microseconds per host call (23 of them per
+    causal fwd+bwd: ~0.2 ms of host time)."""
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1); see cdiv."""
+    return 1 << max(0, x - 1).bit_length()
+
+
 def head_scale(d: int) -> float:
     """dn = d**-0.25, the scale of x in dash = (dn x) @ P^T (1 for GIVEN, d = 0)."""
     return d**-0.25 if d else 1.0
@@ -605,13 +617,13 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     and EV are what keep the register file from spilling (compile report, kernels/NOTES.md).
     """
     fp32 = dtype == torch.float32  # twice the bytes per tile element
-    BD = max(16, triton.next_power_of_2(d))
+    BD = max(16, next_power_of_2(d))
     return dict(
         BT=64,
-        BM=min(16 if fp32 else 32, max(16, triton.next_power_of_2(m))),
+        BM=min(16 if fp32 else 32, max(16, next_power_of_2(m))),
         BD=BD,
         BK=min(BD, 32 if fp32 else 64),
-        BV=max(16, triton.next_power_of_2(e)),
+        BV=max(16, next_power_of_2(e)),
         EV=32 if fp32 else 64,
         PRECISION=PRECISION,
         # 16-bit: 3 stages keep the next tiles' loads in flight (at 2, Triton's pipeliner waits
@@ -661,7 +673,7 @@ def backward_in_value_slices(bwd_slice, grad_out, v, out, ev: int, q_dtype, k_dt
     over value columns, so the slices' fp32 dq, dk add up exactly and their dv are its columns
     (NOTES "Wide heads")."""
     e = v.shape[-1]
-    width = triton.cdiv(e, triton.cdiv(e, ev))
+    width = cdiv(e, cdiv(e, ev))
     if width == e:
         dq, dk, dv = bwd_slice(grad_out, v, out, slice(0, e), q_dtype)
         return dq.to(q_dtype), dk.to(k_dtype), dv

@@ -28,10 +28,10 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX
 from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
-    block_config, block_grid, block_program, block_range, check_inputs, chunk_program, column_slice,
+    block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
     dash_tile, diag_rows, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
-    head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, packing_args,
-    sequence_rows, store_input_grad, store_rows
+    head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, next_power_of_2,
+    packing_args, sequence_rows, store_input_grad, store_rows
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -470,7 +470,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # 16-bit heads up to 64 wide: m tiles of 64 for the split and output kernels, half the
         # sequential steps of a split walk at 32 (and half the re-reads of its key blocks), for
         # 2 CTAs per SM instead of 3; 128-wide tiles spill at 64 (compile report)
-        cfg["BM"] = min(64, max(16, triton.next_power_of_2(m)))
+        cfg["BM"] = min(64, max(16, next_power_of_2(m)))
     return cfg | dict(
         # m tiles of 64 in the output kernel spilled 350-650 B on sm_80 for 16-bit heads whose d
         # is not a multiple of 16 (d = 24, full sweep); its loop has no chain to shorten
@@ -493,9 +493,9 @@ SPLIT_TARGET = 4 * 132
 def _splits(blocks: int, programs: int, target: int = SPLIT_TARGET, min_blocks: int = 4) -> tuple[int, int]:
     """(blocks per split, splits): the most splits that keep programs * splits within target,
     each with at least min_blocks blocks (at least one split, at most MAX_SPLITS)."""
-    ns = max(1, min(target // programs, triton.cdiv(blocks, min_blocks), MAX_SPLITS))
-    per = triton.cdiv(blocks, ns)
-    return per, triton.cdiv(blocks, per)
+    ns = max(1, min(target // programs, cdiv(blocks, min_blocks), MAX_SPLITS))
+    per = cdiv(blocks, ns)
+    return per, cdiv(blocks, per)
 
 
 def _sums(bh: int, m: int, e: int, refs: bool, device) -> list[torch.Tensor]:
@@ -528,10 +528,10 @@ def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: 
     splits, bh, m, e = h_part.shape
     h, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
-    _combine_kernel[(bh, triton.cdiv(m, bm))](
+    _combine_kernel[(bh, cdiv(m, bm))](
         h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
         bh, m, e, splits, nmt,
-        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=triton.next_power_of_2(nmt),
+        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
         num_warps=4,
     )
     return sums
@@ -545,9 +545,9 @@ def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict,
     e = v.shape[-1]
     softmax = feature == SOFTMAX
     bh = _state_rows(k, cu_seqlens)
-    nmt = triton.cdiv(m, cfg["BM"])
+    nmt = cdiv(m, cfg["BM"])
     # (a pack: the splits of its longest possible sequence; shorter ones leave theirs empty)
-    per, splits = _splits(triton.cdiv(s, cfg["BT"]), nmt * bh)
+    per, splits = _splits(cdiv(s, cfg["BT"]), nmt * bh)
     f32 = dict(device=k.device, dtype=torch.float32)
     h_part = torch.empty((splits, bh, m, e), **f32)
     z_part = torch.empty((splits, bh, m), **f32)
@@ -649,12 +649,12 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     states, sums, vsum, k_stab = states
     states, vsum = states[..., cols], vsum[..., cols]  # views: _bwd_q_kernel takes their row stride
     p = q if projection is None else projection
-    nk = 1 if feature == GIVEN else triton.cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
+    nk = 1 if feature == GIVEN else cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
     nt, ns, varlen, is_varlen, bh = packing
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, VARLEN=is_varlen)
     al, av = alignment(d, q), alignment(e, grad_out, out)  # (the dq, dstate kernels'; dk, dv take k, v)
-    nm = triton.cdiv(m, cfg["BM_dstate"])
-    per, splits = _splits(triton.cdiv(n, cfg["BT"]), nm * bh)
+    nm = cdiv(m, cfg["BM_dstate"])
+    per, splits = _splits(cdiv(n, cfg["BT"]), nm * bh)
     f32 = dict(device=q.device, dtype=torch.float32)
     dh_part = torch.empty((splits, bh, m, e), **f32)
     dz_part = torch.empty((splits, bh, m), **f32)
@@ -677,7 +677,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     )
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    key_blocks = nt if is_varlen else triton.cdiv(s, cfg["BT"])  # (a pack: s == n)
+    key_blocks = nt if is_varlen else cdiv(s, cfg["BT"])  # (a pack: s == n)
     _bwd_kv_kernel[block_grid(b * h, key_blocks * nk, is_varlen)](
         k, v, p, k_stab, dh, dz, dk, dv, *varlen,
         h, s, m, d, e, ns,

@@ -14,7 +14,7 @@ from torch import Tensor
 from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM, extension_unsupported
-from .ops import favor_fwd, favor_state_fwd
+from .ops import favor, favor_state
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
@@ -165,7 +165,7 @@ def favor_attention(
                                          initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
             projection = check_projection(projection_matrix, q).to(q.dtype).contiguous()
             prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
-            return favor_fwd(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS, cu_seqlens)[0]
+            return favor(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS, cu_seqlens)[0]
 
         def one(q_i, k_i, v_i, state):
             return favor_attention(q_i, k_i, v_i, projection_matrix, causal=causal, key_stabilizer=key_stabilizer,
@@ -195,8 +195,8 @@ def favor_attention(
     before = k.shape[2] - q.shape[2] if causal else 0  # placeholder queries (_after)
     if fused:
         projection = projection_matrix.to(q.dtype).contiguous()
-        return _last(before, favor_fwd(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
-                                       use_triton)[0])
+        return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
+                                   use_triton)[0])
     q_features, k_features = fmap.features(
         q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
@@ -250,7 +250,7 @@ def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str
 
 def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feature: int, prefix: bool, eps: float,
                 initial_state, output_final_state: bool, backend: str, fill: float, cu_seqlens: Tensor | None = None):
-    """The stateful causal op (ops.favor_state_fwd) on rows the op takes: q, k, or their features
+    """The stateful causal op (ops.favor_state) on rows the op takes: q, k, or their features
     (GIVEN, projection None); cu_seqlens a pack for the kernels (its caller checked that they take
     it).  -> out, or (out, final state)."""
     use_triton = _use_triton(backend, q, v, projection is not None)
@@ -272,8 +272,8 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         out = _empty_result(q, v)
         return (out, initial_state) if output_final_state else out
     before = s - n  # placeholder queries (_after)
-    outs = favor_state_fwd(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
-                           use_triton, cu_seqlens)
+    outs = favor_state(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
+                       use_triton, cu_seqlens)
     out = _last(before, outs[0])
     return (out, AttentionState(*outs[5:9])) if output_final_state else out
 
@@ -290,8 +290,8 @@ def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: 
         q_features, k_features, v = (
             torch.cat((first(t, fill), t), dim=-2) for t, fill in ((q_features, 1.0), (k_features, eps), (v, 0.0))
         )
-        return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, 0.0)[0][..., 1:, :]
-    return favor_fwd(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, float(eps))[0]
+        return favor(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, 0.0)[0][..., 1:, :]
+    return favor(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, float(eps))[0]
 
 
 def linear_attention(

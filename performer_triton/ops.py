@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import __version__, torch_backend
 from .feature_maps import KERNEL_MAPS
@@ -45,8 +46,7 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-@torch.library.custom_op("performer_triton::favor_fwd", mutates_args=())
-def favor_fwd(
+def _favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
     use_triton: bool, causal_eps: float = CAUSAL_EPS, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
@@ -58,6 +58,9 @@ def favor_fwd(
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
     return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
+
+
+favor_fwd = torch.library.custom_op("performer_triton::favor_fwd", _favor_fwd, mutates_args=())
 
 
 def _packed(cu_seqlens: Optional[Tensor], use_triton: bool) -> dict:
@@ -95,8 +98,7 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
     )
 
 
-@torch.library.custom_op("performer_triton::favor_bwd", mutates_args=())
-def favor_bwd(
+def _favor_bwd(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -124,6 +126,9 @@ def favor_bwd(
     return torch_backend.favor_bwd(*args, causal=causal, saved=states, **flags)[:3]
 
 
+favor_bwd = torch.library.custom_op("performer_triton::favor_bwd", _favor_bwd, mutates_args=())
+
+
 @favor_bwd.register_fake
 def _(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, causal, feature, prefix, use_triton,
       causal_eps=CAUSAL_EPS, cu_seqlens=None):
@@ -144,12 +149,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, *unused_grads):
+def _backward(ctx, grad_out, *unused_grads, bwd=favor_bwd):
     q, k, v, projection, out, q_max, k_max, k_scale, rden, cu_seqlens, *states = ctx.saved_tensors
     if grad_out is None:  # only reached through the non-differentiable outputs
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = favor_bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
-                           cu_seqlens=cu_seqlens)
+    dq, dk, dv = bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
+                     cu_seqlens=cu_seqlens)
     # one gradient per argument the op was called with: the dispatcher drops trailing arguments
     # equal to their defaults (causal_eps, cu_seqlens), and a list output makes autograd count exactly
     return dq, dk, dv, *(None,) * (len(ctx.needs_input_grad) - 3)
@@ -165,8 +170,7 @@ favor_fwd.register_autograd(_backward, setup_context=_setup_context)
 # hz, v_sum are differentiable, the references and stabilizers are constants (as every stabilizer).
 
 
-@torch.library.custom_op("performer_triton::favor_state_fwd", mutates_args=())
-def favor_state_fwd(
+def _favor_state_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
     hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
@@ -189,6 +193,9 @@ def favor_state_fwd(
     return out, q_max, k_max, k_scale, rden, *final, []
 
 
+favor_state_fwd = torch.library.custom_op("performer_triton::favor_state_fwd", _favor_state_fwd, mutates_args=())
+
+
 @favor_state_fwd.register_fake
 def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0, use_triton, cu_seqlens=None):
     b, h, n, _ = q.shape
@@ -205,8 +212,7 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
             like(hz0), like(v_sum0), like(ref0), like(stab0), states)
 
 
-@torch.library.custom_op("performer_triton::favor_state_bwd", mutates_args=())
-def favor_state_bwd(
+def _favor_state_bwd(
     grad_out: Tensor, grad_hz: Optional[Tensor], grad_v_sum: Optional[Tensor],
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], out: Tensor, q_max: Tensor, k_max: Tensor,
     k_scale: Tensor, rden: Tensor, hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, ref: Tensor,
@@ -234,6 +240,9 @@ def favor_state_bwd(
     return dq, dk, dv, d_hz0, d_vs0
 
 
+favor_state_bwd = torch.library.custom_op("performer_triton::favor_state_bwd", _favor_state_bwd, mutates_args=())
+
+
 @favor_state_bwd.register_fake
 def _(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0,
       ref, states, feature, prefix, causal_eps, use_triton, cu_seqlens=None):
@@ -253,16 +262,83 @@ def _setup_state_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, grad_v_sum, _ref, _stab, *_states):
+def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, grad_v_sum, _ref, _stab, *_states,
+                    bwd=favor_state_bwd):
     (q, k, v, projection, out, q_max, k_max, k_scale, rden, hz0, v_sum0, ref0, stab0, ref, cu_seqlens,
      *states) = ctx.saved_tensors
     if grad_out is None:  # only the final state is used
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, d_hz0, d_vs0 = favor_state_bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
-                                               k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags,
-                                               cu_seqlens=cu_seqlens)
+    dq, dk, dv, d_hz0, d_vs0 = bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
+                                   k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags,
+                                   cu_seqlens=cu_seqlens)
     # one gradient per argument the op was called with (a trailing default cu_seqlens is dropped)
     return (dq, dk, dv, None, None, None, None, d_hz0, d_vs0, *(None,) * (len(ctx.needs_input_grad) - 9))
 
 
 favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_context)
+
+
+# ----------------------------------------------------------------------------- eager calls
+# torch.library's dispatch of a custom op with autograd (op -> autograd -> backend ->
+# dynamo-disabled wrapper, again for the backward op) cost host time the H200 run could not hide:
+# 2.3 ms per causal fwd+bwd of 1.55 ms of kernels (bench/RESULTS.md).  Eager calls of the fused
+# kernels on plain tensors run each op's implementation, setup_context and backward as one
+# autograd.Function instead; compile, fake tensors and the PyTorch path keep the ops.
+
+
+class _Eager(torch.autograd.Function):
+    """op = (implementation, setup_context, backward, backward implementation) of a custom op
+    whose last output is a list of tensors (returned flat: autograd tracks tensors, not lists)."""
+
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        fwd, setup, _, _ = ctx.op = op
+        outputs = fwd(*inputs)
+        setup(ctx, inputs, outputs)
+        return *outputs[:-1], *outputs[-1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _, _, backward, bwd = ctx.op
+        # backward counts its gradients from needs_input_grad, which here counts op too
+        return None, *backward(ctx, *grads, bwd=bwd)[:-1]
+
+
+_FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd)
+_FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd)
+
+
+def _plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors, outside torch.compile, functorch transforms and torch function or dispatch
+    modes (fake and meta tensors, FlopCounterMode, vmap): where the op's dispatch does nothing."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _call(op, custom_op, fixed: int, use_triton: bool, *inputs):
+    if use_triton and _plain_eager(*(t for t in inputs if isinstance(t, Tensor) or t is None)):
+        outputs = _Eager.apply(op, *inputs)
+        return *outputs[:fixed], list(outputs[fixed:])
+    return custom_op(*inputs)
+
+
+def favor(
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
+    use_triton: bool, causal_eps: float = CAUSAL_EPS, cu_seqlens: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """favor_fwd with autograd, eager fused calls without the op's dispatch (_Eager)."""
+    return _call(_FAVOR, favor_fwd, 5, use_triton, q, k, v, projection, causal, feature, prefix, use_triton,
+                 causal_eps, cu_seqlens)
+
+
+def favor_state(
+    q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
+    hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool, cu_seqlens: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """favor_state_fwd with autograd, eager fused calls without the op's dispatch (_Eager)."""
+    return _call(_FAVOR_STATE, favor_state_fwd, 9, use_triton, q, k, v, projection, feature, prefix, causal_eps,
+                 hz0, v_sum0, ref0, stab0, use_triton, cu_seqlens)

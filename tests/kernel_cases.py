@@ -37,7 +37,8 @@ def dtype_cases(**shapes_by_dtype):
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error of x against a float64 reference."""
-    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return ((x - ref).norm() / ref.norm()).item()
 
 
 def inputs(b, h, n, d, e, m, dtype, *, s=None, scale=1.0, seed=0):
@@ -108,10 +109,10 @@ def strided_case(*, causal, prefix=False):
     """Transposed-view q, k, v, grad_out ((b, n, h, d) storage) need no copies."""
     b, h, n, d, e, m = 2, 2, 70, 32, 24, 64
     gen = torch.Generator().manual_seed(3)
-    q, k = (torch.randn(b, n, h, d, generator=gen).transpose(1, 2) for _ in range(2))
-    v, g = (torch.randn(b, n, h, e, generator=gen).transpose(1, 2) for _ in range(2))
+    q, k = (torch.randn(b, n, h, d, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(2))
+    v, g = (torch.randn(b, n, h, e, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(2))
     assert not q.is_contiguous()
-    proj = gaussian_orthogonal_random_matrix(m, d, generator=gen)
+    proj = gaussian_orthogonal_random_matrix(m, d, generator=gen).to(DEVICE)
     check(q, k, v, proj, g, causal=causal, feature=SOFTMAX, prefix=prefix, budget=BUDGET[torch.float32])
 
 

@@ -9,6 +9,7 @@ from kernel_cases import BUDGET, FP32_GRAD_BUDGET
 
 from performer_triton import FastAttention, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
 from performer_triton import reference
+from performer_triton import ops
 from performer_triton.ops import favor_fwd
 
 
@@ -486,6 +487,37 @@ def test_causal_nonfinite_values_never_reach_earlier_outputs_or_their_gradients(
     assert torch.isnan(out[0, :, 141:, 2]).all() and torch.isfinite(out[0, :, 140, 2]).all()
     for ours, theirs in zip(grads, clean_grads):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_calls_skip_the_op_dispatch_with_the_same_numbers(causal):
+    """Eager fused calls on plain tensors run ops._Eager (no torch.library dispatch: host
+    time, bench/RESULTS.md); its outputs, saved states and gradients are the custom op's, bit for
+    bit, and fake tensors (what torch.compile traces) still go through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (t.to(DEVICE).float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               for t in qkv(b=2, h=3, n=37, d=8, e=6))
+    P = projection(12, 8).to(DEVICE)
+    grad = torch.randn(2, 3, 37, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    results = []
+    for fn in (ops.favor, favor_fwd):
+        out = fn(q, k, v, P, causal, 0, causal, True)
+        (out[0] * grad).sum().backward()
+        results.append(([out[0].detach(), *out[1:5], *out[5]], [t.grad for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+        kind = type(out[0].grad_fn).__name__
+        assert (kind == "_EagerBackward") == (fn is ops.favor), kind
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    assert len(outs_a) == len(outs_b)
+    for a, b in zip(outs_a + grads_a, outs_b + grads_b):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fP = (mode.from_tensor(t) for t in (q, k, v, P))
+        fake = ops.favor(fq, fk, fv, fP, causal, 0, causal, True)
+    assert fake[0].shape == (2, 3, 37, 6) and type(fake[0]).__name__ == "FakeTensor"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

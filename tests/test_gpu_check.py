@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "bench" / "gpu_summary.py"
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-GPU_STAGES = ("install", "install_peers", "compile_report", "kernel_tests", "sanitize_warm", "sanitize_memcheck",
+GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "kernel_tests", "sanitize_warm", "sanitize_memcheck",
               "sanitize_racecheck", "targets", "generation")
 
 
@@ -100,6 +100,10 @@ def stage_outputs(tmp_path):
                    "exp_count": 1, "estimate_us": 250.0, "roofline_us": 20.0},
                   {"name": "causal_bwd", "launches": 6, "triton_launches": 5, "intermediate_bytes": 1,
                    "exp_count": 1, "estimate_us": 550.0, "roofline_us": 40.0}]}))
+    (out / "profile.json").write_text(json.dumps({"runs": {
+        "ours causal fwd": {"ms": 0.21, "device_us": 150.0, "kernels": {"_state_kernel": 100.0, "_output_kernel": 50.0}},
+        "ours causal fwd+bwd": {"ms": 0.9, "device_us": 450.0, "kernels": {"_bwd_qk_kernel": 450.0}},
+        "sdpa causal fwd": {"ms": 0.3, "device_us": 290.0, "kernels": {"flash": 290.0}}}}))
     return out
 
 
@@ -141,7 +145,11 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     assert est["causal bwd"]["measured_us"] == 600.0
     assert est["noncausal fwd"]["measured_us"] == pytest.approx(60.0)  # from the roofline target's ours_ms
     assert est["noncausal fwd"]["estimate_us"] is None  # not in this report
-    assert "| causal fwd | 250 | 20 | 200 | 0.8 | 10 |" in md
+    assert "| causal fwd | 250 | 20 | 200 | 150 | 0.8 | 0.6 | 10 |" in md
+    assert est["causal bwd"]["kernels_us"] == 300.0  # fwd+bwd - fwd of the profile's kernel sums
+    prof = {r["run"]: r for r in s["profile"]}
+    assert prof["ours causal fwd"]["wall_us"] == 210.0 and prof["ours causal fwd"]["kernels"][0] == ["_state_kernel", 100.0]
+    assert "| ours causal fwd | 210 | 150 | _state_kernel 100, _output_kernel 50 |" in md
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
     assert s["generation"] == [dict(n=128, cached_ms=0.5, recompute_ms=2.0), dict(n=4096, cached_ms=0.55, recompute_ms=40.0)]
     assert s["packed"] == [dict(case="causal-prefix", fused_ms=2.0, per_sequence_ms=9.0, speedup=4.5)]
@@ -158,7 +166,7 @@ def test_summary_with_nothing_but_stages(tmp_path):
     assert run.returncode == 0, run.stderr
     md = (tmp_path / "summary.md").read_text()
     assert "| targets | timeout | 300 | timed out after 300 s |" in md
-    assert md.count("no results (see the stages)") == 4  # kernel tests, targets, sweep, generation
+    assert md.count("no results (see the stages)") == 5  # kernel tests, targets, sweep, generation, profile
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")

@@ -10,6 +10,7 @@ from kernel_cases import (
 )
 from kernel_cases import check as kernel_check
 
+from conftest import DEVICE
 from performer_triton import reference as R
 from performer_triton.feature_maps import half_sq_norm, project
 from performer_triton.kernels import RELU, SOFTMAX
@@ -125,9 +126,9 @@ def test_row_stats(dtype):
     """One launch for q and k: per-row max of (dn x) @ P^T over features (q_max, k_max), and
     k_max minus |dn k|^2 / 2; a None input gets (b, h, 0) stats."""
     gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, 3, 37, 48, generator=gen).to(dtype) for _ in range(2))
+    q, k = (torch.randn(2, 3, 37, 48, generator=gen).to(DEVICE, dtype) for _ in range(2))
     k = k.transpose(1, 2).contiguous().transpose(1, 2)  # strides other than q's
-    proj = gaussian_orthogonal_random_matrix(100, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+    proj = gaussian_orthogonal_random_matrix(100, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     dash_q, dash_k = project(q.double(), proj.double()), project(k.double(), proj.double())
     for q_in, k_in in ((q, k), (None, k), (q, None)):

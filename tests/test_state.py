@@ -246,6 +246,30 @@ def test_state_ops_pass_opcheck(use_triton):
     torch.library.opcheck(favor_state_fwd, args)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_eager_state_calls_match_the_state_op():
+    """Eager fused calls (ops.favor_state: no torch.library dispatch) give the custom op's
+    outputs, final state and gradients (of q, k, v and of the initial state) bit for bit."""
+    from performer_triton import ops
+
+    q, k, v = (t.to(DEVICE, torch.float16) for t in qkv(b=1, h=2, n=37, d=6, e=4))  # states: 16-bit only
+    P = projection(8, 6).to(DEVICE, torch.float16)
+    _, s0 = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(t.shape, generator=gen).to(t.device, t.dtype) for t in (v, s0.hz, s0.v_sum)]
+    results = []
+    for fn in (ops.favor_state, ops.favor_state_fwd):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, s0.hz, s0.v_sum)]
+        outs = fn(*leaves[:3], P, 0, True, 1e-6, *leaves[3:], s0.ref, s0.stab, True)
+        loss = (outs[0] * weights[0]).sum() + (outs[5] * weights[1]).sum() + (outs[6] * weights[2]).sum()
+        loss.backward()
+        assert (type(outs[0].grad_fn).__name__ == "_EagerBackward") == (fn is ops.favor_state)
+        results.append([t.detach() for t in (*outs[:9], *outs[9])] + [t.grad for t in leaves])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
 def test_the_decoder_continues_from_a_prefill_state():
     """A prompt run once through favor_attention(output_final_state=True) seeds the decoder, which
     then gives the outputs of one call over prompt and continuation."""

@@ -31,6 +31,10 @@ from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
 from performer_triton.feature_maps import resolve
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# peers compute the features and sums in the input dtype (performer-pytorch; fla on PyTorch
+# features): on an H200 (2026-12-04, causal bf16 n=8192) their errors were 2.5-6.7%, so they get
+# a wider budget that still catches a wrong result (NaN, a missing gradient, another formula)
+PEER_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-1, torch.bfloat16: 1e-1}
 EXACT_ROWS = 256  # queries of exact attention checked against float64
 SOFTMAX_FEATURES = resolve("softmax")  # FAVOR+ features in PyTorch, for peers that take features
 
@@ -92,6 +96,7 @@ class Impl:
     build: Callable[[Case, Inputs], Callable[[], Tensor]]
     unavailable: Callable[[Case], str | None]
     exact: bool = False  # exact softmax attention (checked differently from FAVOR+)
+    tolerance: dict = field(default_factory=lambda: PEER_TOLERANCE)  # relative error budget by dtype
     version: Callable[[], str] = field(default=lambda: "")
 
 
@@ -197,7 +202,8 @@ def _fla_unavailable(case: Case) -> str | None:
 
 
 IMPLS = {
-    "performer_triton": Impl("performer_triton", _ours, _ours_unavailable, version=lambda: _version("performer-triton")),
+    "performer_triton": Impl("performer_triton", _ours, _ours_unavailable, version=lambda: _version("performer-triton"),
+                             tolerance=TOLERANCE),
     "performer-pytorch": Impl(
         "performer-pytorch", _performer_pytorch, _performer_pytorch_unavailable, version=_performer_pytorch_version
     ),
@@ -240,13 +246,13 @@ def _exact_truth(case: Case, x: Inputs) -> tuple[Tensor, Tensor]:
 
 def verify(impl: Impl, case: Case, x: Inputs, fn: Callable[[], Tensor]) -> float:
     """Run fn once (and its backward) and compare with float64; raises AssertionError beyond
-    TOLERANCE[dtype].  Returns the largest relative error seen."""
+    impl.tolerance[dtype].  Returns the largest relative error seen."""
     for t in (x.q, x.k, x.v):
         t.grad = None
     out = fn()
     if case.backward:
         out.backward(x.grad)
-    tol = TOLERANCE[case.dtype]
+    tol = impl.tolerance[case.dtype]
     if impl.exact:
         ref_out, ref_dq = _exact_truth(case, x)
         rows = ref_out.shape[2]

@@ -1,0 +1,59 @@
+"""Host time of one fused call, without a GPU: Python, autograd and argument building of a causal
+and a non-causal fwd+bwd with every Triton launch intercepted (nothing runs on a device), through
+the public entry point (eager: ops._EagerFavor) against the torch.library custom op it bypasses,
+side by side in one run.  The first H200 run (bench/RESULTS.md) was host-bound: 2.3 ms of host
+time per causal fwd+bwd against 1.55 ms of kernels.  A real launch adds Triton's own cost
+(JITFunction.run, measured on the GPU by bench/gpu_profile.py) to both sides.
+
+    pytest bench/test_host_overhead.py
+"""
+import statistics
+import time
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from performer_triton import ops  # noqa: E402
+from performer_triton.kernels import SOFTMAX  # noqa: E402
+
+ROUNDS, CALLS = 7, 50
+
+
+def _host_us(fn) -> float:
+    """Median over ROUNDS of the mean host microseconds of CALLS calls."""
+    for _ in range(10):
+        fn()
+    rounds = []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        rounds.append((time.perf_counter() - t0) / CALLS * 1e6)
+    return statistics.median(rounds)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_host_time_eager_vs_custom_op(benchmark, monkeypatch, causal):
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda self, *args, **kwargs: None)
+    gen = torch.Generator().manual_seed(0)
+    # the target shape's head dims; a short sequence: host time does not depend on n
+    q, k, v = (torch.randn(2, 8, 64, 64, generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    P, grad = torch.randn(256, 64, generator=gen, dtype=torch.bfloat16), torch.randn(2, 8, 64, 64, generator=gen)
+
+    def call(fn):
+        def run():
+            out = fn(q, k, v, P, causal, SOFTMAX, False, True)[0]
+            out.backward(grad.to(out.dtype))
+            q.grad = k.grad = v.grad = None
+        return run
+
+    eager, op = call(ops.favor), call(ops.favor_fwd)
+    pairs = [(_host_us(eager), _host_us(op)) for _ in range(3)]  # interleaved: shared-machine drift hits both
+    eager_us = statistics.median(p[0] for p in pairs)
+    op_us = statistics.median(p[1] for p in pairs)
+    benchmark.extra_info.update(eager_us=eager_us, custom_op_us=op_us, speedup=op_us / eager_us)
+    benchmark.pedantic(eager, rounds=20, iterations=CALLS)
+    print(f"\nhost us per {'causal' if causal else 'non-causal'} fwd+bwd: eager {eager_us:.0f}, "
+          f"custom op {op_us:.0f} ({op_us / eager_us:.2f}x)")
