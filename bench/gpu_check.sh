@@ -17,6 +17,8 @@
 #   profile        python bench/gpu_profile.py --json OUTDIR/profile.json: wall time and per-kernel
 #                  device times per call at the target shape (ours causal / non-causal, SDPA), first
 #                  because it is the most telling minute of the run
+#   variants       python bench/gpu_profile.py --variants --json OUTDIR/variants.json (after the
+#                  sanitizers): ours under one launch-configuration override at a time
 #   compile_report python bench/compile_report.py --target --json OUTDIR/compile_report.json, in
 #                  the background (CPU only, niced) while the tests and the sanitizer run
 #   cuda_tests     the tests only a GPU runs (tests/test_functional.py -k cuda_autocast: CUDA
@@ -59,7 +61,7 @@ OUT="$(cd "$1" && pwd)"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 cd "$ROOT"
-rm -f "$OUT"/{stages.tsv,env.json,cuda_tests.xml,profile.json,kernel_tests.xml,targets.json,targets.xml,compile_report.json,summary.md,summary.json}
+rm -f "$OUT"/{stages.tsv,env.json,cuda_tests.xml,profile.json,variants.json,kernel_tests.xml,targets.json,targets.xml,compile_report.json,summary.md,summary.json}
 rm -f "$LOGS"/*.log
 
 PY="${PYTHON:-python3}"
@@ -264,6 +266,14 @@ else
   skip sanitize_warm "$NO_CUDA"
   skip sanitize_memcheck "$NO_CUDA"
   skip sanitize_racecheck "$NO_CUDA"
+fi
+
+# ----------------------------------------------------------------------------- variants
+# the launch-configuration overrides of bench/gpu_profile.py, one at a time, per-kernel times
+if [ "$CUDA" = 1 ]; then
+  stage variants 120 $(( SUMMARY_RESERVE + 40 )) '"$PY" bench/gpu_profile.py --variants --json "$OUT/variants.json"'
+else
+  skip variants "$NO_CUDA"
 fi
 
 # ----------------------------------------------------------------------------- targets

@@ -4,15 +4,23 @@
 
 For each of causal / non-causal x fwd / fwd+bwd (bf16 b=2 h=8 d=e=64 m=256, default arguments):
 the wall time per call (triton.testing.do_bench, L2 flushed), the summed device time of each
-kernel per call (torch.profiler, 10 calls), and the same for SDPA (flash) and, with --fla, fla's
-chunk linear attention on PyTorch features.  Wall time well above the summed kernel time means the
-host (Python, dispatch, launches) is the bottleneck.  Needs a CUDA device; gpu_check.sh runs it.
+kernel per call (torch.profiler, 10 calls), the host time per call (30 calls queued without
+synchronising), and the same for SDPA (flash) and, with --fla, fla's chunk linear attention on
+PyTorch features.  Wall time well above the summed kernel time means the host (Python, dispatch,
+launches) is the bottleneck.
+
+--variants: instead, the same fwd+bwd calls of ours with one launch-configuration key overridden at a
+time (VARIANTS: m tiles, warps, stages of the launchers' _config), each checked against the
+default configuration's output and gradients, for the per-kernel times of each: the next GPU
+session's tuning table in one run.  Bench-only: the launchers' _config is wrapped here, nothing
+in the library reads an override.  Needs a CUDA device; gpu_check.sh runs it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -37,11 +45,71 @@ def _profile(fn, calls: int = 10) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+# one override of the launchers' _config per variant (keys a module's config lacks are ignored)
+# (first the ones the H200 profile points at: the non-causal output kernel's m loop, the walks)
+VARIANTS = [
+    {"BM_out": 64}, {"num_warps": 8}, {"BM": 64}, {"num_stages": 2}, {"BM_bwd": 32}, {"BM_out": 16},
+    {"BM": 16}, {"BM_dstate": 16}, {"num_warps_bwd": 8}, {"num_stages": 4},
+]
+
+
+def _host_us(fn, calls: int = 30) -> float:
+    """Host microseconds per call with the calls queued (no synchronisation between them)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _variants(calls: dict, grads_of, on_result=lambda results: None) -> dict:
+    """{variant: {call: {"kernels_us", "kernels", "rel_err"} or {"error"}}} for VARIANTS; calls:
+    {name: forward fn}, grads_of(fn) -> [out, dq, dk, dv] of one fwd+bwd (what is profiled)."""
+    import performer_triton.kernels.causal as C
+    import performer_triton.kernels.noncausal as NC
+
+    originals = {C: C._config, NC: NC._config}
+    reference = {name: grads_of(fn) for name, fn in calls.items()}
+    results = {}
+    for override in VARIANTS:
+        label = " ".join(f"{k}={v}" for k, v in override.items())
+        for module, original in originals.items():
+            def patched(*args, _original=original, **kwargs):
+                cfg = dict(_original(*args, **kwargs))
+                cfg.update({k: v for k, v in override.items() if k in cfg})
+                return cfg
+            module._config = patched
+        try:
+            for name, fn in calls.items():
+                try:
+                    got = grads_of(fn)
+                    err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                              for a, b in zip(got, reference[name]))
+                    kernels = _profile(lambda fn=fn: grads_of(fn))
+                    results.setdefault(label, {})[name] = {"kernels_us": sum(kernels.values()), "kernels": kernels,
+                                                           "rel_err": err}
+                    print(f"{label:>16}  {name}: kernels {sum(kernels.values()):8.1f} us, rel err vs default "
+                          f"{err:.1e}; " + ", ".join(f"{k[:24]} {us:.0f}" for k, us in list(kernels.items())[:5]))
+                except Exception as exc:  # a variant that does not compile or fit
+                    results.setdefault(label, {})[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                    print(f"{label:>16}  {name}: {type(exc).__name__}: {str(exc)[:200]}")
+                sys.stdout.flush()
+            on_result(results)
+        finally:
+            for module, original in originals.items():
+                module._config = original
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--json", default=None)
     parser.add_argument("--fla", action="store_true", help="also fla's chunk linear attention (its autotuning takes minutes)")
+    parser.add_argument("--variants", action="store_true", help="instead: ours under each VARIANTS override")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -85,24 +153,41 @@ def main() -> int:
         print(f"fla unavailable: {type(exc).__name__}: {exc}")
     report = {"shape": dict(b=b, h=h, n=n, d=d, m=m, dtype="bf16"), "device": torch.cuda.get_device_name(),
               "runs": {}}
-    for name, f in impls.items():
+    for name, f in ({} if opts.variants else impls).items():  # --variants: only those
         for label, fn in ((f"{name} fwd", f), (f"{name} fwd+bwd", fwd_bwd(f))):
             try:
                 with torch.no_grad() if label.endswith(" fwd") else torch.enable_grad():
                     ms = triton.testing.do_bench(fn, warmup=50, rep=200)
                     kernels = _profile(fn)
+                    host = _host_us(fn)
             except Exception as exc:
                 print(f"{label}: {type(exc).__name__}: {exc}")
                 continue
             total = sum(kernels.values())
-            report["runs"][label] = {"ms": ms, "device_us": total, "kernels": kernels}
-            print(f"\n{label}: {ms * 1e3:.1f} us per call, kernels {total:.1f} us")
+            report["runs"][label] = {"ms": ms, "device_us": total, "host_us": host, "kernels": kernels}
+            print(f"\n{label}: {ms * 1e3:.1f} us per call, kernels {total:.1f} us, host {host:.1f} us")
             for kname, us in list(kernels.items())[:14]:
                 print(f"  {us:9.1f} us  {kname}")
             sys.stdout.flush()
-    if opts.json:
+    if opts.json:  # written before the variants too: what a cut-off run measured stays
         with open(opts.json, "w") as fh:
             json.dump(report, fh, indent=1)
+    if opts.variants:
+        def grads_of(fn):
+            for t in (q, k, v):
+                t.grad = None
+            out = fn()
+            out.backward(grad)
+            return [out.detach(), *(t.grad for t in (q, k, v))]
+
+        def save(results):  # after every variant: a run cut off by its time limit keeps what it measured
+            report["variants"] = results
+            if opts.json:
+                with open(opts.json, "w") as fh:
+                    json.dump(report, fh, indent=1)
+
+        _variants({"causal fwd+bwd": impls["ours causal"], "noncausal fwd+bwd": impls["ours noncausal"]},
+                  grads_of, save)
     return 0
 
 

@@ -17,6 +17,8 @@ ran out of time leaves less, and the summary says so):
                           context length: the cached decode step against recomputing)
     profile.json          `bench/gpu_profile.py --json`: wall and per-kernel device times per
                           call at the target shape
+    variants.json         `bench/gpu_profile.py --variants --json`: the same under one launch-
+                          configuration override at a time
     compile_report.json   `bench/compile_report.py --target --json`: {"kernels": [...],
                           "calls": [{"name", "estimate_us", "roofline_us", ...}]}
 
@@ -309,6 +311,19 @@ def profile_rows(profile: dict | None) -> list[dict]:
     return rows
 
 
+def variant_rows(variants: dict | None) -> list[dict]:
+    """bench/gpu_profile.py --variants: {variant, causal, noncausal} with each call's summed kernel
+    us, relative error against the default configuration, or its error."""
+    rows = []
+    for label, calls in ((variants or {}).get("variants") or {}).items():
+        row = dict(variant=label)
+        for mode in ("causal", "noncausal"):
+            r = calls.get(f"{mode} fwd+bwd") or {}
+            row[mode] = r.get("error") or (r.get("kernels_us"), r.get("rel_err"))
+        rows.append(row)
+    return rows
+
+
 def kernel_times(profile: dict | None) -> dict[str, float]:
     """Our summed kernel times (us) per call from the profile: {causal_fwd, causal_fwd+bwd, ...}."""
     out = {}
@@ -442,6 +457,7 @@ def summarize(out: Path) -> dict:
         target_shape=TARGET_SHAPE,
         measured_us=measured,
         profile=profile_rows(profile),
+        variants=variant_rows(read_json(out / "variants.json")),
         estimates=estimate_rows(report, measured, kernel_times(profile)) if report or measured else [],
         compile_report=None if report is None else dict(
             kernels=len(report.get("kernels", [])), target=report.get("target"), flags=compile_flags(report),
@@ -554,6 +570,15 @@ def markdown(s: dict) -> str:
     else:
         lines.append("no results (see the stages)")
     lines.append("")
+
+    if s.get("variants"):
+        lines += ["Launch-configuration variants (`bench/gpu_profile.py --variants`), fwd+bwd kernel us "
+                  "(relative error against the default configuration):", "",
+                  "| variant | causal | non-causal |", "|---|---|---|"]
+        for r in s["variants"]:
+            cells = [c if isinstance(c, str) else f"{_fmt(c[0])} ({_fmt(c[1], 2)})" for c in (r["causal"], r["noncausal"])]
+            lines.append(f"| {r['variant']} | {cells[0]} | {cells[1]} |")
+        lines.append("")
 
     lines += [f"## Compile report estimates vs measured, {TARGET_SHAPE}", ""]
     if s["estimates"]:

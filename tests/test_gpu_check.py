@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "bench" / "gpu_summary.py"
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "kernel_tests", "sanitize_warm", "sanitize_memcheck",
-              "sanitize_racecheck", "targets", "generation")
+GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "kernel_tests", "sanitize_warm",
+              "sanitize_memcheck", "sanitize_racecheck", "variants", "targets", "generation")
 
 
 def junit(cases: list[tuple[str, str, str]]) -> str:
@@ -104,6 +104,10 @@ def stage_outputs(tmp_path):
         "ours causal fwd": {"ms": 0.21, "device_us": 150.0, "kernels": {"_state_kernel": 100.0, "_output_kernel": 50.0}},
         "ours causal fwd+bwd": {"ms": 0.9, "device_us": 450.0, "kernels": {"_bwd_qk_kernel": 450.0}},
         "sdpa causal fwd": {"ms": 0.3, "device_us": 290.0, "kernels": {"flash": 290.0}}}}))
+    (out / "variants.json").write_text(json.dumps({"variants": {
+        "BM_out=64": {"causal fwd+bwd": {"kernels_us": 1400.0, "rel_err": 0.004, "kernels": {}},
+                      "noncausal fwd+bwd": {"kernels_us": 800.0, "rel_err": 0.003, "kernels": {}}},
+        "num_warps=8": {"causal fwd+bwd": {"error": "OutOfResources: shared memory"}}}}))
     return out
 
 
@@ -150,6 +154,8 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     prof = {r["run"]: r for r in s["profile"]}
     assert prof["ours causal fwd"]["wall_us"] == 210.0 and prof["ours causal fwd"]["kernels"][0] == ["_state_kernel", 100.0]
     assert "| ours causal fwd | 210 | 150 | _state_kernel 100, _output_kernel 50 |" in md
+    assert "| BM_out=64 | 1,400 (0.004) | 800 (0.003) |" in md
+    assert "| num_warps=8 | OutOfResources: shared memory | - (-) |" in md
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
     assert s["generation"] == [dict(n=128, cached_ms=0.5, recompute_ms=2.0), dict(n=4096, cached_ms=0.55, recompute_ms=40.0)]
     assert s["packed"] == [dict(case="causal-prefix", fused_ms=2.0, per_sequence_ms=9.0, speedup=4.5)]
@@ -194,3 +200,49 @@ def test_script_without_cuda_records_skips(tmp_path):
 def test_script_usage():
     run = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and "OUTDIR" in run.stderr
+
+
+def test_profile_variants_override_the_launch_configs(monkeypatch):
+    """bench/gpu_profile.py's --variants (run on the GPU) on the interpreter: each override reaches
+    the launchers' _config and is undone after, a variant that cannot launch is recorded (not
+    raised), and each variant's outputs are compared with the default configuration's."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    import torch
+
+    import performer_triton.kernels.causal as C
+    import performer_triton.kernels.noncausal as NC
+    from performer_triton import favor_attention
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "bench" / "gpu_profile.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    seen = []
+
+    def fake_profile(fn):
+        fn()
+        seen.append((C._config(16, 16, 32, torch.float32)["num_warps"], NC._config(16, 16, 32, torch.float32)["BM_out"]))
+        return {"_output_kernel": 1.0}
+
+    default_bm_out = NC._config(16, 16, 32, torch.float32)["BM_out"]
+    monkeypatch.setattr(gp, "_profile", fake_profile)
+    monkeypatch.setattr(gp, "VARIANTS", [{"num_warps": 8}, {"BM_out": 48}])  # 48: no power of two
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=gen).requires_grad_() for _ in range(3))
+    P = torch.randn(32, 16, generator=gen)
+
+    def grads_of(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    calls = {"noncausal fwd+bwd": lambda: favor_attention(q, k, v, P, causal=False, backend="triton")}
+    res = gp._variants(calls, grads_of)
+    assert res["num_warps=8"]["noncausal fwd+bwd"]["rel_err"] < 1e-5  # warps change no numbers
+    assert seen[0] == (8, default_bm_out)
+    assert "error" in res["BM_out=48"]["noncausal fwd+bwd"]
+    assert C._config(16, 16, 32, torch.float32)["num_warps"] == 4  # undone
+    assert NC._config(16, 16, 32, torch.float32)["BM_out"] == default_bm_out
