@@ -1,6 +1,6 @@
 """Host time of one fused call, without a GPU: Python, autograd and argument building of a causal
 and a non-causal fwd+bwd with every Triton launch intercepted (nothing runs on a device), through
-the public entry point (eager: ops._EagerFavor) against the torch.library custom op it bypasses,
+the public entry point (eager: ops._Eager) against the torch.library custom op it bypasses,
 side by side in one run.  The first H200 run (bench/RESULTS.md) was host-bound: 2.3 ms of host
 time per causal fwd+bwd against 1.55 ms of kernels.  A real launch adds Triton's own cost
 (JITFunction.run, measured on the GPU by bench/gpu_profile.py) to both sides.

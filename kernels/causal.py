@@ -22,6 +22,9 @@ Splitting the backward three ways keeps each kernel's live tiles within the regi
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +34,7 @@ from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
     block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
-    half_sq_norm_rows, head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
+    half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
     packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows
 )
 
@@ -739,7 +742,8 @@ def _bwd_v_kernel(
     store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
 
 
-def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> dict:
+@host_cache
+def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> Mapping:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
     states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
     q and k tiles in 16 bits; fp32 reads them in BK_out-wide chunks, NK_out of them (heads up to
@@ -759,7 +763,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
     BD = cfg["BD"]
     BK_out = min(BD, 16 if BD <= 64 else 32) if dtype == torch.float32 else BD
     BM_bwd = 16
-    return cfg | dict(
+    return MappingProxyType(cfg | dict(
         BM_out=16,
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else cdiv(d, BK_out),
@@ -773,7 +777,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
-    )
+    ))
 
 
 def _kernel_stats(

@@ -23,6 +23,8 @@ factorisation they implement.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -590,6 +592,21 @@ def feature_dims(q: torch.Tensor, projection: torch.Tensor | None, feature: int)
     return projection.shape[0], projection.shape[1]
 
 
+def host_cache(fn):
+    """functools.lru_cache of a launcher's host-side config for plain int / bool / dtype
+    arguments (every launcher asks per call); other arguments (torch.compile's SymInts under
+    dynamic shapes, unhashable) compute it afresh.  The result is shared: read-only."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def config(*args):
+        if all(type(a) in (int, bool, torch.dtype) for a in args):
+            return cached(*args)
+        return fn(*args)
+    config.cache_clear = cached.cache_clear
+    return config
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers' host code: triton.cdiv and triton.next_power_of_2 are
     constexpr functions in triton >= 3.5 that cost microseconds per host call (23 of them per
@@ -625,7 +642,6 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BK=min(BD, 32 if fp32 else 64),
         BV=max(16, next_power_of_2(e)),
         EV=32 if fp32 else 64,
-        PRECISION=PRECISION,
         # 16-bit: 3 stages keep the next tiles' loads in flight (at 2, Triton's pipeliner waits
         # for each iteration's own loads: compile report "pipelined"); fp32 tiles are twice the
         # size and a second stage's buffers cost registers
@@ -655,7 +671,7 @@ def launch_options(cfg: dict, role: str, **constexprs) -> dict:
     role's m tile as BM and its num_warps, BD ("state": key states, "out": output) or BK
     ("bwd": reverse states and gradients), and constexprs."""
     bm, warps = _ROLES[role]
-    opts = dict(BT=cfg["BT"], BM=cfg[bm], BV=cfg["BV"], PRECISION=cfg["PRECISION"],
+    opts = dict(BT=cfg["BT"], BM=cfg[bm], BV=cfg["BV"], PRECISION=PRECISION,  # read per launch, not cached
                 num_warps=cfg[warps], num_stages=cfg["num_stages"])
     if role == "bwd":
         opts["BK"] = cfg["BK"]

@@ -21,6 +21,9 @@ read-modify-write of global buffers).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +33,7 @@ from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
     block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
     dash_tile, diag_rows, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
-    head_scale, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, next_power_of_2,
+    head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, next_power_of_2,
     packing_args, sequence_rows, store_input_grad, store_rows
 )
 
@@ -455,7 +458,8 @@ def _bwd_kv_kernel(
         store_input_grad(dk, p_k, b_dx, b_rs, o_row, o_t, m_t, stride_kn, o_k, m_k, D, dn, FEATURE)
 
 
-def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
+@host_cache
+def _config(d: int, e: int, m: int, dtype: torch.dtype) -> Mapping:
     """feature_map.block_config plus the non-causal kernels' own: the output kernel takes m tiles
     of at most 32; the gradient kernels keep the most tiles live and take the smallest
     m tile, except for GIVEN feature tiles (no projection tiles live), where sm_80's ptxas
@@ -471,7 +475,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # sequential steps of a split walk at 32 (and half the re-reads of its key blocks), for
         # 2 CTAs per SM instead of 3; 128-wide tiles spill at 64 (compile report)
         cfg["BM"] = min(64, max(16, next_power_of_2(m)))
-    return cfg | dict(
+    return MappingProxyType(cfg | dict(
         # m tiles of 64 in the output kernel spilled 350-650 B on sm_80 for 16-bit heads whose d
         # is not a multiple of 16 (d = 24, full sweep); its loop has no chain to shorten
         BM_out=min(cfg["BM"], 32),
@@ -480,7 +484,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BM_combine=32,
         num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
-    )
+    ))
 
 
 # Split sums: at most MAX_SPLITS partials per b*h (the combine kernel reads their references as

@@ -287,36 +287,38 @@ favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_co
 
 
 class _Eager(torch.autograd.Function):
-    """op = (implementation, setup_context, backward, backward implementation) of a custom op
-    whose last output is a list of tensors (returned flat: autograd tracks tensors, not lists)."""
+    """op = (implementation, setup_context, backward, backward implementation, backward op) of a
+    custom op whose last output is a list of tensors (returned flat: autograd tracks tensors, not
+    lists).  A backward that builds a graph (create_graph) calls the backward op, which has no
+    autograd formula: it raises as the custom op does, never a silently first-order gradient."""
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        fwd, setup, _, _ = ctx.op = op
+        fwd, setup, *_ = ctx.op = op
         outputs = fwd(*inputs)
         setup(ctx, inputs, outputs)
         return *outputs[:-1], *outputs[-1]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        _, _, backward, bwd = ctx.op
+        _, _, backward, bwd, bwd_op = ctx.op
         # backward counts its gradients from needs_input_grad, which here counts op too
-        return None, *backward(ctx, *grads, bwd=bwd)[:-1]
+        return None, *backward(ctx, *grads, bwd=bwd_op if torch.is_grad_enabled() else bwd)[:-1]
 
 
-_FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd)
-_FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd)
+_FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd, favor_bwd)
+_FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd, favor_state_bwd)
 
 
 def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """Plain tensors, outside torch.compile, functorch transforms and torch function or dispatch
-    modes (fake and meta tensors, FlopCounterMode, vmap): where the op's dispatch does nothing."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    """Plain tensors (or parameters), outside torch.compile, torch.jit tracing, functorch
+    transforms and torch function or dispatch modes (fake and meta tensors, FlopCounterMode, vmap;
+    torch.device as a context manager too): where the op's dispatch does nothing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def _call(op, custom_op, fixed: int, use_triton: bool, *inputs):

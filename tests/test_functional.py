@@ -520,6 +520,28 @@ def test_eager_calls_skip_the_op_dispatch_with_the_same_numbers(causal):
     assert fake[0].shape == (2, 3, 37, 6) and type(fake[0]).__name__ == "FakeTensor"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_calls_outside_plain_eager_mode():
+    """What the eager path must leave to the op: torch.compile with dynamic shapes (SymInt head
+    dims reach the launchers' cached configs), torch.jit.trace (traced sizes), and a double
+    backward, which raises as the op does instead of returning a first-order gradient."""
+    q, k, v = (t.to(DEVICE).float() for t in qkv(b=1, h=2, n=37, d=8, e=6))
+    P = projection(12, 8).to(DEVICE)
+
+    def attend(q, k, v):
+        return favor_attention(q, k, v, P, causal=True, backend="triton")
+
+    compiled = torch.compile(attend, backend="eager", dynamic=True)
+    for n in (37, 20):
+        assert torch.equal(compiled(q[:, :, :n], k[:, :, :n], v[:, :, :n]), attend(q[:, :, :n], k[:, :, :n], v[:, :, :n]))
+    traced = torch.jit.trace(attend, (q, k, v), check_trace=False)
+    assert torch.equal(traced(q, k, v), attend(q, k, v))
+    leaf = q.clone().requires_grad_()
+    (dq,) = torch.autograd.grad(attend(leaf, k, v).sum(), leaf, create_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError):
+        dq.square().sum().backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "rearranged"])
