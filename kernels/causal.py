@@ -22,8 +22,6 @@ Splitting the backward three ways keeps each kernel's live tiles within the regi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 
 import torch
 import triton
@@ -743,7 +741,7 @@ def _bwd_v_kernel(
 
 
 @host_cache
-def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> Mapping:
+def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> dict:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
     states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
     q and k tiles in 16 bits; fp32 reads them in BK_out-wide chunks, NK_out of them (heads up to
@@ -763,7 +761,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
     BD = cfg["BD"]
     BK_out = min(BD, 16 if BD <= 64 else 32) if dtype == torch.float32 else BD
     BM_bwd = 16
-    return MappingProxyType(cfg | dict(
+    return cfg | dict(
         BM_out=16,
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else cdiv(d, BK_out),
@@ -777,7 +775,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
-    ))
+    )
 
 
 def _kernel_stats(

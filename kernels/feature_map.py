@@ -23,8 +23,6 @@ factorisation they implement.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -593,17 +591,18 @@ def feature_dims(q: torch.Tensor, projection: torch.Tensor | None, feature: int)
 
 
 def host_cache(fn):
-    """functools.lru_cache of a launcher's host-side config for plain int / bool / dtype
-    arguments (every launcher asks per call); other arguments (torch.compile's SymInts under
-    dynamic shapes, unhashable) compute it afresh.  The result is shared: read-only."""
-    cached = functools.lru_cache(maxsize=None)(fn)
+    """A launcher's host-side config, computed once per plain int / bool / dtype arguments
+    (every launcher asks per call; a copy each time, so callers may change theirs); other
+    arguments (torch.compile's SymInts under dynamic shapes: unhashable) compute it afresh."""
+    memo: dict = {}
 
-    @functools.wraps(fn)
     def config(*args):
-        if all(type(a) in (int, bool, torch.dtype) for a in args):
-            return cached(*args)
-        return fn(*args)
-    config.cache_clear = cached.cache_clear
+        if not all(type(a) in (int, bool, torch.dtype) for a in args):
+            return fn(*args)
+        if args not in memo:
+            memo[args] = fn(*args)
+        return dict(memo[args])
+    config.__doc__, config.__wrapped__, config.cache_clear = fn.__doc__, fn, memo.clear
     return config
 
 

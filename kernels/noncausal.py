@@ -21,8 +21,6 @@ read-modify-write of global buffers).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 
 import torch
 import triton
@@ -459,7 +457,7 @@ def _bwd_kv_kernel(
 
 
 @host_cache
-def _config(d: int, e: int, m: int, dtype: torch.dtype) -> Mapping:
+def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """feature_map.block_config plus the non-causal kernels' own: the output kernel takes m tiles
     of at most 32; the gradient kernels keep the most tiles live and take the smallest
     m tile, except for GIVEN feature tiles (no projection tiles live), where sm_80's ptxas
@@ -475,7 +473,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> Mapping:
         # sequential steps of a split walk at 32 (and half the re-reads of its key blocks), for
         # 2 CTAs per SM instead of 3; 128-wide tiles spill at 64 (compile report)
         cfg["BM"] = min(64, max(16, next_power_of_2(m)))
-    return MappingProxyType(cfg | dict(
+    return cfg | dict(
         # m tiles of 64 in the output kernel spilled 350-650 B on sm_80 for 16-bit heads whose d
         # is not a multiple of 16 (d = 24, full sweep); its loop has no chain to shorten
         BM_out=min(cfg["BM"], 32),
@@ -484,7 +482,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> Mapping:
         BM_combine=32,
         num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
-    ))
+    )
 
 
 # Split sums: at most MAX_SPLITS partials per b*h (the combine kernel reads their references as
