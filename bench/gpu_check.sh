@@ -17,12 +17,12 @@
 #   profile        python bench/gpu_profile.py --json OUTDIR/profile.json: wall time and per-kernel
 #                  device times per call at the target shape (ours causal / non-causal, SDPA), first
 #                  because it is the most telling minute of the run
-#   variants       python bench/gpu_profile.py --variants --json OUTDIR/variants.json (after the
-#                  sanitizers): ours under one launch-configuration override at a time
 #   compile_report python bench/compile_report.py --target --json OUTDIR/compile_report.json, in
 #                  the background (CPU only, niced) while the tests and the sanitizer run
 #   cuda_tests     the tests only a GPU runs (tests/test_functional.py -k cuda_autocast: CUDA
 #                  autocast training steps); junit in OUTDIR/cuda_tests.xml
+#   variants       python bench/gpu_profile.py --variants --json OUTDIR/variants.json: ours under
+#                  one launch-configuration override at a time (the tuning table)
 #   kernel_tests   pytest on the kernel test files (GPU_CHECK_TESTS) on CUDA: tests/conftest.py
 #                  selects CUDA whenever torch sees a device (the interpreter only without one);
 #                  no -x; pytest-xdist workers when installed; junit in OUTDIR/kernel_tests.xml
@@ -210,24 +210,33 @@ finish_compile_report() {
 # first, as the most telling minute: per-kernel device times and wall time per call at the target
 # shape (wall far above the kernels' sum: the host is the bottleneck)
 if [ "$CUDA" = 1 ]; then
-  stage profile 75 300 '"$PY" bench/gpu_profile.py --json "$OUT/profile.json"'
+  stage profile 120 330 '"$PY" bench/gpu_profile.py --json "$OUT/profile.json"'
 else
   skip profile "$NO_CUDA"
 fi
 
-# ----------------------------------------------------------------------------- kernel tests
+# ----------------------------------------------------------------------------- tests on CUDA, variants
+PYTEST_OPTS="-q -rfE -p no:cacheprovider"
+if has_module xdist; then PYTEST_OPTS="$PYTEST_OPTS -n $WORKERS"; fi
+if has_module pytest_timeout; then PYTEST_OPTS="$PYTEST_OPTS --timeout 240"; fi
+# the tests that only a GPU runs (CUDA autocast training) first: the first run's kernel tests ran
+# out of time before most of them
 if [ "$CUDA" = 1 ]; then
-  PYTEST_OPTS="-q -rfE -p no:cacheprovider"
-  if has_module xdist; then PYTEST_OPTS="$PYTEST_OPTS -n $WORKERS"; fi
-  if has_module pytest_timeout; then PYTEST_OPTS="$PYTEST_OPTS --timeout 240"; fi
-  # the tests that only a GPU runs (CUDA autocast training) first: the first run's kernel tests
-  # ran out of time before most of them
-  stage cuda_tests 60 280 "\"\$PY\" -m pytest tests/test_functional.py -k cuda_autocast $PYTEST_OPTS \
+  stage cuda_tests 60 320 "\"\$PY\" -m pytest tests/test_functional.py -k cuda_autocast $PYTEST_OPTS \
       --junitxml \"\$OUT/cuda_tests.xml\""
+else
+  skip cuda_tests "$NO_CUDA"
+fi
+# the launch-configuration overrides of bench/gpu_profile.py, one at a time, per-kernel times
+if [ "$CUDA" = 1 ]; then
+  stage variants 120 260 '"$PY" bench/gpu_profile.py --variants --json "$OUT/variants.json"'
+else
+  skip variants "$NO_CUDA"
+fi
+if [ "$CUDA" = 1 ]; then
   stage kernel_tests 100 200 "\"\$PY\" -m pytest ${TESTS[*]} -k 'not cuda_autocast' $PYTEST_OPTS \
       --junitxml \"\$OUT/kernel_tests.xml\""
 else
-  skip cuda_tests "$NO_CUDA"
   skip kernel_tests "$NO_CUDA"
 fi
 
@@ -266,14 +275,6 @@ else
   skip sanitize_warm "$NO_CUDA"
   skip sanitize_memcheck "$NO_CUDA"
   skip sanitize_racecheck "$NO_CUDA"
-fi
-
-# ----------------------------------------------------------------------------- variants
-# the launch-configuration overrides of bench/gpu_profile.py, one at a time, per-kernel times
-if [ "$CUDA" = 1 ]; then
-  stage variants 120 $(( SUMMARY_RESERVE + 40 )) '"$PY" bench/gpu_profile.py --variants --json "$OUT/variants.json"'
-else
-  skip variants "$NO_CUDA"
 fi
 
 # ----------------------------------------------------------------------------- targets

@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "bench" / "gpu_summary.py"
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "kernel_tests", "sanitize_warm",
-              "sanitize_memcheck", "sanitize_racecheck", "variants", "targets", "generation")
+GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "variants", "kernel_tests",
+              "sanitize_warm", "sanitize_memcheck", "sanitize_racecheck", "targets", "generation")
 
 
 def junit(cases: list[tuple[str, str, str]]) -> str:
