@@ -108,7 +108,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--fla", action="store_true", help="also fla's chunk linear attention (its autotuning takes minutes)")
+    parser.add_argument("--fla", action="store_true",
+                        help="also fla's chunk linear attention (its autotuning takes minutes)")
     parser.add_argument("--variants", action="store_true", help="instead: ours under each VARIANTS override")
     opts = parser.parse_args()
     if not torch.cuda.is_available():

@@ -324,14 +324,10 @@ def variant_rows(variants: dict | None) -> list[dict]:
     return rows
 
 
-def kernel_times(profile: dict | None) -> dict[str, float]:
-    """Our summed kernel times (us) per call from the profile: {causal_fwd, causal_fwd+bwd, ...}."""
-    out = {}
-    for r in profile_rows(profile):
-        parts = r["run"].split()
-        if parts[0] == "ours":
-            out[f"{parts[1]}_{parts[2]}"] = r["kernels_us"]
-    return out
+def ours_by_call(profile: dict | None, key: str) -> dict[str, float]:
+    """One value of our profile runs per call ("ours causal fwd" -> causal_fwd): key "kernels_us"
+    (summed kernel times) or "wall_us"."""
+    return {"_".join(r["run"].split()[1:]): r[key] for r in profile_rows(profile) if r["run"].startswith("ours ")}
 
 
 def estimate_rows(report: dict | None, measured: dict[str, float], kernels: dict[str, float]) -> list[dict]:
@@ -440,9 +436,8 @@ def summarize(out: Path) -> dict:
             sanitizer[tool] = dict(verdict=stage["detail"])
     profile = read_json(out / "profile.json")
     measured = measured_times(bench_json)
-    for call, r in ((f"{p['run'].split()[1]}_{p['run'].split()[2]}", p) for p in profile_rows(profile)
-                    if p["run"].startswith("ours ")):
-        measured.setdefault(call, r["wall_us"])  # when the targets did not time it
+    for call, wall_us in ours_by_call(profile, "wall_us").items():
+        measured.setdefault(call, wall_us)  # when the targets did not time it
     return dict(
         env=env, stages=stages,
         kernel_tests=None if tests is None else {k: v for k, v in tests.items() if k != "cases"}
@@ -458,7 +453,7 @@ def summarize(out: Path) -> dict:
         measured_us=measured,
         profile=profile_rows(profile),
         variants=variant_rows(read_json(out / "variants.json")),
-        estimates=estimate_rows(report, measured, kernel_times(profile)) if report or measured else [],
+        estimates=estimate_rows(report, measured, ours_by_call(profile, "kernels_us")) if report or measured else [],
         compile_report=None if report is None else dict(
             kernels=len(report.get("kernels", [])), target=report.get("target"), flags=compile_flags(report),
             calls={c.get("name"): {k: c.get(k) for k in ("launches", "triton_launches", "intermediate_bytes",
@@ -576,7 +571,8 @@ def markdown(s: dict) -> str:
                   "(relative error against the default configuration):", "",
                   "| variant | causal | non-causal |", "|---|---|---|"]
         for r in s["variants"]:
-            cells = [c if isinstance(c, str) else f"{_fmt(c[0])} ({_fmt(c[1], 2)})" for c in (r["causal"], r["noncausal"])]
+            cells = [c if isinstance(c, str) else f"{_fmt(c[0])} ({_fmt(c[1], 2)})"
+                     for c in (r["causal"], r["noncausal"])]
             lines.append(f"| {r['variant']} | {cells[0]} | {cells[1]} |")
         lines.append("")
 
@@ -585,8 +581,8 @@ def markdown(s: dict) -> str:
         lines += ["| call | estimate us | roofline us | measured us | kernels us | measured / estimate "
                   "| kernels / estimate | measured / roofline |", "|---|---|---|---|---|---|---|---|"]
         for r in s["estimates"]:
-            lines.append(f"| {r['call']} | {_fmt(r['estimate_us'])} | {_fmt(r['roofline_us'])} | {_fmt(r['measured_us'])} "
-                         f"| {_fmt(r.get('kernels_us'))} | {_fmt(r['measured_over_estimate'])} "
+            lines.append(f"| {r['call']} | {_fmt(r['estimate_us'])} | {_fmt(r['roofline_us'])} "
+                         f"| {_fmt(r['measured_us'])} | {_fmt(r.get('kernels_us'))} | {_fmt(r['measured_over_estimate'])} "
                          f"| {_fmt(r.get('kernels_over_estimate'))} | {_fmt(r['measured_over_roofline'])} |")
         lines.append("")
         lines.append("measured = wall time per call; kernels = summed device time of its kernels (profile); "

@@ -22,7 +22,6 @@ Splitting the backward three ways keeps each kernel's live tiles within the regi
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -602,7 +602,7 @@ def host_cache(fn):
         if args not in memo:
             memo[args] = fn(*args)
         return dict(memo[args])
-    config.__doc__, config.__wrapped__, config.cache_clear = fn.__doc__, fn, memo.clear
+    config.__doc__ = fn.__doc__
     return config
 
 

@@ -21,7 +21,6 @@ read-modify-write of global buffers).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

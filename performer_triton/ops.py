@@ -310,19 +310,19 @@ _FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd, favor_bwd)
 _FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd, favor_state_bwd)
 
 
-def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """Plain tensors (or parameters), outside torch.compile, torch.jit tracing, functorch
+def _plain_eager(inputs: tuple) -> bool:
+    """Tensor inputs plain (or parameters), outside torch.compile, torch.jit tracing, functorch
     transforms and torch function or dispatch modes (fake and meta tensors, FlopCounterMode, vmap;
     torch.device as a context manager too): where the op's dispatch does nothing."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    return all(type(t) in (Tensor, torch.nn.Parameter) for t in inputs if isinstance(t, Tensor))
 
 
 def _call(op, custom_op, fixed: int, use_triton: bool, *inputs):
-    if use_triton and _plain_eager(*(t for t in inputs if isinstance(t, Tensor) or t is None)):
+    if use_triton and _plain_eager(inputs):
         outputs = _Eager.apply(op, *inputs)
         return *outputs[:fixed], list(outputs[fixed:])
     return custom_op(*inputs)
