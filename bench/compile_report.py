@@ -55,12 +55,17 @@ Every compile also reads its TTGIR (shown in the table; checked only by --target
   no synchronous tt.load (one whose result is used in the same iteration; a load whose result only
   feeds scf.yield is a register prefetch) and every ttg.async_wait in it keeps >= 1 group in flight
   (num >= 1); `ttg.async_wait {num = 0}` means each iteration waits for its own loads.
+- narrow: 2-D async copies global -> shared that cannot move 16 bytes per cp.async (the tile's
+  fastest dimension differs between the source's blocked layout and the shared layout, or a
+  swizzle keeps fewer than 16 bytes together; narrow_copies_of): 4-byte copies scattered over the
+  banks.  The first GPU run's two slowest kernels (17x their model) were the two that copied fp32
+  state tiles into the transposed shared layout of a tf32 wgmma operand this way.
 
 --target compiles only what the four launcher calls causal_fwd, causal_bwd, noncausal_fwd and
 noncausal_bwd launch at TARGET (bf16, b=2 h=8 n=8192 d=e=64 m=256, softmax features, causal
 without prefix), captured on meta tensors with the real specialisation (N % 16 == 0 hints), and
-exits 1 also on duplication > 1 or an unpipelined loop (unless EXCEPTIONS names the kernel and
-check with a reason).  Per call it reports:
+exits 1 also on duplication > 1, an unpipelined loop or a narrow copy (unless EXCEPTIONS names the
+kernel and check with a reason).  Per call it reports:
 - launches = Triton launches + torch ops.  Torch ops are counted by a TorchDispatchMode around the
   launcher on meta tensors: every aten op except views (OpOverload.is_view), empty allocations and
   metadata/alias ops (_NO_KERNEL_OPS), i.e. the ops that launch a GPU kernel.
@@ -219,6 +224,7 @@ class Result:
     dup_detail: list = field(default_factory=list)  # per dot: "MxN vV warps=[W0,W1] -> xF"
     pipelined: bool = True  # every loop that loads from global memory keeps loads in flight
     loops: list = field(default_factory=list)  # per-loop details (loops_of): dicts
+    narrow_copies: list = field(default_factory=list)  # async copies under 16 B each (narrow_copies_of)
     exp_static: list = field(default_factory=list)  # (elements, loop depth) per math.exp/exp2 (exp_ops)
     compile_s: float = 0.0
     problems: list = field(default_factory=list)
@@ -598,6 +604,52 @@ def pipelining_of(loop: dict) -> bool:
     return min(loop["waits"], default=1) >= 1
 
 
+_LAYOUT_DEF = re.compile(r"^(#[\w]+) = #ttg\.(blocked|nvmma_shared|swizzled_shared)<\{(.*)\}>")
+_COPY = re.compile(r"ttg\.async_copy_global_to_local .*: tensor<([\dx]+)x!tt\.ptr<(\w+)>, (#\w+)> -> "
+                   r"<[\dx]+x\w+, (#\w+),")
+_BYTES = {"f32": 4, "i32": 4, "bf16": 2, "f16": 2, "i8": 1, "i64": 8, "f64": 8}
+
+
+def narrow_copies_of(ttgir: str) -> list[str]:
+    """The 2-D async copies (global -> shared) that move fewer than 16 bytes per copy: the tile's
+    fastest dimension in shared memory is not its fastest in global memory (the order of the
+    source's blocked layout against the shared layout's: nvmma_shared is fastest along its last
+    dimension, or its first when transposed), or a swizzled layout's vector is under 16 bytes.
+    Such a copy is split into 4-byte cp.async writes scattered across shared-memory banks (an fp32
+    tile feeding a tf32 wgmma operand of the other major, the first GPU run's 17x kernels).
+    -> "RxC dtype" per such copy."""
+    layouts = {}
+    for line in ttgir.splitlines():
+        found = _LAYOUT_DEF.match(line)
+        if found:
+            name, kind, body = found.groups()
+            order = re.search(r"order = \[([\d, ]+)\]", body)
+            layouts[name] = dict(kind=kind, order=[int(x) for x in order.group(1).split(",")] if order else None,
+                                 transposed="transposed = true" in body,
+                                 vec=int(re.search(r"vec = (\d+)", body).group(1)) if "vec = " in body else None,
+                                 swizzled="maxPhase = 1," not in body)
+    narrow = []
+    for line in ttgir.splitlines():
+        found = _COPY.search(line.split(" loc(")[0])
+        if not found:
+            continue
+        shape, dtype, src, dst = found.groups()
+        dims = shape.split("x")
+        source, target = layouts.get(src), layouts.get(dst)
+        if len(dims) != 2 or not source or not target or not source["order"]:
+            continue
+        if target["kind"] == "nvmma_shared":
+            fast = 0 if target["transposed"] else 1
+            too_small = False
+        else:
+            fast = target["order"][0]
+            too_small = (target["swizzled"] and target["vec"] * _BYTES.get(dtype, 4) < 16
+                         and int(dims[fast]) * _BYTES.get(dtype, 4) >= 16)
+        if fast != source["order"][0] or too_small:
+            narrow.append(f"{shape} {dtype}")
+    return narrow
+
+
 def exp_ops(ttgir: str) -> list[tuple[int, int]]:
     """(elements, loop depth) of every math.exp / math.exp2 in a TT(G)IR module: the tensor
     element count of its result (1 for a scalar) and how many scf.for loops enclose it."""
@@ -717,6 +769,7 @@ def compile_and_inspect(fn: JITFunction, spec: Spec, arch: int, result: Result) 
     result.loops = loops_of(ttgir)
     result.pipelined = all(loop["pipelined"] for loop in result.loops)
     result.exp_static = exp_ops(ttgir)
+    result.narrow_copies = narrow_copies_of(ttgir)
     result.problems += problems_of(result)
     result.compile_s = round(time.perf_counter() - start, 2)
     return result
@@ -756,7 +809,7 @@ CHAIN_STEPS = {
 }
 
 # Accepted failures of the --target checks: kernel name, or "kernel name@sm_NN" for one arch ->
-# {check: reason}; check is "duplication" or "pipelined".  Only for reasons that hold on the
+# {check: reason}; check is "duplication", "pipelined" or "narrow".  Only for reasons that hold on the
 # GPU, not "not fixed yet".
 EXCEPTIONS: dict[str, dict[str, str]] = {}
 
@@ -1084,8 +1137,9 @@ def _one_sync_load(loop: dict) -> bool:
 
 
 def target_problems(r: Result) -> list[str]:
-    """The --target checks beyond problems_of: duplication > 1 and unpipelined loops that load
-    from global memory, unless EXCEPTIONS accepts them for the kernel (with a reason)."""
+    """The --target checks beyond problems_of: duplication > 1, unpipelined loops that load
+    from global memory and narrow copies (narrow_copies_of), unless EXCEPTIONS accepts them for
+    the kernel (with a reason)."""
     accepted = EXCEPTIONS.get(r.kernel, {}) | EXCEPTIONS.get(f"{r.kernel}@{ARCHS[r.arch].name}", {})
     found = []
     if r.duplication > 1 and "duplication" not in accepted:
@@ -1097,6 +1151,8 @@ def target_problems(r: Result) -> list[str]:
            for x in r.loops if not x["pipelined"] and not ("pipelined" in accepted and _one_sync_load(x))]
     if bad:
         found.append("unpipelined loop(s): " + ", ".join(bad))
+    if r.narrow_copies and "narrow" not in accepted:
+        found.append("copies under 16 B: " + ", ".join(sorted(set(r.narrow_copies))))
     return found
 
 
@@ -1112,14 +1168,15 @@ def _loop_text(r: Result) -> str:
 
 
 def print_target_table(results: list[Result], calls: list[dict], kernel_rows: list[dict]) -> None:
-    head = ("arch", "kernel", "constexprs", "w/s", "regs", "spill", "smem", "ctas/SM", "dup", "pipelined", "mma",
-            "status")
+    head = ("arch", "kernel", "constexprs", "w/s", "regs", "spill", "smem", "ctas/SM", "dup", "pipelined", "narrow",
+            "mma", "status")
     rows = []
     for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.constexprs)):
         status = "ok" if not r.problems else "FAIL: " + "; ".join(p.splitlines()[0] for p in r.problems)
         rows.append((ARCHS[r.arch].name, r.kernel, r.constexprs, f"{r.num_warps}/{r.num_stages}", str(r.registers),
                      f"{r.spill_stores}+{r.spill_loads}", str(r.shared), str(r.ctas_per_sm), f"{r.duplication:g}",
-                     "yes" if r.pipelined else "no", f"HGMMA {r.hgmma} HMMA {r.hmma}", status))
+                     "yes" if r.pipelined else "no", str(len(r.narrow_copies)), f"HGMMA {r.hgmma} HMMA {r.hmma}",
+                     status))
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head) - 1)]
     for row in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
@@ -1219,7 +1276,8 @@ def target_json(results: list[Result], calls: list[dict], kernel_rows: list[dict
             name=r.kernel, arch=ARCHS[r.arch].name, dtype=TARGET["dtype"] if TARGET["dtype"] in dtypes else
             ",".join(dtypes), regs=r.registers, spill_bytes=r.spill_stores + r.spill_loads, smem_bytes=r.shared,
             num_warps=r.num_warps, num_stages=r.num_stages, ctas_per_sm=r.ctas_per_sm, duplication=r.duplication,
-            pipelined=r.pipelined, mma={"HGMMA": r.hgmma, "HMMA": r.hmma}, constexprs=r.constexprs,
+            pipelined=r.pipelined, narrow_copies=r.narrow_copies, mma={"HGMMA": r.hgmma, "HMMA": r.hmma},
+            constexprs=r.constexprs,
             loops=r.loops, dup_detail=r.dup_detail, problems=r.problems))
     return {"target": TARGET, "kernels": kernels, "calls": calls, "launches": kernel_rows, "failures": failures}
 

@@ -36,6 +36,9 @@ from .feature_map import (
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
 
+# the widest value tile whose state dots read the transposed state (_state_tile)
+MAX_BV_TRANSPOSED = tl.constexpr(64)
+
 
 @triton.jit
 def _state_kernel(
@@ -120,12 +123,15 @@ def _split_refs(p_r, m_m, REFS: tl.constexpr):
 
 @triton.jit
 def _combine_kernel(
-    h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-    BH, M, E, NSPLIT, NMT,
+    h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
+    BH, M, E, NSPLIT, NMT, MT,
     REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr, BMS: tl.constexpr,
     NMTP: tl.constexpr,
 ):
-    """Sum NSPLIT split partials (NSPLIT, BH, ...) of one b*h and m tile: h (BH, M, E), z (BH, M) and,
+    """Sum NSPLIT split partials (NSPLIT, BH, ...) of one b*h and m tile: h (BH, M, E) and its
+    transpose ht (BH, E, MT) (row stride MT: M rounded up to 16, a multiple Triton specialises
+    on; the padding written as zeros), this m tile's column sums of h, hs (BH, NMC, E) (NMC: the
+    grid's m tiles; readers add them up: _column_sum), z (BH, M) and,
     REFS (the SOFTMAX key states), the value sum vs (BH, E) and the global stabilizer
     k_stab (BH,) = max of s_part (NSPLIT, BH, NMT) over the splits and the state kernel's NMT m
     tiles of BMS features, each partial row scaled by exp(r_part[split, b*h, its tile] - k_stab)
@@ -178,6 +184,10 @@ def _combine_kernel(
         b_vs_next = tl.load(p_vs + o_next * E, mask=m_vs & m_vn, other=0.0)
         b_r_next = _split_refs(p_r + o_next * NMT, m_mn, REFS)
     tl.store(h + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_hv)
+    # (rows past M are zeros: masked loads and factors)
+    tl.store(ht + i_bh.to(tl.int64) * E * MT + o_v[None, :] * MT + o_m[:, None], b_h,
+             mask=(o_m < MT)[:, None] & m_v[None, :])
+    tl.store(hs + (i_bh.to(tl.int64) * tl.num_programs(1) + i_m) * E + o_v, tl.sum(b_h, axis=0), mask=m_v)
     tl.store(z + i_bh.to(tl.int64) * M + o_m, b_z, mask=m_m)
     if REFS:
         tl.store(vs + i_bh.to(tl.int64) * E + o_v, b_vs, mask=m_vs)
@@ -186,15 +196,43 @@ def _combine_kernel(
 
 
 @triton.jit
+def _state_tile(p_h, p_ht, o_m, m_m, o_v, m_v, E, MT, BV: tl.constexpr):
+    """(BM, BV) tile of an fp32 state (M, E) that enters a dot as its K = m operand: read from
+    the transposed copy (E, MT) whose m rows are contiguous, the K-major operand a tf32 wgmma
+    takes (from row-major (M, E) Triton copies it into that layout 4 bytes at a time: compile
+    report "narrow"), for value tiles up to MAX_BV_TRANSPOSED wide; wider ones read the row-major
+    state (the transposed tile of 128 columns spills 22-132 B on sm_80, whose mma.sync takes
+    either major; NOTES "Non-causal forward")."""
+    if BV <= MAX_BV_TRANSPOSED:
+        b_h = load_rows(p_ht, o_m, m_m, 1, o_v * MT, m_v)  # (BM, BV)
+    else:
+        b_h = load_rows(p_h, o_m, m_m, E, o_v, m_v)  # (BM, BV)
+    return b_h
+
+
+@triton.jit
+def _column_sum(hs, i_nh, NMC, E, o_v, m_v, NMCP: tl.constexpr):
+    """(BV,) sum over its m rows of a combined state: the NMC (<= NMCP, a power of two) per-tile
+    sums _combine_kernel wrote to hs (BH, NMC, E), one (NMCP, BV) load (a state tile entering a
+    dot stays out of registers this way)."""
+    o_c = tl.arange(0, NMCP)  # (NMCP,)
+    p_hs = hs + i_nh.to(tl.int64) * NMC * E + o_c[:, None] * E + o_v[None, :]  # (NMCP, BV)
+    return tl.sum(tl.load(p_hs, mask=(o_c < NMC)[:, None] & m_v[None, :], other=0.0), axis=0)
+
+
+@triton.jit
 def _output_kernel(
-    q, p, h, z, vs, out, q_max, rden, cu_seqlens, chunk_first, chunk_seq,
-    H, N, S, M, D, E, NS,
+    q, p, h, ht, hs, z, vs, out, q_max, rden, cu_seqlens, chunk_first, chunk_seq,
+    H, N, S, M, D, E, NS, MT, NMC,
     stride_qb, stride_qh, stride_qn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
+    NMCP: tl.constexpr,
 ):
-    """out = N / D for BT queries, h (BH, M, E) and z (BH, M) relative to the stabilizer M.
+    """out = N / D for BT queries, the key state h (BH, M, E) and its transpose ht (BH, E, MT)
+    (row stride MT; read for value tiles up to 64 wide, MAX_BV_TRANSPOSED), its column sums hs
+    (BH, NMC, E) (_column_sum) and z (BH, M), relative to the stabilizer M.
 
     SOFTMAX finds the query row max online over the m tiles (flash-style rescaling of the
     exp part; the eps part of q~ is separated), so q needs no stats pass, and writes q_max.
@@ -213,6 +251,7 @@ def _output_kernel(
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
     p_hb = h + i_nh.to(tl.int64) * M * E
+    p_htb = ht + i_nh.to(tl.int64) * E * MT
     p_zb = z + i_nh.to(tl.int64) * M
     o_row = i_bh.to(tl.int64) * N + bos
     b_q = load_fused_rows(p_q, o_t, m_t, stride_qn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
@@ -220,12 +259,11 @@ def _output_kernel(
     b_den = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f F_f z_f
     b_r = tl.full([BT], float("-inf"), dtype=tl.float32)  # (BT,) running max of dash
     b_xs = tl.zeros([BT], dtype=tl.float32)  # (BT,) sum_f exp(dash_f - b_r)
-    b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f H_f
     b_zs = tl.zeros([BM], dtype=tl.float32)  # (BM,) sum over tiles of z
     b_z_next = load_vector(p_zb, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-        b_h = load_rows(p_hb, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_h = _state_tile(p_hb, p_htb, o_m, m_m, o_v, m_v, E, MT, BV)  # (BM, BV) fp32
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(p_zb, i_m + 1, BM, M)
         b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
@@ -239,7 +277,6 @@ def _output_kernel(
             b_den *= b_alpha
             b_xs = b_xs * b_alpha + tl.sum(b_qf, axis=1)
             b_r = b_rn
-            b_hs += tl.sum(b_h, axis=0)
             b_zs += b_z
         else:
             b_qf, _ = features(p_q, b_q, b_p, b_r, b_r, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True,
@@ -252,6 +289,7 @@ def _output_kernel(
         b_ed = tl.exp(-half_sq_norm(b_q, dn))  # (BT,)
         b_vsum = tl.load(vs + i_nh.to(tl.int64) * E + o_v, mask=m_v, other=0.0)  # (BV,)
         b_qs = b_ed * b_xs + FM_SOFTMAX_EPS * M  # (BT,) sum_f q~_f
+        b_hs = _column_sum(hs, i_nh, NMC, E, o_v, m_v, NMCP)  # (BV,) sum_f H_f
         b_num = (b_ed[:, None] * b_acc + FM_SOFTMAX_EPS * b_hs[None, :]
                  + FM_SOFTMAX_EPS * b_qs[:, None] * b_vsum[None, :])  # (BT, BV)
         b_den = b_ed * b_den + FM_SOFTMAX_EPS * tl.sum(b_zs, axis=0) + FM_SOFTMAX_EPS * S * b_qs
@@ -392,15 +430,18 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_kernel(
-    k, v, p, k_stab, dh, dz, dk, dv, cu_seqlens, chunk_first, chunk_seq,
-    H, S, M, D, E, NS,
+    k, v, p, k_stab, dh, dht, dhs, dz, dk, dv, cu_seqlens, chunk_first, chunk_seq,
+    H, S, M, D, E, NS, MT, NMC,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
+    NMCP: tl.constexpr,
 ):
     """dk columns [i_k BK, i_k BK + BK) and (i_k = 0) dv for BT keys (program i_t NK + i_k),
-    from dh = sum_i q~_i dN_i^T (BH, M, E) and dz = sum_i q~_i dD_i (BH, M).  SOFTMAX key
+    from dh = sum_i q~_i dN_i^T (BH, M, E), its transpose dht (BH, E, MT) (row stride MT), its
+    column sums dhs (BH, NMC, E) and dz =
+    sum_i q~_i dD_i (BH, M): each dot reads the layout whose rows run along its K.  SOFTMAX key
     features exp(dash - diag - M) from the stabilizer k_stab (BH,) alone: they stay fp32 here.
     VARLEN as _output_kernel."""
     i_h, i_tk = block_program(VARLEN)
@@ -418,6 +459,7 @@ def _bwd_kv_kernel(
     p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
     p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
     p_dhb = dh + i_nh.to(tl.int64) * M * E
+    p_dhtb = dht + i_nh.to(tl.int64) * E * MT
     p_dzb = dz + i_nh.to(tl.int64) * M
     # dh is unbounded: v enters its tl.dot as fp32
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v).to(tl.float32)  # (BT, BV)
@@ -428,27 +470,25 @@ def _bwd_kv_kernel(
         # diag + M per row, what key_units subtracts (+inf on padded rows: 0 features)
         b_diag = diag_rows(p_k, o_t, m_t, stride_kn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
         b_kmax = tl.where(m_t, b_diag + tl.load(k_stab + i_nh), float("inf"))  # (BT,)
-        b_hs = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f dh_f = sum_i sum(q~_i) dN_i
     else:
         b_kmax = tl.zeros([BT], dtype=tl.float32)  # (BT,) unused
     b_dz_next = load_vector(p_dzb, 0, BM, M)  # (BM,) prefetched one m tile ahead
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-        b_dh = load_rows(p_dhb, o_m, m_m, E, o_v, m_v)  # (BM, BV) fp32
+        b_dh = _state_tile(p_dhb, p_dhtb, o_m, m_m, o_v, m_v, E, MT, BV)  # (BM, BV) fp32
         b_dz = b_dz_next  # (BM,)
         b_dz_next = load_vector(p_dzb, i_m + 1, BM, M)
         # dL/dF_jf = dh_f . v_j + dz_f for the (exp part of the) key features
-        b_dht = load_rows(p_dhb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, dh^T loaded transposed
+        b_dht = load_rows(p_dhb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, dh^T from dh (K = e rows)
         b_df = tl.dot(b_v, b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
         b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
-        if FEATURE == FM_SOFTMAX:
-            b_hs += tl.sum(b_dh, axis=0)
         b_dx, b_rs = input_grad_tile(dk, b_df, b_kaux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
                                      FEATURE, PRECISION)
         b_dv += tl.dot(b_kf, b_dh, input_precision=PRECISION)
     if FEATURE == FM_SOFTMAX:
-        b_dv += FM_SOFTMAX_EPS * b_hs[None, :]
+        # sum_f dh_f = sum_i sum(q~_i) dN_i
+        b_dv += FM_SOFTMAX_EPS * _column_sum(dhs, i_nh, NMC, E, o_v, m_v, NMCP)[None, :]
     if i_k == 0:
         store_rows(dv, b_dv, o_row, o_t, m_t, o_v, m_v, E)
     if FEATURE != FM_GIVEN:
@@ -462,9 +502,10 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     m tile, except for GIVEN feature tiles (no projection tiles live), where sm_80's ptxas
     spills more at 16 than at 32; the reverse-state kernel takes the state kernel's BM (for
     16-bit 32: at 16 sm_80's mma.sync puts its 4 warps along the 16 columns of the query-feature
-    tile, duplication 2), GIVEN 64 (16 and 32 spill 4-8 B there, at d = e = 16 and 128). 4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps
-    computed each dot twice (compile report: duplication); the fp32 forward of 128-wide tiles
-    keeps 8, whose halved per-thread share keeps it from spilling (76-296 B at 4 warps).
+    tile, duplication 2), GIVEN 64 (16 and 32 spill 4-8 B there, at d = e = 16 and 128).  4 warps:
+    one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot twice
+    (compile report: duplication); the fp32 forward of 128-wide tiles keeps 8, whose halved
+    per-thread share keeps it from spilling (76-296 B at 4 warps).
     d = 0 for GIVEN."""
     cfg = block_config(d, e, m, dtype)
     if dtype != torch.float32 and max(cfg["BD"], cfg["BV"]) <= 64:
@@ -499,21 +540,33 @@ def _splits(blocks: int, programs: int, target: int = SPLIT_TARGET, min_blocks: 
     return per, cdiv(blocks, per)
 
 
-def _sums(bh: int, m: int, e: int, refs: bool, device) -> list[torch.Tensor]:
-    """Empty fp32 combined sums: h (bh, m, e), z (bh, m), vs (bh, e or 0), k_stab (bh or 0,)."""
+def _transposed_stride(m: int) -> int:
+    """Row stride of a transposed state (e, m): m rounded up to 16 elements, so that every row
+    starts 64-byte aligned and its copies move 16 bytes."""
+    return cdiv(m, 16) * 16
+
+
+def _sums(bh: int, m: int, e: int, refs: bool, cfg: dict, device) -> list[torch.Tensor]:
+    """Empty fp32 combined sums: h (bh, m, e), its transpose ht (bh, e, _transposed_stride(m))
+    (the padding columns zeroed by the combine kernel), the column sums of h per combine m tile hs
+    (bh, tiles, e), z (bh, m), vs (bh, e or 0), k_stab (bh or 0,)."""
     f32 = dict(device=device, dtype=torch.float32)
-    return [torch.empty((bh, m, e), **f32), torch.empty((bh, m), **f32),
+    mt = _transposed_stride(m)
+    return [torch.empty((bh, m, e), **f32), torch.empty((bh, e, mt), **f32),
+            torch.empty((bh, cdiv(mt, cfg["BM_combine"]), e), **f32), torch.empty((bh, m), **f32),
             torch.empty((bh, e if refs else 0), **f32), torch.empty((bh if refs else 0,), **f32)]
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
                  feature: int, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Empty buffers of the key states noncausal_fwd returns for the backward (its fake tensors
-    too): H (b*h, m, e), z (b*h, m) relative to the stabilizer M, the value sum (b*h, e) and M
+    too): H (b*h, m, e), H^T (b*h, e, m rounded up to 16) and H's column sums per m tile, z (b*h,
+    m) relative to the stabilizer M, the value sum (b*h, e) and M
     (b*h,) (SOFTMAX; (b*h, 0) and (0,) otherwise), fp32; b*h -> NS h rows for a pack of NS
     sequences (cu_seqlens)."""
-    m, _ = feature_dims(q, projection, feature)
-    return _sums(_state_rows(k, cu_seqlens), m, v.shape[-1], feature == SOFTMAX, k.device)
+    m, d = feature_dims(q, projection, feature)
+    cfg = _config(d, v.shape[-1], m, q.dtype)
+    return _sums(_state_rows(k, cu_seqlens), m, v.shape[-1], feature == SOFTMAX, cfg, k.device)
 
 
 def _state_rows(k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
@@ -525,13 +578,14 @@ def _state_rows(k: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
 def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: dict, nmt: int = 1):
     """Run _combine_kernel on split partials (splits, b*h, m, e), (splits, b*h, m) [and, refs, the
     value sums (splits, b*h, e), references and dash maxima (splits, b*h, nmt) of the state kernel's nmt m
-    tiles] into sums (_sums: h, z, vs, k_stab; returned)."""
+    tiles] into sums (_sums: h, ht, hs, z, vs, k_stab; returned)."""
     splits, bh, m, e = h_part.shape
-    h, z, vs, k_stab = sums
+    h, ht, hs, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
-    _combine_kernel[(bh, cdiv(m, bm))](
-        h_part, z_part, vs_part, r_part, s_part, h, z, vs, k_stab,
-        bh, m, e, splits, nmt,
+    mt = ht.shape[-1]
+    _combine_kernel[(bh, hs.shape[1])](
+        h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
+        bh, m, e, splits, nmt, mt,
         REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
         num_warps=4,
     )
@@ -539,7 +593,7 @@ def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: 
 
 
 def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict, cu_seqlens, offsets):
-    """Key states relative to the stabilizer M: H (b*h, m, e), z (b*h, m), vsum (b*h, e or 0),
+    """Key states relative to the stabilizer M: H (b*h, m, e), H^T, z (b*h, m), vsum (b*h, e or 0),
     and M (b*h,) (SOFTMAX; (0,) otherwise); a pack (offsets: its clamped cu_seqlens): one row
     per (sequence, h).  Launches _state_kernel and _combine_kernel."""
     h, s = k.shape[1], k.shape[2]
@@ -601,13 +655,15 @@ def noncausal_fwd(
     nt, ns, varlen, is_varlen = packing_args(cu_seqlens, cfg["BT"], n, rden)
     saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg, cu_seqlens=cu_seqlens,
                         offsets=varlen[0])
-    states, sums, vsum, _ = saved
+    states, states_t, col_sums, sums, vsum, _ = saved
     _output_kernel[block_grid(b * h, nt, is_varlen)](
-        q, q if projection is None else projection, states, sums, vsum, out, q_max, rden, *varlen,
-        h, n, k.shape[2], m, d, e, ns,
+        q, q if projection is None else projection, states, states_t, col_sums, sums, vsum, out, q_max, rden,
+        *varlen,
+        h, n, k.shape[2], m, d, e, ns, states_t.shape[-1], col_sums.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         head_scale(d),
-        FEATURE=feature, AL=alignment(d, q), AV=alignment(e), VARLEN=is_varlen, **launch_options(cfg, "out"),
+        FEATURE=feature, AL=alignment(d, q), AV=alignment(e), VARLEN=is_varlen, NMCP=next_power_of_2(col_sums.shape[1]),
+        **launch_options(cfg, "out"),
     )
     return out, q_max, k_max, k_scale, rden, saved
 
@@ -647,7 +703,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     m, d = feature_dims(q, projection, feature)
     cfg = _config(d, e, m, q.dtype)
     dn = head_scale(d)
-    states, sums, vsum, k_stab = states
+    states, _, _, sums, vsum, k_stab = states
     states, vsum = states[..., cols], vsum[..., cols]  # views: _bwd_q_kernel takes their row stride
     p = q if projection is None else projection
     nk = 1 if feature == GIVEN else cdiv(d, cfg["BK"])  # BK-wide chunks of d, one dq / dk slice each
@@ -667,8 +723,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=al, AV=av)),
     )
-    dh, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, _sums(bh, m, e, False, q.device),
-                            refs=False, cfg=cfg)
+    reverse = _sums(bh, m, e, False, cfg, q.device)
+    dh, dht, dhs, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, reverse, refs=False, cfg=cfg)
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     _bwd_q_kernel[block_grid(b * h, nt * nk, is_varlen)](
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq, *varlen,
@@ -680,10 +736,10 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     key_blocks = nt if is_varlen else cdiv(s, cfg["BT"])  # (a pack: s == n)
     _bwd_kv_kernel[block_grid(b * h, key_blocks * nk, is_varlen)](
-        k, v, p, k_stab, dh, dz, dk, dv, *varlen,
-        h, s, m, d, e, ns,
+        k, v, p, k_stab, dh, dht, dhs, dz, dk, dv, *varlen,
+        h, s, m, d, e, ns, dht.shape[-1], dhs.shape[1],
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dn,
-        AL=alignment(d, k), AV=alignment(e, v), **opts,
+        AL=alignment(d, k), AV=alignment(e, v), NMCP=next_power_of_2(dhs.shape[1]), **opts,
     )
     return dq, dk, dv

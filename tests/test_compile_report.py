@@ -41,7 +41,7 @@ def test_compile_report_quick_sweep_is_clean(tmp_path):
 
 
 KERNEL_KEYS = {"name", "arch", "dtype", "regs", "spill_bytes", "smem_bytes", "num_warps", "num_stages", "ctas_per_sm",
-               "duplication", "pipelined", "mma"}
+               "duplication", "pipelined", "narrow_copies", "mma"}
 CALL_KEYS = {"name", "launches", "triton_launches", "intermediate_bytes", "exp_count", "estimate_us", "roofline_us"}
 
 
@@ -83,6 +83,8 @@ def test_compile_report_target_json_and_lint(tmp_path):
         # an exception covers one synchronous load per loop, not a loop left unpipelined
         if any(not x["pipelined"] and not ("pipelined" in excepted and report._one_sync_load(x)) for x in k["loops"]):
             assert any(k["name"] in f and "unpipelined" in f for f in data["failures"]), k
+        if k["narrow_copies"] and "narrow" not in excepted:
+            assert any(k["name"] in f and "under 16 B" in f for f in data["failures"]), k
     assert (done.returncode == 1) == bool(data["failures"]), tail
     assert done.returncode == 0, "\n".join(data["failures"])
 
@@ -186,6 +188,37 @@ def test_a_pipelined_exception_covers_one_synchronous_load():
     assert not report._one_sync_load(dict(loop, sync_loads=6, async_loads=0, waits=[]))  # nothing in flight
     assert not report._one_sync_load(dict(loop, sync_loads=2))
     assert not report._one_sync_load(dict(loop, waits=[0]))  # waits for its own loads
+
+
+COPY_LAYOUTS = """#blocked = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [4, 1], order = [1, 0]}>
+#blocked2 = #ttg.blocked<{sizePerThread = [4, 1], threadsPerWarp = [8, 4], warpsPerCTA = [1, 4], order = [0, 1]}>
+#shared = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = false, elementBitWidth = 16}>
+#shared1 = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = true, elementBitWidth = 32}>
+#shared2 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
+#shared3 = #ttg.swizzled_shared<{vec = 2, perPhase = 1, maxPhase = 8, order = [1, 0]}>
+"""
+COPY = ("      %b_h_96 = ttg.async_copy_global_to_local %p_89, %b_h_93 mask %m other %cst_3 {{contiguity = 4 : i32}} : "
+        "tensor<32x64x!tt.ptr<{t}>, {src}> -> <32x64x{t}, {dst}, #smem, mutable> loc(#loc231)\n")
+
+
+def test_narrow_copies_of_finds_copies_that_cannot_move_16_bytes():
+    cr = _load_report()
+    def narrow(t, src, dst):
+        return cr.narrow_copies_of(COPY_LAYOUTS + COPY.format(t=t, src=src, dst=dst))
+    # row-major in global, row-major MMA operand layout: 16-byte copies
+    assert narrow("bf16", "#blocked", "#shared") == []
+    # the first GPU run's slow case: a row-major fp32 tile into the transposed (K-major) layout of
+    # a tf32 wgmma operand
+    assert narrow("f32", "#blocked", "#shared1") == ["32x64 f32"]
+    # the same layout from a tile whose first dimension is contiguous in global memory: fine
+    assert narrow("f32", "#blocked2", "#shared1") == []
+    # an unswizzled layout keeps rows contiguous; a swizzle over 4-byte vectors does not
+    assert narrow("bf16", "#blocked", "#shared2") == []
+    assert narrow("bf16", "#blocked", "#shared3") == ["32x64 bf16"]
+    # 1-D copies (per-row vectors) are not tiles
+    vector = ("      %c = ttg.async_copy_global_to_local %p, %b mask %m other %z : tensor<64x!tt.ptr<f32>, "
+              "#ttg.slice<{dim = 1, parent = #blocked}>> -> <64xf32, #shared2, #smem, mutable> loc(#loc1)\n")
+    assert cr.narrow_copies_of(COPY_LAYOUTS + vector) == []
 
 
 def test_exp_ops_counts_elements_and_loop_depth():

@@ -569,7 +569,7 @@ def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
         fake_grads = torch.ops.performer_triton.favor_bwd(*as_fake(bwd_args))
     flat = lambda outputs: [t for o in outputs for t in (o if isinstance(o, list) else [o])]  # noqa: E731
     # saved states: the kernels' chunk states, the PyTorch path's non-causal context
-    states = (5 if causal else 4) if backend == "triton" else int(not causal)
+    states = (5 if causal else 6) if backend == "triton" else int(not causal)
     assert len(flat(out)) == len(flat(fake_out)) == 5 + states
     for real, fake in zip(flat((*out, *grads)), flat((*fake_out, *fake_grads))):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)

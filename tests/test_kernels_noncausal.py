@@ -108,9 +108,13 @@ def test_rden_and_stats():
     # no per-row key statistics: the key maxima are taken on the state kernel's tiles
     assert q_max.shape == (1, 2, 70) and k_max.shape == k_scale.shape == (1, 2, 0)
     assert rel_err(q_max, project(q.double(), proj.double()).amax(-1)) < 1e-5
-    # saved for the backward: H (b*h, m, e) and z relative to M, the value sum and M itself
-    h, z, vsum, k_stab = states
+    # saved for the backward: H (b*h, m, e), H^T with rows padded to 112 (zeros), H's column sums
+    # per m tile of the combine kernel, z relative to M, the value sum and M itself
+    h, ht, hs, z, vsum, k_stab = states
     assert h.shape == (2, 100, 32) and z.shape == (2, 100) and vsum.shape == (2, 32)
+    assert ht.shape == (2, 32, 112) and torch.equal(ht[..., :100], h.transpose(1, 2))
+    assert torch.equal(ht[..., 100:], torch.zeros_like(ht[..., 100:]))
+    assert torch.allclose(hs.sum(1), h.sum(1), rtol=1e-6, atol=1e-6)
     # the stabilizer: 1.1.4's max of dash over every key and feature
     assert rel_err(k_stab, project(k.double(), proj.double()).flatten(-2).amax(-1).flatten()) < 1e-5
     assert torch.allclose(vsum, v[0].sum(1), atol=1e-5)
