@@ -302,13 +302,25 @@ def measured_times(bench_json: dict | None) -> dict[str, float]:
     return out
 
 
-def profile_rows(profile: dict | None) -> list[dict]:
-    """bench/gpu_profile.py's runs: {run, wall_us, kernels_us, kernels: [(name, us), ...]}."""
+def profile_rows(profile: dict | None, previous: dict | None = None) -> list[dict]:
+    """bench/gpu_profile.py's runs: {run, wall_us, kernels_us, kernels: [(name, us), ...]}, and
+    from a previous profile (the newest one committed, previous_profile) the same run's
+    previous_kernels_us and previous (kernel name -> us), where it has the run."""
     rows = []
+    before = (previous or {}).get("runs") or {}
     for run, r in ((profile or {}).get("runs") or {}).items():
-        rows.append(dict(run=run, wall_us=r["ms"] * 1e3, kernels_us=r["device_us"],
-                         kernels=list(r["kernels"].items())))
+        row = dict(run=run, wall_us=r["ms"] * 1e3, kernels_us=r["device_us"], kernels=list(r["kernels"].items()))
+        if run in before:
+            row |= dict(previous_kernels_us=before[run]["device_us"], previous=before[run]["kernels"])
+        rows.append(row)
     return rows
+
+
+def previous_profile(bench: Path = Path(__file__).resolve().parent) -> tuple[str | None, dict | None]:
+    """(file name, contents) of the newest committed profile (bench/gpu-DATE-profile.json), the
+    measurements this run's are compared with; (None, None) without one."""
+    files = sorted(bench.glob("gpu-*-profile.json"))
+    return (files[-1].name, read_json(files[-1])) if files else (None, None)
 
 
 def variant_rows(variants: dict | None) -> list[dict]:
@@ -451,7 +463,8 @@ def summarize(out: Path) -> dict:
         packed=packed_rows(read_json(out / "generation.json")),
         target_shape=TARGET_SHAPE,
         measured_us=measured,
-        profile=profile_rows(profile),
+        profile=profile_rows(profile, previous_profile()[1]),
+        previous_profile=previous_profile()[0],
         variants=variant_rows(read_json(out / "variants.json")),
         estimates=estimate_rows(report, measured, ours_by_call(profile, "kernels_us")) if report or measured else [],
         compile_report=None if report is None else dict(
@@ -558,10 +571,15 @@ def markdown(s: dict) -> str:
 
     lines += [f"## Profile (bench/gpu_profile.py), {TARGET_SHAPE}: per call", ""]
     if s.get("profile"):
-        lines += ["| run | wall us | kernels us | kernels (us) |", "|---|---|---|---|"]
+        lines += [f"previous: the same run in {s.get('previous_profile') or '-'} (a kernel's previous us in "
+                  "parentheses)", "", "| run | wall us | kernels us | previous kernels us | kernels (us) |",
+                  "|---|---|---|---|---|"]
         for r in s["profile"]:
-            top = ", ".join(f"{name.split('(')[0][:40]} {us:.0f}" for name, us in r["kernels"][:6])
-            lines.append(f"| {r['run']} | {_fmt(r['wall_us'])} | {_fmt(r['kernels_us'])} | {top} |")
+            before = r.get("previous") or {}
+            top = ", ".join(f"{name.split('(')[0][:40]} {us:.0f}"
+                            + (f" ({before[name]:.0f})" if name in before else "") for name, us in r["kernels"][:6])
+            lines.append(f"| {r['run']} | {_fmt(r['wall_us'])} | {_fmt(r['kernels_us'])} "
+                         f"| {_fmt(r.get('previous_kernels_us'))} | {top} |")
     else:
         lines.append("no results (see the stages)")
     lines.append("")

@@ -12,6 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "bench" / "gpu_summary.py"
+
+
+def _summary_module():
+    """bench/gpu_summary.py as a module (it needs neither torch nor a GPU)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_summary_under_test", SUMMARY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 GPU_STAGES = ("install", "install_peers", "compile_report", "profile", "cuda_tests", "variants", "kernel_tests",
               "sanitize_warm", "sanitize_memcheck", "sanitize_racecheck", "targets", "generation")
@@ -153,7 +163,17 @@ def test_summary_of_fabricated_stage_outputs(stage_outputs):
     assert est["causal bwd"]["kernels_us"] == 300.0  # fwd+bwd - fwd of the profile's kernel sums
     prof = {r["run"]: r for r in s["profile"]}
     assert prof["ours causal fwd"]["wall_us"] == 210.0 and prof["ours causal fwd"]["kernels"][0] == ["_state_kernel", 100.0]
-    assert "| ours causal fwd | 210 | 150 | _state_kernel 100, _output_kernel 50 |" in md
+    # compared with the newest committed profile (bench/gpu-DATE-profile.json), run by run
+    name, previous = _summary_module().previous_profile()
+    assert name == sorted(p.name for p in (ROOT / "bench").glob("gpu-*-profile.json"))[-1]
+    assert s["previous_profile"] == name
+    before = previous["runs"]["ours causal fwd"]
+    assert prof["ours causal fwd"]["previous_kernels_us"] == before["device_us"]
+    state_before = f"{before['kernels']['_state_kernel']:.0f}"
+    assert (f"| ours causal fwd | 210 | 150 | {before['device_us']:,.0f} | _state_kernel 100 ({state_before}), "
+            f"_output_kernel 50 ({before['kernels']['_output_kernel']:.0f}) |") in md
+    for run, row in prof.items():  # a run the previous profile lacks has no previous figures
+        assert ("previous_kernels_us" in row) == (run in previous["runs"]), run
     assert "| BM_out=64 | 1,400 (0.004) | 800 (0.003) |" in md
     assert "| num_warps=8 | OutOfResources: shared memory | - (-) |" in md
     assert s["compile_report"]["flags"] == ["causal._state_kernel (sm_90a, bf16): duplication 2.0; not pipelined"]
