@@ -29,10 +29,10 @@ import triton.language as tl
 from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
-    block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows,
+    block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows, dot,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
     half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
-    packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows
+    packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -94,7 +94,7 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
     b_kk = b_kf * tl.exp(b_kscale - r_ref)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
-    b_hc = tl.dot(tl.trans(b_kk.to(b_v.dtype)), b_v, input_precision=PRECISION)  # (BM, BV)
+    b_hc = dot(tl.trans(b_kk.to(b_v.dtype)), b_v, None, PRECISION)  # (BM, BV)
     return b_hc, tl.sum(b_kk, axis=0), tl.sum(b_v.to(tl.float32), axis=0)
 
 
@@ -156,7 +156,7 @@ def _state_kernel(
         b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
         r_prev = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
         s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max over the keys so far
-    tl.store(p_hs + o_st * M * E, b_h, mask=m_hv)
+    store_state(p_hs + o_st * M * E, b_h, m_hv, PRECISION)
     tl.store(z_state + o_st * M + o_m, b_z, mask=m_m)
     tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
     tl.store(c_ref + o_cs, r_prev, mask=m_first)
@@ -186,11 +186,11 @@ def _state_kernel(
         if STATE:  # (BM,) and (BV,) masks: no state i_c = NC
             m_am = m_m & (o_m * 0 + i_c < NC)
             m_av = m_v & (o_v * 0 + i_c < NC)
-            tl.store(p_hs + o_s * M * E, b_h, mask=m_am[:, None] & m_av[None, :])
+            store_state(p_hs + o_s * M * E, b_h, m_am[:, None] & m_av[None, :], PRECISION)
             tl.store(z_state + o_s * M + o_m, b_z, mask=m_am)
             tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs & m_av)
         else:
-            tl.store(p_hs + o_s * M * E, b_h, mask=m_hv)
+            store_state(p_hs + o_s * M * E, b_h, m_hv, PRECISION)
             tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
             tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
         tl.store(c_ref + o_cs + i_c, r_a, mask=m_first)
@@ -209,7 +209,7 @@ def _state_kernel(
         b_h = b_h * b_decay + b_hb
         b_z = b_z * b_decay + b_zb
         b_vs += b_vb
-        tl.store(p_hs + (o_s + 1) * M * E, b_h, mask=m_nm[:, None] & m_v[None, :] & m_nv[None, :])
+        store_state(p_hs + (o_s + 1) * M * E, b_h, m_nm[:, None] & m_v[None, :] & m_nv[None, :], PRECISION)
         tl.store(z_state + (o_s + 1) * M + o_m, b_z, mask=m_nm)
         tl.store(v_state + (o_s + 1) * E + o_v, b_vs, mask=m_vs & m_nv)
         # index NC after the last chunk: c_stab's global max, which s_b then is (c_ref[NC] is unused)
@@ -298,8 +298,7 @@ def _output_kernel(
                                        FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
             b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                        FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_s += tl.dot(b_qf.to(v.dtype.element_ty), tl.trans(b_kf.to(v.dtype.element_ty)),
-                      input_precision=PRECISION)
+        b_s += dot(b_qf.to(v.dtype.element_ty), tl.trans(b_kf.to(v.dtype.element_ty)), None, PRECISION)
         if FEATURE == FM_GIVEN:  # triton 3.6 fails to compile the sum of a loaded fp32 dot operand
             b_sq += tl.sum(tl.where(m_m[None, :], b_qf, 0.0), axis=1)
         else:
@@ -307,7 +306,7 @@ def _output_kernel(
         b_h = load_rows(h_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
-        b_n += tl.dot(b_qf, b_h, input_precision=PRECISION)
+        b_n += tl.dot(tf32_nearest(b_qf, PRECISION), b_h, input_precision=PRECISION)  # h stored rounded
         b_d += tl.sum(b_qf * b_z[None, :], axis=1)
     # inter-chunk: the state is referenced to r_c <= M_i; the eps part is a plain prefix sum
     b_a = tl.exp(r_c - b_stab)  # (BT,) <= 1
@@ -333,7 +332,7 @@ def _output_kernel(
     # a non-finite value reaches rows from its own on: the dot takes finite values (0 * inf
     # would reach earlier rows), the running sum of the others is added (0 if there are none)
     b_vc = finite_or_zero(b_v)  # (BT, BV)
-    b_n += b_wmax[:, None] * tl.dot(b_w, b_vc, input_precision=PRECISION)
+    b_n += b_wmax[:, None] * dot(b_w, b_vc, None, PRECISION)
     if tl.sum((b_v != b_vc).to(tl.int32)) > 0:  # rare: the scan's registers only on this branch
         b_n += tl.cumsum((b_v - b_vc).to(tl.float32), axis=0)
     b_rden = 1.0 / b_d  # (BT,) fp32
@@ -393,7 +392,7 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
     b_dn = b_g * b_rden[:, None]  # (BT, BV) dN
     b_dd = tl.where(m_t, b_dd, 0.0)  # (BT,) dD
     b_qq = b_qf * tl.exp(e_ref - b_stab)[:, None]  # (BT, BM), factor <= 1 (M non-decreasing)
-    b_dhc = tl.dot(tl.trans(b_qq), b_dn, input_precision=PRECISION)  # (BM, BV)
+    b_dhc = dot(tl.trans(b_qq), b_dn, None, PRECISION)  # (BM, BV)
     return b_dhc, tl.sum(b_qq * b_dd[:, None], axis=0), tl.sum(tl.sum(b_qf, axis=1)[:, None] * b_dn, axis=0)
 
 
@@ -436,7 +435,7 @@ def _dstate_kernel(
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
     o_s = o_st + NC - 1
-    tl.store(p_dh + o_s * M * E, b_dh, mask=m_m[:, None] & m_v[None, :])
+    store_state(p_dh + o_s * M * E, b_dh, m_m[:, None] & m_v[None, :], PRECISION)
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
     tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
     e_prev = stab_before(c_stab, o_cs, NC, NC, PREFIX)  # M at the last key
@@ -466,7 +465,7 @@ def _dstate_kernel(
             m_av = m_v & (o_v * 0 + i_c >= 0)  # (BV,)
         else:
             m_am, m_av = m_m, m_v
-        tl.store(p_dh + o_s * M * E, b_dh, mask=m_am[:, None] & m_av[None, :])
+        store_state(p_dh + o_s * M * E, b_dh, m_am[:, None] & m_av[None, :], PRECISION)
         tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_am)
         tl.store(p_dns + o_s * NM * E, b_dns, mask=m_av)
         # chunk b after chunk a's state is stored (as in _state_kernel); none when i_c = 0 (state
@@ -489,7 +488,7 @@ def _dstate_kernel(
         # (BM,) and (BV,) masks: the interpreter rejects a scalar one broadcast against a tile
         m_mb = m_m & (o_m * 0 + i_c >= 1)  # (BM,)
         m_vb = m_v & (o_v * 0 + i_c >= 1)  # (BV,)
-        tl.store(p_dh + (o_s - 1) * M * E, b_dh, mask=m_mb[:, None] & m_vb[None, :])
+        store_state(p_dh + (o_s - 1) * M * E, b_dh, m_mb[:, None] & m_vb[None, :], PRECISION)
         tl.store(dz_state + (o_s - 1) * M + o_m, b_dz, mask=m_mb)
         tl.store(p_dns + (o_s - 1) * NM * E, b_dns, mask=m_vb)
     if STATE:  # the walk's registers hold state -1, referenced to M0 (stab_before chunk 0)
@@ -526,14 +525,15 @@ def _chunk_grads(
     m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
     # dw_ij = rden_i g_i . v_j + dD_i on visible pairs
     if KEY_ROWS:
-        b_dw = tl.dot(b_v, tl.trans(b_gin), input_precision=PRECISION)  # (BT, BT)
+        b_dw = dot(b_v, tl.trans(b_gin), None, PRECISION)  # (BT, BT)
         b_dw = tl.where(m_s, b_rden[None, :] * b_dw + b_dd[None, :], 0.0)
         b_dws = tl.sum(b_dw, axis=0)  # (BT,)
     else:
-        b_dw = tl.dot(b_gin, tl.trans(b_v), input_precision=PRECISION)  # (BT, BT)
+        b_dw = dot(b_gin, tl.trans(b_v), None, PRECISION)  # (BT, BT)
         b_dw = tl.where(m_s, b_rden[:, None] * b_dw + b_dd[:, None], 0.0)
         b_dws = tl.sum(b_dw, axis=1)  # (BT,)
-    return b_v, b_dn, b_dd, b_dw * b_f, b_dws
+    # dw F only enters dots: TF32-rounded once here, not per m tile
+    return b_v, b_dn, b_dd, tf32_nearest(b_dw * b_f, PRECISION), b_dws
 
 
 @triton.jit
@@ -634,20 +634,26 @@ def _bwd_qk_kernel(
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         if KEYS:
             # dk~ = a (v @ dH^T + dz) + (dw F)^T @ q~
-            b_df = tl.dot(b_v.to(tl.float32), b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
+            # (16-bit v and bf16 states are exact in TF32; fp32 states are stored rounded)
+            b_vr = tf32_nearest(b_v, PRECISION).to(tl.float32)  # (BT, BV)
+            b_df = tl.dot(b_vr, b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
             b_df = b_a[:, None] * b_df
             if STATE:  # + exp(k_scale_j - R_f) (v @ dH_f^T + dz_f)
                 b_gt = load_rows(p_gh, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) dH_f^T
                 b_gz = b_gz_next  # (BM,)
                 b_gz_next = load_vector(p_gz, i_m + 1, BM, M)
-                b_gf = tl.dot(b_v.to(tl.float32), b_gt, input_precision=PRECISION) + b_gz[None, :]  # (BT, BM)
+                # (dH_f, the caller's, enters truncated: rounding it here spilled 8-16 B in packs)
+                b_gf = tl.dot(b_vr, b_gt, input_precision=PRECISION) + b_gz[None, :]  # (BT, BM)
                 b_df += b_af[:, None] * b_gf
+            # (q~ enters truncated: rounding it here spilled 16-24 B in packs from a state)
             b_df = tl.dot(b_dwf, b_qf, b_df, input_precision=PRECISION)  # accumulates in place
             b_aux = b_kaux
         else:
             # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
-            b_df = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
-            b_df = tl.dot(b_dwf, b_kf, b_a[:, None] * b_df + b_c[:, None], input_precision=PRECISION)
+            b_df = tl.dot(tf32_nearest(b_dn, PRECISION), b_ht, input_precision=PRECISION)  # (BT, BM) as above
+            b_df += b_dd[:, None] * b_z[None, :]
+            b_df = tl.dot(b_dwf, tf32_nearest(b_kf, PRECISION), b_a[:, None] * b_df + b_c[:, None],
+                          input_precision=PRECISION)
             b_aux = b_qaux
         b_dx, b_rs = input_grad_tile(dx, b_df, b_aux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
                                      FEATURE, PRECISION)
@@ -717,21 +723,21 @@ def _bwd_v_kernel(
                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_s += tl.dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), input_precision=PRECISION)
+        b_s += dot(b_kf.to(p_q.dtype.element_ty), tl.trans(b_qf.to(p_q.dtype.element_ty)), None, PRECISION)
         b_sq += tl.sum(b_qf, axis=1)
         b_dh = load_rows(dh_state + o_s * M * E, o_m, m_m, E, o_v, m_v).to(tl.float32)  # (BM, BV)
         b_dns += b_dns_next
         o_dns = (i_m + 1) * E + o_v  # (BV,) the next row, none past the last
         b_dns_next = tl.load(p_dns + o_dns, mask=m_v & (o_dns < NMD * E), other=0.0)
-        b_dv += tl.dot(b_kf * b_kfac[:, None], b_dh, input_precision=PRECISION)
+        b_dv += tl.dot(tf32_nearest(b_kf * b_kfac[:, None], PRECISION), b_dh, input_precision=PRECISION)  # dh rounded
         if STATE:
             b_gh = load_rows(p_gh, o_m, m_m, E, o_v, m_v)  # (BM, BV) dH_f
-            b_dv += tl.dot(b_kf * b_af[:, None], b_gh, input_precision=PRECISION)
+            b_dv += dot(b_kf * b_af[:, None], b_gh, None, PRECISION)
     m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, True)  # (BT, BT) rows j
     b_w = tl.where(m_s, b_s * b_f + (k_eps * b_sq)[None, :], 0.0)  # (BT, BT) W^T: rows j, columns i
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_dn = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v).to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
-    b_dv += tl.dot(b_w, b_dn, input_precision=PRECISION) + k_eps * b_dns[None, :]
+    b_dv += dot(b_w, b_dn, None, PRECISION) + k_eps * b_dns[None, :]
     if STATE:
         b_dv += tl.load(dvs_f + i_nh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0)[None, :]
         b_dd = tl.load(dd + o_row + o_t, mask=m_t, other=0.0)  # (BT,) dD

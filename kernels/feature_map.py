@@ -220,6 +220,40 @@ def store_rows(x, b_x, o_row, o_t, m_t, o_c, m_c, C):
     tl.store(p_x, b_x.to(x.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
+# ----------------------------------------------------------------------------- TF32 operands
+
+
+@triton.jit
+def tf32_nearest(x, PRECISION: tl.constexpr):
+    """x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero) when it is an
+    fp32 operand of a "tf32" dot; other tiles unchanged.  The tensor cores read fp32 operands by
+    dropping their low 13 bits (Triton emits no cvt.rna): truncation toward zero, whose bias adds
+    up over attention's long sums; rounded operands cut the worst fp32 errors ~3x (NOTES
+    "Precision policy").  Idempotent: a rounded value passes unchanged."""
+    if PRECISION == "tf32":
+        if x.dtype == tl.float32:
+            x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b (acc None: a fresh fp32 accumulator) with fp32 operands rounded to TF32
+    (tf32_nearest).  A state tile that goes from its async copy straight into a dot is stored
+    rounded instead (store_state) and enters tl.dot directly: rounding it here would take it
+    through registers."""
+    return tl.dot(tf32_nearest(a, PRECISION), tf32_nearest(b, PRECISION), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def store_state(p, b_h, mask, PRECISION: tl.constexpr):
+    """Store an fp32 state tile that later kernels read as a dot operand: TF32-rounded when p is
+    fp32 (a 16-bit state is exact in TF32 already; rounding it first would round twice)."""
+    if p.dtype.element_ty == tl.float32:
+        b_h = tf32_nearest(b_h, PRECISION)
+    tl.store(p, b_h.to(p.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- dash and diag
 
 
@@ -237,7 +271,7 @@ def _dash_dot(b_x, b_p, b_acc, WIDTH: tl.constexpr, PRECISION: tl.constexpr):
     if PRECISION == "tf32" and WIDTH <= 64:
         b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision="tf32x3")
     else:
-        b_acc = tl.dot(b_x, tl.trans(b_p), b_acc, input_precision=PRECISION)
+        b_acc = dot(b_x, tl.trans(b_p), b_acc, PRECISION)
     return b_acc
 
 
@@ -413,7 +447,9 @@ def input_grad_tile(dx, b_df, b_aux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M
         store_rows(dx, b_du, o_row, o_t, m_t, o_m, m_m, M)
     else:
         b_pk = load_rows(p, o_m, m_m, D, o_k, m_k)  # (BM, BK)
-        b_dx += tl.dot(b_du, b_pk.to(tl.float32), input_precision=PRECISION)
+        # (a 16-bit P is exact in TF32: rounded only when it is fp32)
+        b_dx += tl.dot(tf32_nearest(b_du, PRECISION), tf32_nearest(b_pk, PRECISION).to(tl.float32),
+                       input_precision=PRECISION)
         b_rs += tl.sum(b_du, axis=1)
     return b_dx, b_rs
 

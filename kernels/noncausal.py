@@ -25,13 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GIVEN, SOFTMAX
+from . import CAUSAL_EPS, GIVEN, SOFTMAX, feature_map
 from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
     block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
-    dash_tile, diag_rows, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
+    dash_tile, diag_rows, dot, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
     head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, next_power_of_2,
-    packing_args, sequence_rows, store_input_grad, store_rows
+    packing_args, sequence_rows, store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -96,7 +96,7 @@ def _state_kernel(
         if FEATURE == FM_RELU:
             b_kf = tl.where(m_t[:, None], b_kf, 0.0)  # (BT, BM) padded rows: no features
         # F is bounded (SOFTMAX) or as large as the dtype's own dash (RELU, GIVEN): cast for tl.dot
-        b_h += tl.dot(tl.trans(b_kf.to(b_v.dtype)), b_v, input_precision=PRECISION)
+        b_h += dot(tl.trans(b_kf.to(b_v.dtype)), b_v, None, PRECISION)
         b_z += tl.sum(b_kf, axis=0)
         if FEATURE == FM_SOFTMAX:
             b_vs += tl.sum(b_v.to(tl.float32), axis=0)
@@ -126,7 +126,7 @@ def _combine_kernel(
     h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
     BH, M, E, NSPLIT, NMT, MT,
     REFS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr, BMS: tl.constexpr,
-    NMTP: tl.constexpr,
+    NMTP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Sum NSPLIT split partials (NSPLIT, BH, ...) of one b*h and m tile: h (BH, M, E) and its
     transpose ht (BH, E, MT) (row stride MT: M rounded up to 16, a multiple Triton specialises
@@ -183,10 +183,10 @@ def _combine_kernel(
         b_z_next = tl.load(p_z + o_next * M, mask=m_mn, other=0.0)
         b_vs_next = tl.load(p_vs + o_next * E, mask=m_vs & m_vn, other=0.0)
         b_r_next = _split_refs(p_r + o_next * NMT, m_mn, REFS)
-    tl.store(h + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :], b_h, mask=m_hv)
-    # (rows past M are zeros: masked loads and factors)
-    tl.store(ht + i_bh.to(tl.int64) * E * MT + o_v[None, :] * MT + o_m[:, None], b_h,
-             mask=(o_m < MT)[:, None] & m_v[None, :])
+    # h and ht only enter dots: stored TF32-rounded (rows past M are zeros: masked loads and factors)
+    store_state(h + i_bh.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :], b_h, m_hv, PRECISION)
+    store_state(ht + i_bh.to(tl.int64) * E * MT + o_v[None, :] * MT + o_m[:, None], b_h,
+                (o_m < MT)[:, None] & m_v[None, :], PRECISION)
     tl.store(hs + (i_bh.to(tl.int64) * tl.num_programs(1) + i_m) * E + o_v, tl.sum(b_h, axis=0), mask=m_v)
     tl.store(z + i_bh.to(tl.int64) * M + o_m, b_z, mask=m_m)
     if REFS:
@@ -282,7 +282,7 @@ def _output_kernel(
             b_qf, _ = features(p_q, b_q, b_p, b_r, b_r, o_t, m_t, stride_qn, o_m, m_m, dn, FEATURE, True,
                                PRECISION)  # (BT, BM)
         # h is an unbounded fp32 state: fp32 operands (input precision PRECISION)
-        b_acc += tl.dot(b_qf, b_h, input_precision=PRECISION)
+        b_acc += tl.dot(tf32_nearest(b_qf, PRECISION), b_h, input_precision=PRECISION)  # h stored rounded
         b_den += tl.sum(b_qf * b_z[None, :], axis=1)
     if FEATURE == FM_SOFTMAX:
         # q~_f = exp(dash_f - b_r) * exp(-diag) + eps on the M real features
@@ -342,7 +342,7 @@ def _dstate_kernel(
         o_tn, m_tn = block_range(i_t + 1, BT, T)  # (BT,) the next block (read, unused, after the split)
         b_o_next = load_rows(p_o, o_tn, m_tn, stride_on, o_v, m_v)
         b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,) 0 kills padded rows
-        b_dn = b_g * b_rden[:, None]  # (BT, BV) dL/dN
+        b_dn = tf32_nearest(b_g * b_rden[:, None], PRECISION)  # (BT, BV) dL/dN, a dot operand only
         b_dd = -grad_dot_out(b_g, b_o) * b_rden  # (BT,) dL/dD
         b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
         if FEATURE == FM_SOFTMAX:
@@ -351,7 +351,8 @@ def _dstate_kernel(
             b_qmax = b_diag  # (BT,) unused
         b_qf, _ = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
                                    FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-        b_dh += tl.dot(tl.trans(b_qf), b_dn, input_precision=PRECISION)
+        # (dN rounded where it is made: both rounded here spilled 108-220 B on sm_90a)
+        b_dh += tl.dot(tl.trans(tf32_nearest(b_qf, PRECISION)), b_dn, input_precision=PRECISION)
         b_dz += tl.sum(b_qf * b_dd[:, None], axis=0)
     o_part = i_s * BH + i_nh  # (split, b*h) slot of this program
     p_dh = dh_part + o_part.to(tl.int64) * M * E + o_m[:, None] * E + o_v[None, :]
@@ -416,7 +417,8 @@ def _bwd_q_kernel(
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(p_zb, i_m + 1, BM, M)
         # dL/dq~ = H dN + z dD (dN, H unbounded: fp32 operands)
-        b_df = tl.dot(b_dn, b_ht, input_precision=PRECISION) + b_dd[:, None] * b_z[None, :]  # (BT, BM)
+        b_df = tl.dot(tf32_nearest(b_dn, PRECISION), b_ht, input_precision=PRECISION)  # (BT, BM) h stored rounded
+        b_df += b_dd[:, None] * b_z[None, :]
         _, b_qaux = features_chunked(p_q, p, b_diag, b_qmax, o_t, m_t, stride_qn, o_m, m_m, D, dn,
                                      FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM)
         if FEATURE == FM_SOFTMAX:
@@ -462,7 +464,7 @@ def _bwd_kv_kernel(
     p_dhtb = dht + i_nh.to(tl.int64) * E * MT
     p_dzb = dz + i_nh.to(tl.int64) * M
     # dh is unbounded: v enters its tl.dot as fp32
-    b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v).to(tl.float32)  # (BT, BV)
+    b_v = tf32_nearest(load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v).to(tl.float32), PRECISION)  # (BT, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
     b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
@@ -480,12 +482,12 @@ def _bwd_kv_kernel(
         b_dz_next = load_vector(p_dzb, i_m + 1, BM, M)
         # dL/dF_jf = dh_f . v_j + dz_f for the (exp part of the) key features
         b_dht = load_rows(p_dhb, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) fp32, dh^T from dh (K = e rows)
-        b_df = tl.dot(b_v, b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM)
+        b_df = tl.dot(b_v, b_dht, input_precision=PRECISION) + b_dz[None, :]  # (BT, BM) (both rounded)
         b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
         b_dx, b_rs = input_grad_tile(dk, b_df, b_kaux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
                                      FEATURE, PRECISION)
-        b_dv += tl.dot(b_kf, b_dh, input_precision=PRECISION)
+        b_dv += tl.dot(tf32_nearest(b_kf, PRECISION), b_dh, input_precision=PRECISION)  # dh stored rounded
     if FEATURE == FM_SOFTMAX:
         # sum_f dh_f = sum_i sum(q~_i) dN_i
         b_dv += FM_SOFTMAX_EPS * _column_sum(dhs, i_nh, NMC, E, o_v, m_v, NMCP)[None, :]
@@ -587,7 +589,7 @@ def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: 
         h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
         bh, m, e, splits, nmt, mt,
         REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
-        num_warps=4,
+        PRECISION=feature_map.PRECISION, num_warps=4,
     )
     return sums
 

@@ -423,6 +423,30 @@ def test_triton_backend_end_to_end_with_autograd(case):
         assert rel(ours.grad.cpu(), theirs.grad) <= FP32_GRAD_BUDGET
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["noncausal", "causal-prefix"])
+def test_tf32_operands_are_rounded_to_nearest(case):
+    """fp32 on the kernels runs its dots in TF32, whose tensor cores drop the low 13 bits of each
+    operand (the suite's interpreter does the same, tests/conftest.py); the kernels round their
+    operands to the nearest TF32 value first (feature_map.tf32_nearest).  Truncated operands gave
+    out 5.5-8.0e-4, dq 2.1-2.5e-3, dk 2.5-2.7e-3, dv 0.8-1.4e-3 here: their bias adds up."""
+    q, k, v = (t.to(DEVICE) for t in qkv(b=1, h=2, n=37, d=16, e=24))
+    P = projection(44, 16).to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    worst = torch.zeros(4, dtype=torch.float64)
+    for _ in range(4):  # upstream gradients
+        leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        out = favor_attention(*leaves, P, backend="triton", **case)
+        grad = torch.randn(out.shape, generator=gen).to(DEVICE)
+        out.backward(grad)
+        ref_leaves = tuple(t.double().cpu().requires_grad_() for t in (q, k, v))
+        ref = reference.favor_attention(*ref_leaves, P.double().cpu(), **case)
+        ref.backward(grad.double().cpu())
+        errs = [rel(out.cpu(), ref)] + [rel(a.grad.cpu(), b.grad) for a, b in zip(leaves, ref_leaves)]
+        worst = torch.maximum(worst, torch.tensor(errs, dtype=torch.float64))
+    assert worst[0] < 4e-4 and worst[1:3].max() < 1.2e-3 and worst[3] < 5e-4, worst
+
+
 def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
     """auto sends fp32 CUDA tensors to the kernels (TF32 dots) only where PyTorch's fp32 matmuls
     may use TF32 too."""
