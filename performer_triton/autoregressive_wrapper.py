@@ -181,6 +181,12 @@ class AutoregressiveWrapper(nn.Module):
         rank's first token, and the loss returned is this rank's share of the whole sequence's:
         its targets' summed cross-entropy over the number of targets on every rank, so the sum
         over ranks (and of the gradients, an all-reduce) is the unsharded loss (and gradients)."""
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"x must be token ids of shape (batch, length), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if not exists(context_parallel_group) and x.shape[1] < 2:  # (1.1.4: a NaN loss of no targets)
+            raise ValueError(f"x must have at least 2 tokens (the loss predicts x[:, 1:] from x[:, :-1]), "
+                             f"got length {x.shape[1]}")
         mask = kwargs.pop("mask", None)
         if exists(context_parallel_group):
             cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device)

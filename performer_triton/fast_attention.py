@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
 from .projection import gaussian_orthogonal_random_matrix
-from .validation import BACKENDS, KEY_STABILIZERS, check_choice
+from .validation import BACKENDS, KEY_STABILIZERS, check_choice, check_int
 
 
 class FastAttention(nn.Module):
@@ -38,8 +38,7 @@ class FastAttention(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if not isinstance(dim_heads, int) or dim_heads < 1:
-            raise ValueError(f"dim_heads must be a positive int, got {dim_heads!r}")
+        dim_heads = check_int("dim_heads", dim_heads, 1, ValueError)
         check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
         check_choice("backend", backend, BACKENDS)
         if key_stabilizer == "prefix" and not causal:
@@ -47,11 +46,13 @@ class FastAttention(nn.Module):
         if generalized_attention and not callable(kernel_fn):
             raise TypeError(f"kernel_fn must be callable, got {type(kernel_fn).__name__}")
         nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))
-        if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
+        try:
+            nb_features = check_int("nb_features", nb_features, 1, ValueError)
+        except (TypeError, ValueError):
             raise ValueError(
                 f"nb_features must be a positive int (default int(dim_heads * ln(dim_heads)), 0 for dim_heads=1), "
                 f"got {nb_features!r}"
-            )
+            ) from None
         self.dim_heads = dim_heads
         self.nb_features = nb_features
         self.ortho_scaling = ortho_scaling
@@ -93,7 +94,7 @@ class FastAttention(nn.Module):
             k,
             v,
             None if self.no_projection else self.projection_matrix,
-            causal=self.causal,
+            causal=bool(self.causal),  # 1.1.4 takes any truthy value
             key_stabilizer=self.key_stabilizer,
             feature_map=self.feature_map,
             key_padding_mask=key_padding_mask,

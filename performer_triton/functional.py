@@ -18,6 +18,7 @@ from .ops import favor, favor_state
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
+    check_bool,
     check_choice,
     check_cu_seqlens,
     check_key_padding_mask,
@@ -85,7 +86,8 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _empty_result(q: Tensor, v: Tensor) -> Tensor:
-    """(b, h, 0, e), still connected to q and v for autograd."""
+    """Zeros (b, h, n, e) for a call with nothing to attend (b, h or n is 0: no elements), still
+    connected to q and v for autograd."""
     return q[..., :0] @ v[..., :0, :]
 
 
@@ -145,6 +147,8 @@ def favor_attention(
     graphs do not); the other cases run one sequence at a time.
     """
     q, k, v = _autocast(q, k, v)
+    check_bool("causal", causal)
+    check_bool("output_final_state", output_final_state)
     check_qkv(q, k, v, causal=causal)
     check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
     check_choice("backend", backend, BACKENDS)
@@ -187,7 +191,7 @@ def favor_attention(
     if initial_state is not None or output_final_state:
         return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, key_padding_mask, backend,
                                  initial_state, output_final_state, causal=causal)
-    if q.shape[2] == 0:
+    if 0 in q.shape[:3]:  # no batch, heads or queries: nothing to attend
         return _empty_result(q, v)
 
     fused = fmap.fused and key_padding_mask is None
@@ -197,6 +201,13 @@ def favor_attention(
         projection = projection_matrix.to(q.dtype).contiguous()
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
+    if causal and q.dtype == torch.float16 and isinstance(fmap.key_log_scale(k, True), Tensor):
+        # keys rescaled per head to fit the dtype (1.1.4's no_projection exp(k)): in fp16 the rescaled
+        # keys and eps (1e-6 exp(-shift)) underflow to 0 where fp32 holds them (0 / 0 normalisers);
+        # the op computes in fp32 anyway, so the features are made in fp32 too
+        return favor_attention(q.float(), k.float(), v.float(), projection_matrix, causal=True,
+                               key_stabilizer=key_stabilizer, feature_map=fmap, key_padding_mask=key_padding_mask,
+                               backend=backend).to(q.dtype)
     q_features, k_features = fmap.features(
         q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
@@ -307,6 +318,8 @@ def linear_attention(
     initial_state, output_final_state, cu_seqlens: as favor_attention's (states causal only).
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
+    check_bool("causal", causal)
+    check_bool("output_final_state", output_final_state)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
     if cu_seqlens is not None:
@@ -323,7 +336,7 @@ def linear_attention(
                              "before the queries)")
         return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, float(eps), initial_state,
                            output_final_state, backend, 1.0)
-    if q_features.shape[2] == 0:
+    if 0 in q_features.shape[:3]:
         return _empty_result(q_features, v)
     use_triton = _use_triton(backend, q_features, v, False)
     before = k_features.shape[2] - q_features.shape[2] if causal else 0  # placeholder queries (_after)

@@ -176,8 +176,7 @@ def _favor_state_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, q_max, k_max, k_scale, rden, hz, v_sum, ref, stab, states): causal favor_fwd from the
     state (hz0, v_sum0, ref0, stab0), the state after the last key in the compute dtype, and the
-    key states the backward reads (the kernels'; [] on the PyTorch path, whose backward walks the
-    keys again).  cu_seqlens: a pack (favor_fwd's), the states per sequence, on the kernels only."""
+    key states the backward reads (the kernels', or the PyTorch path's states before each chunk).  cu_seqlens: a pack (favor_fwd's), the states per sequence, on the kernels only."""
     q, k, v = map(_unit_stride, (q, k, v))
     if use_triton:
         from .kernels.causal import causal_fwd_state  # imports triton
@@ -187,10 +186,10 @@ def _favor_state_fwd(
                                                 **_packed(cu_seqlens, use_triton))
         return (*outs, *final, states)
     _packed(cu_seqlens, use_triton)
-    out, q_max, k_max, k_scale, rden, final = torch_backend.favor_fwd(
+    out, q_max, k_max, k_scale, rden, saved = torch_backend.favor_fwd(
         q, k, v, projection, causal=True, feature=feature, prefix=prefix, causal_eps=causal_eps,
         initial=(hz0, v_sum0, ref0, stab0), final=True)
-    return out, q_max, k_max, k_scale, rden, *final, []
+    return out, q_max, k_max, k_scale, rden, *saved[2:], saved[:2]
 
 
 favor_state_fwd = torch.library.custom_op("performer_triton::favor_state_fwd", _favor_state_fwd, mutates_args=())
@@ -206,7 +205,10 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
     def like(t: Tensor) -> Tensor:
         return t.new_empty(t.shape, dtype=compute)
 
-    states = launchers(True)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, True)) if use_triton else []
+    if use_triton:
+        states = launchers(True)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, True))
+    else:
+        states = torch_backend.saved_like(q, v, projection, True)
     return (q.new_empty((b, h, n, v.shape[3])), *(q.new_empty((b, h, rows), dtype=compute) for rows in
             (n if softmax else 0, s if softmax else 0, s if softmax else 0, n)),
             like(hz0), like(v_sum0), like(ref0), like(stab0), states)
@@ -236,7 +238,7 @@ def _favor_state_bwd(
         final = ((None, None, ref, None), grad_hz, grad_v_sum)
     dq, dk, dv, (d_hz0, d_vs0) = torch_backend.favor_bwd(
         grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, causal=True, feature=feature, prefix=prefix,
-        causal_eps=causal_eps, initial=(hz0, v_sum0, ref0, stab0), final=final)
+        causal_eps=causal_eps, saved=states, initial=(hz0, v_sum0, ref0, stab0), final=final)
     return dq, dk, dv, d_hz0, d_vs0
 
 

@@ -30,7 +30,7 @@ from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import InputError, ignored_kwargs
+from .validation import InputError, check_int, ignored_kwargs
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -73,16 +73,8 @@ def find_modules(nn_module: nn.Module, type: type) -> list:
     return [module for module in nn_module.modules() if isinstance(module, type)]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_mask(name: str, mask: object, b: int, n: int) -> None:
-    """mask (b, n) bool, True = keep."""
+def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -> None:
+    """mask (b, n) bool, True = keep, on the device of what it masks."""
     if mask is None:
         return
     if not isinstance(mask, Tensor):
@@ -91,6 +83,8 @@ def _check_mask(name: str, mask: object, b: int, n: int) -> None:
         raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
     if tuple(mask.shape) != (b, n):
         raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device}, the input it masks on {device}")
 
 
 def _is_right_padding(mask: Tensor) -> bool:
@@ -211,22 +205,41 @@ def generalized_kernel(
     return generalized_features(data, projection_matrix, kernel_fn, normalize=normalize_data, eps=kernel_epsilon)
 
 
+def _any_rank(attend: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """attend on (B, 1, n, .) rows for features of any rank >= 2 (1.1.4's einsums over '...nd':
+    3-D single-head, 5-D grouped heads), leading dims broadcast as einsum broadcasts them."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() < 2:
+            raise ValueError(f"{name} must be a tensor of at least 2 dimensions (..., n, d), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]:
+        return attend(q, k, v)
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"q, k, v leading dims must broadcast, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}") from None
+    rows = [t.expand(*lead, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]
+    out = attend(*rows)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
 def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Non-causal linear attention on features (1.1.4's name), fused: (q' @ (k'^T v)) / (q' . sum k').
-    (b,h,n,m), (b,h,s,m), (b,h,s,e) -> (b,h,n,e)."""
-    return functional.linear_attention(q, k, v)
+    (..., n, m), (..., s, m), (..., s, e) -> (..., n, e)."""
+    return _any_rank(functional.linear_attention, q, k, v)
 
 
 def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = CAUSAL_EPS) -> Tensor:
-    """Causal linear attention on features (1.1.4's name), fused.  (b,h,n,m) x2, (b,h,n,e) -> (b,h,n,e)."""
-    return functional.linear_attention(q, k, v, causal=True, eps=eps)
+    """Causal linear attention on features (1.1.4's name), fused.  (..., n, m) x2, (..., n, e) -> (..., n, e)."""
+    return _any_rank(partial(functional.linear_attention, causal=True, eps=eps), q, k, v)
 
 
 def causal_linear_attention_noncuda(
     q: Tensor, k: Tensor, v: Tensor, chunk_size: int = 128, eps: float = CAUSAL_EPS
 ) -> Tensor:
     """1.1.4's chunked CPU variant; chunk_size only set its memory use, the fused op needs none."""
-    _check_int("chunk_size", chunk_size, 1)
+    check_int("chunk_size", chunk_size, 1)
     return causal_linear_attention(q, k, v, eps=eps)
 
 
@@ -253,7 +266,7 @@ class ProjectionUpdater(nn.Module):
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
         self.seeded = seed is not None
         if self.seeded:
-            self.register_buffer("redraw_seed", torch.tensor(_check_int("seed", seed, 0) % 2**63), persistent=False)
+            self.register_buffer("redraw_seed", torch.tensor(check_int("seed", seed, 0) % 2**63), persistent=False)
             self.register_buffer("redraw_count", torch.tensor(0), persistent=False)
 
     def fix_projections_(self) -> None:
@@ -327,7 +340,7 @@ class Chunk(nn.Module):
     def __init__(self, chunks: int, fn: nn.Module, along_dim: int = -1):
         super().__init__()
         self.dim = along_dim
-        self.chunks = _check_int("chunks", chunks, 1)
+        self.chunks = check_int("chunks", chunks, 1)
         self.fn = fn
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
@@ -391,12 +404,12 @@ class Attention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _check_int("dim", dim, 1)
-        _check_int("heads", heads, 1)
+        dim = check_int("dim", dim, 1)
+        heads = check_int("heads", heads, 1)
         if dim % heads != 0:
             raise InputError(f"dim ({dim}) must be divisible by heads ({heads})")
-        dim_head = _check_int("dim_head", default(dim_head, dim // heads), 1)
-        _check_int("local_heads", local_heads, 0)
+        dim_head = check_int("dim_head", default(dim_head, dim // heads), 1)
+        local_heads = check_int("local_heads", local_heads, 0)
         if local_heads > heads:
             raise InputError(f"local_heads ({local_heads}) must be <= heads ({heads})")
         inner_dim = dim_head * heads
@@ -414,7 +427,7 @@ class Attention(nn.Module):
         self.global_heads = heads - local_heads
         self.local_attn = (
             LocalAttention(
-                window_size=_check_int("local_window_size", local_window_size, 1),
+                window_size=check_int("local_window_size", local_window_size, 1),
                 causal=causal,
                 autopad=True,
                 dropout=dropout,
@@ -462,10 +475,12 @@ class Attention(nn.Module):
             _check_input("context", context, self.dim)
             if context.shape[0] != b:
                 raise ValueError(f"context has batch {context.shape[0]}, x has {b}")
+            if context.device != x.device:
+                raise ValueError(f"context is on {context.device}, x on {x.device}")
         else:
             context, context_mask = x, default(context_mask, mask)
-        _check_mask("mask", mask, b, n)
-        _check_mask("context_mask", context_mask, b, context.shape[1])
+        _check_mask("mask", mask, b, n, x.device)
+        _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
         if exists(context_parallel) and exists(cache):
@@ -638,7 +653,7 @@ class FixedPositionalEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_seq_len: int):
         super().__init__()
-        if _check_int("dim", dim, 2) % 2:
+        if check_int("dim", dim, 2) % 2:
             raise ValueError(f"dim must be even for sinusoidal embeddings, got {dim}")
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
         position = torch.arange(0, max_seq_len, dtype=torch.float)
@@ -715,8 +730,8 @@ class Performer(nn.Module):
         redraw_seed: int | None = None,
     ):
         super().__init__()
-        _check_int("depth", depth, 1)
-        _check_int("heads", heads, 1)
+        depth = check_int("depth", depth, 1)
+        heads = check_int("heads", heads, 1)
         local_attn_heads = cast_tuple(local_attn_heads)
         local_attn_heads = local_attn_heads * depth if len(local_attn_heads) == 1 else local_attn_heads
         if len(local_attn_heads) != depth:
@@ -724,7 +739,7 @@ class Performer(nn.Module):
                 f"local_attn_heads must give one count per layer: got {len(local_attn_heads)} for depth {depth}"
             )
         for count in local_attn_heads:
-            if _check_int("local_attn_heads", count, 0) > heads:
+            if check_int("local_attn_heads", count, 0) > heads:
                 raise InputError(f"local_attn_heads ({count}) must be <= heads ({heads})")
 
         if use_scalenorm:
@@ -899,8 +914,8 @@ class PerformerLM(nn.Module):
         redraw_seed: int | None = None,
     ):
         super().__init__()
-        _check_int("num_tokens", num_tokens, 1)
-        self.max_seq_len = _check_int("max_seq_len", max_seq_len, 1)
+        num_tokens = check_int("num_tokens", num_tokens, 1)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, 1)
         self.token_emb = nn.Embedding(num_tokens, dim)
 
         if rotary_position_emb:
@@ -975,7 +990,8 @@ class PerformerLM(nn.Module):
                 f"cached length {offset} + new length {x.shape[1]} = {n}"
             raise InputError(f"{what} exceeds max_seq_len {self.max_seq_len}")
 
-        x = self.token_emb(x)
+        # the embedding takes int32 / int64 ids only (uint8, int16 ids crashed in 1.1.4)
+        x = self.token_emb(x if x.dtype in (torch.int32, torch.int64) else x.long())
         x = x + _positions(self.pos_emb, x, offset, n)
         x = self.dropout(x)
         layer_pos_emb = _positions(self.layer_pos_emb, x, offset, n)

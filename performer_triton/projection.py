@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor
 
+from .validation import check_int
+
 
 def _randn(shape: tuple[int, ...], device, generator: torch.Generator | None) -> Tensor:
     gen_device = generator.device if generator is not None else device
@@ -35,10 +37,8 @@ def gaussian_orthogonal_random_matrix(
     Same RNG order as 1.1.4 (one randn(d, d) per block, then randn(m, d)), so the same seed gives
     the same matrix. ``generator`` draws from a private stream instead of the global one.
     """
-    if not isinstance(nb_rows, int) or nb_rows < 1:
-        raise ValueError(f"nb_rows must be a positive int, got {nb_rows!r}")
-    if not isinstance(nb_columns, int) or nb_columns < 1:
-        raise ValueError(f"nb_columns must be a positive int, got {nb_columns!r}")
+    nb_rows = check_int("nb_rows", nb_rows, 1, ValueError)
+    nb_columns = check_int("nb_columns", nb_columns, 1, ValueError)
     if scaling not in (0, 1):
         raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
     nb_full_blocks = nb_rows // nb_columns

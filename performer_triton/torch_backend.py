@@ -4,12 +4,12 @@ states relative to a running reference, eps parts handled exactly) in plain tens
 
 Work is done in row chunks batched over (b, h): the (b, h, n, m) features of the whole sequence
 never exist at once, and only the contract's tensors are saved for backward (plus the non-causal
-context), which recomputes features chunk by chunk. States are (m, e + 1): values plus a ones
+context or the causal chunk states, O(m e) per chunk), which recomputes features chunk by chunk. States are (m, e + 1): values plus a ones
 column, so the numerator and the denominator come out of the same matmul. Non-causal chunks are
 sized by FEATURE_TILE. Causal attention does the masked intra-chunk part as (CHUNK, CHUNK)
 matmuls and carries the state across chunks; whole chunks are batched into blocks (one product
-of each kind per block, the chunk states scanned in a short loop of small adds), and the
-backward makes one reverse sweep over the blocks with the forward states before each chunk.
+of each kind per block, the chunk states scanned in a short loop of small adds); the forward
+saves the state before each chunk, and the backward makes one reverse sweep over the blocks.
 Where the time goes: bench/RESULTS.md, "Profile of the PyTorch path".
 
 Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), projection (m, d); for GIVEN, q and k
@@ -18,14 +18,18 @@ fp64 computes in fp64, and its stats and rden are then fp64 too (one precision e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS
 
-# Rows per causal chunk: the intra-chunk work grows with it, the per-chunk overhead shrinks with it.
-CHUNK = 128
+# Rows per causal chunk: the intra-chunk (t, t) work grows with it; the per-chunk overhead and the
+# saved states (one (m, e+1) per chunk) shrink with it.  64 rows: 1.39x the minimal FLOPs of
+# fwd+bwd instead of 1.78x at 128, measured 5-15% faster on 1 and 2 threads (bench/RESULTS.md).
+CHUNK = 64
 # Non-causal chunks have no (t, t) part: their rows are as many as make one (b, h, t, m) feature
 # tile of about FEATURE_TILE elements (2 MB in fp32, cache-resident between the passes over it),
 # a multiple of 64 rows: 256 at b h = 8, m = 266, where the (b h t, d) @ (d, m) products ran at
@@ -59,7 +63,7 @@ class ChunkFeatures:
         if self.given:
             return x
         # one (b h t, d) @ (d, m) product: matmul would take a sliced x as b h small products
-        return (x.reshape(-1, x.shape[-1]) @ self.proj.mT).view(*x.shape[:-1], -1)
+        return (x.reshape(-1, x.shape[-1]) @ self.proj.mT).view(*x.shape[:-1], self.proj.shape[0])
 
     def half_sq_norm(self, x: Tensor) -> Tensor:
         """|dn x|^2 / 2.  (b, h, t, d) -> (b, h, t)."""
@@ -104,6 +108,20 @@ class ChunkFeatures:
         return torch.addcmul(du_p[..., :-1], du_p[..., -1:], x, value=-self.dn2)
 
 
+def _exact_dtypes(fn):
+    """Run fn with autocast off on the device of its first tensor argument: the compute dtype
+    is chosen here (fp32 for fp16/bf16 inputs), and an enclosing torch.autocast would recast
+    every product to 16 bits (and mix dtypes in the in-place ones)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -140,13 +158,17 @@ def with_ones(x: Tensor) -> Tensor:
 
 def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
     """(acc +) a @ b over the leading dims of a (b, h or b, h, G), via one baddbmm when
-    accumulating; acc may broadcast.  a (..., t, k), b (..., k, c) -> (..., t, c)."""
+    accumulating; acc may broadcast, and is overwritten (the caller's temporary: no copy of it)
+    when it has the output's shape and is contiguous.  a (..., t, k), b (..., k, c) -> (..., t, c)."""
     if acc is None:
         return a @ b
     lead = a.shape[:-2]
-    out = torch.baddbmm(acc.expand(*lead, *acc.shape[-2:]).flatten(0, -3), a.flatten(0, -3),
-                        b.expand(*lead, *b.shape[-2:]).flatten(0, -3))
-    return out.view(*lead, a.shape[-2], b.shape[-1])
+    shape = (*lead, a.shape[-2], b.shape[-1])
+    a, b = a.flatten(0, -3), b.expand(*lead, *b.shape[-2:]).flatten(0, -3)
+    if acc.shape == shape and acc.is_contiguous():
+        acc.view(-1, *shape[-2:]).baddbmm_(a, b)
+        return acc
+    return torch.baddbmm(acc.expand(shape).flatten(0, -3), a, b).view(shape)
 
 
 def _key_terms(k_max: Tensor, k_scale: Tensor, s: int, causal: bool, prefix: bool) -> tuple[Tensor, Tensor]:
@@ -187,7 +209,7 @@ def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor,
     max r of row_scale (0 for the products while -inf: no key).  units (..., t, m),
     row_scale (..., t), vo (..., t, e+1) -> ((..., m, e+1), r (...))."""
     local, base = _key_reference(row_scale)
-    return (units * (row_scale - base[..., None]).exp_()[..., None]).mT @ vo, local
+    return units.mT @ (vo * (row_scale - base[..., None]).exp_()[..., None]), local  # (scaling the narrower side)
 
 
 def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,16 +228,32 @@ def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tup
     return hz, new_ref
 
 
-def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The state before each of G chunks and after the last, from the state before the first
-    and the chunks' own states.  hz (b, h, m, e+1), ref (b, h), kv (b, h, G, m, e+1),
-    kv_ref (b, h, G) -> (hz before (b, h, G, m, e+1), ref before (b, h, G), hz, ref)."""
-    hz_before, ref_before = [], []
+def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before: Tensor,
+                 ref_before: Tensor) -> tuple[Tensor, Tensor]:
+    """The state before each of G chunks, written into hz_before (b, h, G, m, e+1) and
+    ref_before (b, h, G), from the state before the first, hz (b, h, m, e+1) and ref (b, h), and
+    the chunks' own states kv (b, h, G, m, e+1), kv_ref (b, h, G).  -> the state after the last."""
     for c in range(kv.shape[2]):
-        hz_before.append(hz)
-        ref_before.append(ref)
+        hz_before[:, :, c] = hz
+        ref_before[:, :, c] = ref
         hz, ref = merge_referenced(hz, ref, kv[:, :, c], kv_ref[:, :, c])
-    return torch.stack(hz_before, 2), torch.stack(ref_before, 2), hz, ref
+    return hz, ref
+
+
+def _chunk_count(n: int) -> int:
+    """Causal chunks of n rows (_blocks): whole CHUNK-row chunks and a shorter last one."""
+    return -(-n // CHUNK)
+
+
+def _finite_values(v: Tensor):
+    """Causal values as the chunks see them: [v_j, 1] with inf and NaN entries of v replaced by
+    0, per block of rows, and the running sum of what was replaced, which each output adds back
+    (None when v is all finite: one reduction decides, no pass of (s, e) temporaries).
+    v (b, h, s, e) -> (rows slice -> (b, h, t, e+1), poison (b, h, s, e) or None)."""
+    if torch.isfinite(v.sum()):  # a non-finite entry makes the sum non-finite (inf or NaN)
+        return (lambda sl: with_ones(v[..., sl, :])), None
+    finite = finite_or_zero(v)
+    return (lambda sl: with_ones(finite[..., sl, :])), (v - finite).cumsum(-2)
 
 
 def finite_or_zero(x: Tensor) -> Tensor:
@@ -246,12 +284,16 @@ def _initial(initial, q: Tensor, m: int, e: int, dtype) -> tuple[Tensor, Tensor,
 
 
 def saved_like(q: Tensor, v: Tensor, projection: Tensor | None, causal: bool) -> list[Tensor]:
-    """Empty tensors shaped as what favor_fwd (without final) returns for its backward: the
-    context (b, h, m, e+1) in the compute dtype when non-causal, nothing when causal."""
-    if causal:
-        return []
+    """Empty tensors shaped as what favor_fwd (without final) returns for its backward, in the
+    compute dtype: non-causal, the context (b, h, m, e+1); causal, the state before each chunk
+    (b, h, chunks, m, e+1) and its reference (b, h, chunks)."""
+    (b, h, n), e = q.shape[:3], v.shape[-1]
     m = q.shape[-1] if projection is None else projection.shape[0]
-    return [q.new_empty((*q.shape[:2], m, v.shape[-1] + 1), dtype=_compute_dtype(q.dtype))]
+    dtype = _compute_dtype(q.dtype)
+    if causal:
+        chunks = _chunk_count(n)
+        return [q.new_empty((b, h, chunks, m, e + 1), dtype=dtype), q.new_empty((b, h, chunks), dtype=dtype)]
+    return [q.new_empty((b, h, m, e + 1), dtype=dtype)]
 
 
 class KeysState(torch.autograd.Function):
@@ -262,6 +304,7 @@ class KeysState(torch.autograd.Function):
     reference, so nothing of size (s, m) is kept.  apply(k, v, projection, feature)."""
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, k: Tensor, v: Tensor, projection: Tensor | None, feature: int):
         dtype = _compute_dtype(k.dtype)
         fm = ChunkFeatures(feature, projection, k.shape[-1], dtype)
@@ -286,6 +329,7 @@ class KeysState(torch.autograd.Function):
         return hz, v_sum, ref, stab
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
         k, v, projection, ref = ctx.saved_tensors
         dtype = ref.dtype
@@ -337,6 +381,7 @@ class ReadContext(torch.autograd.Function):
     projection, feature)."""
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, q: Tensor, context: Tensor, projection: Tensor | None, feature: int) -> Tensor:
         dtype = _compute_dtype(q.dtype)
         fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
@@ -352,6 +397,7 @@ class ReadContext(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, grad_out: Tensor):
         q, context, projection, out, rden = ctx.saved_tensors
         dtype = context.dtype
@@ -367,6 +413,7 @@ class ReadContext(torch.autograd.Function):
         return dq, d_context, None, None
 
 
+@_exact_dtypes
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
     causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,
@@ -374,9 +421,10 @@ def favor_fwd(
     """FAVOR+ forward.  -> out (b, h, n, e) in q's dtype; q_max (b, h, n), k_max, k_scale (b, h, s)
     for SOFTMAX, else (b, h, 0); rden (b, h, n) = 1 / D_i. Stats and rden in the compute dtype.
     The last output is what the backward reads besides them (`saved_like`): non-causal, the
-    context (b, h, m, e+1); causal, [] or with final, the state after the last key. Causal only:
-    initial, the state before the first key (hz, v_sum, ref, stab; the stabilizer is then the
-    prefix one)."""
+    context (b, h, m, e+1); causal, the state before each chunk and its reference (O(n m e / CHUNK):
+    the backward walks no keys to rebuild them), then with final, the state after the last key
+    (hz, v_sum, ref, stab). Causal only: initial, the state before the first key (the stabilizer
+    is then the prefix one)."""
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
@@ -391,8 +439,6 @@ def favor_fwd(
         torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
-    # causal: the chunks see finite values only (see the poison below)
-    vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1)
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     # sum_j exp(u_j - ref) [v_j, 1], [sum of v, count] before the first key, R, M
     hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)
@@ -406,9 +452,10 @@ def favor_fwd(
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
             local, base = _key_reference(row_scale)
-            hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ vo[..., sl, :], local)
+            hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ with_ones(v[..., sl, :]), local)
         stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
-        context = key_context(hz, ref, stab, vo.sum(-2), fm.eps)  # saved for the backward
+        v_sum = torch.cat([v.sum(-2), v.new_full((b, h, 1), s)], -1)  # (b, h, e+1): [sum of v, count]
+        context = key_context(hz, ref, stab, v_sum, fm.eps)  # saved for the backward
         eps_nd = context.sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e+1): the eps part of every q~
         for sl in _chunks(n, rows):
             qc, dash = q[..., sl, :], fm.dash(q[..., sl, :])
@@ -423,8 +470,9 @@ def favor_fwd(
     upper = _upper(CHUNK, q.device)
     # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
-    # output adds the running sum of the non-finite ones (0 where all were finite).
-    poison = (v - vo[..., :e]).cumsum(-2)  # (b, h, n, e)
+    # output adds the running sum of the non-finite ones.
+    values, poison = _finite_values(v)
+    saved = saved_like(q, v, projection, causal)  # the state before each chunk, and its R
     for sl, t in _blocks(n, b * h, m):
         qc = q[..., sl, :]
         dash = fm.dash(qc)
@@ -432,15 +480,18 @@ def favor_fwd(
             q_max[..., sl] = dash.amax(-1)
         base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
-        vc = _by_chunk(vo[..., sl, :], t)
+        vo = values(sl)  # (b, h, nc t, e+1)
+        vc = _by_chunk(vo, t)
         m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
         scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, nc, t, t)
-        v_upto = vo[..., sl, :].cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
+        v_upto = vo.cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
         # the state before each chunk (H(R) relative to its R), from the chunks' own states
-        hz_before, ref_before, hz, ref = _scan_states(hz, ref, *_chunk_states(units, rs, vc))
+        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
+        hz_before, ref_before = saved[0][:, :, chunks], saved[1][:, :, chunks]
+        hz, ref = _scan_states(hz, ref, *_chunk_states(units, rs, vc), hz_before, ref_before)
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
         nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
         nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])
@@ -448,14 +499,16 @@ def favor_fwd(
         rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         v_before = v_upto[..., -1:, :]
-    state = []
     if final:  # M after the last key: the newest query's (prefix) stabilizer
         # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
-        state = [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
-                 stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
-    return out.add_(poison).to(in_dtype), q_max, k_max, k_scale, rden, state
+        saved += [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
+                  stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
+    if poison is not None:
+        out.add_(poison)
+    return out.to(in_dtype), q_max, k_max, k_scale, rden, saved
 
 
+@_exact_dtypes
 def favor_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
     q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,
@@ -474,8 +527,10 @@ def favor_bwd(
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
-    grad = _grad_aug(grad_out.to(dtype), out.to(dtype), rden)  # (b, h, n, e+1) = [dN, dD]
-    vo = with_ones(finite_or_zero(v) if causal else v)  # (b, h, s, e+1); causal: as the forward's chunks
+
+    def grad(sl: slice) -> Tensor:  # [dN, dD] of the rows sl   (b, h, t, e+1)
+        return _grad_aug(grad_out[..., sl, :].to(dtype), out[..., sl, :].to(dtype), rden[..., sl])
+
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
     hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)  # sum_j exp(u_j - ref) [v_j, 1], ...
@@ -492,34 +547,31 @@ def favor_bwd(
         rows = _wide_rows(b * h, m)
         (context,) = saved  # the forward's sum_j k~_j [v_j, 1]   (b, h, m, e+1)
         # sum_i q~_i [dN_i, dD_i] = sum_i (q~_i - eps) [dN_i, dD_i] + eps sum_i [dN_i, dD_i]   (m, e+1)
-        dhz = grad.sum(-2, keepdim=True).mul_(fm.eps).expand(b, h, m, e + 1).contiguous()
+        dhz, g_sum = q.new_zeros((b, h, m, e + 1)), q.new_zeros((b, h, 1, e + 1))
         for sl in _chunks(n, rows):
-            base = query_base(sl)
-            g = grad[..., sl, :]
+            base, g = query_base(sl), grad(sl)
             dhz = _bmm(base.mT, g, dhz)
+            g_sum += g.sum(-2, keepdim=True)
             dq[..., sl, :] = fm.vjp(q[..., sl, :], base, g @ context.mT)
+        dhz.add_(g_sum, alpha=fm.eps)
         eps_dv = dhz[..., :e].sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e): the eps part of every k~
         for sl in _chunks(s, rows):
             kc = k[..., sl, :]
             keys = fm.keys(kc, stab)  # k~ - eps = U exp(row_scale - M)
             # dv_j = k~_j @ dH;  dk~_j = dH @ v_j + dz
             dv[..., sl, :] = _bmm(keys, dhz[..., :e], eps_dv)
-            dk[..., sl, :] = fm.vjp(kc, keys, vo[..., sl, :] @ dhz.mT)
+            dk[..., sl, :] = fm.vjp(kc, keys, with_ones(v[..., sl, :]) @ dhz.mT)
         return done()  # (no state: causal only)
 
     upper = _upper(CHUNK, q.device)
+    values = _finite_values(v)[0]  # as the forward's chunks saw them
 
     blocks = _blocks(n, b * h, m)
-    # forward sweep: the state before each chunk, for the reverse sweep's query gradients
-    # (transient: n / CHUNK states of (m, e+1), 0.7x the size of q, k, v at m = 266, d = e = 64)
-    befores = []
-    for sl, t in blocks:
-        units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
-        vc = _by_chunk(vo[..., sl, :], t)
-        kv = _chunk_states(units, _by_chunk(row_scale[..., sl], t), vc)
-        hz_before, ref_before, hz, ref = _scan_states(hz, ref, *kv)
-        befores.append((hz_before, ref_before, v_before))
-        v_before = v_before + vo[..., sl, :].sum(-2, keepdim=True)
+    hz_chunks, ref_chunks = saved[:2]  # the forward's state before each chunk, and its R
+    v_befores = []  # [sum of v, count] before each block
+    for sl, _ in blocks:
+        v_befores.append(v_before)
+        v_before = v_before + values(sl).sum(-2, keepdim=True)
 
     # reverse sweep: every gradient of a block from one computation of its features, with the
     # forward's states before its chunks (queries) and the states of later queries (keys, values)
@@ -535,12 +587,15 @@ def favor_bwd(
         d_hz_f = torch.zeros_like(hz) if d_hz_f is None else d_hz_f.to(dtype)
         d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
     for sl, t in reversed(blocks):
-        hz_before, ref_before, v_before = befores.pop()
+        v_before = v_befores.pop()
         qc, kc = q[..., sl, :], k[..., sl, :]
         up = upper[:t, :t]
         base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         units = _by_chunk(fm.key_units(kc, k_max[..., sl]), t)  # (b, h, nc, t, m)
-        g, vc = _by_chunk(grad[..., sl, :], t), _by_chunk(vo[..., sl, :], t)
+        g_rows, vo = grad(sl), values(sl)  # (b, h, nc t, e+1)
+        g, vc = _by_chunk(g_rows, t), _by_chunk(vo, t)
+        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
+        hz_before, ref_before = hz_chunks[:, :, chunks], ref_chunks[:, :, chunks]  # (b, h, nc, m, e+1), (b, h, nc)
         m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
@@ -548,7 +603,7 @@ def favor_bwd(
 
         # dq~_i: inter exp(R - M_i) [dN, dD]_i @ H^T; intra sum_j dw_ij F_ij U_j; eps part of
         # every visible key eps sum_{j<=i} dw_ij; c_i: coef dD_i
-        v_upto = _by_chunk(vo[..., sl, :].cumsum(-2).add_(v_before), t)  # (b, h, nc, t, e+1)
+        v_upto = _by_chunk(vo.cumsum(-2).add_(v_before), t)  # (b, h, nc, t, e+1)
         dqt = _bmm(g, hz_before.mT).mul_((ref_before[..., None] - m_i).exp_()[..., None])
         dqt = _bmm(dwf, units, dqt)
         dqt += (torch.mul((g * v_upto).sum(-1), fm.eps) + fm.causal_coef * g[..., e])[..., None]
@@ -581,11 +636,12 @@ def favor_bwd(
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])  # q~_i . U_j
         weights = _visible(pairs, factor, up)  # exp part of w_ij
-        q_dn = q_sum.flatten(2, 3)[..., None] * grad[..., sl, :e]  # (b, h, nc t, e)
+        q_dn = q_sum.flatten(2, 3)[..., None] * g_rows[..., :e]  # (b, h, nc t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
-        inter = _bmm(units * key_scale, dhz_after[..., :e], _by_chunk(q_dn_from, t) * fm.eps)
+        # (diag(f) U) @ X as diag(f) (U @ X): the exp factors scale the (t, e) products, not U
+        inter = torch.addcmul(_by_chunk(q_dn_from, t) * fm.eps, key_scale, units @ dhz_after[..., :e])
         if d_hz_f is not None:
-            inter = _bmm(units * key_f, d_hz_f[:, :, None, :, :e], inter).add_(d_vs_f[:, :, None, None, :e])
+            inter.addcmul_(key_f, units @ d_hz_f[:, :, None, :, :e]).add_(d_vs_f[:, :, None, None, :e])
         dv[..., sl, :] = _bmm(weights.mT, g[..., :e], inter).flatten(2, 3)
         later = q_dn_from[..., :1, :]
         later_d += (q_sum * g[..., e]).sum((-2, -1))

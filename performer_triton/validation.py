@@ -2,6 +2,7 @@
 TypeError that names the argument, what was received and what was expected."""
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Iterable
 
@@ -26,6 +27,26 @@ def check_tensor(name: str, t: object, ndim: int) -> Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     return t
+
+
+def check_int(name: str, value: object, minimum: int, error: type[Exception] = InputError) -> int:
+    """value as a Python int: any integer 1.1.4 takes (int, numpy integers, 0-d integer tensors;
+    not bool).  A TypeError for anything else, `error` below minimum."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise error(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -133,8 +133,11 @@ def test_causal_blocks_of_chunks_equal_the_reference(monkeypatch, case):
 @pytest.mark.parametrize("causal", [False, True])
 def test_saved_for_backward_is_linear_in_n_without_features(causal):
     """What autograd keeps between forward and backward (PyTorch path, default arguments): q, k,
-    v, out, four per-row statistics and, non-causal, the (m, e+1) context - never an (n, m)
-    feature tensor (issue 15: saved memory O(n (d + e)))."""
+    v, out, four per-row statistics and the (m, e+1) context (non-causal) or the (m, e+1) state
+    before each chunk of CHUNK rows (causal) - never an (n, m) feature tensor (issue 15: saved
+    memory O(n (d + e)))."""
+    from performer_triton.torch_backend import CHUNK
+
     b, h, n, d, e, m = 1, 2, 300, 12, 7, 40
     q, k, v = (t.requires_grad_() for t in qkv(b=b, h=h, n=n, d=d, e=e))
     saved = []
@@ -146,7 +149,7 @@ def test_saved_for_backward_is_linear_in_n_without_features(causal):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = favor_attention(q, k, v, projection(m, d), causal=causal, backend="torch")
     out.sum().backward()
-    context = 0 if causal else b * h * m * (e + 1)
+    context = b * h * -(-n // CHUNK) * (m * (e + 1) + 1) if causal else b * h * m * (e + 1)
     assert sum(saved) <= b * h * n * (2 * d + 2 * e + 4) + m * d + context, saved
 
 
@@ -164,6 +167,24 @@ def test_empty_sequence_returns_empty_and_backprops():
     assert out.shape == (2, 3, 0, 16)
     out.sum().backward()
     assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 0, 5, 8)], ids=["no-batch", "no-heads"])
+def test_empty_batch_or_heads_return_empty_and_backprop(causal, shape):
+    """1.1.4's FastAttention returns (0, h, n, e) / (b, 0, n, e) for these; so do ours, every
+    entry point and feature map, with gradients of the inputs' shapes."""
+    q, k, v = (torch.randn(shape).requires_grad_() for _ in range(3))
+    calls = [lambda: favor_attention(q, k, v, projection(6, 8), causal=causal),
+             lambda: favor_attention(q, k, v, projection(6, 8), causal=causal, feature_map="relu"),
+             lambda: favor_attention(q, k, v, None, causal=causal, feature_map="none"),
+             lambda: linear_attention(q.exp(), k.exp(), v, causal=causal),
+             lambda: FastAttention(8, 6, causal=causal)(q, k, v)]
+    for call in calls:
+        out = call()
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad.shape == q.shape and v.grad.shape == v.shape
 
 
 def test_non_contiguous_inputs_equal_contiguous():
@@ -276,6 +297,18 @@ def test_autocast_runs_in_low_precision():
     assert out.dtype == torch.bfloat16
     ref = reference.favor_attention(q.double(), k.double(), v.double(), P.double(), causal=True)
     assert rel(out, ref) <= 3e-2
+    # inside, the PyTorch path computes in fp32 as for bf16 inputs (autocast would recast its products)
+    for causal in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = favor_attention(*leaves, P, causal=causal, backend="torch")
+        out.float().square().sum().backward()
+        low = [t.bfloat16().detach().requires_grad_() for t in (q, k, v)]
+        expected = favor_attention(*low, P, causal=causal, backend="torch")
+        expected.float().square().sum().backward()
+        assert torch.equal(out, expected)
+        for ours, theirs in zip(leaves, low):
+            assert torch.equal(ours.grad, theirs.grad.float())
 
 
 # ---------------------------------------------------------------- FastAttention
@@ -364,6 +397,10 @@ def test_bad_inputs_raise_clear_errors():
         linear_attention(q, k[..., :4], v)
     with bad("dim_heads=16"):
         FastAttention(16)(q[..., :8], k[..., :8], v)
+    with bad("causal must be a bool, got str", TypeError):  # not the op schema's RuntimeError
+        favor_attention(q, k, v, P, causal="yes")
+    with bad("causal must be a bool, got NoneType", TypeError):  # not silently non-causal
+        linear_attention(q.exp(), k.exp(), v, causal=None)
     with bad("applies to causal attention only"):
         FastAttention(16, key_stabilizer="prefix")
 
@@ -471,6 +508,26 @@ def test_no_projection_causal_keys_do_not_overflow(dtype, big):
     ref = reference.favor_attention(q, k, v, None, causal=True, feature_map="none")
     assert torch.isfinite(out).all()
     assert rel(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_no_projection_causal_gradients_stay_finite_for_wide_keys(dtype):
+    """q, k ~ 3 N(0, 1): the keys are rescaled per head (exp(k) would overflow fp16), and in fp16
+    the rescaled keys and eps underflowed to 0: a 0 / 0 normaliser made the value gradients NaN
+    while the outputs looked finite. Outputs and gradients are finite and near float64's."""
+    q, k, v = qkv(b=2, h=2, n=300, d=16, dtype=torch.float64)
+    q, k = 3 * q, 3 * k
+    grad = torch.randn(2, 2, 300, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for t in (torch.float64, dtype):
+        leaves = [x.detach().to(t).requires_grad_() for x in (q, k, v)]
+        out = favor_attention(*leaves, None, causal=True, feature_map="none", backend="torch")
+        (out.double() * grad).sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for ref, ours in zip(*results):
+        assert ours.dtype == dtype and torch.isfinite(ours).all()
+    budget = {torch.float16: 3e-2, torch.bfloat16: 1e-1, torch.float32: 1e-3}[dtype]
+    assert rel(results[1][0], results[0][0]) <= budget and rel(results[1][3], results[0][3]) <= budget
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -592,8 +649,9 @@ def test_fakes_return_exactly_the_real_ops_strides(backend, causal, layout):
         fake_out = torch.ops.performer_triton.favor_fwd(*as_fake(fwd_args))
         fake_grads = torch.ops.performer_triton.favor_bwd(*as_fake(bwd_args))
     flat = lambda outputs: [t for o in outputs for t in (o if isinstance(o, list) else [o])]  # noqa: E731
-    # saved states: the kernels' chunk states, the PyTorch path's non-causal context
-    states = (5 if causal else 6) if backend == "triton" else int(not causal)
+    # saved states: the kernels' chunk states, the PyTorch path's chunk states and references
+    # (causal) or context (non-causal)
+    states = (5 if causal else 6) if backend == "triton" else (2 if causal else 1)
     assert len(flat(out)) == len(flat(fake_out)) == 5 + states
     for real, fake in zip(flat((*out, *grads)), flat((*fake_out, *fake_grads))):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)

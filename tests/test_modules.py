@@ -476,6 +476,83 @@ def test_causal_linear_attention_takes_any_eps_as_performer_pytorch(eps):
         assert ((ours - expected).norm() / expected.norm()).item() <= 1e-12
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 4), (1, 2, 2, 9, 4)], ids=["3d", "5d"])
+def test_module_linear_attention_takes_any_rank_as_performer_pytorch(shape):
+    """1.1.4's linear_attention is an einsum over '...nd': 3-D (single-head) and 5-D features work
+    and give its numbers. The causal helpers equal the same rows as 4-D heads (1.1.4's
+    causal_linear_attention_noncuda carries its prefix sums along dim 2, garbage unless 4-D)."""
+    torch.manual_seed(0)
+    q, k = (torch.rand(shape, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(shape, dtype=torch.float64)
+    expected = original_pp.linear_attention(q, k, v)
+    assert ((ours_pp.linear_attention(q, k, v) - expected).norm() / expected.norm()).item() <= 1e-12
+    as_heads = [t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]
+    expected = original_pp.causal_linear_attention_noncuda(*as_heads).reshape(shape)
+    for ours in (ours_pp.causal_linear_attention(q, k, v), ours_pp.causal_linear_attention_noncuda(q, k, v)):
+        assert ours.shape == shape and ((ours - expected).norm() / expected.norm()).item() <= 1e-12
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        ours_pp.linear_attention(q.reshape(-1), k, v)
+
+
+def test_masks_and_context_on_another_device_name_the_argument():
+    """A mask or context on another device than x (meta stands in for a second device here) gets
+    a ValueError naming it, before any arithmetic, as the functional API's key_padding_mask."""
+    torch.manual_seed(0)
+    x, other = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool, device="meta")
+    attn, cross = ours_pp.SelfAttention(16, heads=2, dim_head=8), CrossAttention(16, heads=2, dim_head=8)
+    model = PerformerLM(num_tokens=31, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        attn(x, mask=other)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        model(torch.randint(0, 31, (2, 10)), mask=other)
+    with pytest.raises(ValueError, match="context is on meta"):
+        cross(x, context=torch.randn(2, 4, 16, device="meta"))
+    with pytest.raises(ValueError, match="context_mask is on meta"):
+        cross(x, context=torch.randn(2, 4, 16), context_mask=other[:, :4])
+
+
+def test_autoregressive_loss_needs_a_batch_of_at_least_two_tokens():
+    """1-D ids raised IndexError deep inside, one token gave a NaN loss of no targets (as 1.1.4):
+    ValueErrors naming x and what it needs."""
+    model = AutoregressiveWrapper(lm())
+    with pytest.raises(ValueError, match=r"x must be token ids of shape \(batch, length\)"):
+        model(tokens(n=8)[0])
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model(tokens(n=1))
+    assert torch.isfinite(model(tokens(n=2)))
+
+
+def test_token_ids_of_every_integer_dtype_embed():
+    """uint8 / int16 ids (compact datasets: enwik8 bytes) passed the integer check and then crashed
+    in the embedding (as in 1.1.4): they give the int64 ids' logits."""
+    model, x = lm(), tokens(n=8)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(model(x.to(dtype)), model(x))
+
+
+def test_integer_arguments_of_any_integer_type_are_taken_as_1_1_4_takes_them():
+    """numpy integers (what configs loaded with numpy give) and a 0-d integer tensor nb_features
+    build the same models as Python ints, as in 1.1.4; bool and float stay errors that name the
+    argument."""
+    np = pytest.importorskip("numpy")
+    builds = [
+        lambda i: FastAttention(i(8), nb_features=i(6)),
+        lambda i: ours_pp.SelfAttention(i(16), heads=i(2)),
+        lambda i: PerformerLM(num_tokens=i(10), max_seq_len=i(8), dim=i(16), depth=i(1), heads=i(2)),
+    ]
+    for index, build in enumerate(builds):
+        torch.manual_seed(0)
+        expected = build(int).state_dict()
+        for i in (np.int64, np.int32) + ((torch.tensor,) if index == 0 else ()):  # (1.1.4: nb_features only)
+            torch.manual_seed(0)
+            got = build(i).state_dict()
+            assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in got)
+    with pytest.raises(TypeError, match="heads"):
+        ours_pp.SelfAttention(16, heads=True)
+    with pytest.raises(ValueError, match="nb_features"):
+        FastAttention(8, nb_features=6.0)
+
+
 def test_module_inputs_are_validated_like_the_functional_api():
     with pytest.raises(ValueError, match="nb_features"):
         FastAttention(4, 0)
