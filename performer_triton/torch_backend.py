@@ -219,13 +219,14 @@ def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
-def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
+def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
-    reference (both factors <= 1; the finite base 0 while neither has a key).  -> (hz, ref)."""
+    reference (both factors <= 1; the finite base 0 while neither has a key), written into out
+    if given.  -> (hz, ref)."""
     new_ref = torch.maximum(ref, kv_ref)
     base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
-    hz = torch.addcmul(hz * (ref[..., None, None] - base).exp_(), kv, (kv_ref[..., None, None] - base).exp_())
-    return hz, new_ref
+    hz = torch.mul(hz, (ref[..., None, None] - base).exp_(), out=out)
+    return hz.addcmul_(kv, (kv_ref[..., None, None] - base).exp_()), new_ref
 
 
 def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before: Tensor,
@@ -233,10 +234,13 @@ def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before:
     """The state before each of G chunks, written into hz_before (b, h, G, m, e+1) and
     ref_before (b, h, G), from the state before the first, hz (b, h, m, e+1) and ref (b, h), and
     the chunks' own states kv (b, h, G, m, e+1), kv_ref (b, h, G).  -> the state after the last."""
-    for c in range(kv.shape[2]):
-        hz_before[:, :, c] = hz
-        ref_before[:, :, c] = ref
-        hz, ref = merge_referenced(hz, ref, kv[:, :, c], kv_ref[:, :, c])
+    groups = kv.shape[2]
+    hz_before[:, :, 0], ref_before[:, :, 0] = hz, ref
+    for c in range(groups):
+        nxt = hz_before[:, :, c + 1] if c + 1 < groups else None  # merged in place where it is kept
+        hz, ref = merge_referenced(hz_before[:, :, c], ref_before[:, :, c], kv[:, :, c], kv_ref[:, :, c], nxt)
+        if nxt is not None:
+            ref_before[:, :, c + 1] = ref
     return hz, ref
 
 
@@ -595,7 +599,8 @@ def favor_bwd(
         g_rows, vo = grad(sl), values(sl)  # (b, h, nc t, e+1)
         g, vc = _by_chunk(g_rows, t), _by_chunk(vo, t)
         chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
-        hz_before, ref_before = hz_chunks[:, :, chunks], ref_chunks[:, :, chunks]  # (b, h, nc, m, e+1), (b, h, nc)
+        # (b, h, nc, m, e+1) in one block of memory: its transpose feeds the products without a copy
+        hz_before, ref_before = hz_chunks[:, :, chunks].contiguous(), ref_chunks[:, :, chunks]
         m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
