@@ -15,7 +15,8 @@ u_j are the key units exp(dash_j - row_max_j) (softmax), relu(dash_j) (relu), or
 features of maps the kernels do not compute (no_projection, a callable kernel_fn). The newest
 query's stabilizer M is the max over all keys so far, which is both the "prefix" stabilizer and,
 for the last position, the "global" one. Local (windowed) heads keep only the keys and values
-their window can still see.
+their window can still see. The state is fp32 for 16-bit inputs (fp64 for fp64), as the
+functional API's states.
 
 One new position at a time with the kernels' own feature maps (softmax, relu) runs the fused
 Triton step (kernels/decode.py: features, state update and output in one launch per layer) on
@@ -33,7 +34,7 @@ from .attention_state import AttentionState, check_state
 from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap
 from .functional import triton_unsupported
-from .torch_backend import ChunkFeatures, add_keys, with_ones
+from .torch_backend import ChunkFeatures, add_keys, compute_dtype, with_ones
 
 __all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
 
@@ -115,9 +116,10 @@ class FavorState:
 
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
         """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely."""
-        chunk = self.chunk
+        chunk, dtype = self.chunk, self.hz.dtype
         keep = _keep(keep, k)[:, None, :]  # (b, 1, t)
-        x = self._rows(k, is_query=False)
+        x = self._rows(k, is_query=False).to(dtype)
+        v = v.to(dtype)
         dash = chunk.dash(x)  # (b, h, t, m)
         if chunk.softmax:
             row_max = dash.amax(dim=-1)  # (b, h, t)
@@ -125,7 +127,7 @@ class FavorState:
             self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
         else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
             row_max = dash.new_zeros(dash.shape[:-1])  # (b, h, t)
-            log_scale = self.feature_map.key_log_scale(k.masked_fill(~keep[..., None], 0.0), True)  # (b, h, 1, 1)
+            log_scale = self.feature_map.key_log_scale(k.to(dtype).masked_fill(~keep[..., None], 0.0), True)  # (b, h, 1, 1)
             row_scale = row_max + (log_scale[..., 0] if isinstance(log_scale, Tensor) else log_scale)
         units = chunk.key_units(x, row_max, dash).masked_fill(~keep[..., None], 0.0)  # (b, h, t, m)
         vo = with_ones(v).masked_fill(~keep[..., None], 0.0)  # (b, h, t, e+1)
@@ -135,7 +137,7 @@ class FavorState:
     def read(self, q: Tensor) -> Tensor:
         """Outputs of queries q (b, h, t, d) against every key added so far -> (b, h, t, e)."""
         chunk, e = self.chunk, self.hz.shape[-1] - 1
-        x = self._rows(q, is_query=True)
+        x = self._rows(q, is_query=True).to(self.hz.dtype)
         dash = chunk.dash(x)  # (b, h, t, m)
         q_max = dash.amax(dim=-1) if chunk.softmax else None
         q_feat = chunk.query_base(x, dash, q_max) + chunk.eps  # (b, h, t, m)
@@ -147,7 +149,7 @@ class FavorState:
             scale = torch.ones_like(self.ref)
             causal_coef = causal_coef * torch.exp(-self.ref.masked_fill(torch.isinf(self.ref), 0.0))[..., None, None]
         nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
-        return nd[..., :e] / (nd[..., e:] + causal_coef * q_sum)
+        return (nd[..., :e] / (nd[..., e:] + causal_coef * q_sum)).to(q.dtype)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
@@ -178,7 +180,9 @@ def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorSta
     fmap = fast_attention.feature_map
     projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(k.dtype).contiguous()
     m = k.shape[-1] if projection is None else projection.shape[0]
-    return FavorState(fmap, projection, b, h, m, e, k.dtype, k.device, _fused_step(fast_attention.backend, fmap, k, v))
+    # the state in fp32 for 16-bit inputs (as favor_attention's states): a bf16 state rounds every update
+    return FavorState(fmap, projection, b, h, m, e, compute_dtype(k.dtype), k.device,
+                      _fused_step(fast_attention.backend, fmap, k, v))
 
 
 def _fused_step(backend: str, fmap: FeatureMap, k: Tensor, v: Tensor) -> bool:

@@ -15,6 +15,7 @@ from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM, extension_unsupported
 from .ops import favor, favor_state
+from .torch_backend import compute_dtype
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
@@ -275,7 +276,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     if cu_seqlens is not None:
         b = cu_seqlens.shape[0] - 1  # a state per sequence
     if initial_state is None:
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(q.dtype)
         initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
     else:
         initial_state = check_state(initial_state, b, h, m, e, q.device)

@@ -80,7 +80,7 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
     softmax = KERNEL_MAPS[feature].stabilized
 
     def stat(rows: int) -> Tensor:  # fp32 statistics, fp64 for fp64 inputs
-        return q.new_empty((b, h, rows), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return q.new_empty((b, h, rows), dtype=torch_backend.compute_dtype(q.dtype))
 
     if use_triton:
         states = launchers(causal)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, use_triton))
@@ -200,7 +200,7 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
     b, h, n, _ = q.shape
     s = k.shape[2]
     softmax = KERNEL_MAPS[feature].stabilized
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = torch_backend.compute_dtype(q.dtype)
 
     def like(t: Tensor) -> Tensor:
         return t.new_empty(t.shape, dtype=compute)

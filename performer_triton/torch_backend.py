@@ -122,7 +122,8 @@ def _exact_dtypes(fn):
     return run
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What inputs of dtype compute and keep their states in: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -293,7 +294,7 @@ def saved_like(q: Tensor, v: Tensor, projection: Tensor | None, causal: bool) ->
     (b, h, chunks, m, e+1) and its reference (b, h, chunks)."""
     (b, h, n), e = q.shape[:3], v.shape[-1]
     m = q.shape[-1] if projection is None else projection.shape[0]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     if causal:
         chunks = _chunk_count(n)
         return [q.new_empty((b, h, chunks, m, e + 1), dtype=dtype), q.new_empty((b, h, chunks), dtype=dtype)]
@@ -310,7 +311,7 @@ class KeysState(torch.autograd.Function):
     @staticmethod
     @_exact_dtypes
     def forward(ctx, k: Tensor, v: Tensor, projection: Tensor | None, feature: int):
-        dtype = _compute_dtype(k.dtype)
+        dtype = compute_dtype(k.dtype)
         fm = ChunkFeatures(feature, projection, k.shape[-1], dtype)
         (b, h, s), e = k.shape[:3], v.shape[-1]
         m = k.shape[-1] if fm.given else fm.proj.shape[0]
@@ -387,7 +388,7 @@ class ReadContext(torch.autograd.Function):
     @staticmethod
     @_exact_dtypes
     def forward(ctx, q: Tensor, context: Tensor, projection: Tensor | None, feature: int) -> Tensor:
-        dtype = _compute_dtype(q.dtype)
+        dtype = compute_dtype(q.dtype)
         fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
         context = context.to(dtype)
         (b, h, n), e = q.shape[:3], context.shape[-1] - 1
@@ -429,7 +430,7 @@ def favor_fwd(
     the backward walks no keys to rebuild them), then with final, the state after the last key
     (hz, v_sum, ref, stab). Causal only: initial, the state before the first key (the stabilizer
     is then the prefix one)."""
-    in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
+    in_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
@@ -525,7 +526,7 @@ def favor_bwd(
     (non-causal); final: (state, d hz, d v_sum), the forward's final state and the gradients it
     received (None when it had none)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q_max, k_max, k_scale, rden = q_max.to(dtype), k_max.to(dtype), k_scale.to(dtype), rden.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
