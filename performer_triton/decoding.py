@@ -122,7 +122,7 @@ class FavorState:
         v = v.to(dtype)
         dash = chunk.dash(x)  # (b, h, t, m)
         if chunk.softmax:
-            row_max = dash.amax(dim=-1)  # (b, h, t)
+            row_max = chunk.row_max(dash)  # (b, h, t)
             row_scale = row_max - chunk.half_sq_norm(x)
             self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
         else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
@@ -139,7 +139,7 @@ class FavorState:
         chunk, e = self.chunk, self.hz.shape[-1] - 1
         x = self._rows(q, is_query=True).to(self.hz.dtype)
         dash = chunk.dash(x)  # (b, h, t, m)
-        q_max = dash.amax(dim=-1) if chunk.softmax else None
+        q_max = chunk.row_max(dash) if chunk.softmax else None
         q_feat = chunk.query_base(x, dash, q_max) + chunk.eps  # (b, h, t, m)
         q_sum = q_feat.sum(dim=-1, keepdim=True)  # (b, h, t, 1)
         causal_coef = chunk.causal_coef

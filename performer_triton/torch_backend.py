@@ -19,6 +19,7 @@ fp64 computes in fp64, and its stats and rden are then fp64 too (one precision e
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch import Tensor
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS
 
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 # Rows per causal chunk: the intra-chunk (t, t) work grows with it; the per-chunk overhead and the
 # saved states (one (m, e+1) per chunk) shrink with it.  64 rows: 1.39x the minimal FLOPs of
 # fwd+bwd instead of 1.78x at 128, measured 5-15% faster on 1 and 2 threads (bench/RESULTS.md).
@@ -53,17 +55,27 @@ class ChunkFeatures:
         self.proj = None if self.given else projection.to(dtype) * dn
         # (m, d + 1): [dn P | 1], so the backward's one matmul also yields the row sums of du
         self.proj_sum = None if self.given else with_ones(self.proj)
+        # SOFTMAX dashes in log2 units (exp2 costs 0.55x exp per element on this CPU): log2(e) is
+        # folded into the projection, the shifts are scaled to match, statistics stay natural
+        self.log2 = LOG2E if self.softmax else 1.0
+        self.proj_dash = None if self.given else self.proj * self.log2
         self.dn2 = dn * dn
         self.eps = fmap.eps
         ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
         self.causal_coef = causal_eps / ratio  # c_i = causal_coef * sum_f q~_if
 
     def dash(self, x: Tensor) -> Tensor:
-        """(dn x) @ P^T; GIVEN features pass through.  (b, h, t, d) -> (b, h, t, m)."""
+        """(dn x) @ P^T (times log2(e) for SOFTMAX); GIVEN features pass through.
+        (b, h, t, d) -> (b, h, t, m)."""
         if self.given:
             return x
         # one (b h t, d) @ (d, m) product: matmul would take a sliced x as b h small products
-        return (x.reshape(-1, x.shape[-1]) @ self.proj.mT).view(*x.shape[:-1], self.proj.shape[0])
+        return (x.reshape(-1, x.shape[-1]) @ self.proj_dash.mT).view(*x.shape[:-1], self.proj.shape[0])
+
+    def row_max(self, dash: Tensor) -> Tensor:
+        """max_f (dn x) . P_f of each row (natural units) from its dash.  -> (b, h, t)."""
+        row = dash.amax(-1)
+        return row if self.log2 == 1.0 else row.mul_(LN2)
 
     def half_sq_norm(self, x: Tensor) -> Tensor:
         """|dn x|^2 / 2.  (b, h, t, d) -> (b, h, t)."""
@@ -72,7 +84,7 @@ class ChunkFeatures:
     def query_base(self, x: Tensor, dash: Tensor, q_max: Tensor) -> Tensor:
         """q~ - eps.  x (b, h, t, d), dash (b, h, t, m) (overwritten), q_max (b, h, t) -> (b, h, t, m)."""
         if self.softmax:
-            return dash.sub_((q_max + self.half_sq_norm(x))[..., None]).exp_()
+            return dash.sub_((q_max + self.half_sq_norm(x)).mul_(LOG2E)[..., None]).exp2_()
         return self._generalized(dash)
 
     def key_units(self, x: Tensor, k_max: Tensor, dash: Tensor | None = None) -> Tensor:
@@ -80,7 +92,7 @@ class ChunkFeatures:
         x (b, h, t, d), k_max (b, h, t), dash of x if already computed (overwritten) -> (b, h, t, m)."""
         dash = self.dash(x) if dash is None else dash
         if self.softmax:
-            return dash.sub_(k_max[..., None]).exp_()
+            return dash.sub_((k_max * LOG2E)[..., None]).exp2_()
         return self._generalized(dash)
 
     def keys(self, x: Tensor, ref: Tensor, dash: Tensor | None = None) -> Tensor:
@@ -90,7 +102,7 @@ class ChunkFeatures:
         x (b, h, t, d), dash of x if already computed (overwritten) -> (b, h, t, m)."""
         dash = self.dash(x) if dash is None else dash
         if self.softmax:
-            return dash.sub_((self.half_sq_norm(x) + ref[..., None])[..., None]).exp_()
+            return dash.sub_((self.half_sq_norm(x) + ref[..., None]).mul_(LOG2E)[..., None]).exp2_()
         return self._generalized(dash)
 
     def _generalized(self, dash: Tensor) -> Tensor:
@@ -321,7 +333,7 @@ class KeysState(torch.autograd.Function):
             kc, vo = k[..., sl, :].to(dtype), with_ones(v[..., sl, :].to(dtype))
             dash = fm.dash(kc)
             if fm.softmax:
-                k_max = dash.amax(-1)
+                k_max = fm.row_max(dash)
                 stab = torch.maximum(stab, k_max.amax(-1))
                 row_scale = k_max - fm.half_sq_norm(kc)
             else:  # 0: the reference of the maps without a stabilizer once a key is in
@@ -374,7 +386,7 @@ def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tens
 def _query_base(fm: ChunkFeatures, x: Tensor) -> Tensor:
     """q~ - eps of queries x (b, h, t, d) with their own row maxima.  -> (b, h, t, m)."""
     dash = fm.dash(x)
-    return fm.query_base(x, dash, dash.amax(-1) if fm.softmax else None)
+    return fm.query_base(x, dash, fm.row_max(dash) if fm.softmax else None)
 
 
 class ReadContext(torch.autograd.Function):
@@ -440,7 +452,7 @@ def favor_fwd(
     k_scale = k.new_empty((b, h, s if stats else 0))
     if stats and causal:  # every key's stabilizer is needed from the first chunk on
         for sl in _chunks(s, _wide_rows(b * h, fm.proj.shape[0])):
-            k_max[..., sl] = fm.dash(k[..., sl, :]).amax(-1)
+            k_max[..., sl] = fm.row_max(fm.dash(k[..., sl, :]))
         torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
@@ -453,7 +465,7 @@ def favor_fwd(
         for sl in _chunks(s, rows):  # one projection of each key chunk: its stats, then its keys
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
-                k_max[..., sl] = dash.amax(-1)
+                k_max[..., sl] = fm.row_max(dash)
                 torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
             local, base = _key_reference(row_scale)
@@ -465,7 +477,7 @@ def favor_fwd(
         for sl in _chunks(n, rows):
             qc, dash = q[..., sl, :], fm.dash(q[..., sl, :])
             if stats:
-                q_max[..., sl] = dash.amax(-1)
+                q_max[..., sl] = fm.row_max(dash)
             _read(fm.query_base(qc, dash, q_max[..., sl]), context, eps_nd, out[..., sl, :], rden[..., sl])
         return out.to(in_dtype), q_max, k_max, k_scale, rden, [context]
 
@@ -482,7 +494,7 @@ def favor_fwd(
         qc = q[..., sl, :]
         dash = fm.dash(qc)
         if stats:
-            q_max[..., sl] = dash.amax(-1)
+            q_max[..., sl] = fm.row_max(dash)
         base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
         vo = values(sl)  # (b, h, nc t, e+1)

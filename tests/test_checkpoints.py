@@ -163,6 +163,11 @@ def test_replace_fast_attention_keeps_outputs_keys_and_redraws():
 def test_meta_device_construction_then_to_empty_and_load_state_dict(monkeypatch):
     """Large models are built without memory on the meta device, then materialised and loaded."""
     monkeypatch.undo()  # the NaN fixture's wrapped torch.empty escapes torch.device("meta")'s mode
+    # ... and so does the real one if torch.device's set of constructors was cached while the
+    # fixture had it wrapped (dynamo builds that cache: this failed after a compile test ran)
+    import torch.utils._device
+
+    torch.utils._device._device_constructors.cache_clear()
     kwargs = dict(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=2, heads=2, dim_head=8, causal=True,
                   local_attn_heads=1, local_window_size=4)
     torch.manual_seed(0)
