@@ -4,8 +4,9 @@ states relative to a running reference, eps parts handled exactly) in plain tens
 
 Work is done in row chunks batched over (b, h): the (b, h, n, m) features of the whole sequence
 never exist at once, and only the contract's tensors are saved for backward (plus the non-causal
-context or the causal chunk states, O(m e) per chunk), which recomputes features chunk by chunk. States are (m, e + 1): values plus a ones
-column, so the numerator and the denominator come out of the same matmul. Non-causal chunks are
+context or the causal chunk states, O(m e) per chunk), which recomputes features chunk by
+chunk. States are (m, e + 1): values plus a ones column, so the numerator and the denominator
+come out of the same matmul. Non-causal chunks are
 sized by FEATURE_TILE. Causal attention does the masked intra-chunk part as (CHUNK, CHUNK)
 matmuls and carries the state across chunks; whole chunks are batched into blocks (one product
 of each kind per block, the chunk states scanned in a short loop of small adds); the forward
@@ -128,6 +129,8 @@ def _exact_dtypes(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if not torch.amp.is_autocast_available(device):  # (meta tensors: no autocast to turn off)
+            return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 
