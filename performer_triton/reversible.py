@@ -173,5 +173,11 @@ class ReversibleSequence(nn.Module):
             {"f_args": f_args, "g_args": g_args}
             for f_args, g_args in route_args(self.args_route, kwargs, len(self.blocks))
         ]
+        trained = any(p.requires_grad for p in self.blocks.parameters())
+        if torch.is_grad_enabled() and trained and not x.requires_grad:
+            # the blocks' parameters reach autograd only through x (their gradients accumulate in
+            # the function's backward): an input without grad (frozen embeddings) left the output
+            # without a grad_fn and the blocks untrained, as in 1.1.4
+            x = x.detach().requires_grad_()
         out = _ReversibleFunction.apply(x, self.blocks, args)
         return torch.stack(out.chunk(2, dim=-1)).sum(dim=0)

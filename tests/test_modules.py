@@ -530,6 +530,23 @@ def test_token_ids_of_every_integer_dtype_embed():
         assert torch.equal(model(x.to(dtype)), model(x))
 
 
+def test_reversible_layers_train_behind_an_input_without_grad():
+    """Frozen features or embeddings before a reversible Performer: its output had no grad_fn and
+    its own parameters no gradient (as in 1.1.4); they get the gradients they get when the input
+    requires grad."""
+    torch.manual_seed(0)
+    model = Performer(dim=16, depth=2, heads=4, dim_head=8, reversible=True).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    grads = []
+    for leaf in (x, x.clone().requires_grad_()):
+        model.zero_grad()
+        out = model(leaf)
+        assert out.requires_grad
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*grads))
+
+
 def test_integer_arguments_of_any_integer_type_are_taken_as_1_1_4_takes_them():
     """numpy integers (what configs loaded with numpy give) and a 0-d integer tensor nb_features
     build the same models as Python ints, as in 1.1.4; bool and float stay errors that name the
