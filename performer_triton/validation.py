@@ -140,7 +140,7 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
                                                                                               torch.int64):
         got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(
             cu_seqlens).__name__
-        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor of N + 1 sequence offsets, got {got}")
+        raise TypeError(f"cu_seqlens must be a 1-D int32 or int64 tensor of N + 1 sequence offsets, got {got}")
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q, k, v hold the packed sequences as (1, h, total, .), got batch {q.shape[0]}")
     if q.shape[2] != k.shape[2]:

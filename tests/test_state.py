@@ -556,7 +556,7 @@ def test_packed_op_passes_opcheck(causal):
 def test_bad_cu_seqlens_are_refused():
     q, k, v, cu = packed([3, 4])
     P = projection()
-    with pytest.raises(TypeError, match="1-D int32 tensor"):
+    with pytest.raises(TypeError, match="1-D int32 or int64 tensor"):
         favor_attention(q, k, v, P, cu_seqlens=cu.float())
     with pytest.raises(ValueError, match="rise from 0 to the packed length 7"):
         favor_attention(q, k, v, P, cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32))
