@@ -127,7 +127,8 @@ class FavorState:
             self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
         else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
             row_max = dash.new_zeros(dash.shape[:-1])  # (b, h, t)
-            log_scale = self.feature_map.key_log_scale(k.to(dtype).masked_fill(~keep[..., None], 0.0), True)  # (b, h, 1, 1)
+            kept = k.to(dtype).masked_fill(~keep[..., None], 0.0)
+            log_scale = self.feature_map.key_log_scale(kept, True)  # (b, h, 1, 1)
             row_scale = row_max + (log_scale[..., 0] if isinstance(log_scale, Tensor) else log_scale)
         units = chunk.key_units(x, row_max, dash).masked_fill(~keep[..., None], 0.0)  # (b, h, t, m)
         vo = with_ones(v).masked_fill(~keep[..., None], 0.0)  # (b, h, t, e+1)

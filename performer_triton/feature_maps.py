@@ -114,6 +114,10 @@ def _mask_keys(features: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     return features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
 
+def _no_log_scale(x: Tensor, causal: bool) -> float:
+    return 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureMap:
     """One feature map.  query_features(x, projection) -> (b, h, n, m);
@@ -126,7 +130,12 @@ class FeatureMap:
     query_features: Callable[[Tensor, Optional[Tensor]], Tensor]
     key_features: Callable[[Tensor, Optional[Tensor], bool, Optional[Tensor]], Tensor]
     # log of the factor key_features divided the keys by to keep them finite (b, h, 1, 1), or 0.0
-    key_log_scale: Callable[[Tensor, bool], Union[Tensor, float]] = lambda x, causal: 0.0
+    key_log_scale: Callable[[Tensor, bool], Union[Tensor, float]] = _no_log_scale
+
+    @property
+    def rescales_keys(self) -> bool:
+        """key_features may divide the keys by a per-head factor (key_log_scale)."""
+        return self.key_log_scale is not _no_log_scale
 
     @property
     def fused(self) -> bool:

@@ -202,7 +202,7 @@ def favor_attention(
         projection = projection_matrix.to(q.dtype).contiguous()
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
-    if causal and q.dtype == torch.float16 and isinstance(fmap.key_log_scale(k, True), Tensor):
+    if causal and q.dtype == torch.float16 and fmap.rescales_keys:
         # keys rescaled per head to fit the dtype (1.1.4's no_projection exp(k)): in fp16 the rescaled
         # keys and eps (1e-6 exp(-shift)) underflow to 0 where fp32 holds them (0 / 0 normalisers);
         # the op computes in fp32 anyway, so the features are made in fp32 too

@@ -176,7 +176,8 @@ def _favor_state_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, q_max, k_max, k_scale, rden, hz, v_sum, ref, stab, states): causal favor_fwd from the
     state (hz0, v_sum0, ref0, stab0), the state after the last key in the compute dtype, and the
-    key states the backward reads (the kernels', or the PyTorch path's states before each chunk).  cu_seqlens: a pack (favor_fwd's), the states per sequence, on the kernels only."""
+    key states the backward reads (the kernels', or the PyTorch path's states before each chunk).
+    cu_seqlens: a pack (favor_fwd's), the states per sequence, on the kernels only."""
     q, k, v = map(_unit_stride, (q, k, v))
     if use_triton:
         from .kernels.causal import causal_fwd_state  # imports triton

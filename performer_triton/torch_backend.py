@@ -235,7 +235,8 @@ def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
-def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor,
+                     out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
     reference (both factors <= 1; the finite base 0 while neither has a key), written into out
     if given.  -> (hz, ref)."""
