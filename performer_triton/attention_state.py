@@ -45,9 +45,10 @@ class AttentionState(NamedTuple):
                    torch.full((b, h), float("-inf"), **kw), torch.full((b, h), float("-inf"), **kw))
 
 
-def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.device) -> AttentionState:
+def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.device,
+                softmax: bool | None = None) -> AttentionState:
     """state as an AttentionState of these sizes on this device (ValueError / TypeError naming
-    what differs)."""
+    what differs); with softmax given, also made by a map of that kind (below)."""
     if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
         raise TypeError(f"initial_state must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
     state = AttentionState(*state)
@@ -61,7 +62,20 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+    if softmax is not None and not torch.compiler.is_compiling():
+        _check_map_kind(state, softmax)
     return state
+
+
+def _check_map_kind(state: AttentionState, softmax: bool) -> None:
+    """A state that holds keys records its map's kind: softmax features keep a finite stabilizer M,
+    the others none (-inf); continuing it with the other kind would mix two attentions.  (The maps
+    without a stabilizer, relu and the given-feature ones, cannot be told apart.)"""
+    wrong = torch.isfinite(state.ref) & (torch.isfinite(state.stab) != softmax)  # (b, h)
+    if bool(wrong.any()):
+        made, call = ("relu or given", "softmax") if softmax else ("softmax", "relu or given")
+        raise ValueError(f"initial_state was made with {made} features (its stab is "
+                         f"{'-inf' if softmax else 'finite'} where it holds keys); this call computes {call} features")
 
 
 def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:

@@ -2,6 +2,8 @@
 generation: each new token updates per-layer recurrent state instead of re-running the window."""
 from __future__ import annotations
 
+import math
+import numbers
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import TYPE_CHECKING, Callable
 
@@ -13,6 +15,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 
 from .decoding import DecodingCache
 from .distributed import ContextParallel, with_neighbours
+from .validation import check_int
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -35,7 +38,14 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
 
 def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Keep the int((1 - thres) * vocab) largest logits; the rest become -inf.  logits (b, vocab)."""
-    k = max(1, int((1 - thres) * logits.shape[-1]))  # 1.1.4 kept 0 tokens for small vocabularies (a crash)
+    vocab = logits.shape[-1]
+    wanted = (1 - thres) * vocab
+    # where 1.1.4 crashed (torch.topk: more than vocab or a negative count; int(NaN)); a thres a little
+    # below 0 that still asks for at most vocab logits keeps them all, as in 1.1.4
+    if wanted != wanted or thres > 1 or int(wanted) > vocab:
+        raise ValueError(f"filter_thres (top_k's thres) must be in [0, 1]: top_k keeps int((1 - thres) * vocab) "
+                         f"of the {vocab} logits, got thres {thres}")
+    k = max(1, int(wanted))  # 1.1.4 kept 0 tokens for small vocabularies (a crash)
     val, ind = torch.topk(logits, k)
     probs = torch.full_like(logits, float("-inf"))
     probs.scatter_(1, ind, val)
@@ -56,6 +66,19 @@ def _penalize_rows(logits: Tensor, history: Tensor, theta: float) -> Tensor:
     weights = torch.ones_like(logits, dtype=torch.float)
     weights.scatter_(1, history.long(), theta)
     return logits / weights
+
+
+def _check_temperature(temperature: object) -> None:
+    """A number (or a tensor of them, one per row, divided by as 1.1.4 does); NaN is an error
+    here rather than torch.multinomial's.  Negative and infinite temperatures keep 1.1.4's
+    numbers where it had any (checked per step in _generate)."""
+    if isinstance(temperature, Tensor) and temperature.numel() > 1:
+        return
+    if not isinstance(temperature, (numbers.Real, Tensor)) or (isinstance(temperature, Tensor)
+                                                              and temperature.numel() == 0):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+    if math.isnan(float(temperature)):
+        raise ValueError(f"temperature must be a number (> 0 to sample, 0 = greedy), got {temperature}")
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -108,10 +131,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
         if start_tokens.shape[-1] == 0:
             raise ValueError("start_tokens must hold at least one token")
-        if seq_len < 0:
-            raise ValueError(f"seq_len must be >= 0, got {seq_len}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        seq_len = check_int("seq_len", seq_len, 0)
+        _check_temperature(temperature)
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
@@ -132,8 +153,14 @@ class AutoregressiveWrapper(nn.Module):
             start_tokens = start_tokens[None, :]
         b, t = start_tokens.shape
         out = start_tokens
+        # a tensor of several temperatures (one per row) is divided by, as 1.1.4 does
+        scalar = not (isinstance(temperature, Tensor) and temperature.numel() > 1)
+        greedy = scalar and bool(temperature == 0)
+        unusual = scalar and bool(temperature < 0 or temperature == float("inf"))  # 1.1.4's numbers where it had any
 
         input_mask = kwargs.pop("mask", None)
+        if num_dims == 1 and isinstance(input_mask, Tensor) and input_mask.dim() == 1:
+            input_mask = input_mask[None, :]  # the mask of a 1-D prompt, batched as the prompt (1.1.4: IndexError)
         if input_mask is None:
             input_mask = torch.full_like(out, True, dtype=torch.bool, device=out.device)
         # conditional generation: without an explicit context_mask, every context position counts
@@ -158,11 +185,18 @@ class AutoregressiveWrapper(nn.Module):
                 logits = repetition_penalty_fn(logits, out, theta=repetition_penalty)
             elif repetition_penalty > 1.0:  # 1.1.4 mixes the rows' tokens; each row its own recent ones
                 logits = _penalize_rows(logits, out[:, -repetition_penalty_ctx:], repetition_penalty)
-            if temperature == 0:  # greedy (1.1.4 divided by zero)
+            if greedy:  # (1.1.4 divided by zero)
                 sample = logits.argmax(dim=-1, keepdim=True)
             else:
                 filtered_logits = filter_logits_fn(logits, thres=filter_thres)
                 probs = F.softmax(filtered_logits / temperature, dim=-1)
+                if unusual and bool(torch.isinf(filtered_logits).any()):  # a host sync for these temperatures only
+                    raise ValueError(
+                        f"temperature={temperature}: the filtered logits divided by it are no distribution (the "
+                        "filter's -inf logits turn into +inf or NaN; performer-pytorch 1.1.4 crashed in "
+                        "torch.multinomial); a negative or infinite temperature needs a filter that keeps every "
+                        "token (top_k with filter_thres=0)"
+                    )
                 sample = torch.multinomial(probs, 1)
 
             out = torch.cat((out, sample), dim=-1)

@@ -48,7 +48,17 @@ class DecodingCache:
 
     def __init__(self) -> None:
         self.length = 0
+        self.batch: int | None = None  # the batch size of the first call; every later call must match
         self._states: dict[nn.Module, Any] = {}
+
+    def check_batch(self, batch: int) -> None:
+        """Record the first call's batch size; a later call with another one is a ValueError (the
+        states hold one row per sequence, so it would fail deep inside torch)."""
+        if self.batch is None:
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(f"cache: this DecodingCache holds batch {self.batch}, the call has batch {batch}; "
+                             "use a new DecodingCache for another batch")
 
     def get(self, module: nn.Module) -> Any:
         return self._states.get(module)
@@ -77,15 +87,17 @@ class FavorState:
     """Running state of the causal FAVOR+ heads of one layer (see the module docstring).
 
     feature_map: the layer's FeatureMap; projection (m, d) or None (no_projection); fused: single
-    positions run the fused Triton step (kernels/decode.py) on this state."""
+    positions run the fused Triton step (kernels/decode.py) on this state; source: the layer's
+    projection buffer, which step() checks has not been redrawn since (its version counter)."""
 
     def __init__(
         self, feature_map: FeatureMap, projection: Tensor | None, b: int, h: int, m: int, e: int, dtype, device,
-        fused: bool = False,
+        fused: bool = False, *, source: Tensor | None = None,
     ):
         self.feature_map = feature_map
         self.projection = projection
         self.fused = fused
+        self.source, self.version = source, _version(source)
         kernel_map = feature_map if feature_map.fused else GIVEN_MAP  # what the chunk math computes
         self.chunk = ChunkFeatures(kernel_map.code, projection, m if projection is None else projection.shape[1], dtype)
         self.ref = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # R
@@ -102,7 +114,7 @@ class FavorState:
         """Continue from a state (favor_attention(..., output_final_state=True)'s), in this
         state's dtype."""
         b, h, m, e1 = self.hz.shape
-        state = check_state(state, b, h, m, e1 - 1, self.hz.device)
+        state = check_state(state, b, h, m, e1 - 1, self.hz.device, softmax=self.chunk.softmax)
         self.hz, self.v_sum, self.ref, self.stab = (t.to(self.hz.dtype).contiguous() for t in state)
 
     def _rows(self, x: Tensor, is_query: bool) -> Tensor:
@@ -154,6 +166,12 @@ class FavorState:
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
+        if _version(self.source) != self.version:
+            raise ValueError(
+                "DecodingCache: the layer's projection matrix was redrawn (or reloaded) after this cache was filled, "
+                "so its state holds keys of the old features; in training mode every call counts towards "
+                "feature_redraw_interval: decode in eval mode (model.eval()) or start a new DecodingCache"
+            )
         if self.fused and q.shape[2] == 1:
             from .kernels.decode import decode_step  # imports triton
 
@@ -172,6 +190,14 @@ def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor,
     return torch.cat(outs, dim=2)
 
 
+def _version(t: Tensor | None) -> int | None:
+    """t's version counter (in-place writes bump it); None without t, or for an inference tensor
+    (which has none)."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
+
+
 def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorState:
     """An empty state for the causal heads of ``fast_attention`` (k (b,h,t,d), v (b,h,t,e) give
     sizes, dtype and device)."""
@@ -183,7 +209,8 @@ def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorSta
     m = k.shape[-1] if projection is None else projection.shape[0]
     # the state in fp32 for 16-bit inputs (as favor_attention's states): a bf16 state rounds every update
     return FavorState(fmap, projection, b, h, m, e, compute_dtype(k.dtype), k.device,
-                      _fused_step(fast_attention.backend, fmap, k, v))
+                      _fused_step(fast_attention.backend, fmap, k, v),
+                      source=None if fast_attention.no_projection else fast_attention.projection_matrix)
 
 
 def _fused_step(backend: str, fmap: FeatureMap, k: Tensor, v: Tensor) -> bool:

@@ -131,7 +131,8 @@ def favor_attention(
     use the fused linear attention.
     key_stabilizer: "global" (1.1.4) or "prefix" (causal only; out_i depends on positions <= i).
     key_padding_mask: (b, s) bool, True = keep; padded keys are excluded from the numerator,
-    the normaliser and the stabilizer.
+    the normaliser and the stabilizer (with "prefix": each sequence without its padded
+    positions, and queries at padded positions give 0).
     backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
     causal with fewer queries than keys (n < s): the queries are the last n of the s positions
     (bottom-right aligned, the KV-cache call).
@@ -184,16 +185,13 @@ def favor_attention(
     prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, k)
-        if prefix:
-            raise ValueError(
-                "key_padding_mask with key_stabilizer='prefix' is not supported; causal models padded "
-                "on the right need no mask (later keys are never visible)"
-            )
     if initial_state is not None or output_final_state:
         return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, key_padding_mask, backend,
                                  initial_state, output_final_state, causal=causal)
     if 0 in q.shape[:3]:  # no batch, heads or queries: nothing to attend
         return _empty_result(q, v)
+    if prefix and key_padding_mask is not None:
+        return _prefix_padded(q, k, v, projection_matrix, key_padding_mask, fmap, backend)
 
     fused = fmap.fused and key_padding_mask is None
     use_triton = _use_triton(backend, q, v, fused)
@@ -216,6 +214,38 @@ def favor_attention(
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
     return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
+
+
+def is_right_padding(keep: Tensor) -> bool:
+    """Every row of the (b, s) bool mask is True up to some length, then False."""
+    return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
+
+
+def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Tensor, fmap: FeatureMap,
+                   backend: str) -> Tensor:
+    """Causal softmax attention with the prefix stabilizer and key_padding_mask keep (b, s): each
+    batch row with its padded positions taken out, kept keys in their order (causality among them
+    holds, and the prefix stabilizer runs over kept keys only).  The queries are the last n of the
+    s positions; those at padded positions get 0.  Right padding needs no compaction (no kept query
+    sees a later key): one call with the padded rows zeroed by selection, so that NaN or inf there
+    reaches no gradient either."""
+    n, s = q.shape[2], k.shape[2]
+    keep_q = keep[:, s - n:]  # (b, n)
+    if is_right_padding(keep):
+        q, k, v = (t.masked_fill(~rows[:, None, :, None], 0.0) for t, rows in ((q, keep_q), (k, keep), (v, keep)))
+        out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
+                              backend=backend)
+        return out.masked_fill(~keep_q[:, None, :, None], 0.0)
+    rows = []
+    for i in range(q.shape[0]):
+        kq, kk = keep_q[i].nonzero()[:, 0], keep[i].nonzero()[:, 0]
+        out = q.new_zeros(q.shape[1], n, v.shape[3])  # (h, n, e)
+        if kq.numel():
+            kept = favor_attention(q[i:i + 1, :, kq], k[i:i + 1, :, kk], v[i:i + 1, :, kk], projection, causal=True,
+                                   key_stabilizer="prefix", feature_map=fmap, backend=backend)
+            out = out.index_copy(1, kq, kept[0])
+        rows.append(out)
+    return torch.stack(rows)
 
 
 def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
@@ -279,7 +309,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         compute = compute_dtype(q.dtype)
         initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
     else:
-        initial_state = check_state(initial_state, b, h, m, e, q.device)
+        initial_state = check_state(initial_state, b, h, m, e, q.device, softmax=prefix)
     if s == 0:  # no keys: the state as it was
         out = _empty_result(q, v)
         return (out, initial_state) if output_final_state else out

@@ -30,7 +30,7 @@ from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import InputError, check_int, ignored_kwargs
+from .validation import InputError, check_int, ignored_kwargs, warn_ignored
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -87,9 +87,12 @@ def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -
         raise ValueError(f"{name} is on {mask.device}, the input it masks on {device}")
 
 
-def _is_right_padding(mask: Tensor) -> bool:
-    """Every row of the (b, n) mask is True up to some length, then False."""
-    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+def _finite_padded_keys(k: Tensor, keep: Tensor) -> Tensor:
+    """k (b, h, s, d) with every padded key (keep (b, s) False) that is not finite replaced by a
+    zero key: 1.1.4's masking counts padded keys in the normaliser and the key stabilizer (kept
+    for its numbers), where one NaN or inf key would make every output NaN."""
+    bad = ~keep[:, None, :, None] & ~torch.isfinite(k).all(-1, keepdim=True)
+    return k.masked_fill(bad, 0.0)
 
 
 class Always(nn.Module):
@@ -113,6 +116,8 @@ def shift(t: Tensor, amount: int, mask: Tensor | None = None) -> Tensor:
         return t
     if exists(mask):
         t = t.masked_fill(~mask[..., None], 0.0)
+    if abs(amount) >= t.shape[1]:  # all shifted out: F.pad cannot crop below length 0 (n = 0 crashed 1.1.4)
+        return torch.zeros_like(t)
     return F.pad(t, (0, 0, amount, -amount), value=0.0)
 
 
@@ -212,6 +217,9 @@ def _any_rank(attend: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: 
         if not isinstance(t, Tensor) or t.dim() < 2:
             raise ValueError(f"{name} must be a tensor of at least 2 dimensions (..., n, d), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if q.shape[-1] == 0 or k.shape[-1] == 0:  # named in the caller's shapes, not the (B, 1, n, .) rows
+        raise ValueError(f"q and k must have at least one feature (last dim), got shapes {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     if q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]:
         return attend(q, k, v)
     try:
@@ -379,7 +387,8 @@ class Attention(nn.Module):
 
     Keyword-only additions: key_stabilizer ("prefix": leak-free causal), exact_mask (padded keys
     are excluded from the normaliser and stabilizer instead of only having v zeroed), backend.
-    ``feature_redraw_interval`` is unused, as in 1.1.4 (the Performer's ProjectionUpdater redraws).
+    ``feature_redraw_interval`` is unused, as in 1.1.4 (the Performer's ProjectionUpdater redraws);
+    a value other than the default warns once.
     """
 
     def __init__(
@@ -412,6 +421,10 @@ class Attention(nn.Module):
         local_heads = check_int("local_heads", local_heads, 0)
         if local_heads > heads:
             raise InputError(f"local_heads ({local_heads}) must be <= heads ({heads})")
+        if feature_redraw_interval != 1000:  # the default is what Performer leaves it at: no warning there
+            warn_ignored(type(self).__name__, ["feature_redraw_interval"],
+                         "performer-pytorch 1.1.4 ignores it too: a Performer's ProjectionUpdater redraws the "
+                         "projections; a layer on its own redraws with fast_attention.redraw_projection_matrix()")
         inner_dim = dim_head * heads
         self.fast_attention = FastAttention(
             dim_head,
@@ -468,11 +481,13 @@ class Attention(nn.Module):
         """
         ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
         _check_input("x", x, self.dim)
+        _check_dtype("x", x, self.to_q)
         b, n, _ = x.shape
         h, gh = self.heads, self.global_heads
         cross_attend = exists(context)
         if cross_attend:
             _check_input("context", context, self.dim)
+            _check_dtype("context", context, self.to_k)
             if context.shape[0] != b:
                 raise ValueError(f"context has batch {context.shape[0]}, x has {b}")
             if context.device != x.device:
@@ -502,6 +517,7 @@ class Attention(nn.Module):
         if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
                 v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
+                k = _finite_padded_keys(k, context_mask)
             if exists(pos_emb) and not cross_attend:
                 q, k = apply_rotary_pos_emb(q, k, pos_emb)
             if exists(state):
@@ -512,6 +528,8 @@ class Attention(nn.Module):
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
                 local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+            if exists(mask):  # selection: a padded NaN / inf value times its zero weight is NaN
+                lv = lv.masked_fill(~mask[:, None, :, None], 0.0)
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:
@@ -558,14 +576,6 @@ class Attention(nn.Module):
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
                           cp: ContextParallel | None = None) -> Tensor:
         fa = self.fast_attention
-        if key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map.stabilized:
-            # later keys are invisible to causal queries, so right padding needs no key mask
-            if not _is_right_padding(key_keep):
-                raise ValueError(
-                    "exact_mask with key_stabilizer='prefix' supports right padding only "
-                    "(each mask row True up to its length, then False)"
-                )
-            key_keep = None
         if cp is None:
             return fa(q, k, v, key_padding_mask=key_keep)
         if key_keep is not None:
@@ -605,10 +615,28 @@ def _check_input(name: str, x: object, dim: int) -> None:
         raise TypeError(f"{name} must have a floating-point dtype (embeddings, not token ids), got {x.dtype}")
 
 
+def _check_dtype(name: str, x: Tensor, linear: nn.Module) -> None:
+    """x in the dtype of the plain nn.Linear it enters (whose own error names neither; 1.1.4
+    crashed there too).  Under torch.autocast nn.Linear casts, and a replaced projection
+    (quantized, LoRA) may take other dtypes: both are left to torch."""
+    weight = linear.weight if type(linear) is nn.Linear else None
+    if weight is not None and x.dtype != weight.dtype and not (
+            torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: cast {name} "
+                        f"(.to({weight.dtype})) or the module, or run under torch.autocast")
+
+
+def _check_cache_batch(cache: object, x: object) -> None:
+    """A DecodingCache's states hold one row per sequence: the same batch on every call."""
+    if isinstance(cache, DecodingCache) and isinstance(x, Tensor) and x.dim() == 3:
+        cache.check_batch(x.shape[0])
+
+
 class SelfAttention(Attention):
     def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
         if exists(context):
             raise InputError("self attention should not receive context")
+        _check_cache_batch(kwargs.get("cache"), args[0] if args else kwargs.get("x"))  # a layer used on its own
         return super().forward(*args, **kwargs)
 
 
@@ -862,6 +890,7 @@ class Performer(nn.Module):
             reason = self.cache_unsupported_reason()
             if reason:
                 raise ValueError(f"cache: cached decoding is not exact here: {reason}")
+            _check_cache_batch(cache, x)
         out = self.net(x, **kwargs)
         if exists(cache):
             cache.length += x.shape[1]
@@ -920,6 +949,10 @@ class PerformerLM(nn.Module):
 
         if rotary_position_emb:
             self.pos_emb = FixedPositionalEmbedding(dim, max_seq_len)
+            # checked here, so the message names dim_head, not the embedding's own argument
+            if check_int("dim_head", dim_head, 2) % 2:
+                raise ValueError(f"dim_head must be even for the rotary position embedding (rotary_position_emb=True, "
+                                 f"the default), got {dim_head}")
             self.layer_pos_emb = FixedPositionalEmbedding(dim_head, max_seq_len)
         elif axial_position_emb:
             axial_position_shape = default(axial_position_shape, (math.ceil(max_seq_len / 64), 64))

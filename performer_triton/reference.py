@@ -38,24 +38,31 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
     return (weights @ v) / den[..., None] if n else weights @ v
 
 
-def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor) -> Tensor:
+def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor,
+                           key_padding_mask: Tensor | None = None) -> Tensor:
     """Leak-free causal FAVOR+: out_i is 1.1.4's causal output at the last position of the
-    sequence truncated after i, so the key stabilizer of query i is max_{j<=i, f} dash_k[j, f]."""
+    sequence truncated after i, so the key stabilizer of query i is max_{j<=i, f} dash_k[j, f].
+    The queries are the last n of the s positions.  key_padding_mask (b, s): padded keys are
+    left out entirely (the sequence without them); queries at padded positions give 0."""
+    n, s = q.shape[-2], k.shape[-2]
+    keep = torch.ones(k.shape[0], s, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
     ratio = projection_matrix.shape[0] ** -0.5
     q_features = softmax_features(q, projection_matrix, is_query=True)
-    dash = project(k, projection_matrix)  # (b, h, n, m)
-    row_max = dash.amax(dim=-1).detach()  # (b, h, n)
-    stab = torch.cummax(row_max, dim=-1).values  # (b, h, n): key stabilizer of query i
+    dash = project(k, projection_matrix)  # (b, h, s, m)
+    row_max = dash.amax(dim=-1).detach()  # (b, h, s)
+    # (b, h, n): key stabilizer of query i, over the kept keys up to its position s - n + i
+    stab = torch.cummax(row_max.masked_fill(~keep[:, None, :], float("-inf")), dim=-1).values[..., s - n:]
     # k'_j(stab_i) = ratio * (exp(dash_j - diag_j - stab_i) + eps), factored so no exp overflows:
-    # exp(dash_j - row_max_j) * exp(row_max_j - diag_j - stab_i), the second factor <= 1 for j <= i.
-    unit = torch.exp(dash - row_max[..., None])  # (b, h, n, m), max 1 per row
-    row_scale = row_max - half_sq_norm(k)  # (b, h, n)
-    factor = torch.exp(row_scale[..., None, :] - stab[..., :, None])  # (b, h, n_i, n_j)
-    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    # exp(dash_j - row_max_j) * exp(row_max_j - diag_j - stab_i), the second factor <= 1 for visible j.
+    unit = torch.exp(dash - row_max[..., None])  # (b, h, s, m), max 1 per row
+    row_scale = row_max - half_sq_norm(k)  # (b, h, s)
+    visible = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(s - n) & keep[:, None, None, :]  # (b, 1, n, s)
+    factor = torch.exp((row_scale[..., None, :] - stab[..., :, None]).masked_fill(~visible, float("-inf")))
     weights = ratio * ((q_features @ unit.transpose(-1, -2)) * factor + SOFTMAX_EPS * q_features.sum(-1, keepdim=True))
-    weights = weights.masked_fill(~mask, 0.0)
+    weights = weights.masked_fill(~visible, 0.0)
     den = weights.sum(dim=-1) + CAUSAL_EPS * q_features.sum(dim=-1)
-    return (weights @ v) / den[..., None]
+    out = (weights @ v.masked_fill(~keep[:, None, :, None], 0.0)) / den[..., None]
+    return out.masked_fill(~keep[:, None, s - n:, None], 0.0)
 
 
 def feature_maps(
@@ -76,12 +83,11 @@ def favor_attention(
     """Reference FAVOR+ attention.  q (b,h,n,d), k (b,h,s,d), v (b,h,s,e) -> (b,h,n,e).
 
     key_stabilizer "global" reproduces 1.1.4; "prefix" (causal softmax only) is leak-free.
-    key_padding_mask (b, s) bool (True = keep) removes padded keys entirely.
+    key_padding_mask (b, s) bool (True = keep) removes padded keys entirely (with "prefix":
+    the sequence without them, and queries at padded positions give 0).
     """
     if key_stabilizer == "prefix" and causal and feature_map == "softmax":
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported with key_stabilizer='prefix'")
-        return _prefix_causal_softmax(q, k, v, projection_matrix)
+        return _prefix_causal_softmax(q, k, v, projection_matrix, key_padding_mask)
     q_features, k_features = feature_maps(
         q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
     )

@@ -104,21 +104,29 @@ class ReversibleBlock(nn.Module):
         y1 = y1.detach().requires_grad_()
         with torch.enable_grad():
             gy1 = self.g(y1, set_rng=True, **g_args)
-            torch.autograd.backward(gy1, dy2)
+            if gy1.requires_grad:
+                torch.autograd.backward(gy1, dy2)
         with torch.no_grad():
             x2 = y2 - gy1
-            dx1 = dy1 + y1.grad
+            dx1 = dy1 + _grad(y1)
         del gy1
 
         # f: x1 = y1 - f(x2); its vector-Jacobian product adds to dy2
         x2 = x2.detach().requires_grad_()
         with torch.enable_grad():
             fx2 = self.f(x2, set_rng=True, **f_args)
-            torch.autograd.backward(fx2, dx1, retain_graph=True)
+            if fx2.requires_grad:
+                torch.autograd.backward(fx2, dx1, retain_graph=True)
         with torch.no_grad():
             x1 = y1 - fx2
-            dx2 = dy2 + x2.grad
+            dx2 = dy2 + _grad(x2)
             return torch.cat((x1, x2.detach()), dim=2), torch.cat((dx1, dx2), dim=2)
+
+
+def _grad(t: Tensor) -> Tensor:
+    """t.grad, zeros when the layer's output did not depend on t (attention's shortcut for an
+    empty batch or sequence returns zeros not connected to its input)."""
+    return torch.zeros_like(t) if t.grad is None else t.grad
 
 
 class _ReversibleFunction(Function):

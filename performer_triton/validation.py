@@ -73,6 +73,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
         raise ValueError(
             f"{q_name} and {k_name} must have the same last dimension, got {q.shape[3]} and {k.shape[3]}"
         )
+    if q.shape[3] == 0:  # before any math: the features scale by d ** -0.25 (a ZeroDivisionError)
+        names, shapes = ((q_name, f"shape {tuple(q.shape)}") if q_name == k_name else  # keys_state passes k twice
+                         (f"{q_name} and {k_name}", f"shapes {tuple(q.shape)} and {tuple(k.shape)}"))
+        raise ValueError(f"{names} must have a last dimension (head dim / features) >= 1, got {shapes}")
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(
             f"causal attention takes at most as many queries as keys ({q_name} is the last n of the s positions "

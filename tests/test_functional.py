@@ -405,6 +405,29 @@ def test_bad_inputs_raise_clear_errors():
         FastAttention(16, key_stabilizer="prefix")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_or_feature_count_of_zero_is_named_before_any_math(causal):
+    """d = 0 reached the features' d ** -0.25: a ZeroDivisionError in every map."""
+    from performer_triton.attention_state import keys_state
+    from performer_triton.performer_pytorch import causal_linear_attention_noncuda
+    from performer_triton.performer_pytorch import linear_attention as module_linear_attention
+
+    q, v = torch.randn(2, 3, 6, 0), torch.randn(2, 3, 6, 4)
+    shapes = r"got shapes \(2, 3, 6, 0\) and \(2, 3, 6, 0\)"
+    for feature_map in ("softmax", "relu", "none", torch.nn.functional.softplus):
+        P = None if feature_map == "none" else torch.randn(5, 0)
+        with bad(f"q and k must have a last dimension .* >= 1, {shapes}"):
+            favor_attention(q, q, v, P, causal=causal, feature_map=feature_map)
+    with bad(f"q_features and k_features must have a last dimension .* >= 1, {shapes}"):
+        linear_attention(q, q, v, causal=causal)
+    with bad(r"k must have a last dimension .* >= 1, got shape \(2, 3, 6, 0\)"):
+        keys_state(q, v, torch.randn(5, 0))
+    with bad(r"q and k must have at least one feature .* got shapes \(6, 0\) and \(6, 0\)"):
+        module_linear_attention(q[0, 0], q[0, 0], v[0, 0])  # 1.1.4's helpers, in the caller's shapes
+    with bad(r"q and k must have at least one feature .* got shapes \(2, 3, 6, 0\)"):
+        causal_linear_attention_noncuda(q, q, v)
+
+
 def test_mixed_devices_raise():
     q, k, v = qkv(n=8, d=16)
     with bad("must be on one device"):

@@ -267,6 +267,62 @@ def test_generate_greedy_and_small_vocabularies():
         assert wrapper.generate(prompt, 4, filter_thres=thres).shape == (2, 4)
 
 
+def test_generate_names_bad_sampling_arguments():
+    """Where 1.1.4 crashed deep inside torch (multinomial, topk, range), a ValueError / TypeError
+    naming the argument."""
+    model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True)
+    wrapper = AutoregressiveWrapper(model)
+    prompt = torch.randint(0, NUM_TOKENS, (2, 3))
+    cases = [
+        (dict(seq_len=2.5), TypeError, "seq_len must be an int, got float 2.5"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a number .*got nan"),
+        (dict(temperature="hot"), TypeError, "temperature must be a number, got str"),
+        # the filter leaves -inf logits, which a negative or infinite temperature turns into +inf / NaN
+        (dict(temperature=-1.0), ValueError, "temperature=-1.0: .*filter_thres=0"),
+        (dict(temperature=float("inf")), ValueError, "temperature=inf"),
+        # top_k keeps int((1 - thres) * vocab) logits: more than the vocabulary, or a negative count
+        (dict(filter_thres=-1.0), ValueError, "filter_thres .* of the 64 logits, got thres -1.0"),
+        (dict(filter_thres=1.5), ValueError, "filter_thres .*got thres 1.5"),
+        (dict(filter_thres=float("nan")), ValueError, "filter_thres .*got thres nan"),
+    ]
+    for kwargs, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            wrapper.generate(prompt, **{"seq_len": 2, **kwargs})
+    # a threshold a little below 0 still asks for the whole vocabulary (1.1.4 samples from it)
+    assert wrapper.generate(prompt, 2, filter_thres=-0.01).shape == (2, 2)
+
+
+def test_generate_takes_a_1d_mask_with_a_1d_prompt():
+    """1.1.4 raised IndexError; the mask is batched like the prompt: the 2-D call's tokens."""
+    wrapper = AutoregressiveWrapper(lm(**MODELS["prefix_local_rotary"]))
+    prompt = torch.randint(1, NUM_TOKENS, (6,), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([False, False, True, True, True, True])
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        batched = wrapper.generate(prompt[None], 8, mask=mask[None], use_cache=use_cache)
+        torch.manual_seed(5)
+        single = wrapper.generate(prompt, 8, mask=mask, use_cache=use_cache)
+        assert single.shape == (8,) and torch.equal(single, batched[0])
+
+
+def test_cache_reused_with_another_batch_size_names_both():
+    model = lm(**PREFIX)
+    cache = DecodingCache()
+    model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    for b in (3, 1):
+        with pytest.raises(ValueError, match=f"DecodingCache holds batch 2, the call has batch {b}"):
+            model(torch.zeros(b, 1, dtype=torch.long), cache=cache)
+    assert cache.length == 5  # the refused calls changed nothing: the batch it holds continues
+    assert model(torch.zeros(2, 1, dtype=torch.long), cache=cache).shape == (2, 1, NUM_TOKENS)
+    # a layer used on its own checks too
+    from performer_triton.performer_pytorch import SelfAttention
+
+    attn, cache = SelfAttention(16, causal=True, heads=2, dim_head=8), DecodingCache()
+    attn(torch.zeros(2, 3, 16), cache=cache)
+    with pytest.raises(ValueError, match="holds batch 2, the call has batch 4"):
+        attn(torch.zeros(4, 1, 16), cache=cache)
+
+
 def test_models_take_empty_inputs():
     model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True,
                         local_attn_heads=1)

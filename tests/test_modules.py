@@ -145,14 +145,6 @@ def test_exact_mask_cross_attention_ignores_padded_context():
     assert (padded - alone).abs().max() <= 1e-10 * alone.abs().max()
 
 
-def test_exact_mask_prefix_rejects_holes():
-    model = lm(causal=True, key_stabilizer="prefix", exact_mask=True)
-    mask = torch.ones(2, 37, dtype=torch.bool)
-    mask[0, 5] = False
-    with pytest.raises(ValueError, match="right padding"):
-        model(tokens(), mask=mask)
-
-
 # key_stabilizer plumbing and leak-freedom
 
 
@@ -351,7 +343,11 @@ def test_sequence_longer_than_max_seq_len_names_both_lengths():
         (dict(depth=0), ValueError, "depth"),
         (dict(heads=2.0), TypeError, "heads"),
         (dict(ff_chunks=0), ValueError, "chunks"),
-        (dict(dim_head=7), ValueError, "dim must be even"),
+        # the rotary embedding of the heads (rotary_position_emb=True, the default) checks dim_head by its name
+        (dict(dim_head=7), ValueError, "dim_head must be even .*got 7"),
+        (dict(dim_head=0), ValueError, "dim_head must be >= 2, got 0"),
+        (dict(dim=24, heads=3, dim_head=0), ValueError, "dim_head must be >= 2, got 0"),
+        (dict(dim_head=0, rotary_position_emb=False), ValueError, "dim_head must be >= 1, got 0"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, pattern):
@@ -606,3 +602,105 @@ def test_reversible_model_backpropagates_in_eval_mode():
         model.train(training)(x).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)], ids=["no-tokens", "no-batch"])
+def test_empty_inputs_through_token_shifts_and_reversible_layers(causal, shape):
+    """README: empty inputs give empty outputs. The token shift's F.pad could not crop a length-0
+    sequence, and the reversible backward added a None gradient (attention's shortcut for empty
+    inputs returns zeros not connected to its input); now the gradients are zeros."""
+    x = torch.zeros(shape, dtype=torch.long)
+    for kwargs in (dict(shift_tokens=True), dict(reversible=True),
+                   dict(reversible=True, shift_tokens=True, local_attn_heads=1, local_window_size=8)):
+        model = lm(causal=causal, **kwargs)
+        out = model(x)
+        assert out.shape == (*shape, NUM_TOKENS)
+        out.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and not any(g.any() for g in grads)
+    h = torch.zeros(*shape, 16, dtype=torch.float64, requires_grad=True)
+    Performer(16, 2, 2, 8, causal=causal, reversible=True).double()(h).sum().backward()
+    assert h.grad.shape == h.shape and not h.grad.any()
+
+
+def test_autoregressive_loss_of_an_empty_batch_backpropagates_through_reversible_layers():
+    """As without reversible layers: a NaN loss (no targets) and zero gradients."""
+    for reversible in (False, True):
+        model = lm(causal=True, reversible=reversible)
+        loss = AutoregressiveWrapper(model)(torch.zeros(0, 5, dtype=torch.long))
+        loss.backward()
+        assert torch.isnan(loss)
+        assert not any(p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
+def test_token_shift_equals_performer_pytorchs_and_shifts_everything_out_of_short_sequences():
+    t = torch.randn(2, 3, 4)
+    for n in range(4):
+        for amount in (-2, -1, 1, 2):
+            ours = ours_pp.shift(t[:, :n], amount)
+            if abs(amount) <= n:
+                assert torch.equal(ours, original_pp.shift(t[:, :n], amount))
+            else:  # 1.1.4: F.pad's "narrow(): length must be non-negative"
+                assert ours.shape == (2, n, 4) and not ours.any()
+
+
+def test_attention_layers_warn_once_that_feature_redraw_interval_is_ignored():
+    """1.1.4 ignores it (a Performer's ProjectionUpdater redraws); Performer builds its layers
+    without it, so only a value the user gives a layer warns."""
+    from performer_triton import validation
+
+    validation._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours_pp.SelfAttention(32, heads=4)
+        ours_pp.SelfAttention(32, heads=4, feature_redraw_interval=1000)
+        Performer(32, 1, 4, 8, feature_redraw_interval=5, cross_attend=True)
+        PerformerLM(**SMALL, feature_redraw_interval=None)
+    for cls in (Attention, ours_pp.SelfAttention, CrossAttention):
+        with pytest.warns(UserWarning, match=f"{cls.__name__}: argument 'feature_redraw_interval' is ignored"):
+            cls(32, heads=4, feature_redraw_interval=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per class
+        CrossAttention(32, heads=4, feature_redraw_interval=None)
+
+
+def test_module_input_in_another_dtype_than_the_parameters_names_the_argument():
+    """1.1.4 crashed in nn.Linear ("expected m1 and m2 to have the same dtype"), which names
+    neither the argument nor the dtypes."""
+    attn = ours_pp.SelfAttention(32, heads=4, dim_head=8)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the module's parameters are torch.float32"):
+        attn(torch.zeros(1, 3, 32, dtype=torch.float64))
+    cross = CrossAttention(32, heads=4, dim_head=8)
+    with pytest.raises(TypeError, match=r"context has dtype torch.float64 but the module's parameters are "
+                                        r"torch.float32"):
+        cross(torch.zeros(1, 3, 32), context=torch.zeros(1, 5, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"context has dtype torch.float16"):
+        Performer(32, 1, 4, 8, cross_attend=True)(torch.zeros(1, 3, 32), context=torch.zeros(1, 5, 32).half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # nn.Linear casts under autocast, as in 1.1.4
+        assert attn(torch.zeros(1, 3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-1.0, filter_thres=0.0),  # top_k keeps every token: no -inf for the sign flip to turn into +inf
+    dict(temperature=float("inf"), filter_thres=0.0),
+    dict(filter_thres=-0.02),  # int(1.02 * vocab) is the vocabulary
+    dict(filter_thres=-1.0, filter_logits_fn="top_p"),
+    dict(filter_thres=1.5, filter_logits_fn="top_p"),
+    dict(temperature=torch.tensor([[1.0], [0.5]])),  # one temperature per row
+    dict(temperature=torch.tensor(0.7)),
+], ids=lambda kwargs: "-".join(f"{k}={v if not isinstance(v, torch.Tensor) else tuple(v.shape)}"
+                              for k, v in kwargs.items()))
+def test_generate_samples_performer_pytorchs_tokens_for_unusual_sampling_arguments(kwargs):
+    """The checks on temperature and filter_thres refuse only what 1.1.4 crashed on."""
+    import performer_triton
+
+    results = []
+    for module, ar in ((original, original_ar), (performer_triton, ours_ar)):
+        torch.manual_seed(0)
+        wrapper = module.AutoregressiveWrapper(module.PerformerLM(**{**SMALL, "depth": 1}, causal=True).double())
+        call = {k: getattr(ar, v) if v == "top_p" else v for k, v in kwargs.items()}
+        torch.manual_seed(1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            results.append((wrapper.generate(tokens(b=2, n=4), 6, **call), torch.get_rng_state()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

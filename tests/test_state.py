@@ -230,6 +230,51 @@ def test_bad_state_arguments_are_refused():
         linear_attention(F.relu(q), F.relu(k), v, output_final_state=True)
 
 
+def test_a_state_of_the_other_map_kind_is_refused():
+    """A state holding keys records whether softmax features made it (a finite stabilizer):
+    continuing it with relu or given features, or the other way round, would mix two attentions.
+    Empty states fit every map."""
+    q, k, v = qkv(n=10)
+    P = projection()
+    kw = dict(causal=True, key_stabilizer="prefix")
+    _, soft = favor_attention(q, k, v, P, output_final_state=True, **kw)
+    _, relu = favor_attention(q, k, v, P, feature_map="relu", output_final_state=True, **kw)
+    for made, used in ((soft, dict(feature_map="relu")), (soft, dict(feature_map=torch.nn.Softplus())),
+                       (relu, dict(feature_map="softmax"))):
+        with pytest.raises(ValueError, match="initial_state was made with"):
+            favor_attention(q, k, v, P, initial_state=made, **kw | used)
+    with pytest.raises(ValueError, match="initial_state was made with softmax"):
+        linear_attention(F.relu(q @ P.mT), F.relu(k @ P.mT), v, causal=True, initial_state=soft)
+    decoder = favor_state(FastAttention(12, 20, causal=True, generalized_attention=True).double(), k, v)
+    with pytest.raises(ValueError, match="initial_state was made with softmax"):
+        decoder.load(soft)
+    empty = AttentionState.empty(2, 3, 20, 7, dtype=torch.float64)
+    for used in (dict(feature_map="relu"), dict(feature_map="softmax")):
+        favor_attention(q, k, v, P, initial_state=empty, **kw | used)
+
+
+def test_a_decoding_cache_refuses_a_redrawn_projection():
+    """A cache filled before a projection redraw holds keys of the old features: the next cached
+    call raises (training mode counts every call towards feature_redraw_interval); without a
+    redraw (eval mode) the cache is exact."""
+    from performer_triton import PerformerLM
+    from performer_triton.decoding import DecodingCache
+
+    seq = torch.randint(0, 30, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=30, max_seq_len=40, dim=24, depth=2, heads=3, dim_head=8, causal=True,
+                        key_stabilizer="prefix", feature_redraw_interval=2).double()
+    cache = DecodingCache()
+    model.train()(seq[:, :5], cache=cache)
+    model(seq[:, 5:6], cache=cache)
+    with pytest.raises(ValueError, match="redrawn"):
+        model(seq[:, 6:7], cache=cache)
+    model.eval()
+    cache = DecodingCache()
+    steps = [model(seq[:, :5], cache=cache)] + [model(seq[:, i : i + 1], cache=cache) for i in range(5, 10)]
+    assert rel(torch.cat(steps, 1), model(seq)) <= 1e-12
+
+
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     not HAS_TRITON, reason="triton is not installed"))], ids=["pytorch", "fused"])
 def test_state_ops_pass_opcheck(use_triton):

@@ -1,0 +1,160 @@
+"""Padded positions never reach kept outputs: any key mask with the prefix stabilizer (each
+sequence without its padding), NaN / inf at padded positions with 1.1.4's masking and with
+exact_mask, through the global and the local heads, and generation whose window slides over a
+padded prompt."""
+import pytest
+import torch
+
+from performer_triton import AutoregressiveWrapper, PerformerLM, favor_attention, gaussian_orthogonal_random_matrix
+from performer_triton import reference
+from performer_triton.performer_pytorch import SelfAttention
+from conftest import DEVICE, HAS_TRITON
+
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+def keep_mask(kind: str, b: int, s: int) -> torch.Tensor:
+    keep = torch.ones(b, s, dtype=torch.bool)
+    if kind == "left":
+        keep[1, :10] = False
+        keep[2, : s - 1] = False  # one kept key
+    elif kind == "holes":
+        keep[0, 3] = keep[0, s - 7] = False
+        keep[2, ::3] = False
+    elif kind == "right":
+        keep[1, 20:] = False
+    elif kind == "none kept":
+        keep[1] = False
+    return keep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [37, 9])
+@pytest.mark.parametrize("kind", ["left", "holes", "right", "none kept"])
+def test_prefix_with_a_key_mask_is_each_sequence_without_its_padding(backend, n, kind):
+    """key_stabilizer="prefix" with any key_padding_mask: the kept queries' outputs and every
+    gradient are those of the batch row with its padded positions taken out; queries at padded
+    positions give 0; NaN / inf at padded positions reach nothing (fp64 on the PyTorch path)."""
+    b, h, s, d, e, m = 3, 2, 37, 13, 7, 23
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, rows, dim, generator=g, dtype=dtype) for rows, dim in ((n, d), (s, d), (s, e)))
+    k = 1.5 * k
+    P = gaussian_orthogonal_random_matrix(m, d, generator=g).to(dtype)
+    keep = keep_mask(kind, b, s)
+    keep_q = keep[:, s - n:]
+    k = k.masked_fill(~keep[:, None, :, None], float("nan"))
+    v = v.masked_fill(~keep[:, None, :, None], float("inf"))
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    kw = dict(causal=True, key_stabilizer="prefix", backend=backend)
+    out = favor_attention(q, k, v, P.to(DEVICE), key_padding_mask=keep.to(DEVICE), **kw)
+    weight = torch.randn(out.shape, generator=g, dtype=dtype).to(DEVICE)
+    (out * weight).sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (out.detach().cpu()[~keep_q[:, None, :, None].expand(-1, h, -1, e)] == 0).all()
+    budget = 1e-12 if dtype == torch.float64 else 2e-5
+    for i in range(b):
+        kq, kk = keep_q[i].nonzero()[:, 0].to(DEVICE), keep[i].nonzero()[:, 0].to(DEVICE)
+        if not kq.numel():
+            assert (q.grad[i] == 0).all() and (k.grad[i] == 0).all() and (v.grad[i] == 0).all()
+            continue
+        rows = [t[i : i + 1, :, idx].detach().requires_grad_() for t, idx in ((q, kq), (k, kk), (v, kk))]
+        alone = favor_attention(*rows, P.to(DEVICE), **kw)
+        (alone * weight[i : i + 1, :, kq]).sum().backward()
+        scale = alone.abs().max()
+        assert (out[i : i + 1, :, kq] - alone).abs().max() <= budget * scale
+        for full, part, idx in ((q.grad, rows[0].grad, kq), (k.grad, rows[1].grad, kk), (v.grad, rows[2].grad, kk)):
+            assert (full[i : i + 1, :, idx] - part).abs().max() <= budget * part.abs().max().clamp_min(1.0)
+        padded = torch.ones(s, dtype=torch.bool, device=DEVICE)
+        padded[kk] = False
+        assert (k.grad[i, :, padded] == 0).all() and (v.grad[i, :, padded] == 0).all()
+
+
+@pytest.mark.parametrize("n", [37, 9])
+def test_the_reference_prefix_mask_is_each_sequence_without_its_padding(n):
+    """The oracle itself (quadratic form, masks by selection) against its unmasked calls."""
+    b, h, s, d, e, m = 3, 2, 37, 8, 5, 16
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b, h, rows, dim, generator=g, dtype=torch.float64) for rows, dim in ((n, d), (s, d), (s, e)))
+    P = gaussian_orthogonal_random_matrix(m, d, generator=g).double()
+    keep = keep_mask("holes", b, s)
+    out = reference.favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", key_padding_mask=keep)
+    for i in range(b):
+        kq, kk = keep[i, s - n:].nonzero()[:, 0], keep[i].nonzero()[:, 0]
+        alone = reference.favor_attention(q[i : i + 1, :, kq], k[i : i + 1, :, kk], v[i : i + 1, :, kk], P,
+                                          causal=True, key_stabilizer="prefix")
+        assert (out[i : i + 1, :, kq] - alone).abs().max() <= 1e-13 * alone.abs().max()
+
+
+def nan_padded(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(~keep[..., None], float("nan"))
+
+
+@pytest.mark.parametrize("exact_mask", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("local_heads", [0, 1, 3])
+def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, local_heads):
+    """SelfAttention with a mask, global and local heads: NaN inputs at padded positions give the
+    kept outputs of zero inputs there.  With 1.1.4's masking (exact_mask=False) padded keys still
+    count in the normaliser (its numbers): a NaN padded key counts as a zero key."""
+    torch.manual_seed(0)
+    layer = SelfAttention(24, heads=3, dim_head=8, causal=causal, local_heads=local_heads, local_window_size=4,
+                          exact_mask=exact_mask).double().eval()
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    keep[1, 2] = False
+    zeros = x.masked_fill(~keep[..., None], 0.0)
+    with torch.no_grad():
+        clean, poisoned = layer(zeros, mask=keep), layer(nan_padded(x, keep), mask=keep)
+    assert torch.isfinite(poisoned[keep]).all()
+    assert (poisoned[keep] - clean[keep]).abs().max() <= 1e-12 * clean[keep].abs().max()
+
+
+def test_nan_padded_keys_with_1_1_4_masking_keep_finite_padded_keys_numbers():
+    """The zero-key substitute touches only non-finite padded keys: finite padded positions keep
+    1.1.4's numbers (the padded row differs from the row alone, as 1.1.4's does)."""
+    torch.manual_seed(0)
+    layer = SelfAttention(24, heads=3, dim_head=8).double().eval()
+    x = torch.randn(1, 10, 24, dtype=torch.float64)
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    with torch.no_grad():
+        padded, alone = layer(x, mask=keep)[0, :7], layer(x[:, :7])[0]
+        zeros = layer(x.masked_fill(~keep[..., None], 0.0), mask=keep)[0, :7]
+    assert (padded - alone).abs().max() > 1e-4 and (padded - zeros).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["left", "holes"])
+def test_exact_mask_prefix_model_takes_any_padding(kind):
+    """exact_mask + key_stabilizer="prefix" with left padding or holes (this used to raise): the
+    kept logits do not depend on the tokens at padded positions, global and local heads."""
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=40, max_seq_len=48, dim=24, depth=2, heads=3, dim_head=8, nb_features=20,
+                        causal=True, key_stabilizer="prefix", exact_mask=True, local_attn_heads=(0, 1),
+                        local_window_size=8).double().eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 40, (3, 37), generator=gen)
+    keep = keep_mask(kind, 3, 37)
+    other = torch.where(keep, x, torch.randint(0, 40, (3, 37), generator=gen))
+    with torch.no_grad():
+        a, b = model(x, mask=keep), model(other, mask=keep)
+    assert torch.isfinite(a[keep]).all()
+    assert (a[keep] - b[keep]).abs().max() <= 1e-12 * a[keep].abs().max()
+
+
+def test_generation_slides_over_a_padded_prompt_with_exact_mask_and_prefix():
+    """A right-padded prompt has holes once tokens are appended; past max_seq_len generation
+    recomputes its window with them: the same tokens cached and recomputed, for every row."""
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=40, max_seq_len=12, dim=24, depth=2, heads=3, dim_head=8, causal=True,
+                        key_stabilizer="prefix", exact_mask=True).double().eval()
+    wrapper = AutoregressiveWrapper(model)
+    prompt = torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        runs.append(wrapper.generate(prompt, 15, mask=mask, use_cache=use_cache))
+    assert runs[0].shape == (2, 15) and torch.equal(runs[0], runs[1])
