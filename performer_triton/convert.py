@@ -6,6 +6,7 @@ from torch import nn
 
 from .fast_attention import FastAttention
 from .performer_pytorch import ProjectionUpdater
+from .validation import BACKENDS, check_choice
 
 __all__ = ["replace_fast_attention"]
 
@@ -42,6 +43,9 @@ def replace_fast_attention(model: nn.Module, *, backend: str = "auto") -> nn.Mod
     at the same schedule, from the global RNG as before; state_dict keys do not change.
     ``backend``: "auto" | "triton" | "torch" for the new modules.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice("backend", backend, BACKENDS)  # up front: also when there is nothing to convert
     try:
         import performer_pytorch.performer_pytorch as original
     except ImportError:  # not installed: the model cannot hold its modules

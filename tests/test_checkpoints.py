@@ -160,6 +160,16 @@ def test_replace_fast_attention_keeps_outputs_keys_and_redraws():
     assert not torch.equal(fast[0].projection_matrix, before)
 
 
+def test_replace_fast_attention_rejects_bad_arguments_up_front():
+    for model in ("x", None):
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got (str|NoneType)"):
+            replace_fast_attention(model)
+    nothing_to_convert = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got 'bogus'"):
+        replace_fast_attention(nothing_to_convert, backend="bogus")
+    assert replace_fast_attention(nothing_to_convert, backend="torch") is nothing_to_convert
+
+
 def test_meta_device_construction_then_to_empty_and_load_state_dict(monkeypatch):
     """Large models are built without memory on the meta device, then materialised and loaded."""
     monkeypatch.undo()  # the NaN fixture's wrapped torch.empty escapes torch.device("meta")'s mode

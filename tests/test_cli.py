@@ -193,3 +193,66 @@ def test_demo_corpus_is_code_not_runs_of_spaces():
         "class A:\n def f(self):\n  return 1\n")
     text = default_corpus().decode()  # the standard library's source: 28% spaces, 21,554 runs of four
     assert len(text) > 100_000 and text.count(" ") < 0.2 * len(text) and text.count("    ") < 0.01 * len(text)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["demo", "--steps", "0"], "argument --steps: a positive integer, got '0'"),
+    (["demo", "--steps", "-1"], "argument --steps: a positive integer, got '-1'"),
+    (["demo", "--batch-size", "0"], "argument --batch-size: a positive integer, got '0'"),
+    (["demo", "--threads", "0"], "argument --threads: a positive integer, got '0'"),
+    (["demo", "--generate", "0"], "argument --generate: a positive integer, got '0'"),
+    (["demo", "--seq-len", "3"], "argument --seq-len: an integer >= 4, got '3'"),
+    (["demo", "--seconds", "0"], "argument --seconds: a finite positive number, got '0'"),
+    (["demo", "--lr", "nan"], "argument --lr: a finite positive number, got 'nan'"),
+    (["demo", "--temperature", "-1"], "argument --temperature: a finite number >= 0 (0 = greedy), got '-1'"),
+    (["demo", "--seed", "x"], "argument --seed: an integer from -2**63 to 2**64 - 2, got 'x'"),
+    (["demo", "--text", "/nonexistent/corpus.txt"], "argument --text: a readable file, got '/nonexistent/corpus.txt'"),
+    (["bench", "--heads", "0"], "argument --heads: a positive integer, got '0'"),
+    (["bench", "--batch", "-1"], "argument --batch: a positive integer, got '-1'"),
+    (["bench", "--dim-head", "0"], "argument --dim-head: a positive integer, got '0'"),
+    (["bench", "--nb-features", "0"], "argument --nb-features: a positive integer, got '0'"),
+    (["bench", "--repeats", "0"], "argument --repeats: a positive integer, got '0'"),
+    (["bench", "--threads", "0"], "argument --threads: a positive integer, got '0'"),
+    (["bench", "--sizes", "64,0"], "argument --sizes: positive sequence lengths, got '64,0'"),
+    (["check", "--n", "0"], "argument --n: a positive integer, got '0'"),
+    (["check", "--d", "0"], "argument --d: a positive integer, got '0'"),
+    (["check", "--m", "-2"], "argument --m: a positive integer, got '-2'"),
+    (["check", "--n", "1.5"], "argument --n: a positive integer, got '1.5'"),
+])
+def test_bad_arguments_are_argparse_errors(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"performer-triton {argv[0]}: error: {expected}" in err and "Traceback" not in err
+
+
+def test_demo_text_must_be_a_large_enough_file(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 500)
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"y" * 2000)
+    for argv, expected in [
+        (["--text", str(tmp_path)], f"argument --text: a readable file, got '{tmp_path}': not a regular file"),
+        (["--text", str(small)], f"argument --text: {small} has 500 bytes, need at least 1,024"),
+        (["--text", str(big), "--seq-len", "2000"],
+         f"argument --seq-len: {big} has 2,000 bytes, need at least 1,024 and more than --seq-len + 1 = 2,001"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["demo", *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"performer-triton demo: error: {expected}" in err and "Traceback" not in err
+
+
+def test_demo_says_why_it_exits_1_and_help_tells_the_prompt_length(capsys):
+    # one step: the smoothed loss cannot fall, and the exit code 1 comes with a line saying so
+    argv = ["demo", "--steps", "1", "--seq-len", "16", "--batch-size", "1", "--generate", "2", "--threads", "1"]
+    assert cli.main(argv) == 1
+    printed = capsys.readouterr()
+    assert "exit code 1: the loss did not fall" in printed.err and "in 1 step(s)" in printed.err
+    assert "--- prompt (4 bytes of the corpus) ---" in printed.out  # min(64, 16 // 4)
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "after a prompt of min(64, seq-len // 4) bytes" in help_text and "64-byte" not in help_text

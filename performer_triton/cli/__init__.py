@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    validate = getattr(args, "validate", None)  # a command's checks across arguments (a parser error)
+    if validate is not None:
+        validate(args)
     if args.command == "demo":
         from . import demo
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .arguments import positive_int, positive_ints
 from .benchmark import (
     DEFAULT_PAIRS,
     DEFAULT_REFERENCE,
@@ -294,16 +295,6 @@ def run_sweep(args, out: Path) -> int:
     return 0
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated integers, e.g. 1024,2048; got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"positive sequence lengths, got {text!r}")
-    return sizes
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
@@ -317,21 +308,21 @@ def _fraction(text: str) -> float:
 def add_arguments(parser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    parser.add_argument("--sizes", type=_sizes, default=None, metavar="N,N,...",
+    parser.add_argument("--sizes", type=positive_ints("sequence lengths", "1024,2048"), default=None, metavar="N,N,...",
                         help="comma-separated sequence lengths (default: 1024,2048,4096,8192; with --regression 1024)")
     parser.add_argument("--mode", choices=["causal", "noncausal", "both"], default="both")
     parser.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="fwd+bwd")
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim-head", type=int, default=64)
-    parser.add_argument("--nb-features", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--dim-head", type=positive_int, default=64)
+    parser.add_argument("--nb-features", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help=f"timed repetitions per implementation (default {DEFAULT_REPEATS}; "
                              f"with --regression, interleaved pairs, default {DEFAULT_PAIRS})")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"CPU threads (torch.set_num_threads; default: torch's default, with --regression "
                              f"{REGRESSION_THREADS})")
     parser.add_argument("--out", default="bench/out",

@@ -24,6 +24,8 @@ from performer_triton import favor_attention, gaussian_orthogonal_random_matrix,
 from performer_triton.feature_maps import FEATURE_MAP_NAMES
 from performer_triton.functional import HAS_TRITON, triton_unsupported
 
+from .arguments import positive_int
+
 BUDGETS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 TF32_BUDGET = 2e-3
 MODES = [
@@ -222,9 +224,9 @@ def summary(rows: list[Row]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=37, help="sequence length (default 37)")
-    parser.add_argument("--d", type=int, default=16, help="head dim (default 16)")
-    parser.add_argument("--m", type=int, default=44, help="number of random features (default 44)")
+    parser.add_argument("--n", type=positive_int, default=37, help="sequence length (default 37)")
+    parser.add_argument("--d", type=positive_int, default=16, help="head dim (default 16)")
+    parser.add_argument("--m", type=positive_int, default=44, help="number of random features (default 44)")
     # internal: the subprocess that runs the CPU Triton rows under TRITON_INTERPRET=1
     parser.add_argument("--interpreter-worker", action="store_true", help=argparse.SUPPRESS)
 

@@ -5,7 +5,8 @@ no download), with each indentation level written as one space instead of four a
 dropped, so that the bytes the model learns are mostly identifiers, keywords and punctuation
 rather than runs of spaces.  Bytes are tokens (vocabulary 256); the loss is shown in bits per
 byte (8 = uniform over the 256 byte values).  Training stops after --steps steps or --seconds
-seconds, whichever comes first, so the demo fits in about two minutes on a 2-core CPU.
+seconds, whichever comes first, so the demo fits in about two minutes on a 2-core CPU.  The exit
+code is 0 when the smoothed loss fell, else 1, with a line on stderr saying so.
 
 Generation uses the cached decoder (AutoregressiveWrapper.generate(use_cache=True)): each new token
 updates per-layer recurrent state in O(1).  The same sample is then generated again by recomputing
@@ -17,6 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +27,16 @@ from tqdm import tqdm
 
 from performer_triton import AutoregressiveWrapper, PerformerLM
 
+from .arguments import float_at_least, int_in, positive_float, positive_int, readable_file
+
 DEFAULT_MODULES = ("argparse", "collections", "dataclasses", "functools", "pathlib", "textwrap", "typing")
 DEFAULTS = {  # device type -> (training steps, time budget in seconds; None: no budget)
     "cpu": (3000, 75.0),
     "cuda": (3000, 100.0),
 }
-PROMPT_LEN = 64
+PROMPT_LEN = 64  # the prompt is min(PROMPT_LEN, seq_len // 4) bytes
+MIN_SEQ_LEN = 4  # a prompt of at least one byte
+MIN_CORPUS_BYTES = 1024
 
 
 def collapse_indentation(text: str, width: int = 4) -> str:
@@ -50,12 +56,28 @@ def default_corpus() -> bytes:
 
 
 def load_corpus(path: str | None) -> bytes:
-    if path is None:
-        return default_corpus()
-    data = Path(path).read_bytes()
-    if len(data) < 1024:
-        raise ValueError(f"--text {path}: need at least 1024 bytes of text, got {len(data)}")
-    return data
+    return default_corpus() if path is None else Path(path).read_bytes()
+
+
+def corpus_problem(data: bytes, path: str | None, seq_len: int) -> str | None:
+    """Why the corpus cannot train windows of seq_len + 1 bytes (None when it can)."""
+    need = max(MIN_CORPUS_BYTES, seq_len + 2)
+    if len(data) >= need:
+        return None
+    source = path if path is not None else "the default corpus"
+    return (f"{source} has {len(data):,} bytes, need at least {MIN_CORPUS_BYTES:,} and more than "
+            f"--seq-len + 1 = {seq_len + 1:,}")
+
+
+def validate(args, parser) -> None:
+    """Checks across arguments, after parsing (a bad one is a parser error): the corpus must hold
+    more than one training window.  Keeps the corpus read in args.corpus."""
+    data = load_corpus(args.text)
+    problem = corpus_problem(data, args.text, args.seq_len)
+    if problem is not None:
+        flag = "--text" if args.text is not None and len(data) < MIN_CORPUS_BYTES else "--seq-len"
+        parser.error(f"argument {flag}: {problem}")
+    args.corpus = data
 
 
 def build_model(seq_len: int, device: torch.device):
@@ -148,14 +170,17 @@ def _run(args) -> int:
     default_steps, default_seconds = DEFAULTS[device.type]
     steps = args.steps if args.steps is not None else default_steps
     budget = args.seconds if args.seconds is not None else (None if args.steps is not None else default_seconds)
-    data = torch.frombuffer(bytearray(load_corpus(args.text)), dtype=torch.uint8).long()
+    corpus = getattr(args, "corpus", None)  # read by validate()
+    corpus = load_corpus(args.text) if corpus is None else corpus
     seq_len, batch = args.seq_len, args.batch_size
-    if data.numel() <= seq_len + 1:
-        raise ValueError(f"corpus has {data.numel()} bytes, need more than seq_len + 1 = {seq_len + 1}")
+    problem = corpus_problem(corpus, args.text, seq_len)
+    if problem is not None:
+        raise ValueError(problem)
+    data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
     model = build_model(seq_len, device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n_params = sum(p.numel() for p in model.parameters())
-    limit = f"{steps} steps" + (f" or {budget:.0f} s, whichever comes first" if budget else "")
+    limit = f"{steps} steps" + (f" or {budget:g} s, whichever comes first" if budget else "")
     print(f"device {device}; corpus {data.numel():,} bytes; leak-free causal PerformerLM, {n_params / 1e6:.2f}M "
           f"parameters; batches of {batch} x {seq_len} bytes; training for {limit}", flush=True)
 
@@ -190,7 +215,7 @@ def _run(args) -> int:
             break
     bar.close()
     elapsed = time.perf_counter() - t0
-    why = f" (the {budget:.0f} s budget; --steps and --seconds change it)" if done < steps else ""
+    why = f" (the {budget:g} s budget; --steps and --seconds change it)" if done < steps else ""
     print(f"trained {done} steps in {elapsed:.0f} s{why}, {tokens / elapsed:,.0f} bytes/s{threads.report()}")
     print(f"loss: start {first:.2f} -> end {last:.2f} bits per byte (smoothed; 8 = uniform)")
 
@@ -212,25 +237,36 @@ def _run(args) -> int:
     print(f"generation, context {prompt_len} -> {prompt_len + generate} tokens: cached decoding "
           f"{speeds[True]:,.0f} tokens/s, recomputing the prefix (performer-pytorch 1.1.4) {speeds[False]:,.0f} "
           f"tokens/s ({speeds[True] / speeds[False]:.1f}x); {same}")
-    return 0 if last < first else 1
+    if last < first:
+        return 0
+    print(f"performer-triton demo: exit code 1: the loss did not fall (start {first:.2f} -> end {last:.2f} bits "
+          f"per byte in {done} step(s)); train longer with --steps or --seconds", file=sys.stderr)
+    return 1
 
 
 def add_arguments(parser) -> None:
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
-    parser.add_argument("--text", default=None,
-                        help="a text file to train on (default: Python standard-library source, indentation collapsed)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--text", type=readable_file, default=None,
+                        help=f"a text file to train on, at least {MIN_CORPUS_BYTES} bytes and more than seq-len + 1 "
+                             f"(default: Python standard-library source, indentation collapsed)")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"training steps (default: {cpu[0]} on CPU, {cuda[0]} on CUDA)")
-    parser.add_argument("--seconds", type=float, default=None,
+    parser.add_argument("--seconds", type=positive_float, default=None,
                         help=f"stop training after this many seconds (default, unless --steps is given: "
                              f"{cpu[1]:.0f} on CPU, {cuda[1]:.0f} on CUDA)")
-    parser.add_argument("--seq-len", type=int, default=256, help="training window and the model's max_seq_len")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (falls linearly to a tenth)")
-    parser.add_argument("--generate", type=int, default=192,
-                        help=f"bytes to sample after a {PROMPT_LEN}-byte prompt (at most seq-len - {PROMPT_LEN})")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--seq-len", type=int_in(MIN_SEQ_LEN), default=256,
+                        help=f"training window and the model's max_seq_len (at least {MIN_SEQ_LEN})")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--lr", type=positive_float, default=1e-2,
+                        help="peak learning rate (falls linearly to a tenth)")
+    parser.add_argument("--generate", type=positive_int, default=192,
+                        help=f"bytes to sample after a prompt of min({PROMPT_LEN}, seq-len // 4) bytes of the corpus "
+                             f"(at most seq-len minus the prompt: the sample stays within the trained context)")
+    parser.add_argument("--temperature", type=float_at_least(0.0, expected="a finite number >= 0 (0 = greedy)"),
+                        default=0.7, help="sampling temperature (0: greedy)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for training (default: torch's default or 1, whichever trains faster "
                              "in the first steps)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(-2**63, 2**64 - 2, expected="an integer from -2**63 to 2**64 - 2"),
+                        default=0)
+    parser.set_defaults(validate=lambda args: validate(args, parser))  # called by cli.main after parsing
