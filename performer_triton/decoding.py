@@ -24,6 +24,7 @@ CUDA, or wherever the attention's backend is "triton"; the PyTorch update otherw
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -43,7 +44,10 @@ class DecodingCache:
     """Per-module decoding state of one model, plus the number of positions processed so far.
 
     Pass the same cache to every forward call of a generation; each call feeds only the new
-    tokens. Modules store their state under themselves as key.
+    tokens. Modules store their state under themselves as key. copy.deepcopy(cache) branches a
+    generation (beam search): the copy's states are its own, for the same model's layers, unless
+    the model is copied in the same deepcopy call (copy.deepcopy((model, cache))), whose copies
+    it then follows; pickle works the same way.
     """
 
     def __init__(self) -> None:
@@ -61,10 +65,24 @@ class DecodingCache:
                              "use a new DecodingCache for another batch")
 
     def get(self, module: nn.Module) -> Any:
-        return self._states.get(module)
+        """module's state; None before its first call.  A layer without a state once the cache has
+        seen positions is a ValueError: the cache was filled by another model's layers."""
+        state = self._states.get(module)
+        if state is None and self.length > 0:
+            raise ValueError(
+                f"this DecodingCache has seen {self.length} positions but holds no state for this layer: it was filled "
+                "by another model (a copy made without the cache: copy.deepcopy((model, cache)) copies both together)"
+            )
+        return state
 
     def set(self, module: nn.Module, state: Any) -> None:
         self._states[module] = state
+
+    def __deepcopy__(self, memo: dict) -> DecodingCache:
+        new = _copy_sharing(self, memo, ("_states",))
+        # keyed by the same layers, or by their copies where this deepcopy copied the model too
+        new._states = {memo.get(id(m), m): copy.deepcopy(state, memo) for m, state in self._states.items()}
+        return new
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache holds (to measure its memory)."""
@@ -76,6 +94,16 @@ class DecodingCache:
                 elif value is not None:
                     found.extend(t for t in vars(value).values() if isinstance(t, Tensor))
         return found
+
+
+def _copy_sharing(obj: Any, memo: dict, shared: tuple[str, ...]) -> Any:
+    """A deep copy of obj whose attributes named in shared refer to what they referred to (the
+    model's layers, buffers and feature map), or to their copies where this deepcopy made them."""
+    new = object.__new__(type(obj))
+    memo[id(obj)] = new
+    for name, value in vars(obj).items():
+        setattr(new, name, memo.get(id(value), value) if name in shared else copy.deepcopy(value, memo))
+    return new
 
 
 def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
@@ -104,6 +132,19 @@ class FavorState:
         self.stab = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # M
         self.hz = torch.zeros(b, h, m, e + 1, dtype=dtype, device=device)  # [H | z] relative to R
         self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
+
+    def __deepcopy__(self, memo: dict) -> FavorState:
+        new = _copy_sharing(self, memo, ("source", "feature_map"))
+        new.version = _version(new.source) if _version(self.source) == self.version else -1  # -1: stale
+        return new
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "version": _version(self.source) == self.version}  # whether current when saved
+
+    def __setstate__(self, state: dict) -> None:
+        current = state.pop("version")
+        vars(self).update(state)
+        self.version = _version(self.source) if current else -1
 
     @property
     def state(self) -> AttentionState:
@@ -241,6 +282,9 @@ class LocalWindowState:
         self.values: Tensor | None = None  # (b, h, L, e)
         self.keep: Tensor | None = None  # (b, L) bool
         self.start = 0  # absolute position of keys[:, :, 0]
+
+    def __deepcopy__(self, memo: dict) -> LocalWindowState:
+        return _copy_sharing(self, memo, ("local_attn",))
 
     def _frame(self, position: int) -> int:
         """Absolute position of rotary position 0 for a query at ``position``."""

@@ -131,6 +131,14 @@ class FeatureMap:
     key_features: Callable[[Tensor, Optional[Tensor], bool, Optional[Tensor]], Tensor]
     # log of the factor key_features divided the keys by to keep them finite (b, h, 1, 1), or 0.0
     key_log_scale: Callable[[Tensor, bool], Union[Tensor, float]] = _no_log_scale
+    kernel_fn: Optional[Callable[[Tensor], Tensor]] = None  # generalized attention's, else None
+
+    def __reduce__(self):
+        """Pickled (and deep-copied) by what makes it: a built-in map by name, a generalized one by
+        its kernel_fn (its feature functions are closures)."""
+        if self.kernel_fn is not None:
+            return resolve, (self.kernel_fn,)
+        return _builtin_map, (self.name,)
 
     @property
     def rescales_keys(self) -> bool:
@@ -173,7 +181,7 @@ def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) ->
     def key(x: Tensor, projection: Tensor | None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
         return _mask_keys(generalized_features(x, projection, kernel_fn), key_padding_mask)
 
-    return FeatureMap(name, code, GENERALIZED_EPS, True, query, key)
+    return FeatureMap(name, code, GENERALIZED_EPS, True, query, key, kernel_fn=kernel_fn)
 
 
 def _exp_shift(x: Tensor, causal: bool) -> Union[Tensor, float]:
@@ -218,6 +226,10 @@ GIVEN_MAP = FeatureMap(
 FEATURE_MAP_NAMES = ("softmax", "relu", "none")  # the strings favor_attention(feature_map=...) takes
 _BY_NAME = {m.name: m for m in (SOFTMAX_MAP, RELU_MAP, NONE_MAP)}
 KERNEL_MAPS = {m.code: m for m in (SOFTMAX_MAP, RELU_MAP, GIVEN_MAP)}  # what each kernel code computes
+
+
+def _builtin_map(name: str) -> FeatureMap:
+    return GIVEN_MAP if name == "given" else _BY_NAME[name]
 
 
 def _is_relu(kernel_fn: object) -> bool:

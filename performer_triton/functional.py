@@ -22,7 +22,9 @@ from .validation import (
     check_bool,
     check_choice,
     check_cu_seqlens,
+    check_float,
     check_key_padding_mask,
+    check_offsets,
     check_projection,
     check_qkv,
 )
@@ -221,6 +223,7 @@ def is_right_padding(keep: Tensor) -> bool:
     return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
 
 
+@torch.compiler.disable  # reads the mask on the host: one graph break, here
 def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Tensor, fmap: FeatureMap,
                    backend: str) -> Tensor:
     """Causal softmax attention with the prefix stabilizer and key_padding_mask keep (b, s): each
@@ -252,7 +255,7 @@ def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, ou
     """call(q_i, k_i, v_i, state_i) on every sequence of a packed batch (cu_seqlens: N + 1
     offsets into the length of q, k, v, batch 1, checked by check_cu_seqlens), outputs
     concatenated along the sequence and final states along the batch."""
-    bounds = [int(x) for x in cu_seqlens.tolist()]
+    bounds = check_offsets([int(x) for x in cu_seqlens.tolist()], q.shape[2])
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         state = None if initial_state is None else AttentionState(*(t[i : i + 1] for t in initial_state))
@@ -353,6 +356,7 @@ def linear_attention(
     check_bool("output_final_state", output_final_state)
     check_qkv(q_features, k_features, v, causal=causal, q_name="q_features", k_name="k_features")
     check_choice("backend", backend, BACKENDS)
+    eps = check_float("eps", eps, 0.0)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q_features, k_features, initial_state)
 

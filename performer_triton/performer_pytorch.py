@@ -513,6 +513,11 @@ class Attention(nn.Module):
         state = cache.get(self) if exists(cache) and not cross_attend else None
         prefill = exists(cache) and not cross_attend and state is None
         key_keep = context_mask if self.exact_mask else None
+        if key_keep is not None and torch.compiler.is_compiling():
+            # the masked prefix path reads the mask on the host (a graph break): views of this
+            # graph's intermediates live across it are replayed by aot_autograd from their base,
+            # which corrupts their shapes (torch 2.13, as for the local heads): hold copies
+            q, k, v, lq, lk, lv = (t.clone() for t in (q, k, v, lq, lk, lv))
         outs = []
         if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values

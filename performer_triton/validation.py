@@ -2,6 +2,8 @@
 TypeError that names the argument, what was received and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import warnings
 from typing import Any, Iterable
@@ -41,6 +43,15 @@ def check_int(name: str, value: object, minimum: int, error: type[Exception] = I
     if number < minimum:
         raise error(f"{name} must be >= {minimum}, got {number}")
     return number
+
+
+def check_float(name: str, value: object, minimum: float) -> float:
+    """value as a finite float >= minimum (a Python or numpy real, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
+    return float(value)
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -139,7 +150,8 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
     """A packed batch: cu_seqlens a 1-D int32 / int64 tensor of N + 1 offsets, q, k, v of batch 1
     with one length, one initial state per sequence; in eager mode the offsets themselves, read
     once on the host (rising from 0 to the packed length).  A compiled graph skips that read (a
-    host sync): the kernels clamp the offsets they read."""
+    host sync): the kernels clamp the offsets they read, and the PyTorch path, which reads them
+    anyway, checks them there (check_offsets)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
                                                                                               torch.int64):
         got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(
@@ -156,9 +168,13 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
     if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
                                       or initial_state[0].shape[0] != count):
         raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
-    if torch.compiler.is_compiling():
-        return
-    bounds, total = cu_seqlens.tolist(), q.shape[2]
+    if not torch.compiler.is_compiling():
+        check_offsets(cu_seqlens.tolist(), q.shape[2])
+
+
+def check_offsets(bounds: list[int], total: int) -> list[int]:
+    """cu_seqlens read on the host: rising from 0 to the packed length total."""
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total} (N + 1 >= 2 offsets), got "
                          f"{bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
+    return bounds

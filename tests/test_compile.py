@@ -41,15 +41,16 @@ def test_fast_attention_compiles_fullgraph_on_the_default_path(dtype, causal, ke
 
 
 def test_whole_models_compile_and_train_from_the_first_call():
-    """A fresh process per run: compiled PerformerLM variants and PerformerEncDec give eager's
-    loss and gradients on their very first (training) call. Once an aot_autograd crash
+    """A fresh process per run: compiled PerformerLM variants (one with exact masks, left padding
+    and a hole, and the prefix stabilizer) and PerformerEncDec give eager's loss and gradients on
+    their very first (training) call. Once an aot_autograd crash
     (fakes with other strides than the real op) hit 8 of 10 fresh processes."""
     script = Path(__file__).with_name("compile_models.py")
     env = {**os.environ, "PYTHONPATH": str(script.parent)}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
-    assert len(rows) == 4, result.stdout
+    assert len(rows) == 5, result.stdout
     for name, loss_err, grad_err, same_params in rows:
         assert float(loss_err) <= 1e-5 and float(grad_err) <= 1e-5 and same_params == "True", name
 
@@ -91,6 +92,30 @@ def test_one_compile_serves_every_length():
         assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         frames.append(counter.frame_count)
     assert frames == [frames[0]] * 4
+
+
+@pytest.mark.parametrize("padding", ["left", "hole"])
+def test_masked_prefix_self_attention_compiles_with_backward(padding):
+    """exact_mask + key_stabilizer="prefix" compacts each batch row on the host (a graph break):
+    views of the graph's intermediates live across it once came back from aot_autograd with
+    garbage shapes (torch 2.13: a RuntimeError, once a segfault)."""
+    from performer_triton.performer_pytorch import SelfAttention
+
+    torch.manual_seed(0)
+    layer = SelfAttention(16, causal=True, heads=2, dim_head=8, nb_features=6, exact_mask=True,
+                          key_stabilizer="prefix")
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    if padding == "left":
+        keep[0, :3] = False
+    else:
+        keep[0, 2:4] = False
+    results = []
+    for run in (layer, torch.compile(layer)):
+        out = run(x, mask=keep)
+        results.append((out, torch.autograd.grad(out.square().sum(), x)[0]))
+    (eager, eager_grad), (out, grad) = results
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6) and torch.allclose(grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_the_release_joins_the_compile_cache_key():

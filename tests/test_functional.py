@@ -428,6 +428,16 @@ def test_head_dim_or_feature_count_of_zero_is_named_before_any_math(causal):
         causal_linear_attention_noncuda(q, q, v)
 
 
+def test_linear_attention_eps_must_be_a_finite_number_at_least_0():
+    qf, kf, v = torch.rand(1, 2, 6, 4), torch.rand(1, 2, 6, 4), torch.randn(1, 2, 6, 3)
+    for eps in (float("nan"), float("inf"), -1e-3):
+        with bad(f"eps must be a finite number >= 0.0, got {eps}"):
+            linear_attention(qf, kf, v, causal=True, eps=eps)
+    with pytest.raises(TypeError, match="eps must be a number, got str"):
+        linear_attention(qf, kf, v, causal=True, eps="x")
+    assert torch.isfinite(linear_attention(qf, kf, v, causal=True, eps=0)).all()
+
+
 def test_mixed_devices_raise():
     q, k, v = qkv(n=8, d=16)
     with bad("must be on one device"):

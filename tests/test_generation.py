@@ -394,3 +394,37 @@ def test_fused_decode_in_a_model_equals_the_pytorch_decoder():
             assert favor.fused == (model is models[0])
     assert rel(logits[0][:, 5:], logits[1][:, 5:]) <= 1e-5  # the steps
     assert rel(logits[0][:, :5], logits[1][:, :5]) <= 2e-3  # the prompt: TF32
+
+
+def test_a_copied_cache_branches_a_generation():
+    """copy.deepcopy(cache) (beam search) gives an independent cache for the same layers; copying
+    model and cache together, or pickling them together, continues on the copies; a cache used
+    with layers it holds no state for (another model, or one pickled alone) is a ValueError, not
+    a silent fresh start."""
+    import copy
+    import pickle
+
+    torch.set_grad_enabled(False)
+    try:
+        for kwargs in (PREFIX, dict(PREFIX, local_attn_heads=1, local_window_size=4, shift_tokens=True),
+                       dict(causal=True, generalized_attention=True, kernel_fn=torch.nn.Softplus())):
+            model = lm(**kwargs).eval()
+            x = torch.randint(0, NUM_TOKENS, (2, 8), generator=torch.Generator().manual_seed(1))
+            full = model(x)
+
+            def prefill():
+                cache = DecodingCache()
+                model(x[:, :6], cache=cache)
+                return cache
+
+            cache = prefill()
+            branch = copy.deepcopy(cache)
+            for c in (branch, cache):  # each continues on its own
+                assert rel(model(x[:, 6:7], cache=c), full[:, 6:7]) <= 1e-5
+            for twin, c in (copy.deepcopy((model, prefill())), pickle.loads(pickle.dumps((model, prefill())))):
+                assert rel(twin(x[:, 6:7], cache=c), full[:, 6:7]) <= 1e-5
+            for c, other in ((prefill(), copy.deepcopy(model)), (pickle.loads(pickle.dumps(prefill())), model)):
+                with pytest.raises(ValueError, match="holds no state for this layer"):
+                    other(x[:, 6:7], cache=c)
+    finally:
+        torch.set_grad_enabled(True)

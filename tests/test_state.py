@@ -598,6 +598,17 @@ def test_packed_op_passes_opcheck(causal):
     torch.library.opcheck(favor_fwd, args)
 
 
+def test_bad_cu_seqlens_are_refused_under_torch_compile_too():
+    """A compiled graph skips the host read of the offsets (the kernels clamp them); the PyTorch
+    path reads them anyway and checks them: no output of another length than q."""
+    q, k, v, cu = packed([3, 4])
+    P = projection()
+    call = torch.compile(favor_attention, backend="aot_eager")
+    for bad in ([0, 5, 3, 7], [2, 7], [0, 3, 9]):
+        with pytest.raises(ValueError, match="rise from 0 to the packed length 7"):
+            call(q, k, v, P, causal=True, cu_seqlens=torch.tensor(bad, dtype=torch.int32), backend="torch")
+
+
 def test_bad_cu_seqlens_are_refused():
     q, k, v, cu = packed([3, 4])
     P = projection()
