@@ -50,6 +50,16 @@ def test_check_runs_every_available_path_within_budget(monkeypatch):
     assert all(r.ok for r in rows if r.out_err is not None), table  # everything that ran is within budget
 
 
+@pytest.mark.parametrize("dtype, budget", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_check_judges_a_single_key_by_the_whole_gradient(dtype, budget):
+    """One key: the output is v, so dq and dk are 0 in exact arithmetic and roundoff on both
+    sides; judged each by its own norm they were 'off' by up to 1e284."""
+    for _, mode in MODES:
+        for feature in ("softmax", "relu"):
+            out_err, grad_err = check._one("cpu", "torch", dtype, mode, feature, 1, 1, 1)
+            assert out_err <= budget and grad_err <= budget, (mode, feature, out_err, grad_err)
+
+
 def test_check_reports_a_dead_interpreter_subprocess_as_failures():
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('kernel crashed')"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
