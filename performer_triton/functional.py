@@ -218,7 +218,7 @@ def favor_attention(
     return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
 
 
-def is_right_padding(keep: Tensor) -> bool:
+def _is_right_padding(keep: Tensor) -> bool:
     """Every row of the (b, s) bool mask is True up to some length, then False."""
     return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
 
@@ -234,7 +234,7 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
     reaches no gradient either."""
     n, s = q.shape[2], k.shape[2]
     keep_q = keep[:, s - n:]  # (b, n)
-    if is_right_padding(keep):
+    if _is_right_padding(keep):
         q, k, v = (t.masked_fill(~rows[:, None, :, None], 0.0) for t, rows in ((q, keep_q), (k, keep), (v, keep)))
         out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
                               backend=backend)

@@ -513,7 +513,9 @@ class Attention(nn.Module):
         state = cache.get(self) if exists(cache) and not cross_attend else None
         prefill = exists(cache) and not cross_attend and state is None
         key_keep = context_mask if self.exact_mask else None
-        if key_keep is not None and torch.compiler.is_compiling():
+        fa = self.fast_attention
+        if (key_keep is not None and fa.causal and fa.key_stabilizer == "prefix" and fa.feature_map.stabilized
+                and torch.compiler.is_compiling()):
             # the masked prefix path reads the mask on the host (a graph break): views of this
             # graph's intermediates live across it are replayed by aot_autograd from their base,
             # which corrupts their shapes (torch 2.13, as for the local heads): hold copies
