@@ -2,13 +2,17 @@
 and a non-causal fwd+bwd with every Triton launch intercepted (nothing runs on a device), through
 the public entry point (eager: ops._Eager) against the torch.library custom op it bypasses,
 side by side in one run.  The first H200 run (bench/RESULTS.md) was host-bound: 2.3 ms of host
-time per causal fwd+bwd against 1.55 ms of kernels.  A real launch adds Triton's own cost
-(JITFunction.run, measured on the GPU by bench/gpu_profile.py) to both sides.
+time per causal fwd+bwd against 1.55 ms of kernels.  A real launch adds Triton's own cost to both
+sides; test_host_time_of_launches measures it on a driver that compiles for sm_90a and launches
+nothing (bench/host_driver.py): the launches as the launchers make them (kernels.feature_map.launch)
+against Triton's launch on every call and against no launch at all.
 
     pytest bench/test_host_overhead.py
 """
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from performer_triton import ops  # noqa: E402
-from performer_triton.kernels import SOFTMAX  # noqa: E402
+from performer_triton.kernels import SOFTMAX, feature_map  # noqa: E402
 
 ROUNDS, CALLS = 7, 50
 
@@ -57,3 +61,55 @@ def test_host_time_eager_vs_custom_op(benchmark, monkeypatch, causal):
     benchmark.pedantic(eager, rounds=20, iterations=CALLS)
     print(f"\nhost us per {'causal' if causal else 'non-causal'} fwd+bwd: eager {eager_us:.0f}, "
           f"custom op {op_us:.0f} ({op_us / eager_us:.2f}x)")
+
+
+class _NeverCached(dict):
+    """feature_map's launch cache that never hits: every launch through JITFunction.run."""
+
+    def get(self, key, default=None):
+        return None
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bench/host_driver.py compiles as device 0: no real GPU")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_host_time_of_launches(benchmark, monkeypatch, causal):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from host_driver import use_host_driver
+
+    host = use_host_driver()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 64, 64, generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    P, grad = torch.randn(256, 64, generator=gen, dtype=torch.bfloat16), torch.randn(2, 8, 64, 64, generator=gen)
+
+    def run():
+        out = ops.favor(q, k, v, P, causal, SOFTMAX, False, True)[0]
+        out.backward(grad.to(out.dtype))
+        q.grad = k.grad = v.grad = None
+
+    run()  # compiles (sm_90a)
+    launches = host.launches
+    run()
+    launches = host.launches - launches
+    cache, real_run = feature_map._LAUNCHED, triton.runtime.jit.JITFunction.run
+
+    def timed(mode: str) -> float:
+        monkeypatch.setattr(feature_map, "_LAUNCHED", _NeverCached() if mode == "triton" else cache)
+        if mode == "none":
+            monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", lambda self, *args, **kwargs: None)
+        try:
+            return _host_us(run)
+        finally:
+            monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", real_run)
+
+    rounds = [{mode: timed(mode) for mode in ("ours", "triton", "none")} for _ in range(3)]
+    us = {mode: statistics.median(r[mode] for r in rounds) for mode in rounds[0]}
+    monkeypatch.setattr(feature_map, "_LAUNCHED", cache)
+    benchmark.extra_info.update(launches=launches, **{f"{mode}_us": t for mode, t in us.items()})
+    benchmark.pedantic(run, rounds=20, iterations=CALLS)
+    print(f"\nhost us per {'causal' if causal else 'non-causal'} fwd+bwd, {launches} launches: "
+          f"ours {us['ours']:.0f}, Triton's launch each call {us['triton']:.0f}, no launch {us['none']:.0f} "
+          f"(per launch: ours {(us['ours'] - us['none']) / launches:.1f}, "
+          f"Triton {(us['triton'] - us['none']) / launches:.1f})")

@@ -31,8 +31,9 @@ from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
     block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows, dot,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
-    half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector,
-    packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows, store_state, tf32_nearest
+    half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows,
+    load_vector, packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows, store_state,
+    tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -844,8 +845,8 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
     state_args = (*initial, *final) if initial is not None else (c_ref,) * 8  # (unused without STATE)
     grid = (b * h * ns, cdiv(m, cfg["BM"]))
-    _state_kernel[grid](
-        k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
+    launch(
+        _state_kernel, grid, k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
         h_state, z_state, v_state, *state_args, *varlen[:2],
         h, n, m, d, e, nt, ns,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -925,7 +926,8 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
     rden = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     nt, ns, varlen, is_varlen = packing
-    _output_kernel[block_grid(b * h, nt, is_varlen)](
+    launch(
+        _output_kernel, block_grid(b * h, nt, is_varlen),
         q, k, v, q if projection is None else projection, q_max, k_max, k_scale, c_ref, c_stab,
         h_state, z_state, v_state, out, rden, rden if initial is None else initial[1], *varlen,
         h, n, m, d, e, nt, ns,
@@ -1043,14 +1045,14 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
                           VARLEN=is_varlen)
     vs0, gh_f, gz_f, dvs_f, dhz0, dvs0, dcount = (rden,) * 7 if state is None else state  # (dummies without STATE)
     dd = torch.empty((b, h, n), **f32)
-    _dd_kernel[(b * h * cdiv(n, cfg["BT"]),)](  # per row: packed sequences need nothing of their own
-        grad_out, out, rden, dd,
+    launch(  # per row: packed sequences need nothing of their own
+        _dd_kernel, (b * h * cdiv(n, cfg["BT"]),), grad_out, out, rden, dd,
         h, n, e,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
-    _dstate_kernel[(b * h * ns, nm)](
-        q, p, grad_out, dd, rden, q_max, k_max, c_ref, c_stab,
+    launch(
+        _dstate_kernel, (b * h * ns, nm), q, p, grad_out, dd, rden, q_max, k_max, c_ref, c_stab,
         dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, *varlen[:2],
         h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -1065,15 +1067,18 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
     for keys, (h_s, z_s, dx) in enumerate(((h_state, z_state, dq), (dh_state, dz_state, dk))):
-        _bwd_qk_kernel[block_grid(b * h, nt * nk, is_varlen)](
+        launch(
+            _bwd_qk_kernel, block_grid(b * h, nt * nk, is_varlen),
             q, k, v, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab,
             h_s, z_s, v_state, dx, vs0, gh_f, gz_f, *varlen,
             h, n, m, d, e, nt, ns, h_s.stride(-2), *strides,
             dn, k_eps, c_eps,
             KEYS=bool(keys), AL=alignment(d, q, k), AV=alignment(e, h_s.stride(-2), v, grad_out), **opts,
         )
-    _bwd_v_kernel[block_grid(b * h, nt, is_varlen)](
-        q, k, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab, dh_state, dns_state, dv, gh_f, dvs_f, dcount,
+    launch(
+        _bwd_v_kernel, block_grid(b * h, nt, is_varlen),
+        q, k, p, grad_out, dd, rden, q_max, k_max, k_scale, c_ref, c_stab, dh_state, dns_state, dv, gh_f, dvs_f,
+        dcount,
         *varlen,
         h, n, m, d, e, nt, ns, nm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
-from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale, next_power_of_2
+from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale, launch, next_power_of_2
 
 __all__ = ["decode_step"]
 
@@ -146,8 +146,8 @@ def decode_step(
     if not all(x.stride(-1) == 1 for x in (q, k, v)) or not projection.is_contiguous():
         raise ValueError("decode_step: q, k, v need a unit last stride and the projection must be contiguous")
     out = torch.empty((b, h, 1, e), device=q.device, dtype=q.dtype)
-    _step_kernel[(b * h,)](
-        q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, out,
+    launch(
+        _step_kernel, (b * h,), q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, out,
         h, m, d, e,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         head_scale(d), SOFTMAX_EPS if feature == SOFTMAX else GENERALIZED_EPS, causal_coef,

@@ -23,9 +23,15 @@ factorisation they implement.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 from . import GENERALIZED_EPS, GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
 
@@ -536,8 +542,8 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
     # fp32: m tiles of 32 (at 64 the 3xTF32 dash of a 64-wide head spilled 272 B on sm_80)
     BT, BM, BD = 64, 32 if x.dtype == torch.float32 else 64, max(16, next_power_of_2(d))
     grid = (b * h * cdiv(n, BT), (q is not None) + (k is not None))
-    _row_stats_kernel[grid](
-        q_, k_, projection, q_max, k_max, k_scale,
+    launch(
+        _row_stats_kernel, grid, q_, k_, projection, q_max, k_max, k_scale,
         h, n, m, d, 0 if q is not None else 1,
         q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
         head_scale(d),
@@ -548,6 +554,70 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
 
 
 # ----------------------------------------------------------------------------- launcher helpers
+
+# Compiled kernels of earlier launches: (kernel, device, debug, argument keys, options) ->
+# (CompiledKernel, the values of the constexpr parameters after the positional arguments).
+_LAUNCHED: dict = {}
+_KNOBS = getattr(triton, "knobs", None)  # (triton >= 3.4; TRITON_DEBUG is in the key of its launches)
+
+
+def _arg_key(x) -> object:
+    """What Triton specialises a launch argument on, or finer: a tensor's dtype and whether its
+    address is 16-byte aligned; an int's equality to 1, divisibility by 16 and integer type
+    (i32, i64, u64); a float nothing (never specialised); anything else its type and value."""
+    kind = type(x)
+    if kind is int:
+        return x == 1, x % 16 == 0, -(2**31) <= x < 2**31, x < 2**63
+    if kind is float:
+        return float
+    if isinstance(x, torch.Tensor):
+        return x.dtype, x.data_ptr() % 16 == 0
+    return kind, x
+
+
+def launch(kernel, grid: tuple, *args, **options) -> None:
+    """kernel[grid](*args, **options), args the non-constexpr parameters in order, options the
+    constexprs and launch options.  Triton's own launch binds and specialises every argument
+    again on every call (~30 us of host time per launch of ~35 arguments, as long as a small
+    kernel runs: bench/test_host_overhead.py); a launch whose arguments specialise as an earlier
+    one's (_arg_key) runs that launch's compiled kernel directly.  The interpreter's kernels
+    (TRITON_INTERPRET=1), and any launch without a GPU driver (the compile report's captures on
+    meta tensors), launch as usual."""
+    constexprs = _constexpr_params(kernel.fn, len(args))
+    device = _current_device() if isinstance(kernel, JITFunction) else None
+    if device is None:
+        kernel[grid](*args, **options)
+        return
+    debug = _KNOBS.runtime.debug if _KNOBS is not None else None
+    key = (kernel, device, debug, tuple(map(_arg_key, args)), tuple(options.items()))
+    hit = _LAUNCHED.get(key)
+    if hit is not None:
+        compiled, values = hit
+        compiled[(*grid, 1, 1)[:3]](*args, *values)
+        return
+    compiled = kernel[grid](*args, **options)
+    if isinstance(compiled, CompiledKernel):  # (None when a hook took the launch)
+        _LAUNCHED[key] = compiled, tuple(options[p.name] if p.name in options else p.default for p in constexprs)
+
+
+def _current_device() -> int | None:
+    """The device Triton launches on (its current one), None without a GPU driver."""
+    try:
+        return driver.active.get_current_device()
+    except RuntimeError:  # "0 active drivers"
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _constexpr_params(fn, count: int) -> tuple[inspect.Parameter, ...]:
+    """The parameters of the kernel function fn after its first count, which must all be
+    constexprs: a compiled kernel takes its arguments in order, so launch passes every other
+    parameter positionally (checked on every launch, the interpreter's included)."""
+    rest = tuple(inspect.signature(fn).parameters.values())[count:]
+    keywords = [p.name for p in rest if p.annotation not in (tl.constexpr, "tl.constexpr")]
+    if keywords:
+        raise TypeError(f"launch({fn.__name__}): parameters {keywords} are not constexprs; pass them positionally")
+    return rest
 
 
 def chunk_slots(cu_seqlens: torch.Tensor | None, bt: int, n: int) -> tuple[int, int]:

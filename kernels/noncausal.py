@@ -30,8 +30,8 @@ from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
     block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
     dash_tile, diag_rows, dot, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
-    head_scale, host_cache, input_grad_tile, launch_options, load_fused_rows, load_rows, load_vector, next_power_of_2,
-    packing_args, sequence_rows, store_input_grad, store_rows, store_state, tf32_nearest
+    head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows, load_vector,
+    next_power_of_2, packing_args, sequence_rows, store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -585,8 +585,8 @@ def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: 
     h, ht, hs, z, vs, k_stab = sums
     bm = cfg["BM_combine"]
     mt = ht.shape[-1]
-    _combine_kernel[(bh, hs.shape[1])](
-        h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
+    launch(
+        _combine_kernel, (bh, hs.shape[1]), h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
         bh, m, e, splits, nmt, mt,
         REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
         PRECISION=feature_map.PRECISION, num_warps=4,
@@ -611,7 +611,8 @@ def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict,
     vs_part = torch.empty((splits, bh, e if softmax else 0), **f32)
     r_part = torch.empty((splits, bh, nmt) if softmax else (0,), **f32)
     s_part = torch.empty((splits, bh, nmt) if softmax else (0,), **f32)
-    _state_kernel[(bh, nmt, splits)](
+    launch(
+        _state_kernel, (bh, nmt, splits),
         k, v, k if projection is None else projection, h_part, z_part, vs_part, r_part, s_part, offsets,
         h, s, m, d, e, bh, per, nmt,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -658,7 +659,8 @@ def noncausal_fwd(
     saved = _key_states(q, k, v, projection, feature=feature, m=m, d=d, cfg=cfg, cu_seqlens=cu_seqlens,
                         offsets=varlen[0])
     states, states_t, col_sums, sums, vsum, _ = saved
-    _output_kernel[block_grid(b * h, nt, is_varlen)](
+    launch(
+        _output_kernel, block_grid(b * h, nt, is_varlen),
         q, q if projection is None else projection, states, states_t, col_sums, sums, vsum, out, q_max, rden,
         *varlen,
         h, n, k.shape[2], m, d, e, ns, states_t.shape[-1], col_sums.shape[1],
@@ -719,8 +721,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     dz_part = torch.empty((splits, bh, m), **f32)
     strides = (q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                out.stride(0), out.stride(1), out.stride(2))
-    _dstate_kernel[(bh, nm, splits)](
-        q, grad_out, out, p, q_max, rden, dh_part, dz_part, varlen[0],
+    launch(
+        _dstate_kernel, (bh, nm, splits), q, grad_out, out, p, q_max, rden, dh_part, dz_part, varlen[0],
         h, n, m, d, e, bh, per, *strides,
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=al, AV=av)),
@@ -728,7 +730,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     reverse = _sums(bh, m, e, False, cfg, q.device)
     dh, dht, dhs, dz, _, _ = _combine(dh_part, dz_part, dz_part, dz_part, dz_part, reverse, refs=False, cfg=cfg)
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
-    _bwd_q_kernel[block_grid(b * h, nt * nk, is_varlen)](
+    launch(
+        _bwd_q_kernel, block_grid(b * h, nt * nk, is_varlen),
         q, grad_out, out, p, q_max, rden, states, sums, vsum, dq, *varlen,
         h, n, s, m, d, e, ns, states.stride(-2), *strides,
         dn,
@@ -737,7 +740,8 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     key_blocks = nt if is_varlen else cdiv(s, cfg["BT"])  # (a pack: s == n)
-    _bwd_kv_kernel[block_grid(b * h, key_blocks * nk, is_varlen)](
+    launch(
+        _bwd_kv_kernel, block_grid(b * h, key_blocks * nk, is_varlen),
         k, v, p, k_stab, dh, dht, dhs, dz, dk, dv, *varlen,
         h, s, m, d, e, ns, dht.shape[-1], dhs.shape[1],
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 
 from .decoding import DecodingCache
 from .distributed import ContextParallel, with_neighbours
+from .performer_pytorch import _check_mask
 from .validation import check_int
 
 if TYPE_CHECKING:
@@ -163,6 +164,8 @@ class AutoregressiveWrapper(nn.Module):
             input_mask = input_mask[None, :]  # the mask of a 1-D prompt, batched as the prompt (1.1.4: IndexError)
         if input_mask is None:
             input_mask = torch.full_like(out, True, dtype=torch.bool, device=out.device)
+        # a (1, t) mask shared by the batch, as 1.1.4's masked_fill broadcast it: expanded before it grows
+        input_mask = _check_mask("mask", input_mask, b, t, out.device)
         # conditional generation: without an explicit context_mask, every context position counts
         context_mask = kwargs.pop("context_mask", None)
         if "context" in kwargs and not exists(context_mask):

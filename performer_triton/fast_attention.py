@@ -66,6 +66,8 @@ class FastAttention(nn.Module):
         self.causal = causal
         self.key_stabilizer = key_stabilizer
         self.backend = backend
+        # 1.1.4's attribute: its causal attention on features; one put in its place is called
+        self.causal_linear_fn = _default_causal_linear_fn() if causal else None
 
     @property
     def feature_map(self) -> FeatureMap:
@@ -83,17 +85,29 @@ class FastAttention(nn.Module):
         """q (b, h, n, dim_heads), k (b, h, s, dim_heads), v (b, h, s, e) -> (b, h, n, e).
 
         key_padding_mask (b, s) bool, True = keep: padded keys are excluded from the numerator,
-        the normaliser and the stabilizer (1.1.4 only zeroed v)."""
-        for name, t in (("q", q), ("k", k)):
-            if isinstance(t, Tensor) and t.dim() == 4 and t.shape[-1] != self.dim_heads:
-                raise ValueError(
-                    f"{name} must have last dimension dim_heads={self.dim_heads}, got shape {tuple(t.shape)}"
-                )
+        the normaliser and the stabilizer (1.1.4 only zeroed v).  As 1.1.4's einsums, (b, h) of
+        q, k and v broadcast (e.g. v (b, 1, s, e) for every head), and a projection of one column
+        (dim_heads=1) is the same for every column of wider heads."""
+        projection = None if self.no_projection else self.projection_matrix
+        if all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+            q, k, v = _broadcast_heads(q, k, v)
+            if projection is not None and projection.shape[1] == 1 and q.shape[-1] != 1:
+                projection = projection.expand(-1, q.shape[-1]).contiguous()
+            for name, t in (("q", q), ("k", k)):
+                if projection is not None and t.shape[-1] != projection.shape[1]:
+                    raise ValueError(
+                        f"{name} must have last dimension dim_heads={self.dim_heads}, got shape {tuple(t.shape)}"
+                    )
+        replaced = getattr(self, "causal_linear_fn", None)
+        if self.causal and replaced is not None and replaced is not _default_causal_linear_fn():
+            q_features, k_features = self.feature_map.features(q, k, projection, causal=True,
+                                                               key_padding_mask=key_padding_mask)
+            return replaced(q_features, k_features, v)
         return favor_attention(
             q,
             k,
             v,
-            None if self.no_projection else self.projection_matrix,
+            projection,
             causal=bool(self.causal),  # 1.1.4 takes any truthy value
             key_stabilizer=self.key_stabilizer,
             feature_map=self.feature_map,
@@ -106,3 +120,20 @@ class FastAttention(nn.Module):
             f"dim_heads={self.dim_heads}, nb_features={self.nb_features}, causal={self.causal}, "
             f"feature_map={self.feature_map.name!r}, key_stabilizer={self.key_stabilizer!r}, backend={self.backend!r}"
         )
+
+
+def _broadcast_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v expanded (views) to their broadcast (batch, heads), as 1.1.4's einsums take them;
+    shapes that do not broadcast are left for favor_attention's error."""
+    try:
+        lead = torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])
+    except RuntimeError:
+        return q, k, v
+    return tuple(t.expand(*lead, *t.shape[2:]) for t in (q, k, v))
+
+
+def _default_causal_linear_fn() -> Callable:
+    """What 1.1.4's causal FastAttention holds as causal_linear_fn without fast-transformers."""
+    from .performer_pytorch import causal_linear_attention_noncuda  # (which imports this module)
+
+    return causal_linear_attention_noncuda

@@ -233,7 +233,17 @@ def _builtin_map(name: str) -> FeatureMap:
 
 
 def _is_relu(kernel_fn: object) -> bool:
-    return isinstance(kernel_fn, nn.ReLU) or kernel_fn in (torch.relu, torch.nn.functional.relu)
+    """kernel_fn computes exactly relu (runs fused): torch's relu functions, or an nn.ReLU itself
+    (no subclass with its own forward) that no module hook would see called."""
+    if kernel_fn in (torch.relu, torch.nn.functional.relu):
+        return True
+    if type(kernel_fn) is not nn.ReLU:
+        return False
+    from torch.nn.modules import module
+
+    hooks = (kernel_fn._forward_hooks, kernel_fn._forward_pre_hooks, module._global_forward_hooks,
+             module._global_forward_pre_hooks)
+    return not any(hooks)
 
 
 def resolve(feature_map: Union[str, Callable[[Tensor], Tensor], FeatureMap]) -> FeatureMap:

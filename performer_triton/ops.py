@@ -153,11 +153,35 @@ def _backward(ctx, grad_out, *unused_grads, bwd=favor_bwd):
     q, k, v, projection, out, q_max, k_max, k_scale, rden, cu_seqlens, *states = ctx.saved_tensors
     if grad_out is None:  # only reached through the non-differentiable outputs
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
-                     cu_seqlens=cu_seqlens)
+    if torch.is_grad_enabled():  # create_graph: gradients with a graph of their own
+        dq, dk, dv = _differentiable_grads(ctx, grad_out, q, k, v, projection, cu_seqlens)
+    else:
+        dq, dk, dv = bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
+                         cu_seqlens=cu_seqlens)
     # one gradient per argument the op was called with: the dispatcher drops trailing arguments
     # equal to their defaults (causal_eps, cu_seqlens), and a list output makes autograd count exactly
     return dq, dk, dv, *(None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def _differentiable_grads(ctx, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor],
+                          cu_seqlens: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """(dq, dk, dv) of a backward under create_graph (forces trained as -dE/dx, gradient
+    penalties, Hessian-vector products; 1.1.4's einsums allow them): the PyTorch path's forward
+    again, under autograd (its statistics detached, as the backward treats them), differentiated
+    with create_graph.  On any device, for either implementation of the forward; autograd keeps
+    the forward's intermediates, O(n m) per head."""
+    causal, feature, prefix, _, causal_eps = ctx.flags
+    if cu_seqlens is not None:
+        raise NotImplementedError("a backward with create_graph=True through packed sequences (cu_seqlens)")
+    needs = [x.requires_grad for x in (q, k, v)]
+    with torch.enable_grad():
+        # one graph node per role: q, k, v may be one tensor, or depend on each other (q = x @ w, k = x)
+        q, k, v = (x.view_as(x) for x in (q, k, v))
+        out = torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix,
+                                      causal_eps=causal_eps)[0]
+    grads = iter(torch.autograd.grad(out, [x for x, need in zip((q, k, v), needs) if need], grad_out,
+                                     create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 favor_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -292,8 +316,8 @@ favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_co
 class _Eager(torch.autograd.Function):
     """op = (implementation, setup_context, backward, backward implementation, backward op) of a
     custom op whose last output is a list of tensors (returned flat: autograd tracks tensors, not
-    lists).  A backward that builds a graph (create_graph) calls the backward op, which has no
-    autograd formula: it raises as the custom op does, never a silently first-order gradient."""
+    lists).  A backward that builds a graph (create_graph) takes the op's differentiable route
+    (_differentiable_grads), as the custom op does."""
 
     @staticmethod
     def forward(ctx, op, *inputs):

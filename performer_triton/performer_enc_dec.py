@@ -113,12 +113,9 @@ class PerformerEncDec(nn.Module):
         """Encode seq_in (b, n), then sample seq_len decoder tokens after seq_out_start (b, t).
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
-        was_training = self.enc.training
-        self.enc.eval()  # no dropout and no redraw count while encoding for generation
-        try:
-            encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
-        finally:
-            self.enc.train(was_training)
+        # in the model's own mode, as 1.1.4 (a training model's encoder applies its dropout and
+        # counts a call towards the next projection redraw: the same random stream)
+        encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
         return self.dec.generate(seq_out_start, seq_len, context=encodings, **{**dec_kwargs, **kwargs})
 
     def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, *,

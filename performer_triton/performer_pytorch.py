@@ -11,6 +11,7 @@ performer-pytorch").
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
@@ -36,6 +37,56 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
+
+class LooseVersion:
+    """1.1.4's module-level ``from distutils.version import LooseVersion`` (it compared torch
+    versions with it), without distutils (gone in Python 3.12, deprecated before): version strings
+    split into numbers and letter runs, compared as lists, as distutils' LooseVersion does."""
+
+    _component = re.compile(r"(\d+|[a-z]+|\.)", re.VERBOSE)
+
+    def __init__(self, vstring: str | None = None):
+        if vstring:
+            self.parse(vstring)
+
+    def parse(self, vstring: str) -> None:
+        self.vstring = vstring
+        parts = [part for part in self._component.split(vstring) if part and part != "."]
+        self.version = [int(part) if part.isdigit() else part for part in parts]
+
+    def __str__(self) -> str:
+        return self.vstring
+
+    def __repr__(self) -> str:
+        return f"LooseVersion ('{self}')"
+
+    def _cmp(self, other: object) -> int:
+        if isinstance(other, str):
+            other = LooseVersion(other)
+        elif not isinstance(other, LooseVersion):
+            return NotImplemented
+        return (self.version > other.version) - (self.version < other.version)
+
+    def __eq__(self, other: object) -> bool:
+        c = self._cmp(other)
+        return c if c is NotImplemented else c == 0
+
+    def __lt__(self, other: object) -> bool:
+        c = self._cmp(other)
+        return c if c is NotImplemented else c < 0
+
+    def __le__(self, other: object) -> bool:
+        c = self._cmp(other)
+        return c if c is NotImplemented else c <= 0
+
+    def __gt__(self, other: object) -> bool:
+        c = self._cmp(other)
+        return c if c is NotImplemented else c > 0
+
+    def __ge__(self, other: object) -> bool:
+        c = self._cmp(other)
+        return c if c is NotImplemented else c >= 0
+
 
 # 1.1.4's module-level flags: no apex needed (half precision runs natively), torch >= 1.8
 APEX_AVAILABLE = False
@@ -73,18 +124,21 @@ def find_modules(nn_module: nn.Module, type: type) -> list:
     return [module for module in nn_module.modules() if isinstance(module, type)]
 
 
-def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -> None:
-    """mask (b, n) bool, True = keep, on the device of what it masks."""
+def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -> Tensor | None:
+    """mask (b, n) bool, True = keep, on the device of what it masks; returned expanded to (b, n)
+    when it broadcasts to it (a (1, n) mask shared by the batch: 1.1.4's masked_fill broadcast it)."""
     if mask is None:
-        return
+        return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
-    if tuple(mask.shape) != (b, n):
-        raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}), got {tuple(mask.shape)}")
+    if mask.dim() != 2 or any(m not in (1, full) for m, full in zip(mask.shape, (b, n))):
+        raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}) or one that broadcasts to it "
+                         f"(1 for either), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device}, the input it masks on {device}")
+    return mask.expand(b, n)
 
 
 def _finite_padded_keys(k: Tensor, keep: Tensor) -> Tensor:
@@ -488,14 +542,15 @@ class Attention(nn.Module):
         if cross_attend:
             _check_input("context", context, self.dim)
             _check_dtype("context", context, self.to_k)
-            if context.shape[0] != b:
-                raise ValueError(f"context has batch {context.shape[0]}, x has {b}")
+            if context.shape[0] not in (1, b):
+                raise ValueError(f"context has batch {context.shape[0]}, x has {b} (context's batch must be x's or 1)")
             if context.device != x.device:
                 raise ValueError(f"context is on {context.device}, x on {x.device}")
+            context = context.expand(b, -1, -1)  # one context for the whole batch, as 1.1.4's einsums broadcast it
         else:
             context, context_mask = x, default(context_mask, mask)
-        _check_mask("mask", mask, b, n, x.device)
-        _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
+        mask = _check_mask("mask", mask, b, n, x.device)
+        context_mask = _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
         if exists(context_parallel) and exists(cache):
@@ -535,8 +590,11 @@ class Attention(nn.Module):
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
                 local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-            if exists(mask):  # selection: a padded NaN / inf value times its zero weight is NaN
-                lv = lv.masked_fill(~mask[:, None, :, None], 0.0)
+            if exists(mask):
+                # a padded NaN / inf value times its zero weight is NaN: select those away.  Finite
+                # padded values stay, for 1.1.4's numbers where a query's whole window is padded
+                # (uniform average of the padded values, which later global layers count)
+                lv = lv.masked_fill(~mask[:, None, :, None] & ~torch.isfinite(lv), 0.0)
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:
@@ -880,6 +938,8 @@ class Performer(nn.Module):
         the output is this rank's block of the whole sequence's.  Every rank's projections are
         first set to the group's rank 0 ones (one broadcast), so all ranks attend alike."""
         _check_input("x", x, self.dim)
+        if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
+            kwargs["mask"] = _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
         if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
             self.proj_updater.redraw_projections()
         if exists(context_parallel_group):
@@ -951,7 +1011,9 @@ class PerformerLM(nn.Module):
     ):
         super().__init__()
         num_tokens = check_int("num_tokens", num_tokens, 1)
-        self.max_seq_len = check_int("max_seq_len", max_seq_len, 1)
+        if isinstance(max_seq_len, float) and max_seq_len.is_integer():
+            max_seq_len = int(max_seq_len)  # 1.1.4 built its embeddings from an integral float (16.0) too
+        self.max_seq_len = max_seq_len = check_int("max_seq_len", max_seq_len, 1)
         self.token_emb = nn.Embedding(num_tokens, dim)
 
         if rotary_position_emb:

@@ -7,6 +7,7 @@ naming it: real programs pass such arguments, e.g. AutoregressiveWrapper(model)(
 """
 from __future__ import annotations
 
+import warnings
 from operator import itemgetter  # noqa: F401  (a 1.1.4 module-level name)
 from typing import Any, Sequence
 
@@ -36,10 +37,18 @@ def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[d
     return routed
 
 
-def _check_routes(router: Routes, depth: int) -> None:
+def _check_routes(router: Routes, depth: int, *, strict: bool = True) -> None:
+    """A route per layer for every key: a ValueError (1.1.4's SequentialSequence asserted), or
+    with strict=False a warning, as 1.1.4's ReversibleSequence took any length (the routes pair
+    up with the layers as far as both go; the rest are dropped)."""
     for key, routes in router.items():
-        if len(routes) != depth:
-            raise ValueError(f"route for {key!r} has {len(routes)} entries, the sequence has {depth} layers")
+        if len(routes) == depth:
+            continue
+        message = f"route for {key!r} has {len(routes)} entries, the sequence has {depth} layers"
+        if strict:
+            raise ValueError(message)
+        warnings.warn(f"{message}: only the first {min(len(routes), depth)} layers are routed (as performer-pytorch "
+                      f"1.1.4)", UserWarning, stacklevel=3)
 
 
 class Deterministic(nn.Module):
@@ -171,7 +180,7 @@ class ReversibleSequence(nn.Module):
     def __init__(self, blocks: Sequence[Sequence[nn.Module]], args_route: Routes | None = None):
         super().__init__()
         args_route = args_route or {}
-        _check_routes(args_route, len(blocks))
+        _check_routes(args_route, len(blocks), strict=False)
         self.args_route = args_route
         self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in blocks])
 

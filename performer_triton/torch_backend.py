@@ -74,8 +74,9 @@ class ChunkFeatures:
         return (x.reshape(-1, x.shape[-1]) @ self.proj_dash.mT).view(*x.shape[:-1], self.proj.shape[0])
 
     def row_max(self, dash: Tensor) -> Tensor:
-        """max_f (dn x) . P_f of each row (natural units) from its dash.  -> (b, h, t)."""
-        row = dash.amax(-1)
+        """max_f (dn x) . P_f of each row (natural units) from its dash, detached (a stabilizer:
+        as 1.1.4's, it passes no gradient, also when favor_fwd runs under autograd).  -> (b, h, t)."""
+        row = dash.detach().amax(-1)
         return row if self.log2 == 1.0 else row.mul_(LN2)
 
     def half_sq_norm(self, x: Tensor) -> Tensor:
@@ -383,7 +384,7 @@ def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tens
     features): output 0."""
     e = out.shape[-1]
     nd = _bmm(base, context, eps_nd)  # (b, h, t, e+1) = [N, D]
-    rden.copy_(nd[..., e].reciprocal().masked_fill_(nd[..., e] == 0, 0.0))
+    rden.copy_(nd[..., e].reciprocal().masked_fill(nd[..., e] == 0, 0.0))
     out.copy_(nd[..., :e] * rden[..., None])
 
 
@@ -457,7 +458,7 @@ def favor_fwd(
     if stats and causal:  # every key's stabilizer is needed from the first chunk on
         for sl in _chunks(s, _wide_rows(b * h, fm.proj.shape[0])):
             k_max[..., sl] = fm.row_max(fm.dash(k[..., sl, :]))
-        torch.sub(k_max, fm.half_sq_norm(k), out=k_scale)
+        k_scale = k_max - fm.half_sq_norm(k)
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
@@ -470,7 +471,7 @@ def favor_fwd(
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
                 k_max[..., sl] = fm.row_max(dash)
-                torch.sub(k_max[..., sl], fm.half_sq_norm(kc), out=k_scale[..., sl])
+                k_scale[..., sl] = k_max[..., sl] - fm.half_sq_norm(kc)
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
             local, base = _key_reference(row_scale)
             hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ with_ones(v[..., sl, :]), local)

@@ -415,12 +415,12 @@ def test_top_level_exports_match_performer_pytorch():
 @pytest.mark.parametrize("submodule", ["performer_pytorch", "autoregressive_wrapper", "performer_enc_dec", "reversible"])
 def test_every_performer_pytorch_module_path_and_name_exists(submodule):
     """`from performer_triton.<submodule> import X` (and `import *`) for every name 1.1.4's module
-    has. LooseVersion is 1.1.4's import from distutils, which Python 3.12 removed."""
+    has (LooseVersion, 1.1.4's import from distutils, which Python 3.12 removed, is our own)."""
     import importlib
 
     theirs = importlib.import_module(f"performer_pytorch.{submodule}")
     ours = importlib.import_module(f"performer_triton.{submodule}")
-    names = {name for name in vars(theirs) if not name.startswith("_")} - {"LooseVersion"}
+    names = {name for name in vars(theirs) if not name.startswith("_")}
     assert names and sorted(name for name in names if not hasattr(ours, name)) == []
     star: dict = {}
     exec(f"from performer_triton.{submodule} import *", star)
@@ -704,3 +704,142 @@ def test_generate_samples_performer_pytorchs_tokens_for_unusual_sampling_argumen
         with contextlib.redirect_stdout(io.StringIO()):
             results.append((wrapper.generate(tokens(b=2, n=4), 6, **call), torch.get_rng_state()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def both(make):
+    """make(module) built from the same seed for 1.1.4 (performer_pytorch.performer_pytorch's
+    namespace) and ours, in float64 and eval mode."""
+    import performer_triton
+
+    built = []
+    for module in ((original_pp, original), (ours_pp, performer_triton)):
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):  # 1.1.4 prints when it builds projections
+            built.append(make(*module).double().eval())
+    return built
+
+
+def test_local_heads_with_a_fully_padded_window_give_1_1_4s_numbers():
+    """A query whose whole local window is padded gets 1.1.4's uniform average of the padded
+    values, which the next (global) layer counts with 1.1.4's masking: finite padded values are
+    kept, only NaN / inf ones are zeroed (tests/test_masking.py)."""
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for causal in (True, False):
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[0, :5] = False  # causal: position 0 sees only itself; non-causal: windows 0 and 1 of row 0
+        theirs, ours = both(lambda pp, _: pp.SelfAttention(16, causal=causal, heads=2, dim_head=8, local_heads=2,
+                                                           local_window_size=4 if causal else 2))
+        with torch.no_grad():
+            assert torch.allclose(ours(x, mask=mask), theirs(x, mask=mask), rtol=1e-12, atol=1e-13)
+    cfg = dict(num_tokens=7, max_seq_len=8, dim=8, depth=2, heads=2, dim_head=16, causal=True,
+               local_attn_heads=(2, 0), local_window_size=4)
+    theirs, ours = both(lambda _, top: top.PerformerLM(**cfg))
+    ids, mask = tokens(b=1, n=8) % 7, torch.ones(1, 8, dtype=torch.bool)
+    mask[0, 0] = False
+    with torch.no_grad():
+        assert torch.allclose(ours(ids, mask=mask), theirs(ids, mask=mask), rtol=1e-12, atol=1e-13)
+
+
+def test_masks_and_context_that_broadcast_over_the_batch_are_taken_as_1_1_4_takes_them():
+    """A (1, n) mask, (1, s) context_mask or batch-1 context for a batch of 2 (1.1.4's masked_fill
+    and einsums broadcast them), also through token shifts and generate; other shapes raise."""
+    kw = dict(num_tokens=20, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8)
+    x, mask = tokens(n=8) % 20, torch.ones(1, 8, dtype=torch.bool)
+    mask[:, -2:] = False
+    context = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    cases = [
+        (kw, dict(mask=mask)),
+        (dict(kw, causal=True, shift_tokens=True, local_attn_heads=1, local_window_size=4), dict(mask=mask)),
+        (dict(kw, cross_attend=True), dict(context=context[:1])),
+        (dict(kw, cross_attend=True), dict(context=context, context_mask=mask[:, :5])),
+    ]
+    for cfg, call in cases:
+        theirs, ours = both(lambda _, top: top.PerformerLM(**cfg))
+        with torch.no_grad():
+            assert torch.allclose(ours(x, **call), theirs(x, **call), rtol=1e-12, atol=1e-13)
+    wrappers = both(lambda _, top: top.AutoregressiveWrapper(top.PerformerLM(**kw, causal=True)))
+    results = []
+    for wrapper in wrappers:
+        torch.manual_seed(1)
+        results.append((wrapper.generate(x[:, :3], 4, mask=mask[:, :3]), torch.get_rng_state()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    model = wrappers[1].net
+    with pytest.raises(ValueError, match=r"mask must have shape \(batch, length\) = \(2, 8\) .*got \(3, 8\)"):
+        model(x, mask=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must have shape \(batch, length\) = \(2, 3\) .*got \(1, 2\)"):
+        wrappers[1].generate(x[:, :3], 1, mask=mask[:, :2])
+    cross = both(lambda _, top: top.PerformerLM(**kw, cross_attend=True))[1]
+    with pytest.raises(ValueError, match=r"context has batch 3, x has 2"):
+        cross(x, context=torch.randn(3, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"context_mask must have shape \(batch, length\) = \(2, 5\)"):
+        cross(x, context=context, context_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_loose_version_float_max_seq_len_and_short_reversible_routes_as_1_1_4():
+    """1.1.4's module-level LooseVersion compares alike; max_seq_len=16.0 builds 1.1.4's model;
+    ReversibleSequence pairs a route of another length with the layers as far as both go (1.1.4's
+    zip), with a warning; SequentialSequence still refuses it (1.1.4 asserted)."""
+    for a, b in [("2.13.0+cpu", "1.8.0"), ("1.10", "1.9"), ("2.0.0a0", "2.0.0"), ("1.8", "1.8.0"), ("1.8.0", "1.8.0")]:
+        for op in ("__lt__", "__le__", "__eq__", "__ge__", "__gt__"):
+            expected = getattr(original_pp.LooseVersion(a), op)(original_pp.LooseVersion(b))
+            assert getattr(ours_pp.LooseVersion(a), op)(ours_pp.LooseVersion(b)) == expected, (a, op, b)
+        assert (ours_pp.LooseVersion(a) >= b) == (original_pp.LooseVersion(a) >= b)
+        assert ours_pp.LooseVersion(a).version == original_pp.LooseVersion(a).version
+    assert ours_pp.TORCH_GE_1_8_0 is True
+
+    cfg = dict(num_tokens=20, max_seq_len=16.0, dim=16, depth=1, heads=2, dim_head=8)
+    for extra in (dict(), dict(rotary_position_emb=False, axial_position_emb=True)):
+        theirs, ours = both(lambda _, top: top.PerformerLM(**cfg, **extra))
+        assert ours.max_seq_len == 16
+        assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
+        with torch.no_grad():
+            assert torch.allclose(ours(tokens(n=16) % 20), theirs(tokens(n=16) % 20), rtol=1e-12, atol=1e-13)
+    with pytest.raises(TypeError, match="max_seq_len must be an int, got float 16.5"):
+        PerformerLM(**{**cfg, "max_seq_len": 16.5})
+
+    class Add(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x, a=0.0):
+            return self.linear(x) + a
+
+    x = torch.randn(2, 3, 4)
+    for routes in (((True, False),), ((True, False), (False, True), (True, True))):
+        outs = []
+        for rev in (original_rev, ours_rev):
+            torch.manual_seed(0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                seq = rev.ReversibleSequence([(Add(), Add()) for _ in range(2)], args_route={"a": routes})
+            outs.append(seq(x, a=1.0))
+        assert torch.equal(outs[0], outs[1])
+        assert any(f"route for 'a' has {len(routes)} entries, the sequence has 2 layers" in str(w.message)
+                   for w in caught)
+    with pytest.raises(ValueError, match="route for 'a' has 1 entries, the sequence has 2 layers"):
+        ours_rev.SequentialSequence(nn.ModuleList([nn.ModuleList([Add(), Add()]) for _ in range(2)]),
+                                    args_route={"a": ((True, False),)})
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_enc_dec_generate_in_training_mode_as_1_1_4(dropout):
+    """PerformerEncDec.generate on a training model encodes in training mode, as 1.1.4: the
+    encoder's dropout and its call towards the next projection redraw (here due now) draw from
+    the global generator, so the tokens and the random stream after them are 1.1.4's."""
+    kw = dict(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=8, enc_feature_redraw_interval=1,
+              enc_emb_dropout=dropout, dec_num_tokens=20, dec_depth=1, dec_heads=2, dec_max_seq_len=8)
+    gen = torch.Generator().manual_seed(1)
+    seq_in, start = torch.randint(0, 20, (2, 6), generator=gen), torch.randint(0, 20, (2, 1), generator=gen)
+    results = []
+    for lib in (original, ours_ed):
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = lib.PerformerEncDec(**kw)
+        model.enc.performer.proj_updater.calls_since_last_redraw.fill_(1)  # the next training call redraws
+        torch.manual_seed(3)
+        tokens = model.generate(seq_in, start, 5)
+        results.append((tokens, torch.get_rng_state(), model.enc.performer.proj_updater.calls_since_last_redraw.item(),
+                        model.training))
+    (t0, r0, c0, m0), (t1, r1, c1, m1) = results
+    assert torch.equal(t0, t1) and torch.equal(r0, r1) and c0 == c1 and m0 == m1
