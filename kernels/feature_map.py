@@ -23,9 +23,6 @@ factorisation they implement.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import triton
 import triton.language as tl
@@ -555,7 +552,7 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
 
 # ----------------------------------------------------------------------------- launcher helpers
 
-# Compiled kernels of earlier launches: (kernel, device, debug, argument keys, options) ->
+# Compiled kernels of earlier launches: (kernel, argument keys, options, device, debug) ->
 # (CompiledKernel, the values of the constexpr parameters after the positional arguments).
 _LAUNCHED: dict = {}
 _KNOBS = getattr(triton, "knobs", None)  # (triton >= 3.4; TRITON_DEBUG is in the key of its launches)
@@ -584,12 +581,13 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
     (TRITON_INTERPRET=1), and any launch without a GPU driver (the compile report's captures on
     meta tensors), launch as usual."""
     constexprs = _constexpr_params(kernel.fn, len(args))
+    key = (kernel, tuple(map(_arg_key, args)), tuple(options.items()))
     device = _current_device() if isinstance(kernel, JITFunction) else None
     if device is None:
+        hash(key)  # (a key must hash: the interpreter tests check every launch's)
         kernel[grid](*args, **options)
         return
-    debug = _KNOBS.runtime.debug if _KNOBS is not None else None
-    key = (kernel, device, debug, tuple(map(_arg_key, args)), tuple(options.items()))
+    key += (device, _KNOBS.runtime.debug if _KNOBS is not None else None)
     hit = _LAUNCHED.get(key)
     if hit is not None:
         compiled, values = hit
@@ -597,7 +595,7 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
         return
     compiled = kernel[grid](*args, **options)
     if isinstance(compiled, CompiledKernel):  # (None when a hook took the launch)
-        _LAUNCHED[key] = compiled, tuple(options[p.name] if p.name in options else p.default for p in constexprs)
+        _LAUNCHED[key] = compiled, tuple(options[name] if name in options else default for name, default in constexprs)
 
 
 def _current_device() -> int | None:
@@ -608,16 +606,24 @@ def _current_device() -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _constexpr_params(fn, count: int) -> tuple[inspect.Parameter, ...]:
-    """The parameters of the kernel function fn after its first count, which must all be
-    constexprs: a compiled kernel takes its arguments in order, so launch passes every other
-    parameter positionally (checked on every launch, the interpreter's included)."""
-    rest = tuple(inspect.signature(fn).parameters.values())[count:]
-    keywords = [p.name for p in rest if p.annotation not in (tl.constexpr, "tl.constexpr")]
-    if keywords:
-        raise TypeError(f"launch({fn.__name__}): parameters {keywords} are not constexprs; pass them positionally")
-    return rest
+def _constexpr_params(fn, count: int) -> tuple[tuple[str, object], ...]:
+    """(name, default) of the parameters of the kernel function fn after its first count, which
+    must all be constexprs: a compiled kernel takes its arguments in order, so launch passes
+    every other parameter positionally (checked on every launch, the interpreter's included)."""
+    params = _PARAMS.get((fn, count))
+    if params is None:
+        code, defaults = fn.__code__, fn.__defaults__ or ()
+        names = code.co_varnames[:code.co_argcount]
+        default = dict(zip(names[len(names) - len(defaults):], defaults))
+        rest = names[count:]
+        keywords = [name for name in rest if fn.__annotations__.get(name) not in (tl.constexpr, "tl.constexpr")]
+        if keywords:
+            raise TypeError(f"launch({fn.__name__}): parameters {keywords} are not constexprs; pass them positionally")
+        params = _PARAMS[(fn, count)] = tuple((name, default.get(name)) for name in rest)
+    return params
+
+
+_PARAMS: dict = {}  # _constexpr_params' answers
 
 
 def chunk_slots(cu_seqlens: torch.Tensor | None, bt: int, n: int) -> tuple[int, int]:

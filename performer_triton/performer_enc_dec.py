@@ -113,9 +113,14 @@ class PerformerEncDec(nn.Module):
         """Encode seq_in (b, n), then sample seq_len decoder tokens after seq_out_start (b, t).
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
-        # in the model's own mode, as 1.1.4 (a training model's encoder applies its dropout and
-        # counts a call towards the next projection redraw: the same random stream)
-        encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
+        was_training = self.enc.training
+        # eval, as the decoder's generate runs: 1.1.4 encoded a training model with its dropout on
+        # and a call counted towards the next redraw while decoding in eval (issue 10)
+        self.enc.eval()
+        try:
+            encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
+        finally:
+            self.enc.train(was_training)
         return self.dec.generate(seq_out_start, seq_len, context=encodings, **{**dec_kwargs, **kwargs})
 
     def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, *,
