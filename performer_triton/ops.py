@@ -295,6 +295,10 @@ def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, gra
      *states) = ctx.saved_tensors
     if grad_out is None:  # only the final state is used
         grad_out = torch.zeros_like(out)
+    if torch.is_grad_enabled():
+        raise NotImplementedError("a backward with create_graph=True (second-order gradients) through attention "
+                                  "with a state (initial_state, output_final_state, cached decoding); without a "
+                                  "state it is supported")
     dq, dk, dv, d_hz0, d_vs0 = bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
                                    k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags,
                                    cu_seqlens=cu_seqlens)

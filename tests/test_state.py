@@ -93,6 +93,17 @@ def test_final_state_gradients_reach_keys_values_and_the_initial_state():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+def test_second_order_gradients_with_a_state_raise_clearly():
+    """create_graph through attention with a state is not supported: NotImplementedError saying
+    so (the stateless call takes it), never torch's missing-formula error or a first-order answer."""
+    q, k, v = qkv(b=1, h=2, n=9, d=6, e=4)
+    P = projection(8, 6)
+    x = q.clone().requires_grad_()
+    out, _ = favor_attention(x, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    with pytest.raises(NotImplementedError, match="with a state"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("name", list(MAPS))
 @pytest.mark.parametrize("n", [0, 1, 37, 257])
 def test_keys_state_is_the_final_state_without_queries(name, n):
