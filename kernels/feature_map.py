@@ -552,7 +552,7 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
 
 # ----------------------------------------------------------------------------- launcher helpers
 
-# Compiled kernels of earlier launches: (kernel, argument keys, options, device, debug) ->
+# Compiled kernels of earlier launches: (kernel, argument keys, options, device, knobs) ->
 # (CompiledKernel, the values of the constexpr parameters after the positional arguments).
 _LAUNCHED: dict = {}
 _KNOBS = getattr(triton, "knobs", None)  # (triton >= 3.4; TRITON_DEBUG is in the key of its launches)
@@ -577,17 +577,18 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
     constexprs and launch options.  Triton's own launch binds and specialises every argument
     again on every call (~30 us of host time per launch of ~35 arguments, as long as a small
     kernel runs: bench/test_host_overhead.py); a launch whose arguments specialise as an earlier
-    one's (_arg_key) runs that launch's compiled kernel directly.  The interpreter's kernels
-    (TRITON_INTERPRET=1), and any launch without a GPU driver (the compile report's captures on
-    meta tensors), launch as usual."""
+    one's (_arg_key, with the Triton settings of _knob_key) runs that launch's compiled kernel
+    directly.  The interpreter's kernels (TRITON_INTERPRET=1), any launch without a GPU driver
+    (the compile report's captures on meta tensors) and kernels with pre-run hooks or a custom
+    compiler pipeline launch as usual."""
     constexprs = _constexpr_params(kernel.fn, len(args))
     key = (kernel, tuple(map(_arg_key, args)), tuple(options.items()))
     device = _current_device() if isinstance(kernel, JITFunction) else None
-    if device is None:
+    if device is None or kernel.pre_run_hooks or _stages_hook():
         hash(key)  # (a key must hash: the interpreter tests check every launch's)
         kernel[grid](*args, **options)
         return
-    key += (device, _KNOBS.runtime.debug if _KNOBS is not None else None)
+    key += (device, *_knob_key())
     hit = _LAUNCHED.get(key)
     if hit is not None:
         compiled, values = hit
@@ -596,6 +597,21 @@ def launch(kernel, grid: tuple, *args, **options) -> None:
     compiled = kernel[grid](*args, **options)
     if isinstance(compiled, CompiledKernel):  # (None when a hook took the launch)
         _LAUNCHED[key] = compiled, tuple(options[name] if name in options else default for name, default in constexprs)
+
+
+def _knob_key() -> tuple:
+    """The Triton settings that JITFunction.run adds to the key of its compiled kernels."""
+    if _KNOBS is None:
+        return ()
+    compilation = _KNOBS.compilation
+    return (_KNOBS.runtime.debug, getattr(compilation, "instrumentation_mode", None),
+            getattr(compilation, "fpsan_homomorphic_casts", None))
+
+
+def _stages_hook() -> bool:
+    """A custom compiler pipeline is set (its hash joins JITFunction.run's key: launch leaves it
+    to Triton, as it leaves kernels with pre-run hooks)."""
+    return _KNOBS is not None and getattr(_KNOBS.runtime, "add_stages_inspection_hook", None) is not None
 
 
 def _current_device() -> int | None:

@@ -86,11 +86,17 @@ class FastAttention(nn.Module):
 
         key_padding_mask (b, s) bool, True = keep: padded keys are excluded from the numerator,
         the normaliser and the stabilizer (1.1.4 only zeroed v).  As 1.1.4's einsums, (b, h) of
-        q, k and v broadcast (e.g. v (b, 1, s, e) for every head), and a projection of one column
-        (dim_heads=1) is the same for every column of wider heads."""
+        q, k and v broadcast (e.g. v (b, 1, s, e) for every head), causal attention promotes
+        mixed dtypes, and a projection of one column (dim_heads=1) is the same for every column
+        of wider heads."""
         projection = None if self.no_projection else self.projection_matrix
         if all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
             q, k, v = _broadcast_heads(q, k, v)
+            if self.causal and len({q.dtype, k.dtype, v.dtype}) > 1 and all(t.is_floating_point() for t in (q, k, v)):
+                # 1.1.4's causal path promotes (rotary code hands it fp32 q, k and a 16-bit v);
+                # its non-causal einsums raise, as favor_attention does (validation.DtypeError)
+                dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+                q, k, v = (t.to(dtype) for t in (q, k, v))
             if projection is not None and projection.shape[1] == 1 and q.shape[-1] != 1:
                 projection = projection.expand(-1, q.shape[-1]).contiguous()
             for name, t in (("q", q), ("k", k)):

@@ -234,15 +234,17 @@ def _builtin_map(name: str) -> FeatureMap:
 
 def _is_relu(kernel_fn: object) -> bool:
     """kernel_fn computes exactly relu (runs fused): torch's relu functions, or an nn.ReLU itself
-    (no subclass with its own forward) that no module hook would see called."""
+    (no subclass, no forward of its own put on the instance) that no module hook, forward or
+    backward, its own or global, would see called."""
     if kernel_fn in (torch.relu, torch.nn.functional.relu):
         return True
-    if type(kernel_fn) is not nn.ReLU:
+    if type(kernel_fn) is not nn.ReLU or "forward" in vars(kernel_fn):
         return False
     from torch.nn.modules import module
 
-    hooks = (kernel_fn._forward_hooks, kernel_fn._forward_pre_hooks, module._global_forward_hooks,
-             module._global_forward_pre_hooks)
+    hooks = (kernel_fn._forward_hooks, kernel_fn._forward_pre_hooks, kernel_fn._backward_hooks,
+             kernel_fn._backward_pre_hooks, module._global_forward_hooks, module._global_forward_pre_hooks,
+             module._global_backward_hooks, module._global_backward_pre_hooks)
     return not any(hooks)
 
 

@@ -141,12 +141,14 @@ def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -
     return mask.expand(b, n)
 
 
-def _finite_padded_keys(k: Tensor, keep: Tensor) -> Tensor:
-    """k (b, h, s, d) with every padded key (keep (b, s) False) that is not finite replaced by a
-    zero key: 1.1.4's masking counts padded keys in the normaliser and the key stabilizer (kept
-    for its numbers), where one NaN or inf key would make every output NaN."""
-    bad = ~keep[:, None, :, None] & ~torch.isfinite(k).all(-1, keepdim=True)
-    return k.masked_fill(bad, 0.0)
+def _finite_padded_rows(x: Tensor, keep: Tensor) -> Tensor:
+    """x (b, h, s, d) with every padded row (keep (b, s) False) that is not finite replaced by
+    zeros (finite ones keep 1.1.4's numbers).  Keys: 1.1.4's masking counts padded keys in the
+    normaliser and the key stabilizer, where one NaN or inf key would make every output NaN.
+    Queries: a padded query's zero output gradient times its NaN features would reach the kept
+    keys' and values' gradients."""
+    bad = ~keep[:, None, :, None] & ~torch.isfinite(x).all(-1, keepdim=True)
+    return x.masked_fill(bad, 0.0)
 
 
 class Always(nn.Module):
@@ -564,6 +566,8 @@ class Attention(nn.Module):
             return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
+        if exists(mask) and not cross_attend:  # (local heads: their padded keys too, weights 0 x NaN)
+            q, lq, lk = (_finite_padded_rows(t, mask) for t in (q, lq, lk))
 
         state = cache.get(self) if exists(cache) and not cross_attend else None
         prefill = exists(cache) and not cross_attend and state is None
@@ -579,7 +583,7 @@ class Attention(nn.Module):
         if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
                 v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
-                k = _finite_padded_keys(k, context_mask)
+                k = _finite_padded_rows(k, context_mask)
             if exists(pos_emb) and not cross_attend:
                 q, k = apply_rotary_pos_emb(q, k, pos_emb)
             if exists(state):

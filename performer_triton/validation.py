@@ -18,6 +18,13 @@ class InputError(ValueError, AssertionError):
     """Bad input where performer-pytorch 1.1.4 asserted (sequence longer than max_seq_len, head
     counts, context to self-attention, ...): a ValueError that code written for 1.1.4, catching
     AssertionError, still catches."""
+
+
+class DtypeError(TypeError, RuntimeError):
+    """q, k, v of different dtypes where performer-pytorch 1.1.4's einsums raised RuntimeError:
+    a TypeError that code written for 1.1.4, catching RuntimeError, still catches."""
+
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -71,7 +78,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
     for name, t in ((q_name, q), (k_name, k), ("v", v)):
         check_tensor(name, t, 4)
     if len({q.dtype, k.dtype, v.dtype}) != 1:
-        raise TypeError(f"{q_name}, {k_name}, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise DtypeError(f"{q_name}, {k_name}, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"{q_name}, {k_name}, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:

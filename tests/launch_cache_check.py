@@ -84,6 +84,19 @@ def check_launches_match_triton() -> None:
     assert len(feature_map._LAUNCHED) == compiled  # the second round compiled nothing new
 
 
+def check_pre_run_hooks_run_on_every_launch() -> None:
+    """A kernel with pre-run hooks (Triton runs them in JITFunction.run) launches through Triton."""
+    calls = []
+    _probe_kernel.add_pre_run_hook(lambda *args, **kwargs: calls.append(1))
+    try:
+        x = torch.zeros(64)
+        for _ in range(3):
+            feature_map.launch(_probe_kernel, (1,), x, x, 1, 16, 1, 2.0, BLOCK=16)
+    finally:
+        _probe_kernel.pre_run_hooks.clear()
+    assert len(calls) == 3, calls
+
+
 def check_keywords_refused() -> None:
     try:
         feature_map.launch(_probe_kernel, (1,), torch.zeros(4), torch.zeros(4), 1, 4, 1, f=1.0, BLOCK=16)
@@ -96,5 +109,6 @@ def check_keywords_refused() -> None:
 if __name__ == "__main__":
     check_keys_are_finer_than_triton()
     check_launches_match_triton()
+    check_pre_run_hooks_run_on_every_launch()
     check_keywords_refused()
     print("launch cache checks passed")

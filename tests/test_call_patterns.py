@@ -97,14 +97,30 @@ def _hooked_relu() -> nn.ReLU:
     return relu
 
 
+def _own_forward_relu() -> nn.ReLU:
+    relu = nn.ReLU()
+    relu.forward = torch.sigmoid
+    return relu
+
+
+def _backward_hooked_relu() -> nn.ReLU:
+    relu = nn.ReLU()
+    relu.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 2,))
+    return relu
+
+
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("make", [_AbsReLU, _hooked_relu, nn.ReLU], ids=["subclass", "hooked", "plain"])
+@pytest.mark.parametrize("make", [_AbsReLU, _hooked_relu, _own_forward_relu, _backward_hooked_relu, nn.ReLU],
+                         ids=["subclass", "hooked", "own-forward", "backward-hook", "plain"])
 def test_relu_kernel_fn_runs_fused_only_when_it_is_relu(causal, make):
     kernel_fn = make()
-    outs = [attn(randn(2, 2, 9, 8), randn(2, 2, 9, 8, seed=2), randn(2, 2, 9, 8, seed=3))
-            for attn in both(dim_heads=8, nb_features=12, causal=causal, generalized_attention=True,
-                             kernel_fn=kernel_fn)]
+    outs, grads = [], []
+    for attn in both(dim_heads=8, nb_features=12, causal=causal, generalized_attention=True, kernel_fn=kernel_fn):
+        q = randn(2, 2, 9, 8).requires_grad_()
+        outs.append(attn(q, randn(2, 2, 9, 8, seed=2), randn(2, 2, 9, 8, seed=3)))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), q)[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
     fused = ours.feature_maps.resolve(kernel_fn).name == "relu"
     assert fused == (make is nn.ReLU)
 
@@ -127,3 +143,22 @@ def test_causal_linear_fn_as_in_1_1_4():
     assert len(calls) == 2
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
     assert ours.FastAttention(dim_heads=8, nb_features=12).causal_linear_fn is None
+
+
+@pytest.mark.parametrize("v_dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_as_in_1_1_4(v_dtype):
+    """Rotary code hands attention fp32 q, k and a 16-bit v: 1.1.4's causal path promotes (an fp32
+    output), its non-causal einsums raise RuntimeError, which our error (a TypeError) still is."""
+    q, k = randn(2, 2, 9, 8).float(), randn(2, 2, 9, 8, seed=2).float()
+    v = randn(2, 2, 9, 8, seed=3).to(v_dtype)
+    outs = []
+    for lib in (original, ours):
+        torch.manual_seed(0)
+        outs.append(lib.FastAttention(dim_heads=8, nb_features=12, causal=True)(q, k, v))
+    assert outs[1].dtype == outs[0].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for lib in (original, ours):
+        with pytest.raises(RuntimeError):
+            lib.FastAttention(dim_heads=8, nb_features=12)(q, k, v)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        ours.FastAttention(dim_heads=8, nb_features=12)(q, k, v)

@@ -109,6 +109,15 @@ def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, loca
         clean, poisoned = layer(zeros, mask=keep), layer(nan_padded(x, keep), mask=keep)
     assert torch.isfinite(poisoned[keep]).all()
     assert (poisoned[keep] - clean[keep]).abs().max() <= 1e-12 * clean[keep].abs().max()
+    # and the gradients of a loss on the kept outputs at the kept inputs (padded queries' and
+    # local keys' NaN features times their zero weights and gradients: selected away too)
+    grads = []
+    for inputs in (zeros, nan_padded(x, keep)):
+        inputs = inputs.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(layer(inputs, mask=keep)[keep].square().sum(), inputs)
+        grads.append(grad[keep])
+    assert torch.isfinite(grads[1]).all()
+    assert (grads[1] - grads[0]).abs().max() <= 1e-10 * grads[0].abs().max()
 
 
 def test_nan_padded_keys_with_1_1_4_masking_keep_finite_padded_keys_numbers():
