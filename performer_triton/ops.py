@@ -318,10 +318,10 @@ favor_state_fwd.register_autograd(_state_backward, setup_context=_setup_state_co
 
 
 class _Eager(torch.autograd.Function):
-    """op = (implementation, setup_context, backward, backward implementation, backward op) of a
-    custom op whose last output is a list of tensors (returned flat: autograd tracks tensors, not
-    lists).  A backward that builds a graph (create_graph) takes the op's differentiable route
-    (_differentiable_grads), as the custom op does."""
+    """op = (implementation, setup_context, backward, backward implementation) of a custom op
+    whose last output is a list of tensors (returned flat: autograd tracks tensors, not lists).
+    A backward that builds a graph (create_graph) takes the op's own route for it, as the custom
+    op does (_differentiable_grads; with a state, NotImplementedError)."""
 
     @staticmethod
     def forward(ctx, op, *inputs):
@@ -332,13 +332,13 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        _, _, backward, bwd, bwd_op = ctx.op
+        _, _, backward, bwd = ctx.op
         # backward counts its gradients from needs_input_grad, which here counts op too
-        return None, *backward(ctx, *grads, bwd=bwd_op if torch.is_grad_enabled() else bwd)[:-1]
+        return None, *backward(ctx, *grads, bwd=bwd)[:-1]
 
 
-_FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd, favor_bwd)
-_FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd, favor_state_bwd)
+_FAVOR = (_favor_fwd, _setup_context, _backward, _favor_bwd)
+_FAVOR_STATE = (_favor_state_fwd, _setup_state_context, _state_backward, _favor_state_bwd)
 
 
 def _plain_eager(inputs: tuple) -> bool:
