@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, total_ordering
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -38,12 +38,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+@total_ordering
 class LooseVersion:
     """1.1.4's module-level ``from distutils.version import LooseVersion`` (it compared torch
     versions with it), without distutils (gone in Python 3.12, deprecated before): version strings
     split into numbers and letter runs, compared as lists, as distutils' LooseVersion does."""
 
-    _component = re.compile(r"(\d+|[a-z]+|\.)", re.VERBOSE)
+    _component = re.compile(r"(\d+|[a-z]+|\.)")
 
     def __init__(self, vstring: str | None = None):
         if vstring:
@@ -60,32 +61,18 @@ class LooseVersion:
     def __repr__(self) -> str:
         return f"LooseVersion ('{self}')"
 
-    def _cmp(self, other: object) -> int:
+    def _other(self, other: object) -> list | None:
         if isinstance(other, str):
-            other = LooseVersion(other)
-        elif not isinstance(other, LooseVersion):
-            return NotImplemented
-        return (self.version > other.version) - (self.version < other.version)
+            return LooseVersion(other).version
+        return other.version if isinstance(other, LooseVersion) else None
 
     def __eq__(self, other: object) -> bool:
-        c = self._cmp(other)
-        return c if c is NotImplemented else c == 0
+        version = self._other(other)
+        return NotImplemented if version is None else self.version == version
 
     def __lt__(self, other: object) -> bool:
-        c = self._cmp(other)
-        return c if c is NotImplemented else c < 0
-
-    def __le__(self, other: object) -> bool:
-        c = self._cmp(other)
-        return c if c is NotImplemented else c <= 0
-
-    def __gt__(self, other: object) -> bool:
-        c = self._cmp(other)
-        return c if c is NotImplemented else c > 0
-
-    def __ge__(self, other: object) -> bool:
-        c = self._cmp(other)
-        return c if c is NotImplemented else c >= 0
+        version = self._other(other)
+        return NotImplemented if version is None else self.version < version
 
 
 # 1.1.4's module-level flags: no apex needed (half precision runs natively), torch >= 1.8
@@ -142,13 +129,12 @@ def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -
 
 
 def _finite_padded_rows(x: Tensor, keep: Tensor) -> Tensor:
-    """x (b, h, s, d) with every padded row (keep (b, s) False) that is not finite replaced by
-    zeros (finite ones keep 1.1.4's numbers).  Keys: 1.1.4's masking counts padded keys in the
-    normaliser and the key stabilizer, where one NaN or inf key would make every output NaN.
-    Queries: a padded query's zero output gradient times its NaN features would reach the kept
-    keys' and values' gradients."""
-    bad = ~keep[:, None, :, None] & ~torch.isfinite(x).all(-1, keepdim=True)
-    return x.masked_fill(bad, 0.0)
+    """x (b, n, dim) with every padded row (keep (b, n) False) that is not finite replaced by
+    zeros, by selection (finite rows keep 1.1.4's numbers).  Attention's inputs, so that no NaN
+    or inf at a padded position reaches kept outputs or gradients: 1.1.4's masking counts padded
+    keys in the normaliser and the key stabilizer, local heads weight padded values by 0, and a
+    padded query's zero gradient multiplies its features (0 x NaN = NaN every time)."""
+    return x.masked_fill(~keep[..., None] & ~torch.isfinite(x).all(-1, keepdim=True), 0.0)
 
 
 class Always(nn.Module):
@@ -553,6 +539,11 @@ class Attention(nn.Module):
             context, context_mask = x, default(context_mask, mask)
         mask = _check_mask("mask", mask, b, n, x.device)
         context_mask = _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
+        if cross_attend and exists(mask):
+            x = _finite_padded_rows(x, mask)
+        if exists(context_mask):  # (self-attention: mask, unless a context_mask of its own was given)
+            context = _finite_padded_rows(context, context_mask)
+            x = x if cross_attend else context
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
         if exists(context_parallel) and exists(cache):
@@ -566,8 +557,6 @@ class Attention(nn.Module):
             return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
-        if exists(mask) and not cross_attend:  # (local heads: their padded keys too, weights 0 x NaN)
-            q, lq, lk = (_finite_padded_rows(t, mask) for t in (q, lq, lk))
 
         state = cache.get(self) if exists(cache) and not cross_attend else None
         prefill = exists(cache) and not cross_attend and state is None
@@ -583,7 +572,6 @@ class Attention(nn.Module):
         if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
                 v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
-                k = _finite_padded_rows(k, context_mask)
             if exists(pos_emb) and not cross_attend:
                 q, k = apply_rotary_pos_emb(q, k, pos_emb)
             if exists(state):
@@ -594,11 +582,6 @@ class Attention(nn.Module):
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
                 local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-            if exists(mask):
-                # a padded NaN / inf value times its zero weight is NaN: select those away.  Finite
-                # padded values stay, for 1.1.4's numbers where a query's whole window is padded
-                # (uniform average of the padded values, which later global layers count)
-                lv = lv.masked_fill(~mask[:, None, :, None] & ~torch.isfinite(lv), 0.0)
             if exists(state):
                 outs.append(state[1].step(lq, lk, lv, local_mask))
             else:

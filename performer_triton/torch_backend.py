@@ -454,11 +454,12 @@ def favor_fwd(
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
     k_max = k.new_empty((b, h, s if stats else 0))
-    k_scale = k.new_empty((b, h, s if stats else 0))
     if stats and causal:  # every key's stabilizer is needed from the first chunk on
         for sl in _chunks(s, _wide_rows(b * h, fm.proj.shape[0])):
             k_max[..., sl] = fm.row_max(fm.dash(k[..., sl, :]))
         k_scale = k_max - fm.half_sq_norm(k)
+    else:  # (non-causal: filled chunk by chunk with the keys)
+        k_scale = k.new_empty((b, h, s if stats else 0))
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
     m = q.shape[-1] if fm.given else fm.proj.shape[0]

@@ -96,7 +96,7 @@ def nan_padded(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, local_heads):
     """SelfAttention with a mask, global and local heads: NaN inputs at padded positions give the
     kept outputs of zero inputs there.  With 1.1.4's masking (exact_mask=False) padded keys still
-    count in the normaliser (its numbers): a NaN padded key counts as a zero key."""
+    count in the normaliser (its numbers): a padded position with NaN input counts as a zero input."""
     torch.manual_seed(0)
     layer = SelfAttention(24, heads=3, dim_head=8, causal=causal, local_heads=local_heads, local_window_size=4,
                           exact_mask=exact_mask).double().eval()
@@ -109,8 +109,8 @@ def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, loca
         clean, poisoned = layer(zeros, mask=keep), layer(nan_padded(x, keep), mask=keep)
     assert torch.isfinite(poisoned[keep]).all()
     assert (poisoned[keep] - clean[keep]).abs().max() <= 1e-12 * clean[keep].abs().max()
-    # and the gradients of a loss on the kept outputs at the kept inputs (padded queries' and
-    # local keys' NaN features times their zero weights and gradients: selected away too)
+    # and the gradients of a loss on the kept outputs at the kept inputs (the NaN rows are selected
+    # away before any weight: no 0 x NaN in the backward either)
     grads = []
     for inputs in (zeros, nan_padded(x, keep)):
         inputs = inputs.clone().requires_grad_()
