@@ -12,7 +12,7 @@ from .performer_pytorch import CrossAttention, Performer, PerformerLM, Projectio
 from .performer_enc_dec import PerformerEncDec
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 
-__all__ = [
+__all__ = [  # with 1.1.4's submodules, which its star import (no __all__) binds too
     "AttentionState",
     "AutoregressiveWrapper",
     "CrossAttention",
@@ -22,11 +22,15 @@ __all__ = [
     "PerformerLM",
     "ProjectionUpdater",
     "SelfAttention",
+    "autoregressive_wrapper",
     "favor_attention",
     "feature_maps",
     "functional",
     "gaussian_orthogonal_random_matrix",
     "linear_attention",
     "orthogonal_matrix_chunk",
+    "performer_enc_dec",
+    "performer_pytorch",
     "replace_fast_attention",
+    "reversible",
 ]

@@ -14,7 +14,7 @@ from torch import Tensor
 from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM, extension_unsupported
-from .ops import favor, favor_state
+from .ops import favor, favor_state, transformed
 from .torch_backend import compute_dtype
 from .validation import (
     BACKENDS,
@@ -44,6 +44,8 @@ def triton_unsupported(q: Tensor, v: Tensor, *, fused: bool) -> str | None:
             "the inputs are CPU tensors; the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
             "set before triton is imported to run them in Triton's interpreter"
         )
+    if transformed():
+        return "torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD run on the PyTorch path"
     if q.device.type not in ("cpu", "cuda"):
         return f"the Triton kernels run on CUDA devices, got {q.device}"
     if q.dtype not in TRITON_DTYPES:
@@ -134,7 +136,9 @@ def favor_attention(
     key_stabilizer: "global" (1.1.4) or "prefix" (causal only; out_i depends on positions <= i).
     key_padding_mask: (b, s) bool, True = keep; padded keys are excluded from the numerator,
     the normaliser and the stabilizer (with "prefix": each sequence without its padded
-    positions, and queries at padded positions give 0).
+    positions).  Causal queries share the keys' positions: those at padded positions give 0.
+    Non-causal queries are the caller's (cross attention): a NaN query gives a NaN row, and its
+    gradient reaches every key's, even where the loss leaves the row out.
     backend: "auto" (Triton on CUDA when supported, else PyTorch), "triton", "torch".
     causal with fewer queries than keys (n < s): the queries are the last n of the s positions
     (bottom-right aligned, the KV-cache call).
@@ -209,13 +213,18 @@ def favor_attention(
         return favor_attention(q.float(), k.float(), v.float(), projection_matrix, causal=True,
                                key_stabilizer=key_stabilizer, feature_map=fmap, key_padding_mask=key_padding_mask,
                                backend=backend).to(q.dtype)
+    keep_q = None
+    if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
+        v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        if causal:  # the queries are the last n positions: padded ones give 0, as with "prefix"
+            keep_q = key_padding_mask[:, None, before:, None]
+            q = q.masked_fill(~keep_q, 0.0)
     q_features, k_features = fmap.features(
         q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
     )
-    if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
-        v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
-    return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
+    out = _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
+    return out if keep_q is None else out.masked_fill(~keep_q, 0.0)
 
 
 def _is_right_padding(keep: Tensor) -> bool:

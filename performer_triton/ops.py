@@ -153,8 +153,11 @@ def _backward(ctx, grad_out, *unused_grads, bwd=favor_bwd):
     q, k, v, projection, out, q_max, k_max, k_scale, rden, cu_seqlens, *states = ctx.saved_tensors
     if grad_out is None:  # only reached through the non-differentiable outputs
         grad_out = torch.zeros_like(out)
-    if torch.is_grad_enabled():  # create_graph: gradients with a graph of their own
-        dq, dk, dv = _differentiable_grads(ctx, grad_out, q, k, v, projection, cu_seqlens)
+    causal, feature, prefix, _, causal_eps = ctx.flags
+    if _graph_needed(cu_seqlens, grad_out):
+        dq, dk, dv = _differentiable_grads(
+            lambda q, k, v: torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix,
+                                                    causal_eps=causal_eps)[:1], (q, k, v), (grad_out,))
     else:
         dq, dk, dv = bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *ctx.flags,
                          cu_seqlens=cu_seqlens)
@@ -163,25 +166,38 @@ def _backward(ctx, grad_out, *unused_grads, bwd=favor_bwd):
     return dq, dk, dv, *(None,) * (len(ctx.needs_input_grad) - 3)
 
 
-def _differentiable_grads(ctx, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor],
-                          cu_seqlens: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """(dq, dk, dv) of a backward under create_graph (forces trained as -dE/dx, gradient
-    penalties, Hessian-vector products; 1.1.4's einsums allow them): the PyTorch path's forward
-    again, under autograd (its statistics detached, as the backward treats them), differentiated
-    with create_graph.  On any device, for either implementation of the forward; autograd keeps
-    the forward's intermediates, O(n m) per head."""
-    causal, feature, prefix, _, causal_eps = ctx.flags
-    if cu_seqlens is not None:
-        raise NotImplementedError("a backward with create_graph=True through packed sequences (cu_seqlens)")
-    needs = [x.requires_grad for x in (q, k, v)]
+def _graph_needed(cu_seqlens: Optional[Tensor], *grads: Optional[Tensor]) -> bool:
+    """The backward runs as plain operations (_differentiable_grads): under create_graph, or with
+    gradients batched by torch's legacy vmap (torch.autograd.grad(is_grads_batched=True),
+    torch.autograd.functional.jacobian(vectorize=True)), which takes no batching rule of a custom
+    op and has no loop fallback for ops with list arguments."""
+    def legacy_batched(t: Tensor) -> bool:
+        keys = str(torch._C._dispatch_keys(t))  # "DispatchKeySet(A, B, ...)"
+        return "Batched" in keys[keys.find("(") + 1 : -1].split(", ")
+
+    needed = torch.is_grad_enabled() or any(g is not None and legacy_batched(g) for g in grads)
+    if needed and cu_seqlens is not None:
+        raise NotImplementedError("a backward with create_graph=True or batched gradients through packed sequences "
+                                  "(cu_seqlens)")
+    return needed
+
+
+def _differentiable_grads(forward, inputs: tuple[Tensor, ...], grads: tuple[Optional[Tensor], ...]
+                          ) -> tuple[Optional[Tensor], ...]:
+    """Gradients of forward(*inputs) (outputs paired with grads; None: no gradient) for the inputs
+    that require grad, with a graph of their own (forces trained as -dE/dx, gradient penalties,
+    Hessian-vector products; 1.1.4's einsums allow them): forward is the PyTorch path again, under
+    autograd (its statistics detached, as the backward treats them).  On any device, for either
+    implementation of the op's forward; autograd keeps the intermediates, O(n m) per head."""
+    needs = [x.requires_grad for x in inputs]
     with torch.enable_grad():
         # one graph node per role: q, k, v may be one tensor, or depend on each other (q = x @ w, k = x)
-        q, k, v = (x.view_as(x) for x in (q, k, v))
-        out = torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix,
-                                      causal_eps=causal_eps)[0]
-    grads = iter(torch.autograd.grad(out, [x for x, need in zip((q, k, v), needs) if need], grad_out,
-                                     create_graph=True))
-    return tuple(next(grads) if need else None for need in needs)
+        inputs = tuple(x.view_as(x) for x in inputs)
+        outputs = forward(*inputs)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], [x for x, need in zip(inputs, needs) if need],
+                                     [g for _, g in pairs], create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in needs)
 
 
 favor_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -211,6 +227,11 @@ def _favor_state_fwd(
                                                 **_packed(cu_seqlens, use_triton))
         return (*outs, *final, states)
     _packed(cu_seqlens, use_triton)
+    return _torch_state_fwd(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0)
+
+
+def _torch_state_fwd(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0):
+    """favor_state_fwd's outputs from the PyTorch path."""
     out, q_max, k_max, k_scale, rden, saved = torch_backend.favor_fwd(
         q, k, v, projection, causal=True, feature=feature, prefix=prefix, causal_eps=causal_eps,
         initial=(hz0, v_sum0, ref0, stab0), final=True)
@@ -295,10 +316,17 @@ def _state_backward(ctx, grad_out, _q_max, _k_max, _k_scale, _rden, grad_hz, gra
      *states) = ctx.saved_tensors
     if grad_out is None:  # only the final state is used
         grad_out = torch.zeros_like(out)
-    if torch.is_grad_enabled():
-        raise NotImplementedError("a backward with create_graph=True (second-order gradients) through attention "
-                                  "with a state (initial_state, output_final_state, cached decoding); without a "
-                                  "state it is supported")
+    feature, prefix, causal_eps, _ = ctx.flags
+    if _graph_needed(cu_seqlens, grad_out, grad_hz, grad_v_sum):
+
+        def forward(q, k, v, hz0, v_sum0):
+            out, _, _, _, _, hz, v_sum, *_ = _torch_state_fwd(q, k, v, projection, feature, prefix, causal_eps, hz0,
+                                                              v_sum0, ref0, stab0)
+            return out, hz, v_sum
+
+        dq, dk, dv, d_hz0, d_vs0 = _differentiable_grads(forward, (q, k, v, hz0, v_sum0),
+                                                          (grad_out, grad_hz, grad_v_sum))
+        return (dq, dk, dv, None, None, None, None, d_hz0, d_vs0, *(None,) * (len(ctx.needs_input_grad) - 9))
     dq, dk, dv, d_hz0, d_vs0 = bwd(grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max,
                                    k_scale, rden, hz0, v_sum0, ref0, stab0, ref, states, *ctx.flags,
                                    cu_seqlens=cu_seqlens)
@@ -352,6 +380,59 @@ def _plain_eager(inputs: tuple) -> bool:
     return all(type(t) in (Tensor, torch.nn.Parameter) for t in inputs if isinstance(t, Tensor))
 
 
+# ----------------------------------------------------------------------------- torch.func
+# A custom op with register_autograd fails under torch.func's transforms (its generated
+# autograd.Function has no setup_context: pytorch/pytorch#179652) and has no batching rule, and
+# forward-mode AD through it gives zero tangents without an error.  Under a transform or forward
+# AD the ops' PyTorch path runs as plain torch operations instead: autograd, vmap and forward AD
+# then derive everything from them (the same numbers; autograd keeps the forward's intermediates,
+# O(n m) per head, where the op saves O(m e)).
+
+
+def transformed() -> bool:
+    """A torch.func transform (vmap, grad, jvp, jacrev, ...) or forward-mode AD is active, outside
+    torch.compile (which traces transforms itself and keeps the ops)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _batched_alike(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """The tensors plus an exact zero batched as all of them together: the PyTorch path writes
+    products into tensors made from one input, which vmap refuses when another input carries a
+    batch dimension that one lacks (adding 0 changes no value; -0 becomes +0)."""
+    zero = sum(torch.zeros_like(t.sum()) for t in tensors if t is not None)
+    return [None if t is None else t + zero.to(t.dtype) for t in tensors]
+
+
+def _vmap_by_loop(op):
+    """A batching rule for op: one call per entry of the batch, outputs stacked (vmap of the
+    backward ops under torch.autograd.functional.jacobian(vectorize=True) or is_grads_batched,
+    whose forward ran outside the transform)."""
+
+    def entry(arg, dim, i: int):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [entry(a, d, i) for a, d in zip(arg, dims)]
+        return arg if dim is None else arg.select(dim, i)
+
+    def stack(parts: list):
+        if isinstance(parts[0], (list, tuple)):
+            return [stack(list(column)) for column in zip(*parts)], [0] * len(parts[0])
+        return torch.stack(parts), 0
+
+    def rule(info, in_dims, *args, **kwargs):
+        calls = [op(*(entry(a, d, i) for a, d in zip(args, in_dims)), **kwargs) for i in range(info.batch_size)]
+        outputs, out_dims = zip(*(stack(list(column)) for column in zip(*calls)))
+        return tuple(outputs), tuple(out_dims)
+
+    op.register_vmap(rule)
+
+
+for _op in (favor_fwd, favor_bwd, favor_state_fwd, favor_state_bwd):
+    _vmap_by_loop(_op)
+
+
 def _call(op, custom_op, fixed: int, use_triton: bool, *inputs):
     if use_triton and _plain_eager(inputs):
         outputs = _Eager.apply(op, *inputs)
@@ -363,7 +444,14 @@ def favor(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], causal: bool, feature: int, prefix: bool,
     use_triton: bool, causal_eps: float = CAUSAL_EPS, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """favor_fwd with autograd, eager fused calls without the op's dispatch (_Eager)."""
+    """favor_fwd with autograd, eager fused calls without the op's dispatch (_Eager), under torch.func
+    the PyTorch path as plain operations (packs excepted: the callers split them)."""
+    if transformed():
+        if use_triton or cu_seqlens is not None:
+            raise RuntimeError("torch.func transforms and forward-mode AD run the PyTorch path, one sequence at a time")
+        q, k, v, projection = _batched_alike(q, k, v, projection)
+        return torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix,
+                                       causal_eps=causal_eps)
     return _call(_FAVOR, favor_fwd, 5, use_triton, q, k, v, projection, causal, feature, prefix, use_triton,
                  causal_eps, cu_seqlens)
 
@@ -372,6 +460,12 @@ def favor_state(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
     hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """favor_state_fwd with autograd, eager fused calls without the op's dispatch (_Eager)."""
+    """favor_state_fwd with autograd, eager fused calls without the op's dispatch (_Eager), under
+    torch.func the PyTorch path as plain operations (as favor)."""
+    if transformed():
+        if use_triton or cu_seqlens is not None:
+            raise RuntimeError("torch.func transforms and forward-mode AD run the PyTorch path, one sequence at a time")
+        q, k, v, projection, hz0, v_sum0, ref0, stab0 = _batched_alike(q, k, v, projection, hz0, v_sum0, ref0, stab0)
+        return _torch_state_fwd(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0)
     return _call(_FAVOR_STATE, favor_state_fwd, 9, use_triton, q, k, v, projection, feature, prefix, causal_eps,
                  hz0, v_sum0, ref0, stab0, use_triton, cu_seqlens)

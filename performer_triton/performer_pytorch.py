@@ -31,7 +31,7 @@ from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import InputError, check_int, ignored_kwargs, warn_ignored
+from .validation import InputError, check_int, host_reads, ignored_kwargs, warn_ignored
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -1059,7 +1059,7 @@ class PerformerLM(nn.Module):
             raise TypeError(f"x must hold integer token ids, got {x.dtype}")
         vocab = self.token_emb.num_embeddings
         # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
-        if not torch.compiler.is_compiling() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+        if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise ValueError(
                 f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
             )

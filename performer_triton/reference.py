@@ -84,11 +84,14 @@ def favor_attention(
 
     key_stabilizer "global" reproduces 1.1.4; "prefix" (causal softmax only) is leak-free.
     key_padding_mask (b, s) bool (True = keep) removes padded keys entirely (with "prefix":
-    the sequence without them, and queries at padded positions give 0).
+    the sequence without them); causal queries at padded positions give 0.
     """
     if key_stabilizer == "prefix" and causal and feature_map == "softmax":
         return _prefix_causal_softmax(q, k, v, projection_matrix, key_padding_mask)
     q_features, k_features = feature_maps(
         q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
     )
-    return linear_attention(q_features, k_features, v, causal=causal)
+    out = linear_attention(q_features, k_features, v, causal=causal)
+    if causal and key_padding_mask is not None:
+        out = out.masked_fill(~key_padding_mask[:, None, k.shape[2] - q.shape[2]:, None], 0.0)
+    return out

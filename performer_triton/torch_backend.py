@@ -231,8 +231,9 @@ def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor,
 
 def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     """The reference of keys of row_scale (..., t): their max r, and the finite base their exp
-    factors are taken against (r; 0 while r is -inf: no key).  -> (r, base), each (...)."""
-    local = row_scale.amax(-1)
+    factors are taken against (r; 0 while r is -inf: no key), detached: a state's reference is a
+    constant of its derivative, as in the backward.  -> (r, base), each (...)."""
+    local = row_scale.detach().amax(-1)
     return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
@@ -272,7 +273,9 @@ def _finite_values(v: Tensor):
     0, per block of rows, and the running sum of what was replaced, which each output adds back
     (None when v is all finite: one reduction decides, no pass of (s, e) temporaries).
     v (b, h, s, e) -> (rows slice -> (b, h, t, e+1), poison (b, h, s, e) or None)."""
-    if torch.isfinite(v.sum()):  # a non-finite entry makes the sum non-finite (inf or NaN)
+    # a non-finite entry makes the sum non-finite (inf or NaN); under vmap (torch.func) a value
+    # cannot steer Python: the general form, the same numbers
+    if not torch._C._are_functorch_transforms_active() and torch.isfinite(v.sum()):
         return (lambda sl: with_ones(v[..., sl, :])), None
     finite = finite_or_zero(v)
     return (lambda sl: with_ones(finite[..., sl, :])), (v - finite).cumsum(-2)

@@ -175,8 +175,14 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
     if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
                                       or initial_state[0].shape[0] != count):
         raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
-    if not torch.compiler.is_compiling():
+    if host_reads():
         check_offsets(cu_seqlens.tolist(), q.shape[2])
+
+
+def host_reads() -> bool:
+    """Checks may read tensor values on the host: not while torch.compile traces (a graph break)
+    or under torch.func's transforms (vmap cannot turn a batched value into one Python value)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 def check_offsets(bounds: list[int], total: int) -> list[int]:

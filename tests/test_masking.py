@@ -70,6 +70,40 @@ def test_prefix_with_a_key_mask_is_each_sequence_without_its_padding(backend, n,
         assert (k.grad[i, :, padded] == 0).all() and (v.grad[i, :, padded] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind", ["holes", "right", "none kept"])
+def test_global_stabilizer_key_mask_selects_nan_padding(causal, kind):
+    """The global stabilizer with a key_padding_mask: NaN / inf at padded keys (and, causal, at the
+    padded queries, which share the keys' positions and give 0) change no kept output or gradient:
+    the same call with zeros there gives the same numbers, and padded rows get zero gradients."""
+    b, h, n, d, e, m = 3, 2, 37, 13, 7, 23
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b, h, n, dim, generator=g, dtype=torch.float64) for dim in (d, d, e))
+    P = gaussian_orthogonal_random_matrix(m, d, generator=g).to(torch.float64)
+    keep = keep_mask(kind, b, n)
+    rows = keep[:, None, :, None]
+    weight = torch.randn(b, h, n, e, generator=g, dtype=torch.float64)
+    if causal:
+        weight = weight.masked_fill(~rows, 1.0)  # the padded rows' zeros must not depend on the loss
+
+    def run(pad_q, pad_k, pad_v):
+        q_, k_, v_ = (t.masked_fill(~rows, fill).requires_grad_()
+                      for t, fill in ((q, pad_q), (k, pad_k), (v, pad_v)))
+        out = favor_attention(q_, k_, v_, P, causal=causal, key_padding_mask=keep)
+        (out * weight).sum().backward()
+        return out, q_.grad, k_.grad, v_.grad
+
+    clean = run(0.0, 0.0, 0.0)
+    poisoned = run(float("nan") if causal else 0.0, float("nan"), float("inf"))
+    for a, p in zip(clean, poisoned):
+        assert torch.isfinite(p).all()
+        assert (a - p).abs().max() <= 1e-12 * a.abs().max().clamp_min(1.0)
+    out, dq, dk, dv = poisoned
+    assert (dk.masked_select(~rows) == 0).all() and (dv.masked_select(~rows) == 0).all()
+    if causal:
+        assert (out.masked_select(~rows) == 0).all() and (dq.masked_select(~rows) == 0).all()
+
+
 @pytest.mark.parametrize("n", [37, 9])
 def test_the_reference_prefix_mask_is_each_sequence_without_its_padding(n):
     """The oracle itself (quadratic form, masks by selection) against its unmasked calls."""

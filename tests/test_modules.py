@@ -410,6 +410,10 @@ def test_top_level_exports_match_performer_pytorch():
     for name in exported:
         assert isinstance(getattr(performer_triton, name, None), type), name
     assert callable(performer_triton.replace_fast_attention)
+    theirs, ours = {}, {}  # 1.1.4 has no __all__: its star import binds its submodules too
+    exec("from performer_pytorch import *", theirs)
+    exec("from performer_triton import *", ours)
+    assert sorted(set(theirs) - set(ours)) == []
 
 
 @pytest.mark.parametrize("submodule", ["performer_pytorch", "autoregressive_wrapper", "performer_enc_dec", "reversible"])

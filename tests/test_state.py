@@ -93,15 +93,22 @@ def test_final_state_gradients_reach_keys_values_and_the_initial_state():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_second_order_gradients_with_a_state_raise_clearly():
-    """create_graph through attention with a state is not supported: NotImplementedError saying
-    so (the stateless call takes it), never torch's missing-formula error or a first-order answer."""
+def test_second_order_gradients_with_a_state():
+    """create_graph through attention with a state (the backward again as plain operations):
+    gradgradcheck in float64 through q, the keys, the values and the initial state, relu features
+    (smooth where no projection is 0; the softmax stabilizer is a constant of the first order)."""
     q, k, v = qkv(b=1, h=2, n=9, d=6, e=4)
     P = projection(8, 6)
-    x = q.clone().requires_grad_()
-    out, _ = favor_attention(x, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
-    with pytest.raises(NotImplementedError, match="with a state"):
-        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    _, s0 = favor_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], P, causal=True, feature_map="relu",
+                            output_final_state=True)
+
+    def f(q1, k1, v1, hz0, vs0):
+        out, s1 = favor_attention(q1, k1, v1, P, causal=True, feature_map="relu",
+                                  initial_state=AttentionState(hz0, vs0, s0.ref, s0.stab), output_final_state=True)
+        return out, s1.hz, s1.v_sum
+
+    inputs = tuple(t.clone().requires_grad_() for t in (q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], s0.hz, s0.v_sum))
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(MAPS))
