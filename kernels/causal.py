@@ -32,8 +32,8 @@ from .feature_map import (
     block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows, dot,
     empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
     half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows,
-    load_vector, packing_args, row_block, row_stats, sequence_span, store_input_grad, store_rows, store_state,
-    tf32_nearest
+    load_vector, packing_args, reciprocal_or_zero, row_block, row_stats, sequence_span, store_input_grad, store_rows,
+    store_state, tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -336,7 +336,7 @@ def _output_kernel(
     b_n += b_wmax[:, None] * dot(b_w, b_vc, None, PRECISION)
     if tl.sum((b_v != b_vc).to(tl.int32)) > 0:  # rare: the scan's registers only on this branch
         b_n += tl.cumsum((b_v - b_vc).to(tl.float32), axis=0)
-    b_rden = 1.0 / b_d  # (BT,) fp32
+    b_rden = reciprocal_or_zero(b_d)  # (BT,) fp32; D = 0: GIVEN query features all zero, output 0
     store_rows(out, b_n * b_rden[:, None], o_row, o_t, m_t, o_v, m_v, E)
     tl.store(rden + o_row + o_t, b_rden, mask=m_t)
 

@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
-from .feature_map import FM_SOFTMAX, aligned, alignment, block_range, head_scale, launch, next_power_of_2
+from .feature_map import (
+    FM_SOFTMAX, aligned, alignment, block_range, head_scale, launch, next_power_of_2, reciprocal_or_zero
+)
 
 __all__ = ["decode_step"]
 
@@ -119,7 +121,7 @@ def _step_kernel(
     b_nd = scale * b_nd + f_eps * q_sum * b_vs.to(tl.float32)  # (BV,) [N, D]
     den = tl.sum(tl.where(o_v == E, b_nd, 0.0)) + coef * q_sum
     p_o = out + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + o_v
-    tl.store(p_o, (b_nd / den).to(out.dtype.element_ty), mask=o_v < E)
+    tl.store(p_o, (b_nd * reciprocal_or_zero(den)).to(out.dtype.element_ty), mask=o_v < E)
 
 
 def decode_step(

@@ -209,6 +209,14 @@ def finite_or_zero(b_x):
 
 
 @triton.jit
+def reciprocal_or_zero(b_d):
+    """1 / D, and 0 where D = 0 (no key, or query features all zero: output 0, no gradient);
+    the unused branch divides by 1.  b_d fp32, any shape."""
+    m_d = b_d != 0.0
+    return tl.where(m_d, 1.0 / tl.where(m_d, b_d, 1.0), 0.0)
+
+
+@triton.jit
 def grad_dot_out(b_g, b_o):
     """Row sums of g * out (BT,): an output a future inf / NaN value made non-finite adds
     nothing where its gradient is 0.  b_g, b_o (BT, BV) fp32."""

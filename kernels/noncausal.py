@@ -31,7 +31,8 @@ from .feature_map import (
     block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
     dash_tile, diag_rows, dot, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
     head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows, load_vector,
-    next_power_of_2, packing_args, sequence_rows, store_input_grad, store_rows, store_state, tf32_nearest
+    next_power_of_2, packing_args, reciprocal_or_zero, sequence_rows, store_input_grad, store_rows, store_state,
+    tf32_nearest
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -297,8 +298,7 @@ def _output_kernel(
     else:
         b_num = b_acc
     # D = 0 on padded rows, and where every key was masked out (GIVEN zero features): output 0
-    m_den = m_t & (b_den != 0.0)  # (BT,)
-    b_rden = tl.where(m_den, 1.0 / tl.where(m_den, b_den, 1.0), 0.0)  # (BT,) fp32
+    b_rden = reciprocal_or_zero(tl.where(m_t, b_den, 0.0))  # (BT,) fp32
     tl.store(rden + o_row + o_t, b_rden, mask=m_t)
     store_rows(out, b_num * b_rden[:, None], o_row, o_t, m_t, o_v, m_v, E)
 

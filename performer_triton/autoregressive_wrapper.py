@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 from .decoding import DecodingCache
 from .distributed import ContextParallel, with_neighbours
 from .performer_pytorch import _check_mask
-from .validation import check_int
+from .validation import check_bool, check_int
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -134,6 +134,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError("start_tokens must hold at least one token")
         seq_len = check_int("seq_len", seq_len, 0)
         _check_temperature(temperature)
+        if use_cache is not None:
+            check_bool("use_cache", use_cache)
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")

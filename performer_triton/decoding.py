@@ -35,7 +35,7 @@ from .attention_state import AttentionState, check_state
 from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap
 from .functional import triton_unsupported
-from .torch_backend import ChunkFeatures, add_keys, compute_dtype, with_ones
+from .torch_backend import ChunkFeatures, add_keys, compute_dtype, reciprocal_or_zero, with_ones
 
 __all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
 
@@ -203,7 +203,7 @@ class FavorState:
             scale = torch.ones_like(self.ref)
             causal_coef = causal_coef * torch.exp(-self.ref.masked_fill(torch.isinf(self.ref), 0.0))[..., None, None]
         nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
-        return (nd[..., :e] / (nd[..., e:] + causal_coef * q_sum)).to(q.dtype)
+        return (nd[..., :e] * reciprocal_or_zero(nd[..., e:] + causal_coef * q_sum)).to(q.dtype)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""

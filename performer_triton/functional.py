@@ -206,13 +206,15 @@ def favor_attention(
         projection = projection_matrix.to(q.dtype).contiguous()
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
-    if causal and q.dtype == torch.float16 and fmap.rescales_keys:
-        # keys rescaled per head to fit the dtype (1.1.4's no_projection exp(k)): in fp16 the rescaled
-        # keys and eps (1e-6 exp(-shift)) underflow to 0 where fp32 holds them (0 / 0 normalisers);
-        # the op computes in fp32 anyway, so the features are made in fp32 too
-        return favor_attention(q.float(), k.float(), v.float(), projection_matrix, causal=True,
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # features made in PyTorch (a key mask, no_projection, a kernel_fn) are made in fp32, as the
+        # op computes anyway: in fp16 the gradients of tiny key features overflow (inf x 0 = NaN in
+        # exp's backward), and no_projection's rescaled keys and eps (1e-6 exp(-shift)) underflow
+        # to 0 / 0; the kernels still run where the 16-bit inputs would have (TF32 dots)
+        projection = None if projection_matrix is None else projection_matrix.float()
+        return favor_attention(q.float(), k.float(), v.float(), projection, causal=causal,
                                key_stabilizer=key_stabilizer, feature_map=fmap, key_padding_mask=key_padding_mask,
-                               backend=backend).to(q.dtype)
+                               backend="triton" if use_triton else "torch").to(q.dtype)
     keep_q = None
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)

@@ -927,6 +927,9 @@ class Performer(nn.Module):
         _check_input("x", x, self.dim)
         if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
             kwargs["mask"] = _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
+            # the residual stream too, not only attention's inputs: a NaN row's feed-forward backward
+            # sends NaN (0 x NaN) into attention's padded query rows, and from there into kept keys
+            x = _finite_padded_rows(x, kwargs["mask"])
         if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
             self.proj_updater.redraw_projections()
         if exists(context_parallel_group):

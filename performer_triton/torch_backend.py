@@ -380,6 +380,13 @@ def key_context(hz: Tensor, ref: Tensor, stab: Tensor, v_sum: Tensor, eps: float
     return torch.addcmul(eps * v_sum[..., None, :], hz, (ref - stab).exp()[..., None, None])
 
 
+def reciprocal_or_zero(den: Tensor) -> Tensor:
+    """1 / D, and 0 where D = 0 (no key, or query features all zero: output 0 and no gradient);
+    the unused branch divides by 1, so no inf meets a zero gradient under autograd."""
+    zero = den == 0
+    return torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, den))
+
+
 def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tensor) -> None:
     """Queries q~ = base + eps (b, h, t, m) reading a context (b, h, m, e+1), the eps part
     eps_nd = eps colsum(context) folded into the product: out (b, h, t, e) = N / D and
@@ -387,7 +394,7 @@ def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tens
     features): output 0."""
     e = out.shape[-1]
     nd = _bmm(base, context, eps_nd)  # (b, h, t, e+1) = [N, D]
-    rden.copy_(nd[..., e].reciprocal().masked_fill(nd[..., e] == 0, 0.0))
+    rden.copy_(reciprocal_or_zero(nd[..., e]))
     out.copy_(nd[..., :e] * rden[..., None])
 
 
@@ -522,7 +529,7 @@ def favor_fwd(
         nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
         nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])
         nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], _by_chunk(v_upto, t), value=fm.eps)).flatten(2, 3)
-        rden[..., sl] = 1.0 / (nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
+        rden[..., sl] = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
         out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
         v_before = v_upto[..., -1:, :]
     if final:  # M after the last key: the newest query's (prefix) stabilizer

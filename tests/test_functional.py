@@ -563,6 +563,67 @@ def test_no_projection_causal_gradients_stay_finite_for_wide_keys(dtype):
     assert rel(results[1][0], results[0][0]) <= budget and rel(results[1][3], results[0][3]) <= budget
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_projection_large_inputs_stay_finite(causal):
+    """q, k, v ~ 50 N(0, 1) causal in fp32 (the per-head key shift left early prefixes and the
+    scaled eps at 0: 0 / 0) and ~ 30 N(0, 1) non-causal in fp16 (the key gradients overflowed):
+    outputs and gradients finite, as float64's are, and near them."""
+    dtype, scale = (torch.float32, 50.0) if causal else (torch.float16, 30.0)
+    q, k, v = (scale * t for t in qkv(b=1, h=2, n=24, d=8, dtype=torch.float64, seed=4))
+    results = []
+    for t in (torch.float64, dtype):
+        leaves = [x.detach().to(t).requires_grad_() for x in (q, k, v)]
+        out = favor_attention(*leaves, None, causal=causal, feature_map="none")
+        out.double().square().sum().backward()
+        results.append([out.detach().double()] + [x.grad.double() for x in leaves])
+    for ref, ours in zip(*results):
+        assert torch.isfinite(ref).all() and torch.isfinite(ours).all()
+    assert (results[1][0] - results[0][0]).abs().max() <= 2e-2 * results[0][0].abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_key_mask_gradients_stay_finite(backend, causal):
+    """fp16 softmax attention with a key_padding_mask, q, k ~ 2 N(0, 1): the features are made in
+    fp32 (in fp16 the gradients of tiny key features overflowed into NaN at kept keys); gradients
+    finite and near float64's."""
+    q, k, v = (2 * t for t in qkv(b=1, h=2, n=12, d=8, dtype=torch.float64, seed=5))
+    keep = torch.ones(1, 12, dtype=torch.bool)
+    keep[0, 7:9] = False
+    P = projection(16, 8).double()
+    results = []
+    for t in (torch.float64, torch.float16):
+        if t == torch.float16 and backend == "triton":
+            q, k, v, P, keep = (x.to(DEVICE) for x in (q, k, v, P, keep))
+        leaves = [x.detach().to(t).requires_grad_() for x in (q, k, v)]
+        out = favor_attention(*leaves, P.to(t), causal=causal, key_padding_mask=keep,
+                              backend=backend if t == torch.float16 else "torch")
+        out.double().square().sum().backward()
+        results.append([x.grad.double().cpu() for x in leaves])
+    for ref, ours in zip(*results):
+        assert torch.isfinite(ours).all()
+        assert rel(ours, ref) <= 3e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_query_without_features_gives_zero(backend, causal):
+    """A query whose features are all zero has no normaliser (1.1.4: NaN in both modes): its
+    output is 0 and its gradients are finite, causal as non-causal, on both paths."""
+    g = torch.Generator().manual_seed(6)
+    qf, kf = torch.rand(1, 2, 6, 4, generator=g), torch.rand(1, 2, 6, 4, generator=g)
+    v = torch.randn(1, 2, 6, 3, generator=g)
+    qf[..., 2, :] = 0.0
+    leaves = [t.to(DEVICE).requires_grad_() for t in (qf, kf, v)]
+    out = linear_attention(*leaves, causal=causal, backend=backend)
+    out.square().sum().backward()
+    assert torch.equal(out[..., 2, :], torch.zeros_like(out[..., 2, :]))
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in leaves)
+    rest = [0, 1, 3, 4, 5]
+    alone = reference.linear_attention(qf.double(), kf.double(), v.double(), causal=causal)
+    assert rel(out[..., rest, :].double().cpu(), alone[..., rest, :]) <= fp32_tol(backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_nan_key_never_reaches_earlier_outputs(backend):
     """Leak-free causal attention: a NaN key at position j leaves outputs before j untouched, also

@@ -284,6 +284,8 @@ def test_generate_names_bad_sampling_arguments():
         (dict(filter_thres=-1.0), ValueError, "filter_thres .* of the 64 logits, got thres -1.0"),
         (dict(filter_thres=1.5), ValueError, "filter_thres .*got thres 1.5"),
         (dict(filter_thres=float("nan")), ValueError, "filter_thres .*got thres nan"),
+        (dict(use_cache="no"), TypeError, "use_cache must be a bool, got str 'no'"),  # was truthy: cached
+        (dict(use_cache=1), TypeError, "use_cache must be a bool, got int 1"),
     ]
     for kwargs, error, pattern in cases:
         with pytest.raises(error, match=pattern):

@@ -7,7 +7,7 @@ import torch
 
 from performer_triton import AutoregressiveWrapper, PerformerLM, favor_attention, gaussian_orthogonal_random_matrix
 from performer_triton import reference
-from performer_triton.performer_pytorch import SelfAttention
+from performer_triton.performer_pytorch import Performer, SelfAttention
 from conftest import DEVICE, HAS_TRITON
 
 def keep_mask(kind: str, b: int, s: int) -> torch.Tensor:
@@ -152,6 +152,32 @@ def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, loca
         grads.append(grad[keep])
     assert torch.isfinite(grads[1]).all()
     assert (grads[1] - grads[0]).abs().max() <= 1e-10 * grads[0].abs().max()
+
+
+@pytest.mark.parametrize("kw", [dict(causal=False), dict(causal=True, local_attn_heads=1),
+                                dict(causal=False, exact_mask=True, shift_tokens=True),
+                                dict(causal=True, key_stabilizer="prefix", exact_mask=True, ff_glu=True)])
+def test_nan_at_padded_positions_reaches_no_kept_gradient_through_a_stack(kw):
+    """A Performer stack (attention and feed-forward, residuals, depth 2) with NaN inputs at padded
+    positions: the kept outputs, the kept inputs' gradients and every weight's gradient of a loss
+    on the kept outputs equal those of zero inputs there (the residual stream is selected at the
+    entry: a NaN row's feed-forward backward would send 0 x NaN into attention's padded queries)."""
+    torch.manual_seed(0)
+    model = Performer(dim=24, depth=2, heads=3, dim_head=8, nb_features=16, **kw).double()
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    keep[1, 2] = False
+    results = []
+    for inputs in (x.masked_fill(~keep[..., None], 0.0), nan_padded(x, keep)):
+        inputs = inputs.clone().requires_grad_()
+        model.zero_grad()
+        out = model(inputs, mask=keep)
+        out[keep].square().sum().backward()
+        results.append([out[keep], inputs.grad[keep], *(p.grad for p in model.parameters() if p.grad is not None)])
+    for clean, poisoned in zip(*results):
+        assert torch.isfinite(poisoned).all()
+        assert (poisoned - clean).abs().max() <= 1e-10 * clean.abs().max().clamp_min(1e-30)
 
 
 def test_nan_padded_keys_with_1_1_4_masking_keep_finite_padded_keys_numbers():
