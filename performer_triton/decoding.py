@@ -102,7 +102,14 @@ def _copy_sharing(obj: Any, memo: dict, shared: tuple[str, ...]) -> Any:
     new = object.__new__(type(obj))
     memo[id(obj)] = new
     for name, value in vars(obj).items():
-        setattr(new, name, memo.get(id(value), value) if name in shared else copy.deepcopy(value, memo))
+        if name in shared:
+            setattr(new, name, memo.get(id(value), value))
+        elif isinstance(value, Tensor) and value.grad_fn is not None:
+            # a state filled with autograd on (torch deep-copies graph leaves only): the branch
+            # holds its values, detached
+            setattr(new, name, memo.setdefault(id(value), value.detach().clone()))
+        else:
+            setattr(new, name, copy.deepcopy(value, memo))
     return new
 
 

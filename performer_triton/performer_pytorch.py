@@ -702,6 +702,14 @@ class CrossAttention(Attention):
 # positional embeddings
 
 
+def _check_max_seq_len(value: object) -> int:
+    """max_seq_len as an int >= 1; an integral float (16.0) is taken, as 1.1.4 built its embeddings
+    from one; a fractional one (1.1.4: one position more than it says) is a TypeError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_int("max_seq_len", value, 1)
+
+
 class AbsolutePositionalEmbedding(nn.Module):
     def __init__(self, dim: int, max_seq_len: int):
         super().__init__()
@@ -735,6 +743,7 @@ class FixedPositionalEmbedding(nn.Module):
         super().__init__()
         if check_int("dim", dim, 2) % 2:
             raise ValueError(f"dim must be even for sinusoidal embeddings, got {dim}")
+        max_seq_len = _check_max_seq_len(max_seq_len)
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
         position = torch.arange(0, max_seq_len, dtype=torch.float)
         sinusoid_inp = torch.einsum("i,j->ij", position, inv_freq)
@@ -1001,9 +1010,7 @@ class PerformerLM(nn.Module):
     ):
         super().__init__()
         num_tokens = check_int("num_tokens", num_tokens, 1)
-        if isinstance(max_seq_len, float) and max_seq_len.is_integer():
-            max_seq_len = int(max_seq_len)  # 1.1.4 built its embeddings from an integral float (16.0) too
-        self.max_seq_len = max_seq_len = check_int("max_seq_len", max_seq_len, 1)
+        self.max_seq_len = max_seq_len = _check_max_seq_len(max_seq_len)
         self.token_emb = nn.Embedding(num_tokens, dim)
 
         if rotary_position_emb:

@@ -430,3 +430,13 @@ def test_a_copied_cache_branches_a_generation():
                     other(x[:, 6:7], cache=c)
     finally:
         torch.set_grad_enabled(True)
+    # filled with autograd on (eval() keeps it on): torch deep-copies graph leaves only, the branch
+    # holds the states' values detached
+    model = lm(**dict(PREFIX, local_attn_heads=1, local_window_size=4)).eval()
+    x = torch.randint(0, NUM_TOKENS, (2, 8), generator=torch.Generator().manual_seed(2))
+    cache = DecodingCache()
+    model(x[:, :6], cache=cache)
+    branch = copy.deepcopy(cache)
+    with torch.no_grad():
+        full = model(x)
+        assert rel(model(x[:, 6:7], cache=branch), full[:, 6:7]) <= 1e-5

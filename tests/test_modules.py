@@ -800,6 +800,9 @@ def test_loose_version_float_max_seq_len_and_short_reversible_routes_as_1_1_4():
             assert torch.allclose(ours(tokens(n=16) % 20), theirs(tokens(n=16) % 20), rtol=1e-12, atol=1e-13)
     with pytest.raises(TypeError, match="max_seq_len must be an int, got float 16.5"):
         PerformerLM(**{**cfg, "max_seq_len": 16.5})
+    with pytest.raises(TypeError, match="max_seq_len must be an int, got float 10.5"):
+        ours_pp.FixedPositionalEmbedding(8, 10.5)  # 1.1.4: 11 positions
+    assert torch.equal(ours_pp.FixedPositionalEmbedding(8, 10.0).emb, original_pp.FixedPositionalEmbedding(8, 10.0).emb)
 
     class Add(nn.Module):
         def __init__(self):

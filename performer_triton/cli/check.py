@@ -27,7 +27,10 @@ from performer_triton.functional import HAS_TRITON, triton_unsupported
 from .arguments import positive_int
 
 BUDGETS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-TF32_BUDGET = 2e-3
+# the kernels' fp32 dots are TF32, whose operands keep fp16's 10 mantissa bits: fp16's budget
+# (2e-3 flagged relu gradients of correct kernels at tiny shapes, n = 2 d = m = 4: 4.6e-3, where
+# perturbing the inputs by TF32's roundoff alone moves the float64 result by 3.7e-3)
+TF32_BUDGET = BUDGETS[torch.float16]
 MODES = [
     ("non-causal", dict(causal=False, key_stabilizer="global")),
     ("causal global", dict(causal=True, key_stabilizer="global")),
