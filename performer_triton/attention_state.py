@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .feature_maps import GIVEN_MAP, FeatureMap, resolve
 from .torch_backend import KeysState, merge_referenced
-from .validation import check_projection, check_qkv
+from .validation import check_projection, check_qkv, host_reads
 
 
 class AttentionState(NamedTuple):
@@ -62,7 +62,7 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
-    if softmax is not None and not torch.compiler.is_compiling():
+    if softmax is not None and host_reads():
         _check_map_kind(state, softmax)
     return state
 

@@ -187,13 +187,13 @@ def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) ->
 def _exp_shift(x: Tensor, causal: bool) -> Union[Tensor, float]:
     """Causal no_projection keys exp(k) overflow the dtype (fp16 above ~11, fp32 above ~88) where
     the attention itself is finite: the excess of max k over a bound that keeps every feature and
-    prefix sum finite, per (b, h) (b, h, 1, 1); 0.0 when nothing would overflow. The bound is half
-    the dtype's exponent range, so that features times values stay finite too (|v| up to about
-    sqrt(max) / n). Dividing the keys by exp(shift) scales numerator and normaliser alike;
+    prefix sum finite, per (b, h) (b, h, 1, 1); 0.0 when nothing would overflow (favor_attention
+    divides the values by a power of 2 to |v| <= 1, so that features times values stay finite
+    too). Dividing the keys by exp(shift) scales numerator and normaliser alike;
     FeatureMap.causal_eps scales the causal eps to match, so the result is exact."""
     if not causal or x.numel() == 0:
         return 0.0
-    bound = (math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0) / 2
+    bound = math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0
     return (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0)
 
 

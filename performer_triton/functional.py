@@ -5,6 +5,7 @@ Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e) -> (b, h, n, e).
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
 import os
 from typing import Callable, Union
 
@@ -15,7 +16,7 @@ from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM, extension_unsupported
 from .ops import favor, favor_state, transformed
-from .torch_backend import compute_dtype
+from .torch_backend import compute_dtype, finite_or_zero
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
@@ -206,27 +207,44 @@ def favor_attention(
         projection = projection_matrix.to(q.dtype).contiguous()
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
-    if q.dtype in (torch.float16, torch.bfloat16):
+    out_dtype = compute = q.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
         # features made in PyTorch (a key mask, no_projection, a kernel_fn) are made in fp32, as the
         # op computes anyway: in fp16 the gradients of tiny key features overflow (inf x 0 = NaN in
-        # exp's backward), and no_projection's rescaled keys and eps (1e-6 exp(-shift)) underflow
-        # to 0 / 0; the kernels still run where the 16-bit inputs would have (TF32 dots)
-        projection = None if projection_matrix is None else projection_matrix.float()
-        return favor_attention(q.float(), k.float(), v.float(), projection, causal=causal,
-                               key_stabilizer=key_stabilizer, feature_map=fmap, key_padding_mask=key_padding_mask,
-                               backend="triton" if use_triton else "torch").to(q.dtype)
+        # exp's backward); the kernels still run where the 16-bit inputs would have (TF32 dots)
+        compute = torch.float32
+    if causal and fmap.rescales_keys and out_dtype != torch.float64:
+        # 1.1.4's causal no_projection, exp(k): for large keys its prefix sums span more than fp32's
+        # exponent range (one shift per head leaves early rows without any key and eps: 0 / 0, inf
+        # gradients), so these features and their attention run in float64 (rows of d features)
+        compute, use_triton = torch.float64, False
+    if compute != out_dtype:
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        projection_matrix = None if projection_matrix is None else projection_matrix.to(compute)
     keep_q = None
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
         v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
         if causal:  # the queries are the last n positions: padded ones give 0, as with "prefix"
             keep_q = key_padding_mask[:, None, before:, None]
             q = q.masked_fill(~keep_q, 0.0)
-    q_features, k_features = fmap.features(
-        q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
-    )
-    eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
+    value_scale = None
+    if causal and fmap.rescales_keys:
+        # keys shifted into the dtype's range leave features up to max / (e n) (_exp_shift): values
+        # divided by a power of 2 (exact) to |v| <= 1, so that features times values stay finite too
+        v_max = finite_or_zero(v.detach()).abs().amax(dim=(-1, -2), keepdim=True)  # (b, h, 1, 1)
+        value_scale = torch.exp2(torch.ceil(torch.log2(v_max.clamp_min(1.0))))
+        v = v / value_scale
+    with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else nullcontext():
+        q_features, k_features = fmap.features(
+            q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
+        )
+        eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
     out = _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
-    return out if keep_q is None else out.masked_fill(~keep_q, 0.0)
+    if value_scale is not None:
+        out = out * value_scale
+    if keep_q is not None:
+        out = out.masked_fill(~keep_q, 0.0)
+    return out.to(out_dtype)
 
 
 def _is_right_padding(keep: Tensor) -> bool:
@@ -245,7 +263,12 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
     reaches no gradient either."""
     n, s = q.shape[2], k.shape[2]
     keep_q = keep[:, s - n:]  # (b, n)
-    if _is_right_padding(keep):
+    try:
+        right_padding = _is_right_padding(keep)
+    except RuntimeError as error:  # vmap: a batched mask cannot steer Python
+        raise NotImplementedError("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host (it "
+                                  "compacts each sequence): not under torch.func's vmap; loop over the batch") from error
+    if right_padding:
         q, k, v = (t.masked_fill(~rows[:, None, :, None], 0.0) for t, rows in ((q, keep_q), (k, keep), (v, keep)))
         out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
                               backend=backend)

@@ -194,7 +194,10 @@ def _differentiable_grads(forward, inputs: tuple[Tensor, ...], grads: tuple[Opti
         # one graph node per role: q, k, v may be one tensor, or depend on each other (q = x @ w, k = x)
         inputs = tuple(x.view_as(x) for x in inputs)
         outputs = forward(*inputs)
-    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    # outputs that depend on no input needing grad (the final state of a call whose keys need none)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    if not pairs:
+        return tuple(None for _ in needs)
     found = iter(torch.autograd.grad([o for o, _ in pairs], [x for x, need in zip(inputs, needs) if need],
                                      [g for _, g in pairs], create_graph=True, allow_unused=True))
     return tuple(next(found) if need else None for need in needs)
@@ -416,9 +419,9 @@ def _vmap_by_loop(op):
             return [entry(a, d, i) for a, d in zip(arg, dims)]
         return arg if dim is None else arg.select(dim, i)
 
-    def stack(parts: list):
+    def stack(parts: list):  # -> (stacked, out_dims) of one output: a tensor, or a list of them
         if isinstance(parts[0], (list, tuple)):
-            return [stack(list(column)) for column in zip(*parts)], [0] * len(parts[0])
+            return [torch.stack(column) for column in zip(*parts)], [0] * len(parts[0])
         return torch.stack(parts), 0
 
     def rule(info, in_dims, *args, **kwargs):

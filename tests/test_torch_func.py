@@ -195,3 +195,51 @@ def test_fastattention_keeps_the_transform_route_out_of_plain_calls():
     fa = FastAttention(8, nb_features=12)
     q = torch.randn(1, 1, 4, 8, requires_grad=True)
     assert "performer_triton_favor_fwd" in fa(q, q, q).grad_fn.name()
+
+
+def test_a_state_whose_final_part_needs_no_gradient_takes_create_graph_and_batched_grads():
+    """Only q needs a gradient, and the final state (which no q reaches) is in the loss: the
+    plain-operation backward differentiates the outputs that need it only."""
+    q, k, v = tensors((1, 2, 9, 6), (1, 2, 9, 6), (1, 2, 9, 6), seed=9)
+    P = tensors((8, 6), seed=10)[0]
+    x = q.clone().requires_grad_()
+
+    def call():
+        return favor_attention(x, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+
+    out, s1 = call()
+    (first,) = torch.autograd.grad(out.square().sum() + s1.hz.sum(), x)
+    out, s1 = call()
+    (second,) = torch.autograd.grad(out.square().sum() + s1.hz.sum(), x, create_graph=True)
+    close(first, second, 1e-12)
+    out, s1 = call()
+    cotangents = (torch.randn(3, *out.shape, **F64), torch.ones(3, *s1.hz.shape, **F64))
+    (rows,) = torch.autograd.grad((out, s1.hz), x, cotangents, is_grads_batched=True)
+    out, s1 = call()
+    (row,) = torch.autograd.grad((out, s1.hz), x, (cotangents[0][1], cotangents[1][1]))
+    close(row, rows[1], 1e-12)
+
+
+def test_the_ops_batching_rules_loop_over_the_batch():
+    """vmap of the custom ops themselves (torch.compile of vmap keeps them): one call per entry."""
+    from performer_triton import ops
+    from performer_triton.feature_maps import resolve
+
+    q, k, v = tensors((3, 1, 2, 70, 8), (1, 2, 70, 8), (1, 2, 70, 8), seed=11)
+    P = tensors((12, 8), seed=12)[0]
+    code = resolve("softmax").code
+    for causal in (False, True):
+        batched = vmap(lambda x: ops.favor_fwd(x, k, v, P, causal, code, False, False))(q)
+        for i in range(3):
+            one = ops.favor_fwd(q[i], k, v, P, causal, code, False, False)
+            for a, b in zip((*one[:5], *one[5]), (*batched[:5], *batched[5])):
+                assert torch.equal(a, b[i])
+
+
+def test_a_batched_key_mask_with_the_prefix_stabilizer_says_why_it_cannot_run():
+    q, k, v = tensors(*[(1, 2, 6, 8)] * 3)
+    P = tensors((12, 8))[0]
+    keep = torch.ones(3, 1, 6, dtype=torch.bool)
+    keep[1, 0, 4:] = False
+    with pytest.raises(NotImplementedError, match="loop over the batch"):
+        vmap(lambda m: favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", key_padding_mask=m))(keep)
