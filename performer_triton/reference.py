@@ -24,7 +24,8 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
     """Linear attention on precomputed features.  (b,h,n,m), (b,h,s,m), (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum_s k'), no eps (as 1.1.4).
-    Causal:     out_i = sum_{j<=i} (q'_i.k'_j) v_j / (q'_i . (sum_{j<=i} k'_j + 1e-6)).
+    Causal:     out_i = sum_{j<=i} (q'_i.k'_j) v_j / (q'_i . (sum_{j<=i} k'_j + 1e-6)), the n
+                queries the last n of the s positions (bottom-right aligned).
     """
     if not causal:
         k_sum = k_features.sum(dim=-2)
@@ -32,8 +33,8 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
         d_inv = torch.where(den == 0, 0.0, 1.0 / den)  # no keys at all (every one masked out): output 0
         context = torch.einsum("...nd,...ne->...de", k_features, v)
         return torch.einsum("...de,...nd,...n->...ne", context, q_features, d_inv)
-    n = q_features.shape[-2]
-    weights = (q_features @ k_features.transpose(-1, -2)).tril()  # (b, h, n, n)
+    n, s = q_features.shape[-2], k_features.shape[-2]
+    weights = (q_features @ k_features.transpose(-1, -2)).tril(s - n)  # (b, h, n, s)
     den = weights.sum(dim=-1) + CAUSAL_EPS * q_features.sum(dim=-1)
     return (weights @ v) / den[..., None] if n else weights @ v
 
