@@ -31,7 +31,7 @@ from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import InputError, check_int, host_reads, ignored_kwargs, warn_ignored
+from .validation import DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs, warn_ignored
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -119,7 +119,7 @@ def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
+        raise DtypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
     if mask.dim() != 2 or any(m not in (1, full) for m, full in zip(mask.shape, (b, n))):
         raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}) or one that broadcasts to it "
                          f"(1 for either), got {tuple(mask.shape)}")
@@ -664,7 +664,7 @@ def _check_input(name: str, x: object, dim: int) -> None:
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (batch, length, {dim}), got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype (embeddings, not token ids), got {x.dtype}")
+        raise DtypeError(f"{name} must have a floating-point dtype (embeddings, not token ids), got {x.dtype}")
 
 
 def _check_dtype(name: str, x: Tensor, linear: nn.Module) -> None:
@@ -674,7 +674,7 @@ def _check_dtype(name: str, x: Tensor, linear: nn.Module) -> None:
     weight = linear.weight if type(linear) is nn.Linear else None
     if weight is not None and x.dtype != weight.dtype and not (
             torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
-        raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: cast {name} "
+        raise DtypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: cast {name} "
                         f"(.to({weight.dtype})) or the module, or run under torch.autocast")
 
 
@@ -819,7 +819,7 @@ class Performer(nn.Module):
         redraw_seed: int | None = None,
     ):
         super().__init__()
-        depth = check_int("depth", depth, 1)
+        depth = check_int("depth", depth, 0)  # 0: no layers (1.1.4 builds an embedding-only model)
         heads = check_int("heads", heads, 1)
         local_attn_heads = cast_tuple(local_attn_heads)
         local_attn_heads = local_attn_heads * depth if len(local_attn_heads) == 1 else local_attn_heads
@@ -1066,11 +1066,11 @@ class PerformerLM(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"x must have shape (batch, length), got {tuple(x.shape)}")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise TypeError(f"x must hold integer token ids, got {x.dtype}")
+            raise DtypeError(f"x must hold integer token ids, got {x.dtype}")
         vocab = self.token_emb.num_embeddings
         # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
         if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-            raise ValueError(
+            raise TokenRangeError(
                 f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
             )
         cp = None

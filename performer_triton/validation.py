@@ -21,8 +21,15 @@ class InputError(ValueError, AssertionError):
 
 
 class DtypeError(TypeError, RuntimeError):
-    """q, k, v of different dtypes where performer-pytorch 1.1.4's einsums raised RuntimeError:
-    a TypeError that code written for 1.1.4, catching RuntimeError, still catches."""
+    """A dtype where performer-pytorch 1.1.4's torch calls raised RuntimeError (q, k, v of
+    different dtypes, integer inputs, an input of another dtype than the weights, float token
+    ids, integer masks): a TypeError that code written for 1.1.4, catching RuntimeError, still
+    catches."""
+
+
+class TokenRangeError(ValueError, IndexError):
+    """Token ids outside the vocabulary, where 1.1.4's embedding raised IndexError: a ValueError
+    that code written for 1.1.4, catching IndexError, still catches."""
 
 
 BACKENDS = ("auto", "triton", "torch")
@@ -34,7 +41,7 @@ def check_tensor(name: str, t: object, ndim: int) -> Tensor:
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        raise DtypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     return t
 
 
@@ -127,7 +134,7 @@ def check_key_padding_mask(mask: object, k: Tensor) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got {mask.dtype}")
+        raise DtypeError(f"key_padding_mask must be a bool tensor (True = keep), got {mask.dtype}")
     b, s = k.shape[0], k.shape[2]
     if tuple(mask.shape) != (b, s):
         raise ValueError(f"key_padding_mask must have shape (batch, key length) = ({b}, {s}), got {tuple(mask.shape)}")
@@ -172,7 +179,10 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
     count = cu_seqlens.shape[0] - 1
     if count < 1:
         raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.shape[0]}")
+    if cu_seqlens.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"cu_seqlens must be on q's device {q.device} or the CPU, got {cu_seqlens.device}")
     if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
+                                      or not all(isinstance(t, Tensor) for t in initial_state)
                                       or initial_state[0].shape[0] != count):
         raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
     if host_reads():

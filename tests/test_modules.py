@@ -340,7 +340,7 @@ def test_sequence_longer_than_max_seq_len_names_both_lengths():
         (dict(local_attn_heads=(1, 1, 1)), ValueError, "local_attn_heads.*3.*depth 2"),
         (dict(local_attn_heads=5), ValueError, r"local_attn_heads \(5\) must be <= heads \(4\)"),
         (dict(key_stabilizer="bogus", causal=True), ValueError, "key_stabilizer"),
-        (dict(depth=0), ValueError, "depth"),
+        (dict(depth=-1), ValueError, "depth must be >= 0, got -1"),
         (dict(heads=2.0), TypeError, "heads"),
         (dict(ff_chunks=0), ValueError, "chunks"),
         # the rotary embedding of the heads (rotary_position_emb=True, the default) checks dim_head by its name
@@ -850,3 +850,26 @@ def test_enc_dec_generate_encodes_in_eval_and_restores_the_mode():
     model.train()
     model.generate(seq_in, start, 2)
     assert model.training and model.enc.training and model.dec.training
+
+
+def test_depth_zero_and_1_1_4_exception_types():
+    """depth=0 builds 1.1.4's embedding-only model (its logits); errors where 1.1.4's torch calls
+    raised RuntimeError / IndexError are still caught as those (and are TypeError / ValueError)."""
+    models = []
+    for top in (original_pp, ours_pp):
+        torch.manual_seed(0)
+        models.append(top.PerformerLM(**{**SMALL, "depth": 0}, causal=True).double())
+    x = tokens(n=7) % SMALL["num_tokens"]
+    assert torch.equal(models[0](x), models[1](x))
+    ours = models[1]
+    layer = ours_pp.SelfAttention(16, heads=2, dim_head=8)
+    for call in (lambda: layer(torch.randn(1, 4, 16, dtype=torch.float64)), lambda: layer(torch.ones(1, 4, 16).long()),
+                 lambda: ours(x.double()), lambda: layer(torch.randn(1, 4, 16), mask=torch.ones(1, 4).long())):
+        with pytest.raises(RuntimeError):
+            call()
+        with pytest.raises(TypeError):
+            call()
+    for error in (IndexError, ValueError):
+        with pytest.raises(error, match="token ids outside"):
+            ours(x + SMALL["num_tokens"])
+
