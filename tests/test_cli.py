@@ -164,6 +164,18 @@ def test_regression_compare_flags_a_15_percent_slowdown_and_passes_clean_runs(tm
         benchmark.load_ratios(tmp_path / "other.json")
 
 
+def test_bench_refuses_a_missing_baseline_or_an_unwritable_out_before_running(tmp_path, monkeypatch):
+    """Before any measurement (they used to end in a traceback, the baseline one after the run)."""
+    monkeypatch.setattr(bench, "run_regression", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(bench, "run_sweep", lambda *a: pytest.fail("ran"))
+    with pytest.raises(SystemExit, match="--baseline: no such file: .*missing.json"):
+        cli.main(["bench", "--regression", "--baseline", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out: cannot create"):
+        cli.main(["bench", "--out", str(blocker / "sub"), "--sizes", "8"])
+
+
 def test_benchmark_verify_rejects_a_wrong_implementation():
     case = benchmark.Case(n=40, causal=True, backward=True, h=2, d=16, m=20)
     x = benchmark.make_inputs(case)

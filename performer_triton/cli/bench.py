@@ -256,8 +256,14 @@ def run(args) -> int:
         return print_comparison(base, load_ratios(new), args.max_slowdown)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
+    missing = [name for name in (args.baseline or []) if not Path(name).expanduser().is_file()]
+    if missing:  # before the run, not after it
+        raise SystemExit(f"performer-triton bench --baseline: no such file: {', '.join(missing)}")
     out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"performer-triton bench --out: cannot create {out}: {error.strerror}") from None
     print(f"output folder: {out}")
     threads = args.threads or (REGRESSION_THREADS if args.regression and args.device == "cpu" else None)
     previous = torch.get_num_threads()
