@@ -373,6 +373,24 @@ def _given_attention(q_features: Tensor, k_features: Tensor, v: Tensor, causal: 
     return favor(q_features, k_features, v, None, causal, GIVEN_MAP.code, False, use_triton, float(eps))[0]
 
 
+# Given features whose largest |entry| (per query row, per head of keys) lies beyond 2^+-32 have
+# q' . k' products that over- or underflow fp32 (inf / NaN or 0 where the exact result is finite)
+FEATURE_RANGE = 2.0**32
+
+
+def _in_range(x: Tensor, dims) -> Tensor:
+    """x times a power of 2 per slice over dims (detached, exact) that brings the largest |entry|
+    of a slice to [1, 2) where it lies outside [1 / FEATURE_RANGE, FEATURE_RANGE]; other slices
+    (zero, non-finite, in range) times 1."""
+    if x.numel() == 0:
+        return x
+    peak = x.detach().abs().amax(dim=dims, keepdim=True)
+    peak = peak.to(torch.promote_types(peak.dtype, torch.float32))
+    outside = peak.isfinite() & (peak > 0) & ((peak > FEATURE_RANGE) | (peak < 1.0 / FEATURE_RANGE))
+    scale = torch.where(outside, torch.exp2(-torch.floor(torch.log2(peak))), 1.0)
+    return x * scale.to(x.dtype)
+
+
 def linear_attention(
     q_features: Tensor, k_features: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
     eps: float = CAUSAL_EPS, initial_state: AttentionState | None = None, output_final_state: bool = False,
@@ -382,7 +400,8 @@ def linear_attention(
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
-    prefix sum; with fewer queries than keys the queries are the last n positions.
+    prefix sum; with fewer queries than keys the queries are the last n positions. Features of any
+    magnitude: rows whose q' . k' products would leave fp32's range are scaled exactly first.
     initial_state, output_final_state, cu_seqlens: as favor_attention's (states causal only).
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)
@@ -399,6 +418,11 @@ def linear_attention(
                                     output_final_state=output_final_state)
 
         return _packed(one, q_features, k_features, v, cu_seqlens, initial_state, output_final_state)
+    # the result is invariant to a positive scale of each query row (and, non-causal, of the keys of
+    # a head: causal eps is not), so features out of range are brought in exactly first
+    q_features = _in_range(q_features, -1)
+    if not causal:
+        k_features = _in_range(k_features, (-2, -1))
     if initial_state is not None or output_final_state:
         if not causal:
             raise ValueError("initial_state / output_final_state: causal attention only (a state holds the keys "

@@ -40,6 +40,26 @@ def test_fast_attention_compiles_fullgraph_on_the_default_path(dtype, causal, ke
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, expected_grads))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_compiles_fullgraph_with_backward(causal):
+    """performer_pytorch's linear_attention (any rank, features scaled into range first) under
+    inductor with fullgraph: eager's numbers, forward and backward, at any feature magnitude."""
+    from performer_triton.performer_pytorch import causal_linear_attention, linear_attention
+
+    fn = causal_linear_attention if causal else linear_attention
+    compiled = torch.compile(fn, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-30):
+        qf, kf = ((torch.rand(2, 3, 37, 13, generator=g) * scale).requires_grad_() for _ in range(2))
+        v = torch.randn(2, 3, 37, 5, generator=g).requires_grad_()
+        out, expected = compiled(qf, kf, v), fn(qf, kf, v)
+        assert torch.isfinite(out).all() and torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(out.square().sum(), (qf, kf, v))
+        expected_grads = torch.autograd.grad(expected.square().sum(), (qf, kf, v))
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+                   for a, b in zip(grads, expected_grads))
+
+
 def test_whole_models_compile_and_train_from_the_first_call():
     """A fresh process per run: compiled PerformerLM variants (one with exact masks, left padding
     and a hole, and the prefix stabilizer) and PerformerEncDec give eager's loss and gradients on

@@ -629,6 +629,33 @@ def test_linear_attention_query_without_features_gives_zero(backend, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-30), (torch.float32, 1e18), (torch.bfloat16, 1e30)])
+def test_linear_attention_on_features_of_any_magnitude(backend, causal, dtype, scale):
+    """Given features whose q' . k' products leave fp32's range (1.1.4 and an unscaled op: 0 or
+    NaN) give the exact result, invariant to the scale of q' (and k'): out and gradients match
+    float64 on the same inputs, with and without a state (the kernels take none with given features)."""
+    g = torch.Generator().manual_seed(7)
+    qf, kf = ((torch.rand(1, 2, 37, 13, generator=g, dtype=torch.float64) + 0.1) * scale for _ in range(2))
+    v = torch.randn(1, 2, 37, 5, generator=g, dtype=torch.float64)
+    qf, kf, v = (t.to(dtype).double() for t in (qf, kf, v))  # representable in dtype
+    w = torch.randn(1, 2, 37, 5, generator=g, dtype=torch.float64)
+    ref_leaves = [t.clone().requires_grad_() for t in (qf, kf, v)]
+    ref = reference.linear_attention(*ref_leaves, causal=causal)
+    (ref * w).sum().backward()
+    leaves = [t.to(dtype).to(DEVICE).requires_grad_() for t in (qf, kf, v)]
+    out = linear_attention(*leaves, causal=causal, backend=backend)
+    (out.double().cpu() * w).sum().backward()
+    tol = 3e-2 if dtype == torch.bfloat16 else fp32_tol(backend)
+    assert rel(out.double().cpu(), ref) <= tol
+    for got, want in zip(leaves, ref_leaves):
+        assert rel(got.grad.double().cpu(), want.grad) <= 4 * tol
+    if causal:
+        stated, _ = linear_attention(*(t.detach() for t in leaves), causal=True, output_final_state=True)
+        assert rel(stated.double().cpu(), ref) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_nan_key_never_reaches_earlier_outputs(backend):
     """Leak-free causal attention: a NaN key at position j leaves outputs before j untouched, also
     inside j's own chunk (selection, not 0 * NaN)."""
