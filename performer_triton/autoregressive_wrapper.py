@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import TYPE_CHECKING, Callable
 
@@ -132,7 +133,8 @@ class AutoregressiveWrapper(nn.Module):
             raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
         if start_tokens.shape[-1] == 0:
             raise ValueError("start_tokens must hold at least one token")
-        seq_len = check_int("seq_len", seq_len, 0)
+        # 1.1.4 samples range(seq_len) tokens: a bool counts as 0 / 1, a negative length as 0
+        seq_len = max(0, check_int("seq_len", int(seq_len) if isinstance(seq_len, bool) else seq_len, -sys.maxsize))
         _check_temperature(temperature)
         if use_cache is not None:
             check_bool("use_cache", use_cache)

@@ -482,7 +482,7 @@ class Attention(nn.Module):
         self.global_heads = heads - local_heads
         self.local_attn = (
             LocalAttention(
-                window_size=check_int("local_window_size", local_window_size, 1),
+                window_size=_check_size("local_window_size", local_window_size),
                 causal=causal,
                 autopad=True,
                 dropout=dropout,
@@ -702,12 +702,13 @@ class CrossAttention(Attention):
 # positional embeddings
 
 
-def _check_max_seq_len(value: object) -> int:
-    """max_seq_len as an int >= 1; an integral float (16.0) is taken, as 1.1.4 built its embeddings
-    from one; a fractional one (1.1.4: one position more than it says) is a TypeError."""
+def _check_size(name: str, value: object) -> int:
+    """A size as an int >= 1; an integral float (16.0) is taken, as 1.1.4 built its embeddings (and
+    local windows) from one; a fractional one (1.1.4: one position more than it says, or a crash
+    in F.pad) is a TypeError."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return check_int("max_seq_len", value, 1)
+    return check_int(name, value, 1)
 
 
 class AbsolutePositionalEmbedding(nn.Module):
@@ -743,7 +744,7 @@ class FixedPositionalEmbedding(nn.Module):
         super().__init__()
         if check_int("dim", dim, 2) % 2:
             raise ValueError(f"dim must be even for sinusoidal embeddings, got {dim}")
-        max_seq_len = _check_max_seq_len(max_seq_len)
+        max_seq_len = _check_size("max_seq_len", max_seq_len)
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
         position = torch.arange(0, max_seq_len, dtype=torch.float)
         sinusoid_inp = torch.einsum("i,j->ij", position, inv_freq)
@@ -1010,7 +1011,7 @@ class PerformerLM(nn.Module):
     ):
         super().__init__()
         num_tokens = check_int("num_tokens", num_tokens, 1)
-        self.max_seq_len = max_seq_len = _check_max_seq_len(max_seq_len)
+        self.max_seq_len = max_seq_len = _check_size("max_seq_len", max_seq_len)
         self.token_emb = nn.Embedding(num_tokens, dim)
 
         if rotary_position_emb:

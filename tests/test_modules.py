@@ -723,6 +723,31 @@ def both(make):
     return built
 
 
+def test_odd_sizes_1_1_4_takes_give_its_numbers():
+    """An integral float local_window_size (1.1.4 passes it to LocalAttention, which works where no
+    padding is needed and crashes in F.pad elsewhere) is taken as the int; generate's seq_len as
+    1.1.4's range(seq_len): True samples one token, a negative length none."""
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    theirs, ours = both(lambda pp, _: pp.SelfAttention(16, heads=2, dim_head=8, local_heads=1, local_window_size=2.0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), rtol=1e-12, atol=1e-13)
+        assert ours(x[:, :5]).shape == (2, 5, 16)  # 1.1.4: TypeError in F.pad (a float pad)
+    with pytest.raises(TypeError, match="local_window_size must be an int, got float 2.5"):
+        ours_pp.SelfAttention(16, heads=2, dim_head=8, local_heads=1, local_window_size=2.5)
+    cfg = dict(num_tokens=20, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8, causal=True)
+    theirs, ours = both(lambda pp, _: pp.PerformerLM(**cfg))
+    start = torch.randint(0, 20, (2, 3))
+    for seq_len in (True, False, -1, -5):
+        results, states = [], []
+        for wrapper in (original_ar.AutoregressiveWrapper(theirs), AutoregressiveWrapper(ours)):
+            torch.manual_seed(1)
+            results.append(wrapper.generate(start, seq_len))
+            states.append(torch.get_rng_state())
+        assert results[1].shape == results[0].shape == (2, max(0, int(seq_len)))
+        assert torch.equal(results[1], results[0]) and torch.equal(states[1], states[0])
+    assert AutoregressiveWrapper(ours).generate(start[0], -1).shape == (0,)
+
+
 def test_local_heads_with_a_fully_padded_window_give_1_1_4s_numbers():
     """A query whose whole local window is padded gets 1.1.4's uniform average of the padded
     values, which the next (global) layer counts with 1.1.4's masking: finite padded values are
