@@ -46,25 +46,31 @@ class AttentionState(NamedTuple):
 
 
 def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.device,
-                softmax: bool | None = None) -> AttentionState:
+                softmax: bool | None = None, what: str = "initial_state",
+                sizes: str = "b, h, m, e of this call") -> AttentionState:
     """state as an AttentionState of these sizes on this device (ValueError / TypeError naming
     what differs); with softmax given, also made by a map of that kind (below)."""
-    if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
-        raise TypeError(f"initial_state must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
+    _check_tuple(state, what)
     state = AttentionState(*state)
     expected = dict(hz=(b, h, m, e + 1), v_sum=(b, h, e + 1), ref=(b, h), stab=(b, h))
     for name, shape in expected.items():
         t = getattr(state, name)
         if tuple(t.shape) != shape:
-            raise ValueError(f"initial_state.{name} must have shape {shape} (b, h, m, e of this call), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"{what}.{name} must have shape {shape} ({sizes}), got {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+            raise TypeError(f"{what}.{name} must be floating point, got {t.dtype}")
         if t.device != device:
-            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+            raise ValueError(f"{what}.{name} must be on {device}, got {t.device}")
     if softmax is not None and host_reads():
         _check_map_kind(state, softmax)
     return state
+
+
+def _check_tuple(state: object, what: str) -> None:
+    if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
+        raise TypeError(f"{what} must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
+    if state[0].dim() != 4:
+        raise ValueError(f"{what}.hz must have shape (b, h, m, e + 1), got {tuple(state[0].shape)}")
 
 
 def _check_map_kind(state: AttentionState, softmax: bool) -> None:
@@ -82,7 +88,11 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
     """The state after the keys of first and then those of then (a state of its keys alone, from
     the empty state): sums relative to the larger reference (both factors <= 1), counts added,
     the larger stabilizer.  Differentiable in hz and v_sum; references and stabilizers are
-    constants, as every stabilizer."""
+    constants, as every stabilizer.  Both states of the same sizes and device (first's)."""
+    _check_tuple(first, "first")
+    b, h, m, e1 = first[0].shape
+    first = check_state(first, b, h, m, e1 - 1, first[0].device, what="first", sizes="b, h, m, e of first.hz")
+    then = check_state(then, b, h, m, e1 - 1, first.hz.device, what="then", sizes="first's b, h, m, e")
     hz, ref = merge_referenced(first.hz, first.ref, then.hz, then.ref)
     return AttentionState(hz, first.v_sum + then.v_sum, ref, torch.maximum(first.stab, then.stab))
 

@@ -643,3 +643,20 @@ def test_bad_cu_seqlens_are_refused():
     with pytest.raises(ValueError, match="one state per sequence"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu,
                         initial_state=AttentionState.empty(1, 2, 20, 7, dtype=torch.float64))
+
+
+def test_chain_states_checks_its_states():
+    """chain_states names the state that differs (shape, kind) instead of broadcasting a batch-1
+    state or failing inside torch."""
+    from performer_triton.attention_state import chain_states
+
+    first = AttentionState.empty(3, 2, 8, 4)
+    assert chain_states(first, AttentionState.empty(3, 2, 8, 4)).hz.shape == (3, 2, 8, 5)
+    with pytest.raises(ValueError, match=r"then.hz must have shape \(3, 2, 8, 5\).*got \(3, 2, 9, 5\)"):
+        chain_states(first, AttentionState.empty(3, 2, 9, 4))
+    with pytest.raises(ValueError, match=r"then.hz must have shape \(3, 2, 8, 5\).*got \(1, 2, 8, 5\)"):
+        chain_states(first, AttentionState.empty(1, 2, 8, 4))
+    with pytest.raises(TypeError, match="then must be an AttentionState .*got tuple"):
+        chain_states(first, (first.hz, first.v_sum))
+    with pytest.raises(TypeError, match="first must be an AttentionState .*got str"):
+        chain_states("state", first)
