@@ -30,7 +30,9 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
     if not causal:
         k_sum = k_features.sum(dim=-2)
         den = torch.einsum("...nd,...d->...n", q_features, k_sum.type_as(q_features))
-        d_inv = torch.where(den == 0, 0.0, 1.0 / den)  # no keys at all (every one masked out): output 0
+        # no keys at all (every one masked out): output 0; the division sees 1 there, so that no
+        # inf of the unselected branch turns the gradient into 0 * inf = NaN
+        d_inv = torch.where(den == 0, 0.0, 1.0 / torch.where(den == 0, 1.0, den))
         context = torch.einsum("...nd,...ne->...de", k_features, v)
         return torch.einsum("...de,...nd,...n->...ne", context, q_features, d_inv)
     n, s = q_features.shape[-2], k_features.shape[-2]

@@ -165,7 +165,8 @@ def test_regression_compare_flags_a_15_percent_slowdown_and_passes_clean_runs(tm
 
 
 def test_bench_refuses_a_missing_baseline_or_an_unwritable_out_before_running(tmp_path, monkeypatch):
-    """Before any measurement (they used to end in a traceback, the baseline one after the run)."""
+    """Before any measurement (they used to end in a traceback, the baseline one after the run;
+    sizes beyond the machine's memory in the allocator's)."""
     monkeypatch.setattr(bench, "run_regression", lambda *a: pytest.fail("ran"))
     monkeypatch.setattr(bench, "run_sweep", lambda *a: pytest.fail("ran"))
     with pytest.raises(SystemExit, match="--baseline: no such file: .*missing.json"):
@@ -174,6 +175,9 @@ def test_bench_refuses_a_missing_baseline_or_an_unwritable_out_before_running(tm
     blocker.write_text("")
     with pytest.raises(SystemExit, match="--out: cannot create"):
         cli.main(["bench", "--out", str(blocker / "sub"), "--sizes", "8"])
+    with pytest.raises(SystemExit, match="q, k, v and the output gradient at --batch 1 --heads 8 --sizes 10000000000 "
+                                         "--dim-head 64 need at least 76,293.9 GiB, more than this"):
+        cli.main(["bench", "--sizes", "64,10000000000", "--out", str(tmp_path)])
 
 
 def test_benchmark_verify_rejects_a_wrong_implementation():
@@ -236,6 +240,8 @@ def test_demo_corpus_is_code_not_runs_of_spaces():
     (["bench", "--repeats", "0"], "argument --repeats: a positive integer, got '0'"),
     (["bench", "--threads", "0"], "argument --threads: a positive integer, got '0'"),
     (["bench", "--sizes", "64,0"], "argument --sizes: positive sequence lengths, got '64,0'"),
+    (["demo", "--batch-size", "100000000"], "argument --batch-size: the logits of one training step at --batch-size "
+                                            "100000000 --seq-len 256 need at least 48,828.1 GiB, more than this"),
     (["check", "--n", "0"], "argument --n: a positive integer, got '0'"),
     (["check", "--d", "0"], "argument --d: a positive integer, got '0'"),
     (["check", "--m", "-2"], "argument --m: a positive integer, got '-2'"),

@@ -115,3 +115,21 @@ def test_masked_reference_equals_unpadded():
         out = reference.favor_attention(q, k, v, P, feature_map=mode, key_padding_mask=mask)
         alone = reference.favor_attention(q[1:], k[1:, :, :13], v[1:, :, :13], P, feature_map=mode)
         assert rel(out[1:], alone) <= 1e-12
+
+
+def test_oracle_gradients_are_finite_where_a_row_has_no_keys():
+    """A batch row whose keys are all padded (or zero key features): output 0 and zero query
+    gradients, as the library gives, not 0 * inf = NaN from the unselected 1 / 0."""
+    q, k, v = (torch.randn(2, 1, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               .requires_grad_() for i in range(3))
+    P = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0] = False
+    out = reference.favor_attention(q, k, v, P, causal=False, key_padding_mask=keep)
+    dq, = torch.autograd.grad(out.square().sum() + out.sum(), q)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(dq[0], torch.zeros_like(dq[0]))
+    assert torch.isfinite(dq).all()
+    qf = torch.rand(1, 1, 4, 3, dtype=torch.float64, requires_grad=True)
+    out = reference.linear_attention(qf, torch.zeros(1, 1, 4, 3, dtype=torch.float64),
+                                     torch.randn(1, 1, 4, 2, dtype=torch.float64))
+    assert torch.equal(torch.autograd.grad(out.sum(), qf)[0], torch.zeros_like(qf))

@@ -78,3 +78,24 @@ def readable_file(text: str) -> str:
     if not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"a readable file, got {text!r}: permission denied")
     return text
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory of the device ("cpu": physical RAM; "cuda": the current GPU), None if unknown."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def memory_problem(needed: int, device: str, what: str) -> str | None:
+    """Why a run whose tensors need at least `needed` bytes cannot fit the device (None when it
+    may): a clear message before the run instead of an allocator error (or minutes of swapping)."""
+    total = device_memory(device)
+    if total is None or needed <= total:
+        return None
+    return f"{what} need at least {needed / 2**30:,.1f} GiB, more than this {device} device's {total / 2**30:,.1f} GiB"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .arguments import positive_int, positive_ints
+from .arguments import memory_problem, positive_int, positive_ints
 from .benchmark import (
     DEFAULT_PAIRS,
     DEFAULT_REFERENCE,
@@ -259,6 +259,12 @@ def run(args) -> int:
     missing = [name for name in (args.baseline or []) if not Path(name).expanduser().is_file()]
     if missing:  # before the run, not after it
         raise SystemExit(f"performer-triton bench --baseline: no such file: {', '.join(missing)}")
+    big = max(cases(args), key=lambda c: c.b * c.h * c.n)
+    problem = memory_problem(4 * big.b * big.h * big.n * big.d * big.dtype.itemsize, args.device,
+                             f"q, k, v and the output gradient at --batch {big.b} --heads {big.h} --sizes {big.n} "
+                             f"--dim-head {big.d}")
+    if problem is not None:
+        raise SystemExit(f"performer-triton bench: {problem}")
     out = Path(args.out).expanduser().resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)

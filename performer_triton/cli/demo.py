@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from performer_triton import AutoregressiveWrapper, PerformerLM
 
-from .arguments import float_at_least, int_in, positive_float, positive_int, readable_file
+from .arguments import float_at_least, int_in, memory_problem, positive_float, positive_int, readable_file
 
 DEFAULT_MODULES = ("argparse", "collections", "dataclasses", "functools", "pathlib", "textwrap", "typing")
 DEFAULTS = {  # device type -> (training steps, time budget in seconds; None: no budget)
@@ -36,6 +36,7 @@ DEFAULTS = {  # device type -> (training steps, time budget in seconds; None: no
 }
 PROMPT_LEN = 64  # the prompt is min(PROMPT_LEN, seq_len // 4) bytes
 MIN_SEQ_LEN = 4  # a prompt of at least one byte
+VOCAB = 256  # bytes
 MIN_CORPUS_BYTES = 1024
 
 
@@ -77,12 +78,18 @@ def validate(args, parser) -> None:
     if problem is not None:
         flag = "--text" if args.text is not None and len(data) < MIN_CORPUS_BYTES else "--seq-len"
         parser.error(f"argument {flag}: {problem}")
+    # the fp32 logits of a training step and their gradient alone: a lower bound
+    problem = memory_problem(2 * args.batch_size * args.seq_len * VOCAB * 4,
+                             "cuda" if torch.cuda.is_available() else "cpu",
+                             f"the logits of one training step at --batch-size {args.batch_size} --seq-len {args.seq_len}")
+    if problem is not None:
+        parser.error(f"argument --batch-size: {problem}")
     args.corpus = data
 
 
 def build_model(seq_len: int, device: torch.device):
     model = PerformerLM(
-        num_tokens=256,
+        num_tokens=VOCAB,
         max_seq_len=seq_len,
         dim=128,
         depth=2,
