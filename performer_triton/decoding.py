@@ -28,6 +28,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from local_attention.rotary import rotate_half
 from torch import Tensor, nn
 
@@ -281,9 +282,13 @@ class LocalWindowState:
     sitting at W + (p mod W). Only keys from the start of the previous window are kept.
     """
 
-    def __init__(self, local_attn: nn.Module):
+    def __init__(self, local_attn: nn.Module, *, zero_unseen: bool = False):
         self.local_attn = local_attn
         self.window = local_attn.window_size
+        # a query that sees no kept key: 0 (zero_unseen, the layer's opt-ins), else 1.1.4's uniform
+        # average over its whole window, later positions included, which a step cannot know
+        self.zero_unseen = zero_unseen
+        self.masked = False  # a mask was given (else every key is kept)
         self.length = 0  # positions seen
         self.keys: Tensor | None = None  # (b, h, L, d), before rotary
         self.values: Tensor | None = None  # (b, h, L, e)
@@ -298,6 +303,7 @@ class LocalWindowState:
         return (position // self.window - 1) * self.window
 
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
+        self.masked = self.masked or keep is not None
         keep = _keep(keep, k)
         if self.keys is None:
             self.keys, self.values, self.keep = k, v, keep
@@ -330,12 +336,30 @@ class LocalWindowState:
             q = self._rotate(q, key_positions[-1:])
             k = self._rotate(k, key_positions)
         sim = q @ k.transpose(-1, -2)  # (b, h, 1, L)
+        seen = self.keep.any(-1)[:, None, None, None]  # (b, 1, 1, 1): a kept key is visible
+        if not self.zero_unseen and self.masked and not bool(seen.all()):  # (a host read only with a mask)
+            raise ValueError(
+                "cache: a padded position whose local window holds no kept key so far, fed after the prefill: "
+                "1.1.4's local attention averages its whole window there, later positions included, which a cached "
+                "step cannot see (and the next layer counts that row). Feed such positions in the prefill call, or "
+                "use key_stabilizer='prefix' or exact_mask=True, which give these rows 0")
         sim = sim.masked_fill(~self.keep[:, None, None, :], -torch.finfo(sim.dtype).max)
-        return sim.softmax(dim=-1) @ self.values
+        out = sim.softmax(dim=-1) @ self.values
+        return torch.where(seen, out, 0.0) if self.zero_unseen else out
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
         return _step(self, q, k, v, keep)
+
+
+def seen_keys(mask: Tensor, window: int) -> Tensor:
+    """(b, n) bool: whether query i of a causal local attention (windows of `window` from position
+    0, looking back one window) sees a kept key: mask (b, n) True somewhere in
+    [start of the previous window, i]."""
+    b, n = mask.shape
+    kept = F.pad(mask, (0, -n % window)).view(b, -1, window).to(torch.int32)  # (b, windows, window)
+    before = F.pad(kept.sum(-1), (1, 0))[:, :-1]  # kept keys of the previous window   (b, windows)
+    return (kept.cumsum(-1) + before[..., None] > 0).view(b, -1)[:, :n]
 
 
 def local_cache_unsupported_reason(local_attn: nn.Module) -> str | None:

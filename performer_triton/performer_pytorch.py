@@ -24,7 +24,7 @@ from local_attention import LocalAttention
 from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
-from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason
+from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys
 from .distributed import ContextParallel, context_parallel_attention, with_neighbours
 from .fast_attention import FastAttention
 from . import functional
@@ -608,7 +608,7 @@ class Attention(nn.Module):
         window size."""
         wide = (q, k, v) if q.dtype.itemsize >= 4 else (q.float(), k.float(), v.float())
         if cp is None:
-            return self.local_attn(*wide, input_mask=mask).to(q.dtype)
+            return self._unseen_to_zero(self.local_attn(*wide, input_mask=mask), mask).to(q.dtype)
         la = self.local_attn
         w = la.window_size
         last = max((i for i, n in enumerate(cp.lengths) if n), default=0)  # empty blocks may follow it
@@ -623,7 +623,21 @@ class Attention(nn.Module):
         if exists(mask):
             mask = with_neighbours(mask, cp, before=before, after=after, dim=1)
         first, _ = cp.rows_from(before, after)
-        return la(*wide, input_mask=mask)[:, :, first : first + q.shape[2]].to(q.dtype)
+        out = self._unseen_to_zero(la(*wide, input_mask=mask), mask)  # (blocks start at a window)
+        return out[:, :, first : first + q.shape[2]].to(q.dtype)
+
+    def _padded_rows_zero(self) -> bool:
+        """Whether a causal local query that sees no kept key gets 0 (key_stabilizer="prefix" or
+        exact_mask, the opt-ins), not 1.1.4's uniform average over its whole window, whose later
+        positions then reach kept outputs through the next layer's normaliser: a future leak."""
+        return self.local_attn.causal and (self.exact_mask or self.fast_attention.key_stabilizer == "prefix")
+
+    def _unseen_to_zero(self, out: Tensor, mask: Tensor | None) -> Tensor:
+        """out (b, h, n, e) of the local heads, rows without a visible kept key zeroed where
+        _padded_rows_zero; mask (b, n) starts at a window boundary."""
+        if mask is None or not self._padded_rows_zero():
+            return out
+        return out.masked_fill(~seen_keys(mask, self.local_attn.window_size)[:, None, :, None], 0.0)
 
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
                           cp: ContextParallel | None = None) -> Tensor:
@@ -647,7 +661,7 @@ class Attention(nn.Module):
         local = None
         if exists(self.local_attn):
             lk, lv, mask = local_kv
-            local = LocalWindowState(self.local_attn)
+            local = LocalWindowState(self.local_attn, zero_unseen=self._padded_rows_zero())
             local.extend(lk, lv, mask)
         cache.set(self, (favor, local))
 

@@ -440,3 +440,51 @@ def test_a_copied_cache_branches_a_generation():
     with torch.no_grad():
         full = model(x)
         assert rel(model(x[:, 6:7], cache=branch), full[:, 6:7]) <= 1e-5
+
+
+def test_local_query_without_a_visible_kept_key():
+    """A causal local query whose visible window holds only padded keys: 1.1.4's uniform average
+    over its whole window (later positions included) by default, which a cached step cannot see,
+    so the cache refuses such a step; with key_stabilizer="prefix" or exact_mask it is 0 on both
+    paths: step-by-step decoding of a left-padded sequence equals recomputing the sequence so far,
+    and a kept output never depends on a later token (the padded row reaches it through the next
+    layer's normaliser)."""
+    from performer_triton.decoding import seen_keys
+
+    mask = torch.rand(3, 23, generator=torch.Generator().manual_seed(0)) < 0.3
+    for window in (1, 2, 3, 5, 30):
+        brute = torch.stack([torch.stack([mask[r, max(0, (i // window - 1) * window): i + 1].any()
+                                          for i in range(23)]) for r in range(3)])
+        assert torch.equal(seen_keys(mask, window), brute)
+
+    base = dict(num_tokens=64, max_seq_len=16, dim=16, depth=2, heads=2, dim_head=8, causal=True, nb_features=12,
+                local_attn_heads=(2, 0), local_window_size=3)  # local, then global heads (cacheable)
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, :3] = False
+    keep[1, :1] = False
+    for opt_in in (dict(key_stabilizer="prefix"), dict(exact_mask=True)):
+        torch.manual_seed(0)
+        model = PerformerLM(**base, **opt_in).eval()
+        with torch.no_grad():
+            full = model(x, mask=keep)
+            cache = DecodingCache()
+            steps = torch.cat([model(x[:, i:i + 1], cache=cache, mask=keep[:, i:i + 1]) for i in range(10)], 1)
+            # what each step can know (the global stabilizer's max moves as keys arrive): the last
+            # position of the sequence so far
+            so_far = torch.stack([model(x[:, :i + 1], mask=keep[:, :i + 1])[:, -1] for i in range(10)], 1)
+            later = x.clone()
+            later[:, 3] = (later[:, 3] + 7) % 64
+            changed = model(later, mask=keep)
+        assert torch.allclose(steps, so_far, rtol=1e-5, atol=1e-5)
+        if "key_stabilizer" in opt_in:  # (the global stabilizer leaks anyway: a max over every key)
+            assert torch.equal(changed[:, :3], full[:, :3])  # positions before the changed token
+    torch.manual_seed(0)
+    model = PerformerLM(**base).eval()
+    cache = DecodingCache()
+    with torch.no_grad():
+        model(x[:, :1], cache=cache, mask=keep[:, :1])
+        with pytest.raises(ValueError, match="padded position whose local window holds no kept key"):
+            model(x[:, 1:2], cache=cache, mask=keep[:, 1:2])
+        prefill = model(x, cache=DecodingCache(), mask=keep)  # in the prefill call: 1.1.4's numbers
+        assert torch.equal(prefill, model(x, mask=keep))
