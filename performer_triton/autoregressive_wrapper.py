@@ -29,6 +29,7 @@ def exists(val) -> bool:
 def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Nucleus filter: keep the most likely tokens whose cumulative probability stays within
     1 - thres (always the first); the rest become -inf.  logits (b, vocab)."""
+    _check_thres(thres)
     sorted_logits, sorted_indices = torch.sort(logits, descending=True)
     cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
     remove = cum_probs > (1 - thres)
@@ -38,8 +39,14 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
     return sorted_logits.scatter(1, sorted_indices, sorted_logits)
 
 
+def _check_thres(thres: object) -> None:
+    if isinstance(thres, bool) or not isinstance(thres, (numbers.Real, Tensor)):
+        raise TypeError(f"filter_thres must be a number, got {type(thres).__name__} {thres!r}")
+
+
 def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Keep the int((1 - thres) * vocab) largest logits; the rest become -inf.  logits (b, vocab)."""
+    _check_thres(thres)
     vocab = logits.shape[-1]
     wanted = (1 - thres) * vocab
     # where 1.1.4 crashed (torch.topk: more than vocab or a negative count; int(NaN)); a thres a little
@@ -129,6 +136,15 @@ class AutoregressiveWrapper(nn.Module):
         sequence outgrows max_seq_len the window slides (positions shift each step), so generation
         continues by recomputation.
         """
+        if not isinstance(start_tokens, Tensor):
+            raise TypeError(f"start_tokens must be a torch.Tensor of token ids, got {type(start_tokens).__name__}")
+        if "cache" in kwargs:  # it would reach the net beside generate's own (or recomputed windows)
+            raise TypeError("generate() got cache=: generate keeps its own DecodingCache (use_cache=True / False "
+                            "chooses); to continue a cache of your own, call the model with it")
+        if not isinstance(repetition_penalty, numbers.Real) and not (
+                isinstance(repetition_penalty, Tensor) and repetition_penalty.numel() == 1):
+            raise TypeError(f"repetition_penalty must be a number, got {type(repetition_penalty).__name__} "
+                            f"{repetition_penalty!r}")
         if start_tokens.dim() not in (1, 2):
             raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
         if start_tokens.shape[-1] == 0:

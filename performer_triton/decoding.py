@@ -124,7 +124,8 @@ class FavorState:
 
     feature_map: the layer's FeatureMap; projection (m, d) or None (no_projection); fused: single
     positions run the fused Triton step (kernels/decode.py) on this state; source: the layer's
-    projection buffer, which step() checks has not been redrawn since (its version counter)."""
+    projection buffer, which step() checks has not been redrawn since (its version counter, or its
+    values for an inference tensor)."""
 
     def __init__(
         self, feature_map: FeatureMap, projection: Tensor | None, b: int, h: int, m: int, e: int, dtype, device,
@@ -143,11 +144,11 @@ class FavorState:
 
     def __deepcopy__(self, memo: dict) -> FavorState:
         new = _copy_sharing(self, memo, ("source", "feature_map"))
-        new.version = _version(new.source) if _version(self.source) == self.version else -1  # -1: stale
+        new.version = _version(new.source) if _same(self.version, self.source) else -1  # -1: stale
         return new
 
     def __getstate__(self) -> dict:
-        return {**vars(self), "version": _version(self.source) == self.version}  # whether current when saved
+        return {**vars(self), "version": _same(self.version, self.source)}  # whether current when saved
 
     def __setstate__(self, state: dict) -> None:
         current = state.pop("version")
@@ -215,7 +216,7 @@ class FavorState:
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
-        if _version(self.source) != self.version:
+        if not _same(self.version, self.source):
             raise ValueError(
                 "DecodingCache: the layer's projection matrix was redrawn (or reloaded) after this cache was filled, "
                 "so its state holds keys of the old features; in training mode every call counts towards "
@@ -239,12 +240,19 @@ def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor,
     return torch.cat(outs, dim=2)
 
 
-def _version(t: Tensor | None) -> int | None:
-    """t's version counter (in-place writes bump it); None without t, or for an inference tensor
-    (which has none)."""
-    if t is None or t.is_inference():
+def _version(t: Tensor | None) -> int | Tensor | None:
+    """What tells that t was written in place since: its version counter; for an inference tensor,
+    which has none, a copy of it (compared by value, _same); None without t."""
+    if t is None:
         return None
-    return t._version
+    return t.clone() if t.is_inference() else t._version
+
+
+def _same(version: int | Tensor | None, t: Tensor | None) -> bool:
+    """Whether t is as it was when _version gave version (-1: known stale)."""
+    if isinstance(version, Tensor):
+        return t is not None and bool(torch.equal(version, t))  # (a host read: inference tensors only)
+    return version == _version(t)
 
 
 def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorState:

@@ -692,6 +692,11 @@ def _check_dtype(name: str, x: Tensor, linear: nn.Module) -> None:
                         f"(.to({weight.dtype})) or the module, or run under torch.autocast")
 
 
+def _check_cache(cache: object) -> None:
+    if exists(cache) and not isinstance(cache, DecodingCache):
+        raise TypeError(f"cache must be a performer_triton DecodingCache, got {type(cache).__name__}")
+
+
 def _check_cache_batch(cache: object, x: object) -> None:
     """A DecodingCache's states hold one row per sequence: the same batch on every call."""
     if isinstance(cache, DecodingCache) and isinstance(x, Tensor) and x.dim() == 3:
@@ -967,6 +972,7 @@ class Performer(nn.Module):
                                  "exact_mask=False, is: padded keys' values are zeroed on their rank)")
             cp.broadcast_([m.projection_matrix for m in find_modules(self, FastAttention)])
         cache = kwargs.get("cache")
+        _check_cache(cache)
         if exists(cache):
             reason = self.cache_unsupported_reason()
             if reason:
@@ -1088,6 +1094,7 @@ class PerformerLM(nn.Module):
             raise TokenRangeError(
                 f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
             )
+        _check_cache(cache)
         cp = None
         if exists(context_parallel_group):
             if exists(cache):

@@ -1,13 +1,15 @@
 """Cached generation: recurrent-state math against the float64 reference, incremental forward
 against full recomputation, and generate(use_cache=True) sampling the same tokens as 1.1.4's
 recompute path."""
+import copy
+
 import pytest
 import torch
 from local_attention import LocalAttention
 
 from models import enc_dec_kwargs
 from performer_triton import reference
-from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+from performer_triton.autoregressive_wrapper import AutoregressiveWrapper, top_p
 from performer_triton.decoding import DecodingCache, LocalWindowState, favor_state
 from performer_triton.fast_attention import FastAttention
 from performer_triton.performer_pytorch import PerformerLM
@@ -286,10 +288,21 @@ def test_generate_names_bad_sampling_arguments():
         (dict(filter_thres=float("nan")), ValueError, "filter_thres .*got thres nan"),
         (dict(use_cache="no"), TypeError, "use_cache must be a bool, got str 'no'"),  # was truthy: cached
         (dict(use_cache=1), TypeError, "use_cache must be a bool, got int 1"),
+        (dict(filter_thres="x"), TypeError, "filter_thres must be a number, got str 'x'"),
+        (dict(filter_thres=None), TypeError, "filter_thres must be a number, got NoneType None"),
+        (dict(filter_thres=None, filter_logits_fn=top_p), TypeError, "filter_thres must be a number"),
+        (dict(repetition_penalty="a"), TypeError, "repetition_penalty must be a number, got str 'a'"),
+        # generate's own cache beside it (use_cache=False: the recomputed windows fed as new tokens)
+        (dict(cache=DecodingCache(), use_cache=False), TypeError, "generate\(\) got cache=: generate keeps"),
+        (dict(cache=DecodingCache()), TypeError, "generate\(\) got cache=: generate keeps"),
     ]
     for kwargs, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             wrapper.generate(prompt, **{"seq_len": 2, **kwargs})
+    with pytest.raises(TypeError, match="start_tokens must be a torch.Tensor of token ids, got list"):
+        wrapper.generate([1, 2, 3], 2)
+    with pytest.raises(TypeError, match="cache must be a performer_triton DecodingCache, got dict"):
+        model(prompt, cache={})
     # a threshold a little below 0 still asks for the whole vocabulary (1.1.4 samples from it)
     assert wrapper.generate(prompt, 2, filter_thres=-0.01).shape == (2, 2)
 
@@ -488,3 +501,22 @@ def test_local_query_without_a_visible_kept_key():
             model(x[:, 1:2], cache=cache, mask=keep[:, 1:2])
         prefill = model(x, cache=DecodingCache(), mask=keep)  # in the prefill call: 1.1.4's numbers
         assert torch.equal(prefill, model(x, mask=keep))
+
+
+def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
+    """Inference tensors have no version counter: the cache compares the projection's values."""
+    cfg = dict(num_tokens=64, max_seq_len=20, dim=16, depth=1, heads=2, dim_head=8, causal=True, nb_features=12,
+               feature_redraw_interval=1)
+    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = PerformerLM(**cfg).eval()
+        cache = DecodingCache()
+        model(x[:, :4], cache=cache)
+        assert model(x[:, 4:5], cache=copy.deepcopy(cache)).shape == (1, 1, 64)  # not redrawn yet
+        model.train()
+        model(x)
+        model(x)  # redraws
+        model.eval()
+        with pytest.raises(ValueError, match="projection matrix was redrawn"):
+            model(x[:, 4:5], cache=cache)
