@@ -776,9 +776,12 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
         # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
         BM_dstate=BM_bwd if d == 0 or packed else cfg["BM"],
-        # the (m, e) states of every chunk: bf16 for 16-bit inputs (half the bytes of the largest
-        # intermediates), fp32 for fp32 (kernels/NOTES.md "State precision")
-        state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
+        # the (m, e) states of every chunk: bf16 for bf16 inputs (half the bytes of the largest
+        # intermediates, rounded as the inputs are), fp32 for fp32 and for unpacked fp16 heads up to
+        # 64 wide (bf16 rounding cost fp16 2-5x of its accuracy; wider heads and packs spill with
+        # fp32 states on sm_80) (kernels/NOTES.md "State precision")
+        state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and max(d, e) <= 64
+                                                                and not packed) else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )
@@ -812,7 +815,7 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     b, h, n, _ = k.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
-    cfg = _config(d, e, m, q.dtype)
+    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
     nt, ns = chunk_slots(cu_seqlens, cfg["BT"], n)
     f32 = dict(device=k.device, dtype=torch.float32)
     states = [

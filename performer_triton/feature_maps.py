@@ -193,7 +193,9 @@ def _exp_shift(x: Tensor, causal: bool) -> Union[Tensor, float]:
     FeatureMap.causal_eps scales the causal eps to match, so the result is exact."""
     if not causal or x.numel() == 0:
         return 0.0
-    bound = math.log(torch.finfo(x.dtype).max) - math.log(x.shape[-2] + 1) - 1.0
+    # log(n + 1) as a tensor op: math.log of a symbolic length would fix it (a compile per length)
+    log_len = x.new_full((), x.shape[-2] + 1, dtype=torch.float32).log()
+    bound = math.log(torch.finfo(x.dtype).max) - 1.0 - log_len
     return (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0)
 
 

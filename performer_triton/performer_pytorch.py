@@ -322,12 +322,21 @@ class ProjectionUpdater(nn.Module):
     def fix_projections_(self) -> None:
         self.feature_redraw_interval = None
 
-    @torch.compiler.disable
     def redraw_projections(self) -> None:
         """In training mode: redraw if the interval has elapsed, else count the call. A forward
         recomputed during backward (torch.utils.checkpoint) is not a new call: it must see the
         projections the original forward used. Runs eagerly under torch.compile (it reads the
-        counter and may rewrite the projections in place): one graph break per training call."""
+        counter and may rewrite the projections in place): one graph break per training call,
+        none with feature_redraw_interval=None (no redraw can happen: the count, 1.1.4's
+        state_dict value, is an in-graph add)."""
+        if self.feature_redraw_interval is None and torch.compiler.is_compiling():
+            if self.training:
+                self.calls_since_last_redraw += 1
+            return
+        self._redraw_projections()
+
+    @torch.compiler.disable
+    def _redraw_projections(self) -> None:
         if not self.training or torch._C._current_graph_task_id() != -1:
             return
         interval = self.feature_redraw_interval
@@ -577,7 +586,10 @@ class Attention(nn.Module):
             if exists(state):
                 outs.append(state[0].step(q, k, v, key_keep))
             else:
-                outs.append(self._global_attention(q, k, v, key_keep, context_parallel))
+                # (the result first: a bound outs.append waiting on the stack across this call's graph
+                # break made dynamo recompile on every call)
+                out = self._global_attention(q, k, v, key_keep, context_parallel)
+                outs.append(out)
         if gh < h:
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
@@ -589,7 +601,8 @@ class Attention(nn.Module):
                     # views of this graph's intermediates handed out of the graph get replayed by
                     # aot_autograd from their base, which corrupts shapes (torch 2.13): hand copies
                     lq, lk, lv = lq.clone(), lk.clone(), lv.clone()
-                outs.append(self._local_attention(lq, lk, lv, local_mask, context_parallel))
+                out = self._local_attention(lq, lk, lv, local_mask, context_parallel)  # (as above)
+                outs.append(out)
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
 
