@@ -148,7 +148,9 @@ NB_FEATURES = (256, 266)
 # changes (kernels/NOTES.md "Compile report figures").
 QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM),)
 # fp32 and bf16 only: fp16 compiles the tiles, layouts and loops of bf16 with another element type
-# (the full sweep compiles it); it cost CI a third of the quick sweep (~65 s)
+# (the full sweep compiles it); it cost CI a third of the quick sweep (~65 s). Except the causal
+# chunk states of unpacked fp16 fused-map heads up to 64 wide, fp32 like fp32's: compiled by the
+# full sweep (`--filter "causal fp16"`, kernels/NOTES.md "Sixth pass"), not by --quick
 QUICK_DTYPES = ("fp32", "bf16")
 # ... and the causal forward from a state and packed sequences (fp16/bf16, fused maps) at their
 # widest heads

@@ -777,10 +777,10 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
         BM_dstate=BM_bwd if d == 0 or packed else cfg["BM"],
         # the (m, e) states of every chunk: bf16 for bf16 inputs (half the bytes of the largest
-        # intermediates, rounded as the inputs are), fp32 for fp32 and for unpacked fp16 heads up to
-        # 64 wide (bf16 rounding cost fp16 2-5x of its accuracy; wider heads and packs spill with
-        # fp32 states on sm_80) (kernels/NOTES.md "State precision")
-        state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and max(d, e) <= 64
+        # intermediates, rounded as the inputs are), fp32 for fp32 and for fp16 unpacked fused-map
+        # heads up to 64 wide (bf16 rounding cost fp16 2-5x of its accuracy; wider heads, packs and
+        # given features spill with fp32 states) (kernels/NOTES.md "State precision")
+        state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and 0 < d and max(d, e) <= 64
                                                                 and not packed) else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,

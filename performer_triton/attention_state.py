@@ -93,6 +93,11 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
     b, h, m, e1 = first[0].shape
     first = check_state(first, b, h, m, e1 - 1, first[0].device, what="first", sizes="b, h, m, e of first.hz")
     then = check_state(then, b, h, m, e1 - 1, first.hz.device, what="then", sizes="first's b, h, m, e")
+    if host_reads():  # where both hold keys, both were made by maps of one kind (_check_map_kind)
+        both = torch.isfinite(first.ref) & torch.isfinite(then.ref)
+        if bool((both & (torch.isfinite(first.stab) != torch.isfinite(then.stab))).any()):
+            raise ValueError("chain_states: first and then were made by different feature maps (softmax states keep "
+                             "a finite stab, relu and given-feature states -inf)")
     hz, ref = merge_referenced(first.hz, first.ref, then.hz, then.ref)
     return AttentionState(hz, first.v_sum + then.v_sum, ref, torch.maximum(first.stab, then.stab))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import TYPE_CHECKING, Callable
 
@@ -145,12 +144,14 @@ class AutoregressiveWrapper(nn.Module):
                 isinstance(repetition_penalty, Tensor) and repetition_penalty.numel() == 1):
             raise TypeError(f"repetition_penalty must be a number, got {type(repetition_penalty).__name__} "
                             f"{repetition_penalty!r}")
+        if isinstance(repetition_penalty, Tensor):  # 1.1.4 divides by it: the same as by its value
+            repetition_penalty = repetition_penalty.item()
         if start_tokens.dim() not in (1, 2):
             raise ValueError(f"start_tokens must have shape (t,) or (batch, t), got {tuple(start_tokens.shape)}")
         if start_tokens.shape[-1] == 0:
             raise ValueError("start_tokens must hold at least one token")
         # 1.1.4 samples range(seq_len) tokens: a bool counts as 0 / 1, a negative length as 0
-        seq_len = max(0, check_int("seq_len", int(seq_len) if isinstance(seq_len, bool) else seq_len, -sys.maxsize))
+        seq_len = max(0, check_int("seq_len", int(seq_len) if isinstance(seq_len, bool) else seq_len, -math.inf))
         _check_temperature(temperature)
         if use_cache is not None:
             check_bool("use_cache", use_cache)

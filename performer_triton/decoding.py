@@ -250,9 +250,11 @@ def _version(t: Tensor | None) -> int | Tensor | None:
 
 def _same(version: int | Tensor | None, t: Tensor | None) -> bool:
     """Whether t is as it was when _version gave version (-1: known stale)."""
-    if isinstance(version, Tensor):
-        return t is not None and bool(torch.equal(version, t))  # (a host read: inference tensors only)
-    return version == _version(t)
+    if t is None:
+        return version is None
+    if t.is_inference():
+        return isinstance(version, Tensor) and bool(torch.equal(version, t))  # (a host read)
+    return version == t._version
 
 
 def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorState:

@@ -384,11 +384,12 @@ def _in_range(x: Tensor, dims) -> Tensor:
     (zero, non-finite, in range) times 1."""
     if x.numel() == 0:
         return x
-    peak = x.detach().abs().amax(dim=dims, keepdim=True)
-    peak = peak.to(torch.promote_types(peak.dtype, torch.float32))
+    peak = x.detach().abs().amax(dim=dims, keepdim=True).to(torch.float64)
     outside = peak.isfinite() & (peak > 0) & ((peak > FEATURE_RANGE) | (peak < 1.0 / FEATURE_RANGE))
-    scale = torch.where(outside, torch.exp2(-torch.floor(torch.log2(peak))), 1.0)
-    return x * scale.to(x.dtype)
+    power = torch.where(outside, -torch.floor(torch.log2(peak)), 0.0)
+    # in two halves: 2^power itself leaves the dtype's range for subnormal peaks (2^133 for fp32)
+    half = torch.floor(power / 2)
+    return x * torch.exp2(half).to(x.dtype) * torch.exp2(power - half).to(x.dtype)
 
 
 def linear_attention(
@@ -400,8 +401,10 @@ def linear_attention(
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
     Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
-    prefix sum; with fewer queries than keys the queries are the last n positions. Features of any
-    magnitude: rows whose q' . k' products would leave fp32's range are scaled exactly first.
+    prefix sum; with fewer queries than keys the queries are the last n positions. Query features
+    of any magnitude, and non-causal key features (rows and heads whose q' . k' products would
+    leave fp32's range are scaled exactly first); causal key features whose prefix sums stay
+    finite in fp32 (the causal eps is not scale-free).
     initial_state, output_final_state, cu_seqlens: as favor_attention's (states causal only).
     """
     q_features, k_features, v = _autocast(q_features, k_features, v)

@@ -520,3 +520,5 @@ def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
         model.eval()
         with pytest.raises(ValueError, match="projection matrix was redrawn"):
             model(x[:, 4:5], cache=cache)
+        with pytest.raises(ValueError, match="projection matrix was redrawn"):  # a copy stays stale
+            model(x[:, 4:5], cache=copy.deepcopy(cache))

@@ -746,6 +746,12 @@ def test_odd_sizes_1_1_4_takes_give_its_numbers():
         assert results[1].shape == results[0].shape == (2, max(0, int(seq_len)))
         assert torch.equal(results[1], results[0]) and torch.equal(states[1], states[0])
     assert AutoregressiveWrapper(ours).generate(start[0], -1).shape == (0,)
+    assert AutoregressiveWrapper(ours).generate(start, -2**70).shape == (2, 0)
+    results = []
+    for wrapper in (original_ar.AutoregressiveWrapper(theirs), AutoregressiveWrapper(ours)):
+        torch.manual_seed(1)  # a one-element tensor penalty (1.1.4 divides by it)
+        results.append(wrapper.generate(start, 4, repetition_penalty=torch.tensor([1.5]), filter_thres=0.0))
+    assert torch.equal(results[0], results[1])
 
 
 def test_local_heads_with_a_fully_padded_window_give_1_1_4s_numbers():

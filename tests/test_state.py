@@ -660,3 +660,11 @@ def test_chain_states_checks_its_states():
         chain_states(first, (first.hz, first.v_sum))
     with pytest.raises(TypeError, match="first must be an AttentionState .*got str"):
         chain_states("state", first)
+    k, v = torch.randn(3, 2, 5, 6), torch.randn(3, 2, 5, 4)
+    proj = gaussian_orthogonal_random_matrix(8, 6)
+    from performer_triton.attention_state import keys_state
+
+    softmax, relu = keys_state(k, v, proj), keys_state(k, v, proj, feature_map="relu")
+    assert torch.allclose(chain_states(softmax, AttentionState.empty(3, 2, 8, 4)).hz, softmax.hz)
+    with pytest.raises(ValueError, match="made by different feature maps"):
+        chain_states(softmax, relu)
