@@ -367,7 +367,7 @@ def seen_keys(mask: Tensor, window: int) -> Tensor:
     0, looking back one window) sees a kept key: mask (b, n) True somewhere in
     [start of the previous window, i]."""
     b, n = mask.shape
-    kept = F.pad(mask, (0, -n % window)).view(b, -1, window).to(torch.int32)  # (b, windows, window)
+    kept = F.pad(mask, (0, -n % window)).view(b, -(-n // window), window).to(torch.int32)  # (b, windows, window)
     before = F.pad(kept.sum(-1), (1, 0))[:, :-1]  # kept keys of the previous window   (b, windows)
     return (kept.cumsum(-1) + before[..., None] > 0).view(b, -1)[:, :n]
 

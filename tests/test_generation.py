@@ -469,6 +469,7 @@ def test_local_query_without_a_visible_kept_key():
         brute = torch.stack([torch.stack([mask[r, max(0, (i // window - 1) * window): i + 1].any()
                                           for i in range(23)]) for r in range(3)])
         assert torch.equal(seen_keys(mask, window), brute)
+        assert seen_keys(mask[:, :0], window).shape == (3, 0)  # an empty block (context parallelism)
 
     base = dict(num_tokens=64, max_seq_len=16, dim=16, depth=2, heads=2, dim_head=8, causal=True, nb_features=12,
                 local_attn_heads=(2, 0), local_window_size=3)  # local, then global heads (cacheable)
