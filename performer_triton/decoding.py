@@ -225,11 +225,14 @@ class FavorState:
         if self.fused and q.shape[2] == 1:
             from .kernels.decode import decode_step  # imports triton
 
-            return decode_step(
+            out = decode_step(
                 q, k, v, self.projection, None if keep is None else keep[:, 0].contiguous(), self.hz, self.v_sum,
                 self.ref, self.stab, feature=self.feature_map.code, causal_coef=self.chunk.causal_coef,
             )
-        return _step(self, q, k, v, keep)
+        else:
+            out = _step(self, q, k, v, keep)
+        # a padded query gives 0, as favor_attention's causal key_padding_mask does on the full path
+        return out if keep is None else out.masked_fill(~keep[:, None, :, None], 0.0)
 
 
 def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
