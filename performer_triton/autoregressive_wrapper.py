@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 from .decoding import DecodingCache
 from .distributed import ContextParallel, with_neighbours
 from .performer_pytorch import _check_mask
-from .validation import check_bool, check_int
+from .validation import check_bool, check_int, warn_ignored
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -95,6 +95,9 @@ class AutoregressiveWrapper(nn.Module):
     def __init__(self, net: nn.Module, ignore_index: int = 0, pad_value: int = 0):
         super().__init__()
         self.pad_value = pad_value
+        if pad_value != 0:
+            warn_ignored("AutoregressiveWrapper", ["pad_value"], "performer-pytorch 1.1.4 keeps it as an attribute and "
+                         "uses it nowhere")
         self.ignore_index = ignore_index
         self.net = net
         self.max_seq_len = net.max_seq_len
@@ -105,6 +108,20 @@ class AutoregressiveWrapper(nn.Module):
         if reason_fn is None:
             return f"{type(self.net).__name__} has no incremental decoding"
         return reason_fn()
+
+    def _observed(self) -> bool:
+        """Whether code of the user's sees the net's calls: a subclass's own forward, or forward hooks
+        in the net. The cache feeds one new token per call where 1.1.4 feeds the window, which such
+        code may tell apart, so generate recomputes for them unless use_cache=True."""
+        from .performer_pytorch import PerformerLM
+
+        model = getattr(self.net, "_orig_mod", self.net)  # (torch.compile's wrapper runs the model's forward)
+        if type(model).forward is not PerformerLM.forward:
+            return True
+        hooks = ("_forward_hooks", "_forward_pre_hooks")
+        if any(getattr(nn.modules.module, f"_global{name}", None) for name in hooks):
+            return True
+        return any(getattr(m, name, None) for m in self.net.modules() for name in hooks)
 
     @torch.no_grad()
     def generate(
@@ -124,7 +141,8 @@ class AutoregressiveWrapper(nn.Module):
         """Sample ``seq_len`` tokens after start_tokens (t,) or (b, t) -> (seq_len,) or (b, seq_len)
         (fewer if every row emitted eos_token). kwargs go to the net (mask, context, context_mask).
 
-        use_cache (default: wherever it is exact): feed each new token once and carry per-layer
+        use_cache (default: wherever it is exact, and the net is a PerformerLM whose calls no code of
+        the caller's observes: no subclass forward, no forward hooks): feed each new token once and carry per-layer
         recurrent state (O(1) time and memory per token w.r.t. the prefix) instead of re-running
         the whole window each step, with the same tokens for the same seed. It is exact for causal
         models whose softmax attention uses key_stabilizer="prefix", and for generalized or
@@ -158,7 +176,7 @@ class AutoregressiveWrapper(nn.Module):
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
-        use_cache = reason is None if use_cache is None else use_cache
+        use_cache = reason is None and not self._observed() if use_cache is None else use_cache
 
         was_training = self.net.training
         self.net.eval()

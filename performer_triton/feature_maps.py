@@ -196,7 +196,11 @@ def _exp_shift(x: Tensor, causal: bool) -> Union[Tensor, float]:
     # log(n + 1) as a tensor op: math.log of a symbolic length would fix it (a compile per length)
     log_len = x.new_full((), x.shape[-2] + 1, dtype=torch.float32).log()
     bound = math.log(torch.finfo(x.dtype).max) - 1.0 - log_len
-    return (x.detach().amax(dim=(-1, -2), keepdim=True) - bound).clamp_min(0.0)
+    # over the finite keys: a NaN or inf key would set every position's shift, earlier ones too
+    # (a later key reaching earlier outputs); it spoils its own features and later rows only
+    x = x.detach()
+    top = x.masked_fill(~torch.isfinite(x), float("-inf")).amax(dim=(-1, -2), keepdim=True)
+    return (top - bound).clamp_min(0.0)
 
 
 def _no_projection_keys(x: Tensor, projection: None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:

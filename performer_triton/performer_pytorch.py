@@ -133,7 +133,9 @@ def _finite_padded_rows(x: Tensor, keep: Tensor) -> Tensor:
     zeros, by selection (finite rows keep 1.1.4's numbers).  Attention's inputs, so that no NaN
     or inf at a padded position reaches kept outputs or gradients: 1.1.4's masking counts padded
     keys in the normaliser and the key stabilizer, local heads weight padded values by 0, and a
-    padded query's zero gradient multiplies its features (0 x NaN = NaN every time)."""
+    padded query's zero gradient multiplies its features (0 x NaN = NaN every time).  Also the
+    heads q, k, v (b, h, n, d) with keep[:, None]: a finite padded row can overflow in to_q / to_k
+    / to_v (fp16 rows ~6e4)."""
     return x.masked_fill(~keep[..., None] & ~torch.isfinite(x).all(-1, keepdim=True), 0.0)
 
 
@@ -399,7 +401,7 @@ class Chunk(nn.Module):
     def __init__(self, chunks: int, fn: nn.Module, along_dim: int = -1):
         super().__init__()
         self.dim = along_dim
-        self.chunks = check_int("chunks", chunks, 1)
+        self.chunks = _check_size("chunks", chunks)  # (1.1.4 took ff_chunks=1.0: its chunks == 1 test passes)
         self.fn = fn
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
@@ -548,6 +550,8 @@ class Attention(nn.Module):
             context, context_mask = x, default(context_mask, mask)
         mask = _check_mask("mask", mask, b, n, x.device)
         context_mask = _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
+        if cross_attend and context.shape[1] == 0 and n > 0:
+            raise ValueError(f"context has length 0 but x has {n} positions: nothing to attend to")
         if cross_attend and exists(mask):
             x = _finite_padded_rows(x, mask)
         if exists(context_mask):  # (self-attention: mask, unless a context_mask of its own was given)
@@ -565,6 +569,10 @@ class Attention(nn.Module):
         if b == 0 or (n == 0 and context_parallel is None):
             return self.dropout(self.to_out(x.new_zeros(b, n, self.to_out.in_features)))
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if exists(mask):
+            q = _finite_padded_rows(q, mask[:, None])
+        if exists(context_mask):
+            k, v = (_finite_padded_rows(t, context_mask[:, None]) for t in (k, v))
         (q, lq), (k, lk), (v, lv) = ((t[:, :gh], t[:, gh:]) for t in (q, k, v))
 
         state = cache.get(self) if exists(cache) and not cross_attend else None
@@ -1131,7 +1139,9 @@ class PerformerLM(nn.Module):
         layer_pos_emb = _positions(self.layer_pos_emb, x, offset, n)
         if exists(cp):
             kwargs["context_parallel"] = cp
-        x = self.performer(x, pos_emb=layer_pos_emb, cache=cache, **kwargs)
+        if exists(cache):  # routed only when given: a layer a user swapped in may not take it (1.1.4 routes only what it gets)
+            kwargs["cache"] = cache
+        x = self.performer(x, pos_emb=layer_pos_emb, **kwargs)
         x = self.norm(x)
         if return_encodings:
             return x

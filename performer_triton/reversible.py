@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import Function
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from .validation import ignored_kwargs
+from .validation import InputError, ignored_kwargs
 
 Routes = dict[str, Sequence[tuple[bool, bool]]]
 
@@ -38,7 +38,7 @@ def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[d
 
 
 def _check_routes(router: Routes, depth: int, *, strict: bool = True) -> None:
-    """A route per layer for every key: a ValueError (1.1.4's SequentialSequence asserted), or
+    """A route per layer for every key: an InputError (1.1.4's SequentialSequence asserted), or
     with strict=False a warning, as 1.1.4's ReversibleSequence took any length (the routes pair
     up with the layers as far as both go; the rest are dropped)."""
     for key, routes in router.items():
@@ -46,7 +46,7 @@ def _check_routes(router: Routes, depth: int, *, strict: bool = True) -> None:
             continue
         message = f"route for {key!r} has {len(routes)} entries, the sequence has {depth} layers"
         if strict:
-            raise ValueError(message)
+            raise InputError(message)
         warnings.warn(f"{message}: only the first {min(len(routes), depth)} layers are routed (as performer-pytorch "
                       f"1.1.4)", UserWarning, stacklevel=3)
 

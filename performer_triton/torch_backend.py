@@ -38,6 +38,11 @@ CHUNK = 64
 # a multiple of 64 rows: 256 at b h = 8, m = 266, where the (b h t, d) @ (d, m) products ran at
 # 1.4x the rate of 896-row chunks (issue 15).
 FEATURE_TILE = 2**19
+# The largest exponent _exp2_below_one lets through.  Not 0: the row max's own exponent is 0 up to
+# that rounding (1e-5 at |dash| ~ 100 in fp32), and clamping it would zero its derivative where
+# autograd runs this path (torch.func); 2^-4 is clamped only past |dash| ~ 2^19 (fp32), where the
+# exponent's own rounding is as large.
+EXP2_SLACK = 2.0**-4
 
 
 class ChunkFeatures:
@@ -86,7 +91,7 @@ class ChunkFeatures:
     def query_base(self, x: Tensor, dash: Tensor, q_max: Tensor) -> Tensor:
         """q~ - eps.  x (b, h, t, d), dash (b, h, t, m) (overwritten), q_max (b, h, t) -> (b, h, t, m)."""
         if self.softmax:
-            return dash.sub_((q_max + self.half_sq_norm(x)).mul_(LOG2E)[..., None]).exp2_()
+            return _exp2_below_one(dash, (q_max + self.half_sq_norm(x)).mul_(LOG2E))
         return self._generalized(dash)
 
     def key_units(self, x: Tensor, k_max: Tensor, dash: Tensor | None = None) -> Tensor:
@@ -94,7 +99,7 @@ class ChunkFeatures:
         x (b, h, t, d), k_max (b, h, t), dash of x if already computed (overwritten) -> (b, h, t, m)."""
         dash = self.dash(x) if dash is None else dash
         if self.softmax:
-            return dash.sub_((k_max * LOG2E)[..., None]).exp2_()
+            return _exp2_below_one(dash, k_max * LOG2E)
         return self._generalized(dash)
 
     def keys(self, x: Tensor, ref: Tensor, dash: Tensor | None = None) -> Tensor:
@@ -104,7 +109,7 @@ class ChunkFeatures:
         x (b, h, t, d), dash of x if already computed (overwritten) -> (b, h, t, m)."""
         dash = self.dash(x) if dash is None else dash
         if self.softmax:
-            return dash.sub_((self.half_sq_norm(x) + ref[..., None]).mul_(LOG2E)[..., None]).exp2_()
+            return _exp2_below_one(dash, (self.half_sq_norm(x) + ref[..., None]).mul_(LOG2E))
         return self._generalized(dash)
 
     def _generalized(self, dash: Tensor) -> Tensor:
@@ -120,6 +125,14 @@ class ChunkFeatures:
         # depend on x: dx = dn du @ P - dn^2 rowsum(du) x, both from one matmul with [dn P | 1]
         du_p = dbase.mul_(base) @ self.proj_sum  # (b, h, t, d + 1)
         return torch.addcmul(du_p[..., :-1], du_p[..., -1:], x, value=-self.dn2)
+
+
+def _exp2_below_one(dash: Tensor, shift: Tensor) -> Tensor:
+    """exp2(dash - shift), the exponent clamped at EXP2_SLACK: every SOFTMAX exponent is <= 0
+    exactly (shift >= the row's max of dash), but a shift made from stats in natural units is up
+    to an ulp of |dash| short of it, which past |dash| ~ 2^31 (fp32) is beyond exp2's range: inf,
+    then NaN.  dash (b, h, t, m) (overwritten), shift (b, h, t) -> (b, h, t, m)."""
+    return dash.sub_(shift[..., None]).clamp_max_(EXP2_SLACK).exp2_()
 
 
 def _exact_dtypes(fn):

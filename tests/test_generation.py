@@ -293,8 +293,8 @@ def test_generate_names_bad_sampling_arguments():
         (dict(filter_thres=None, filter_logits_fn=top_p), TypeError, "filter_thres must be a number"),
         (dict(repetition_penalty="a"), TypeError, "repetition_penalty must be a number, got str 'a'"),
         # generate's own cache beside it (use_cache=False: the recomputed windows fed as new tokens)
-        (dict(cache=DecodingCache(), use_cache=False), TypeError, "generate\(\) got cache=: generate keeps"),
-        (dict(cache=DecodingCache()), TypeError, "generate\(\) got cache=: generate keeps"),
+        (dict(cache=DecodingCache(), use_cache=False), TypeError, r"generate\(\) got cache=: generate keeps"),
+        (dict(cache=DecodingCache()), TypeError, r"generate\(\) got cache=: generate keeps"),
     ]
     for kwargs, error, pattern in cases:
         with pytest.raises(error, match=pattern):
@@ -524,3 +524,44 @@ def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
             model(x[:, 4:5], cache=cache)
         with pytest.raises(ValueError, match="projection matrix was redrawn"):  # a copy stays stale
             model(x[:, 4:5], cache=copy.deepcopy(cache))
+
+
+def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
+    """The cache feeds one new token per call where 1.1.4 feeds the window: a PerformerLM subclass
+    with its own forward (which may take no cache=, or read the whole window) and forward hooks
+    see 1.1.4's calls unless use_cache=True asks for the cache."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import performer_pytorch as original
+    import performer_triton
+
+    kw = dict(num_tokens=30, max_seq_len=24, dim=32, depth=1, heads=4, dim_head=8, causal=True)
+    prompt = torch.randint(1, 30, (2, 5), generator=torch.Generator().manual_seed(3))
+    for make in ("no cache keyword", "whole window", "hook"):
+        runs = []
+        for lib in (original, performer_triton):
+            class NoCacheLM(lib.PerformerLM):
+                def forward(self, x, mask=None, context_mask=None):  # what 1.1.4's generate passes
+                    return super().forward(x, mask=mask)
+
+            class WindowLM(lib.PerformerLM):
+                def forward(self, x, **kwargs):  # each logit averages the window's
+                    logits = super().forward(x, **kwargs)
+                    return logits.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
+
+            torch.manual_seed(0)
+            cls = {"no cache keyword": NoCacheLM, "whole window": WindowLM, "hook": lib.PerformerLM}[make]
+            wrapper = lib.AutoregressiveWrapper(cls(**kw))
+            lengths = []
+            if make == "hook":
+                wrapper.net.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+            torch.manual_seed(1)
+            runs.append((wrapper.generate(prompt, 6), lengths))
+        assert torch.equal(runs[1][0], runs[0][0]), make
+        assert runs[1][1] == runs[0][1], make
+    assert runs[0][1] == [5, 6, 7, 8, 9, 10]
+    lengths.clear()
+    wrapper.generate(prompt, 3, use_cache=True)  # the caller's choice
+    assert lengths == [5, 1, 1]

@@ -154,6 +154,33 @@ def test_nan_at_padded_positions_reaches_no_kept_output(exact_mask, causal, loca
     assert (grads[1] - grads[0]).abs().max() <= 1e-10 * grads[0].abs().max()
 
 
+@pytest.mark.parametrize("exact_mask", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_rows_that_overflow_in_the_projections_reach_no_kept_gradient(exact_mask, causal):
+    """fp16 padded rows of x ~ 6e4 are finite, but overflow in to_q / to_k / to_v: the non-finite
+    padded rows of q, k, v are selected away as non-finite inputs are (a padded query's inf
+    features times its zero gradient were NaN in every key's gradient, non-causal exact_mask)."""
+    torch.manual_seed(0)
+    layer = SelfAttention(24, heads=3, dim_head=8, nb_features=16, causal=causal, exact_mask=exact_mask).half()
+    x = torch.randn(2, 10, 24, generator=torch.Generator().manual_seed(0)).half()
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    keep[1, 2] = False
+    results = []
+    for fill in (0.0, 6e4):
+        inputs = x.masked_fill(~keep[..., None], fill).requires_grad_()
+        layer.zero_grad()
+        out = layer(inputs, mask=keep)
+        out[keep].float().square().sum().backward()
+        results.append([out[keep], inputs.grad[keep], *(p.grad for p in layer.parameters())])
+    assert torch.isinf(layer.to_q(torch.full((24,), 6e4).half())).any()  # (the overflow is real)
+    for clean, huge in zip(*results):
+        assert torch.isfinite(huge).all()
+        if exact_mask:  # padded positions take no part: fill 0's numbers (1.1.4's masking counts an
+            # overflowed padded key as a zero key, a fill-0 one as the bias of to_k)
+            assert torch.allclose(huge.float(), clean.float(), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("kw", [dict(causal=False), dict(causal=True, local_attn_heads=1),
                                 dict(causal=False, exact_mask=True, shift_tokens=True),
                                 dict(causal=True, key_stabilizer="prefix", exact_mask=True, ff_glu=True)])

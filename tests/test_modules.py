@@ -17,6 +17,7 @@ with warnings.catch_warnings():
     import performer_pytorch.performer_pytorch as original_pp
     import performer_pytorch.reversible as original_rev
 
+import performer_triton
 import performer_triton.autoregressive_wrapper as ours_ar
 import performer_triton.performer_pytorch as ours_pp
 import performer_triton.performer_enc_dec as ours_ed
@@ -317,8 +318,55 @@ def test_keywords_performer_pytorch_ignores_are_ignored_with_one_warning():
         ours_pp.SelfAttention(32, heads=4, dim_head=8)(torch.zeros(1, 3, 32), input_mask=torch.ones(1, 3).bool())
 
 
+def test_pad_value_is_ignored_with_one_warning():
+    """1.1.4's AutoregressiveWrapper keeps pad_value as an attribute and uses it nowhere."""
+    from performer_triton import validation
+
+    validation._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoregressiveWrapper(lm(cross_attend=False), pad_value=0)  # the default: nothing to say
+    with pytest.warns(UserWarning, match="'pad_value' is ignored"):
+        wrapper = AutoregressiveWrapper(lm(cross_attend=False), pad_value=3)
+    assert wrapper.pad_value == 3
+
+
+def test_layers_a_program_swaps_in_get_only_the_keywords_it_passes():
+    """1.1.4 routes the keywords the caller gives (and pos_emb): a feed-forward replaced by an
+    nn.Linear, or a pre-hook reading the attention's keywords, sees no extra cache=None."""
+    outs, seen = [], []
+    for lib in (original, performer_triton):
+        torch.manual_seed(0)
+        model = lib.PerformerLM(num_tokens=20, max_seq_len=16, dim=32, depth=1, heads=4, dim_head=8).eval()
+        torch.manual_seed(1)
+        model.performer.net.layers[0][1].fn.fn = nn.Linear(32, 32)
+        keys = []
+        model.performer.net.layers[0][0].fn.register_forward_pre_hook(
+            lambda module, args, kwargs: keys.append(sorted(kwargs)), with_kwargs=True)
+        outs.append(model(torch.arange(8)[None] % 20))
+        seen.append(keys)
+    assert (outs[1] - outs[0]).abs().max() <= 1e-5 * outs[0].abs().max()
+    assert seen[1] == seen[0] == [["pos_emb"]]
+
+
+@pytest.mark.parametrize("chunks", [1.0, 2.0])
+def test_integral_float_ff_chunks(chunks):
+    """1.1.4 takes ff_chunks=1.0 (its chunks == 1 test passes) and crashes on 2.0 in Tensor.chunk:
+    both are taken as the int."""
+    outs = []
+    for value in (chunks, int(chunks)):
+        torch.manual_seed(0)
+        model = PerformerLM(num_tokens=20, max_seq_len=16, dim=32, depth=1, heads=4, dim_head=8, ff_chunks=value)
+        outs.append(model(torch.arange(8)[None]))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(TypeError, match="chunks"):
+        PerformerLM(num_tokens=20, max_seq_len=16, dim=32, depth=1, heads=4, dim_head=8, ff_chunks=1.5)
+
+
 def test_cross_attention_and_self_attention_argument_checks():
     x = torch.zeros(1, 3, 32)
+    with pytest.raises(ValueError, match="context has length 0 but x has 3 positions"):  # (1.1.4: IndexError)
+        CrossAttention(32, heads=4, dim_head=8)(x, context=torch.zeros(1, 0, 32))
     with pytest.raises(ValueError, match="should receive context"):
         CrossAttention(32, heads=4, dim_head=8)(x)
     with pytest.raises(ValueError, match="local attention is not compatible"):
@@ -855,7 +903,7 @@ def test_loose_version_float_max_seq_len_and_short_reversible_routes_as_1_1_4():
         assert torch.equal(outs[0], outs[1])
         assert any(f"route for 'a' has {len(routes)} entries, the sequence has 2 layers" in str(w.message)
                    for w in caught)
-    with pytest.raises(ValueError, match="route for 'a' has 1 entries, the sequence has 2 layers"):
+    with pytest.raises(AssertionError, match="route for 'a' has 1 entries, the sequence has 2 layers"):  # 1.1.4's
         ours_rev.SequentialSequence(nn.ModuleList([nn.ModuleList([Add(), Add()]) for _ in range(2)]),
                                     args_route={"a": ((True, False),)})
 

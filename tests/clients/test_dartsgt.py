@@ -12,9 +12,9 @@ BatchNorm1d, mean pooling and a classification head; Adam; eval.
 Changed: the torch_geometric GNN expert is one Linear; to_dense_batch written out in PyTorch.
 Shrunk: dim_h 16, 4 heads, 2 layers, 3 graphs of 2-6 nodes, 3 steps, float64.
 The biases feeding a BatchNorm have a zero gradient up to rounding, which Adam turns into
-steps of size lr: their gradients are not compared, and after three steps the other parameters
-carry ~2e-10 of that noise,
-so the comparison is of what the program computes: logits, losses, gradients, eval logits.
+steps of size lr: their gradients are not compared, and over three steps the other parameters
+pick up ~1e-10 of that noise, so what the program computes (logits, losses, gradients, eval
+logits) is compared to 1e-8 instead of the usual 1e-10.
 """
 import torch
 import torch.nn.functional as F
@@ -108,4 +108,4 @@ def program(lib, rec):
 
 
 def test_dartsgt_cross_attention_layer_trains_as_performer_pytorch():
-    same_results(program)
+    same_results(program, rel=1e-8)
