@@ -372,8 +372,8 @@ def diag_rows(p_x, o_t, m_t, stride_t, D, dn,
 @triton.jit
 def key_units(b_dash, b_max, m_f):
     """U = exp(dash - row_max) in (0, 1], 0 on padded features.  The exponent is clamped at 0:
-    row_max comes from another kernel's dash (_row_stats_kernel), which past |dash| ~ 2^31 can
-    exceed this one's by more than exp's range (inf, then NaN; a key of norm ~1e14).
+    row_max comes from another kernel's dash (_row_stats_kernel), which past |dash| ~ 2^30 in fp32
+    (keys of norm ~1e10) can exceed this one's by more than exp's range: inf, then NaN.
     b_dash (BT, BM) fp32, b_max (BT,), m_f (BM,) -> (BT, BM) fp32."""
     return tl.where(m_f[None, :], tl.exp(tl.minimum(b_dash - b_max[:, None], 0.0)), 0.0)
 

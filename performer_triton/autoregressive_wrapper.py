@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import TYPE_CHECKING, Callable
 
@@ -15,8 +16,8 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 
 from .decoding import DecodingCache
 from .distributed import ContextParallel, with_neighbours
-from .performer_pytorch import _check_mask
-from .validation import check_bool, check_int, warn_ignored
+from .performer_pytorch import PerformerLM, _check_mask
+from .validation import calls_observed, check_bool, check_int, warn_ignored
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -109,19 +110,15 @@ class AutoregressiveWrapper(nn.Module):
             return f"{type(self.net).__name__} has no incremental decoding"
         return reason_fn()
 
-    def _observed(self) -> bool:
-        """Whether code of the user's sees the net's calls: a subclass's own forward, or forward hooks
-        in the net. The cache feeds one new token per call where 1.1.4 feeds the window, which such
-        code may tell apart, so generate recomputes for them unless use_cache=True."""
-        from .performer_pytorch import PerformerLM
-
+    def _observed(self) -> str | None:
+        """Why generate recomputes by default though a cache would be exact: code of the caller's
+        sees the net's calls (a forward of its own, forward hooks), which the cache makes with one
+        new token where 1.1.4 passes the window.  None when nothing does."""
         model = getattr(self.net, "_orig_mod", self.net)  # (torch.compile's wrapper runs the model's forward)
-        if type(model).forward is not PerformerLM.forward:
-            return True
-        hooks = ("_forward_hooks", "_forward_pre_hooks")
-        if any(getattr(nn.modules.module, f"_global{name}", None) for name in hooks):
-            return True
-        return any(getattr(m, name, None) for m in self.net.modules() for name in hooks)
+        if calls_observed(model, PerformerLM):
+            return (f"{type(model).__name__} has a forward of its own or forward hooks, which would see one new "
+                    "token per call instead of the window")
+        return None
 
     @torch.no_grad()
     def generate(
@@ -141,8 +138,8 @@ class AutoregressiveWrapper(nn.Module):
         """Sample ``seq_len`` tokens after start_tokens (t,) or (b, t) -> (seq_len,) or (b, seq_len)
         (fewer if every row emitted eos_token). kwargs go to the net (mask, context, context_mask).
 
-        use_cache (default: wherever it is exact, and the net is a PerformerLM whose calls no code of
-        the caller's observes: no subclass forward, no forward hooks): feed each new token once and carry per-layer
+        use_cache (default: wherever it is exact, unless code of the caller's sees the net's calls: a
+        forward of its own, forward hooks; then a one-time warning): feed each new token once and carry per-layer
         recurrent state (O(1) time and memory per token w.r.t. the prefix) instead of re-running
         the whole window each step, with the same tokens for the same seed. It is exact for causal
         models whose softmax attention uses key_stabilizer="prefix", and for generalized or
@@ -176,7 +173,13 @@ class AutoregressiveWrapper(nn.Module):
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
-        use_cache = reason is None and not self._observed() if use_cache is None else use_cache
+        if use_cache is None:
+            use_cache = reason is None
+            observed = self._observed() if use_cache else None
+            if observed:
+                warnings.warn(f"generate recomputes the window for every token (as performer-pytorch 1.1.4): "
+                              f"{observed}; use_cache=True decodes from a cache", UserWarning, stacklevel=2)
+                use_cache = False
 
         was_training = self.net.training
         self.net.eval()

@@ -10,6 +10,7 @@ rows they read (with_neighbours).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -152,17 +153,20 @@ def with_neighbours(x: Tensor, cp: ContextParallel, *, before: int, after: int =
     """x with the previous rank's last `before` rows in front and the next rank's first `after`
     rows behind, along dim (fewer at the ends of the sequence: ContextParallel.rows_from);
     differentiable.  Bool tensors (masks) travel as uint8.  Rows come from the adjacent ranks
-    only: a block between two others shorter than the rows asked for is refused (ValueError)."""
+    only: a block whose neighbour holds fewer of the rows it needs (an empty or short block between
+    two others) is refused (ValueError); empty blocks at either end take part."""
     dim %= x.dim()
     if x.shape[dim] != cp.lengths[cp.rank]:
         raise ValueError(f"with_neighbours: x has {x.shape[dim]} rows along dim {dim}, but this rank's block holds "
                          f"{cp.lengths[cp.rank]} (block lengths {list(cp.lengths)})")
-    short = [n for n in cp.lengths[1:-1] if n < max(before, after)]
-    if short:
-        raise ValueError(
-            f"with_neighbours: the rows of {max(before, after)} positions around each block come from the adjacent "
-            f"ranks, but a block between two others holds fewer: block lengths {list(cp.lengths)}"
-        )
+    starts = [0, *itertools.accumulate(cp.lengths)]
+    for r, n in enumerate(cp.lengths):  # what each non-empty block needs, from its neighbours alone
+        rows_before, rows_after = min(before, starts[r]), min(after, starts[-1] - starts[r + 1])
+        if n and ((r > 0 and cp.lengths[r - 1] < rows_before) or (r + 1 < cp.world and cp.lengths[r + 1] < rows_after)):
+            raise ValueError(
+                f"with_neighbours: the rows of {max(before, after)} positions around each block come from the "
+                f"adjacent ranks, but block {r}'s neighbour holds fewer than it needs: block lengths {list(cp.lengths)}"
+            )
     if x.dtype == torch.bool:
         return _WithNeighbours.apply(x.to(torch.uint8), dim, before, after, cp).bool()
     return _WithNeighbours.apply(x, dim, before, after, cp)
@@ -267,6 +271,28 @@ def _joined(out: Tensor, before: AttentionState) -> Tensor:
     return out + (before.hz.sum() + before.v_sum.sum()).to(out.dtype) * 0
 
 
+_CALL_FIELDS = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map")
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, projection: Tensor | None, causal: bool,
+                     feature: int) -> None:
+    """Every rank's call alike but for its block length: the collectives exchange buffers sized by
+    these, and a mismatch aborts a gloo rank (a hang with NCCL) instead of naming it.  One
+    all-gather of a few ints; every rank raises the same ValueError."""
+    m = -1 if projection is None else projection.shape[0]
+    mine = torch.tensor([q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], m, _DTYPE_CODES.get(q.dtype, -1),
+                         int(causal), feature], dtype=torch.int64, device=q.device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    rows = torch.stack(parts).tolist()
+    differ = [f"{name} {[row[i] for row in rows]}" for i, name in enumerate(_CALL_FIELDS) if len({r[i] for r in rows}) > 1]
+    if differ:
+        raise ValueError("context_parallel_attention: the ranks' calls differ in " + ", ".join(differ) +
+                         " (by rank; dtype codes fp16 0, bf16 1, fp32 2, fp64 3): every rank must pass the same "
+                         "batch, heads, dims, projection, dtype and mode, each with its own block of the sequence")
+
+
 def context_parallel_attention(
     q: Tensor,
     k: Tensor,
@@ -301,6 +327,7 @@ def context_parallel_attention(
     if fmap.name == "none":
         raise ValueError("context_parallel_attention: feature_map 'none' (no_projection) normalises the keys over "
                          "each call's whole sequence; use 'softmax', 'relu' or a kernel_fn")
+    _check_same_call(group, q, v, projection_matrix, causal, fmap.code)
     if not causal:
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")

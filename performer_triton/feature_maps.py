@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS
+from .validation import calls_observed
 
 __all__ = [
     "CAUSAL_EPS",
@@ -245,14 +246,7 @@ def _is_relu(kernel_fn: object) -> bool:
     backward, its own or global, would see called."""
     if kernel_fn in (torch.relu, torch.nn.functional.relu):
         return True
-    if type(kernel_fn) is not nn.ReLU or "forward" in vars(kernel_fn):
-        return False
-    from torch.nn.modules import module
-
-    hooks = (kernel_fn._forward_hooks, kernel_fn._forward_pre_hooks, kernel_fn._backward_hooks,
-             kernel_fn._backward_pre_hooks, module._global_forward_hooks, module._global_forward_pre_hooks,
-             module._global_backward_hooks, module._global_backward_pre_hooks)
-    return not any(hooks)
+    return type(kernel_fn) is nn.ReLU and not calls_observed(kernel_fn, nn.ReLU, backward=True)
 
 
 def resolve(feature_map: Union[str, Callable[[Tensor], Tensor], FeatureMap]) -> FeatureMap:

@@ -550,7 +550,7 @@ class Attention(nn.Module):
             context, context_mask = x, default(context_mask, mask)
         mask = _check_mask("mask", mask, b, n, x.device)
         context_mask = _check_mask("context_mask", context_mask, b, context.shape[1], x.device)
-        if cross_attend and context.shape[1] == 0 and n > 0:
+        if cross_attend and context.shape[1] == 0 and n > 0 and context_parallel is None:  # (a rank's block may be empty)
             raise ValueError(f"context has length 0 but x has {n} positions: nothing to attend to")
         if cross_attend and exists(mask):
             x = _finite_padded_rows(x, mask)
@@ -633,10 +633,10 @@ class Attention(nn.Module):
         la = self.local_attn
         w = la.window_size
         last = max((i for i, n in enumerate(cp.lengths) if n), default=0)  # empty blocks may follow it
-        if any(n < 1 or n % w for n in cp.lengths[:last]):
+        if any(n % w for n in cp.lengths[:last]):  # (an empty block keeps the windows aligned too)
             raise ValueError(
                 f"local attention heads with context parallelism need every block before the last non-empty one to "
-                f"be a positive multiple of local_window_size={w} (the windows of the whole sequence), got block "
+                f"be a multiple of local_window_size={w} (the windows of the whole sequence), got block "
                 f"lengths {list(cp.lengths)}"
             )
         before, after = w * la.look_backward, w * la.look_forward
@@ -644,6 +644,9 @@ class Attention(nn.Module):
         if exists(mask):
             mask = with_neighbours(mask, cp, before=before, after=after, dim=1)
         first, _ = cp.rows_from(before, after)
+        if wide[0].shape[2] == 0:  # no rows here or around (local-attention takes no empty sequence):
+            # an empty output still in the exchanges' graph, so that this rank takes part in their backward
+            return (wide[2] + sum(t.sum() for t in wide) * 0).to(q.dtype)
         out = self._unseen_to_zero(la(*wide, input_mask=mask), mask)  # (blocks start at a window)
         return out[:, :, first : first + q.shape[2]].to(q.dtype)
 
@@ -919,10 +922,10 @@ class Performer(nn.Module):
         route_context = ((False, False), (True, False)) * depth
         # exact_mask: the feed-forward token shift also zeroes padded positions (1.1.4 routes no mask there)
         route_mask = ((True, exact_mask),) * n_layers
-        args_route = {"mask": route_mask, "pos_emb": route_attn, "cache": ((True, True),) * n_layers,
-                      # attention layers, and the token shifts of both halves of a self-attention layer
-                      "context_parallel": tuple((True, shift_tokens and i % (1 + cross_attend) == 0)
-                                                for i in range(n_layers))}
+        # attention layers, and the token shifts of both halves of a self-attention layer: what the
+        # cache and context parallelism concern (a feed-forward a program swaps in may take neither)
+        route_state = tuple((True, shift_tokens and i % (1 + cross_attend) == 0) for i in range(n_layers))
+        args_route = {"mask": route_mask, "pos_emb": route_attn, "cache": route_state, "context_parallel": route_state}
         if cross_attend:
             args_route.update(context=route_context, context_mask=route_context)
         execute_type = ReversibleSequence if reversible else SequentialSequence

@@ -130,8 +130,8 @@ class ChunkFeatures:
 def _exp2_below_one(dash: Tensor, shift: Tensor) -> Tensor:
     """exp2(dash - shift), the exponent clamped at EXP2_SLACK: every SOFTMAX exponent is <= 0
     exactly (shift >= the row's max of dash), but a shift made from stats in natural units is up
-    to an ulp of |dash| short of it, which past |dash| ~ 2^31 (fp32) is beyond exp2's range: inf,
-    then NaN.  dash (b, h, t, m) (overwritten), shift (b, h, t) -> (b, h, t, m)."""
+    to a few ulps of |dash| short of it, which past |dash| ~ 2^30 in fp32 (keys of norm ~1e10)
+    is beyond exp2's range: inf, then NaN.  dash (b, h, t, m) (overwritten), shift (b, h, t) -> (b, h, t, m)."""
     return dash.sub_(shift[..., None]).clamp_max_(EXP2_SLACK).exp2_()
 
 

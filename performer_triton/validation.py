@@ -9,7 +9,7 @@ import warnings
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 KEY_STABILIZERS = ("global", "prefix")
 
@@ -201,3 +201,16 @@ def check_offsets(bounds: list[int], total: int) -> list[int]:
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total} (N + 1 >= 2 offsets), got "
                          f"{bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
     return bounds
+
+
+def calls_observed(module: nn.Module, base: type, *, backward: bool = False) -> bool:
+    """Whether code of the caller's would see module's calls, so that computing its result another
+    way (fused, or from a cache) would be noticed: a forward other than base's (a subclass's, or one
+    put on the instance), or forward hooks (and with backward, backward hooks) on it, on any
+    submodule, or global ones."""
+    if type(module).forward is not base.forward or "forward" in vars(module):
+        return True
+    kinds = ("_forward_hooks", "_forward_pre_hooks") + (("_backward_hooks", "_backward_pre_hooks") if backward else ())
+    if any(getattr(nn.modules.module, f"_global{kind}", None) for kind in kinds):
+        return True
+    return any(getattr(m, kind, None) for m in module.modules() for kind in kinds)

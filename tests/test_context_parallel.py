@@ -86,8 +86,9 @@ def test_context_parallel_needs_a_process_group():
 # Models: one training step of the whole sequence, and of its blocks over the ranks
 
 # every block before the last non-empty one a multiple of 8 (the windows); 4 ranks: the last rank's
-# block is empty, and the decoder's input block of the one before holds one token less
-MODEL_BLOCKS = {2: [24, 29], 4: [8, 16, 25, 0]}
+# block is empty, and the decoder's input block of the one before holds one token less; 3 ranks:
+# the whole sequence on the middle one (empty blocks at both ends, which pass on no rows)
+MODEL_BLOCKS = {2: [24, 29], 3: [0, 53, 0], 4: [8, 16, 25, 0]}
 SMALL = dict(num_tokens=20, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8, nb_features=12)
 MODELS = {  # name: PerformerLM keywords (or PerformerEncDec's, "encdec")
     # 1.1.4's defaults: causal global stabilizer, rotary positions; a windowed head, token shifts
@@ -188,7 +189,7 @@ def _usage(tokens, mask, group=None):
     return logits.detach(), low.detach().float()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_models_train_the_same_over_ranks(world):
     """A training step of PerformerLM (causal with 1.1.4's defaults, windowed heads and token
     shifts; non-causal relu with absolute positions and a padding mask; leak-free causal with
@@ -290,3 +291,72 @@ def test_one_rank_keeps_no_feature_tensors(tmp_path):
                 assert max(sizes) < 2 * 3 * n * m, (name, max(sizes))
     finally:
         dist.destroy_process_group()
+
+
+def _cross_worker(rank: int, init_file: str, results) -> None:
+    from performer_triton.distributed import ContextParallel
+    from performer_triton.performer_pytorch import CrossAttention
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        layer = CrossAttention(16, heads=2, dim_head=8, nb_features=12).double()
+        g = torch.Generator().manual_seed(1)
+        x, context = (torch.randn(1, n, 16, generator=g, dtype=torch.float64) for n in (10, 4))
+        block = x[:, 5 * rank : 5 * rank + 5]
+        out = layer(block, context=context if rank == 0 else context[:, :0],
+                    context_parallel=ContextParallel.gather(block.shape[1]))
+        results[rank] = out.detach()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_attention_on_a_rank_without_context_rows():
+    """Context parallelism splits the context too: a rank may hold queries but no context rows
+    (context blocks [4, 0]); its queries read the context summed over the ranks, as one process's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_cross_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        results = dict(results)
+    from performer_triton.performer_pytorch import CrossAttention
+
+    torch.manual_seed(0)
+    layer = CrossAttention(16, heads=2, dim_head=8, nb_features=12).double()
+    g = torch.Generator().manual_seed(1)
+    x, context = (torch.randn(1, n, 16, generator=g, dtype=torch.float64) for n in (10, 4))
+    whole = layer(x, context=context).detach()
+    for rank in range(2):
+        assert torch.allclose(results[rank], whole[:, 5 * rank : 5 * rank + 5], rtol=1e-9, atol=1e-12), rank
+
+
+def _mismatch_worker(rank: int, init_file: str, results) -> None:
+    from performer_triton.distributed import context_parallel_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for case in ("heads", "dtype", "features"):
+            h = 3 if case == "heads" and rank == 1 else 2
+            dtype = torch.float32 if case == "dtype" and rank == 1 else torch.float64
+            m = 24 if case == "features" and rank == 1 else 20
+            q, k, v = (torch.randn(1, h, 5, 12, dtype=dtype) for _ in range(3))
+            P = gaussian_orthogonal_random_matrix(m, 12).to(dtype)
+            try:
+                context_parallel_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
+                results[(rank, case)] = "returned"
+            except ValueError as error:
+                results[(rank, case)] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_whose_calls_differ_get_a_clear_error():
+    """Ranks passing different head counts, dtypes or projections: every rank raises a ValueError
+    naming what differs (gloo aborted a rank on the mismatched buffers, the others lost the peer)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_mismatch_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        results = dict(results)
+    expected = {"heads": "heads [2, 3]", "dtype": "dtype [3, 2]", "features": "projection rows [20, 24]"}
+    for case, text in expected.items():
+        for rank in range(2):
+            assert "the ranks' calls differ in " + text in results[(rank, case)], (case, rank, results[(rank, case)])

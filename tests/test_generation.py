@@ -528,8 +528,9 @@ def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
 
 def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
     """The cache feeds one new token per call where 1.1.4 feeds the window: a PerformerLM subclass
-    with its own forward (which may take no cache=, or read the whole window) and forward hooks
-    see 1.1.4's calls unless use_cache=True asks for the cache."""
+    with its own forward (which may take no cache=, or read the whole window), a forward put on
+    the instance, and forward hooks see 1.1.4's calls, with a warning that says so, unless
+    use_cache=True asks for the cache."""
     import warnings
 
     with warnings.catch_warnings():
@@ -539,7 +540,7 @@ def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
 
     kw = dict(num_tokens=30, max_seq_len=24, dim=32, depth=1, heads=4, dim_head=8, causal=True)
     prompt = torch.randint(1, 30, (2, 5), generator=torch.Generator().manual_seed(3))
-    for make in ("no cache keyword", "whole window", "hook"):
+    for make in ("no cache keyword", "whole window", "instance forward", "hook"):
         runs = []
         for lib in (original, performer_triton):
             class NoCacheLM(lib.PerformerLM):
@@ -552,16 +553,24 @@ def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
                     return logits.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None]
 
             torch.manual_seed(0)
-            cls = {"no cache keyword": NoCacheLM, "whole window": WindowLM, "hook": lib.PerformerLM}[make]
+            cls = {"no cache keyword": NoCacheLM, "whole window": WindowLM}.get(make, lib.PerformerLM)
             wrapper = lib.AutoregressiveWrapper(cls(**kw))
             lengths = []
             if make == "hook":
                 wrapper.net.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+            if make == "instance forward":
+                plain = wrapper.net.forward
+                wrapper.net.forward = lambda x, **kwargs: (lengths.append(x.shape[1]), plain(x, **kwargs))[1]
             torch.manual_seed(1)
-            runs.append((wrapper.generate(prompt, 6), lengths))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runs.append((wrapper.generate(prompt, 6), lengths))
         assert torch.equal(runs[1][0], runs[0][0]), make
         assert runs[1][1] == runs[0][1], make
+        assert any("recomputes the window" in str(w.message) for w in caught), make
     assert runs[0][1] == [5, 6, 7, 8, 9, 10]
     lengths.clear()
-    wrapper.generate(prompt, 3, use_cache=True)  # the caller's choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapper.generate(prompt, 3, use_cache=True)  # the caller's choice, without a word
     assert lengths == [5, 1, 1]

@@ -347,6 +347,19 @@ def test_layers_a_program_swaps_in_get_only_the_keywords_it_passes():
         seen.append(keys)
     assert (outs[1] - outs[0]).abs().max() <= 1e-5 * outs[0].abs().max()
     assert seen[1] == seen[0] == [["pos_emb"]]
+    # generate's cache reaches the attention layers (and token shifts) only: the swapped layer
+    # decodes from the cache (one causal layer: exact by default) with 1.1.4's tokens
+    sampled = []
+    for lib in (original, performer_triton):
+        torch.manual_seed(0)
+        model = lib.PerformerLM(num_tokens=20, max_seq_len=16, dim=32, depth=1, heads=4, dim_head=8, causal=True)
+        torch.manual_seed(1)
+        model.performer.net.layers[0][1].fn.fn = nn.Linear(32, 32)
+        wrapper = lib.AutoregressiveWrapper(model)
+        torch.manual_seed(2)
+        sampled.append(wrapper.generate(torch.tensor([[1, 2, 3]]), 5))
+    assert wrapper.cache_unsupported_reason() is None and wrapper._observed() is None  # (the cache ran)
+    assert torch.equal(sampled[1], sampled[0])
 
 
 @pytest.mark.parametrize("chunks", [1.0, 2.0])
