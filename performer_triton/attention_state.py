@@ -77,6 +77,9 @@ def _check_map_kind(state: AttentionState, softmax: bool) -> None:
     """A state that holds keys records its map's kind: softmax features keep a finite stabilizer M,
     the others none (-inf); continuing it with the other kind would mix two attentions.  (The maps
     without a stabilizer, relu and the given-feature ones, cannot be told apart.)"""
+    if bool(torch.isnan(state.ref).any() | torch.isnan(state.stab).any()):  # (no map makes these)
+        raise ValueError("initial_state.ref / stab hold NaN: not a state any call made (ref and stab are -inf "
+                         "before any key and finite after; stab stays -inf without softmax features)")
     wrong = torch.isfinite(state.ref) & (torch.isfinite(state.stab) != softmax)  # (b, h)
     if bool(wrong.any()):
         made, call = ("relu or given", "softmax") if softmax else ("softmax", "relu or given")

@@ -181,10 +181,15 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
         raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.shape[0]}")
     if cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens must be on q's device {q.device} or the CPU, got {cu_seqlens.device}")
-    if initial_state is not None and (not isinstance(initial_state, tuple) or len(initial_state) != 4
-                                      or not all(isinstance(t, Tensor) for t in initial_state)
-                                      or initial_state[0].shape[0] != count):
-        raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected")
+    if initial_state is not None:
+        if not isinstance(initial_state, tuple) or len(initial_state) != 4 or not all(
+                isinstance(t, Tensor) for t in initial_state):
+            raise TypeError(f"initial_state must be an AttentionState (hz, v_sum, ref, stab), got "
+                            f"{type(initial_state).__name__}")
+        batches = [t.shape[0] if t.dim() else None for t in initial_state]
+        if any(n != count for n in batches):
+            raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected in "
+                             f"hz, v_sum, ref and stab, got {batches}")
     if host_reads():
         check_offsets(cu_seqlens.tolist(), q.shape[2])
 

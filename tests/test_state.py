@@ -643,6 +643,16 @@ def test_bad_cu_seqlens_are_refused():
     with pytest.raises(ValueError, match="one state per sequence"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu,
                         initial_state=AttentionState.empty(1, 2, 20, 7, dtype=torch.float64))
+    state = AttentionState.empty(2, 2, 20, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"batch 2 expected in hz, v_sum, ref and stab, got \[2, 1, 2, 2\]"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu,
+                        initial_state=state._replace(v_sum=state.v_sum[:1]))
+    with pytest.raises(TypeError, match="initial_state must be an AttentionState .*got list"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", cu_seqlens=cu, initial_state=list(state))
+    _, made = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    with pytest.raises(ValueError, match="initial_state.ref / stab hold NaN"):  # (it read as relu features)
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix",
+                        initial_state=made._replace(stab=torch.full_like(made.stab, float("nan"))))
 
 
 def test_chain_states_checks_its_states():
