@@ -36,6 +36,10 @@ class AttentionState(NamedTuple):
     ref: Tensor
     stab: Tensor
 
+    def to(self, *args, **kwargs) -> AttentionState:
+        """Every tensor through Tensor.to (a dtype, a device or both)."""
+        return AttentionState(*(t.to(*args, **kwargs) for t in self))
+
     @classmethod
     def empty(cls, b: int, h: int, m: int, e: int, *, dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> AttentionState:
@@ -43,6 +47,10 @@ class AttentionState(NamedTuple):
         kw = dict(dtype=dtype, device=device)
         return cls(torch.zeros(b, h, m, e + 1, **kw), torch.zeros(b, h, e + 1, **kw),
                    torch.full((b, h), float("-inf"), **kw), torch.full((b, h), float("-inf"), **kw))
+
+
+# a state saved with torch.save loads under torch.load's default weights_only=True: it is four tensors
+torch.serialization.add_safe_globals([AttentionState])
 
 
 def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.device,

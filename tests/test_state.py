@@ -678,3 +678,20 @@ def test_chain_states_checks_its_states():
     assert torch.allclose(chain_states(softmax, AttentionState.empty(3, 2, 8, 4)).hz, softmax.hz)
     with pytest.raises(ValueError, match="made by different feature maps"):
         chain_states(softmax, relu)
+
+
+def test_a_state_converts_and_survives_torch_save(tmp_path):
+    """state.to(dtype / device) converts every field; torch.save / torch.load with load's default
+    weights_only=True gives the AttentionState back (it failed: an unknown global)."""
+    q, k, v = (torch.randn(1, 2, 7, x, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+               for x in (12, 12, 7))
+    P = projection()
+    _, state = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    low = state.to(torch.float32)
+    assert isinstance(low, AttentionState) and all(t.dtype == torch.float32 for t in low)
+    assert all(torch.equal(a.double(), b.double().float().double()) for a, b in zip(low, state))
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt")
+    assert isinstance(loaded, AttentionState) and all(torch.equal(a, b) for a, b in zip(loaded, state))
+    out = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=loaded)
+    assert torch.equal(out, favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state))
