@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .feature_maps import GIVEN_MAP, FeatureMap, resolve
 from .torch_backend import KeysState, merge_referenced
-from .validation import check_projection, check_qkv, host_reads
+from .validation import check_projection, check_qkv, check_state_tuple, host_reads
 
 
 class AttentionState(NamedTuple):
@@ -58,7 +58,7 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
                 sizes: str = "b, h, m, e of this call") -> AttentionState:
     """state as an AttentionState of these sizes on this device (ValueError / TypeError naming
     what differs); with softmax given, also made by a map of that kind (below)."""
-    _check_tuple(state, what)
+    check_state_tuple(state, what)
     state = AttentionState(*state)
     expected = dict(hz=(b, h, m, e + 1), v_sum=(b, h, e + 1), ref=(b, h), stab=(b, h))
     for name, shape in expected.items():
@@ -72,13 +72,6 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
     if softmax is not None and host_reads():
         _check_map_kind(state, softmax)
     return state
-
-
-def _check_tuple(state: object, what: str) -> None:
-    if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
-        raise TypeError(f"{what} must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
-    if state[0].dim() != 4:
-        raise ValueError(f"{what}.hz must have shape (b, h, m, e + 1), got {tuple(state[0].shape)}")
 
 
 def _check_map_kind(state: AttentionState, softmax: bool) -> None:
@@ -100,7 +93,7 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
     the empty state): sums relative to the larger reference (both factors <= 1), counts added,
     the larger stabilizer.  Differentiable in hz and v_sum; references and stabilizers are
     constants, as every stabilizer.  Both states of the same sizes and device (first's)."""
-    _check_tuple(first, "first")
+    check_state_tuple(first, "first")
     b, h, m, e1 = first[0].shape
     first = check_state(first, b, h, m, e1 - 1, first[0].device, what="first", sizes="b, h, m, e of first.hz")
     then = check_state(then, b, h, m, e1 - 1, first.hz.device, what="then", sizes="first's b, h, m, e")

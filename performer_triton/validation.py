@@ -182,10 +182,7 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
     if cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens must be on q's device {q.device} or the CPU, got {cu_seqlens.device}")
     if initial_state is not None:
-        if not isinstance(initial_state, tuple) or len(initial_state) != 4 or not all(
-                isinstance(t, Tensor) for t in initial_state):
-            raise TypeError(f"initial_state must be an AttentionState (hz, v_sum, ref, stab), got "
-                            f"{type(initial_state).__name__}")
+        check_state_tuple(initial_state, "initial_state")
         batches = [t.shape[0] if t.dim() else None for t in initial_state]
         if any(n != count for n in batches):
             raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected in "
@@ -219,3 +216,11 @@ def calls_observed(module: nn.Module, base: type, *, backward: bool = False) -> 
     if any(getattr(nn.modules.module, f"_global{kind}", None) for kind in kinds):
         return True
     return any(getattr(m, kind, None) for m in module.modules() for kind in kinds)
+
+
+def check_state_tuple(state: object, what: str) -> None:
+    """state as an AttentionState's four tensors, hz 4-D (TypeError / ValueError naming `what`)."""
+    if not isinstance(state, tuple) or len(state) != 4 or not all(isinstance(t, Tensor) for t in state):
+        raise TypeError(f"{what} must be an AttentionState (hz, v_sum, ref, stab), got {type(state).__name__}")
+    if state[0].dim() != 4:
+        raise ValueError(f"{what}.hz must have shape (b, h, m, e + 1), got {tuple(state[0].shape)}")

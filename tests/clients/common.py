@@ -197,3 +197,16 @@ def changed(values: list[list[torch.Tensor]]) -> bool:
 def tokens(shape, high: int, seed: int, low: int = 0) -> torch.Tensor:
     """Random token ids from a private generator (does not touch the global stream)."""
     return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def to_dense_batch(x, batch):
+    """torch_geometric.utils.to_dense_batch, written out (torch_geometric is not a test dependency):
+    (N, F) node features sorted by graph id -> (B, N_max, F) zero-padded, (B, N_max) mask."""
+    counts = torch.bincount(batch)
+    n_max = int(counts.max())
+    position = torch.arange(x.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    dense = x.new_zeros(len(counts), n_max, x.shape[1])
+    dense[batch, position] = x
+    mask = torch.zeros(len(counts), n_max, dtype=torch.bool)
+    mask[batch, position] = True
+    return dense, mask

@@ -9,7 +9,7 @@ context rows take part as zeros: the same numbers are required here, not a fix. 
 branch (an expert model, dropout, BatchNorm1d, normalised by its global mean and std, plus
 0.1 x the input), the query projection MLP, dropout, residual, BatchNorm1d, feed-forward block,
 BatchNorm1d, mean pooling and a classification head; Adam; eval.
-Changed: the torch_geometric GNN expert is one Linear; to_dense_batch written out in PyTorch.
+Changed: the torch_geometric GNN expert is one Linear; to_dense_batch is common.py's.
 Shrunk: dim_h 16, 4 heads, 2 layers, 3 graphs of 2-6 nodes, 3 steps, float64.
 The biases feeding a BatchNorm have a zero gradient up to rounding, which Adam turns into
 steps of size lr: their gradients are not compared, and over three steps the other parameters
@@ -20,20 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import same_results
+from common import same_results, to_dense_batch
 
 DIM_H, HEADS, CLASSES, NODE_FEATURES = 16, 4, 3, 5
-
-
-def to_dense_batch(x, batch):
-    """(N, F) node features sorted by graph id -> (B, N_max, F) zero-padded, (B, N_max) mask."""
-    counts = torch.bincount(batch)
-    position = torch.arange(x.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    dense = x.new_zeros(len(counts), int(counts.max()), x.shape[1])
-    dense[batch, position] = x
-    mask = torch.zeros(dense.shape[:2], dtype=torch.bool)
-    mask[batch, position] = True
-    return dense, mask
 
 
 class Layer(nn.Module):

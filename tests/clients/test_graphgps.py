@@ -16,24 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import changed, same_results
+from common import changed, same_results, to_dense_batch
 
 DIM_H = 16
 NUM_HEADS = 4
 NUM_CLASSES = 3
 NODE_FEATURES = 5
-
-
-def to_dense_batch(x, batch):
-    """(N, F) node features sorted by graph id -> (B, N_max, F) zero-padded, (B, N_max) mask."""
-    counts = torch.bincount(batch)
-    n_max = int(counts.max())
-    position = torch.arange(x.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    dense = x.new_zeros(len(counts), n_max, x.shape[1])
-    dense[batch, position] = x
-    mask = torch.zeros(len(counts), n_max, dtype=torch.bool)
-    mask[batch, position] = True
-    return dense, mask
 
 
 class GPSLayer(nn.Module):
