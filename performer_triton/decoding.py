@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from local_attention import LocalAttention
 from local_attention.rotary import rotate_half
 from torch import Tensor, nn
 
@@ -378,6 +379,8 @@ def seen_keys(mask: Tensor, window: int) -> Tensor:
 def local_cache_unsupported_reason(local_attn: nn.Module) -> str | None:
     """Why LocalWindowState cannot reproduce ``local_attn`` (None when it can)."""
     la = local_attn
+    if not isinstance(la, LocalAttention) or type(la).forward is not LocalAttention.forward or "forward" in vars(la):
+        return f"its local attention ({type(la).__name__}) has a forward of its own, which a cached step would not call"
     if not la.causal:
         return "local attention is not causal"
     if (la.look_backward, la.look_forward, la.shared_qk, la.exact_windowsize) != (1, 0, False, False):

@@ -79,7 +79,9 @@ class FastAttention(nn.Module):
     def redraw_projection_matrix(self, device=None, *, generator: torch.Generator | None = None) -> None:
         """Draw a fresh projection in place (from ``generator`` when given, else the global RNG)."""
         device = self.projection_matrix.device if device is None else device
-        self.projection_matrix.copy_(self.create_projection(device=device, generator=generator))
+        # 1.1.4's call without a generator: programs replace create_projection with 1.1.4's partial
+        draw = {} if generator is None else {"generator": generator}
+        self.projection_matrix.copy_(self.create_projection(device=device, **draw))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
         """q (b, h, n, dim_heads), k (b, h, s, dim_heads), v (b, h, s, e) -> (b, h, n, e).

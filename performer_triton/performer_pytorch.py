@@ -343,13 +343,17 @@ class ProjectionUpdater(nn.Module):
             return
         interval = self.feature_redraw_interval
         if exists(interval) and self.calls_since_last_redraw >= interval:
-            generator = None
             if self.seeded:
                 seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
                 generator = torch.Generator().manual_seed(seed)
                 self.redraw_count += 1
-            for fast_attention in find_modules(self.instance, FastAttention):
-                fast_attention.redraw_projection_matrix(generator=generator)
+                for fast_attention in find_modules(self.instance, FastAttention):
+                    fast_attention.redraw_projection_matrix(generator=generator)
+            else:  # 1.1.4's call, positional: subclasses override it with the signature (self, device)
+                param = next(self.instance.parameters(), None)  # (1.1.4: StopIteration without one)
+                device = None if param is None else param.device
+                for fast_attention in find_modules(self.instance, FastAttention):
+                    fast_attention.redraw_projection_matrix(device)
             self.calls_since_last_redraw.zero_()
             return
         self.calls_since_last_redraw += 1
@@ -666,8 +670,8 @@ class Attention(nn.Module):
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
                           cp: ContextParallel | None = None) -> Tensor:
         fa = self.fast_attention
-        if cp is None:
-            return fa(q, k, v, key_padding_mask=key_keep)
+        if cp is None:  # 1.1.4's call without a mask: subclasses override forward(self, q, k, v)
+            return fa(q, k, v) if key_keep is None else fa(q, k, v, key_padding_mask=key_keep)
         if key_keep is not None:
             raise ValueError("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, "
                              "exact_mask=False, is: padded keys' values are zeroed on their rank)")
@@ -691,7 +695,11 @@ class Attention(nn.Module):
 
     def cache_unsupported_reason(self) -> str | None:
         """Why cached decoding cannot reproduce this layer (None when it can)."""
-        if not self.fast_attention.causal:
+        fa = self.fast_attention
+        if not isinstance(fa, FastAttention) or type(fa).forward is not FastAttention.forward or "forward" in vars(fa):
+            return (f"its fast_attention ({type(fa).__name__}) has a forward of its own, which a cached step would "
+                    "not call (it updates the attention state instead)")
+        if not fa.causal:
             return "attention is not causal (causal=False): every position attends to later positions"
         return local_cache_unsupported_reason(self.local_attn) if exists(self.local_attn) else None
 
