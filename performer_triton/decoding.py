@@ -103,7 +103,9 @@ def _copy_sharing(obj: Any, memo: dict, shared: tuple[str, ...]) -> Any:
     model's layers, buffers and feature map), or to their copies where this deepcopy made them."""
     new = object.__new__(type(obj))
     memo[id(obj)] = new
-    for name, value in vars(obj).items():
+    # shared first: a copied attribute that holds the same tensor (a projection that is the layer's
+    # buffer) would otherwise put its private copy in memo, and source would watch that copy
+    for name, value in sorted(vars(obj).items(), key=lambda item: item[0] not in shared):
         if name in shared:
             setattr(new, name, memo.get(id(value), value))
         elif isinstance(value, Tensor) and value.grad_fn is not None:
@@ -144,7 +146,7 @@ class FavorState:
         self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
 
     def __deepcopy__(self, memo: dict) -> FavorState:
-        new = _copy_sharing(self, memo, ("source", "feature_map"))
+        new = _copy_sharing(self, memo, ("source", "feature_map", "projection"))
         new.version = _version(new.source) if _same(self.version, self.source) else -1  # -1: stale
         return new
 
@@ -215,6 +217,7 @@ class FavorState:
         nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
         return (nd[..., :e] * reciprocal_or_zero(nd[..., e:] + causal_coef * q_sum)).to(q.dtype)
 
+    @torch.compiler.disable  # (see LocalWindowState.step)
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
         if not _same(self.version, self.source):
@@ -361,8 +364,11 @@ class LocalWindowState:
         out = sim.softmax(dim=-1) @ self.values
         return torch.where(seen, out, 0.0) if self.zero_unseen else out
 
+    @torch.compiler.disable
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
+        """Outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e).
+        Eager in a compiled model: traced, the state's Python positions and the host reads of
+        its checks made torch.compile recompile as the window moved."""
         return _step(self, q, k, v, keep)
 
 

@@ -81,13 +81,14 @@ def _tf32_allowed() -> bool:
 
 def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Under torch.autocast, floating inputs in the autocast dtype (what a matmul would see),
-    before any dtype check or backend choice; anything else passes through to the checks."""
+    before any dtype check or backend choice; anything else passes through to the checks.
+    float64 is not cast, as autocast casts none (1.1.4's einsums stay fp64 in a .double() model)."""
     if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
         return tensors
     device_type = tensors[0].device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) for t in tensors)
+        return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
     return tensors
 
 

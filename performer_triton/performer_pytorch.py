@@ -595,26 +595,26 @@ class Attention(nn.Module):
                 v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
             if exists(pos_emb) and not cross_attend:
                 q, k = apply_rotary_pos_emb(q, k, pos_emb)
+            # (the result first: a bound outs.append waiting on the stack across the call's graph
+            # break made dynamo recompile on every call)
             if exists(state):
-                outs.append(state[0].step(q, k, v, key_keep))
+                out = state[0].step(q, k, v, key_keep)
             else:
-                # (the result first: a bound outs.append waiting on the stack across this call's graph
-                # break made dynamo recompile on every call)
                 out = self._global_attention(q, k, v, key_keep, context_parallel)
-                outs.append(out)
+            outs.append(out)
         if gh < h:
             local_mask = mask
             if self.exact_mask and mask is None:  # so autopad's zero keys are not attended to
                 local_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
             if exists(state):
-                outs.append(state[1].step(lq, lk, lv, local_mask))
+                out = state[1].step(lq, lk, lv, local_mask)  # (the result first, as above)
             else:
                 if torch.compiler.is_compiling():
                     # views of this graph's intermediates handed out of the graph get replayed by
                     # aot_autograd from their base, which corrupts shapes (torch 2.13): hand copies
                     lq, lk, lv = lq.clone(), lk.clone(), lv.clone()
-                out = self._local_attention(lq, lk, lv, local_mask, context_parallel)  # (as above)
-                outs.append(out)
+                out = self._local_attention(lq, lk, lv, local_mask, context_parallel)
+            outs.append(out)
         if prefill:
             self._start_cache(cache, (q, k, v, key_keep), (lk, lv, mask))
 

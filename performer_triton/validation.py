@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.comptime import comptime
 
 KEY_STABILIZERS = ("global", "prefix")
 
@@ -148,11 +149,27 @@ _WARNED: set[tuple[str, str]] = set()
 
 def warn_ignored(where: str, names: Iterable[str], why: str = "performer-pytorch 1.1.4 ignores it too") -> None:
     """One warning per (where, name) for arguments accepted and ignored as 1.1.4 does (a
-    drop-in never turns 1.1.4's silent acceptance into an error)."""
+    drop-in never turns 1.1.4's silent acceptance into an error).  Under torch.compile it is
+    given while the call is traced (torch.compile cannot trace warnings.warn: fullgraph=True
+    would fail on the argument), not by the compiled graph."""
+    names = tuple(names)
+    if torch.compiler.is_compiling():
+        comptime(_warn_while_tracing)
+        return
+    _warn_once(where, names, why)
+
+
+def _warn_while_tracing(ctx) -> None:
+    """warn_ignored's warning, run by torch.compile at trace time with warn_ignored's locals
+    (a comptime function may not close over variables)."""
+    _warn_once(*(ctx.get_local(name).as_python_constant() for name in ("where", "names", "why")))
+
+
+def _warn_once(where: str, names: tuple[str, ...], why: str) -> None:
     for name in sorted(names):
         if (where, name) not in _WARNED:
             _WARNED.add((where, name))
-            warnings.warn(f"{where}: argument {name!r} is ignored ({why})", UserWarning, stacklevel=3)
+            warnings.warn(f"{where}: argument {name!r} is ignored ({why})", UserWarning, stacklevel=4)
 
 
 def ignored_kwargs(where: str, kwargs: dict[str, Any]) -> None:

@@ -139,6 +139,49 @@ def test_fullgraph_training_without_redraws():
     assert int(eager.performer.proj_updater.calls_since_last_redraw) == 3
 
 
+def test_fullgraph_takes_arguments_performer_pytorch_ignores():
+    """lucidrains' enwik8 example calls AutoregressiveWrapper(model)(x, return_loss=True): the
+    keyword reaches no layer, and its one-time warning is given while torch.compile traces the
+    call (fullgraph=True cannot trace warnings.warn), also when no eager call gave it first."""
+    import warnings
+
+    from performer_triton import validation
+    from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+
+    validation._WARNED.clear()
+    model = AutoregressiveWrapper(_lm(feature_redraw_interval=None).train())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [compiled(x, return_loss=True) for _ in range(2)]
+    ignored = [str(w.message) for w in caught if "is ignored" in str(w.message)]
+    assert len(ignored) == 1 and "'return_loss'" in ignored[0], ignored
+    losses[0].backward()
+    assert torch.allclose(losses[1], model(x, return_loss=True))
+
+
+@pytest.mark.parametrize("local_attn_heads", [0, 1])
+def test_cached_generation_of_a_compiled_model_does_not_recompile_per_token(local_attn_heads):
+    """AutoregressiveWrapper(torch.compile(model)).generate decodes from a cache: the prefill and
+    the first steps compile, later tokens reuse those graphs (a bound outs.append waiting across
+    the state step's graph break made dynamo recompile at every token until its limit)."""
+    from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+
+    model = _lm(local_attn_heads=local_attn_heads, local_window_size=4).eval()
+    counter = CompileCounter()
+    wrapper = AutoregressiveWrapper(torch.compile(model, backend=counter))
+    prompt = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    frames = []
+    for seq_len in (6, 14):
+        torch.manual_seed(1)
+        out = wrapper.generate(prompt, seq_len, use_cache=True)
+        frames.append(counter.frame_count)
+        torch.manual_seed(1)
+        assert torch.equal(out, AutoregressiveWrapper(model).generate(prompt, seq_len, use_cache=False))
+    assert frames[1] == frames[0], frames
+
+
 @pytest.mark.parametrize("extra", [{}, {"no_projection": True}])
 def test_one_compile_serves_every_length(extra):
     """dynamic=True: lengths 64 .. 1024 reuse one graph (no recompile per length; causal

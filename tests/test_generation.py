@@ -516,6 +516,7 @@ def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
         cache = DecodingCache()
         model(x[:, :4], cache=cache)
         assert model(x[:, 4:5], cache=copy.deepcopy(cache)).shape == (1, 1, 64)  # not redrawn yet
+        early = copy.deepcopy(cache)  # a branch made before the redraw watches the same buffer
         model.train()
         model(x)
         model(x)  # redraws
@@ -524,6 +525,27 @@ def test_cache_sees_a_redraw_of_a_model_built_under_inference_mode():
             model(x[:, 4:5], cache=cache)
         with pytest.raises(ValueError, match="projection matrix was redrawn"):  # a copy stays stale
             model(x[:, 4:5], cache=copy.deepcopy(cache))
+        with pytest.raises(ValueError, match="projection matrix was redrawn"):
+            model(x[:, 4:5], cache=early)
+    # a fp32 model (whose state holds the layer's own buffer as its projection), redrawn in place
+    # or reloaded after a branch was copied: the branch refuses too
+    for change in ("redraw", "load"):
+        torch.manual_seed(0)
+        model = PerformerLM(**cfg).eval()
+        cache = DecodingCache()
+        with torch.no_grad():
+            model(x[:, :4], cache=cache)
+            early = copy.deepcopy(cache)
+            if change == "redraw":
+                model.train()
+                model(x)
+                model(x)
+                model.eval()
+            else:
+                model.load_state_dict({k: t + 1 if k.endswith("projection_matrix") else t
+                                       for k, t in model.state_dict().items()})
+            with pytest.raises(ValueError, match="projection matrix was redrawn"):
+                model(x[:, 4:5], cache=early)
 
 
 def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():

@@ -527,6 +527,29 @@ def test_bf16_autocast_trains_a_default_performer_lm(local_attn_heads, reversibl
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_float64_models_under_autocast_stay_float64_as_performer_pytorch(causal):
+    """autocast casts no float64 tensor: a .double() model under torch.autocast computes in
+    float64 as 1.1.4's does (its attention outputs feed the fp64 to_out), and FastAttention and
+    the feature-level linear_attention keep float64 inputs."""
+    outs = []
+    for lib in (original, performer_triton):
+        torch.manual_seed(0)
+        model = lib.PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=32, dim=16, depth=1, heads=2, dim_head=8,
+                                causal=causal, local_attn_heads=1, local_window_size=4).double()
+        x = tokens(n=13)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            attn = lib.FastAttention(8, 6, causal=causal).double()
+            q, k, v = (torch.randn(2, 2, 13, 8, dtype=torch.float64) for _ in range(3))
+            fast = attn(q, k, v)
+            feats = lib.performer_pytorch.linear_attention(q.exp(), k.exp(), v)
+        outs.append((logits, fast, feats))
+    for ours, theirs in zip(outs[1], outs[0]):
+        assert ours.dtype == theirs.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("eps", [1e-6, 1e-3, 0.5])
 def test_causal_linear_attention_takes_any_eps_as_performer_pytorch(eps):
     torch.manual_seed(0)

@@ -197,15 +197,26 @@ def _meta(args, impls) -> dict:
                 versions={i.name: i.version() for i in impls})
 
 
-def load_baseline(paths: list[str]) -> dict[str, float]:
+def read_ratios(path: str, option: str) -> dict[str, float]:
+    """load_ratios, with a clear exit naming the option and the file when it cannot be read."""
+    try:
+        return load_ratios(Path(path).expanduser())
+    except OSError as error:
+        why = error.strerror or str(error)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # (json.JSONDecodeError is a ValueError)
+        why = f"not a regression file ({type(error).__name__}: {error})"
+    raise SystemExit(f"performer-triton bench {option}: {path}: {why}")
+
+
+def load_baseline(paths: list[str], option: str = "--baseline") -> dict[str, float]:
     """The ratios of one saved run, or per case the median over several (a firmer baseline)."""
-    runs = [load_ratios(p) for p in paths]
+    runs = [read_ratios(p, option) for p in paths]
     cases = dict.fromkeys(c for run in runs for c in run)
     return {c: statistics.median(run[c] for run in runs if c in run) for c in cases}
 
 
-def print_comparison(base_paths: list[str], new: dict[str, float], max_slowdown: float) -> int:
-    comparisons = compare_ratios(load_baseline(base_paths), new, max_slowdown)
+def print_comparison(base_paths: list[str], base: dict[str, float], new: dict[str, float], max_slowdown: float) -> int:
+    comparisons = compare_ratios(base, new, max_slowdown)
     where = ", ".join(str(Path(p).resolve()) for p in base_paths)
     median = "the median of " if len(base_paths) > 1 else ""
     print(f"ours / reference against {median}{where} (fails above +{max_slowdown:.0%}):")
@@ -221,7 +232,7 @@ def print_comparison(base_paths: list[str], new: dict[str, float], max_slowdown:
     return 1 if regressed else 0
 
 
-def run_regression(args, out: Path) -> int:
+def run_regression(args, out: Path, baseline: dict[str, float] | None) -> int:
     todo = cases(args)
     pairs = args.repeats or DEFAULT_PAIRS
     ours = IMPLS["performer_triton"]
@@ -243,22 +254,42 @@ def run_regression(args, out: Path) -> int:
         reference=args.reference, pairs=pairs, threads=torch.get_num_threads(), inject_slowdown=args.inject_slowdown)
     save_ratios(ratios, meta, path)
     print(f"wrote {path}")
-    if args.baseline:
-        return print_comparison(args.baseline, ratios_of(ratios), args.max_slowdown)
+    if baseline is not None:
+        return print_comparison(args.baseline, baseline, ratios_of(ratios), args.max_slowdown)
     return 0
 
 
+def _check_regression_options(args) -> None:
+    """The regression check's options only where they act: a --baseline that a plain sweep
+    ignored would let a CI gate pass without comparing anything."""
+    given = {"--baseline": args.baseline is not None, "--inject-slowdown": args.inject_slowdown is not None,
+             "--reference": args.reference is not None}
+    if not args.regression:
+        stray = [name for name, set_ in given.items() if set_]
+        if args.max_slowdown is not None and not args.compare:
+            stray.append("--max-slowdown")
+        if stray:
+            raise SystemExit(f"performer-triton bench: {', '.join(stray)} only act with --regression "
+                             "(--max-slowdown also with --compare)")
+    if args.compare and (args.regression or any(given.values())):
+        raise SystemExit("performer-triton bench --compare compares saved files only: no --regression, --baseline, "
+                         "--reference or --inject-slowdown with it")
+    args.reference = args.reference or DEFAULT_REFERENCE
+    args.inject_slowdown = args.inject_slowdown or 0.0
+    args.max_slowdown = MAX_SLOWDOWN if args.max_slowdown is None else args.max_slowdown
+
+
 def run(args) -> int:
+    _check_regression_options(args)
     if args.compare:
         if len(args.compare) < 2:
             raise SystemExit("performer-triton bench --compare: give BASE [BASE ...] NEW, at least two files")
         *base, new = args.compare
-        return print_comparison(base, load_ratios(new), args.max_slowdown)
+        baseline = load_baseline(base, "--compare")
+        return print_comparison(base, baseline, read_ratios(new, "--compare"), args.max_slowdown)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
-    missing = [name for name in (args.baseline or []) if not Path(name).expanduser().is_file()]
-    if missing:  # before the run, not after it
-        raise SystemExit(f"performer-triton bench --baseline: no such file: {', '.join(missing)}")
+    baseline = load_baseline(args.baseline) if args.baseline else None  # read before the run, not after it
     big = max(cases(args), key=lambda c: c.b * c.h * c.n)
     problem = memory_problem(4 * big.b * big.h * big.n * big.d * big.dtype.itemsize, args.device,
                              f"q, k, v and the output gradient at --batch {big.b} --heads {big.h} --sizes {big.n} "
@@ -277,7 +308,7 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     try:
         if args.regression:
-            return run_regression(args, out)
+            return run_regression(args, out, baseline)
         return run_sweep(args, out)
     finally:
         torch.set_num_threads(previous)
@@ -343,9 +374,9 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("regression check (ratios to a reference timed in the same run)")
     group.add_argument("--regression", action="store_true",
                        help="measure ours / reference per case in interleaved pairs and write regression.json")
-    group.add_argument("--reference", choices=list(REFERENCES), default=DEFAULT_REFERENCE,
-                       help="the reference workload: 'linear' (FAVOR+-like linear attention as plain torch "
-                            "ops, chunked when causal; default) or 'torch-sdpa'")
+    group.add_argument("--reference", choices=list(REFERENCES), default=None,
+                       help="with --regression: the reference workload: 'linear' (FAVOR+-like linear attention "
+                            "as plain torch ops, chunked when causal; default) or 'torch-sdpa'")
     group.add_argument("--baseline", metavar="FILE", nargs="+", default=None,
                        help="with --regression: compare with this earlier regression.json (or pytest-benchmark "
                             "JSON of bench/test_regression.py; several: their median per case); exit 1 on a "
@@ -353,8 +384,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--compare", nargs="+", metavar="FILE", default=None,
                        help="BASE [BASE ...] NEW: compare saved files only (no measurement; several bases: their "
                             "median per case); exit 1 on a regression")
-    group.add_argument("--inject-slowdown", type=_fraction, default=0.0, metavar="FRACTION",
+    group.add_argument("--inject-slowdown", type=_fraction, default=None, metavar="FRACTION",
                        help="with --regression: make ours this much slower on purpose (busy CPU after each run), "
                             "to see the check fail on this machine, e.g. 15%%")
-    group.add_argument("--max-slowdown", type=_fraction, default=MAX_SLOWDOWN,
-                       help=f"largest accepted growth of ours / reference (default {MAX_SLOWDOWN * 100:.0f}%%)")
+    group.add_argument("--max-slowdown", type=_fraction, default=None,
+                       help=f"with --baseline or --compare: largest accepted growth of ours / reference (default "
+                            f"{MAX_SLOWDOWN * 100:.0f}%%)")

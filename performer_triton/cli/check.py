@@ -31,6 +31,13 @@ BUDGETS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch
 # (2e-3 flagged relu gradients of correct kernels at tiny shapes, n = 2 d = m = 4: 4.6e-3, where
 # perturbing the inputs by TF32's roundoff alone moves the float64 result by 3.7e-3)
 TF32_BUDGET = BUDGETS[torch.float16]
+# the unit roundoff of what each path computes with (triton fp32: TF32 operands), and how many
+# times what input perturbations of that size alone do to the float64 result a path may be off:
+# at tiny shapes (d = 4, m = 3) relu features are so ill-conditioned that the fixed budgets
+# would flag correct paths
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+TF32_UNIT_ROUNDOFF = 2.0**-11
+CONDITION_FACTOR = 4.0
 MODES = [
     ("non-causal", dict(causal=False, key_stabilizer="global")),
     ("causal global", dict(causal=True, key_stabilizer="global")),
@@ -67,10 +74,17 @@ class Row:
     grad_err: float | None
     budget: float
     note: str = ""  # "skipped: <why>", "FAIL: <what went wrong>", or how it ran
+    floor: float = 0.0  # the conditioning floor of the budget (_one)
 
     @property
     def ok(self) -> bool:
-        return self.out_err is not None and max(self.out_err, self.grad_err) <= self.budget
+        return self.out_err is not None and max(self.out_err, self.grad_err) <= max(self.budget, self.floor)
+
+    @property
+    def ill_conditioned(self) -> bool:
+        """Within budget only by the conditioning floor: this shape cannot tell a correct path
+        from one off by as much."""
+        return self.ok and max(self.out_err, self.grad_err) > self.budget
 
     @property
     def skipped(self) -> bool:
@@ -86,22 +100,35 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def _one(device, backend, dtype, mode_kwargs, feature, n, d, m) -> tuple[float, float]:
+def _reference(q, k, v, P, grad, feature, mode_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 output and the gradient of q, k, v together (flattened)."""
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference.favor_attention(*ref_in, P, feature_map=feature, **mode_kwargs)
+    ref.backward(grad)
+    return ref.detach(), torch.cat([t.grad.flatten() for t in ref_in])
+
+
+def _one(device, backend, dtype, mode_kwargs, feature, n, d, m) -> tuple[float, float, float]:
+    """-> relative errors of the output and of the whole gradient, and the conditioning floor of
+    the budget: CONDITION_FACTOR times how far relative perturbations of the inputs by the path's
+    unit roundoff alone move the float64 result."""
     g = torch.Generator().manual_seed(0)
     # inputs rounded to dtype first: the reference sees exactly what the path sees, so the error is
     # the computation's, not the input rounding's (which flips ReLU masks in 16 bits)
     q, k, v, grad = (torch.randn(2, 2, n, d, generator=g).to(dtype).double() for _ in range(4))
     P = gaussian_orthogonal_random_matrix(m, d, generator=g).to(dtype).double()
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = reference.favor_attention(*ref_in, P, feature_map=feature, **mode_kwargs)
-    ref.backward(grad)
+    ref, ref_grad = _reference(q, k, v, P, grad, feature, mode_kwargs)
+    unit = TF32_UNIT_ROUNDOFF if (backend, dtype) == ("triton", torch.float32) else UNIT_ROUNDOFF[dtype]
+    nudged = [t * (1 + unit * (2 * torch.rand(t.shape, generator=g, dtype=t.dtype) - 1)) for t in (q, k, v, P)]
+    moved_out, moved_grad = _reference(*nudged, grad, feature, mode_kwargs)
+    floor = CONDITION_FACTOR * max(_rel(moved_out, ref), _rel(moved_grad, ref_grad))
     ours_in = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     out = favor_attention(*ours_in, P.to(device), feature_map=feature, backend=backend, **mode_kwargs)
     out.backward(grad.to(device=device, dtype=dtype))
     # one relative error over the whole gradient (q, k, v together): a part that is zero in exact
     # arithmetic (dq, dk of a single key) is roundoff on both sides, not a scale to divide by
-    ours_grad, ref_grad = (torch.cat([t.grad.double().cpu().flatten() for t in ts]) for ts in (ours_in, ref_in))
-    return _rel(out, ref), _rel(ours_grad, ref_grad)
+    ours_grad = torch.cat([t.grad.double().cpu().flatten() for t in ours_in])
+    return _rel(out, ref), _rel(ours_grad, ref_grad), floor
 
 
 def _dtypes(backend: str) -> list[torch.dtype]:
@@ -133,7 +160,7 @@ def run_checks(n: int = 37, d: int = 16, m: int = 44, *, paths=None) -> list[Row
                 if backend == "triton" and device == "cpu":
                     row.note = INTERPRETER_NOTE
                 try:
-                    row.out_err, row.grad_err = _one(device, backend, dtype, kwargs, feature, n, d, m)
+                    row.out_err, row.grad_err, row.floor = _one(device, backend, dtype, kwargs, feature, n, d, m)
                 except Exception as exc:  # a path that raises is a failure, shown in its row
                     row.note = f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             rows.append(row)
@@ -208,7 +235,9 @@ def format_table(rows: list[Row]) -> str:
         if r.out_err is None:
             lines.append(f"{r.device:6} {r.backend:7} {r.dtype:8} {r.mode:13} {r.feature:8} {'':>9} {'':>9} {'':>7}  {r.note}")
         else:
-            verdict = "ok" if r.ok else "FAIL"
+            verdict = "FAIL" if not r.ok else (
+                f"ok, ill-conditioned here (input roundoff alone moves the result by "
+                f"{r.floor / CONDITION_FACTOR:.0e})" if r.ill_conditioned else "ok")
             note = f" ({r.note})" if r.note else ""
             lines.append(
                 f"{r.device:6} {r.backend:7} {r.dtype:8} {r.mode:13} {r.feature:8} "
@@ -223,6 +252,9 @@ def summary(rows: list[Row]) -> str:
     errors = [r for r in rows if r.out_err is None and r.failed]
     skipped = [r for r in rows if r.skipped]
     text = f"{len(ran)} paths checked, {len(over)} over budget"
+    shaky = [r for r in ran if r.ill_conditioned]
+    if shaky:
+        text += f", {len(shaky)} judged only up to their conditioning (a larger --n, --d, --m tells more)"
     if errors:
         text += f", {len(errors)} failed to run"
     return text + f", {len(skipped)} skipped (reasons above)"
