@@ -98,7 +98,7 @@ def test_graph_breaks_of_performer_lm():
     assert _breaks(model.eval(), x) == []
     assert _breaks(model.train(), x) == ["self._redraw_projections()"]
     local = _lm(local_attn_heads=1, local_window_size=16)
-    assert _breaks(local.eval(), x) == ["out = self._local_attention(lq, lk, lv, local_mask, context_parallel)  # (as above)"]
+    assert _breaks(local.eval(), x) == ["out = self._local_attention(lq, lk, lv, local_mask, context_parallel)"]
     fixed = _lm(feature_redraw_interval=None)  # no redraw can happen: the count is an in-graph add
     assert _breaks(fixed.train(), x) == []
 
