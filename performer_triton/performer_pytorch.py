@@ -31,7 +31,8 @@ from . import functional
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs, warn_ignored
+from .validation import (DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs,
+                         runs_own_forward, warn_ignored)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -350,8 +351,10 @@ class ProjectionUpdater(nn.Module):
                 for fast_attention in find_modules(self.instance, FastAttention):
                     fast_attention.redraw_projection_matrix(generator=generator)
             else:  # 1.1.4's call, positional: subclasses override it with the signature (self, device)
-                param = next(self.instance.parameters(), None)  # (1.1.4: StopIteration without one)
-                device = None if param is None else param.device
+                # 1.1.4's device: the first parameter's (StopIteration without one; meta, offloaded
+                # weights: a draw there could not be copied): else the projection's own
+                param = next(self.instance.parameters(), None)
+                device = None if param is None or param.is_meta else param.device
                 for fast_attention in find_modules(self.instance, FastAttention):
                     fast_attention.redraw_projection_matrix(device)
             self.calls_since_last_redraw.zero_()
@@ -696,7 +699,7 @@ class Attention(nn.Module):
     def cache_unsupported_reason(self) -> str | None:
         """Why cached decoding cannot reproduce this layer (None when it can)."""
         fa = self.fast_attention
-        if not isinstance(fa, FastAttention) or type(fa).forward is not FastAttention.forward or "forward" in vars(fa):
+        if not runs_own_forward(fa, FastAttention):
             return (f"its fast_attention ({type(fa).__name__}) has a forward of its own, which a cached step would "
                     "not call (it updates the attention state instead)")
         if not fa.causal:

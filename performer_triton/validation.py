@@ -153,8 +153,8 @@ def warn_ignored(where: str, names: Iterable[str], why: str = "performer-pytorch
     given while the call is traced (torch.compile cannot trace warnings.warn: fullgraph=True
     would fail on the argument), not by the compiled graph."""
     names = tuple(names)
-    if torch.compiler.is_compiling():
-        comptime(_warn_while_tracing)
+    if torch.compiler.is_compiling():  # (torch.export's non-strict tracing runs the fallback)
+        comptime(_warn_while_tracing, lambda: _warn_once(where, names, why))
         return
     _warn_once(where, names, why)
 
@@ -227,12 +227,25 @@ def calls_observed(module: nn.Module, base: type, *, backward: bool = False) -> 
     way (fused, or from a cache) would be noticed: a forward other than base's (a subclass's, or one
     put on the instance), or forward hooks (and with backward, backward hooks) on it, on any
     submodule, or global ones."""
-    if type(module).forward is not base.forward or "forward" in vars(module):
+    if not runs_own_forward(module, base):
         return True
     kinds = ("_forward_hooks", "_forward_pre_hooks") + (("_backward_hooks", "_backward_pre_hooks") if backward else ())
     if any(getattr(nn.modules.module, f"_global{kind}", None) for kind in kinds):
         return True
     return any(getattr(m, kind, None) for m in module.modules() for kind in kinds)
+
+
+def runs_own_forward(module: nn.Module, base: type) -> bool:
+    """Whether module is a base whose forward is base's: not overridden by a subclass or on the
+    instance, compiled or not (torch.compile(module), or module.forward = torch.compile(module.forward))."""
+    module = getattr(module, "_orig_mod", module)
+    if not isinstance(module, base) or type(module).forward is not base.forward:
+        return False
+    forward = vars(module).get("forward")
+    if forward is None:
+        return True
+    compiled = getattr(forward, "_torchdynamo_orig_callable", None)  # torch.compile's wrapper
+    return getattr(compiled, "__func__", None) is base.forward and getattr(compiled, "__self__", None) is module
 
 
 def check_state_tuple(state: object, what: str) -> None:

@@ -161,6 +161,25 @@ def test_fullgraph_takes_arguments_performer_pytorch_ignores():
     assert torch.allclose(losses[1], model(x, return_loss=True))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_takes_arguments_performer_pytorch_ignores(strict):
+    """torch.export (non-strict, the default, traces without dynamo): the one-time warning too."""
+    import warnings
+
+    from performer_triton import Performer, validation
+
+    validation._WARNED.clear()
+    torch.manual_seed(0)
+    model = Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True, feature_redraw_interval=None).eval()
+    x = torch.randn(1, 7, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = torch.export.export(model, (x,), {"return_loss": True}, strict=strict)
+    assert [str(w.message) for w in caught if "is ignored" in str(w.message)] == [
+        "Performer.forward: argument 'return_loss' is ignored (performer-pytorch 1.1.4 ignores it too)"]
+    assert torch.allclose(exported.module()(x, return_loss=True), model(x))
+
+
 @pytest.mark.parametrize("local_attn_heads", [0, 1])
 def test_cached_generation_of_a_compiled_model_does_not_recompile_per_token(local_attn_heads):
     """AutoregressiveWrapper(torch.compile(model)).generate decodes from a cache: the prefill and

@@ -266,11 +266,11 @@ def _check_regression_options(args) -> None:
              "--reference": args.reference is not None}
     if not args.regression:
         stray = [name for name, set_ in given.items() if set_]
-        if args.max_slowdown is not None and not args.compare:
-            stray.append("--max-slowdown")
         if stray:
-            raise SystemExit(f"performer-triton bench: {', '.join(stray)} only act with --regression "
-                             "(--max-slowdown also with --compare)")
+            raise SystemExit(f"performer-triton bench: {', '.join(stray)}: only with --regression")
+    if args.max_slowdown is not None and not (args.baseline or args.compare):
+        raise SystemExit("performer-triton bench: --max-slowdown: only with --baseline or --compare (it is what a "
+                         "comparison accepts)")
     if args.compare and (args.regression or any(given.values())):
         raise SystemExit("performer-triton bench --compare compares saved files only: no --regression, --baseline, "
                          "--reference or --inject-slowdown with it")

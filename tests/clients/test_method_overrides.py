@@ -122,3 +122,17 @@ def test_create_projection_replaced_by_a_function_of_1_1_4s_signature():
     theirs, _ = same_results(program)
     norms = theirs.rec.entries["projections"][-1][0].norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, 2.0), rtol=1e-5, atol=0)  # sqrt(nb_columns): scaling=1's rows
+
+
+def test_compiled_attention_modules_keep_the_cache():
+    """torch.compile(fast_attention) or a compiled forward of local_attn's own is not a forward
+    of the program's: generation still decodes from the cache."""
+    lm = OURS.module.PerformerLM(num_tokens=20, max_seq_len=32, dim=16, depth=2, heads=2, dim_head=8, causal=True,
+                                 nb_features=8, local_attn_heads=1, local_window_size=4, key_stabilizer="prefix")
+    layers = [m for m in lm.modules() if isinstance(m, OURS.performer_pytorch.SelfAttention)]
+    layers[0].fast_attention = torch.compile(layers[0].fast_attention)
+    layers[1].local_attn.forward = torch.compile(layers[1].local_attn.forward)
+    wrapper = OURS.autoregressive_wrapper.AutoregressiveWrapper(lm)
+    assert wrapper.cache_unsupported_reason() is None
+    layers[1].local_attn.forward = torch.compile(lambda q, k, v, **kw: q)  # someone else's forward
+    assert "forward of its own" in wrapper.cache_unsupported_reason()
