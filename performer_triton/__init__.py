@@ -12,8 +12,10 @@ from .performer_pytorch import CrossAttention, Performer, PerformerLM, Projectio
 from .performer_enc_dec import PerformerEncDec
 from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
 
-__all__ = [  # with 1.1.4's submodules, which its star import (no __all__) binds too
-    "AttentionState",
+# `from performer_triton import *` binds what performer-pytorch 1.1.4's does (its classes and, as it
+# has no __all__, its submodules), no more: the functional API and the other additions are imported
+# by name
+__all__ = [
     "AutoregressiveWrapper",
     "CrossAttention",
     "FastAttention",
@@ -23,14 +25,7 @@ __all__ = [  # with 1.1.4's submodules, which its star import (no __all__) binds
     "ProjectionUpdater",
     "SelfAttention",
     "autoregressive_wrapper",
-    "favor_attention",
-    "feature_maps",
-    "functional",
-    "gaussian_orthogonal_random_matrix",
-    "linear_attention",
-    "orthogonal_matrix_chunk",
     "performer_enc_dec",
     "performer_pytorch",
-    "replace_fast_attention",
     "reversible",
 ]

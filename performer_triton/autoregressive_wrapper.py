@@ -19,6 +19,12 @@ from .distributed import ContextParallel, with_neighbours
 from .performer_pytorch import PerformerLM, _check_mask
 from .validation import calls_observed, check_bool, check_int, warn_ignored
 
+# `from performer_triton.autoregressive_wrapper import *` binds what performer-pytorch 1.1.4's module binds, no more
+__all__ = [
+    "AutoregressiveWrapper", "F", "exists", "nn", "pad_sequence", "partial",
+    "repetition_penalty_fn", "top_k", "top_p", "torch"
+]
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 

@@ -19,6 +19,14 @@ from .autoregressive_wrapper import AutoregressiveWrapper
 from .performer_pytorch import PerformerLM
 from .validation import InputError, warn_ignored
 
+# `from performer_triton.performer_enc_dec import *` binds what performer-pytorch 1.1.4's module binds, no more
+__all__ = [
+    "AutoregressiveWrapper", "DEC_PREFIX", "ENC_PREFIX", "PerformerEncDec", "PerformerLM",
+    "extract_and_set_enc_dec_kwargs", "extract_enc_dec_kwargs", "group_by_key_prefix",
+    "group_by_key_prefix_and_remove_prefix", "group_dict_by_key", "nn", "re", "string_begins_with",
+    "torch"
+]
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 

@@ -34,6 +34,20 @@ from .reversible import ReversibleSequence, SequentialSequence
 from .validation import (DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs,
                          runs_own_forward, warn_ignored)
 
+# `from performer_triton.performer_pytorch import *` binds what performer-pytorch 1.1.4's module binds, no more
+__all__ = [
+    "APEX_AVAILABLE", "AbsolutePositionalEmbedding", "Always", "Attention",
+    "AxialPositionalEmbedding", "Chunk", "CrossAttention", "F", "FastAttention", "FeedForward",
+    "FixedPositionalEmbedding", "LocalAttention", "LooseVersion", "Performer", "PerformerLM",
+    "PreLayerNorm", "PreScaleNorm", "PreShiftTokens", "ProjectionUpdater", "ReZero",
+    "ReversibleSequence", "SelfAttention", "SequentialSequence", "TORCH_GE_1_8_0",
+    "apply_rotary_pos_emb", "autocast", "cast_tuple", "causal_linear_attention",
+    "causal_linear_attention_noncuda", "contextmanager", "default", "empty", "exists",
+    "find_modules", "gaussian_orthogonal_random_matrix", "generalized_kernel", "get_module_device",
+    "linear_attention", "math", "nn", "null_context", "orthogonal_matrix_chunk", "partial",
+    "rearrange", "repeat", "rotate_every_two", "shift", "softmax_kernel", "torch"
+]
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 

@@ -18,6 +18,12 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .validation import InputError, ignored_kwargs
 
+# `from performer_triton.reversible import *` binds what performer-pytorch 1.1.4's module binds, no more
+__all__ = [
+    "Deterministic", "Function", "ReversibleBlock", "ReversibleSequence", "SequentialSequence",
+    "get_device_states", "itemgetter", "nn", "route_args", "set_device_states", "torch"
+]
+
 Routes = dict[str, Sequence[tuple[bool, bool]]]
 
 

@@ -112,6 +112,7 @@ class Run:
     rng_state: torch.Tensor  # torch's global generator after the program
     python_random_state: object
     warnings: list[str]  # UserWarnings the library emitted (performer_triton's ignored-argument notes)
+    all_warnings: set[str]  # every warning, as "Category: message"
     stdout: str
     result: Any  # what the program returned
 
@@ -134,12 +135,14 @@ def run(program: Callable[[Library, Recorder], Any], lib: Library) -> Run:
     finally:
         torch.set_num_threads(threads)
     emitted = [str(w.message) for w in caught if w.category is UserWarning and "is ignored" in str(w.message)]
-    return Run(lib, rec, torch.get_rng_state(), random.getstate(), emitted, out.getvalue(), result)
+    every = {f"{w.category.__name__}: {w.message}" for w in caught}
+    return Run(lib, rec, torch.get_rng_state(), random.getstate(), emitted, every, out.getvalue(), result)
 
 
 def same_results(program: Callable[[Library, Recorder], Any], *, rel: float = REL) -> tuple[Run, Run]:
-    """Run ``program`` on performer-pytorch 1.1.4 and on performer_triton; assert the same records
-    and the same global random state afterwards. Returns (theirs, ours)."""
+    """Run ``program`` on performer-pytorch 1.1.4 and on performer_triton; assert the same records,
+    the same global random state afterwards, and no warning of ours that 1.1.4 does not give
+    (except the one-time notes on ignored arguments). Returns (theirs, ours)."""
     theirs = run(program, ORIGINAL)
     ours = run(program, OURS)
     assert list(ours.rec.entries) == list(theirs.rec.entries)
@@ -150,6 +153,8 @@ def same_results(program: Callable[[Library, Recorder], Any], *, rel: float = RE
             assert_same(a, b, f"{name}[{i}]", rel)
     assert torch.equal(ours.rng_state, theirs.rng_state), "the global torch generator diverged"
     assert ours.python_random_state == theirs.python_random_state, "Python's random module diverged"
+    new = sorted(w for w in ours.all_warnings - theirs.all_warnings if "is ignored" not in w)
+    assert not new, f"warnings 1.1.4 does not give: {new}"
     return theirs, ours
 
 
