@@ -286,6 +286,8 @@ class AutoregressiveWrapper(nn.Module):
         if exists(context_parallel_group):
             kwargs.update(context_parallel_group=context_parallel_group)
         out = self.net(xi, **kwargs)
+        if not xo.is_floating_point():  # (cross_entropy takes int64 targets only; the embedding took any integer)
+            xo = xo.long()
         if not exists(context_parallel_group):
             return F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index)
         total = F.cross_entropy(out.transpose(1, 2), xo, ignore_index=self.ignore_index, reduction="sum")

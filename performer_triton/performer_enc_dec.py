@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .performer_pytorch import PerformerLM
-from .validation import InputError, warn_ignored
+from .validation import InputError, check_int, warn_ignored
 
 # `from performer_triton.performer_enc_dec import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -74,7 +74,8 @@ class PerformerEncDec(nn.Module):
     enc_<name> / dec_<name> PerformerLM arguments. The decoder is always causal and cross-attends.
 
     Keyword-only additions: key_stabilizer (decoder self-attention; the encoder is not causal),
-    exact_mask and backend (both halves).
+    exact_mask and backend (both halves), redraw_seed (the encoder's; the decoder draws from
+    redraw_seed + 1, so the two halves' matrices differ; enc_/dec_redraw_seed set them apart).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class PerformerEncDec(nn.Module):
         key_stabilizer: str = "global",
         exact_mask: bool = False,
         backend: str = "auto",
+        redraw_seed: int | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -107,6 +109,10 @@ class PerformerEncDec(nn.Module):
             half.setdefault("backend", backend)
         dec_kwargs.update(causal=True, cross_attend=True)
         dec_kwargs.setdefault("key_stabilizer", key_stabilizer)
+        if redraw_seed is not None:
+            redraw_seed = check_int("redraw_seed", redraw_seed, 0)
+            enc_kwargs.setdefault("redraw_seed", redraw_seed)
+            dec_kwargs.setdefault("redraw_seed", redraw_seed + 1)
 
         enc = PerformerLM(**enc_kwargs)
         dec = PerformerLM(**dec_kwargs)

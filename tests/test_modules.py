@@ -614,6 +614,37 @@ def test_token_ids_of_every_integer_dtype_embed():
     model, x = lm(), tokens(n=8)
     for dtype in (torch.uint8, torch.int16, torch.int32):
         assert torch.equal(model(x.to(dtype)), model(x))
+    # and the training loss, whose cross_entropy takes int64 targets only
+    wrapper = AutoregressiveWrapper(model)
+    torch.manual_seed(0)
+    enc_dec = PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_heads=2, enc_max_seq_len=16,
+                              dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_heads=2, dec_max_seq_len=16)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(wrapper(x.to(dtype)), wrapper(x))
+        assert torch.equal(enc_dec(x.to(dtype), x[:, :6].to(dtype)), enc_dec(x, x[:, :6]))
+
+
+def test_enc_dec_takes_redraw_seed_for_both_halves():
+    """redraw_seed, like the other keyword additions, needs no prefix: both halves redraw from
+    private generators (the decoder from the next seed), the same matrices on every replica
+    whatever the global RNG does."""
+    projections = []
+    for global_seed in (0, 1):
+        torch.manual_seed(0)
+        model = PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_heads=2, enc_max_seq_len=16,
+                                dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_heads=2, dec_max_seq_len=16,
+                                enc_feature_redraw_interval=1, dec_feature_redraw_interval=1, redraw_seed=3).train()
+        torch.manual_seed(global_seed)
+        x = tokens(n=8)
+        for _ in range(3):
+            model(x, x[:, :6])
+        projections.append([m.projection_matrix.clone() for m in model.modules() if hasattr(m, "projection_matrix")])
+    assert all(torch.equal(a, b) for a, b in zip(*projections))
+    enc, dec = projections[0][0], projections[0][-1]
+    assert enc.shape == dec.shape and not torch.equal(enc, dec)
+    with pytest.raises(TypeError, match="redraw_seed must be an int"):
+        PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_max_seq_len=16, dec_num_tokens=NUM_TOKENS,
+                        dec_depth=1, dec_max_seq_len=16, redraw_seed=1.5)
 
 
 def test_reversible_layers_train_behind_an_input_without_grad():
