@@ -31,14 +31,13 @@ BUDGETS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch
 # (2e-3 flagged relu gradients of correct kernels at tiny shapes, n = 2 d = m = 4: 4.6e-3, where
 # perturbing the inputs by TF32's roundoff alone moves the float64 result by 3.7e-3)
 TF32_BUDGET = BUDGETS[torch.float16]
-# The unit roundoff of what each path computes its features with (the PyTorch path: fp32 for
-# 16-bit inputs; the kernels: their dot operands, TF32 for fp32), and how many times what input
-# perturbations of that size alone do to the float64 output (and, separately, gradient) a path
-# may be off beyond its fixed budget: at tiny shapes (d = 4, m = 3) relu gradients are so
-# ill-conditioned that the fixed budgets would flag correct kernels.
-# The estimate is pessimistic for relu gradients (kernels whose gradient error is 3e-4 at the
-# default shape get floors of 1e-2 there), so it applies only to heads or feature counts below
-# CALIBRATED, smaller than any the fixed budgets were set on.
+# Conditioning floors of the budgets: at tiny shapes (d = 4, m = 3) relu gradients are so
+# ill-conditioned that the fixed budgets flag correct kernels, so a path may be off by
+# CONDITION_FACTOR times what perturbing the inputs by the unit roundoff it computes its features
+# with (the PyTorch path: fp32 for 16-bit inputs; the kernels: their dot operands, TF32 for fp32)
+# alone does to the float64 output, and separately to the gradient. The estimate is pessimistic
+# for relu gradients (floors of 1e-2 at the default shape, where the kernels' error is 3e-4), so
+# it applies only below CALIBRATED head dims or features, smaller than any the budgets were set on.
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TF32_UNIT_ROUNDOFF = 2.0**-11
 CONDITION_FACTOR = 4.0
