@@ -49,7 +49,7 @@ class DecodingCache:
     Pass the same cache to every forward call of a generation; each call feeds only the new
     tokens. Modules store their state under themselves as key. copy.deepcopy(cache) branches a
     generation (beam search): the copy's states are its own, for the same model's layers, unless
-    the model is copied in the same deepcopy call (copy.deepcopy((model, cache))), whose copies
+    the model is copied first in the same deepcopy call (copy.deepcopy((model, cache))), whose copies
     it then follows; pickle works the same way.
     """
 
@@ -74,7 +74,8 @@ class DecodingCache:
         if state is None and self.length > 0:
             raise ValueError(
                 f"this DecodingCache has seen {self.length} positions but holds no state for this layer: it was filled "
-                "by another model (a copy made without the cache: copy.deepcopy((model, cache)) copies both together)"
+                "by another model (a copy made without the cache, or one copied before its model: "
+                "copy.deepcopy((model, cache)) copies both together)"
             )
         return state
 
