@@ -71,10 +71,8 @@ def test_check_budgets_follow_the_conditioning_at_tiny_shapes():
         out_err, grad_err, out_floor, grad_floor = check._one("cpu", "triton", torch.float32, mode, feature, 5, 4, 3)
         assert out_err <= max(check.TF32_BUDGET, out_floor), (mode, feature, out_err, out_floor)
         assert grad_err <= max(check.TF32_BUDGET, grad_floor), (mode, feature, grad_err, grad_floor)
-        for backend, dtype in (("torch", torch.float32), ("torch", torch.float16), ("triton", torch.float32)):
-            out_err, grad_err, out_floor, grad_floor = check._one("cpu", backend, dtype, mode, feature, 37, 16, 44)
-            budget = check.TF32_BUDGET if backend == "triton" else check.BUDGETS[dtype]
-            assert max(out_err, grad_err) <= budget and out_floor == grad_floor == 0, (backend, dtype, mode, feature)
+        # (every path within the fixed budgets from 8 on: test_check_runs_every_available_path_within_budget)
+        assert check._one("cpu", "torch", torch.float16, mode, feature, 5, 8, 8)[2:] == (0.0, 0.0)
     row = check.Row("cpu", "triton", "float32", "non-causal", "relu", 3e-4, 5.5e-3, check.TF32_BUDGET,
                     out_floor=1e-3, grad_floor=8e-3)
     assert row.ok and row.ill_conditioned and "moves the float64 gradient by 2e-03" in format_table([row])
