@@ -358,19 +358,17 @@ class ProjectionUpdater(nn.Module):
             return
         interval = self.feature_redraw_interval
         if exists(interval) and self.calls_since_last_redraw >= interval:
-            if self.seeded:
+            # 1.1.4's call, redraw_projection_matrix(device) positionally (subclasses override it with
+            # that signature), with 1.1.4's device: the first parameter's (StopIteration without
+            # one; on meta, offloaded weights, a draw could not be copied: then the projection's own)
+            param = next(self.instance.parameters(), None)
+            args, kwargs = (None if param is None or param.is_meta else param.device,), {}
+            if self.seeded:  # (the opt-in: a private generator)
                 seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
-                generator = torch.Generator().manual_seed(seed)
+                args, kwargs = (), {"generator": torch.Generator().manual_seed(seed)}
                 self.redraw_count += 1
-                for fast_attention in find_modules(self.instance, FastAttention):
-                    fast_attention.redraw_projection_matrix(generator=generator)
-            else:  # 1.1.4's call, positional: subclasses override it with the signature (self, device)
-                # 1.1.4's device: the first parameter's (StopIteration without one; meta, offloaded
-                # weights: a draw there could not be copied): else the projection's own
-                param = next(self.instance.parameters(), None)
-                device = None if param is None or param.is_meta else param.device
-                for fast_attention in find_modules(self.instance, FastAttention):
-                    fast_attention.redraw_projection_matrix(device)
+            for fast_attention in find_modules(self.instance, FastAttention):
+                fast_attention.redraw_projection_matrix(*args, **kwargs)
             self.calls_since_last_redraw.zero_()
             return
         self.calls_since_last_redraw += 1
