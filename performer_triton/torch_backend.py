@@ -9,8 +9,12 @@ chunk. States are (m, e + 1): values plus a ones column, so the numerator and th
 come out of the same matmul. Non-causal chunks are
 sized by FEATURE_TILE. Causal attention does the masked intra-chunk part as (CHUNK, CHUNK)
 matmuls and carries the state across chunks; whole chunks are batched into blocks (one product
-of each kind per block, the chunk states scanned in a short loop of small adds); the forward
+of each kind per block, the chunk states summed in a short loop of small adds); the forward
 saves the state before each chunk, and the backward makes one reverse sweep over the blocks.
+With one key stabilizer per head (1.1.4's global max, or none: relu and given features) the
+keys' exp(row_scale - M) factors fold into their features and the state is a plain prefix sum
+(_fwd_blocks_per_head); with the prefix stabilizer (M per query row) the (t, t) pairs carry
+the factors and the state moves with a running reference (_fwd_blocks_per_row).
 Where the time goes: bench/RESULTS.md, "Profile of the PyTorch path".
 
 Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e), projection (m, d); for GIVEN, q and k
@@ -513,17 +517,173 @@ def favor_fwd(
     row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
     if initial is not None and stats:  # the prefix stabilizer goes on from the state's
         stab = torch.maximum(stab, stab0[..., None])
-    upper = _upper(CHUNK, q.device)
     # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
     # output adds the running sum of the non-finite ones.
     values, poison = _finite_values(v)
     saved = saved_like(q, v, projection, causal)  # the state before each chunk, and its R
+    if prefix:
+        hz, ref, v_before = _fwd_blocks_per_row(fm, q, k, values, k_max, row_scale, stab, hz, ref, v_before, q_max,
+                                                out, rden, saved)
+    else:
+        hz, ref, v_before = _fwd_blocks_per_head(fm, q, k, values, stab[..., 0], hz, ref, v_before, q_max, out,
+                                                 rden, saved)
+    if final:  # M after the last key: the newest query's (prefix) stabilizer
+        # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
+        saved += [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
+                  stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
+    if poison is not None:
+        out.add_(poison)
+    return out.to(in_dtype), q_max, k_max, k_scale, rden, saved
+
+
+def _write_rows(fm: ChunkFeatures, nd: Tensor, q_sum: Tensor, sl: slice, out: Tensor, rden: Tensor) -> None:
+    """out = N / D and rden = 1 / D of the rows sl from nd = [N, D] (b, h, t, e+1) and the query
+    sums q_sum (b, h, t), the causal eps part of D (c_i = causal_coef * sum_f q~_if) added here."""
+    e = out.shape[-1]
+    rden[..., sl] = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum)
+    out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+
+
+def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: Tensor, hz: Tensor, ref: Tensor,
+                         v_before: Tensor, q_max: Tensor, out: Tensor, rden: Tensor, saved: list[Tensor]
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """The causal blocks when the key stabilizer is one number per head, stab = M (b, h) (1.1.4's
+    global max; 0 for the maps without one): every key's factor exp(row_scale_j - M) <= 1 folds
+    into its features, k~ - eps = exp(dash - |dn k|^2 / 2 - M) as 1.1.4 makes them, and the state
+    is a plain prefix sum of k~ [v, 1]^T relative to M, with no running reference to move.
+    Writes q_max, out, rden and the state before each chunk (saved, its reference M); hz, ref: the
+    state before the first key (relative to ref; -inf: empty).  -> (hz, M, v_before) after the last."""
+    (b, h, n), m = q.shape[:3], saved[0].shape[-2]
+    eps, upper = fm.eps, _upper(CHUNK, q.device)
+    hz = hz * (ref - stab).exp().masked_fill_(torch.isinf(ref), 0.0)[..., None, None]  # relative to M
+    saved[1].copy_(stab[..., None].expand_as(saved[1]))
     for sl, t in _blocks(n, b * h, m):
         qc = q[..., sl, :]
         dash = fm.dash(qc)
-        if stats:
+        if fm.softmax:
             q_max[..., sl] = fm.row_max(dash)
+        base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
+        keys = _by_chunk(fm.keys(k[..., sl, :], stab), t)  # k~ - eps   (b, h, nc, t, m)
+        vc = _by_chunk(values(sl), t)  # (b, h, nc, t, e+1)
+        q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
+        scores = _pair_weights(fm, base, keys, q_sum, upper[:t, :t])  # (b, h, nc, t, t)
+        # the state before each chunk, and [sum v, count] before each chunk   (b, h, nc, m | 1, e+1)
+        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
+        hz_before, hz = _prefix_over_chunks(hz, keys.mT @ vc)
+        saved[0][:, :, chunks] = hz_before
+        v_chunks, v_before = _prefix_over_chunks(v_before, vc.sum(-2, keepdim=True))
+        # inter: (q~ - eps) @ H + eps colsum(H) + eps sum(q~_i) [sum v, count] before the chunk
+        nd = _bmm(base, hz_before, torch.addcmul(hz_before.sum(-2, keepdim=True), q_sum[..., None], v_chunks).mul_(eps))
+        nd = _bmm(scores, vc, nd).flatten(2, 3)  # + intra
+        _write_rows(fm, nd, q_sum.flatten(2, 3), sl, out, rden)
+    return hz, stab, v_before
+
+
+def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor, upper: Tensor) -> Tensor:
+    """q~_i . k~_j on visible pairs (j <= i) of each chunk, 0 elsewhere (by selection), the keys'
+    factors already in their features: (q~_i - eps) . (k~_j - eps) + eps sum_f (k~_jf - eps)
+    + eps sum_f q~_if, the eps terms as the product's accumulator.  base, keys (b, h, nc, t, m), q_sum (b, h, nc, t), upper (t, t) -> (b, h, nc, t, t)."""
+    acc = torch.add(keys.sum(-1)[..., None, :], q_sum[..., :, None]).mul_(fm.eps)
+    return _bmm(base, keys.mT, acc).masked_fill_(upper, 0.0)
+
+
+def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q_max: Tensor, stab: Tensor,
+                         hz_chunks: Tensor, blocks: list[tuple[slice, int]], v_befores: list[Tensor],
+                         initial: tuple | None, final: tuple | None, dq: Tensor, dk: Tensor, dv: Tensor
+                         ) -> list[Tensor]:
+    """favor_bwd's reverse sweep over the blocks of _fwd_blocks_per_head (one stabilizer per head,
+    stab = M (b, h)): every gradient of a block from one computation of its features, with the
+    forward's state before each chunk (hz_chunks, relative to M) for the queries and the gradient
+    of the state after each chunk (later queries' q~ [dN, dD]^T, plus the final state's) for the
+    keys and values.  grad(sl): [dN, dD] of rows sl; v_befores: [sum v, count] before each block.
+    Writes dq, dk, dv (in the compute dtype).  -> [d hz0, d v_sum0] ([] without an initial state)."""
+    (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
+    eps, upper, dtype = fm.eps, _upper(CHUNK, q.device), hz_chunks.dtype
+    dhz = q.new_zeros((b, h, m, e + 1))  # the gradient of the state after the block (relative to M)
+    later = q.new_zeros((b, h, 1, e + 1))  # sum_{i after the block} sum(q~_i) [dN_i, dD_i]: of [sum v, count]
+    d_vs_f = None
+    if final is not None:  # the final state is the state after the last key, relative to M
+        _, d_hz_f, d_vs_f = final
+        if d_hz_f is not None:
+            dhz += d_hz_f.to(dtype)
+        d_vs_f = None if d_vs_f is None else d_vs_f.to(dtype)[..., None, None, :e]
+    for sl, t in reversed(blocks):
+        v_before, up = v_befores.pop(), upper[:t, :t]
+        qc, kc = q[..., sl, :], k[..., sl, :]
+        base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
+        keys = _by_chunk(fm.keys(kc, stab), t)  # k~ - eps   (b, h, nc, t, m)
+        g, vc = _by_chunk(grad(sl), t), _by_chunk(values(sl), t)  # [dN, dD], [v, 1]   (b, h, nc, t, e+1)
+        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
+        # (b, h, nc, m, e+1) in one block of memory: its transpose feeds the products without a copy
+        hz_before = hz_chunks[:, :, chunks].contiguous()
+        v_chunks = _prefix_over_chunks(v_before, vc.sum(-2, keepdim=True))[0]  # [sum v, count] before each chunk
+        q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
+        dw = (g @ vc.mT).masked_fill_(up, 0.0)  # dN_i . v_j + dD_i on visible pairs   (b, h, nc, t, t)
+
+        # dq~_i = H [dN, dD]_i + sum_j dw_ij k~_j + eps [dN, dD]_i . [sum v, count] before the chunk; c_i: coef dD_i
+        dqt = _bmm(dw, keys, g @ hz_before.mT)
+        dqt += (((g * v_chunks).sum(-1) + dw.sum(-1)).mul_(eps) + fm.causal_coef * g[..., e])[..., None]
+        dq[..., sl, :] = fm.vjp(qc, base.flatten(2, 3), dqt.flatten(2, 3))
+
+        # dk~_j = dH_after [v_j, 1] + sum_{i in chunk} dw_ij q~_i: the state's gradient after each
+        # chunk, sum over later queries of q~_i [dN, dD]_i^T = (q~ - eps)^T g + eps colsum(g)
+        folds = _bmm(base.mT, g, g.sum(-2, keepdim=True).mul_(eps))  # (b, h, nc, m, e+1)
+        after, dhz = _suffix_over_chunks(dhz, folds)
+        du = _bmm(dw.mT, base, vc @ after.mT).add_(dw.sum(-2).mul_(eps)[..., None])
+        dk[..., sl, :] = fm.vjp(kc, keys.flatten(2, 3), du.flatten(2, 3))
+
+        # dv_j = sum_{i >= j in chunk} (q~_i . k~_j) dN_i + (k~_j - eps) @ dH_after + eps sum_{i after
+        # the chunk} sum(q~_i) dN_i (the [sum v, count] of later queries)
+        later_c, later = _suffix_over_chunks(later, (g * q_sum[..., None]).sum(-2, keepdim=True))
+        acc = later_c[..., :e] * eps if d_vs_f is None else torch.add(d_vs_f, later_c[..., :e], alpha=eps)
+        inter = _bmm(keys, after[..., :e], acc)
+        dv[..., sl, :] = _bmm(_pair_weights(fm, base, keys, q_sum, up).mT, g[..., :e], inter).flatten(2, 3)
+    if initial is None:
+        return []
+    # the forward read hz0 as hz0 exp(R0 - M) (an empty state, R0 = -inf: none) and [sum v, count]
+    # before every key as v_sum0
+    ref0 = initial[2].to(dtype)
+    empty = torch.isinf(ref0)[..., None, None]
+    d_hz0 = (dhz * (ref0 - stab).exp()[..., None, None]).masked_fill_(empty, 0.0)
+    d_vs0 = later[..., 0, :] * eps
+    if final is not None and final[2] is not None:
+        d_vs0 += final[2].to(dtype)
+    return [d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)]
+
+
+def _suffix_over_chunks(after: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums over chunks from the last: after (b, h, ...), the sum over what follows the
+    block, plus the chunks' own sums own (b, h, nc, ...).  -> (the sum over what follows each chunk
+    (b, h, nc, ...), the sum over the block and what follows it (b, h, ...))."""
+    sums = [after]
+    for c in reversed(range(own.shape[2])):
+        sums.append(sums[-1] + own[:, :, c])
+    return torch.stack(sums[-2::-1], 2), sums[-1]
+
+
+def _prefix_over_chunks(before: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums over chunks: before (b, h, ...) plus the chunks' own sums own (b, h, nc, ...).
+    -> (the sum before each chunk (b, h, nc, ...), the sum after the last (b, h, ...))."""
+    sums = [before]
+    for c in range(own.shape[2]):
+        sums.append(sums[-1] + own[:, :, c])
+    return torch.stack(sums[:-1], 2), sums[-1]
+
+
+def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, k_max: Tensor, row_scale: Tensor,
+                        stab: Tensor, hz: Tensor, ref: Tensor, v_before: Tensor, q_max: Tensor, out: Tensor,
+                        rden: Tensor, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The causal blocks with a stabilizer per query row, stab = M_i (b, h, n) (the prefix one):
+    keys as U_j with the factors exp(row_scale_j - M_i) on the (t, t) pairs, and the state moved to
+    the running max R of row_scale (both factors <= 1: no future key changes a past output).
+    Arguments and result as _fwd_blocks_per_head's, the reference R in place of M."""
+    (b, h, n), m = q.shape[:3], saved[0].shape[-2]
+    upper = _upper(CHUNK, q.device)
+    for sl, t in _blocks(n, b * h, m):
+        qc = q[..., sl, :]
+        dash = fm.dash(qc)
+        q_max[..., sl] = fm.row_max(dash)  # (prefix: SOFTMAX)
         base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
         vo = values(sl)  # (b, h, nc t, e+1)
@@ -542,16 +702,9 @@ def favor_fwd(
         nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
         nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])
         nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], _by_chunk(v_upto, t), value=fm.eps)).flatten(2, 3)
-        rden[..., sl] = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum.flatten(2, 3))
-        out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+        _write_rows(fm, nd, q_sum.flatten(2, 3), sl, out, rden)
         v_before = v_upto[..., -1:, :]
-    if final:  # M after the last key: the newest query's (prefix) stabilizer
-        # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
-        saved += [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
-                  stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
-    if poison is not None:
-        out.add_(poison)
-    return out.to(in_dtype), q_max, k_max, k_scale, rden, saved
+    return hz, ref, v_before
 
 
 @_exact_dtypes
@@ -618,6 +771,10 @@ def favor_bwd(
     for sl, _ in blocks:
         v_befores.append(v_before)
         v_before = v_before + values(sl).sum(-2, keepdim=True)
+
+    if not prefix:
+        return done(_bwd_blocks_per_head(fm, grad, q, k, values, q_max, stab[..., 0], hz_chunks, blocks, v_befores,
+                                         initial, final, dq, dk, dv))
 
     # reverse sweep: every gradient of a block from one computation of its features, with the
     # forward's states before its chunks (queries) and the states of later queries (keys, values)
