@@ -124,11 +124,23 @@ class ChunkFeatures:
         if self.given:
             return dbase
         if not self.softmax:  # by selection: an inf gradient at a dead unit adds nothing
-            return torch.where(base > 0, dbase, 0.0) @ self.proj
+            return _where_positive(base, dbase) @ self.proj
         # through exp, du = dbase base is the gradient w.r.t. dash - diag; dash and diag both
         # depend on x: dx = dn du @ P - dn^2 rowsum(du) x, both from one matmul with [dn P | 1]
         du_p = dbase.mul_(base) @ self.proj_sum  # (b, h, t, d + 1)
         return torch.addcmul(du_p[..., :-1], du_p[..., -1:], x, value=-self.dn2)
+
+
+def _where_positive(base: Tensor, x: Tensor) -> Tensor:
+    """x where base > 0, else +0 (x overwritten), selected on the bits: an inf or NaN of x where
+    base is not positive adds nothing, as with torch.where, whose kernel takes a branch per
+    element (~4x slower on the random masks of relu features); torch.where itself where autograd
+    records (the backward of KeysState and ReadContext under create_graph).  base, x (...) -> (...)."""
+    if torch.is_grad_enabled() and (x.requires_grad or base.requires_grad):  # a backward under create_graph
+        return torch.where(base > 0, x, 0.0)
+    ints = torch.int32 if x.dtype == torch.float32 else torch.int64  # (the compute dtypes)
+    keep = (base > 0).to(ints).neg_()  # all bits set where kept
+    return x.view(ints).bitwise_and_(keep).view(x.dtype)
 
 
 def _exp2_below_one(dash: Tensor, shift: Tensor) -> Tensor:
@@ -254,14 +266,12 @@ def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     return local, local.masked_fill(torch.isinf(local), 0.0)
 
 
-def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor,
-                     out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
     """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
-    reference (both factors <= 1; the finite base 0 while neither has a key), written into out
-    if given.  -> (hz, ref)."""
+    reference (both factors <= 1; the finite base 0 while neither has a key).  -> (hz, ref)."""
     new_ref = torch.maximum(ref, kv_ref)
     base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
-    hz = torch.mul(hz, (ref[..., None, None] - base).exp_(), out=out)
+    hz = hz * (ref[..., None, None] - base).exp_()
     return hz.addcmul_(kv, (kv_ref[..., None, None] - base).exp_()), new_ref
 
 
@@ -269,14 +279,11 @@ def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before:
                  ref_before: Tensor) -> tuple[Tensor, Tensor]:
     """The state before each of G chunks, written into hz_before (b, h, G, m, e+1) and
     ref_before (b, h, G), from the state before the first, hz (b, h, m, e+1) and ref (b, h), and
-    the chunks' own states kv (b, h, G, m, e+1), kv_ref (b, h, G).  -> the state after the last."""
-    groups = kv.shape[2]
-    hz_before[:, :, 0], ref_before[:, :, 0] = hz, ref
-    for c in range(groups):
-        nxt = hz_before[:, :, c + 1] if c + 1 < groups else None  # merged in place where it is kept
-        hz, ref = merge_referenced(hz_before[:, :, c], ref_before[:, :, c], kv[:, :, c], kv_ref[:, :, c], nxt)
-        if nxt is not None:
-            ref_before[:, :, c + 1] = ref
+    the chunks' own states kv (b, h, G, m, e+1), kv_ref (b, h, G).  -> the state after the last.
+    (Copies, not out= arguments: favor_fwd also runs under autograd, for create_graph.)"""
+    for c in range(kv.shape[2]):
+        hz_before[:, :, c], ref_before[:, :, c] = hz, ref
+        hz, ref = merge_referenced(hz, ref, kv[:, :, c], kv_ref[:, :, c])
     return hz, ref
 
 
@@ -541,8 +548,9 @@ def _write_rows(fm: ChunkFeatures, nd: Tensor, q_sum: Tensor, sl: slice, out: Te
     """out = N / D and rden = 1 / D of the rows sl from nd = [N, D] (b, h, t, e+1) and the query
     sums q_sum (b, h, t), the causal eps part of D (c_i = causal_coef * sum_f q~_if) added here."""
     e = out.shape[-1]
-    rden[..., sl] = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum)
-    out[..., sl, :] = nd[..., :e] * rden[..., sl, None]
+    r = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum)  # (not read back from rden: under
+    out[..., sl, :] = nd[..., :e] * r[..., None]                  # autograd, later rows change it)
+    rden[..., sl] = r
 
 
 def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: Tensor, hz: Tensor, ref: Tensor,
@@ -696,8 +704,11 @@ def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, k_max: 
         v_upto = vo.cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
         # the state before each chunk (H(R) relative to its R), from the chunks' own states
         chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
-        hz_before, ref_before = saved[0][:, :, chunks], saved[1][:, :, chunks]
-        hz, ref = _scan_states(hz, ref, *_chunk_states(units, rs, vc), hz_before, ref_before)
+        kv, kv_ref = _chunk_states(units, rs, vc)
+        # (block-local, then saved: under autograd the products must not read a tensor that later blocks write)
+        hz_before, ref_before = torch.empty_like(kv), torch.empty_like(kv_ref)
+        hz, ref = _scan_states(hz, ref, kv, kv_ref, hz_before, ref_before)
+        saved[0][:, :, chunks], saved[1][:, :, chunks] = hz_before, ref_before
         # inter: exp(R - M_i) q~ @ H(R); eps part of every visible key: eps sum(q~_i) v_upto_i
         nd = _bmm(base, hz_before, hz_before.sum(-2, keepdim=True).mul_(fm.eps))
         nd.mul_((ref_before[..., None] - m_i).exp_()[..., None])

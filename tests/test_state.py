@@ -139,6 +139,16 @@ def test_keys_state_is_the_final_state_without_queries(name, n):
             ((state.hz * w_hz).sum() + (state.v_sum * w_vs).sum()).backward()
         for a, b in zip(got_leaves, want_leaves):
             assert rel(a.grad, b.grad) < 1e-12, name
+        # second order (create_graph through keys_state's backward): a loss on the keys' gradient
+        second = []
+        for make in (lambda k1, v1: keys_state(k1, v1, P, feature_map=MAPS[name]["feature_map"]),
+                     lambda k1, v1: favor_attention(q, k1, v1, P, causal=True, output_final_state=True,
+                                                    **MAPS[name])[1]):
+            leaves = [t.clone().requires_grad_() for t in (k, v)]
+            (dk,) = torch.autograd.grad((make(*leaves).hz * w_hz).square().sum(), leaves[0], create_graph=True)
+            second.append(torch.autograd.grad(dk.square().sum(), leaves))
+        for a, b in zip(*second):
+            assert rel(a, b) < 1e-10, name
     if n > 5:  # the rest of the sequence from the state of its first 5 keys: the outputs of one call
         state = keys_state(k[:, :, :5], v[:, :, :5], P, feature_map=MAPS[name]["feature_map"])
         rest = favor_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], P, causal=True, initial_state=state, **MAPS[name])
