@@ -418,8 +418,9 @@ def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tens
     features): output 0."""
     e = out.shape[-1]
     nd = _bmm(base, context, eps_nd)  # (b, h, t, e+1) = [N, D]
-    rden.copy_(reciprocal_or_zero(nd[..., e]))
-    out.copy_(nd[..., :e] * rden[..., None])
+    r = reciprocal_or_zero(nd[..., e])  # (not read back from rden: under autograd, later rows change it)
+    out.copy_(nd[..., :e] * r[..., None])
+    rden.copy_(r)
 
 
 def _query_base(fm: ChunkFeatures, x: Tensor) -> Tensor:

@@ -923,17 +923,19 @@ def test_second_order_gradients(backend, feature, causal):
             assert (a - b).norm() <= 5e-3 * b.norm()
 
 
-@pytest.mark.parametrize("case", [dict(), dict(key_stabilizer="prefix"), dict(feature_map="relu")],
-                         ids=["global", "prefix", "relu"])
-def test_second_order_gradients_across_causal_blocks(monkeypatch, case):
-    """create_graph through the causal PyTorch path over several blocks of several chunks (8-row
-    chunks, 64-row blocks, n = 150) gives the float64 reference's second-order gradients (it once
-    crashed there: an out= argument under autograd, and rows read back from a tensor that later
-    blocks write, which n = 9 never reached)."""
+@pytest.mark.parametrize("case", [dict(causal=True), dict(causal=True, key_stabilizer="prefix"),
+                                  dict(causal=True, feature_map="relu"), dict(causal=False),
+                                  dict(causal=False, feature_map="relu")],
+                         ids=["causal-global", "causal-prefix", "causal-relu", "noncausal", "noncausal-relu"])
+def test_second_order_gradients_across_chunks(monkeypatch, case):
+    """create_graph through the PyTorch path over several chunks (causal: 8-row chunks in 64-row
+    blocks; non-causal: 64-row chunks; n = 150) gives the float64 reference's second-order
+    gradients (it once crashed there: an out= argument under autograd, and rows read back from a
+    tensor that later chunks write, which n = 9 never reached)."""
     from performer_triton import torch_backend
 
     monkeypatch.setattr(torch_backend, "CHUNK", 8)
-    monkeypatch.setattr(torch_backend, "FEATURE_TILE", 64 * 2 * 7)  # 64-row blocks at b h = 2, m = 7
+    monkeypatch.setattr(torch_backend, "FEATURE_TILE", 64 * 2 * 7)  # 64 rows at b h = 2, m = 7
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1, 2, 150, 5, generator=gen, dtype=torch.float64)
     w = torch.randn(5, 5, generator=gen, dtype=torch.float64)
@@ -941,7 +943,7 @@ def test_second_order_gradients_across_causal_blocks(monkeypatch, case):
     results = []
     for attention in (partial(favor_attention, backend="torch"), reference.favor_attention):
         xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = attention(xl @ wl, xl, xl, P, causal=True, **case)
+        out = attention(xl @ wl, xl, xl, P, **case)
         (dx,) = torch.autograd.grad(out.square().sum(), xl, create_graph=True)
         results.append(torch.autograd.grad(dx.square().sum(), (xl, wl)))
     for a, b in zip(*results):
