@@ -554,6 +554,34 @@ def _write_rows(fm: ChunkFeatures, nd: Tensor, q_sum: Tensor, sl: slice, out: Te
     rden[..., sl] = r
 
 
+def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor, upper: Tensor) -> Tensor:
+    """q~_i . k~_j on visible pairs (j <= i) of each chunk, 0 elsewhere (by selection), the keys'
+    factors already in their features: (q~_i - eps) . (k~_j - eps) + eps sum_f (k~_jf - eps)
+    + eps sum_f q~_if, the eps terms as the product's accumulator.
+    base, keys (b, h, nc, t, m), q_sum (b, h, nc, t), upper (t, t) -> (b, h, nc, t, t)."""
+    acc = torch.add(keys.sum(-1)[..., None, :], q_sum[..., :, None]).mul_(fm.eps)
+    return _bmm(base, keys.mT, acc).masked_fill_(upper, 0.0)
+
+
+def _prefix_over_chunks(before: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums over chunks: before (b, h, ...) plus the chunks' own sums own (b, h, nc, ...).
+    -> (the sum before each chunk (b, h, nc, ...), the sum after the last (b, h, ...))."""
+    sums = [before]
+    for c in range(own.shape[2]):
+        sums.append(sums[-1] + own[:, :, c])
+    return torch.stack(sums[:-1], 2), sums[-1]
+
+
+def _suffix_over_chunks(after: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sums over chunks from the last: after (b, h, ...), the sum over what follows the
+    block, plus the chunks' own sums own (b, h, nc, ...).  -> (the sum over what follows each chunk
+    (b, h, nc, ...), the sum over the block and what follows it (b, h, ...))."""
+    sums = [after]
+    for c in reversed(range(own.shape[2])):
+        sums.append(sums[-1] + own[:, :, c])
+    return torch.stack(sums[-2::-1], 2), sums[-1]
+
+
 def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: Tensor, hz: Tensor, ref: Tensor,
                          v_before: Tensor, q_max: Tensor, out: Tensor, rden: Tensor, saved: list[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor]:
@@ -587,97 +615,6 @@ def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: 
         nd = _bmm(scores, vc, nd).flatten(2, 3)  # + intra
         _write_rows(fm, nd, q_sum.flatten(2, 3), sl, out, rden)
     return hz, stab, v_before
-
-
-def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor, upper: Tensor) -> Tensor:
-    """q~_i . k~_j on visible pairs (j <= i) of each chunk, 0 elsewhere (by selection), the keys'
-    factors already in their features: (q~_i - eps) . (k~_j - eps) + eps sum_f (k~_jf - eps)
-    + eps sum_f q~_if, the eps terms as the product's accumulator.  base, keys (b, h, nc, t, m), q_sum (b, h, nc, t), upper (t, t) -> (b, h, nc, t, t)."""
-    acc = torch.add(keys.sum(-1)[..., None, :], q_sum[..., :, None]).mul_(fm.eps)
-    return _bmm(base, keys.mT, acc).masked_fill_(upper, 0.0)
-
-
-def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q_max: Tensor, stab: Tensor,
-                         hz_chunks: Tensor, blocks: list[tuple[slice, int]], v_befores: list[Tensor],
-                         initial: tuple | None, final: tuple | None, dq: Tensor, dk: Tensor, dv: Tensor
-                         ) -> list[Tensor]:
-    """favor_bwd's reverse sweep over the blocks of _fwd_blocks_per_head (one stabilizer per head,
-    stab = M (b, h)): every gradient of a block from one computation of its features, with the
-    forward's state before each chunk (hz_chunks, relative to M) for the queries and the gradient
-    of the state after each chunk (later queries' q~ [dN, dD]^T, plus the final state's) for the
-    keys and values.  grad(sl): [dN, dD] of rows sl; v_befores: [sum v, count] before each block.
-    Writes dq, dk, dv (in the compute dtype).  -> [d hz0, d v_sum0] ([] without an initial state)."""
-    (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
-    eps, upper, dtype = fm.eps, _upper(CHUNK, q.device), hz_chunks.dtype
-    dhz = q.new_zeros((b, h, m, e + 1))  # the gradient of the state after the block (relative to M)
-    later = q.new_zeros((b, h, 1, e + 1))  # sum_{i after the block} sum(q~_i) [dN_i, dD_i]: of [sum v, count]
-    d_vs_f = None
-    if final is not None:  # the final state is the state after the last key, relative to M
-        _, d_hz_f, d_vs_f = final
-        if d_hz_f is not None:
-            dhz += d_hz_f.to(dtype)
-        d_vs_f = None if d_vs_f is None else d_vs_f.to(dtype)[..., None, None, :e]
-    for sl, t in reversed(blocks):
-        v_before, up = v_befores.pop(), upper[:t, :t]
-        qc, kc = q[..., sl, :], k[..., sl, :]
-        base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
-        keys = _by_chunk(fm.keys(kc, stab), t)  # k~ - eps   (b, h, nc, t, m)
-        g, vc = _by_chunk(grad(sl), t), _by_chunk(values(sl), t)  # [dN, dD], [v, 1]   (b, h, nc, t, e+1)
-        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
-        # (b, h, nc, m, e+1) in one block of memory: its transpose feeds the products without a copy
-        hz_before = hz_chunks[:, :, chunks].contiguous()
-        v_chunks = _prefix_over_chunks(v_before, vc.sum(-2, keepdim=True))[0]  # [sum v, count] before each chunk
-        q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
-        dw = (g @ vc.mT).masked_fill_(up, 0.0)  # dN_i . v_j + dD_i on visible pairs   (b, h, nc, t, t)
-
-        # dq~_i = H [dN, dD]_i + sum_j dw_ij k~_j + eps [dN, dD]_i . [sum v, count] before the chunk; c_i: coef dD_i
-        dqt = _bmm(dw, keys, g @ hz_before.mT)
-        dqt += (((g * v_chunks).sum(-1) + dw.sum(-1)).mul_(eps) + fm.causal_coef * g[..., e])[..., None]
-        dq[..., sl, :] = fm.vjp(qc, base.flatten(2, 3), dqt.flatten(2, 3))
-
-        # dk~_j = dH_after [v_j, 1] + sum_{i in chunk} dw_ij q~_i: the state's gradient after each
-        # chunk, sum over later queries of q~_i [dN, dD]_i^T = (q~ - eps)^T g + eps colsum(g)
-        folds = _bmm(base.mT, g, g.sum(-2, keepdim=True).mul_(eps))  # (b, h, nc, m, e+1)
-        after, dhz = _suffix_over_chunks(dhz, folds)
-        du = _bmm(dw.mT, base, vc @ after.mT).add_(dw.sum(-2).mul_(eps)[..., None])
-        dk[..., sl, :] = fm.vjp(kc, keys.flatten(2, 3), du.flatten(2, 3))
-
-        # dv_j = sum_{i >= j in chunk} (q~_i . k~_j) dN_i + (k~_j - eps) @ dH_after + eps sum_{i after
-        # the chunk} sum(q~_i) dN_i (the [sum v, count] of later queries)
-        later_c, later = _suffix_over_chunks(later, (g * q_sum[..., None]).sum(-2, keepdim=True))
-        acc = later_c[..., :e] * eps if d_vs_f is None else torch.add(d_vs_f, later_c[..., :e], alpha=eps)
-        inter = _bmm(keys, after[..., :e], acc)
-        dv[..., sl, :] = _bmm(_pair_weights(fm, base, keys, q_sum, up).mT, g[..., :e], inter).flatten(2, 3)
-    if initial is None:
-        return []
-    # the forward read hz0 as hz0 exp(R0 - M) (an empty state, R0 = -inf: none) and [sum v, count]
-    # before every key as v_sum0
-    ref0 = initial[2].to(dtype)
-    empty = torch.isinf(ref0)[..., None, None]
-    d_hz0 = (dhz * (ref0 - stab).exp()[..., None, None]).masked_fill_(empty, 0.0)
-    d_vs0 = later[..., 0, :] * eps
-    if final is not None and final[2] is not None:
-        d_vs0 += final[2].to(dtype)
-    return [d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)]
-
-
-def _suffix_over_chunks(after: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
-    """Running sums over chunks from the last: after (b, h, ...), the sum over what follows the
-    block, plus the chunks' own sums own (b, h, nc, ...).  -> (the sum over what follows each chunk
-    (b, h, nc, ...), the sum over the block and what follows it (b, h, ...))."""
-    sums = [after]
-    for c in reversed(range(own.shape[2])):
-        sums.append(sums[-1] + own[:, :, c])
-    return torch.stack(sums[-2::-1], 2), sums[-1]
-
-
-def _prefix_over_chunks(before: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
-    """Running sums over chunks: before (b, h, ...) plus the chunks' own sums own (b, h, nc, ...).
-    -> (the sum before each chunk (b, h, nc, ...), the sum after the last (b, h, ...))."""
-    sums = [before]
-    for c in range(own.shape[2]):
-        sums.append(sums[-1] + own[:, :, c])
-    return torch.stack(sums[:-1], 2), sums[-1]
 
 
 def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, k_max: Tensor, row_scale: Tensor,
@@ -774,7 +711,6 @@ def favor_bwd(
             dk[..., sl, :] = fm.vjp(kc, keys, with_ones(v[..., sl, :]) @ dhz.mT)
         return done()  # (no state: causal only)
 
-    upper = _upper(CHUNK, q.device)
     values = _finite_values(v)[0]  # as the forward's chunks saw them
 
     blocks = _blocks(n, b * h, m)
@@ -784,13 +720,91 @@ def favor_bwd(
         v_befores.append(v_before)
         v_before = v_before + values(sl).sum(-2, keepdim=True)
 
-    if not prefix:
-        return done(_bwd_blocks_per_head(fm, grad, q, k, values, q_max, stab[..., 0], hz_chunks, blocks, v_befores,
-                                         initial, final, dq, dk, dv))
+    if prefix:
+        return done(_bwd_blocks_per_row(fm, grad, q, k, values, q_max, k_max, row_scale, stab, stab0, hz_chunks,
+                                        ref_chunks, blocks, v_befores, initial, final, dq, dk, dv))
+    return done(_bwd_blocks_per_head(fm, grad, q, k, values, q_max, stab[..., 0], hz_chunks, blocks, v_befores,
+                                     initial, final, dq, dk, dv))
 
+
+def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q_max: Tensor, stab: Tensor,
+                         hz_chunks: Tensor, blocks: list[tuple[slice, int]], v_befores: list[Tensor],
+                         initial: tuple | None, final: tuple | None, dq: Tensor, dk: Tensor, dv: Tensor
+                         ) -> list[Tensor]:
+    """favor_bwd's reverse sweep over the blocks of _fwd_blocks_per_head (one stabilizer per head,
+    stab = M (b, h)): every gradient of a block from one computation of its features, with the
+    forward's state before each chunk (hz_chunks, relative to M) for the queries and the gradient
+    of the state after each chunk (later queries' q~ [dN, dD]^T, plus the final state's) for the
+    keys and values.  grad(sl): [dN, dD] of rows sl; v_befores: [sum v, count] before each block.
+    Writes dq, dk, dv (in the compute dtype).  -> [d hz0, d v_sum0] ([] without an initial state)."""
+    (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
+    eps, upper, dtype = fm.eps, _upper(CHUNK, q.device), hz_chunks.dtype
+    dhz = q.new_zeros((b, h, m, e + 1))  # the gradient of the state after the block (relative to M)
+    later = q.new_zeros((b, h, 1, e + 1))  # sum_{i after the block} sum(q~_i) [dN_i, dD_i]: of [sum v, count]
+    d_vs_f = None
+    if final is not None:  # the final state is the state after the last key, relative to M
+        _, d_hz_f, d_vs_f = final
+        if d_hz_f is not None:
+            dhz += d_hz_f.to(dtype)
+        d_vs_f = None if d_vs_f is None else d_vs_f.to(dtype)[..., None, None, :e]
+    for sl, t in reversed(blocks):
+        v_before, up = v_befores.pop(), upper[:t, :t]
+        qc, kc = q[..., sl, :], k[..., sl, :]
+        base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
+        keys = _by_chunk(fm.keys(kc, stab), t)  # k~ - eps   (b, h, nc, t, m)
+        g, vc = _by_chunk(grad(sl), t), _by_chunk(values(sl), t)  # [dN, dD], [v, 1]   (b, h, nc, t, e+1)
+        chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
+        # (b, h, nc, m, e+1) in one block of memory: its transpose feeds the products without a copy
+        hz_before = hz_chunks[:, :, chunks].contiguous()
+        v_chunks = _prefix_over_chunks(v_before, vc.sum(-2, keepdim=True))[0]  # [sum v, count] before each chunk
+        q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
+        dw = (g @ vc.mT).masked_fill_(up, 0.0)  # dN_i . v_j + dD_i on visible pairs   (b, h, nc, t, t)
+
+        # dq~_i = H [dN, dD]_i + sum_j dw_ij k~_j + eps [dN, dD]_i . [sum v, count] before the chunk; c_i: coef dD_i
+        dqt = _bmm(dw, keys, g @ hz_before.mT)
+        dqt += (((g * v_chunks).sum(-1) + dw.sum(-1)).mul_(eps) + fm.causal_coef * g[..., e])[..., None]
+        dq[..., sl, :] = fm.vjp(qc, base.flatten(2, 3), dqt.flatten(2, 3))
+
+        # dk~_j = dH_after [v_j, 1] + sum_{i in chunk} dw_ij q~_i: the state's gradient after each
+        # chunk, sum over later queries of q~_i [dN, dD]_i^T = (q~ - eps)^T g + eps colsum(g)
+        folds = _bmm(base.mT, g, g.sum(-2, keepdim=True).mul_(eps))  # (b, h, nc, m, e+1)
+        after, dhz = _suffix_over_chunks(dhz, folds)
+        du = _bmm(dw.mT, base, vc @ after.mT).add_(dw.sum(-2).mul_(eps)[..., None])
+        dk[..., sl, :] = fm.vjp(kc, keys.flatten(2, 3), du.flatten(2, 3))
+
+        # dv_j = sum_{i >= j in chunk} (q~_i . k~_j) dN_i + (k~_j - eps) @ dH_after + eps sum_{i after
+        # the chunk} sum(q~_i) dN_i (the [sum v, count] of later queries)
+        later_c, later = _suffix_over_chunks(later, (g * q_sum[..., None]).sum(-2, keepdim=True))
+        acc = later_c[..., :e] * eps if d_vs_f is None else torch.add(d_vs_f, later_c[..., :e], alpha=eps)
+        inter = _bmm(keys, after[..., :e], acc)
+        dv[..., sl, :] = _bmm(_pair_weights(fm, base, keys, q_sum, up).mT, g[..., :e], inter).flatten(2, 3)
+    if initial is None:
+        return []
+    # the forward read hz0 as hz0 exp(R0 - M) (an empty state, R0 = -inf: none) and [sum v, count]
+    # before every key as v_sum0
+    ref0 = initial[2].to(dtype)
+    empty = torch.isinf(ref0)[..., None, None]
+    d_hz0 = (dhz * (ref0 - stab).exp()[..., None, None]).masked_fill_(empty, 0.0)
+    d_vs0 = later[..., 0, :] * eps
+    if final is not None and final[2] is not None:
+        d_vs0 += final[2].to(dtype)
+    return [d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)]
+
+
+def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q_max: Tensor, k_max: Tensor,
+                        row_scale: Tensor, stab: Tensor, stab0: Tensor, hz_chunks: Tensor, ref_chunks: Tensor,
+                        blocks: list[tuple[slice, int]], v_befores: list[Tensor], initial: tuple | None,
+                        final: tuple | None, dq: Tensor, dk: Tensor, dv: Tensor) -> list[Tensor]:
+    """favor_bwd's reverse sweep over the blocks of _fwd_blocks_per_row (the prefix stabilizer,
+    stab = M_i (b, h, n); stab0 the initial state's): every gradient of a block from one
+    computation of its features, with the forward's states before its chunks (hz_chunks relative
+    to ref_chunks) for the queries and the states of later queries for the keys and values.
+    Arguments and result as _bwd_blocks_per_head's."""
+    (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
+    dtype, upper = hz_chunks.dtype, _upper(CHUNK, q.device)
     # reverse sweep: every gradient of a block from one computation of its features, with the
     # forward's states before its chunks (queries) and the states of later queries (keys, values)
-    dhz = torch.zeros_like(hz)  # sum_{i after the block} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
+    dhz = q.new_zeros((b, h, m, e + 1))  # sum_{i after the block} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
     later = q.new_zeros((b, h, 1, e))  # sum_{i after the block} sum(q~_i) dN_i
     later_d = q.new_zeros((b, h))  # sum_i sum(q~_i) dD_i: the key count's gradient
     # the final state's gradients reach every key with its own factor exp(row_scale_j - R_final)
@@ -799,7 +813,7 @@ def favor_bwd(
     if final is not None:
         (_, _, ref_f, _), d_hz_f, d_vs_f = final
         ref_f = ref_f.to(dtype)
-        d_hz_f = torch.zeros_like(hz) if d_hz_f is None else d_hz_f.to(dtype)
+        d_hz_f = torch.zeros_like(dhz) if d_hz_f is None else d_hz_f.to(dtype)
         d_vs_f = q.new_zeros((b, h, e + 1)) if d_vs_f is None else d_vs_f.to(dtype)
     for sl, t in reversed(blocks):
         v_before = v_befores.pop()
@@ -830,7 +844,7 @@ def favor_bwd(
         # before the first chunk; the maps without one: 0), with g_s = exp(M_prev - M_i) [dN, dD]_i:
         # sum_i q~_i g_s_i = (q~ - eps)^T g_s + eps sum_i g_s_i
         m_end = m_i[..., -1]  # (b, h, nc)
-        first = stab[..., sl.start - 1] if sl.start > 0 else (stab0 if fm.softmax else torch.zeros_like(stab0))
+        first = stab[..., sl.start - 1] if sl.start > 0 else stab0
         m_prev = torch.cat([first[..., None], m_end[..., :-1]], -1)  # (b, h, nc)
         g_s = g * (m_prev[..., None] - m_i).exp_()[..., None]
         folds = _bmm(base.mT, g_s, g_s.sum(-2, keepdim=True).mul_(fm.eps))  # (b, h, nc, m, e+1)
@@ -862,15 +876,15 @@ def favor_bwd(
         later = q_dn_from[..., :1, :]
         later_d += (q_sum * g[..., e]).sum((-2, -1))
     if initial is None:
-        return done()
+        return []
     # out_i depends on the initial hz through exp(R0 - M_i) q~_i . hz0 and the final state on it
     # through exp(R0 - R_final) hz0; an empty state (R0 = -inf) has none
     ref0 = initial[2].to(dtype)
     empty = torch.isinf(ref0)[..., None, None]
-    d_hz0 = dhz * (ref0 - stab0 if fm.softmax else ref0).masked_fill(empty[..., 0, 0], 0.0).exp_()[..., None, None]
+    d_hz0 = dhz * (ref0 - stab0).masked_fill(empty[..., 0, 0], 0.0).exp_()[..., None, None]
     d_vs0 = torch.cat([later[..., 0, :], later_d[..., None]], dim=-1).mul_(fm.eps)
     if d_hz_f is not None:
         d_hz0 += d_hz_f * (ref0 - ref_f).masked_fill(empty[..., 0, 0], 0.0).exp_()[..., None, None]
         d_vs0 += d_vs_f
     d_hz0 = d_hz0.masked_fill(empty, 0.0)
-    return done([d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)])
+    return [d_hz0.to(initial[0].dtype), d_vs0.to(initial[1].dtype)]
