@@ -120,7 +120,7 @@ def keys_state(k: Tensor, v: Tensor, projection_matrix: Tensor | None, *,
         raise ValueError("keys_state: feature_map 'none' (no_projection) rescales its causal keys per call (by their "
                          "max): it has no state")
     if fmap.fused:
-        projection = check_projection(projection_matrix, k)
+        projection = check_projection(projection_matrix, k, fixed_by="keys_state's fused features")
         return AttentionState(*KeysState.apply(k, v, projection.to(k.dtype), fmap.code))
     if fmap.needs_projection:
         projection_matrix = check_projection(projection_matrix, k)

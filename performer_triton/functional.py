@@ -16,6 +16,7 @@ from .attention_state import AttentionState, check_state
 from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
 from .kernels import MAX_HEAD_DIM, extension_unsupported
 from .ops import favor, favor_state, transformed
+from . import torch_backend
 from .torch_backend import compute_dtype, finite_or_zero
 from .validation import (
     BACKENDS,
@@ -177,7 +178,8 @@ def favor_attention(
             if not stateless:  # per-sequence states in the same fused launches
                 return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, None, backend,
                                          initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
-            projection = check_projection(projection_matrix, q).to(q.dtype).contiguous()
+            projection = check_projection(projection_matrix, q, fixed_by="packed sequences (cu_seqlens) on the "
+                                          "fused kernels").to(q.dtype).contiguous()
             prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
             return favor(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS, cu_seqlens)[0]
 
@@ -206,6 +208,9 @@ def favor_attention(
     before = k.shape[2] - q.shape[2] if causal else 0  # placeholder queries (_after)
     if fused:
         projection = projection_matrix.to(q.dtype).contiguous()
+        if projection.requires_grad and torch.is_grad_enabled():
+            return _last(before, _learned_projection(_after(before, q, 0.0), k, v, projection, causal, fmap.code,
+                                                     prefix, backend))
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
     out_dtype = compute = q.dtype
@@ -246,6 +251,18 @@ def favor_attention(
     if keep_q is not None:
         out = out.masked_fill(~keep_q, 0.0)
     return out.to(out_dtype)
+
+
+def _learned_projection(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, causal: bool, feature: int,
+                        prefix: bool, backend: str) -> Tensor:
+    """Fused-map attention whose projection takes gradients (a trainable matrix: performer-pytorch's
+    einsums send it gradients): the PyTorch path's forward as plain operations that autograd
+    records, on any device (the fused op's backward has no gradient for the projection); autograd
+    then keeps (n, m) features for the backward, as performer-pytorch does."""
+    if backend == "triton":
+        raise ValueError("backend='triton': the fused kernels send no gradient to projection_matrix, which requires "
+                         "grad; use backend='auto' or 'torch', or pass projection_matrix.detach()")
+    return torch_backend.favor_fwd(q, k, v, projection, causal=causal, feature=feature, prefix=prefix)[0]
 
 
 def _is_right_padding(keep: Tensor) -> bool:
@@ -317,7 +334,8 @@ def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str
     if key_padding_mask is not None:
         raise ValueError(f"{what}: key_padding_mask is not supported; pass the kept keys only")
     if fmap.fused:
-        projection = check_projection(projection, q).to(q.dtype).contiguous()
+        projection = check_projection(projection, q, fixed_by="initial_state / output_final_state")
+        projection = projection.to(q.dtype).contiguous()
         return _with_state(q, k, v, projection, fmap.code, fmap.stabilized, CAUSAL_EPS, initial_state,
                            output_final_state, backend, 0.0, cu_seqlens)
     eps = fmap.causal_eps(k)

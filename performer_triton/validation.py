@@ -112,7 +112,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
         raise ValueError(f"{k_name} has length 0 but {q_name} has {q.shape[2]} positions: nothing to attend to")
 
 
-def check_projection(projection: object, q: Tensor) -> Tensor:
+def check_projection(projection: object, q: Tensor, *, fixed_by: str | None = None) -> Tensor:
+    """The (m, d) projection for q's head dim d.  fixed_by: the feature that sends it no gradient
+    (a projection that requires grad is then an error while autograd records)."""
     p = check_tensor("projection_matrix", projection, 2)
     if p.shape[1] != q.shape[-1]:
         raise ValueError(
@@ -123,10 +125,10 @@ def check_projection(projection: object, q: Tensor) -> Tensor:
         raise ValueError(f"projection_matrix must have at least one row, got {tuple(p.shape)}")
     if p.device != q.device:
         raise ValueError(f"projection_matrix must be on q's device {q.device}, got {p.device}")
-    if p.requires_grad:
+    if fixed_by and p.requires_grad and torch.is_grad_enabled():
         raise ValueError(
-            "projection_matrix requires grad, but FAVOR+ treats it as a fixed random buffer "
-            "(no gradient flows into it); pass projection_matrix.detach()"
+            f"projection_matrix requires grad, but {fixed_by} keep it fixed (no gradient flows into it); pass "
+            "projection_matrix.detach() (favor_attention without them sends it gradients, as performer-pytorch does)"
         )
     return p
 

@@ -424,8 +424,11 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k, v, projection(20, 8))
     with bad("projection_matrix must be a torch.Tensor", TypeError):
         favor_attention(q, k, v, None)
-    with bad("requires grad"):
-        favor_attention(q, k, v, P.clone().requires_grad_())
+    with bad("requires grad, but initial_state / output_final_state keep it fixed"):
+        favor_attention(q, k, v, P.clone().requires_grad_(), causal=True, key_stabilizer="prefix",
+                        output_final_state=True)
+    with bad("backend='triton': the fused kernels send no gradient to projection_matrix"):
+        favor_attention(q, k, v, P.clone().requires_grad_(), backend="triton")
     with bad("key_stabilizer must be one of"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="local")
     with bad("non-causal accepts 'global'"):

@@ -1021,3 +1021,30 @@ def test_depth_zero_and_1_1_4_exception_types():
         with pytest.raises(error, match="token ids outside"):
             ours(x + SMALL["num_tokens"])
 
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("generalized", [False, True], ids=["softmax", "relu"])
+def test_a_trainable_projection_gets_1_1_4s_gradients(causal, generalized):
+    """A program that makes the projections trainable (nn.Parameter in place of the buffer):
+    1.1.4's einsums send them gradients, and so do ours (the PyTorch path as plain operations);
+    a float64 training step of a PerformerLM gives 1.1.4's loss and every parameter's gradient,
+    the projections' included (n = 70: a causal block and a tail)."""
+    results = []
+    tokens = torch.randint(0, NUM_TOKENS, (2, 70), generator=torch.Generator().manual_seed(1))
+    for cls in (original.PerformerLM, PerformerLM):
+        torch.manual_seed(0)
+        model = cls(**dict(SMALL, max_seq_len=70), causal=causal, generalized_attention=generalized).double()
+        for module in model.modules():
+            if isinstance(module, (original_pp.FastAttention, ours_pp.FastAttention)):
+                module.projection_matrix = nn.Parameter(module.projection_matrix.clone())
+        loss = nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert sum("projection_matrix" in name for name in grads) == SMALL["depth"]
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-12, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        assert torch.allclose(grads_b[name], grad, rtol=1e-9, atol=1e-12), name
