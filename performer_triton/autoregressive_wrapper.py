@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from functools import partial  # noqa: F401  (a 1.1.4 module-level name)
 from typing import TYPE_CHECKING, Callable
 
@@ -116,15 +115,11 @@ class AutoregressiveWrapper(nn.Module):
             return f"{type(self.net).__name__} has no incremental decoding"
         return reason_fn()
 
-    def _observed(self) -> str | None:
-        """Why generate recomputes by default though a cache would be exact: code of the caller's
-        sees the net's calls (a forward of its own, forward hooks), which the cache makes with one
-        new token where 1.1.4 passes the window.  None when nothing does."""
-        model = getattr(self.net, "_orig_mod", self.net)  # (torch.compile's wrapper runs the model's forward)
-        if calls_observed(model, PerformerLM):
-            return (f"{type(model).__name__} has a forward of its own or forward hooks, which would see one new "
-                    "token per call instead of the window")
-        return None
+    def _observed(self) -> bool:
+        """Whether code of the caller's sees the net's calls (a forward of its own, forward hooks),
+        which a cache would make with one new token where 1.1.4 passes the window: generate then
+        recomputes by default."""
+        return calls_observed(getattr(self.net, "_orig_mod", self.net), PerformerLM)  # (torch.compile's wrapper)
 
     @torch.no_grad()
     def generate(
@@ -179,13 +174,8 @@ class AutoregressiveWrapper(nn.Module):
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
             raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
-        if use_cache is None:
-            use_cache = reason is None
-            observed = self._observed() if use_cache else None
-            if observed:
-                warnings.warn(f"generate recomputes the window for every token (as performer-pytorch 1.1.4): "
-                              f"{observed}; use_cache=True decodes from a cache", UserWarning, stacklevel=2)
-                use_cache = False
+        if use_cache is None:  # without a word when it recomputes: 1.1.4 always does, and warns of nothing
+            use_cache = reason is None and not self._observed()
 
         was_training = self.net.training
         self.net.eval()

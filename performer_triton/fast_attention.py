@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
 from .projection import gaussian_orthogonal_random_matrix
-from .validation import BACKENDS, KEY_STABILIZERS, check_choice, check_int
+from .validation import BACKENDS, KEY_STABILIZERS, ShapeError, check_choice, check_int
 
 
 class FastAttention(nn.Module):
@@ -48,8 +48,8 @@ class FastAttention(nn.Module):
         nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))
         try:
             nb_features = check_int("nb_features", nb_features, 1, ValueError)
-        except (TypeError, ValueError):
-            raise ValueError(
+        except (TypeError, ValueError) as error:  # (TypeError for a float, as 1.1.4's randn raised)
+            raise type(error)(
                 f"nb_features must be a positive int (default int(dim_heads * ln(dim_heads)), 0 for dim_heads=1), "
                 f"got {nb_features!r}"
             ) from None
@@ -103,7 +103,7 @@ class FastAttention(nn.Module):
                 projection = projection.expand(-1, q.shape[-1]).contiguous()
             for name, t in (("q", q), ("k", k)):
                 if projection is not None and t.shape[-1] != projection.shape[1]:
-                    raise ValueError(
+                    raise ShapeError(
                         f"{name} must have last dimension dim_heads={self.dim_heads}, got shape {tuple(t.shape)}"
                     )
         replaced = getattr(self, "causal_linear_fn", None)

@@ -28,6 +28,12 @@ class DtypeError(TypeError, RuntimeError):
     catches."""
 
 
+class ShapeError(ValueError, RuntimeError):
+    """q, k, v (or features) whose shapes do not fit together, where performer-pytorch 1.1.4's
+    einsums raised RuntimeError: a ValueError that code written for 1.1.4, catching
+    RuntimeError, still catches."""
+
+
 class TokenRangeError(ValueError, IndexError):
     """Token ids outside the vocabulary, where 1.1.4's embedding raised IndexError: a ValueError
     that code written for 1.1.4, catching IndexError, still catches."""
@@ -90,13 +96,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"{q_name}, {k_name}, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
-        raise ValueError(
+        raise ShapeError(
             f"{q_name}, {k_name}, v must share (batch, heads), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{k_name} and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+        raise ShapeError(f"{k_name} and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(
+        raise ShapeError(
             f"{q_name} and {k_name} must have the same last dimension, got {q.shape[3]} and {k.shape[3]}"
         )
     if q.shape[3] == 0:  # before any math: the features scale by d ** -0.25 (a ZeroDivisionError)

@@ -416,8 +416,10 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k.double(), v, P)
     with bad("must share \\(batch, heads\\)"):
         favor_attention(q, k[:, :2], v[:, :2], P)
-    with bad("k and v must have the same length"):
+    with bad("k and v must have the same length", RuntimeError):  # (and a ValueError; 1.1.4: RuntimeError)
         favor_attention(q, k, v[:, :, :5], P)
+    with bad("must share \\(batch, heads\\)", RuntimeError):
+        favor_attention(q, k[:, :2], v[:, :2], P)
     with bad("at most as many queries as keys .* q of length 8 and k of length 5"):
         favor_attention(q, k[:, :, :5], v[:, :, :5], P, causal=True)
     with bad("projection_matrix must have shape \\(nb_features, 16\\)"):

@@ -589,7 +589,7 @@ def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
                 runs.append((wrapper.generate(prompt, 6), lengths))
         assert torch.equal(runs[1][0], runs[0][0]), make
         assert runs[1][1] == runs[0][1], make
-        assert any("recomputes the window" in str(w.message) for w in caught), make
+        assert not caught, (make, [str(w.message) for w in caught])  # (1.1.4 warns of nothing either)
     assert runs[0][1] == [5, 6, 7, 8, 9, 10]
     lengths.clear()
     with warnings.catch_warnings():
