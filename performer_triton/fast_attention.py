@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
-from .projection import gaussian_orthogonal_random_matrix
 from .validation import BACKENDS, KEY_STABILIZERS, ShapeError, check_choice, check_int
 
 
@@ -56,10 +55,12 @@ class FastAttention(nn.Module):
         self.dim_heads = dim_heads
         self.nb_features = nb_features
         self.ortho_scaling = ortho_scaling
+        # 1.1.4 binds its module's function (a program may have replaced it before building)
         self.create_projection = partial(
-            gaussian_orthogonal_random_matrix, nb_rows=nb_features, nb_columns=dim_heads, scaling=ortho_scaling
+            _module_level("gaussian_orthogonal_random_matrix"), nb_rows=nb_features, nb_columns=dim_heads,
+            scaling=ortho_scaling
         )
-        self.register_buffer("projection_matrix", self.create_projection(generator=generator))
+        self.register_buffer("projection_matrix", self.create_projection(**_given(generator=generator)))
         self.generalized_attention = generalized_attention
         self.kernel_fn = kernel_fn
         self.no_projection = no_projection
@@ -67,7 +68,7 @@ class FastAttention(nn.Module):
         self.key_stabilizer = key_stabilizer
         self.backend = backend
         # 1.1.4's attribute: its causal attention on features; one put in its place is called
-        self.causal_linear_fn = _default_causal_linear_fn() if causal else None
+        self.causal_linear_fn = _module_level("causal_linear_attention_noncuda") if causal else None
 
     @property
     def feature_map(self) -> FeatureMap:
@@ -106,8 +107,13 @@ class FastAttention(nn.Module):
                     raise ShapeError(
                         f"{name} must have last dimension dim_heads={self.dim_heads}, got shape {tuple(t.shape)}"
                     )
+        if self._replaced_functions():
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask: performer_pytorch's module-level feature or attention functions "
+                                 "are replaced here, and 1.1.4's, which this call then runs, take no mask")
+            return self._forward_as_1_1_4(q, k, v)
         replaced = getattr(self, "causal_linear_fn", None)
-        if self.causal and replaced is not None and replaced is not _default_causal_linear_fn():
+        if self.causal and replaced is not None and replaced is not _as_defined("causal_linear_attention_noncuda"):
             q_features, k_features = self.feature_map.features(q, k, projection, causal=True,
                                                                key_padding_mask=key_padding_mask)
             return replaced(q_features, k_features, v)
@@ -122,6 +128,30 @@ class FastAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             backend=self.backend,
         )
+
+    def _replaced_functions(self) -> bool:
+        """Whether a program replaced a module-level function of performer_pytorch that 1.1.4's
+        forward calls in this configuration (its feature kernel; linear_attention, non-causal)."""
+        names = [] if self.no_projection else ["generalized_kernel" if self.generalized_attention else "softmax_kernel"]
+        names += [] if self.causal else ["linear_attention"]
+        return any(_module_level(name) is not _as_defined(name) for name in names)
+
+    def _forward_as_1_1_4(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """1.1.4's forward, step by step, through performer_pytorch's module-level functions as they
+        are now (a program replaced some of them)."""
+        kernels = {name: _module_level(name) for name in ("softmax_kernel", "generalized_kernel")}
+        if self.no_projection:
+            q = q.softmax(dim=-1)
+            k = torch.exp(k) if self.causal else k.softmax(dim=-2)
+        elif self.generalized_attention:
+            create_kernel = partial(kernels["generalized_kernel"], kernel_fn=self.kernel_fn,
+                                    projection_matrix=self.projection_matrix, device=q.device)
+            q, k = map(create_kernel, (q, k))
+        else:
+            create_kernel = partial(kernels["softmax_kernel"], projection_matrix=self.projection_matrix, device=q.device)
+            q, k = create_kernel(q, is_query=True), create_kernel(k, is_query=False)
+        attn_fn = _module_level("linear_attention") if not self.causal else self.causal_linear_fn
+        return attn_fn(q, k, v)
 
     def extra_repr(self) -> str:
         return (
@@ -140,8 +170,20 @@ def _broadcast_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
     return tuple(t.expand(*lead, *t.shape[2:]) for t in (q, k, v))
 
 
-def _default_causal_linear_fn() -> Callable:
-    """What 1.1.4's causal FastAttention holds as causal_linear_fn without fast-transformers."""
-    from .performer_pytorch import causal_linear_attention_noncuda  # (which imports this module)
+def _module_level(name: str) -> Callable:
+    """performer_pytorch's module-level function `name` as it is now (a program may replace it)."""
+    from . import performer_pytorch  # (which imports this module)
 
-    return causal_linear_attention_noncuda
+    return getattr(performer_pytorch, name)
+
+
+def _as_defined(name: str) -> Callable:
+    """performer_pytorch's module-level function `name` as this library defines it."""
+    from . import performer_pytorch
+
+    return performer_pytorch.AS_DEFINED[name]
+
+
+def _given(**kwargs) -> dict:
+    """The keyword arguments that are not None (a replaced create_projection takes 1.1.4's only)."""
+    return {key: value for key, value in kwargs.items() if value is not None}

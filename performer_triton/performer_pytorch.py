@@ -14,7 +14,7 @@ import math
 import re
 from contextlib import contextmanager
 from functools import partial, total_ordering
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_
 from .distributed import ContextParallel, context_parallel_attention, with_neighbours
 from .fast_attention import FastAttention
 from . import functional
-from .projection import gaussian_orthogonal_random_matrix, orthogonal_matrix_chunk
+from . import projection
+from .projection import orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
 from .validation import (DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs,
@@ -135,7 +136,8 @@ def _check_mask(name: str, mask: object, b: int, n: int, device: torch.device) -
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise DtypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
-    if mask.dim() != 2 or any(m not in (1, full) for m, full in zip(mask.shape, (b, n))):
+    # (!= rather than `in`: under torch.compile `13 in (1, s)` with a symbolic s is False)
+    if mask.dim() != 2 or any(m != 1 and m != full for m, full in zip(mask.shape, (b, n))):
         raise ValueError(f"{name} must have shape (batch, length) = ({b}, {n}) or one that broadcasts to it "
                          f"(1 for either), got {tuple(mask.shape)}")
     if mask.device != device:
@@ -241,6 +243,20 @@ class PreShiftTokens(nn.Module):
 # kernel functions (1.1.4's module-level API)
 
 
+def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: int = 0, device=None, *,
+                                      generator: torch.Generator | None = None) -> Tensor:
+    """projection.gaussian_orthogonal_random_matrix, its orthogonal blocks from this module's
+    orthogonal_matrix_chunk as 1.1.4 looks it up at each call (a program may patch it: the patched
+    function is called as 1.1.4 calls it, chunk(cols, device=device), from the global RNG)."""
+    chunk = orthogonal_matrix_chunk
+    if chunk is AS_DEFINED["orthogonal_matrix_chunk"]:
+        return projection.gaussian_orthogonal_random_matrix(nb_rows, nb_columns, scaling, device, generator=generator)
+    if generator is not None:
+        raise ValueError("generator: orthogonal_matrix_chunk is replaced here (performer_pytorch's module-level "
+                         "function), and a replacement draws from the global RNG")
+    return projection.stacked_blocks(nb_rows, nb_columns, scaling, device, lambda cols, dev: chunk(cols, device=dev))
+
+
 def softmax_kernel(
     data: Tensor,
     *,
@@ -308,6 +324,13 @@ def causal_linear_attention_noncuda(
     """1.1.4's chunked CPU variant; chunk_size only set its memory use, the fused op needs none."""
     check_int("chunk_size", chunk_size, 1)
     return causal_linear_attention(q, k, v, eps=eps)
+
+
+# 1.1.4 looks these module-level functions up when it calls them: a program that replaces one
+# (`performer_pytorch.softmax_kernel = f` before or after building its model) has it called
+# (FastAttention: create_projection, its forward's features and attention)
+AS_DEFINED = {f.__name__: f for f in (orthogonal_matrix_chunk, gaussian_orthogonal_random_matrix, softmax_kernel,
+                                      generalized_kernel, linear_attention, causal_linear_attention_noncuda)}
 
 
 # redraws
@@ -560,7 +583,7 @@ class Attention(nn.Module):
         if cross_attend:
             _check_input("context", context, self.dim)
             _check_dtype("context", context, self.to_k)
-            if context.shape[0] not in (1, b):
+            if context.shape[0] != 1 and context.shape[0] != b:  # (not `in`: symbolic sizes, _check_mask)
                 raise ValueError(f"context has batch {context.shape[0]}, x has {b} (context's batch must be x's or 1)")
             if context.device != x.device:
                 raise ValueError(f"context is on {context.device}, x on {x.device}")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -37,15 +39,23 @@ def gaussian_orthogonal_random_matrix(
     Same RNG order as 1.1.4 (one randn(d, d) per block, then randn(m, d)), so the same seed gives
     the same matrix. ``generator`` draws from a private stream instead of the global one.
     """
+    return stacked_blocks(nb_rows, nb_columns, scaling, device, partial(orthogonal_matrix_chunk, generator=generator),
+                          generator)
+
+
+def stacked_blocks(nb_rows: int, nb_columns: int, scaling: int, device, chunk: Callable[[int, object], Tensor],
+                   generator: torch.Generator | None = None) -> Tensor:
+    """gaussian_orthogonal_random_matrix with its (cols, cols) orthogonal blocks from chunk(cols,
+    device) (1.1.4's module-level orthogonal_matrix_chunk, which a program may patch)."""
     nb_rows = check_int("nb_rows", nb_rows, 1, ValueError)
     nb_columns = check_int("nb_columns", nb_columns, 1, ValueError)
     if scaling not in (0, 1):
         raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
     nb_full_blocks = nb_rows // nb_columns
-    blocks = [orthogonal_matrix_chunk(nb_columns, device, generator=generator) for _ in range(nb_full_blocks)]
+    blocks = [chunk(nb_columns, device) for _ in range(nb_full_blocks)]
     remaining = nb_rows - nb_full_blocks * nb_columns
     if remaining > 0:
-        blocks.append(orthogonal_matrix_chunk(nb_columns, device, generator=generator)[:remaining])
+        blocks.append(chunk(nb_columns, device)[:remaining])
     final = torch.cat(blocks)
     if scaling == 0:
         multiplier = _randn((nb_rows, nb_columns), device, generator).norm(dim=1)

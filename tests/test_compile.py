@@ -252,3 +252,18 @@ def test_the_release_joins_the_compile_cache_key():
     before = torch.compiler.config.cache_key_tag
     ops._tag_compile_caches()
     assert torch.compiler.config.cache_key_tag == before
+
+
+def test_a_mask_first_given_after_the_length_became_dynamic_compiles_fullgraph():
+    """Lengths 10 and 17 without a mask make dynamo mark the length dynamic; a mask given then (as
+    padded batches start mid-training) was refused under fullgraph: `13 in (1, s)` is False
+    for a symbolic s (review R4).  aot_eager: the check is in tracing, not codegen."""
+    from performer_triton import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(32, heads=2, dim_head=16)
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    for n, masked in ((10, False), (17, False), (13, True)):
+        x = torch.randn(2, n, 32)
+        mask = torch.arange(n)[None] < torch.tensor([[n], [5]]) if masked else None
+        assert torch.allclose(compiled(x, mask=mask), attention(x, mask=mask), rtol=1e-5, atol=1e-6)

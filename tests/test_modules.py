@@ -1048,3 +1048,44 @@ def test_a_trainable_projection_gets_1_1_4s_gradients(causal, generalized):
     assert grads_a.keys() == grads_b.keys()
     for name, grad in grads_a.items():
         assert torch.allclose(grads_b[name], grad, rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("patch, causal, generalized", [
+    ("softmax_kernel", False, False), ("softmax_kernel", True, False), ("generalized_kernel", True, True),
+    ("linear_attention", False, True), ("orthogonal_matrix_chunk", False, False),
+    ("orthogonal_matrix_chunk", True, True), ("causal_linear_attention_noncuda", True, False),
+])
+def test_replaced_module_functions_are_called_as_1_1_4_calls_them(patch, causal, generalized):
+    """A program that replaces one of performer_pytorch's module-level functions before building
+    its model (a QR with another sign convention, features squared, a scaled attention) gets
+    1.1.4's projection, output and gradients: 1.1.4 looks them up when it calls them."""
+    def replacement(module):
+        before = getattr(module, patch)
+        if patch == "orthogonal_matrix_chunk":
+            def chunk(cols, device=None):
+                q, _ = torch.linalg.qr(torch.randn((cols, cols), device=device), mode="complete")
+                return -q.t()
+            return chunk
+        if patch in ("softmax_kernel", "generalized_kernel"):
+            return lambda data, **kwargs: before(data, **kwargs).square()
+        return lambda q, k, v: 2 * before(q, k, v)
+
+    results = []
+    for module in (original_pp, ours_pp):
+        before = getattr(module, patch)
+        setattr(module, patch, replacement(module))
+        try:
+            torch.manual_seed(0)
+            attention = module.FastAttention(16, nb_features=24, causal=causal,
+                                             generalized_attention=generalized).double()
+            x = [torch.randn(2, 2, 70, 16, dtype=torch.float64).requires_grad_() for _ in range(3)]
+            out = attention(*x)
+            out.square().sum().backward()
+            results.append((attention.projection_matrix, out.detach(), *(t.grad for t in x)))
+        finally:
+            setattr(module, patch, before)
+    for theirs, ours in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(0)  # and the library's own functions are back
+    plain = ours_pp.FastAttention(16, nb_features=24, causal=causal, generalized_attention=generalized).double()
+    assert not torch.allclose(plain(*[t.detach() for t in x]), results[1][1])
