@@ -247,14 +247,23 @@ def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: in
                                       generator: torch.Generator | None = None) -> Tensor:
     """projection.gaussian_orthogonal_random_matrix, its orthogonal blocks from this module's
     orthogonal_matrix_chunk as 1.1.4 looks it up at each call (a program may patch it: the patched
-    function is called as 1.1.4 calls it, chunk(cols, device=device), from the global RNG)."""
+    function is called as 1.1.4 calls it, chunk(cols, device=device), drawing from the global RNG;
+    with a generator, from the global RNG forked and seeded from it)."""
     chunk = orthogonal_matrix_chunk
     if chunk is AS_DEFINED["orthogonal_matrix_chunk"]:
         return projection.gaussian_orthogonal_random_matrix(nb_rows, nb_columns, scaling, device, generator=generator)
-    if generator is not None:
-        raise ValueError("generator: orthogonal_matrix_chunk is replaced here (performer_pytorch's module-level "
-                         "function), and a replacement draws from the global RNG")
-    return projection.stacked_blocks(nb_rows, nb_columns, scaling, device, lambda cols, dev: chunk(cols, device=dev))
+    def draw() -> Tensor:
+        return projection.stacked_blocks(nb_rows, nb_columns, scaling, device, lambda cols, dev: chunk(cols, device=dev))
+
+    if generator is None:
+        return draw()
+    # a seeded draw (redraw_seed): the replacement draws from the global RNG, forked and seeded from
+    # the generator, so that the draw stays private (the global stream untouched) and rank-identical
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if on_cuda else []):
+        torch.manual_seed(seed)
+        return draw()
 
 
 def softmax_kernel(

@@ -1089,3 +1089,33 @@ def test_replaced_module_functions_are_called_as_1_1_4_calls_them(patch, causal,
     torch.manual_seed(0)  # and the library's own functions are back
     plain = ours_pp.FastAttention(16, nb_features=24, causal=causal, generalized_attention=generalized).double()
     assert not torch.allclose(plain(*[t.detach() for t in x]), results[1][1])
+
+
+def test_seeded_redraws_with_a_replaced_orthogonal_matrix_chunk():
+    """redraw_seed (opt-in) with orthogonal_matrix_chunk replaced mid-training (review R5: the
+    first redraw raised): the replacement is called, its draws follow the seed (the same matrices
+    in two runs) and leave the global RNG's stream untouched."""
+    def chunk(cols, device=None):
+        q, _ = torch.linalg.qr(torch.randn((cols, cols), device=device), mode="complete")
+        return -q.t()
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True, feature_redraw_interval=1,
+                          redraw_seed=3).train()
+        x = torch.randn(1, 5, 16)
+        model(x)
+        before = ours_pp.orthogonal_matrix_chunk
+        ours_pp.orthogonal_matrix_chunk = chunk
+        try:
+            torch.manual_seed(1)
+            for _ in range(3):
+                model(x)
+            after = torch.randn(3)
+        finally:
+            ours_pp.orthogonal_matrix_chunk = before
+        torch.manual_seed(1)
+        assert torch.equal(after, torch.randn(3))  # the global stream as if nothing had drawn
+        runs.append([m.projection_matrix.clone() for m in model.modules() if hasattr(m, "projection_matrix")])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
