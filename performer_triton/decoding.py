@@ -38,7 +38,7 @@ from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap
 from .functional import triton_unsupported
 from .torch_backend import ChunkFeatures, add_keys, compute_dtype, reciprocal_or_zero, with_ones
-from .validation import runs_own_forward
+from .validation import runs_base_forward
 
 __all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
 
@@ -387,7 +387,7 @@ def seen_keys(mask: Tensor, window: int) -> Tensor:
 def local_cache_unsupported_reason(local_attn: nn.Module) -> str | None:
     """Why LocalWindowState cannot reproduce ``local_attn`` (None when it can)."""
     la = local_attn
-    if not runs_own_forward(la, LocalAttention):
+    if not runs_base_forward(la, LocalAttention):
         return f"its local attention ({type(la).__name__}) has a forward of its own, which a cached step would not call"
     if not la.causal:
         return "local attention is not causal"

@@ -139,16 +139,16 @@ class FastAttention(nn.Module):
     def _forward_as_1_1_4(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """1.1.4's forward, step by step, through performer_pytorch's module-level functions as they
         are now (a program replaced some of them)."""
-        kernels = {name: _module_level(name) for name in ("softmax_kernel", "generalized_kernel")}
         if self.no_projection:
             q = q.softmax(dim=-1)
             k = torch.exp(k) if self.causal else k.softmax(dim=-2)
         elif self.generalized_attention:
-            create_kernel = partial(kernels["generalized_kernel"], kernel_fn=self.kernel_fn,
+            create_kernel = partial(_module_level("generalized_kernel"), kernel_fn=self.kernel_fn,
                                     projection_matrix=self.projection_matrix, device=q.device)
             q, k = map(create_kernel, (q, k))
         else:
-            create_kernel = partial(kernels["softmax_kernel"], projection_matrix=self.projection_matrix, device=q.device)
+            create_kernel = partial(_module_level("softmax_kernel"), projection_matrix=self.projection_matrix,
+                                    device=q.device)
             q, k = create_kernel(q, is_query=True), create_kernel(k, is_query=False)
         attn_fn = _module_level("linear_attention") if not self.causal else self.causal_linear_fn
         return attn_fn(q, k, v)

@@ -33,7 +33,7 @@ from .projection import orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
 from .validation import (DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs,
-                         runs_own_forward, warn_ignored)
+                         runs_base_forward, warn_ignored)
 
 # `from performer_triton.performer_pytorch import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -743,7 +743,7 @@ class Attention(nn.Module):
     def cache_unsupported_reason(self) -> str | None:
         """Why cached decoding cannot reproduce this layer (None when it can)."""
         fa = self.fast_attention
-        if not runs_own_forward(fa, FastAttention):
+        if not runs_base_forward(fa, FastAttention):
             return (f"its fast_attention ({type(fa).__name__}) has a forward of its own, which a cached step would "
                     "not call (it updates the attention state instead)")
         if not fa.causal:

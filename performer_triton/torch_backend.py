@@ -416,10 +416,15 @@ def _read(base: Tensor, context: Tensor, eps_nd: Tensor, out: Tensor, rden: Tens
     eps_nd = eps colsum(context) folded into the product: out (b, h, t, e) = N / D and
     rden (b, h, t) = 1 / D written in place.  D = 0 only when there is no key (GIVEN zero
     features): output 0."""
-    e = out.shape[-1]
     nd = _bmm(base, context, eps_nd)  # (b, h, t, e+1) = [N, D]
-    r = reciprocal_or_zero(nd[..., e])  # (not read back from rden: under autograd, later rows change it)
-    out.copy_(nd[..., :e] * r[..., None])
+    _normalized(nd, nd[..., -1], out, rden)
+
+
+def _normalized(nd: Tensor, den: Tensor, out: Tensor, rden: Tensor) -> None:
+    """out = N / D and rden = 1 / D (0 where D = 0) written into the rows' views out (b, h, t, e)
+    and rden (b, h, t), from nd = [N, .] (b, h, t, e+1) and the denominator den (b, h, t)."""
+    r = reciprocal_or_zero(den)  # (not read back from rden: under autograd, later rows change it)
+    out.copy_(nd[..., :out.shape[-1]] * r[..., None])
     rden.copy_(r)
 
 
@@ -548,10 +553,7 @@ def favor_fwd(
 def _write_rows(fm: ChunkFeatures, nd: Tensor, q_sum: Tensor, sl: slice, out: Tensor, rden: Tensor) -> None:
     """out = N / D and rden = 1 / D of the rows sl from nd = [N, D] (b, h, t, e+1) and the query
     sums q_sum (b, h, t), the causal eps part of D (c_i = causal_coef * sum_f q~_if) added here."""
-    e = out.shape[-1]
-    r = reciprocal_or_zero(nd[..., e] + fm.causal_coef * q_sum)  # (not read back from rden: under
-    out[..., sl, :] = nd[..., :e] * r[..., None]                  # autograd, later rows change it)
-    rden[..., sl] = r
+    _normalized(nd, nd[..., -1] + fm.causal_coef * q_sum, out[..., sl, :], rden[..., sl])
 
 
 def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor, upper: Tensor) -> Tensor:
@@ -681,7 +683,7 @@ def favor_bwd(
 
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
-    hz, v_before, ref, stab0 = _initial(initial, q, m, e, dtype)  # sum_j exp(u_j - ref) [v_j, 1], ...
+    _, v_before, _, stab0 = _initial(initial, q, m, e, dtype)  # [sum v, count] before the first key, M0
     if initial is not None and fm.softmax:
         stab = torch.maximum(stab, stab0[..., None])
 

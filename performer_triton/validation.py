@@ -235,7 +235,7 @@ def calls_observed(module: nn.Module, base: type, *, backward: bool = False) -> 
     way (fused, or from a cache) would be noticed: a forward other than base's (a subclass's, or one
     put on the instance), or forward hooks (and with backward, backward hooks) on it, on any
     submodule, or global ones."""
-    if not runs_own_forward(module, base):
+    if not runs_base_forward(module, base):
         return True
     kinds = ("_forward_hooks", "_forward_pre_hooks") + (("_backward_hooks", "_backward_pre_hooks") if backward else ())
     if any(getattr(nn.modules.module, f"_global{kind}", None) for kind in kinds):
@@ -243,7 +243,7 @@ def calls_observed(module: nn.Module, base: type, *, backward: bool = False) -> 
     return any(getattr(m, kind, None) for m in module.modules() for kind in kinds)
 
 
-def runs_own_forward(module: nn.Module, base: type) -> bool:
+def runs_base_forward(module: nn.Module, base: type) -> bool:
     """Whether module is a base whose forward is base's: not overridden by a subclass or on the
     instance, compiled or not (torch.compile(module), or module.forward = torch.compile(module.forward))."""
     module = getattr(module, "_orig_mod", module)
