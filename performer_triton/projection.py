@@ -49,14 +49,14 @@ def stacked_blocks(nb_rows: int, nb_columns: int, scaling: int, device, chunk: C
     device) (1.1.4's module-level orthogonal_matrix_chunk, which a program may patch)."""
     nb_rows = check_int("nb_rows", nb_rows, 1, ValueError)
     nb_columns = check_int("nb_columns", nb_columns, 1, ValueError)
-    if scaling not in (0, 1):
-        raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
     nb_full_blocks = nb_rows // nb_columns
     blocks = [chunk(nb_columns, device) for _ in range(nb_full_blocks)]
     remaining = nb_rows - nb_full_blocks * nb_columns
     if remaining > 0:
         blocks.append(chunk(nb_columns, device)[:remaining])
     final = torch.cat(blocks)
+    if scaling not in (0, 1):  # (after the blocks' draws, as 1.1.4: the global RNG moves the same)
+        raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
     if scaling == 0:
         multiplier = _randn((nb_rows, nb_columns), device, generator).norm(dim=1)
     else:

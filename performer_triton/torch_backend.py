@@ -88,6 +88,12 @@ class ChunkFeatures:
         row = dash.detach().amax(-1)
         return row if self.log2 == 1.0 else row.mul_(LN2)
 
+    def key_stats(self, x: Tensor, dash: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys' k_max = row_max(dash) and row_scale = k_max - |dn x|^2 / 2 (SOFTMAX).
+        x (b, h, t, d), dash (b, h, t, m) -> ((b, h, t), (b, h, t))."""
+        k_max = self.row_max(dash)
+        return k_max, k_max - self.half_sq_norm(x)
+
     def half_sq_norm(self, x: Tensor) -> Tensor:
         """|dn x|^2 / 2.  (b, h, t, d) -> (b, h, t)."""
         return x.square().sum(-1) * (self.dn2 * 0.5)
@@ -365,9 +371,8 @@ class KeysState(torch.autograd.Function):
             kc, vo = k[..., sl, :].to(dtype), with_ones(v[..., sl, :].to(dtype))
             dash = fm.dash(kc)
             if fm.softmax:
-                k_max = fm.row_max(dash)
+                k_max, row_scale = fm.key_stats(kc, dash)
                 stab = torch.maximum(stab, k_max.amax(-1))
-                row_scale = k_max - fm.half_sq_norm(kc)
             else:  # 0: the reference of the maps without a stabilizer once a key is in
                 k_max = row_scale = kc.new_zeros(kc.shape[:-1])
             hz, ref = add_keys(hz, ref, fm.key_units(kc, k_max, dash), row_scale, vo)
@@ -493,13 +498,12 @@ def favor_fwd(
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
-    k_max = k.new_empty((b, h, s if stats else 0))
-    if stats and causal:  # every key's stabilizer is needed from the first chunk on
+    # filled block by block with the keys, but for the causal global stabilizer: M is needed
+    # from the first block on, so its keys make a pass of their own first
+    k_max, k_scale = k.new_empty((b, h, s if stats else 0)), k.new_empty((b, h, s if stats else 0))
+    if stats and causal and not prefix:
         for sl in _chunks(s, _wide_rows(b * h, fm.proj.shape[0])):
-            k_max[..., sl] = fm.row_max(fm.dash(k[..., sl, :]))
-        k_scale = k_max - fm.half_sq_norm(k)
-    else:  # (non-causal: filled chunk by chunk with the keys)
-        k_scale = k.new_empty((b, h, s if stats else 0))
+            k_max[..., sl], k_scale[..., sl] = fm.key_stats(k[..., sl, :], fm.dash(k[..., sl, :]))
     out = q.new_empty((b, h, n, e))
     rden = q.new_empty((b, h, n))
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
@@ -511,8 +515,7 @@ def favor_fwd(
         for sl in _chunks(s, rows):  # one projection of each key chunk: its stats, then its keys
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
-                k_max[..., sl] = fm.row_max(dash)
-                k_scale[..., sl] = k_max[..., sl] - fm.half_sq_norm(kc)
+                k_max[..., sl], k_scale[..., sl] = fm.key_stats(kc, dash)
             row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
             local, base = _key_reference(row_scale)
             hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ with_ones(v[..., sl, :]), local)
@@ -527,24 +530,23 @@ def favor_fwd(
             _read(fm.query_base(qc, dash, q_max[..., sl]), context, eps_nd, out[..., sl, :], rden[..., sl])
         return out.to(in_dtype), q_max, k_max, k_scale, rden, [context]
 
-    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
-    if initial is not None and stats:  # the prefix stabilizer goes on from the state's
-        stab = torch.maximum(stab, stab0[..., None])
     # An inf or NaN value reaches the outputs from its own position on only (a (t, t) matmul
     # would spread it to earlier rows as 0 * inf): the chunks see finite values, and each
     # output adds the running sum of the non-finite ones.
     values, poison = _finite_values(v)
     saved = saved_like(q, v, projection, causal)  # the state before each chunk, and its R
-    if prefix:
-        hz, ref, v_before = _fwd_blocks_per_row(fm, q, k, values, k_max, row_scale, stab, hz, ref, v_before, q_max,
-                                                out, rden, saved)
-    else:
-        hz, ref, v_before = _fwd_blocks_per_head(fm, q, k, values, stab[..., 0], hz, ref, v_before, q_max, out,
-                                                 rden, saved)
+    if prefix:  # M_i: the running max of k_max from the state's M0 on, found block by block
+        hz, ref, v_before, stab = _fwd_blocks_per_row(fm, q, k, values, stab0, hz, ref, v_before, q_max, k_max,
+                                                      k_scale, out, rden, saved)
+    else:  # one M per head (0 without stats), the state's M0 included
+        stab = k_max.amax(-1) if stats else q.new_zeros((b, h))
+        if initial is not None and stats:
+            stab = torch.maximum(stab, stab0)
+        hz, ref, v_before = _fwd_blocks_per_head(fm, q, k, values, stab, hz, ref, v_before, q_max, out, rden, saved)
     if final:  # M after the last key: the newest query's (prefix) stabilizer
         # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
         saved += [hz.contiguous(), v_before[..., 0, :].contiguous(), ref.contiguous(),
-                  stab[..., -1].contiguous() if stats else stab0.clone(memory_format=torch.contiguous_format)]
+                  (stab if stats else stab0).clone(memory_format=torch.contiguous_format)]
     if poison is not None:
         out.add_(poison)
     return out.to(in_dtype), q_max, k_max, k_scale, rden, saved
@@ -619,24 +621,30 @@ def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: 
     return hz, stab, v_before
 
 
-def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, k_max: Tensor, row_scale: Tensor,
-                        stab: Tensor, hz: Tensor, ref: Tensor, v_before: Tensor, q_max: Tensor, out: Tensor,
-                        rden: Tensor, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """The causal blocks with a stabilizer per query row, stab = M_i (b, h, n) (the prefix one):
-    keys as U_j with the factors exp(row_scale_j - M_i) on the (t, t) pairs, and the state moved to
-    the running max R of row_scale (both factors <= 1: no future key changes a past output).
-    Arguments and result as _fwd_blocks_per_head's, the reference R in place of M."""
+def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: Tensor, hz: Tensor, ref: Tensor,
+                        v_before: Tensor, q_max: Tensor, k_max: Tensor, k_scale: Tensor, out: Tensor, rden: Tensor,
+                        saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The causal blocks with a stabilizer per query row (the prefix one, SOFTMAX): M_i, the max
+    of stab (b, h) (the state's; -inf: none) and of k_max up to row i, found block by block with
+    the keys' stats; keys as U_j with the factors exp(row_scale_j - M_i) on the (t, t) pairs, and
+    the state moved to the running max R of row_scale (both factors <= 1: no future key changes a
+    past output).  Writes k_max and k_scale too; the other arguments as _fwd_blocks_per_head's.
+    -> (hz, R, v_before, M) after the last key."""
     (b, h, n), m = q.shape[:3], saved[0].shape[-2]
     upper = _upper(CHUNK, q.device)
     for sl, t in _blocks(n, b * h, m):
-        qc = q[..., sl, :]
+        qc, kc = q[..., sl, :], k[..., sl, :]
         dash = fm.dash(qc)
-        q_max[..., sl] = fm.row_max(dash)  # (prefix: SOFTMAX)
+        q_max[..., sl] = fm.row_max(dash)
         base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
-        units = _by_chunk(fm.key_units(k[..., sl, :], k_max[..., sl]), t)  # (b, h, nc, t, m)
+        dash = fm.dash(kc)
+        k_max[..., sl], k_scale[..., sl] = fm.key_stats(kc, dash)
+        stab_rows = torch.maximum(torch.cummax(k_max[..., sl], -1).values, stab[..., None])  # M_i   (b, h, t)
+        stab = stab_rows[..., -1]
+        units = _by_chunk(fm.key_units(kc, k_max[..., sl], dash), t)  # (b, h, nc, t, m)
         vo = values(sl)  # (b, h, nc t, e+1)
         vc = _by_chunk(vo, t)
-        m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
+        m_i, rs = _by_chunk(stab_rows, t), _by_chunk(k_scale[..., sl], t)
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
@@ -655,7 +663,7 @@ def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, k_max: 
         nd = _bmm(scores, vc, torch.addcmul(nd, q_sum[..., None], _by_chunk(v_upto, t), value=fm.eps)).flatten(2, 3)
         _write_rows(fm, nd, q_sum.flatten(2, 3), sl, out, rden)
         v_before = v_upto[..., -1:, :]
-    return hz, ref, v_before
+    return hz, ref, v_before, stab
 
 
 @_exact_dtypes

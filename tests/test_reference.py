@@ -8,7 +8,7 @@ import torch
 performer_pytorch = pytest.importorskip("performer_pytorch")
 from performer_pytorch import performer_pytorch as pp  # noqa: E402
 
-from performer_triton import gaussian_orthogonal_random_matrix, reference  # noqa: E402
+from performer_triton import FastAttention, gaussian_orthogonal_random_matrix, reference  # noqa: E402
 
 
 def rel(a, b):
@@ -71,6 +71,18 @@ def test_projection_bad_arguments():
         gaussian_orthogonal_random_matrix(10, 4, scaling=2)
     with pytest.raises(ValueError, match="nb_rows"):
         gaussian_orthogonal_random_matrix(0, 4)
+
+
+def test_rejected_scaling_moves_the_global_rng_as_original():
+    """1.1.4 draws the orthogonal blocks before it rejects the scaling: a program that catches
+    the error goes on with the same random stream."""
+    streams = []
+    for make in (pp.FastAttention, FastAttention):
+        torch.manual_seed(0)
+        with pytest.raises(ValueError, match="scaling"):
+            make(16, ortho_scaling=2)
+        streams.append(torch.get_rng_state())
+    assert torch.equal(*streams)
 
 
 def test_prefix_equals_original_on_truncated_sequences():
