@@ -196,6 +196,15 @@ class ReversibleSequence(nn.Module):
             {"f_args": f_args, "g_args": g_args}
             for f_args, g_args in route_args(self.args_route, kwargs, len(self.blocks))
         ]
+        if torch.is_grad_enabled() and kwargs.get("cache") is not None:
+            # a decoding cache moves on with every call of a layer: the backward's recomputation
+            # would add the keys to it twice (wrong gradients, a corrupted cache), so under
+            # autograd the blocks run as plain residual layers, activations kept (same outputs)
+            for block, kw in zip(self.blocks, args):
+                x1, x2 = x.chunk(2, dim=2)
+                y1 = x1 + block.f(x2, **kw["f_args"])
+                x = torch.cat((y1, x2 + block.g(y1, **kw["g_args"])), dim=2)
+            return torch.stack(x.chunk(2, dim=-1)).sum(dim=0)
         trained = any(p.requires_grad for p in self.blocks.parameters())
         if torch.is_grad_enabled() and trained and not x.requires_grad:
             # the blocks' parameters reach autograd only through x (their gradients accumulate in
