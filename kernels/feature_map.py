@@ -560,6 +560,23 @@ def row_stats(q: torch.Tensor | None, k: torch.Tensor | None, projection: torch.
     return q_max, k_max, k_scale
 
 
+@triton.jit
+def _dot_probe_kernel(p_x, p_y):
+    o_t = tl.arange(0, 16)
+    b_x = tl.load(p_x + o_t[:, None] * 16 + o_t[None, :])  # (16, 16) in the probed dtype
+    tl.store(p_y + o_t[:, None] * 16 + o_t[None, :], tl.dot(b_x, b_x))  # (16, 16) fp32
+
+
+def interpreter_dot_exact(dtype: torch.dtype) -> bool:
+    """Whether Triton's interpreter multiplies dtype tiles right: a (16, 16) product of small
+    integers (exact in every dtype) against torch's.  Its bf16 tl.dot multiplies raw bit
+    patterns (triton-lang/triton#11584) unless patched, as the test suite patches it."""
+    x = torch.arange(256, dtype=torch.float32).remainder_(7).sub_(3).view(16, 16)
+    y = torch.full((16, 16), float("nan"))
+    launch(_dot_probe_kernel, (1,), x.to(dtype), y)
+    return torch.equal(y, x @ x)
+
+
 # ----------------------------------------------------------------------------- launcher helpers
 
 # Compiled kernels of earlier launches: (kernel, argument keys, options, device, knobs) ->

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import nullcontext
+import functools
 import os
 from typing import Callable, Union
 
@@ -52,10 +53,21 @@ def triton_unsupported(q: Tensor, v: Tensor, *, fused: bool) -> str | None:
         return f"the Triton kernels run on CUDA devices, got {q.device}"
     if q.dtype not in TRITON_DTYPES:
         return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _interpreter_bf16_dot_exact():
+        return ("Triton's interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584); run bfloat16 "
+                "on CUDA, or float16 / float32 in the interpreter")
     head_dims = (q.shape[-1], v.shape[-1]) if fused else (v.shape[-1],)
     if max(head_dims) > MAX_HEAD_DIM:
         return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {tuple(head_dims)}"
     return None
+
+
+@functools.cache
+@torch.compiler.disable
+def _interpreter_bf16_dot_exact() -> bool:
+    from .kernels.feature_map import interpreter_dot_exact  # (needs triton: imported where it is there)
+
+    return interpreter_dot_exact(torch.bfloat16)
 
 
 def _use_triton(backend: str, q: Tensor, v: Tensor, fused: bool) -> bool:
@@ -93,10 +105,17 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tensors
 
 
-def _empty_result(q: Tensor, v: Tensor) -> Tensor:
-    """Zeros (b, h, n, e) for a call with nothing to attend (b, h or n is 0: no elements), still
-    connected to q and v for autograd."""
-    return q[..., :0] @ v[..., :0, :]
+def _empty_result(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Zeros (b, h, n, e) for a call with nothing to attend or nothing to return (b, h, n or e is
+    0, or s with a state), connected to q, k and v: each gets a zero gradient, as from 1.1.4's
+    einsums (torch.autograd.grad finds every input used)."""
+    return _connected(q[..., :0] @ v[..., :0, :], k)
+
+
+def _connected(out: Tensor, *xs: Tensor) -> Tensor:
+    """out plus an exact 0 made from each of xs (a sum of none of their elements): they get zero
+    gradients through it, also where out does not depend on them."""
+    return out + sum(x[..., :0].sum() for x in xs)
 
 
 def _last(rows: int, out: Tensor) -> Tensor:
@@ -198,8 +217,8 @@ def favor_attention(
     if initial_state is not None or output_final_state:
         return _favor_with_state(q, k, v, projection_matrix, fmap, key_stabilizer, key_padding_mask, backend,
                                  initial_state, output_final_state, causal=causal)
-    if 0 in q.shape[:3]:  # no batch, heads or queries: nothing to attend
-        return _empty_result(q, v)
+    if 0 in q.shape[:3] or v.shape[3] == 0:  # no batch, heads, queries or value columns: nothing to compute
+        return _empty_result(q, k, v)
     if prefix and key_padding_mask is not None:
         return _prefix_padded(q, k, v, projection_matrix, key_padding_mask, fmap, backend)
 
@@ -300,7 +319,7 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
                                    key_stabilizer="prefix", feature_map=fmap, backend=backend)
             out = out.index_copy(1, kq, kept[0])
         rows.append(out)
-    return torch.stack(rows)
+    return _connected(torch.stack(rows), q, k, v)  # (connected where no row has a kept query)
 
 
 def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
@@ -367,7 +386,7 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     else:
         initial_state = check_state(initial_state, b, h, m, e, q.device, softmax=prefix)
     if s == 0:  # no keys: the state as it was
-        out = _empty_result(q, v)
+        out = _empty_result(q, k, v)
         return (out, initial_state) if output_final_state else out
     before = s - n  # placeholder queries (_after)
     outs = favor_state(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
@@ -451,8 +470,8 @@ def linear_attention(
                              "before the queries)")
         return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, float(eps), initial_state,
                            output_final_state, backend, 1.0)
-    if 0 in q_features.shape[:3]:
-        return _empty_result(q_features, v)
+    if 0 in q_features.shape[:3] or v.shape[3] == 0:
+        return _empty_result(q_features, k_features, v)
     use_triton = _use_triton(backend, q_features, v, False)
     before = k_features.shape[2] - q_features.shape[2] if causal else 0  # placeholder queries (_after)
     return _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, float(eps),

@@ -218,7 +218,7 @@ def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
     shape = (*lead, a.shape[-2], b.shape[-1])
     a, b = a.flatten(0, -3), b.expand(*lead, *b.shape[-2:]).flatten(0, -3)
     if acc.shape == shape and acc.is_contiguous():
-        acc.view(-1, *shape[-2:]).baddbmm_(a, b)
+        acc.flatten(0, -3).baddbmm_(a, b)  # (a view: acc is contiguous)
         return acc
     return torch.baddbmm(acc.expand(shape).flatten(0, -3), a, b).view(shape)
 

@@ -172,21 +172,41 @@ def test_empty_sequence_returns_empty_and_backprops():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 0, 5, 8)], ids=["no-batch", "no-heads"])
-def test_empty_batch_or_heads_return_empty_and_backprop(causal, shape):
-    """1.1.4's FastAttention returns (0, h, n, e) / (b, 0, n, e) for these; so do ours, every
-    entry point and feature map, with gradients of the inputs' shapes."""
-    q, k, v = (torch.randn(shape).requires_grad_() for _ in range(3))
+@pytest.mark.parametrize("shapes", [((0, 2, 5, 8),) * 3, ((2, 0, 5, 8),) * 3, ((2, 2, 0, 8), (2, 2, 5, 8), (2, 2, 5, 8)),
+                                    ((2, 2, 5, 8), (2, 2, 5, 8), (2, 2, 5, 0))],
+                         ids=["no-batch", "no-heads", "no-queries", "no-value-columns"])
+def test_empty_calls_return_empty_and_zero_gradients(causal, shapes):
+    """1.1.4's FastAttention returns (0, h, n, e), (b, 0, n, e), (b, h, 0, e) and (b, h, n, 0) for
+    these and zero gradients for q, k and v; so do ours, every entry point and feature map
+    (torch.autograd.grad finds every input used)."""
+    q, k, v = (torch.randn(shape).requires_grad_() for shape in shapes)
     calls = [lambda: favor_attention(q, k, v, projection(6, 8), causal=causal),
              lambda: favor_attention(q, k, v, projection(6, 8), causal=causal, feature_map="relu"),
              lambda: favor_attention(q, k, v, None, causal=causal, feature_map="none"),
+             lambda: favor_attention(q, k, v, projection(6, 8), causal=causal, key_padding_mask=torch.ones(
+                 k.shape[0], k.shape[2], dtype=torch.bool)),
              lambda: linear_attention(q.exp(), k.exp(), v, causal=causal),
              lambda: FastAttention(8, 6, causal=causal)(q, k, v)]
     for call in calls:
         out = call()
-        assert out.shape == shape
-        out.sum().backward()
-        assert q.grad.shape == q.shape and v.grad.shape == v.shape
+        assert out.shape == q.shape[:3] + v.shape[3:]
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        for x, g in zip((q, k, v), grads):
+            assert g.shape == x.shape and not g.any()
+
+
+def test_prefix_stabilizer_with_every_query_padded_backpropagates():
+    """A mask with a hole (compacted per row) whose queries are all padded: zero outputs that are
+    still connected to q, k and v, as with the global stabilizer."""
+    q = torch.randn(1, 2, 1, 8, requires_grad=True)  # one query at the last position (a cached step)
+    k, v = (torch.randn(1, 2, 10, 8, requires_grad=True) for _ in range(2))
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    keep[0, 0] = keep[0, 9] = False
+    for stabilizer in ("global", "prefix"):
+        out = favor_attention(q, k, v, projection(6, 8), causal=True, key_stabilizer=stabilizer,
+                              key_padding_mask=keep)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert not out.any() and not any(g.any() for g in grads)
 
 
 def test_non_contiguous_inputs_equal_contiguous():
@@ -504,6 +524,36 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     with bad("float16, bfloat16 and float32"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         favor_attention(q.double(), k.double(), v.double(), projection(20, 16), backend="triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON or DEVICE != "cpu", reason="Triton's interpreter (no GPU)")
+def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wrongly(monkeypatch):
+    """triton-lang/triton#11584: the interpreter's bf16 tl.dot multiplies raw bit patterns.  With
+    the suite's patched dot the kernels run bf16 here; with a wrong dot, backend='triton' refuses
+    bf16 (and only bf16) instead of returning garbage, and 'auto' keeps to the PyTorch path."""
+    from triton.runtime import interpreter
+    from performer_triton import functional
+
+    q, k, v = (t.bfloat16() for t in qkv(n=8, d=16))
+    P = projection(20, 16).bfloat16()
+    functional._interpreter_bf16_dot_exact.cache_clear()
+    assert functional.triton_unsupported(q, v, fused=True) is None
+    patched = interpreter.InterpreterBuilder.create_dot
+
+    def wrong_dot(self, *args):
+        right = patched(self, *args)
+        return interpreter.TensorHandle(right.data + 1, right.dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", wrong_dot)
+    functional._interpreter_bf16_dot_exact.cache_clear()
+    try:
+        with bad("triton-lang/triton#11584"):
+            favor_attention(q, k, v, P, backend="triton")
+        assert functional.triton_unsupported(q.half(), v.half(), fused=True) is None
+        assert rel(favor_attention(q, k, v, P), reference.favor_attention(q.double(), k.double(), v.double(),
+                                                                           P.double())) <= 3e-2
+    finally:
+        functional._interpreter_bf16_dot_exact.cache_clear()
 
 
 # ---------------------------------------------------------------- torch.library / compile

@@ -75,6 +75,25 @@ def test_chained_calls_equal_one_call_with_gradients(monkeypatch, name, cuts, ch
     assert rel(whole.detach(), plain) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["softmax", "relu"])
+def test_a_state_of_keys_without_value_columns(name):
+    """Values with e = 0 (1.1.4's FastAttention takes them): empty outputs, and a state that is the
+    key count column of the same keys' state with values, its gradients included."""
+    q, k, v = qkv(n=37)
+    P = projection()
+    k0, k7 = (k.clone().requires_grad_() for _ in range(2))
+    states = []
+    for keys, values in ((k0, v[..., :0]), (k7, v)):
+        out, state = chained(q, keys, values, P, [20], **MAPS[name])
+        assert out.shape == (2, 3, 37, values.shape[-1])
+        states.append(state)
+    (s0, s7) = states
+    assert torch.allclose(s0.hz, s7.hz[..., -1:], rtol=1e-12, atol=0) and torch.equal(s0.v_sum, s7.v_sum[..., -1:])
+    s0.hz.sum().backward()
+    s7.hz[..., -1].sum().backward()
+    assert rel(k0.grad, k7.grad) <= 1e-12
+
+
 def test_final_state_gradients_reach_keys_values_and_the_initial_state():
     """A loss on the final state alone (truncated backpropagation through time) differentiates
     through the keys, the values and the initial state; float64 finite differences (relu: no

@@ -169,8 +169,6 @@ def run_checks(n: int = 37, d: int = 16, m: int = 44, *, paths=None) -> list[Row
             row = Row(device, backend, str(dtype).replace("torch.", ""), mode, feature, None, None, budget)
             probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype)
             reason = triton_unsupported(probe, probe, fused=True) if backend == "triton" else None
-            if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 and reason is None:
-                reason = "Triton's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584)"
             if reason is not None:
                 row.note = f"skipped: {reason}"
             else:
