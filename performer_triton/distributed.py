@@ -21,7 +21,7 @@ from .attention_state import AttentionState, chain_states, keys_state
 from .feature_maps import GIVEN_MAP, resolve
 from .functional import FeatureMapArg, _autocast, favor_attention, linear_attention
 from .torch_backend import ReadContext, key_context
-from .validation import check_qkv
+from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -45,15 +45,17 @@ class ContextParallel:
 
     @classmethod
     def gather(cls, n_local: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu", *,
-               masked: bool = False, context_masked: bool = False) -> ContextParallel:
-        """Every rank's block length and mask flags (one all-gather of three ints; device: where
-        the group's backend takes tensors, CUDA for NCCL)."""
+               masked: bool = False, context_masked: bool = False, batch: int = -1,
+               dtype: torch.dtype | None = None) -> ContextParallel:
+        """Every rank's block length and mask flags (one all-gather of a few ints; device: where
+        the group's backend takes tensors, CUDA for NCCL), and a ValueError on every rank where
+        their batch sizes or (model) dtypes differ, before any exchange sized by them."""
         _check_initialized("context parallelism")
-        world = dist.get_world_size(group)
-        mine = torch.tensor([n_local, int(masked), int(context_masked)], dtype=torch.int64, device=device)
-        parts = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine, group=group)
-        rows = torch.stack(parts).tolist()
+        rows = _gathered_ints([n_local, int(masked), int(context_masked), batch, _DTYPE_CODES.get(dtype, -1)], group,
+                              device)
+        _refuse_differences("the ranks' calls", {"batch": [r[3] for r in rows], "dtype": [r[4] for r in rows]},
+                            "every rank must run the same batch on a model of the same dtype, each with its own "
+                            "block of the sequence")
         return cls(group, dist.get_rank(group), tuple(r[0] for r in rows), any(r[1] for r in rows),
                    any(r[2] for r in rows))
 
@@ -271,26 +273,39 @@ def _joined(out: Tensor, before: AttentionState) -> Tensor:
     return out + (before.hz.sum() + before.v_sum.sum()).to(out.dtype) * 0
 
 
-_CALL_FIELDS = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
-def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, projection: Tensor | None, causal: bool,
-                     feature: int) -> None:
-    """Every rank's call alike but for its block length: the collectives exchange buffers sized by
-    these, and a mismatch aborts a gloo rank (a hang with NCCL) instead of naming it.  One
-    all-gather of a few ints; every rank raises the same ValueError."""
-    m = -1 if projection is None else projection.shape[0]
-    mine = torch.tensor([q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], m, _DTYPE_CODES.get(q.dtype, -1),
-                         int(causal), feature], dtype=torch.int64, device=q.device)
-    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    rows = torch.stack(parts).tolist()
-    differ = [f"{name} {[row[i] for row in rows]}" for i, name in enumerate(_CALL_FIELDS) if len({r[i] for r in rows}) > 1]
+def _gathered_ints(mine: list[int], group: dist.ProcessGroup | None, device) -> list[list[int]]:
+    """Every rank's list of ints (one all-gather), by rank."""
+    t = torch.tensor(mine, dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).tolist()
+
+
+def _refuse_differences(what: str, fields: dict[str, list[int]], expected: str) -> None:
+    """A ValueError naming every field whose values (by rank) differ: the collectives exchange
+    buffers sized by them, and a mismatch aborts a gloo rank (a hang with NCCL) instead of naming
+    it.  Every rank sees the same values, so every rank raises."""
+    differ = [f"{name} {values}" for name, values in fields.items() if len(set(values)) > 1]
     if differ:
-        raise ValueError("context_parallel_attention: the ranks' calls differ in " + ", ".join(differ) +
-                         " (by rank; dtype codes fp16 0, bf16 1, fp32 2, fp64 3): every rank must pass the same "
-                         "batch, heads, dims, projection, dtype and mode, each with its own block of the sequence")
+        raise ValueError(f"{what} differ in " + ", ".join(differ) +
+                         f" (by rank; dtype codes fp16 0, bf16 1, fp32 2, fp64 3): {expected}")
+
+
+def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, projection: Tensor | None, causal: bool,
+                     feature: int, prefix: bool) -> None:
+    """Every rank's call alike but for its block length (one all-gather of a few ints)."""
+    m = -1 if projection is None else projection.shape[0]
+    rows = _gathered_ints([q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], m, _DTYPE_CODES.get(q.dtype, -1),
+                           int(causal), feature, int(prefix)], group, q.device)
+    names = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map",
+             "prefix key stabilizer")
+    _refuse_differences("context_parallel_attention: the ranks' calls", {n: [r[i] for r in rows] for i, n in
+                                                                         enumerate(names)},
+                        "every rank must pass the same batch, heads, dims, projection, dtype and mode, each with its "
+                        "own block of the sequence")
 
 
 def context_parallel_attention(
@@ -323,11 +338,14 @@ def context_parallel_attention(
     q, k, v = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast
     # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
     check_qkv(q if k.shape[2] else q[..., :0, :], k, v, causal=causal)
+    check_bool("causal", causal)
+    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+    check_choice("backend", backend, BACKENDS)
     fmap = resolve(feature_map)
     if fmap.name == "none":
         raise ValueError("context_parallel_attention: feature_map 'none' (no_projection) normalises the keys over "
                          "each call's whole sequence; use 'softmax', 'relu' or a kernel_fn")
-    _check_same_call(group, q, v, projection_matrix, causal, fmap.code)
+    _check_same_call(group, q, v, projection_matrix, causal, fmap.code, key_stabilizer == "prefix")
     if not causal:
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")

@@ -62,9 +62,15 @@ def triton_unsupported(q: Tensor, v: Tensor, *, fused: bool) -> str | None:
     return None
 
 
-@functools.cache
-@torch.compiler.disable
+@torch.compiler.assume_constant_result
 def _interpreter_bf16_dot_exact() -> bool:
+    """Triton's interpreter multiplies bf16 tiles right (_bf16_dot_probe, once per process); a
+    constant of a compiled graph, as _tf32_allowed."""
+    return _bf16_dot_probe()
+
+
+@functools.cache
+def _bf16_dot_probe() -> bool:
     from .kernels.feature_map import interpreter_dot_exact  # (needs triton: imported where it is there)
 
     return interpreter_dot_exact(torch.bfloat16)

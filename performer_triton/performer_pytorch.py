@@ -771,6 +771,12 @@ def _check_dtype(name: str, x: Tensor, linear: nn.Module) -> None:
                         f"(.to({weight.dtype})) or the module, or run under torch.autocast")
 
 
+def _model_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
+    """The dtype of a model's floating parameters (what its ranks exchange under context
+    parallelism: the projection matrices, the hidden states), else x's."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+
+
 def _check_cache(cache: object) -> None:
     if exists(cache) and not isinstance(cache, DecodingCache):
         raise TypeError(f"cache must be a performer_triton DecodingCache, got {type(cache).__name__}")
@@ -1043,7 +1049,7 @@ class Performer(nn.Module):
         if exists(context_parallel_group):
             kwargs["context_parallel"] = ContextParallel.gather(
                 x.shape[1], context_parallel_group, x.device, masked=kwargs.get("mask") is not None,
-                context_masked=kwargs.get("context_mask") is not None)
+                context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0], dtype=_model_dtype(self, x))
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
@@ -1180,7 +1186,8 @@ class PerformerLM(nn.Module):
                 raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
             cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device,
                                         masked=kwargs.get("mask") is not None,
-                                        context_masked=kwargs.get("context_mask") is not None)
+                                        context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0],
+                                        dtype=_model_dtype(self, x))
             offset, n = cp.offset, cp.total
         else:
             offset = cache.length if exists(cache) else 0

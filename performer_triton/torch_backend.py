@@ -217,8 +217,8 @@ def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
     lead = a.shape[:-2]
     shape = (*lead, a.shape[-2], b.shape[-1])
     a, b = a.flatten(0, -3), b.expand(*lead, *b.shape[-2:]).flatten(0, -3)
-    if acc.shape == shape and acc.is_contiguous():
-        acc.flatten(0, -3).baddbmm_(a, b)  # (a view: acc is contiguous)
+    if acc.shape == shape and acc.is_contiguous() and not torch._C._are_functorch_transforms_active():
+        acc.flatten(0, -3).baddbmm_(a, b)  # (a view: acc is contiguous; vmap has no batching rule for it)
         return acc
     return torch.baddbmm(acc.expand(shape).flatten(0, -3), a, b).view(shape)
 
@@ -278,7 +278,7 @@ def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tup
     new_ref = torch.maximum(ref, kv_ref)
     base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
     hz = hz * (ref[..., None, None] - base).exp_()
-    return hz.addcmul_(kv, (kv_ref[..., None, None] - base).exp_()), new_ref
+    return torch.addcmul(hz, kv, (kv_ref[..., None, None] - base).exp_()), new_ref  # (vmap: no addcmul_ rule)
 
 
 def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before: Tensor,

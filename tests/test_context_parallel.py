@@ -345,6 +345,30 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
                 results[(rank, case)] = "returned"
             except ValueError as error:
                 results[(rank, case)] = str(error)
+        q, k, v = (torch.randn(1, 2, 5, 12, dtype=torch.float64) for _ in range(3))
+        P = gaussian_orthogonal_random_matrix(20, 12).double()
+        calls = {  # a mode that differs, a misspelt option: refused on every rank, before any exchange
+            "stabilizer": dict(causal=True, key_stabilizer=("global", "prefix")[rank]),
+            "spelling": dict(causal=True, key_stabilizer="Global"),
+            "backend": dict(backend="tritn"),
+        }
+        for case, kwargs in calls.items():
+            try:
+                context_parallel_attention(q, k, v, P, **kwargs)
+                results[(rank, case)] = "returned"
+            except ValueError as error:
+                results[(rank, case)] = str(error)
+        # models: a batch that differs (the token shift's exchange came first), a model dtype that
+        # differs (the projections' broadcast came first)
+        for case in ("model batch", "model dtype"):
+            model = PerformerLM(**SMALL, causal=True, key_stabilizer="prefix", shift_tokens=True)
+            model = model.double() if case == "model dtype" and rank == 0 else model.float()
+            tokens = torch.randint(0, 20, (2 if case == "model batch" and rank == 0 else 1, 6))
+            try:
+                model(tokens, context_parallel_group=dist.group.WORLD)
+                results[(rank, case)] = "returned"
+            except ValueError as error:
+                results[(rank, case)] = str(error)
     finally:
         dist.destroy_process_group()
 
@@ -356,7 +380,12 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
         results = mp.Manager().dict()
         mp.spawn(_mismatch_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
         results = dict(results)
-    expected = {"heads": "heads [2, 3]", "dtype": "dtype [3, 2]", "features": "projection rows [20, 24]"}
+    expected = {"heads": "heads [2, 3]", "dtype": "dtype [3, 2]", "features": "projection rows [20, 24]",
+                "stabilizer": "prefix key stabilizer [0, 1]", "model batch": "batch [2, 1]",
+                "model dtype": "dtype [3, 2]"}
     for case, text in expected.items():
         for rank in range(2):
             assert "the ranks' calls differ in " + text in results[(rank, case)], (case, rank, results[(rank, case)])
+    for rank in range(2):
+        assert "key_stabilizer must be one of ('global', 'prefix'), got 'Global'" in results[(rank, "spelling")]
+        assert "backend must be one of" in results[(rank, "backend")]

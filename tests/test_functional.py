@@ -536,7 +536,7 @@ def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wro
 
     q, k, v = (t.bfloat16() for t in qkv(n=8, d=16))
     P = projection(20, 16).bfloat16()
-    functional._interpreter_bf16_dot_exact.cache_clear()
+    functional._bf16_dot_probe.cache_clear()
     assert functional.triton_unsupported(q, v, fused=True) is None
     patched = interpreter.InterpreterBuilder.create_dot
 
@@ -545,7 +545,7 @@ def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wro
         return interpreter.TensorHandle(right.data + 1, right.dtype)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", wrong_dot)
-    functional._interpreter_bf16_dot_exact.cache_clear()
+    functional._bf16_dot_probe.cache_clear()
     try:
         with bad("triton-lang/triton#11584"):
             favor_attention(q, k, v, P, backend="triton")
@@ -553,7 +553,7 @@ def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wro
         assert rel(favor_attention(q, k, v, P), reference.favor_attention(q.double(), k.double(), v.double(),
                                                                            P.double())) <= 3e-2
     finally:
-        functional._interpreter_bf16_dot_exact.cache_clear()
+        functional._bf16_dot_probe.cache_clear()
 
 
 # ---------------------------------------------------------------- torch.library / compile

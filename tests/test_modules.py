@@ -1119,3 +1119,17 @@ def test_seeded_redraws_with_a_replaced_orthogonal_matrix_chunk():
         assert torch.equal(after, torch.randn(3))  # the global stream as if nothing had drawn
         runs.append([m.projection_matrix.clone() for m in model.modules() if hasattr(m, "projection_matrix")])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_trace_runs_at_other_lengths(causal):
+    """torch.jit.trace of a Performer at one length, called at others: equal to eager (1.1.4's
+    causal chunking is fixed into its trace, which then fails at another length)."""
+    torch.manual_seed(0)
+    model = Performer(dim=16, depth=1, heads=2, dim_head=8, nb_features=8, causal=causal).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (torch.randn(2, 12, 16, dtype=torch.float64),), check_trace=False)
+    for n in (1, 12, 200):
+        x = torch.randn(2, n, 16, dtype=torch.float64)
+        assert torch.allclose(traced(x), model(x), rtol=1e-12, atol=1e-12)
