@@ -240,11 +240,18 @@ def _intra_factor(row_scale: Tensor, stab: Tensor, upper: Tensor) -> Tensor:
     return (row_scale[..., None, :] - stab[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
 
 
-def _visible(pairs: Tensor, factor: Tensor, upper: Tensor) -> Tensor:
+def _visible_only(pairs: Tensor) -> Tensor:
+    """pairs (..., t, t) with the entries above the diagonal (keys after the query) 0, by
+    selection (tril_: 10x faster than a broadcast masked_fill_); overwritten, but under torch.func
+    (vmap has no batching rule for tril_)."""
+    return pairs.tril() if torch._C._are_functorch_transforms_active() else pairs.tril_()
+
+
+def _visible(pairs: Tensor, factor: Tensor) -> Tensor:
     """pairs_ij F_ij on visible pairs (j <= i) and 0 elsewhere, by selection: a NaN or inf key
     or value at a later position never reaches an earlier output (0 * NaN = NaN).
-    pairs (b, h, t, t) (overwritten), factor (b, h, t, t), upper (t, t) -> (b, h, t, t)."""
-    return pairs.mul_(factor).masked_fill_(upper, 0.0)
+    pairs (b, h, t, t) (overwritten), factor (b, h, t, t) -> (b, h, t, t)."""
+    return _visible_only(pairs.mul_(factor))
 
 
 def add_keys(hz: Tensor, ref: Tensor, units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
@@ -558,13 +565,13 @@ def _write_rows(fm: ChunkFeatures, nd: Tensor, q_sum: Tensor, sl: slice, out: Te
     _normalized(nd, nd[..., -1] + fm.causal_coef * q_sum, out[..., sl, :], rden[..., sl])
 
 
-def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor, upper: Tensor) -> Tensor:
+def _pair_weights(fm: ChunkFeatures, base: Tensor, keys: Tensor, q_sum: Tensor) -> Tensor:
     """q~_i . k~_j on visible pairs (j <= i) of each chunk, 0 elsewhere (by selection), the keys'
     factors already in their features: (q~_i - eps) . (k~_j - eps) + eps sum_f (k~_jf - eps)
     + eps sum_f q~_if, the eps terms as the product's accumulator.
-    base, keys (b, h, nc, t, m), q_sum (b, h, nc, t), upper (t, t) -> (b, h, nc, t, t)."""
+    base, keys (b, h, nc, t, m), q_sum (b, h, nc, t) -> (b, h, nc, t, t)."""
     acc = torch.add(keys.sum(-1)[..., None, :], q_sum[..., :, None]).mul_(fm.eps)
-    return _bmm(base, keys.mT, acc).masked_fill_(upper, 0.0)
+    return _visible_only(_bmm(base, keys.mT, acc))
 
 
 def _prefix_over_chunks(before: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
@@ -596,7 +603,7 @@ def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: 
     Writes q_max, out, rden and the state before each chunk (saved, its reference M); hz, ref: the
     state before the first key (relative to ref; -inf: empty).  -> (hz, M, v_before) after the last."""
     (b, h, n), m = q.shape[:3], saved[0].shape[-2]
-    eps, upper = fm.eps, _upper(CHUNK, q.device)
+    eps = fm.eps
     hz = hz * (ref - stab).exp().masked_fill_(torch.isinf(ref), 0.0)[..., None, None]  # relative to M
     saved[1].copy_(stab[..., None].expand_as(saved[1]))
     for sl, t in _blocks(n, b * h, m):
@@ -608,7 +615,7 @@ def _fwd_blocks_per_head(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: 
         keys = _by_chunk(fm.keys(k[..., sl, :], stab), t)  # k~ - eps   (b, h, nc, t, m)
         vc = _by_chunk(values(sl), t)  # (b, h, nc, t, e+1)
         q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
-        scores = _pair_weights(fm, base, keys, q_sum, upper[:t, :t])  # (b, h, nc, t, t)
+        scores = _pair_weights(fm, base, keys, q_sum)  # (b, h, nc, t, t)
         # the state before each chunk, and [sum v, count] before each chunk   (b, h, nc, m | 1, e+1)
         chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
         hz_before, hz = _prefix_over_chunks(hz, keys.mT @ vc)
@@ -648,7 +655,7 @@ def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: T
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
-        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]), upper[:t, :t])  # (b, h, nc, t, t)
+        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]))  # (b, h, nc, t, t)
         v_upto = vo.cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
         # the state before each chunk (H(R) relative to its R), from the chunks' own states
         chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
@@ -748,7 +755,7 @@ def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, 
     keys and values.  grad(sl): [dN, dD] of rows sl; v_befores: [sum v, count] before each block.
     Writes dq, dk, dv (in the compute dtype).  -> [d hz0, d v_sum0] ([] without an initial state)."""
     (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
-    eps, upper, dtype = fm.eps, _upper(CHUNK, q.device), hz_chunks.dtype
+    eps, dtype = fm.eps, hz_chunks.dtype
     dhz = q.new_zeros((b, h, m, e + 1))  # the gradient of the state after the block (relative to M)
     later = q.new_zeros((b, h, 1, e + 1))  # sum_{i after the block} sum(q~_i) [dN_i, dD_i]: of [sum v, count]
     d_vs_f = None
@@ -758,7 +765,7 @@ def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, 
             dhz += d_hz_f.to(dtype)
         d_vs_f = None if d_vs_f is None else d_vs_f.to(dtype)[..., None, None, :e]
     for sl, t in reversed(blocks):
-        v_before, up = v_befores.pop(), upper[:t, :t]
+        v_before = v_befores.pop()
         qc, kc = q[..., sl, :], k[..., sl, :]
         base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         keys = _by_chunk(fm.keys(kc, stab), t)  # k~ - eps   (b, h, nc, t, m)
@@ -768,7 +775,7 @@ def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, 
         hz_before = hz_chunks[:, :, chunks].contiguous()
         v_chunks = _prefix_over_chunks(v_before, vc.sum(-2, keepdim=True))[0]  # [sum v, count] before each chunk
         q_sum = base.sum(-1).add_(m * eps)  # sum_f q~_if   (b, h, nc, t)
-        dw = (g @ vc.mT).masked_fill_(up, 0.0)  # dN_i . v_j + dD_i on visible pairs   (b, h, nc, t, t)
+        dw = _visible_only(g @ vc.mT)  # dN_i . v_j + dD_i on visible pairs   (b, h, nc, t, t)
 
         # dq~_i = H [dN, dD]_i + sum_j dw_ij k~_j + eps [dN, dD]_i . [sum v, count] before the chunk; c_i: coef dD_i
         dqt = _bmm(dw, keys, g @ hz_before.mT)
@@ -787,7 +794,7 @@ def _bwd_blocks_per_head(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, 
         later_c, later = _suffix_over_chunks(later, (g * q_sum[..., None]).sum(-2, keepdim=True))
         acc = later_c[..., :e] * eps if d_vs_f is None else torch.add(d_vs_f, later_c[..., :e], alpha=eps)
         inter = _bmm(keys, after[..., :e], acc)
-        dv[..., sl, :] = _bmm(_pair_weights(fm, base, keys, q_sum, up).mT, g[..., :e], inter).flatten(2, 3)
+        dv[..., sl, :] = _bmm(_pair_weights(fm, base, keys, q_sum).mT, g[..., :e], inter).flatten(2, 3)
     if initial is None:
         return []
     # the forward read hz0 as hz0 exp(R0 - M) (an empty state, R0 = -inf: none) and [sum v, count]
@@ -838,7 +845,7 @@ def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q
         hz_before, ref_before = hz_chunks[:, :, chunks].contiguous(), ref_chunks[:, :, chunks]
         m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
         factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
-        dwf = _visible(g @ vc.mT, factor, up)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
+        dwf = _visible(g @ vc.mT, factor)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
 
         # dq~_i: inter exp(R - M_i) [dN, dD]_i @ H^T; intra sum_j dw_ij F_ij U_j; eps part of
@@ -875,7 +882,7 @@ def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q
 
         # dv_j = sum_{i in chunk} W_ij dN_i + (U_j exp(row_scale_j - M_end)) @ dH + eps sum_{i>=j} sum(q~_i) dN_i
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])  # q~_i . U_j
-        weights = _visible(pairs, factor, up)  # exp part of w_ij
+        weights = _visible(pairs, factor)  # exp part of w_ij
         q_dn = q_sum.flatten(2, 3)[..., None] * g_rows[..., :e]  # (b, h, nc t, e)
         q_dn_from = q_dn.flip(-2).cumsum(-2).flip(-2).add_(later)  # sum over i >= j
         # (diag(f) U) @ X as diag(f) (U @ X): the exp factors scale the (t, e) products, not U
