@@ -29,8 +29,8 @@ Routes = dict[str, Sequence[tuple[bool, bool]]]
 
 def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[dict, dict]]:
     """Split keyword arguments into per-layer (f_args, g_args) following ``router``, which maps a
-    name to one (to_f, to_g) pair of flags per layer."""
-    ignored_kwargs("Performer.forward", {key: val for key, val in args.items() if key not in router})
+    name to one (to_f, to_g) pair of flags per layer; others are dropped (as 1.1.4: a program's own
+    sequence may pass flags of its own)."""
     routed: list[tuple[dict, dict]] = [({}, {}) for _ in range(depth)]
     for key, val in args.items():
         if key not in router:
@@ -41,6 +41,12 @@ def route_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[d
             if to_g:
                 g_args[key] = val
     return routed
+
+
+def _layer_args(router: Routes, args: dict[str, Any], depth: int) -> list[tuple[dict, dict]]:
+    """route_args for the sequences of a Performer, warning once about what no layer takes."""
+    ignored_kwargs("Performer.forward", {key: val for key, val in args.items() if key not in router})
+    return route_args(router, args, depth)
 
 
 def _check_routes(router: Routes, depth: int, *, strict: bool = True) -> None:
@@ -173,7 +179,7 @@ class SequentialSequence(nn.Module):
         self.args_route = args_route
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
-        args = route_args(self.args_route, kwargs, len(self.layers))
+        args = _layer_args(self.args_route, kwargs, len(self.layers))
         for (f, g), (f_args, g_args) in zip(self.layers, args):
             x = x + f(x, **f_args)
             x = x + g(x, **g_args)
@@ -194,7 +200,7 @@ class ReversibleSequence(nn.Module):
         x = torch.cat((x, x), dim=-1)
         args = [
             {"f_args": f_args, "g_args": g_args}
-            for f_args, g_args in route_args(self.args_route, kwargs, len(self.blocks))
+            for f_args, g_args in _layer_args(self.args_route, kwargs, len(self.blocks))
         ]
         if torch.is_grad_enabled() and kwargs.get("cache") is not None:
             # a decoding cache moves on with every call of a layer: the backward's recomputation
