@@ -10,6 +10,7 @@ performer-pytorch").
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from contextlib import contextmanager
@@ -255,10 +256,13 @@ def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: in
     def draw() -> Tensor:
         return projection.stacked_blocks(nb_rows, nb_columns, scaling, device, lambda cols, dev: chunk(cols, device=dev))
 
-    if generator is None:
-        return draw()
-    # a seeded draw (redraw_seed): the replacement draws from the global RNG, forked and seeded from
-    # the generator, so that the draw stays private (the global stream untouched) and rank-identical
+    return draw() if generator is None else _from_forked_rng(draw, device, generator)
+
+
+def _from_forked_rng(draw: Callable[[], T], device, generator: torch.Generator) -> T:
+    """draw() on the global RNG forked and seeded from generator: a seeded draw (redraw_seed) of
+    code that draws from the global RNG (a replaced orthogonal_matrix_chunk, an overridden
+    redraw_projection_matrix) stays private (the global stream untouched) and rank-identical."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     on_cuda = device is not None and torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.device(device)] if on_cuda else []):
@@ -394,13 +398,20 @@ class ProjectionUpdater(nn.Module):
             # that signature), with 1.1.4's device: the first parameter's (StopIteration without
             # one; on meta, offloaded weights, a draw could not be copied: then the projection's own)
             param = next(self.instance.parameters(), None)
-            args, kwargs = (None if param is None or param.is_meta else param.device,), {}
+            device = None if param is None or param.is_meta else param.device
+            generator = None
             if self.seeded:  # (the opt-in: a private generator)
                 seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
-                args, kwargs = (), {"generator": torch.Generator().manual_seed(seed)}
+                generator = torch.Generator().manual_seed(seed)
                 self.redraw_count += 1
             for fast_attention in find_modules(self.instance, FastAttention):
-                fast_attention.redraw_projection_matrix(*args, **kwargs)
+                redraw = fast_attention.redraw_projection_matrix
+                if generator is None:
+                    redraw(device)
+                elif "generator" in inspect.signature(redraw).parameters:
+                    redraw(generator=generator)
+                else:  # an override with 1.1.4's signature, redraw_projection_matrix(device)
+                    _from_forked_rng(lambda: redraw(device), device, generator)
             self.calls_since_last_redraw.zero_()
             return
         self.calls_since_last_redraw += 1

@@ -1121,6 +1121,36 @@ def test_seeded_redraws_with_a_replaced_orthogonal_matrix_chunk():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_seeded_redraws_of_an_override_with_the_original_signature():
+    """A FastAttention subclass overriding redraw_projection_matrix(self, device) as 1.1.4 defines
+    it, with the opt-in redraw_seed: its redraws run (a generator keyword raised TypeError), follow
+    the seed (the same matrices in two runs, different per layer) and leave the global stream."""
+    calls = []
+
+    class Logged(ours_pp.FastAttention):
+        def redraw_projection_matrix(self, device):
+            calls.append(device)
+            projections = self.create_projection(device=device)
+            self.projection_matrix.copy_(projections)
+
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        model = Performer(dim=16, depth=2, heads=2, dim_head=8, causal=True, feature_redraw_interval=1,
+                          redraw_seed=3).train()
+        for layer in model.net.layers:
+            old = layer[0].fn.fast_attention
+            layer[0].fn.fast_attention = Logged(8, nb_features=old.nb_features, causal=True)
+        x = torch.randn(1, 5, 16)
+        rng = torch.get_rng_state()
+        for _ in range(4):
+            model(x)
+        assert torch.equal(torch.get_rng_state(), rng)
+        runs.append([m.projection_matrix.clone() for m in model.modules() if isinstance(m, Logged)])
+    assert len(calls) == 2 * 2 * 2  # two runs, two layers, two redraws (interval 1: at calls 2 and 4)
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and not torch.equal(*runs[0])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_a_trace_runs_at_other_lengths(causal):
     """torch.jit.trace of a Performer at one length, called at others: equal to eager (1.1.4's
