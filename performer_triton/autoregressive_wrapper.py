@@ -264,7 +264,8 @@ class AutoregressiveWrapper(nn.Module):
                              f"got length {x.shape[1]}")
         mask = kwargs.pop("mask", None)
         if exists(context_parallel_group):
-            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device, batch=x.shape[0])
+            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device, batch=x.shape[0],
+                                        where="AutoregressiveWrapper.forward")
             xo = with_neighbours(x, cp, before=0, after=1, dim=1)[:, 1:]
         else:
             xo = x[:, 1:]

@@ -189,8 +189,7 @@ class FavorState:
         v = v.to(dtype)
         dash = chunk.dash(x)  # (b, h, t, m)
         if chunk.softmax:
-            row_max = chunk.row_max(dash)  # (b, h, t)
-            row_scale = row_max - chunk.half_sq_norm(x)
+            row_max, row_scale = chunk.key_stats(x, dash)  # (b, h, t) each
             self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
         else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
             row_max = dash.new_zeros(dash.shape[:-1])  # (b, h, t)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .attention_state import AttentionState, chain_states, keys_state
 from .feature_maps import GIVEN_MAP, resolve
-from .functional import FeatureMapArg, _autocast, favor_attention, linear_attention
+from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention
 from .torch_backend import ReadContext, key_context
 from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_qkv
 
@@ -46,14 +46,16 @@ class ContextParallel:
     @classmethod
     def gather(cls, n_local: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu", *,
                masked: bool = False, context_masked: bool = False, batch: int = -1,
-               dtype: torch.dtype | None = None) -> ContextParallel:
+               dtype: torch.dtype | None = None, where: str = "context parallelism") -> ContextParallel:
         """Every rank's block length and mask flags (one all-gather of a few ints; device: where
-        the group's backend takes tensors, CUDA for NCCL), and a ValueError on every rank where
-        their batch sizes or (model) dtypes differ, before any exchange sized by them."""
+        the group's backend takes tensors, CUDA for NCCL), and a ValueError on every rank, naming
+        `where` (the call), where their batch sizes or (model) dtypes differ, before any exchange
+        sized by them (batch -1, dtype None: not compared)."""
         _check_initialized("context parallelism")
         rows = _gathered_ints([n_local, int(masked), int(context_masked), batch, _DTYPE_CODES.get(dtype, -1)], group,
                               device)
-        _refuse_differences("the ranks' calls", {"batch": [r[3] for r in rows], "dtype": [r[4] for r in rows]},
+        _refuse_differences(f"{where}: the ranks' calls", {"batch": [r[3] for r in rows],
+                                                           "dtype": [_dtype_name(r[4]) for r in rows]},
                             "every rank must run the same batch on a model of the same dtype, each with its own "
                             "block of the sequence")
         return cls(group, dist.get_rank(group), tuple(r[0] for r in rows), any(r[1] for r in rows),
@@ -268,12 +270,15 @@ def _states_before(local: AttentionState, group, whole_max: bool = False) -> Att
 def _joined(out: Tensor, before: AttentionState) -> Tensor:
     """out, its autograd graph joined to the incoming state's even when out is empty (a rank with
     an empty block): the backward's all-gather then runs on every rank."""
-    if out.numel():
-        return out
-    return out + (before.hz.sum() + before.v_sum.sum()).to(out.dtype) * 0
+    return out if out.numel() else _connected(out, before.hz, before.v_sum)
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _dtype_name(code: int) -> str:
+    """The dtype of a gathered _DTYPE_CODES value, for messages ("other": not a float dtype)."""
+    return next((str(d).removeprefix("torch.") for d, c in _DTYPE_CODES.items() if c == code), "other")
 
 
 def _gathered_ints(mine: list[int], group: dist.ProcessGroup | None, device) -> list[list[int]]:
@@ -284,14 +289,13 @@ def _gathered_ints(mine: list[int], group: dist.ProcessGroup | None, device) -> 
     return torch.stack(parts).tolist()
 
 
-def _refuse_differences(what: str, fields: dict[str, list[int]], expected: str) -> None:
+def _refuse_differences(what: str, fields: dict[str, list], expected: str) -> None:
     """A ValueError naming every field whose values (by rank) differ: the collectives exchange
     buffers sized by them, and a mismatch aborts a gloo rank (a hang with NCCL) instead of naming
     it.  Every rank sees the same values, so every rank raises."""
     differ = [f"{name} {values}" for name, values in fields.items() if len(set(values)) > 1]
     if differ:
-        raise ValueError(f"{what} differ in " + ", ".join(differ) +
-                         f" (by rank; dtype codes fp16 0, bf16 1, fp32 2, fp64 3): {expected}")
+        raise ValueError(f"{what} differ in " + ", ".join(differ) + f" (by rank): {expected}")
 
 
 def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, projection: Tensor | None, causal: bool,
@@ -302,8 +306,9 @@ def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, proj
                            int(causal), feature, int(prefix)], group, q.device)
     names = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map",
              "prefix key stabilizer")
-    _refuse_differences("context_parallel_attention: the ranks' calls", {n: [r[i] for r in rows] for i, n in
-                                                                         enumerate(names)},
+    fields = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+    fields["dtype"] = [_dtype_name(c) for c in fields["dtype"]]
+    _refuse_differences("context_parallel_attention: the ranks' calls", fields,
                         "every rank must pass the same batch, heads, dims, projection, dtype and mode, each with its "
                         "own block of the sequence")
 
@@ -336,9 +341,9 @@ def context_parallel_attention(
     """
     _check_initialized("context_parallel_attention")
     q, k, v = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast
+    check_bool("causal", causal)
     # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
     check_qkv(q if k.shape[2] else q[..., :0, :], k, v, causal=causal)
-    check_bool("causal", causal)
     check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
     check_choice("backend", backend, BACKENDS)
     fmap = resolve(feature_map)

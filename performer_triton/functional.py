@@ -80,15 +80,16 @@ def _use_triton(backend: str, q: Tensor, v: Tensor, fused: bool) -> bool:
     """backend "auto": the kernels for CUDA tensors they support.  Their fp32 dots are TF32
     (kernels/feature_map.py), so fp32 goes to them only where PyTorch's own fp32
     matmuls may use TF32 (torch.set_float32_matmul_precision "high" or "medium"); with the
-    default "highest", fp32 stays on the PyTorch path (cuBLAS in full fp32)."""
+    default "highest", fp32 stays on the PyTorch path (cuBLAS in full fp32).  Only "triton" asks
+    about CPU tensors (Triton's interpreter)."""
+    if backend == "torch" or backend == "auto" and q.device.type != "cuda":
+        return False
     reason = triton_unsupported(q, v, fused=fused)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
-    if backend == "auto":
-        if reason is not None or q.device.type != "cuda":
-            return False
-        return q.dtype != torch.float32 or _tf32_allowed()
-    return backend == "triton"
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run here: {reason}")
+        return True
+    return reason is None and (q.dtype != torch.float32 or _tf32_allowed())
 
 
 @torch.compiler.assume_constant_result

@@ -708,7 +708,7 @@ class Attention(nn.Module):
         first, _ = cp.rows_from(before, after)
         if wide[0].shape[2] == 0:  # no rows here or around (local-attention takes no empty sequence):
             # an empty output still in the exchanges' graph, so that this rank takes part in their backward
-            return (wide[2] + sum(t.sum() for t in wide) * 0).to(q.dtype)
+            return functional._connected(wide[2], *wide).to(q.dtype)
         out = self._unseen_to_zero(la(*wide, input_mask=mask), mask)  # (blocks start at a window)
         return out[:, :, first : first + q.shape[2]].to(q.dtype)
 
@@ -1060,7 +1060,8 @@ class Performer(nn.Module):
         if exists(context_parallel_group):
             kwargs["context_parallel"] = ContextParallel.gather(
                 x.shape[1], context_parallel_group, x.device, masked=kwargs.get("mask") is not None,
-                context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0], dtype=_model_dtype(self, x))
+                context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0], dtype=_model_dtype(self, x),
+                where="Performer.forward")
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
@@ -1198,7 +1199,7 @@ class PerformerLM(nn.Module):
             cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device,
                                         masked=kwargs.get("mask") is not None,
                                         context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0],
-                                        dtype=_model_dtype(self, x))
+                                        dtype=_model_dtype(self, x), where="PerformerLM.forward")
             offset, n = cp.offset, cp.total
         else:
             offset = cache.length if exists(cache) else 0

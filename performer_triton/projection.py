@@ -56,7 +56,8 @@ def stacked_blocks(nb_rows: int, nb_columns: int, scaling: int, device, chunk: C
         blocks.append(chunk(nb_columns, device)[:remaining])
     final = torch.cat(blocks)
     if scaling not in (0, 1):  # (after the blocks' draws, as 1.1.4: the global RNG moves the same)
-        raise ValueError(f"Invalid scaling {scaling!r}: expected 0 (Gaussian norms) or 1 (sqrt(nb_columns))")
+        raise ValueError(f"Invalid scaling {scaling!r} (FastAttention's ortho_scaling): expected 0 (Gaussian norms) or "
+                         f"1 (sqrt(nb_columns))")
     if scaling == 0:
         multiplier = _randn((nb_rows, nb_columns), device, generator).norm(dim=1)
     else:

@@ -2,8 +2,10 @@
 (ReversibleSequence, activations recomputed in backward), with performer-pytorch 1.1.4's classes,
 attribute names (so state_dict keys match) and behaviour.
 
-As in 1.1.4, a keyword argument that no layer is routed to is dropped (with a one-time warning
-naming it: real programs pass such arguments, e.g. AutoregressiveWrapper(model)(x, return_loss=True)).
+As in 1.1.4, a keyword argument that no layer is routed to is dropped: silently by route_args (a
+program's own sequence may pass flags of its own), with a one-time warning naming it by the
+sequences of a Performer (real programs pass such arguments, e.g.
+AutoregressiveWrapper(model)(x, return_loss=True)).
 """
 from __future__ import annotations
 
@@ -104,14 +106,16 @@ class ReversibleBlock(nn.Module):
         self.g = Deterministic(g)
 
     def forward(self, x: Tensor, f_args: dict | None = None, g_args: dict | None = None) -> Tensor:
-        f_args, g_args = f_args or {}, g_args or {}
-        x1, x2 = x.chunk(2, dim=2)
         # RNG states are recorded in eval too (1.1.4 recorded them only in training, so a backward
         # through an eval-mode model had no state to replay); recording draws nothing
         with torch.no_grad():
-            y1 = x1 + self.f(x2, record_rng=True, **f_args)
-            y2 = x2 + self.g(y1, record_rng=True, **g_args)
-        return torch.cat((y1, y2), dim=2)
+            return self.coupled(x, f_args, g_args, record_rng=True)
+
+    def coupled(self, x: Tensor, f_args: dict | None = None, g_args: dict | None = None, **rng) -> Tensor:
+        """[x1, x2] -> [y1, y2] = [x1 + f(x2), x2 + g(y1)] (rng: Deterministic's record_rng / set_rng)."""
+        x1, x2 = x.chunk(2, dim=2)
+        y1 = x1 + self.f(x2, **rng, **(f_args or {}))
+        return torch.cat((y1, x2 + self.g(y1, **rng, **(g_args or {}))), dim=2)
 
     def backward_pass(
         self, y: Tensor, dy: Tensor, f_args: dict | None = None, g_args: dict | None = None
@@ -202,20 +206,18 @@ class ReversibleSequence(nn.Module):
             {"f_args": f_args, "g_args": g_args}
             for f_args, g_args in _layer_args(self.args_route, kwargs, len(self.blocks))
         ]
+        trained = any(p.requires_grad for p in self.blocks.parameters())
         if torch.is_grad_enabled() and kwargs.get("cache") is not None:
             # a decoding cache moves on with every call of a layer: the backward's recomputation
             # would add the keys to it twice (wrong gradients, a corrupted cache), so under
             # autograd the blocks run as plain residual layers, activations kept (same outputs)
             for block, kw in zip(self.blocks, args):
-                x1, x2 = x.chunk(2, dim=2)
-                y1 = x1 + block.f(x2, **kw["f_args"])
-                x = torch.cat((y1, x2 + block.g(y1, **kw["g_args"])), dim=2)
-            return torch.stack(x.chunk(2, dim=-1)).sum(dim=0)
-        trained = any(p.requires_grad for p in self.blocks.parameters())
-        if torch.is_grad_enabled() and trained and not x.requires_grad:
-            # the blocks' parameters reach autograd only through x (their gradients accumulate in
-            # the function's backward): an input without grad (frozen embeddings) left the output
-            # without a grad_fn and the blocks untrained, as in 1.1.4
-            x = x.detach().requires_grad_()
-        out = _ReversibleFunction.apply(x, self.blocks, args)
-        return torch.stack(out.chunk(2, dim=-1)).sum(dim=0)
+                x = block.coupled(x, **kw)
+        else:
+            if torch.is_grad_enabled() and trained and not x.requires_grad:
+                # the blocks' parameters reach autograd only through x (their gradients accumulate
+                # in the function's backward): an input without grad (frozen embeddings) left the
+                # output without a grad_fn and the blocks untrained, as in 1.1.4
+                x = x.detach().requires_grad_()
+            x = _ReversibleFunction.apply(x, self.blocks, args)
+        return torch.stack(x.chunk(2, dim=-1)).sum(dim=0)

@@ -157,6 +157,13 @@ def _exp2_below_one(dash: Tensor, shift: Tensor) -> Tensor:
     return dash.sub_(shift[..., None]).clamp_max_(EXP2_SLACK).exp2_()
 
 
+def _in_transform() -> bool:
+    """A torch.func transform (vmap, grad, ...) is active: no in-place op without a batching rule
+    (baddbmm_, addcmul_, tril_ would run one example at a time, with a warning), and no value
+    steering Python.  (ops.transformed, which picks this path for the op, also counts forward AD.)"""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _exact_dtypes(fn):
     """Run fn with autocast off on the device of its first tensor argument: the compute dtype
     is chosen here (fp32 for fp16/bf16 inputs), and an enclosing torch.autocast would recast
@@ -217,34 +224,34 @@ def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
     lead = a.shape[:-2]
     shape = (*lead, a.shape[-2], b.shape[-1])
     a, b = a.flatten(0, -3), b.expand(*lead, *b.shape[-2:]).flatten(0, -3)
-    if acc.shape == shape and acc.is_contiguous() and not torch._C._are_functorch_transforms_active():
+    if acc.shape == shape and acc.is_contiguous() and not _in_transform():
         acc.flatten(0, -3).baddbmm_(a, b)  # (a view: acc is contiguous; vmap has no batching rule for it)
         return acc
     return torch.baddbmm(acc.expand(shape).flatten(0, -3), a, b).view(shape)
 
 
-def _key_terms(k_max: Tensor, k_scale: Tensor, s: int, causal: bool, prefix: bool) -> tuple[Tensor, Tensor]:
-    """Per-key row_scale (b, h, s) and per-query stabilizer M (b, h, n = s when causal, else (b, h)).
-    Zeros without SOFTMAX stats: exp(0) = 1 leaves RELU/GIVEN features unscaled."""
-    if k_max.shape[-1] == 0:
-        zeros = k_max.new_zeros(k_max.shape[:-1] + (s,))
-        return zeros, zeros if causal else zeros[..., 0]
-    if not causal:
-        return k_scale, k_max.amax(-1)
-    return k_scale, torch.cummax(k_max, -1).values if prefix else k_max.amax(-1, keepdim=True).expand_as(k_max)
+def _key_stabilizer(k_max: Tensor, before: Tensor, prefix: bool) -> Tensor:
+    """The key stabilizer M (SOFTMAX; the other maps have none: 0) of keys with row maxima k_max
+    (b, h, t) after a state's stabilizer before (b, h; -inf: no state): prefix, each row's running
+    max (b, h, t); else one max over every key (1.1.4's, non-causal too) (b, h).  The forward
+    and the backward both take M from here."""
+    if prefix:
+        return torch.maximum(torch.cummax(k_max, -1).values, before[..., None])
+    return torch.maximum(k_max.amax(-1), before)
 
 
-def _intra_factor(row_scale: Tensor, stab: Tensor, upper: Tensor) -> Tensor:
-    """F_ij = exp(row_scale_j - M_i) for j <= i, else 0 (every entry <= 1).
-    row_scale, stab (b, h, t), upper (t, t) strictly-upper bool -> (b, h, t, t)."""
-    return (row_scale[..., None, :] - stab[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
+def _intra_factor(row_scale: Tensor, stab: Tensor) -> Tensor:
+    """F_ij = exp(row_scale_j - M_i), <= 1 for j <= i (row_scale_j <= M_i there); the pairs j > i,
+    clamped to exp(0) here (finite values and gradients), are cut by _visible.
+    row_scale, stab (b, h, t) -> (b, h, t, t)."""
+    return (row_scale[..., None, :] - stab[..., :, None]).clamp_max_(0.0).exp_()
 
 
 def _visible_only(pairs: Tensor) -> Tensor:
     """pairs (..., t, t) with the entries above the diagonal (keys after the query) 0, by
     selection (tril_: 10x faster than a broadcast masked_fill_); overwritten, but under torch.func
     (vmap has no batching rule for tril_)."""
-    return pairs.tril() if torch._C._are_functorch_transforms_active() else pairs.tril_()
+    return pairs.tril() if _in_transform() else pairs.tril_()
 
 
 def _visible(pairs: Tensor, factor: Tensor) -> Tensor:
@@ -285,7 +292,8 @@ def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tup
     new_ref = torch.maximum(ref, kv_ref)
     base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
     hz = hz * (ref[..., None, None] - base).exp_()
-    return torch.addcmul(hz, kv, (kv_ref[..., None, None] - base).exp_()), new_ref  # (vmap: no addcmul_ rule)
+    factor = (kv_ref[..., None, None] - base).exp_()
+    return (torch.addcmul(hz, kv, factor) if _in_transform() else hz.addcmul_(kv, factor)), new_ref
 
 
 def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before: Tensor,
@@ -312,7 +320,7 @@ def _finite_values(v: Tensor):
     v (b, h, s, e) -> (rows slice -> (b, h, t, e+1), poison (b, h, s, e) or None)."""
     # a non-finite entry makes the sum non-finite (inf or NaN); under vmap (torch.func) a value
     # cannot steer Python: the general form, the same numbers
-    if not torch._C._are_functorch_transforms_active() and torch.isfinite(v.sum()):
+    if not _in_transform() and torch.isfinite(v.sum()):
         return (lambda sl: with_ones(v[..., sl, :])), None
     finite = finite_or_zero(v)
     return (lambda sl: with_ones(finite[..., sl, :])), (v - finite).cumsum(-2)
@@ -321,10 +329,6 @@ def _finite_values(v: Tensor):
 def finite_or_zero(x: Tensor) -> Tensor:
     """x with inf and NaN entries replaced by 0 (x - x is 0 exactly where x is finite)."""
     return torch.where(x - x == 0, x, 0.0)
-
-
-def _upper(t: int, device: torch.device) -> Tensor:
-    return torch.ones(t, t, dtype=torch.bool, device=device).triu_(1)
 
 
 def _grad_aug(grad_out: Tensor, out: Tensor, rden: Tensor) -> Tensor:
@@ -497,12 +501,16 @@ def favor_fwd(
     The last output is what the backward reads besides them (`saved_like`): non-causal, the
     context (b, h, m, e+1); causal, the state before each chunk and its reference (O(n m e / CHUNK):
     the backward walks no keys to rebuild them), then with final, the state after the last key
-    (hz, v_sum, ref, stab). Causal only: initial, the state before the first key (the stabilizer
-    is then the prefix one)."""
+    (hz, v_sum, ref, stab). Causal only: initial, the state before the first key (callers pass
+    prefix with it for SOFTMAX).  Causal calls have a query at every key's position (n = s: the
+    public entry points place absent ones, functional._after), and prefix is SOFTMAX's only."""
     in_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
+    if causal and n != s or prefix and not (causal and fm.softmax):
+        raise ValueError(f"favor_fwd: causal calls take a query per key (n = {n}, s = {s}) and the prefix "
+                         f"stabilizer softmax features only (causal={causal}, prefix={prefix}, feature={feature})")
     stats = fm.softmax
     q_max = q.new_empty((b, h, n if stats else 0))
     # filled block by block with the keys, but for the causal global stabilizer: M is needed
@@ -523,10 +531,9 @@ def favor_fwd(
             kc, dash = k[..., sl, :], fm.dash(k[..., sl, :])
             if stats:
                 k_max[..., sl], k_scale[..., sl] = fm.key_stats(kc, dash)
-            row_scale = _key_terms(k_max[..., sl], k_scale[..., sl], sl.stop - sl.start, causal, prefix)[0]
-            local, base = _key_reference(row_scale)
+            local, base = _key_reference(k_scale[..., sl] if stats else kc.new_zeros(kc.shape[:-1]))
             hz, ref = merge_referenced(hz, ref, fm.keys(kc, base, dash).mT @ with_ones(v[..., sl, :]), local)
-        stab = _key_terms(k_max, k_scale, s, causal, prefix)[1]
+        stab = _key_stabilizer(k_max, stab0, False) if stats else q.new_zeros((b, h))
         v_sum = torch.cat([v.sum(-2), v.new_full((b, h, 1), s)], -1)  # (b, h, e+1): [sum of v, count]
         context = key_context(hz, ref, stab, v_sum, fm.eps)  # saved for the backward
         eps_nd = context.sum(-2, keepdim=True).mul_(fm.eps)  # (b, h, 1, e+1): the eps part of every q~
@@ -545,10 +552,8 @@ def favor_fwd(
     if prefix:  # M_i: the running max of k_max from the state's M0 on, found block by block
         hz, ref, v_before, stab = _fwd_blocks_per_row(fm, q, k, values, stab0, hz, ref, v_before, q_max, k_max,
                                                       k_scale, out, rden, saved)
-    else:  # one M per head (0 without stats), the state's M0 included
-        stab = k_max.amax(-1) if stats else q.new_zeros((b, h))
-        if initial is not None and stats:
-            stab = torch.maximum(stab, stab0)
+    else:  # one M per head (0 without stats)
+        stab = _key_stabilizer(k_max, stab0, False) if stats else q.new_zeros((b, h))
         hz, ref, v_before = _fwd_blocks_per_head(fm, q, k, values, stab, hz, ref, v_before, q_max, out, rden, saved)
     if final:  # M after the last key: the newest query's (prefix) stabilizer
         # contiguous (the op's fake says so) and none of them an input (custom ops may not alias)
@@ -638,24 +643,24 @@ def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: T
     past output).  Writes k_max and k_scale too; the other arguments as _fwd_blocks_per_head's.
     -> (hz, R, v_before, M) after the last key."""
     (b, h, n), m = q.shape[:3], saved[0].shape[-2]
-    upper = _upper(CHUNK, q.device)
     for sl, t in _blocks(n, b * h, m):
         qc, kc = q[..., sl, :], k[..., sl, :]
         dash = fm.dash(qc)
         q_max[..., sl] = fm.row_max(dash)
         base = _by_chunk(fm.query_base(qc, dash, q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         dash = fm.dash(kc)
-        k_max[..., sl], k_scale[..., sl] = fm.key_stats(kc, dash)
-        stab_rows = torch.maximum(torch.cummax(k_max[..., sl], -1).values, stab[..., None])  # M_i   (b, h, t)
+        # (the block's own tensors feed the products: under autograd, later blocks write the buffers)
+        k_max[..., sl], k_scale[..., sl] = kmax, row_scale = fm.key_stats(kc, dash)  # (b, h, t) each
+        stab_rows = _key_stabilizer(kmax, stab, True)  # M_i   (b, h, t)
         stab = stab_rows[..., -1]
-        units = _by_chunk(fm.key_units(kc, k_max[..., sl], dash), t)  # (b, h, nc, t, m)
+        units = _by_chunk(fm.key_units(kc, kmax, dash), t)  # (b, h, nc, t, m)
         vo = values(sl)  # (b, h, nc t, e+1)
         vc = _by_chunk(vo, t)
-        m_i, rs = _by_chunk(stab_rows, t), _by_chunk(k_scale[..., sl], t)
+        m_i, rs = _by_chunk(stab_rows, t), _by_chunk(row_scale, t)
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
         # q~_i . U_j = (q~_i - eps) . U_j + eps sum_f U_jf, the eps terms folded into the products
         pairs = _bmm(base, units.mT, units.sum(-1).mul_(fm.eps)[..., None, :])
-        scores = _visible(pairs, _intra_factor(rs, m_i, upper[:t, :t]))  # (b, h, nc, t, t)
+        scores = _visible(pairs, _intra_factor(rs, m_i))  # (b, h, nc, t, t)
         v_upto = vo.cumsum(-2).add_(v_before)  # (b, h, nc t, e+1): [sum v, count] over keys j <= i
         # the state before each chunk (H(R) relative to its R), from the chunks' own states
         chunks = slice(sl.start // CHUNK, sl.start // CHUNK + vc.shape[2])
@@ -691,7 +696,6 @@ def favor_bwd(
     q_max, k_max, k_scale, rden = q_max.to(dtype), k_max.to(dtype), k_scale.to(dtype), rden.to(dtype)
     fm = ChunkFeatures(feature, projection, q.shape[-1], dtype, causal_eps)
     (b, h, n), s, e = q.shape[:-1], k.shape[-2], v.shape[-1]
-    row_scale, stab = _key_terms(k_max, k_scale, s, causal, prefix)
 
     def grad(sl: slice) -> Tensor:  # [dN, dD] of the rows sl   (b, h, t, e+1)
         return _grad_aug(grad_out[..., sl, :].to(dtype), out[..., sl, :].to(dtype), rden[..., sl])
@@ -699,8 +703,8 @@ def favor_bwd(
     m = q.shape[-1] if fm.given else fm.proj.shape[0]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the fake
     _, v_before, _, stab0 = _initial(initial, q, m, e, dtype)  # [sum v, count] before the first key, M0
-    if initial is not None and fm.softmax:
-        stab = torch.maximum(stab, stab0[..., None])
+    # the forward's M: (b, h, n) for the prefix stabilizer, else (b, h)
+    stab = _key_stabilizer(k_max, stab0, prefix and causal) if fm.softmax else q.new_zeros((b, h))
 
     def query_base(sl: slice) -> Tensor:  # q~ - eps (b, h, t, m)
         return fm.query_base(q[..., sl, :], fm.dash(q[..., sl, :]), q_max[..., sl])
@@ -738,9 +742,9 @@ def favor_bwd(
         v_before = v_before + values(sl).sum(-2, keepdim=True)
 
     if prefix:
-        return done(_bwd_blocks_per_row(fm, grad, q, k, values, q_max, k_max, row_scale, stab, stab0, hz_chunks,
+        return done(_bwd_blocks_per_row(fm, grad, q, k, values, q_max, k_max, k_scale, stab, stab0, hz_chunks,
                                         ref_chunks, blocks, v_befores, initial, final, dq, dk, dv))
-    return done(_bwd_blocks_per_head(fm, grad, q, k, values, q_max, stab[..., 0], hz_chunks, blocks, v_befores,
+    return done(_bwd_blocks_per_head(fm, grad, q, k, values, q_max, stab, hz_chunks, blocks, v_befores,
                                      initial, final, dq, dk, dv))
 
 
@@ -818,9 +822,7 @@ def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q
     to ref_chunks) for the queries and the states of later queries for the keys and values.
     Arguments and result as _bwd_blocks_per_head's."""
     (b, h), e, m = q.shape[:2], dv.shape[-1], hz_chunks.shape[-2]
-    dtype, upper = hz_chunks.dtype, _upper(CHUNK, q.device)
-    # reverse sweep: every gradient of a block from one computation of its features, with the
-    # forward's states before its chunks (queries) and the states of later queries (keys, values)
+    dtype = hz_chunks.dtype
     dhz = q.new_zeros((b, h, m, e + 1))  # sum_{i after the block} exp(M_end - M_i) q~_i [dN_i, dD_i]   (m, e+1)
     later = q.new_zeros((b, h, 1, e))  # sum_{i after the block} sum(q~_i) dN_i
     later_d = q.new_zeros((b, h))  # sum_i sum(q~_i) dD_i: the key count's gradient
@@ -835,7 +837,6 @@ def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q
     for sl, t in reversed(blocks):
         v_before = v_befores.pop()
         qc, kc = q[..., sl, :], k[..., sl, :]
-        up = upper[:t, :t]
         base = _by_chunk(fm.query_base(qc, fm.dash(qc), q_max[..., sl]), t)  # q~ - eps   (b, h, nc, t, m)
         units = _by_chunk(fm.key_units(kc, k_max[..., sl]), t)  # (b, h, nc, t, m)
         g_rows, vo = grad(sl), values(sl)  # (b, h, nc t, e+1)
@@ -844,7 +845,7 @@ def _bwd_blocks_per_row(fm: ChunkFeatures, grad, q: Tensor, k: Tensor, values, q
         # (b, h, nc, m, e+1) in one block of memory: its transpose feeds the products without a copy
         hz_before, ref_before = hz_chunks[:, :, chunks].contiguous(), ref_chunks[:, :, chunks]
         m_i, rs = _by_chunk(stab[..., sl], t), _by_chunk(row_scale[..., sl], t)
-        factor = _intra_factor(rs, m_i, up)  # (b, h, nc, t, t)
+        factor = _intra_factor(rs, m_i)  # (b, h, nc, t, t)
         dwf = _visible(g @ vc.mT, factor)  # dw_ij F_ij = (dN_i . v_j + dD_i) F_ij
         q_sum = base.sum(-1).add_(m * fm.eps)  # sum_f q~_if   (b, h, nc, t)
 

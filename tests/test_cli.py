@@ -39,11 +39,19 @@ def test_check_runs_every_available_path_within_budget(monkeypatch):
     if HAS_TRITON and DEVICE == "cuda":
         expected |= {("cuda", "triton", dtype): per_path for dtype in ("float32", "float16", "bfloat16")}
     elif HAS_TRITON:  # the interpreter subprocess ran the kernels on CPU tensors
-        expected |= {("cpu", "triton", dtype): per_path for dtype in ("float32", "float16")}
+        # bf16 there as this Triton's interpreter multiplies it (triton-lang/triton#11584: wrongly,
+        # so refused, up to a Triton that fixes it), asked without the suite's patched dot
+        probe = subprocess.run([sys.executable, "-c", "import os; os.environ['TRITON_INTERPRET'] = '1'; import torch; "
+                                "from performer_triton.kernels.feature_map import interpreter_dot_exact; "
+                                "print(interpreter_dot_exact(torch.bfloat16))"],
+                               capture_output=True, text=True, check=True)
+        bf16_runs = probe.stdout.strip() == "True"
+        dtypes = ("float32", "float16") + (("bfloat16",) if bf16_runs else ())
+        expected |= {("cpu", "triton", dtype): per_path for dtype in dtypes}
         interpreted = [r for r in rows if (r.device, r.backend) == ("cpu", "triton") and r.out_err is not None]
         assert all(r.note == INTERPRETER_NOTE for r in interpreted), table
         bf16 = [r for r in rows if (r.device, r.backend, r.dtype) == ("cpu", "triton", "bfloat16")]
-        assert len(bf16) == per_path and all("triton-lang/triton#11584" in r.note for r in bf16), table
+        assert len(bf16) == per_path and (bf16_runs or all("triton-lang/triton#11584" in r.note for r in bf16)), table
     assert dict(ran) == expected, table
     assert len(rows) == len(devices) * (4 + 3) * per_path, table  # torch's 4 dtypes, triton's 3: run or skipped
     skipped = [r for r in rows if r.out_err is None]

@@ -380,12 +380,13 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
         results = mp.Manager().dict()
         mp.spawn(_mismatch_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
         results = dict(results)
-    expected = {"heads": "heads [2, 3]", "dtype": "dtype [3, 2]", "features": "projection rows [20, 24]",
+    expected = {"heads": "heads [2, 3]", "dtype": "dtype ['float64', 'float32']", "features": "projection rows [20, 24]",
                 "stabilizer": "prefix key stabilizer [0, 1]", "model batch": "batch [2, 1]",
-                "model dtype": "dtype [3, 2]"}
+                "model dtype": "dtype ['float64', 'float32']"}
     for case, text in expected.items():
         for rank in range(2):
             assert "the ranks' calls differ in " + text in results[(rank, case)], (case, rank, results[(rank, case)])
     for rank in range(2):
+        assert results[(rank, "model batch")].startswith("PerformerLM.forward: the ranks' calls")
         assert "key_stabilizer must be one of ('global', 'prefix'), got 'Global'" in results[(rank, "spelling")]
         assert "backend must be one of" in results[(rank, "backend")]

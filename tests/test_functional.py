@@ -530,7 +530,8 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
 def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wrongly(monkeypatch):
     """triton-lang/triton#11584: the interpreter's bf16 tl.dot multiplies raw bit patterns.  With
     the suite's patched dot the kernels run bf16 here; with a wrong dot, backend='triton' refuses
-    bf16 (and only bf16) instead of returning garbage, and 'auto' keeps to the PyTorch path."""
+    bf16 (and only bf16) instead of returning garbage; 'auto' never asks (CPU tensors take the
+    PyTorch path) and gives the float64 result."""
     from triton.runtime import interpreter
     from performer_triton import functional
 
@@ -550,6 +551,7 @@ def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wro
         with bad("triton-lang/triton#11584"):
             favor_attention(q, k, v, P, backend="triton")
         assert functional.triton_unsupported(q.half(), v.half(), fused=True) is None
+        monkeypatch.setattr(functional, "_interpreter_bf16_dot_exact", lambda: pytest.fail("'auto' probed"))
         assert rel(favor_attention(q, k, v, P), reference.favor_attention(q.double(), k.double(), v.double(),
                                                                            P.double())) <= 3e-2
     finally:
