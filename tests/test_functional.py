@@ -111,7 +111,8 @@ def test_noncausal_chunking_does_not_change_the_result(monkeypatch, feature_map)
 def test_causal_blocks_of_chunks_equal_the_reference(monkeypatch, case):
     """The causal PyTorch path batches whole chunks into blocks and scans their states: with
     8-row chunks, 8 to a block (n = 150: 2 full blocks, a block of 2 chunks, a 6-row tail),
-    outputs and gradients equal the reference's in float64."""
+    outputs and gradients equal the reference's in float64; with a trainable projection too (the
+    forward's blocks under autograd, which records them)."""
     from performer_triton import torch_backend
 
     monkeypatch.setattr(torch_backend, "CHUNK", 8)
@@ -130,6 +131,10 @@ def test_causal_blocks_of_chunks_equal_the_reference(monkeypatch, case):
     assert (out - ref).norm() <= 1e-12 * ref.norm()
     for a, b in zip(ours, theirs):
         assert (a.grad - b.grad).norm() <= 1e-12 * b.grad.norm()
+    trained = [P.clone().requires_grad_() for _ in range(2)]
+    favor_attention(q, k, v, trained[0], causal=True, backend="torch", **case).backward(grad)
+    reference.favor_attention(q, k, v, trained[1], causal=True, **case).backward(grad)
+    assert (trained[0].grad - trained[1].grad).norm() <= 1e-12 * trained[1].grad.norm()
 
 
 @pytest.mark.parametrize("causal", [False, True])
