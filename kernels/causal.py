@@ -80,7 +80,8 @@ def _key_stats(k_max, k_scale, o_row, i_c, BT: tl.constexpr, N):
 @triton.jit
 def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, stride_kn, stride_vn, o_d, m_d, o_m,
                      m_m, o_v, m_v, dn, FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                     BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+                     BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr,
+                     STATE: tl.constexpr):
     """What chunk i_c's keys add to a key state referenced to r_ref (>= their k_scale):
     F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32, F = U exp(k_scale - r_ref) <= 1.
     BK == BD: k as a resident (BT, BD) tile against the resident projection tile b_p; BK < BD
@@ -93,7 +94,10 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
     else:
         b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-    b_kk = b_kf * tl.exp(b_kscale - r_ref)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
+    b_e = b_kscale - r_ref  # (BT,) <= 0; -inf past the chunk's end
+    if STATE:  # a packed sequence without keys has r_ref = -inf too: its rows add 0, not NaN
+        b_e = tl.where(m_t, b_e, float("-inf"))
+    b_kk = b_kf * tl.exp(b_e)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
     b_hc = dot(tl.trans(b_kk.to(b_v.dtype)), b_v, None, PRECISION)  # (BM, BV)
     return b_hc, tl.sum(b_kk, axis=0), tl.sum(b_v.to(tl.float32), axis=0)
@@ -178,8 +182,10 @@ def _state_kernel(
         s_b = tl.maximum(s_a, tl.max(tl.where(m_tb, b_kmax_b, float("-inf")), axis=0))
         b_ha, b_za, b_va = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_a, b_kscale_a, r_a, i_c - 1, T, D, stride_kn,
                                             stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
-                                            NK, PRECISION)
+                                            NK, PRECISION, STATE)
         b_decay = tl.exp(r_prev - r_a)  # (0 on the first chunk, whose state is 0)
+        if STATE:  # equal references, -inf for a packed sequence without keys: no NaN factor
+            b_decay = tl.where(r_a == r_prev, 1.0, b_decay)
         b_h = b_h * b_decay + b_ha
         b_z = b_z * b_decay + b_za
         b_vs += b_va
@@ -199,7 +205,7 @@ def _state_kernel(
         # chunk b after chunk a's state is stored: both in flight at once spill on sm_90a
         b_hb, b_zb, b_vb = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_b, b_kscale_b, r_b, i_c, T, D, stride_kn,
                                             stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
-                                            NK, PRECISION)
+                                            NK, PRECISION, STATE)
         b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, i_c + 1, BT, T)
         b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, i_c + 2, BT, T)
         # no state after chunk b when it is the last: (BM,) and (BV,) masks (a scalar one broadcast
@@ -207,6 +213,8 @@ def _state_kernel(
         m_nm = m_m & (o_m * 0 + i_c + 1 < NC)  # (BM,)
         m_nv = o_v * 0 + i_c + 1 < NC  # (BV,)
         b_decay = tl.exp(r_a - r_b)
+        if STATE:
+            b_decay = tl.where(r_b == r_a, 1.0, b_decay)
         b_h = b_h * b_decay + b_hb
         b_z = b_z * b_decay + b_zb
         b_vs += b_vb

@@ -563,11 +563,13 @@ def test_packed_sequences_on_the_kernels(case):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("start", ["states", "empty"])
 @pytest.mark.parametrize("name,dtype", [("softmax", torch.float16), ("relu", torch.bfloat16)], ids=str)
-def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype):
+def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype, start):
     """A pack with a state per sequence in one fused forward and backward (no per-sequence loop):
-    rearranged 16-bit inputs, an empty sequence (keeps its state), a loss on the output and both
-    parts of the final states; against float64 one sequence at a time on the PyTorch path."""
+    rearranged 16-bit inputs, an empty sequence (keeps its state: a given one, or the empty state,
+    whose -inf references once made its final hz NaN), a loss on the output and both parts of the
+    final states; against float64 one sequence at a time on the PyTorch path."""
     import performer_triton.functional as functional
 
     kw = MAPS[name]
@@ -582,7 +584,7 @@ def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype):
     runs = []
     for backend, cast in (("triton", lambda t: t.float() if t.dtype == torch.float64 else t), ("torch", torch.Tensor.double)):
         leaves = [cast(t).detach().clone().requires_grad_() for t in (q, k, v, s0.hz, s0.v_sum)]
-        state = AttentionState(leaves[3], leaves[4], cast(s0.ref), cast(s0.stab))
+        state = AttentionState(leaves[3], leaves[4], cast(s0.ref), cast(s0.stab)) if start == "states" else None
         with monkeypatch.context() as patch:
             if backend == "triton":
                 patch.setattr(functional, "_packed", lambda *a: pytest.fail("the pack ran one sequence at a time"))
@@ -590,7 +592,7 @@ def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype):
                                          output_final_state=True, backend=backend, **kw)
         loss = (out.double() * weights[0]).sum() + (final.hz.double() * weights[1]).sum()
         (loss + (final.v_sum.double() * weights[2]).sum()).backward()
-        runs.append((out, final, [t.grad for t in leaves]))
+        runs.append((out, final, [t.grad for t in leaves[:3 if state is None else 5]]))
     (out, final, grads), (out64, final64, grads64) = runs
     budget = BUDGET[dtype]
     assert out.dtype == dtype and rel(out.double(), out64) <= budget
