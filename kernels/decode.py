@@ -92,8 +92,8 @@ def _step_kernel(
             b_u = tl.exp(b_dk - k_max)  # (BM,) units in (0, 1]
             b_qf = tl.exp(b_dq - q_diag - q_max) + f_eps  # (BM,) q~
         else:
-            b_u = tl.maximum(b_dk, 0.0)  # (BM,)
-            b_qf = tl.maximum(b_dq, 0.0) + f_eps  # (BM,)
+            b_u = tl.maximum(b_dk, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (BM,) NaN stays NaN, as torch's relu
+            b_qf = tl.maximum(b_dq, 0.0, propagate_nan=tl.PropagateNan.ALL) + f_eps  # (BM,)
         b_u = tl.where(m_m, b_u, 0.0)
         b_qf = tl.where(m_m, b_qf, 0.0)
         m_hz = m_m[:, None] & m_v[None, :]  # (BM, BV)

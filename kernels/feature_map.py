@@ -373,15 +373,19 @@ def diag_rows(p_x, o_t, m_t, stride_t, D, dn,
 def key_units(b_dash, b_max, m_f):
     """U = exp(dash - row_max) in (0, 1], 0 on padded features.  The exponent is clamped at 0:
     row_max comes from another kernel's dash (_row_stats_kernel), which past |dash| ~ 2^30 in fp32
-    (keys of norm ~1e10) can exceed this one's by more than exp's range: inf, then NaN.
+    (keys of norm ~1e10) can exceed this one's by more than exp's range: inf, then NaN.  A NaN
+    dash stays NaN (min drops it by default: a NaN row read as units of 1, finite garbage).
     b_dash (BT, BM) fp32, b_max (BT,), m_f (BM,) -> (BT, BM) fp32."""
-    return tl.where(m_f[None, :], tl.exp(tl.minimum(b_dash - b_max[:, None], 0.0)), 0.0)
+    b_e = tl.minimum(b_dash - b_max[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)  # (BT, BM)
+    return tl.where(m_f[None, :], tl.exp(b_e), 0.0)
 
 
 @triton.jit
 def relu_features(b_dash, m_f):
-    """relu(dash) + GENERALIZED_EPS, 0 on padded features.  (BT, BM) fp32 -> (BT, BM) fp32."""
-    return tl.where(m_f[None, :], tl.maximum(b_dash, 0.0) + FM_GENERALIZED_EPS, 0.0)
+    """relu(dash) + GENERALIZED_EPS, 0 on padded features; NaN stays NaN, as torch's relu (max
+    drops it by default).  (BT, BM) fp32 -> (BT, BM) fp32."""
+    b_r = tl.maximum(b_dash, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (BT, BM)
+    return tl.where(m_f[None, :], b_r + FM_GENERALIZED_EPS, 0.0)
 
 
 @triton.jit

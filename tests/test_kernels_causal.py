@@ -294,3 +294,28 @@ def test_fp16_few_queries_after_many_keys(prefix):
     grads = torch.autograd.grad(out, leaves, grad.half().to(DEVICE))
     errors = [rel_err(a.double().cpu(), b) for a, b in zip((out, *grads), (ref, *ref_grads))]
     assert max(errors) <= 1.5e-3, errors  # bf16 states: 2.5e-3 to 3.6e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("feature_map,where", [("softmax", "q"), ("softmax", "k"), ("relu", "q"), ("relu", "k")])
+def test_an_unmasked_nan_reaches_the_rows_it_reaches_on_the_pytorch_path(causal, feature_map, where):
+    """A NaN in q or k (no mask) is NaN where the PyTorch path's is and nowhere else (the kernels'
+    clamps and relu took min / max, which drop NaN by default: a NaN row read as finite features);
+    the other rows equal the clean call's.  The global stabilizer's max over the keys is the
+    exception the README lists (the PyTorch path's takes the NaN, 1.1.4's too): prefix here."""
+    from performer_triton import favor_attention, gaussian_orthogonal_random_matrix
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g).half().to(DEVICE) for _ in range(3))
+    P = gaussian_orthogonal_random_matrix(20, 16, generator=g).half().to(DEVICE)
+    kw = dict(causal=causal, feature_map=feature_map,
+              key_stabilizer="prefix" if causal and feature_map == "softmax" else "global")
+    clean = favor_attention(q, k, v, P, backend="triton", **kw)
+    bad = {"q": q, "k": k}[where].clone()
+    bad[0, 1, 5, 3] = float("nan")
+    args = (bad, k, v) if where == "q" else (q, bad, v)
+    ours = favor_attention(*args, P, backend="triton", **kw)
+    theirs = favor_attention(*(t.float() for t in args), P.float(), backend="torch", **kw)
+    nan_rows = torch.isnan(theirs).any(-1)
+    assert nan_rows.any() and torch.equal(torch.isnan(ours).any(-1), nan_rows)
+    assert torch.equal(ours[~nan_rows], clean[~nan_rows])
