@@ -284,12 +284,12 @@ def _fused_step(backend: str, fmap: FeatureMap, k: Tensor, v: Tensor) -> bool:
     """Whether single positions run the fused Triton step: the kernels' own feature maps, with
     backend "triton", or "auto" on CUDA where the kernels take the inputs (fp32 included: the
     step has no tensor-core dot, so no TF32 question)."""
-    if backend == "torch" or not fmap.fused:
-        return False
+    if backend == "torch" or not fmap.fused or backend == "auto" and k.device.type != "cuda":
+        return False  # (as functional._use_triton: only "triton" asks about CPU tensors)
     reason = triton_unsupported(k, v, fused=True)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run here: {reason}")
-    return reason is None and (backend == "triton" or k.device.type == "cuda")
+    return reason is None
 
 
 class LocalWindowState:

@@ -46,18 +46,20 @@ class ContextParallel:
     @classmethod
     def gather(cls, n_local: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu", *,
                masked: bool = False, context_masked: bool = False, batch: int = -1,
-               dtype: torch.dtype | None = None, where: str = "context parallelism") -> ContextParallel:
+               dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None,
+               where: str = "context parallelism") -> ContextParallel:
         """Every rank's block length and mask flags (one all-gather of a few ints; device: where
         the group's backend takes tensors, CUDA for NCCL), and a ValueError on every rank, naming
-        `where` (the call), where their batch sizes or (model) dtypes differ, before any exchange
-        sized by them (batch -1, dtype None: not compared)."""
+        `where` (the call), where their batch sizes, model dtypes or input dtypes differ, before
+        any exchange sized by them (batch -1, a dtype None: not compared)."""
         _check_initialized("context parallelism")
-        rows = _gathered_ints([n_local, int(masked), int(context_masked), batch, _DTYPE_CODES.get(dtype, -1)], group,
-                              device)
+        rows = _gathered_ints([n_local, int(masked), int(context_masked), batch, _DTYPE_CODES.get(dtype, -1),
+                               _DTYPE_CODES.get(input_dtype, -1)], group, device)
         _refuse_differences(f"{where}: the ranks' calls", {"batch": [r[3] for r in rows],
-                                                           "dtype": [_dtype_name(r[4]) for r in rows]},
-                            "every rank must run the same batch on a model of the same dtype, each with its own "
-                            "block of the sequence")
+                                                           "dtype": [_dtype_name(r[4]) for r in rows],
+                                                           "input dtype": [_dtype_name(r[5]) for r in rows]},
+                            "every rank must run the same batch, in the same dtype, on a model of the same dtype, "
+                            "each with its own block of the sequence")
         return cls(group, dist.get_rank(group), tuple(r[0] for r in rows), any(r[1] for r in rows),
                    any(r[2] for r in rows))
 

@@ -1061,7 +1061,7 @@ class Performer(nn.Module):
             kwargs["context_parallel"] = ContextParallel.gather(
                 x.shape[1], context_parallel_group, x.device, masked=kwargs.get("mask") is not None,
                 context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0], dtype=_model_dtype(self, x),
-                where="Performer.forward")
+                input_dtype=x.dtype, where="Performer.forward")
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):

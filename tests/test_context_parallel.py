@@ -369,6 +369,17 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
                 results[(rank, case)] = "returned"
             except ValueError as error:
                 results[(rank, case)] = str(error)
+        # a bare Performer fed hidden states of another dtype on one rank (a mixed-dtype error
+        # there, a reset connection on the other, and a hang at the next collective)
+        from performer_triton import Performer
+
+        model = Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True, shift_tokens=True).double()
+        try:
+            model(torch.randn(1, 6, 16, dtype=(torch.float64, torch.float32)[rank]),
+                  context_parallel_group=dist.group.WORLD)
+            results[(rank, "input dtype")] = "returned"
+        except ValueError as error:
+            results[(rank, "input dtype")] = str(error)
     finally:
         dist.destroy_process_group()
 
@@ -382,7 +393,7 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
         results = dict(results)
     expected = {"heads": "heads [2, 3]", "dtype": "dtype ['float64', 'float32']", "features": "projection rows [20, 24]",
                 "stabilizer": "prefix key stabilizer [0, 1]", "model batch": "batch [2, 1]",
-                "model dtype": "dtype ['float64', 'float32']"}
+                "model dtype": "dtype ['float64', 'float32']", "input dtype": "input dtype ['float64', 'float32']"}
     for case, text in expected.items():
         for rank in range(2):
             assert "the ranks' calls differ in " + text in results[(rank, case)], (case, rank, results[(rank, case)])
