@@ -6,6 +6,7 @@ from . import feature_maps, functional
 from .attention_state import AttentionState
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .convert import replace_fast_attention
+from .decoding import DecodingCache
 from .fast_attention import FastAttention
 from .functional import favor_attention, linear_attention
 from .performer_pytorch import CrossAttention, Performer, PerformerLM, ProjectionUpdater, SelfAttention

@@ -615,3 +615,12 @@ def test_generate_recomputes_for_subclass_forwards_and_hooks_as_1_1_4():
         warnings.simplefilter("error")
         wrapper.generate(prompt, 3, use_cache=True)  # the caller's choice, without a word
     assert lengths == [5, 1, 1]
+
+
+def test_the_cache_is_importable_from_the_package():
+    """README: `performer_triton.DecodingCache()` for your own decoding loop (not in `import *`,
+    which binds what 1.1.4's does)."""
+    import performer_triton
+
+    assert performer_triton.DecodingCache is DecodingCache
+    assert "DecodingCache" not in performer_triton.__all__

@@ -224,7 +224,7 @@ def check_all(n: int = 37, d: int = 16, m: int = 44, *, announce=print) -> list[
     proc = None
     if delegate:
         announce("Triton kernels on CPU: running them in Triton's interpreter in a subprocess "
-                 "(TRITON_INTERPRET=1 in its environment); about a minute on 2 cores")
+                 "(TRITON_INTERPRET=1 in its environment); under a minute on 2 cores")
         proc = start_interpreter_subprocess(n, d, m)
     try:
         with warnings.catch_warnings():
