@@ -326,7 +326,9 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
                                    key_stabilizer="prefix", feature_map=fmap, backend=backend)
             out = out.index_copy(1, kq, kept[0])
         rows.append(out)
-    return _connected(torch.stack(rows), q, k, v)  # (connected where no row has a kept query)
+    out = torch.stack(rows)
+    # no row with a kept query: zeros that autograd must still see (no pass over out otherwise)
+    return out if keep_q.any() else _connected(out, q, k, v)
 
 
 def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, output_final_state: bool):
