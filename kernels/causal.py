@@ -26,14 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
+from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, causal_coef, extension_unsupported
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
-    block_program, block_range, cdiv, check_inputs, chunk_program, chunk_slots, column_slice, diag_rows, dot,
-    empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out, half_sq_norm,
-    half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows,
-    load_vector, packing_args, reciprocal_or_zero, row_block, row_stats, sequence_span, store_input_grad, store_rows,
-    store_state, tf32_nearest
+    block_program, block_range, cdiv, check_inputs, check_unit_stride, chunk_program, chunk_slots, column_slice,
+    diag_rows, dot, empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out,
+    half_sq_norm, half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options,
+    load_fused_rows, load_rows, load_vector, packing_args, reciprocal_or_zero, row_block, row_stats, sequence_span,
+    store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -809,9 +809,7 @@ def _kernel_stats(
 def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
     """(k_eps, c_eps): the eps inside ratio-free key features, and the causal denominator eps
     in ratio-free form (causal_eps / ratio for SOFTMAX)."""
-    if feature == SOFTMAX:
-        return SOFTMAX_EPS, causal_eps * m**0.5
-    return 0.0, causal_eps
+    return (SOFTMAX_EPS if feature == SOFTMAX else 0.0), causal_coef(feature, m, causal_eps)
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
@@ -963,7 +961,7 @@ def causal_bwd_state(
     returned them.  -> dq, dk, dv as causal_bwd and the initial state's d hz, d v_sum (fp32; NOTES
     "Attention state").  Launches: causal_bwd's, plus small torch ops on state-sized tensors (the
     final state's gradient in contiguous pieces, the sums of the eps partials)."""
-    assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    check_unit_stride(grad_out=grad_out, out=out)
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
@@ -1013,7 +1011,7 @@ def causal_bwd(
     1.1.4).  Launches: _dd_kernel, _dstate_kernel, _bwd_qk_kernel (dq, dk), _bwd_v_kernel.
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
-    assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    check_unit_stride(grad_out=grad_out, out=out)
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
 from .feature_map import (
-    FM_SOFTMAX, aligned, alignment, block_range, head_scale, launch, next_power_of_2, reciprocal_or_zero
+    FM_SOFTMAX, aligned, alignment, block_range, check_unit_stride, head_scale, launch, next_power_of_2,
+    reciprocal_or_zero
 )
 
 __all__ = ["decode_step"]
@@ -53,14 +54,16 @@ def _step_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E + 1)  # (BV,) value columns, then the z / count column E
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + o_v, mask=o_v < E, other=0.0)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)  # (BD,)
+    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)  # (BD,)
+    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + o_v, mask=o_v < E, other=0.0)  # (BV,)
     b_vo = tl.where(o_v == E, 1.0, b_v.to(tl.float32))  # (BV,) [v, 1]
     if HAS_KEEP:
-        kept = tl.load(keep + i_b) != 0
+        kept = tl.load(keep + i_b) != 0  # ()
     else:
         kept = i_bh >= 0
+    # a dropped key's [v, 1] and units are selected away (a factor 0 would keep a NaN there: 0 x NaN)
+    b_vo = tl.where(kept, b_vo, 0.0)  # (BV,)
     # row maxima of the projections (SOFTMAX): the key's units and the query's features need them
     k_max = tl.full([], 0.0, dtype=tl.float32)
     q_max = tl.full([], 0.0, dtype=tl.float32)
@@ -77,7 +80,7 @@ def _step_kernel(
         k_diag = tl.sum(b_k * b_k) * (dn * dn * 0.5)
         q_diag = tl.sum(b_q * b_q) * (dn * dn * 0.5)
     row_scale = tl.where(kept, k_max - k_diag, float("-inf"))  # RELU: 0, as FavorState
-    r_old = tl.load(ref + i_bh).to(tl.float32)
+    r_old = tl.load(ref + i_bh).to(tl.float32)  # () R before the key
     r_new = tl.maximum(r_old, row_scale)
     base = tl.where(r_new == float("-inf"), 0.0, r_new)  # no key yet: nothing to rescale
     alpha = tl.exp(r_old - base)  # <= 1
@@ -94,7 +97,7 @@ def _step_kernel(
         else:
             b_u = tl.maximum(b_dk, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (BM,) NaN stays NaN, as torch's relu
             b_qf = tl.maximum(b_dq, 0.0, propagate_nan=tl.PropagateNan.ALL) + f_eps  # (BM,)
-        b_u = tl.where(m_m, b_u, 0.0)
+        b_u = tl.where(m_m & kept, b_u, 0.0)
         b_qf = tl.where(m_m, b_qf, 0.0)
         m_hz = m_m[:, None] & m_v[None, :]  # (BM, BV)
         p_t = p_hz + o_m[:, None] * (E + 1) + o_v[None, :]  # (BM, BV)
@@ -104,12 +107,13 @@ def _step_kernel(
         b_nd += tl.sum(b_qf[:, None] * b_hz.to(tl.float32), axis=0)
         q_sum += tl.sum(b_qf)
     p_vs = v_sum + i_bh.to(tl.int64) * (E + 1) + o_v
-    b_vs = (tl.load(p_vs, mask=m_v, other=0.0).to(tl.float32) + tl.where(kept, b_vo, 0.0)).to(v_sum.dtype.element_ty)
+    b_vs = tl.load(p_vs, mask=m_v, other=0.0).to(tl.float32) + b_vo  # (BV,)
+    b_vs = b_vs.to(v_sum.dtype.element_ty)
     tl.store(p_vs, b_vs, mask=m_v)
     r_new = r_new.to(ref.dtype.element_ty)
     tl.store(ref + i_bh, r_new)
     if FEATURE == FM_SOFTMAX:
-        s_new = tl.maximum(tl.load(stab + i_bh).to(tl.float32), tl.where(kept, k_max, float("-inf")))
+        s_new = tl.maximum(tl.load(stab + i_bh).to(tl.float32), tl.where(kept, k_max, float("-inf")))  # () M
         s_new = s_new.to(stab.dtype.element_ty)
         tl.store(stab + i_bh, s_new)
         # exp(R - M) <= 1; 0 while no key has been kept
@@ -145,8 +149,9 @@ def decode_step(
                            ("stab", stab, (b, h))):
         if tuple(x.shape) != shape or not x.is_contiguous():
             raise ValueError(f"decode_step: {name} must be contiguous of shape {shape}, got {tuple(x.shape)}")
-    if not all(x.stride(-1) == 1 for x in (q, k, v)) or not projection.is_contiguous():
-        raise ValueError("decode_step: q, k, v need a unit last stride and the projection must be contiguous")
+    check_unit_stride(q=q, k=k, v=v)
+    if not projection.is_contiguous():
+        raise ValueError(f"decode_step: the projection must be contiguous, got strides {tuple(projection.stride())}")
     out = torch.empty((b, h, 1, e), device=q.device, dtype=q.dtype)
     launch(
         _step_kernel, (b * h,), q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, out,

@@ -30,7 +30,7 @@ from triton.compiler import CompiledKernel
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from . import GENERALIZED_EPS, GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported
+from . import GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, extension_unsupported, head_scale, unsupported
 
 # Constexpr copies of kernels/__init__.py's values: the only kind of global a @triton.jit body
 # may read (compiled Triton rejects plain ints and floats; the interpreter does not notice).
@@ -49,8 +49,6 @@ FM_GENERALIZED_EPS = tl.constexpr(GENERALIZED_EPS)
 # PyTorch path unless TF32 is allowed.
 PRECISION = "tf32"
 
-# the input dtypes the kernels take
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- addresses
@@ -712,13 +710,19 @@ def packing_args(cu_seqlens: torch.Tensor | None, bt: int, n: int, dummy: torch.
 
 
 def check_head_dims(dtype: torch.dtype, **dims: int) -> None:
-    """Launchers' guard: the kernels take DTYPES, and head dims up to MAX_HEAD_DIM (wider ones
-    would compile to spilling kernels)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}")
-    for name, value in dims.items():
-        if value > MAX_HEAD_DIM:
-            raise ValueError(f"{name} = {value}: the Triton kernels take {dtype} head dims up to {MAX_HEAD_DIM}")
+    """Launchers' guard: the kernels take kernels.DTYPES, and head dims up to MAX_HEAD_DIM (wider
+    ones would compile to spilling kernels)."""
+    reason = unsupported(dtype, **dims)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def check_unit_stride(**tensors: torch.Tensor) -> None:
+    """Launchers' guard: rows are read with a unit last stride (a ValueError, not an assert: it
+    holds under python -O too)."""
+    bad = [f"{name} with strides {tuple(t.stride())}" for name, t in tensors.items() if t.stride(-1) != 1]
+    if bad:
+        raise ValueError(f"the Triton kernels need a unit last stride, got {', '.join(bad)}")
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None,
@@ -726,7 +730,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     """The forward launchers' guard (kernels/NOTES.md "Launcher contract": unit last-dim strides,
     check_head_dims; a pack: batch 1, one length for q and k, the configurations
     extension_unsupported allows) -> (m, d) as feature_dims gives them."""
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    check_unit_stride(q=q, k=k, v=v)
     m, d = feature_dims(q, projection, feature)
     check_head_dims(q.dtype, d=d, e=v.shape[-1])
     if cu_seqlens is not None:
@@ -778,11 +782,6 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(x: int) -> int:
     """The smallest power of two >= x (1 for x <= 1); see cdiv."""
     return 1 << max(0, x - 1).bit_length()
-
-
-def head_scale(d: int) -> float:
-    """dn = d**-0.25, the scale of x in dash = (dn x) @ P^T (1 for GIVEN, d = 0)."""
-    return d**-0.25 if d else 1.0
 
 
 def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:

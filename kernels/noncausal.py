@@ -28,11 +28,11 @@ import triton.language as tl
 from . import CAUSAL_EPS, GIVEN, SOFTMAX, feature_map
 from .feature_map import (
     FM_GIVEN, FM_RELU, FM_SOFTMAX, FM_SOFTMAX_EPS, aligned, alignment, backward_in_value_slices, bh_base,
-    block_config, block_grid, block_program, block_range, cdiv, check_inputs, chunk_program, column_slice,
-    dash_tile, diag_rows, dot, empty_stats, feature_dims, features, features_chunked, grad_dot_out, half_sq_norm,
-    head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows, load_vector,
-    next_power_of_2, packing_args, reciprocal_or_zero, sequence_rows, store_input_grad, store_rows, store_state,
-    tf32_nearest
+    block_config, block_grid, block_program, block_range, cdiv, check_inputs, check_unit_stride, chunk_program,
+    column_slice, dash_tile, diag_rows, dot, empty_stats, feature_dims, features, features_chunked, grad_dot_out,
+    half_sq_norm, head_scale, host_cache, input_grad_tile, launch, launch_options, load_fused_rows, load_rows,
+    load_vector, next_power_of_2, packing_args, reciprocal_or_zero, sequence_rows, store_input_grad, store_rows,
+    store_state, tf32_nearest
 )
 
 __all__ = ["noncausal_fwd", "noncausal_bwd"]
@@ -684,7 +684,7 @@ def noncausal_bwd(
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     _no_prefix(prefix)
-    assert grad_out.stride(-1) == 1 and out.stride(-1) == 1
+    check_unit_stride(grad_out=grad_out, out=out)
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
     stats = (q_max, k_max, k_scale, rden)

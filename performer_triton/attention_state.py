@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .feature_maps import GIVEN_MAP, FeatureMap, resolve
+from .feature_maps import GIVEN_MAP, FeatureMap, check_stateful, resolve
 from .torch_backend import KeysState, merge_referenced
 from .validation import check_projection, check_qkv, check_state_tuple, host_reads
 
@@ -102,6 +102,11 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
         if bool((both & (torch.isfinite(first.stab) != torch.isfinite(then.stab))).any()):
             raise ValueError("chain_states: first and then were made by different feature maps (softmax states keep "
                              "a finite stab, relu and given-feature states -inf)")
+    return joined_states(first, then)
+
+
+def joined_states(first: AttentionState, then: AttentionState) -> AttentionState:
+    """chain_states of states already checked (the library's own: no checks, no host reads)."""
     hz, ref = merge_referenced(first.hz, first.ref, then.hz, then.ref)
     return AttentionState(hz, first.v_sum + then.v_sum, ref, torch.maximum(first.stab, then.stab))
 
@@ -116,9 +121,7 @@ def keys_state(k: Tensor, v: Tensor, projection_matrix: Tensor | None, *,
     call and has no state)."""
     check_qkv(k, k, v, causal=True, q_name="k")
     fmap = resolve(feature_map)
-    if fmap.name == "none":
-        raise ValueError("keys_state: feature_map 'none' (no_projection) rescales its causal keys per call (by their "
-                         "max): it has no state")
+    check_stateful(fmap, "keys_state")
     if fmap.fused:
         projection = check_projection(projection_matrix, k, fixed_by="keys_state's fused features")
         return AttentionState(*KeysState.apply(k, v, projection.to(k.dtype), fmap.code))

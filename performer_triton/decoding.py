@@ -25,6 +25,7 @@ CUDA, or wherever the attention's backend is "triton"; the PyTorch update otherw
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -35,9 +36,10 @@ from torch import Tensor, nn
 
 from .attention_state import AttentionState, check_state
 from .fast_attention import FastAttention
-from .feature_maps import GIVEN_MAP, FeatureMap
-from .functional import triton_unsupported
-from .torch_backend import ChunkFeatures, add_keys, compute_dtype, reciprocal_or_zero, with_ones
+from .feature_maps import GIVEN_MAP, FeatureMap, keep_rows
+from .functional import _autocast, triton_unsupported
+from .torch_backend import (ChunkFeatures, add_keys, autocast_off, compute_dtype, finite_base, reciprocal_or_zero,
+                            with_ones)
 from .validation import runs_base_forward
 
 __all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
@@ -89,14 +91,17 @@ class DecodingCache:
         return new
 
     def tensors(self) -> list[Tensor]:
-        """Every tensor the cache holds (to measure its memory)."""
+        """Every tensor the cache holds (to measure its memory): not a layer's projection buffer,
+        which a state refers to (FavorState.source, and its projection where no cast copied it)."""
         found: list[Tensor] = []
         for state in self._states.values():
             for value in (state if isinstance(state, tuple) else (state,)):
                 if isinstance(value, Tensor):
                     found.append(value)
                 elif value is not None:
-                    found.extend(t for t in vars(value).values() if isinstance(t, Tensor))
+                    layer = getattr(value, "source", None)
+                    found.extend(t for t in vars(value).values() if isinstance(t, Tensor) and not (
+                        layer is not None and t.data_ptr() == layer.data_ptr()))
         return found
 
 
@@ -124,6 +129,20 @@ def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
     return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device) if keep is None else keep
 
 
+def _as_favor_attention(method):
+    """method(self, *args) on its floating tensors cast as favor_attention casts them under
+    torch.autocast (to the autocast dtype), then with autocast off: the state's products in the
+    compute dtype as the full path's, and outputs in the rows' dtype."""
+    off = autocast_off(method)
+
+    @functools.wraps(method)
+    def run(self, *args):
+        rows = iter(_autocast(*(a for a in args if isinstance(a, Tensor) and a.is_floating_point())))
+        return off(self, *(next(rows) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args))
+
+    return run
+
+
 class FavorState:
     """Running state of the causal FAVOR+ heads of one layer (see the module docstring).
 
@@ -147,8 +166,10 @@ class FavorState:
         self.hz = torch.zeros(b, h, m, e + 1, dtype=dtype, device=device)  # [H | z] relative to R
         self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
 
+    SHARED = ("source", "feature_map", "projection")  # the layer's (deepcopy shares them)
+
     def __deepcopy__(self, memo: dict) -> FavorState:
-        new = _copy_sharing(self, memo, ("source", "feature_map", "projection"))
+        new = _copy_sharing(self, memo, self.SHARED)
         new.version = _version(new.source) if _same(self.version, self.source) else -1  # -1: stale
         return new
 
@@ -162,49 +183,56 @@ class FavorState:
 
     @property
     def state(self) -> AttentionState:
-        """The running sums as the functional API's state (favor_attention(initial_state=...))."""
-        return AttentionState(self.hz, self.v_sum, self.ref, self.stab)
+        """A copy of the running sums as the functional API's state (favor_attention(initial_state=
+        ...)): a snapshot, which the fused step's in-place updates leave as it was."""
+        return AttentionState(*(t.clone() for t in (self.hz, self.v_sum, self.ref, self.stab)))
 
     def load(self, state: AttentionState) -> None:
         """Continue from a state (favor_attention(..., output_final_state=True)'s), in this
         state's dtype."""
         b, h, m, e1 = self.hz.shape
         state = check_state(state, b, h, m, e1 - 1, self.hz.device, softmax=self.chunk.softmax)
-        self.hz, self.v_sum, self.ref, self.stab = (t.to(self.hz.dtype).contiguous() for t in state)
+        # copies: the fused step updates them in place, the caller's state stays as it was
+        self.hz, self.v_sum, self.ref, self.stab = (t.to(self.hz.dtype).clone(memory_format=torch.contiguous_format)
+                                                    for t in state)
 
     def _rows(self, x: Tensor, is_query: bool) -> Tensor:
-        """What the chunk math takes: x itself (fused maps) or its features (b, h, t, m)."""
-        fmap = self.feature_map
+        """What the chunk math takes from rows x (b, h, t, d): x itself (fused maps) or its features
+        (b, h, t, m), in the state's dtype (16-bit rows make fp32 features, as favor_attention's)."""
+        fmap, x = self.feature_map, x.to(self.hz.dtype)
         if fmap.fused:
             return x
         if is_query:
             return fmap.query_features(x, self.projection)
         return fmap.key_features(x, self.projection, True, None)
 
+    @_as_favor_attention
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
-        """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely."""
+        """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely
+        (selected away first: what they hold reaches neither the state nor the keys' shift)."""
         chunk, dtype = self.chunk, self.hz.dtype
-        keep = _keep(keep, k)[:, None, :]  # (b, 1, t)
-        x = self._rows(k, is_query=False).to(dtype)
-        v = v.to(dtype)
+        k, v = keep_rows(k, keep).to(dtype), keep_rows(v, keep).to(dtype)
+        keep = _keep(keep, k)  # (b, t)
+        x = self._rows(k, is_query=False)
         dash = chunk.dash(x)  # (b, h, t, m)
         if chunk.softmax:
             row_max, row_scale = chunk.key_stats(x, dash)  # (b, h, t) each
-            self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep, float("-inf")).amax(dim=-1))
+            self.stab = torch.maximum(self.stab, row_max.masked_fill(~keep[:, None], float("-inf")).amax(dim=-1))
         else:  # features divided by exp(log scale) to stay finite (no_projection): R tracks it
             row_max = dash.new_zeros(dash.shape[:-1])  # (b, h, t)
-            kept = k.to(dtype).masked_fill(~keep[..., None], 0.0)
-            log_scale = self.feature_map.key_log_scale(kept, True)  # (b, h, 1, 1)
+            log_scale = self.feature_map.key_log_scale(k, True)  # (b, h, 1, 1)
             row_scale = row_max + (log_scale[..., 0] if isinstance(log_scale, Tensor) else log_scale)
-        units = chunk.key_units(x, row_max, dash).masked_fill(~keep[..., None], 0.0)  # (b, h, t, m)
-        vo = with_ones(v).masked_fill(~keep[..., None], 0.0)  # (b, h, t, e+1)
-        self.hz, self.ref = add_keys(self.hz, self.ref, units, row_scale.masked_fill(~keep, float("-inf")), vo)
+        units = keep_rows(chunk.key_units(x, row_max, dash), keep)  # (b, h, t, m)
+        vo = keep_rows(with_ones(v), keep)  # (b, h, t, e+1)
+        row_scale = row_scale.masked_fill(~keep[:, None], float("-inf"))
+        self.hz, self.ref = add_keys(self.hz, self.ref, units, row_scale, vo)
         self.v_sum = self.v_sum + vo.sum(dim=-2)
 
+    @_as_favor_attention
     def read(self, q: Tensor) -> Tensor:
         """Outputs of queries q (b, h, t, d) against every key added so far -> (b, h, t, e)."""
         chunk, e = self.chunk, self.hz.shape[-1] - 1
-        x = self._rows(q, is_query=True).to(self.hz.dtype)
+        x = self._rows(q, is_query=True)
         dash = chunk.dash(x)  # (b, h, t, m)
         q_max = chunk.row_max(dash) if chunk.softmax else None
         q_feat = chunk.query_base(x, dash, q_max) + chunk.eps  # (b, h, t, m)
@@ -214,11 +242,12 @@ class FavorState:
             scale = (self.ref - self.stab).masked_fill(torch.isinf(self.stab), float("-inf")).exp()
         else:  # hz is relative to R: the causal eps relative to it too
             scale = torch.ones_like(self.ref)
-            causal_coef = causal_coef * torch.exp(-self.ref.masked_fill(torch.isinf(self.ref), 0.0))[..., None, None]
+            causal_coef = causal_coef * torch.exp(-finite_base(self.ref))[..., None, None]
         nd = scale[..., None, None] * (q_feat @ self.hz) + chunk.eps * q_sum * self.v_sum[..., None, :]
         return (nd[..., :e] * reciprocal_or_zero(nd[..., e:] + causal_coef * q_sum)).to(q.dtype)
 
     @torch.compiler.disable  # (see LocalWindowState.step)
+    @_as_favor_attention
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
         if not _same(self.version, self.source):
@@ -237,7 +266,7 @@ class FavorState:
         else:
             out = _step(self, q, k, v, keep)
         # a padded query gives 0, as favor_attention's causal key_padding_mask does on the full path
-        return out if keep is None else out.masked_fill(~keep[:, None, :, None], 0.0)
+        return keep_rows(out, keep)
 
 
 def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
@@ -270,9 +299,13 @@ def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorSta
     sizes, dtype and device)."""
     if not fast_attention.causal:
         raise ValueError("incremental decoding needs a causal FastAttention (causal=False here)")
+    k, v = _autocast(k, v)  # the rows the state will see (_as_favor_attention)
     b, h, _, e = v.shape
     fmap = fast_attention.feature_map
-    projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(k.dtype).contiguous()
+    # in the dtype favor_attention uses: the inputs' for the fused maps (the kernels'), else the
+    # compute dtype of the features made in PyTorch
+    dtype = k.dtype if fmap.fused else compute_dtype(k.dtype)
+    projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(dtype).contiguous()
     m = k.shape[-1] if projection is None else projection.shape[0]
     # the state in fp32 for 16-bit inputs (as favor_attention's states): a bf16 state rounds every update
     return FavorState(fmap, projection, b, h, m, e, compute_dtype(k.dtype), k.device,
@@ -344,6 +377,7 @@ class LocalWindowState:
         freqs = torch.cat((freqs, freqs), dim=-1)  # (t, d)
         return x * freqs.cos() + rotate_half(x) * freqs.sin()
 
+    @_as_favor_attention
     def read(self, q: Tensor) -> Tensor:
         """Output of the query q (b, h, 1, d) at the newest position -> (b, h, 1, e)."""
         frame = self._frame(self.length - 1)

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .attention_state import AttentionState, chain_states, keys_state
-from .feature_maps import GIVEN_MAP, resolve
-from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention
-from .torch_backend import ReadContext, key_context
+from .attention_state import AttentionState, joined_states, keys_state
+from .feature_maps import GIVEN_MAP, check_stateful, resolve
+from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention, pytorch_features
+from .torch_backend import ReadContext, autocast_off, finite_base, key_context
 from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
@@ -186,7 +186,7 @@ def _all_gather(t: Tensor, group) -> list[Tensor]:
 
 class _StatesBefore(torch.autograd.Function):
     """The exclusive scan of the ranks' states: this rank's state of its own keys in, the chain of
-    the earlier ranks' states (chain_states, from the empty state) out.  Forward: an all-gather of
+    the earlier ranks' states (joined_states, from the empty state) out.  Forward: an all-gather of
     the states.  Backward, the reverse scan: rank r's incoming gradient reaches rank j < r's hz
     with the chain's factor exp(ref_j - R_r) (<= 1) and its v_sum unchanged; an all-gather of
     every rank's gradient and R_r, each rank adding what reaches it.  Either way a rank sends one
@@ -201,7 +201,7 @@ class _StatesBefore(torch.autograd.Function):
         b, h, m, e1 = hz.shape
         before = AttentionState.empty(b, h, m, e1 - 1, dtype=hz.dtype, device=hz.device)
         for j in range(rank):
-            before = chain_states(before, AttentionState(*(parts[j] for parts in gathered)))
+            before = joined_states(before, AttentionState(*(parts[j] for parts in gathered)))
         if whole_max:
             before = before._replace(stab=torch.stack(gathered[3]).amax(0))
         ctx.group, ctx.rank = group, rank
@@ -212,7 +212,7 @@ class _StatesBefore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
         own_ref, chain_ref, hz, v_sum = ctx.saved_tensors  # own_ref: this rank's keys' R; chain_ref: its chain's
-        base = chain_ref.masked_fill(torch.isinf(chain_ref), 0.0)  # chain_states' finite base
+        base = finite_base(chain_ref)  # (as joined_states)
         grads = []
         # every rank gathers, whether or not its output reached its loss (an empty block's does not)
         for d, like, factor in ((d_hz, hz, True), (d_v_sum, v_sum, False)):
@@ -250,19 +250,20 @@ def _noncausal(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor | None
     whole sequence; an all-reduce max of the states' stabilizers), plus the eps part, then an
     all-reduce (sum) of these (m, e + 1) contexts, then the queries read it.  Chunked on the
     PyTorch path, forward and backward, so no (n, m) feature tensor is kept."""
+    dtype = v.dtype
     if not fmap.fused:  # a kernel_fn's features, computed in PyTorch, are the rows
-        q, k = fmap.features(q, k, projection_matrix, causal=False)
-        projection_matrix, fmap = None, GIVEN_MAP
+        q, k = pytorch_features(q, k, fmap, projection_matrix, causal=False)
+        v, projection_matrix, fmap = v.to(q.dtype), None, GIVEN_MAP
     local = keys_state(k, v, projection_matrix, feature_map=fmap)
     key_max = torch.zeros_like(local.stab)
     if fmap.stabilized:
         key_max = local.stab.clone()
         dist.all_reduce(key_max, op=dist.ReduceOp.MAX, group=group)
-        key_max = key_max.masked_fill(torch.isinf(key_max), 0.0)  # no key on any rank
+        key_max = finite_base(key_max)  # (no key on any rank: 0)
     # this rank's keys' part of the context (every factor exp(R - key max) <= 1), summed over ranks
     context = _AllReduceSum.apply(key_context(local.hz, local.ref, key_max, local.v_sum, fmap.eps), group)
     projection = None if projection_matrix is None else projection_matrix.to(q.dtype)
-    return ReadContext.apply(q, context, projection, fmap.code).to(v.dtype)
+    return ReadContext.apply(q, context, projection, fmap.code).to(dtype)
 
 
 def _states_before(local: AttentionState, group, whole_max: bool = False) -> AttentionState:
@@ -349,14 +350,12 @@ def context_parallel_attention(
     check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
     check_choice("backend", backend, BACKENDS)
     fmap = resolve(feature_map)
-    if fmap.name == "none":
-        raise ValueError("context_parallel_attention: feature_map 'none' (no_projection) normalises the keys over "
-                         "each call's whole sequence; use 'softmax', 'relu' or a kernel_fn")
+    check_stateful(fmap, "context_parallel_attention")
     _check_same_call(group, q, v, projection_matrix, causal, fmap.code, key_stabilizer == "prefix")
     if not causal:
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")
-        return _noncausal(q, k, v, projection_matrix, fmap, group)
+        return _noncausal(q, k, v, projection_matrix, fmap, group)  # (the PyTorch path, whatever the backend)
     if fmap.fused:
         # 1.1.4's global stabilizer is the max over every key; a call whose initial state already
         # has that max as its stabilizer keeps it for every query (the prefix stabilizer is the
@@ -366,7 +365,15 @@ def context_parallel_attention(
         return _joined(favor_attention(q, k, v, projection_matrix, causal=True,
                                        key_stabilizer="prefix" if fmap.stabilized else key_stabilizer,
                                        feature_map=fmap, backend=backend, initial_state=before), before)
-    q_f, k_f = fmap.features(q, k, projection_matrix, causal=True)  # a kernel_fn's, in PyTorch
-    before = _states_before(keys_state(k_f, v, None, feature_map=GIVEN_MAP), group)
-    return _joined(linear_attention(q_f, k_f, v, causal=True, eps=fmap.causal_eps(k), backend=backend,
-                                    initial_state=before), before)
+    q_f, k_f = pytorch_features(q, k, fmap, projection_matrix, causal=True)  # a kernel_fn's
+    return _causal_given(q_f, k_f, v, fmap.causal_eps(k), backend, group)
+
+
+@autocast_off
+def _causal_given(q_f: Tensor, k_f: Tensor, v: Tensor, eps: float, backend: str, group) -> Tensor:
+    """Causal context parallelism on features made in PyTorch (fp32 for 16-bit rows), autocast
+    off: an enclosing autocast would make linear_attention attend them in 16 bits.  -> v's dtype."""
+    v_f = v.to(q_f.dtype)
+    before = _states_before(keys_state(k_f, v_f, None, feature_map=GIVEN_MAP), group)
+    return _joined(linear_attention(q_f, k_f, v_f, causal=True, eps=eps, backend=backend, initial_state=before),
+                   before).to(v.dtype)

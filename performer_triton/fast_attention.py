@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
-from .validation import BACKENDS, KEY_STABILIZERS, ShapeError, check_choice, check_int
+from .projection import Device
+from .validation import BACKENDS, KEY_STABILIZERS, ShapeError, check_choice, check_generator, check_int
 
 
 class FastAttention(nn.Module):
@@ -40,6 +41,7 @@ class FastAttention(nn.Module):
         dim_heads = check_int("dim_heads", dim_heads, 1, ValueError)
         check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
         check_choice("backend", backend, BACKENDS)
+        check_generator(generator)
         if key_stabilizer == "prefix" and not causal:
             raise ValueError("key_stabilizer='prefix' applies to causal attention only (causal=False here)")
         if generalized_attention and not callable(kernel_fn):
@@ -77,8 +79,9 @@ class FastAttention(nn.Module):
         return from_options(self.generalized_attention, self.kernel_fn, self.no_projection)
 
     @torch.no_grad()
-    def redraw_projection_matrix(self, device=None, *, generator: torch.Generator | None = None) -> None:
+    def redraw_projection_matrix(self, device: Device = None, *, generator: torch.Generator | None = None) -> None:
         """Draw a fresh projection in place (from ``generator`` when given, else the global RNG)."""
+        check_generator(generator)
         device = self.projection_matrix.device if device is None else device
         # 1.1.4's call without a generator: programs replace create_projection with 1.1.4's partial
         draw = {} if generator is None else {"generator": generator}

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .kernels import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS
+from .kernels import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, feature_ratio, head_scale
 from .validation import calls_observed
 
 __all__ = [
@@ -33,9 +33,11 @@ __all__ = [
     "GENERALIZED_EPS",
     "KERNEL_MAPS",
     "SOFTMAX_EPS",
+    "check_stateful",
     "from_options",
     "generalized_features",
     "half_sq_norm",
+    "keep_rows",
     "project",
     "resolve",
     "softmax_features",
@@ -44,13 +46,13 @@ __all__ = [
 
 def project(x: Tensor, projection: Tensor, normalize: bool = True) -> Tensor:
     """(dn x) @ P^T in x's dtype, dn = d**-0.25 (1 without normalize).  -> (b, h, n, m)."""
-    dn = x.shape[-1] ** -0.25 if normalize else 1.0
+    dn = head_scale(x.shape[-1]) if normalize else 1.0
     return torch.einsum("...id,jd->...ij", dn * x, projection.type_as(x))
 
 
 def half_sq_norm(x: Tensor, normalize: bool = True) -> Tensor:
     """|dn x|^2 / 2, as 1.1.4 computes it.  -> (b, h, n)."""
-    dn = x.shape[-1] ** -0.25 if normalize else 1.0
+    dn = head_scale(x.shape[-1]) if normalize else 1.0
     return (x**2).sum(dim=-1) / 2.0 * dn**2
 
 
@@ -68,7 +70,7 @@ def softmax_features(
     The max (detached) is per row for queries and over all keys and features of each (b, h)
     for keys. key_padding_mask (b, n) bool (True = keep): padded keys get zero features and do
     not enter the max."""
-    ratio = projection.shape[0] ** -0.5
+    ratio = feature_ratio(projection.shape[0])
     dash = project(x, projection, normalize)
     diag = half_sq_norm(x, normalize)[..., None]
     if is_query:
@@ -80,8 +82,8 @@ def softmax_features(
         stab = dash.masked_fill(~keep, float("-inf")).amax(dim=(-1, -2), keepdim=True).detach()
         stab = stab.masked_fill(torch.isinf(stab), 0.0)  # every key padded: any finite value
     features = ratio * (torch.exp(dash - diag - stab) + eps)
-    if key_padding_mask is not None and not is_query:
-        features = features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    if not is_query:
+        features = keep_rows(features, key_padding_mask)
     return features.type_as(x)
 
 
@@ -94,25 +96,17 @@ def generalized_features(
     eps: float = GENERALIZED_EPS,
 ) -> Tensor:
     """1.1.4's generalized_kernel: kernel_fn((dn x) @ P^T) + eps, or kernel_fn(dn x) + eps
-    without a projection."""
+    without a projection (in kernel_fn's dtype there, x's with one, as 1.1.4)."""
     if projection is None:
-        dn = x.shape[-1] ** -0.25 if normalize else 1.0
+        dn = head_scale(x.shape[-1]) if normalize else 1.0
         return kernel_fn(dn * x) + eps
     return (kernel_fn(project(x, projection, normalize)) + eps).type_as(x)
 
 
-def _select_keys(k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-    """Padded key rows replaced by zeros before any arithmetic.  k (b, h, s, d), mask (b, s)."""
-    if key_padding_mask is None:
-        return k
-    return k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-
-
-def _mask_keys(features: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-    """Padded keys (mask False) get zero features.  features (b, h, s, m), mask (b, s)."""
-    if key_padding_mask is None:
-        return features
-    return features.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+def keep_rows(x: Tensor, key_padding_mask: Tensor | None, fill: float = 0.0) -> Tensor:
+    """x with the rows of padded keys (key_padding_mask False) set to fill, by selection: whatever
+    they held (NaN, inf, huge values) is gone before any arithmetic.  x (b, h, s, c), mask (b, s)."""
+    return x if key_padding_mask is None else x.masked_fill(~key_padding_mask[:, None, :, None], fill)
 
 
 def _no_log_scale(x: Tensor, causal: bool) -> float:
@@ -162,17 +156,26 @@ class FeatureMap:
         """(q', k') in PyTorch: (b, h, n, m), (b, h, s, m); padded keys excluded. Padded key rows
         are replaced by zeros before any arithmetic (selection, not multiplication by zero), so
         whatever they hold (NaN, inf, huge values) reaches neither outputs nor gradients."""
-        k = _select_keys(k, key_padding_mask)
+        k = keep_rows(k, key_padding_mask)
         return self.query_features(q, projection), self.key_features(k, projection, causal, key_padding_mask)
 
     def causal_eps(self, k: Tensor, key_padding_mask: Tensor | None = None) -> Union[Tensor, float]:
         """The eps to add to every key-feature prefix sum for the causal key features of k:
         CAUSAL_EPS scaled as the features were (a float, or (b, h, 1, 1))."""
-        log_scale = self.key_log_scale(_select_keys(k, key_padding_mask), True)
+        log_scale = self.key_log_scale(keep_rows(k, key_padding_mask), True)
         return CAUSAL_EPS if isinstance(log_scale, float) and log_scale == 0.0 else CAUSAL_EPS * torch.exp(-log_scale)
 
     def __repr__(self) -> str:
         return f"FeatureMap({self.name!r})"
+
+
+def check_stateful(fmap: FeatureMap, what: str) -> None:
+    """Refuse a map whose keys are normalised per call (no_projection: a softmax over the sequence,
+    causal exp(k) rescaled by the call's max): no state carries it across calls or ranks."""
+    if fmap.rescales_keys:
+        raise ValueError(f"{what}: feature_map {fmap.name!r} (no_projection) normalises its keys over each call's "
+                         "sequence, so it has no state to carry across calls or ranks; use 'softmax', 'relu' or a "
+                         "kernel_fn")
 
 
 def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) -> FeatureMap:
@@ -180,7 +183,7 @@ def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) ->
         return generalized_features(x, projection, kernel_fn)
 
     def key(x: Tensor, projection: Tensor | None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
-        return _mask_keys(generalized_features(x, projection, kernel_fn), key_padding_mask)
+        return keep_rows(generalized_features(x, projection, kernel_fn), key_padding_mask)
 
     return FeatureMap(name, code, GENERALIZED_EPS, True, query, key, kernel_fn=kernel_fn)
 
@@ -208,10 +211,8 @@ def _no_projection_keys(x: Tensor, projection: None, causal: bool, key_padding_m
     """1.1.4's no_projection keys: exp (causal; divided by exp(_exp_shift)) or softmax over the
     sequence (non-causal)."""
     if causal:
-        return _mask_keys(torch.exp(x - _exp_shift(x, causal)), key_padding_mask)
-    if key_padding_mask is not None:
-        x = x.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
-    return _mask_keys(x.softmax(dim=-2), key_padding_mask)
+        return keep_rows(torch.exp(x - _exp_shift(x, causal)), key_padding_mask)
+    return keep_rows(keep_rows(x, key_padding_mask, float("-inf")).softmax(dim=-2), key_padding_mask)
 
 
 SOFTMAX_MAP = FeatureMap(
@@ -228,7 +229,7 @@ NONE_MAP = FeatureMap(
 )
 # features the caller computed (linear_attention): what the GIVEN kernels run
 GIVEN_MAP = FeatureMap(
-    "given", GIVEN, 0.0, False, lambda x, projection: x, lambda x, projection, causal, mask: _mask_keys(x, mask)
+    "given", GIVEN, 0.0, False, lambda x, projection: x, lambda x, projection, causal, mask: keep_rows(x, mask)
 )
 
 FEATURE_MAP_NAMES = ("softmax", "relu", "none")  # the strings favor_attention(feature_map=...) takes

@@ -5,7 +5,6 @@ Shapes: q (b, h, n, d), k (b, h, s, d), v (b, h, s, e) -> (b, h, n, e).
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 import functools
 import os
 from typing import Callable, Union
@@ -14,11 +13,11 @@ import torch
 from torch import Tensor
 
 from .attention_state import AttentionState, check_state
-from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, resolve
-from .kernels import MAX_HEAD_DIM, extension_unsupported
-from .ops import favor, favor_state, transformed
+from .feature_maps import CAUSAL_EPS, GIVEN_MAP, FeatureMap, check_stateful, keep_rows, resolve
+from .kernels import extension_unsupported, unsupported
+from .ops import favor, favor_with_state, transformed
 from . import torch_backend
-from .torch_backend import compute_dtype, finite_or_zero
+from .torch_backend import autocast_off, compute_dtype, finite_or_zero
 from .validation import (
     BACKENDS,
     KEY_STABILIZERS,
@@ -33,7 +32,6 @@ from .validation import (
 )
 
 FeatureMapArg = Union[str, Callable[[Tensor], Tensor], FeatureMap]
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -51,15 +49,12 @@ def triton_unsupported(q: Tensor, v: Tensor, *, fused: bool) -> str | None:
         return "torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD run on the PyTorch path"
     if q.device.type not in ("cpu", "cuda"):
         return f"the Triton kernels run on CUDA devices, got {q.device}"
-    if q.dtype not in TRITON_DTYPES:
-        return f"the Triton kernels support float16, bfloat16 and float32, got {q.dtype}"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _interpreter_bf16_dot_exact():
-        return ("Triton's interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584); run bfloat16 "
-                "on CUDA, or float16 / float32 in the interpreter")
-    head_dims = (q.shape[-1], v.shape[-1]) if fused else (v.shape[-1],)
-    if max(head_dims) > MAX_HEAD_DIM:
-        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got {tuple(head_dims)}"
-    return None
+    dims = dict(d=q.shape[-1], e=v.shape[-1]) if fused else dict(e=v.shape[-1])
+    reason = unsupported(q.dtype, **dims)
+    if reason is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not _interpreter_bf16_dot_exact():
+        reason = ("Triton's interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584); run bfloat16 "
+                  "on CUDA, or float16 / float32 in the interpreter")
+    return reason
 
 
 @torch.compiler.assume_constant_result
@@ -110,6 +105,17 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
     return tensors
+
+
+@autocast_off
+def pytorch_features(q: Tensor, k: Tensor, fmap: FeatureMap, projection: Tensor | None, *, causal: bool,
+                     key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """fmap's (q', k') (b, h, n, m), (b, h, s, m) made in PyTorch (where the kernels do not make
+    them: a key mask, no_projection, a kernel_fn), in the compute dtype with autocast off: fp32 for
+    16-bit rows, whose fp16 gradients of tiny key features overflow (inf x 0 = NaN in exp's backward)."""
+    dtype = compute_dtype(q.dtype)
+    projection = None if projection is None else projection.to(dtype)
+    return fmap.features(q.to(dtype), k.to(dtype), projection, causal=causal, key_padding_mask=key_padding_mask)
 
 
 def _empty_result(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -249,16 +255,17 @@ def favor_attention(
         # 1.1.4's causal no_projection, exp(k): for large keys its prefix sums span more than fp32's
         # exponent range (one shift per head leaves early rows without any key and eps: 0 / 0, inf
         # gradients), so these features and their attention run in float64 (rows of d features)
+        # (backend="triton" too: README, "What runs where")
         compute, use_triton = torch.float64, False
     if compute != out_dtype:
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
         projection_matrix = None if projection_matrix is None else projection_matrix.to(compute)
     keep_q = None
     if key_padding_mask is not None:  # selection: padded values (NaN, inf) never multiply a zero
-        v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        v = keep_rows(v, key_padding_mask)
         if causal:  # the queries are the last n positions: padded ones give 0, as with "prefix"
-            keep_q = key_padding_mask[:, None, before:, None]
-            q = q.masked_fill(~keep_q, 0.0)
+            keep_q = key_padding_mask[:, before:]
+            q = keep_rows(q, keep_q)
     value_scale = None
     if causal and fmap.rescales_keys:
         # keys shifted into the dtype's range leave features up to max / (e n) (_exp_shift): values
@@ -266,17 +273,13 @@ def favor_attention(
         v_max = finite_or_zero(v.detach()).abs().amax(dim=(-1, -2), keepdim=True)  # (b, h, 1, 1)
         value_scale = torch.exp2(torch.ceil(torch.log2(v_max.clamp_min(1.0))))
         v = v / value_scale
-    with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else nullcontext():
-        q_features, k_features = fmap.features(
-            q, k, projection_matrix, causal=causal, key_padding_mask=key_padding_mask
-        )
-        eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
+    q_features, k_features = pytorch_features(q, k, fmap, projection_matrix, causal=causal,
+                                              key_padding_mask=key_padding_mask)
+    eps = fmap.causal_eps(k, key_padding_mask) if causal else CAUSAL_EPS
     out = _last(before, _given_attention(_after(before, q_features, 1.0), k_features, v, causal, eps, use_triton))
     if value_scale is not None:
         out = out * value_scale
-    if keep_q is not None:
-        out = out.masked_fill(~keep_q, 0.0)
-    return out.to(out_dtype)
+    return keep_rows(out, keep_q).to(out_dtype)
 
 
 def _learned_projection(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, causal: bool, feature: int,
@@ -313,10 +316,10 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
         raise NotImplementedError("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host (it "
                                   "compacts each sequence): not under torch.func's vmap; loop over the batch") from error
     if right_padding:
-        q, k, v = (t.masked_fill(~rows[:, None, :, None], 0.0) for t, rows in ((q, keep_q), (k, keep), (v, keep)))
+        q, k, v = keep_rows(q, keep_q), keep_rows(k, keep), keep_rows(v, keep)
         out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
                               backend=backend)
-        return out.masked_fill(~keep_q[:, None, :, None], 0.0)
+        return keep_rows(out, keep_q)
     rows = []
     for i in range(q.shape[0]):
         kq, kk = keep_q[i].nonzero()[:, 0], keep[i].nonzero()[:, 0]
@@ -361,22 +364,21 @@ def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str
                          "max over every key of the sequence, keys a state has not seen yet")
     if key_padding_mask is not None:
         raise ValueError(f"{what}: key_padding_mask is not supported; pass the kept keys only")
+    check_stateful(fmap, what)
     if fmap.fused:
         projection = check_projection(projection, q, fixed_by="initial_state / output_final_state")
         projection = projection.to(q.dtype).contiguous()
         return _with_state(q, k, v, projection, fmap.code, fmap.stabilized, CAUSAL_EPS, initial_state,
                            output_final_state, backend, 0.0, cu_seqlens)
-    eps = fmap.causal_eps(k)
-    if isinstance(eps, Tensor):
-        raise ValueError(f"{what}: not with no_projection, whose causal keys are rescaled per call (by their max)")
-    q_features, k_features = fmap.features(q, k, projection, causal=True)
-    return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, eps, initial_state, output_final_state,
-                       backend, 1.0)
+    q_features, k_features = pytorch_features(q, k, fmap, projection, causal=True)
+    result = _with_state(q_features, k_features, v.to(q_features.dtype), None, GIVEN_MAP.code, False, CAUSAL_EPS,
+                         initial_state, output_final_state, backend, 1.0)
+    return (result[0].to(v.dtype), result[1]) if output_final_state else result.to(v.dtype)
 
 
 def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feature: int, prefix: bool, eps: float,
                 initial_state, output_final_state: bool, backend: str, fill: float, cu_seqlens: Tensor | None = None):
-    """The stateful causal op (ops.favor_state) on rows the op takes: q, k, or their features
+    """The stateful causal op (ops.favor_with_state) on rows the op takes: q, k, or their features
     (GIVEN, projection None); cu_seqlens a pack for the kernels (its caller checked that they take
     it).  -> out, or (out, final state)."""
     use_triton = _use_triton(backend, q, v, projection is not None)
@@ -394,11 +396,11 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
     else:
         initial_state = check_state(initial_state, b, h, m, e, q.device, softmax=prefix)
-    if s == 0:  # no keys: the state as it was
+    if s == 0:  # no keys: the state as it was (a copy: the final state is never an input)
         out = _empty_result(q, k, v)
-        return (out, initial_state) if output_final_state else out
+        return (out, AttentionState(*(t.clone() for t in initial_state))) if output_final_state else out
     before = s - n  # placeholder queries (_after)
-    outs = favor_state(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
+    outs = favor_with_state(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
                        use_triton, cu_seqlens)
     out = _last(before, outs[0])
     return (out, AttentionState(*outs[5:9])) if output_final_state else out
@@ -447,7 +449,7 @@ def linear_attention(
     """Linear attention on precomputed (positive) features, fused.
     q_features (b,h,n,m), k_features (b,h,s,m), v (b,h,s,e) -> (b,h,n,e).
 
-    Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1e-6) to every key-feature
+    Non-causal: (q' @ (k'^T v)) / (q' . sum k'); causal adds eps (1.1.4's 1e-6) to every key-feature
     prefix sum; with fewer queries than keys the queries are the last n positions. Query features
     of any magnitude, and non-causal key features (rows and heads whose q' . k' products would
     leave fp32's range are scaled exactly first); causal key features whose prefix sums stay

@@ -54,7 +54,7 @@ def _favor_fwd(
     to every key-feature prefix sum of the causal normaliser (1.1.4's 1e-6). cu_seqlens: packed
     sequences in q, k, v (1, h, total, .), on the fused kernels only."""
     q, k, v = map(_unit_stride, (q, k, v))
-    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _packed(cu_seqlens, use_triton)
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _pack_flags(cu_seqlens, use_triton)
     if use_triton:
         return launchers(causal)[0](q, k, v, projection, **flags)
     return torch_backend.favor_fwd(q, k, v, projection, causal=causal, **flags)
@@ -63,7 +63,7 @@ def _favor_fwd(
 favor_fwd = torch.library.custom_op("performer_triton::favor_fwd", _favor_fwd, mutates_args=())
 
 
-def _packed(cu_seqlens: Optional[Tensor], use_triton: bool) -> dict:
+def _pack_flags(cu_seqlens: Optional[Tensor], use_triton: bool) -> dict:
     """The launchers' cu_seqlens keyword: only where given (the PyTorch path takes none)."""
     if cu_seqlens is None:
         return {}
@@ -83,7 +83,7 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
         return q.new_empty((b, h, rows), dtype=torch_backend.compute_dtype(q.dtype))
 
     if use_triton:
-        states = launchers(causal)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, use_triton))
+        states = launchers(causal)[2](q, k, v, projection, feature=feature, **_pack_flags(cu_seqlens, use_triton))
     else:
         states = torch_backend.saved_like(q, v, projection, causal)
     # the non-causal kernels take their key maxima on tiles: no per-row key statistics
@@ -120,7 +120,7 @@ def _favor_bwd(
     """(dq, dk, dv) for favor_fwd."""
     grad_out, q, k, v = map(_unit_stride, (grad_out, q, k, v))
     args = (grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden)
-    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _packed(cu_seqlens, use_triton)
+    flags = dict(feature=feature, prefix=prefix, causal_eps=causal_eps) | _pack_flags(cu_seqlens, use_triton)
     if use_triton:
         return launchers(causal)[1](*args, states, **flags)
     return torch_backend.favor_bwd(*args, causal=causal, saved=states, **flags)[:3]
@@ -227,9 +227,9 @@ def _favor_state_fwd(
 
         *outs, states, final = causal_fwd_state(q, k, v, projection, [hz0, v_sum0, ref0, stab0], feature=feature,
                                                 prefix=prefix, causal_eps=causal_eps,
-                                                **_packed(cu_seqlens, use_triton))
+                                                **_pack_flags(cu_seqlens, use_triton))
         return (*outs, *final, states)
-    _packed(cu_seqlens, use_triton)
+    _pack_flags(cu_seqlens, use_triton)
     return _torch_state_fwd(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0)
 
 
@@ -255,7 +255,7 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
         return t.new_empty(t.shape, dtype=compute)
 
     if use_triton:
-        states = launchers(True)[2](q, k, v, projection, feature=feature, **_packed(cu_seqlens, True))
+        states = launchers(True)[2](q, k, v, projection, feature=feature, **_pack_flags(cu_seqlens, True))
     else:
         states = torch_backend.saved_like(q, v, projection, True)
     return (q.new_empty((b, h, n, v.shape[3])), *(q.new_empty((b, h, rows), dtype=compute) for rows in
@@ -279,9 +279,9 @@ def _favor_state_bwd(
         dq, dk, dv, d_hz0, d_vs0 = causal_bwd_state(
             grad_out, grad_hz, grad_v_sum, q, k, v, projection, out, q_max, k_max, k_scale, rden, states,
             [hz0, v_sum0, ref0, stab0], feature=feature, prefix=prefix, causal_eps=causal_eps,
-            **_packed(cu_seqlens, use_triton))
+            **_pack_flags(cu_seqlens, use_triton))
         return dq, dk, dv, d_hz0.to(hz0.dtype), d_vs0.to(v_sum0.dtype)
-    _packed(cu_seqlens, use_triton)
+    _pack_flags(cu_seqlens, use_triton)
     final = None
     if grad_hz is not None or grad_v_sum is not None:
         final = ((None, None, ref, None), grad_hz, grad_v_sum)
@@ -459,7 +459,7 @@ def favor(
                  causal_eps, cu_seqlens)
 
 
-def favor_state(
+def favor_with_state(
     q: Tensor, k: Tensor, v: Tensor, projection: Optional[Tensor], feature: int, prefix: bool, causal_eps: float,
     hz0: Tensor, v_sum0: Tensor, ref0: Tensor, stab0: Tensor, use_triton: bool, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:

@@ -30,11 +30,11 @@ from .distributed import ContextParallel, context_parallel_attention, with_neigh
 from .fast_attention import FastAttention
 from . import functional
 from . import projection
-from .projection import orthogonal_matrix_chunk
+from .projection import Device, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
-from .validation import (DtypeError, InputError, TokenRangeError, check_int, host_reads, ignored_kwargs,
-                         runs_base_forward, warn_ignored)
+from .validation import (DtypeError, InputError, TokenRangeError, check_feature_input, check_int, host_reads,
+                         ignored_kwargs, runs_base_forward, warn_ignored)
 
 # `from performer_triton.performer_pytorch import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -122,6 +122,12 @@ def cast_tuple(val) -> tuple:
 
 def get_module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+# errors two entry points raise alike
+_CACHE_WITH_CP = "cache: cached decoding runs on one process, not with context parallelism"
+_EXACT_MASK_WITH_CP = ("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, exact_mask="
+                       "False, is: padded keys' values are zeroed on their rank)")
 
 
 def find_modules(nn_module: nn.Module, type: type) -> list:
@@ -244,7 +250,7 @@ class PreShiftTokens(nn.Module):
 # kernel functions (1.1.4's module-level API)
 
 
-def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: int = 0, device=None, *,
+def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: int = 0, device: Device = None, *,
                                       generator: torch.Generator | None = None) -> Tensor:
     """projection.gaussian_orthogonal_random_matrix, its orthogonal blocks from this module's
     orthogonal_matrix_chunk as 1.1.4 looks it up at each call (a program may patch it: the patched
@@ -259,7 +265,7 @@ def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: in
     return draw() if generator is None else _from_forked_rng(draw, device, generator)
 
 
-def _from_forked_rng(draw: Callable[[], T], device, generator: torch.Generator) -> T:
+def _from_forked_rng(draw: Callable[[], T], device: Device, generator: torch.Generator) -> T:
     """draw() on the global RNG forked and seeded from generator: a seeded draw (redraw_seed) of
     code that draws from the global RNG (a replaced orthogonal_matrix_chunk, an overridden
     redraw_projection_matrix) stays private (the global stream untouched) and rank-identical."""
@@ -281,6 +287,7 @@ def softmax_kernel(
 ) -> Tensor:
     """1.1.4's positive random features (feature_maps.softmax_features).  data (b, h, n, d),
     projection_matrix (m, d) -> (b, h, n, m). ``device`` is unused (as in 1.1.4)."""
+    check_feature_input(data, projection_matrix, "softmax_kernel")
     return softmax_features(data, projection_matrix, is_query=is_query, normalize=normalize_data, eps=eps)
 
 
@@ -295,6 +302,7 @@ def generalized_kernel(
 ) -> Tensor:
     """1.1.4's generalized features kernel_fn((dn x) @ P^T) + kernel_epsilon
     (feature_maps.generalized_features), (b,h,n,d) -> (b,h,n,m)."""
+    check_feature_input(data, projection_matrix, "generalized_kernel", optional=True)
     return generalized_features(data, projection_matrix, kernel_fn, normalize=normalize_data, eps=kernel_epsilon)
 
 
@@ -622,7 +630,7 @@ class Attention(nn.Module):
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
         if exists(context_parallel) and exists(cache):
-            raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
+            raise ValueError(_CACHE_WITH_CP)
         if exists(context_parallel) and context_parallel.masked and mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=x.device)  # another rank has one: take part alike
 
@@ -731,8 +739,7 @@ class Attention(nn.Module):
         if cp is None:  # 1.1.4's call without a mask: subclasses override forward(self, q, k, v)
             return fa(q, k, v) if key_keep is None else fa(q, k, v, key_padding_mask=key_keep)
         if key_keep is not None:
-            raise ValueError("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, "
-                             "exact_mask=False, is: padded keys' values are zeroed on their rank)")
+            raise ValueError(_EXACT_MASK_WITH_CP)
         return context_parallel_attention(
             q, k, v, None if fa.no_projection else fa.projection_matrix, group=cp.group, causal=fa.causal,
             key_stabilizer=fa.key_stabilizer, feature_map=fa.feature_map, backend=fa.backend,
@@ -1065,8 +1072,7 @@ class Performer(nn.Module):
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
-                raise ValueError("exact_mask with a mask is not supported with context parallelism (1.1.4's masking, "
-                                 "exact_mask=False, is: padded keys' values are zeroed on their rank)")
+                raise ValueError(_EXACT_MASK_WITH_CP)
             cp.broadcast_([m.projection_matrix for m in find_modules(self, FastAttention)])
         cache = kwargs.get("cache")
         _check_cache(cache)
@@ -1195,7 +1201,7 @@ class PerformerLM(nn.Module):
         cp = None
         if exists(context_parallel_group):
             if exists(cache):
-                raise ValueError("cache: cached decoding runs on one process, not with context parallelism")
+                raise ValueError(_CACHE_WITH_CP)
             cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device,
                                         masked=kwargs.get("mask") is not None,
                                         context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0],

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
-from .validation import check_int
+from .validation import check_generator, check_int
+
+Device = Union[torch.device, str, int, None]  # what torch.device() takes, or None (the default device)
 
 
-def _randn(shape: tuple[int, ...], device, generator: torch.Generator | None) -> Tensor:
+def _randn(shape: tuple[int, ...], device: Device, generator: torch.Generator | None) -> Tensor:
+    check_generator(generator)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, device=gen_device, generator=generator).to(device)
 
 
-def orthogonal_matrix_chunk(cols: int, device=None, *, generator: torch.Generator | None = None) -> Tensor:
+def orthogonal_matrix_chunk(cols: int, device: Device = None, *, generator: torch.Generator | None = None) -> Tensor:
     """Q^T of the QR decomposition of a (cols, cols) Gaussian block (QR on CPU, as 1.1.4)."""
     block = _randn((cols, cols), device, generator)
     if block.is_meta:  # built under torch.device("meta"): shapes only, values come with load_state_dict
@@ -29,7 +32,7 @@ def gaussian_orthogonal_random_matrix(
     nb_rows: int,
     nb_columns: int,
     scaling: int = 0,
-    device=None,
+    device: Device = None,
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -43,7 +46,7 @@ def gaussian_orthogonal_random_matrix(
                           generator)
 
 
-def stacked_blocks(nb_rows: int, nb_columns: int, scaling: int, device, chunk: Callable[[int, object], Tensor],
+def stacked_blocks(nb_rows: int, nb_columns: int, scaling: int, device: Device, chunk: Callable[[int, object], Tensor],
                    generator: torch.Generator | None = None) -> Tensor:
     """gaussian_orthogonal_random_matrix with its (cols, cols) orthogonal blocks from chunk(cols,
     device) (1.1.4's module-level orthogonal_matrix_chunk, which a program may patch)."""

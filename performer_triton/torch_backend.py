@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .feature_maps import KERNEL_MAPS
-from .kernels import CAUSAL_EPS
+from .kernels import CAUSAL_EPS, causal_coef, head_scale
 
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 # Rows per causal chunk: the intra-chunk (t, t) work grows with it; the per-chunk overhead and the
@@ -60,7 +60,7 @@ class ChunkFeatures:
         fmap = KERNEL_MAPS[feature]
         self.softmax = fmap.stabilized
         self.given = not fmap.fused
-        dn = d**-0.25
+        dn = head_scale(d)
         # (m, d): dn folded into the projection once instead of scaling every chunk of x
         self.proj = None if self.given else projection.to(dtype) * dn
         # (m, d + 1): [dn P | 1], so the backward's one matmul also yields the row sums of du
@@ -71,8 +71,8 @@ class ChunkFeatures:
         self.proj_dash = None if self.given else self.proj * self.log2
         self.dn2 = dn * dn
         self.eps = fmap.eps
-        ratio = projection.shape[0] ** -0.5 if self.softmax else 1.0
-        self.causal_coef = causal_eps / ratio  # c_i = causal_coef * sum_f q~_if
+        m = 0 if projection is None else projection.shape[0]
+        self.causal_coef = causal_coef(feature, m, causal_eps)  # c_i = causal_coef * sum_f q~_if
 
     def dash(self, x: Tensor) -> Tensor:
         """(dn x) @ P^T (times log2(e) for SOFTMAX); GIVEN features pass through.
@@ -164,10 +164,10 @@ def _in_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def _exact_dtypes(fn):
+def autocast_off(fn):
     """Run fn with autocast off on the device of its first tensor argument: the compute dtype
-    is chosen here (fp32 for fp16/bf16 inputs), and an enclosing torch.autocast would recast
-    every product to 16 bits (and mix dtypes in the in-place ones)."""
+    is chosen by the code (fp32 for fp16/bf16 inputs), and an enclosing torch.autocast would
+    recast every product to 16 bits (and mix dtypes in the in-place ones)."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -278,19 +278,25 @@ def _chunk_states(units: Tensor, row_scale: Tensor, vo: Tensor) -> tuple[Tensor,
     return units.mT @ (vo * (row_scale - base[..., None]).exp_()[..., None]), local  # (scaling the narrower side)
 
 
+def finite_base(ref: Tensor) -> Tensor:
+    """What exp factors are taken against for a reference ref (a running max): ref itself, 0
+    where it is -inf (no key yet: nothing to scale, and -inf - -inf would be NaN)."""
+    return ref.masked_fill(torch.isinf(ref), 0.0)
+
+
 def _key_reference(row_scale: Tensor) -> tuple[Tensor, Tensor]:
     """The reference of keys of row_scale (..., t): their max r, and the finite base their exp
     factors are taken against (r; 0 while r is -inf: no key), detached: a state's reference is a
     constant of its derivative, as in the backward.  -> (r, base), each (...)."""
     local = row_scale.detach().amax(-1)
-    return local, local.masked_fill(torch.isinf(local), 0.0)
+    return local, finite_base(local)
 
 
 def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tuple[Tensor, Tensor]:
     """hz relative to ref plus a chunk state kv relative to kv_ref, relative to the larger
     reference (both factors <= 1; the finite base 0 while neither has a key).  -> (hz, ref)."""
     new_ref = torch.maximum(ref, kv_ref)
-    base = new_ref.masked_fill(torch.isinf(new_ref), 0.0)[..., None, None]
+    base = finite_base(new_ref)[..., None, None]
     hz = hz * (ref[..., None, None] - base).exp_()
     factor = (kv_ref[..., None, None] - base).exp_()
     return (torch.addcmul(hz, kv, factor) if _in_transform() else hz.addcmul_(kv, factor)), new_ref
@@ -370,7 +376,7 @@ class KeysState(torch.autograd.Function):
     reference, so nothing of size (s, m) is kept.  apply(k, v, projection, feature)."""
 
     @staticmethod
-    @_exact_dtypes
+    @autocast_off
     def forward(ctx, k: Tensor, v: Tensor, projection: Tensor | None, feature: int):
         dtype = compute_dtype(k.dtype)
         fm = ChunkFeatures(feature, projection, k.shape[-1], dtype)
@@ -394,7 +400,7 @@ class KeysState(torch.autograd.Function):
         return hz, v_sum, ref, stab
 
     @staticmethod
-    @_exact_dtypes
+    @autocast_off
     def backward(ctx, d_hz: Tensor | None, d_v_sum: Tensor | None, _ref, _stab):
         k, v, projection, ref = ctx.saved_tensors
         dtype = ref.dtype
@@ -404,7 +410,7 @@ class KeysState(torch.autograd.Function):
         d_hz = k.new_zeros((b, h, m, e + 1), dtype=dtype) if d_hz is None else d_hz.to(dtype)
         d_v = k.new_zeros((b, h, 1, e), dtype=dtype) if d_v_sum is None else d_v_sum[:, :, None, :e].to(dtype)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        base = ref.masked_fill(torch.isinf(ref), 0.0)  # (no key: no chunk either)
+        base = finite_base(ref)  # (no key: no chunk either)
         for sl in _chunks(s, _wide_rows(b * h, m)):
             kc, vc = k[..., sl, :].to(dtype), v[..., sl, :].to(dtype)
             keys = fm.keys(kc, base)  # (b, h, t, m): the keys' terms of hz, each <= 1
@@ -459,7 +465,7 @@ class ReadContext(torch.autograd.Function):
     projection, feature)."""
 
     @staticmethod
-    @_exact_dtypes
+    @autocast_off
     def forward(ctx, q: Tensor, context: Tensor, projection: Tensor | None, feature: int) -> Tensor:
         dtype = compute_dtype(q.dtype)
         fm = ChunkFeatures(feature, projection, q.shape[-1], dtype)
@@ -475,7 +481,7 @@ class ReadContext(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_exact_dtypes
+    @autocast_off
     def backward(ctx, grad_out: Tensor):
         q, context, projection, out, rden = ctx.saved_tensors
         dtype = context.dtype
@@ -491,7 +497,7 @@ class ReadContext(torch.autograd.Function):
         return dq, d_context, None, None
 
 
-@_exact_dtypes
+@autocast_off
 def favor_fwd(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, *, causal: bool, feature: int, prefix: bool,
     causal_eps: float = CAUSAL_EPS, initial: tuple | None = None, final: bool = False,
@@ -678,7 +684,7 @@ def _fwd_blocks_per_row(fm: ChunkFeatures, q: Tensor, k: Tensor, values, stab: T
     return hz, ref, v_before, stab
 
 
-@_exact_dtypes
+@autocast_off
 def favor_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, out: Tensor,
     q_max: Tensor, k_max: Tensor, k_scale: Tensor, rden: Tensor, *, causal: bool, feature: int, prefix: bool,

@@ -52,6 +52,31 @@ def check_tensor(name: str, t: object, ndim: int) -> Tensor:
     return t
 
 
+def check_generator(generator: object) -> torch.Generator | None:
+    """A private torch.Generator to draw from, or None (the global RNG)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+    return generator
+
+
+def check_feature_input(data: object, projection_matrix: object, what: str, *, optional: bool = False) -> None:
+    """The arguments of 1.1.4's module-level feature functions (`what`): data (..., n, d), rank >= 2,
+    and projection_matrix (m, d) (or None where optional)."""
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{what}: data must be a torch.Tensor, got {type(data).__name__}")
+    if data.dim() < 2:
+        raise ShapeError(f"{what}: data must have at least 2 dimensions (..., n, d), got shape {tuple(data.shape)}")
+    if projection_matrix is None and optional:
+        return
+    if not isinstance(projection_matrix, Tensor):
+        raise TypeError(f"{what}: projection_matrix must be a torch.Tensor{' or None' if optional else ''}, got "
+                        f"{type(projection_matrix).__name__}")
+    d, shape = data.shape[-1], projection_matrix.shape
+    if len(shape) != 2 or d != shape[1] and 1 not in (d, shape[1]):  # (1.1.4's einsum broadcasts a d of 1)
+        raise ShapeError(f"{what}: projection_matrix must have shape (nb_features, {data.shape[-1]}) for data of shape "
+                         f"{tuple(data.shape)}, got {tuple(projection_matrix.shape)}")
+
+
 def check_int(name: str, value: object, minimum: int, error: type[Exception] = InputError) -> int:
     """value as a Python int: any integer 1.1.4 takes (int, numpy integers, 0-d integer tensors;
     not bool).  A TypeError for anything else, `error` below minimum."""

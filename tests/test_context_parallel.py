@@ -1,5 +1,6 @@
 """Context parallelism (issue 14): a sequence split over 2 and 4 gloo ranks on CPU, each rank one
 contiguous block (unequal, awkward lengths), gives the single-process outputs and gradients."""
+import contextlib
 import os
 import tempfile
 
@@ -289,6 +290,30 @@ def test_one_rank_keeps_no_feature_tensors(tmp_path):
                 assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12), name
             if "softplus" not in name:  # (a kernel_fn's features are computed in PyTorch)
                 assert max(sizes) < 2 * 3 * n * m, (name, max(sizes))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_one_rank_16_bit_kernel_fn_equals_favor_attention(tmp_path, autocast):
+    """bf16 rows, or fp32 rows under a bf16 autocast: a kernel_fn's features are made in fp32 (as
+    favor_attention makes them) and attended as made in both modes; under autocast the causal
+    attention of those features was cast back to bf16 (7.8e-3 off)."""
+    from performer_triton.distributed import context_parallel_attention
+
+    q, k, v, _, _ = _inputs(33)
+    P = gaussian_orthogonal_random_matrix(20, 12, generator=torch.Generator().manual_seed(1))
+    rows = [t.float() if autocast else t.bfloat16() for t in (q, k, v)]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for causal in (False, True):
+            kw = dict(causal=causal, feature_map=torch.nn.Softplus())
+            with context:
+                out = context_parallel_attention(*rows, P, **kw)
+                want = favor_attention(*rows, P, **kw)
+            assert out.dtype == want.dtype == torch.bfloat16
+            assert torch.equal(out, want), causal
     finally:
         dist.destroy_process_group()
 

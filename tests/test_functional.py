@@ -11,7 +11,7 @@ from kernel_cases import BUDGET, FP32_GRAD_BUDGET
 
 from performer_triton import FastAttention, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
 from performer_triton import reference
-from performer_triton import ops
+from performer_triton import functional, ops
 from performer_triton.ops import favor_fwd
 
 
@@ -538,7 +538,6 @@ def test_triton_backend_refuses_bfloat16_where_the_interpreter_multiplies_it_wro
     bf16 (and only bf16) instead of returning garbage; 'auto' never asks (CPU tensors take the
     PyTorch path) and gives the float64 result."""
     from triton.runtime import interpreter
-    from performer_triton import functional
 
     q, k, v = (t.bfloat16() for t in qkv(n=8, d=16))
     P = projection(20, 16).bfloat16()
@@ -629,7 +628,6 @@ def test_tf32_operands_are_rounded_to_nearest(case):
 def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
     """auto sends fp32 CUDA tensors to the kernels (TF32 dots) only where PyTorch's fp32 matmuls
     may use TF32 too."""
-    from performer_triton import functional
 
     monkeypatch.setattr(functional, "triton_unsupported", lambda *a, **k: None)
     q = torch.empty(1, 1, 4, 8, device="meta")

@@ -1,6 +1,7 @@
 """Cached generation: recurrent-state math against the float64 reference, incremental forward
 against full recomputation, and generate(use_cache=True) sampling the same tokens as 1.1.4's
 recompute path."""
+import contextlib
 import copy
 
 import pytest
@@ -27,12 +28,16 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def decode(state, q, k, v, keep=None, prompt=0):
-    """Feed the first `prompt` keys at once, then one position at a time -> outputs after the prompt."""
+def decode(state, q, k, v, keep=None, prompt=0, calls=1):
+    """Feed the first `prompt` keys at once, then one position at a time -> outputs after the
+    prompt; the positions after the prompt in one step call, or with calls=None one call each (a
+    fused step takes single positions only)."""
     if prompt:
         state.extend(k[:, :, :prompt], v[:, :, :prompt], None if keep is None else keep[:, :prompt])
-    tail = slice(prompt, None)
-    return state.step(q[:, :, tail], k[:, :, tail], v[:, :, tail], None if keep is None else keep[:, tail])
+    starts = [prompt] if calls == 1 else range(prompt, q.shape[2])
+    ends = [q.shape[2]] if calls == 1 else range(prompt + 1, q.shape[2] + 1)
+    return torch.cat([state.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None if keep is None else keep[:, a:b])
+                      for a, b in zip(starts, ends)], dim=2)
 
 
 # recurrent-state math
@@ -68,17 +73,38 @@ def test_16_bit_decoding_keeps_an_fp32_state(dtype):
     assert rel(out.double(), expected[:, :, 1:]) <= 1.3 * rel(full[:, :, 1:].double(), expected[:, :, 1:])
 
 
-def test_softmax_state_drops_masked_keys_entirely():
+@pytest.mark.parametrize("kwargs", [dict(key_stabilizer="prefix"), dict(generalized_attention=True,
+                                    kernel_fn=torch.nn.Softplus())], ids=["softmax", "softplus"])
+def test_decoding_under_autocast_casts_the_rows_as_favor_attention(kwargs):
+    """Under a bf16 autocast the decoder takes fp32 rows as favor_attention does: cast to bf16,
+    then its products in fp32 (they ran in bf16: 1.8x the full path's error) and bf16 outputs."""
     torch.manual_seed(0)
-    fa = FastAttention(16, 30, causal=True, key_stabilizer="prefix").double()
+    fa = FastAttention(16, 44, causal=True, **kwargs)
+    q, k, v = (t.float() for t in qkv(b=1, h=2, n=40))
+    outs = []
+    for rows, context in (([t.bfloat16() for t in (q, k, v)], contextlib.nullcontext()),
+                          ((q, k, v), torch.autocast("cpu", dtype=torch.bfloat16))):
+        with context:
+            outs.append(decode(favor_state(fa, *rows[1:]), *rows, prompt=5))
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("kwargs, feature_map", [(dict(key_stabilizer="prefix"), "softmax"),
+                                                 (dict(no_projection=True), "none")])
+def test_state_drops_masked_keys_entirely(kwargs, feature_map):
+    """Dropped keys hold NaN and values whose exp overflows float64 (no_projection's exp shift
+    once came from them: wrong outputs)."""
+    torch.manual_seed(0)
+    fa = FastAttention(16, 30, causal=True, **kwargs).double()
     q, k, v = qkv(b=1)
     dropped = [2, 9, 20]
     keep = torch.ones(1, 37, dtype=torch.bool)
     keep[0, dropped] = False
+    k[:, :, dropped] = torch.tensor([1000.0, float("nan"), 800.0], dtype=k.dtype)[:, None]
     kept = keep[0].nonzero()[:, 0]
-    expected = reference.favor_attention(
-        q[:, :, kept], k[:, :, kept], v[:, :, kept], fa.projection_matrix, causal=True, key_stabilizer="prefix"
-    )
+    projection = None if feature_map == "none" else fa.projection_matrix
+    expected = reference.favor_attention(q[:, :, kept], k[:, :, kept], v[:, :, kept], projection, causal=True,
+                                         feature_map=feature_map, key_stabilizer="prefix")  # (softmax's only)
     out = decode(favor_state(fa, k, v), q, k, v, keep=keep, prompt=4)[:, :, kept[kept >= 4] - 4]
     assert rel(out, expected[:, :, kept >= 4]) <= 1e-12
 
@@ -386,17 +412,18 @@ def test_no_projection_state_stays_exact_for_keys_that_overflow_exp():
                          ids=["softmax", "relu"])
 def test_fused_decode_step_equals_the_pytorch_step(kwargs, dtype):
     """One launch per position (features of q and k, state update, output) against FavorState's
-    PyTorch update: outputs and the state it leaves, with a prompt prefilled, a dropped key,
-    head dims not powers of two and m not a multiple of the m tile; NaN-filled outputs."""
+    PyTorch update: outputs and the state it leaves, with a prompt prefilled, a dropped key holding
+    NaN and inf, head dims not powers of two and m not a multiple of the m tile; NaN-filled outputs."""
     torch.manual_seed(0)
     fused, plain = (FastAttention(24, 50, causal=True, backend=backend, **kwargs) for backend in ("triton", "torch"))
     plain.load_state_dict(fused.state_dict())
     q, k, v = (t.to(dtype) for t in qkv(b=2, h=3, n=12, d=24, e=20, scale=2.0))
     keep = torch.ones(2, 12, dtype=torch.bool)
     keep[1, 6] = False
+    q[1, :, 6], k[1, :, 6], v[1, :, 6] = float("nan"), float("nan"), float("inf")  # selected away: reach nothing
     states = [favor_state(fa, k, v) for fa in (fused, plain)]
     assert states[0].fused and not states[1].fused
-    outs = [decode(state, q, k, v, keep, prompt=4) for state in states]
+    outs = [decode(state, q, k, v, keep, prompt=4, calls=None) for state in states]  # (single positions: fused)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert outs[0].dtype == dtype and torch.isfinite(outs[0]).all()
     assert rel(outs[0].double(), outs[1].double()) <= tol

@@ -431,6 +431,36 @@ def test_bad_forward_arguments(make, error, pattern):
         lm()(x, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: FastAttention(8, 12, generator=5), TypeError, "generator must be a torch.Generator or None, got int"),
+        (lambda: FastAttention(8, 12).redraw_projection_matrix("cpu", generator=True), TypeError,
+         "generator must be a torch.Generator or None, got bool"),
+        (lambda: performer_triton.gaussian_orthogonal_random_matrix(12, 8, generator="cpu"), TypeError, "generator must be"),
+        # 1.1.4's einsums raised RuntimeError here: still caught as one (ShapeError)
+        (lambda: ours_pp.softmax_kernel(torch.randn(1, 2, 9, 8), projection_matrix=torch.randn(12, 7), is_query=True),
+         RuntimeError, r"softmax_kernel: projection_matrix must have shape \(nb_features, 8\) .* got \(12, 7\)"),
+        (lambda: ours_pp.softmax_kernel(torch.randn(8), projection_matrix=torch.randn(12, 8), is_query=True),
+         ValueError, r"data must have at least 2 dimensions .* got shape \(8,\)"),
+        (lambda: ours_pp.generalized_kernel(torch.randn(1, 2, 9, 8), projection_matrix=torch.randn(12)), RuntimeError,
+         r"generalized_kernel: projection_matrix must have shape \(nb_features, 8\)"),
+    ],
+)
+def test_bad_generator_and_feature_function_arguments_are_named(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("d, pd", [(4, 1), (1, 4)])
+def test_feature_functions_broadcast_a_head_dim_of_one_as_1_1_4(d, pd):
+    """1.1.4's einsums broadcast a head dim of 1 against the projection's: still accepted, same numbers."""
+    data, P = torch.randn(1, 2, 5, d, dtype=torch.float64), torch.randn(6, pd, dtype=torch.float64)
+    for name, kw in (("softmax_kernel", dict(is_query=False)), ("generalized_kernel", {})):
+        ours, theirs = (getattr(pp, name)(data, projection_matrix=P, **kw) for pp in (ours_pp, original_pp))
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=0), name
+
+
 def test_performer_matches_1_1_4_construction_rng_order():
     """Built after the same seed, the modules draw the same initial weights and projections as 1.1.4."""
     torch.manual_seed(3)

@@ -264,8 +264,10 @@ def test_bad_state_arguments_are_refused():
     with pytest.raises(ValueError, match="key_padding_mask"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state,
                         key_padding_mask=torch.ones(2, 10, dtype=torch.bool))
-    with pytest.raises(ValueError, match="no_projection"):
-        favor_attention(q, k, v, None, causal=True, feature_map="none", output_final_state=True)
+    for n in (10, 0):  # (no keys: refused all the same, not by what the keys hold)
+        with pytest.raises(ValueError, match="no_projection.*no state"):
+            favor_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], None, causal=True, feature_map="none",
+                            output_final_state=True)
     with pytest.raises(ValueError, match=r"initial_state.hz must have shape \(2, 3, 20, 8\)"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state._replace(
             hz=state.hz[..., :5]))
@@ -275,6 +277,41 @@ def test_bad_state_arguments_are_refused():
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state, backend="triton")
     with pytest.raises(ValueError, match="causal attention only"):
         linear_attention(F.relu(q), F.relu(k), v, output_final_state=True)
+
+
+def test_final_states_and_the_decoder_never_alias_the_callers_state():
+    """The final state of a call without keys is a copy of the initial one, and a decoder loads
+    copies: its fused step updates its state in place, which would rewrite the caller's."""
+    q, k, v = qkv(n=10)
+    P = projection()
+    _, state = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
+    _, after = favor_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], P, causal=True, key_stabilizer="prefix",
+                               initial_state=state, output_final_state=True)
+    decoder = favor_state(FastAttention(12, 20, causal=True, key_stabilizer="prefix").double(), k, v)
+    decoder.load(state)
+    for made in (after, decoder.state):
+        assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(made, state))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_features_made_in_pytorch_are_fp32_with_a_state(dtype):
+    """A kernel_fn's features are made in fp32 from 16-bit rows on every path (as favor_attention
+    without a state makes them): the state, the outputs and the decoder's state are those of the
+    same rows in fp32, bit for bit (16-bit features rounded every key's contribution)."""
+    q, k, v = (t.float() for t in qkv(n=37))
+    P = projection().float()
+    low = [t.to(dtype) for t in (q, k, v)]
+    kw = dict(causal=True, feature_map=torch.nn.Softplus(), output_final_state=True)
+    out_low, state_low = favor_attention(*low, P, **kw)
+    out_f32, state_f32 = favor_attention(*(t.float() for t in low), P, **kw)
+    assert out_low.dtype == dtype and torch.equal(out_low, out_f32.to(dtype))
+    assert all(torch.equal(a, b) for a, b in zip(state_low, state_f32))
+    fa = FastAttention(12, 20, causal=True, generalized_attention=True, kernel_fn=torch.nn.Softplus())
+    decoders = [favor_state(fa, *rows[1:]) for rows in (low, [t.float() for t in low])]
+    for decoder, rows in zip(decoders, (low, [t.float() for t in low])):
+        decoder.extend(rows[1][:, :, :5], rows[2][:, :, :5])
+        decoder.step(*(t[:, :, 5:9] for t in rows))
+    assert all(torch.equal(a, b) for a, b in zip(decoders[0].state, decoders[1].state))
 
 
 def test_a_state_of_the_other_map_kind_is_refused():
@@ -340,7 +377,7 @@ def test_state_ops_pass_opcheck(use_triton):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_eager_state_calls_match_the_state_op():
-    """Eager fused calls (ops.favor_state: no torch.library dispatch) give the custom op's
+    """Eager fused calls (ops.favor_with_state: no torch.library dispatch) give the custom op's
     outputs, final state and gradients (of q, k, v and of the initial state) bit for bit."""
     from performer_triton import ops
 
@@ -350,12 +387,12 @@ def test_eager_state_calls_match_the_state_op():
     gen = torch.Generator().manual_seed(4)
     weights = [torch.randn(t.shape, generator=gen).to(t.device, t.dtype) for t in (v, s0.hz, s0.v_sum)]
     results = []
-    for fn in (ops.favor_state, ops.favor_state_fwd):
+    for fn in (ops.favor_with_state, ops.favor_state_fwd):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, s0.hz, s0.v_sum)]
         outs = fn(*leaves[:3], P, 0, True, 1e-6, *leaves[3:], s0.ref, s0.stab, True)
         loss = (outs[0] * weights[0]).sum() + (outs[5] * weights[1]).sum() + (outs[6] * weights[2]).sum()
         loss.backward()
-        assert (type(outs[0].grad_fn).__name__ == "_EagerBackward") == (fn is ops.favor_state)
+        assert (type(outs[0].grad_fn).__name__ == "_EagerBackward") == (fn is ops.favor_with_state)
         results.append([t.detach() for t in (*outs[:9], *outs[9])] + [t.grad for t in leaves])
     assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
