@@ -366,8 +366,10 @@ class ProjectionUpdater(nn.Module):
     random stream afterwards); DistributedDataParallel's default broadcast_buffers=True copies
     rank 0's projections to every rank at each forward, so replicas stay equal. With ``seed``
     (opt-in) they draw from a private generator seeded with (seed, redraw count): identical on
-    every rank without a broadcast, the global RNG untouched. Its counters are non-persistent
-    buffers, so the state_dict keys stay 1.1.4's.
+    every rank without a broadcast, the global RNG untouched. Seed and count are Python ints
+    (kept by deepcopy and pickling; a model built on the meta device keeps them too), not
+    state_dict entries, so the keys stay 1.1.4's: a run resumed from a state_dict draws its
+    redraws from count 0 again unless redraw_count is restored.
     """
 
     def __init__(self, instance: nn.Module, feature_redraw_interval: int | None, *, seed: int | None = None):
@@ -376,9 +378,8 @@ class ProjectionUpdater(nn.Module):
         self.feature_redraw_interval = feature_redraw_interval
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
         self.seeded = seed is not None
-        if self.seeded:
-            self.register_buffer("redraw_seed", torch.tensor(check_int("seed", seed, 0) % 2**63), persistent=False)
-            self.register_buffer("redraw_count", torch.tensor(0), persistent=False)
+        self.redraw_seed = None if seed is None else check_int("seed", seed, 0) % 2**63
+        self.redraw_count = 0  # seeded redraws so far
 
     def fix_projections_(self) -> None:
         self.feature_redraw_interval = None
@@ -409,7 +410,7 @@ class ProjectionUpdater(nn.Module):
             device = None if param is None or param.is_meta else param.device
             generator = None
             if self.seeded:  # (the opt-in: a private generator)
-                seed = (int(self.redraw_seed) * 1_000_003 + int(self.redraw_count)) % 2**63
+                seed = (self.redraw_seed * 1_000_003 + self.redraw_count) % 2**63
                 generator = torch.Generator().manual_seed(seed)
                 self.redraw_count += 1
             for fast_attention in find_modules(self.instance, FastAttention):

@@ -180,6 +180,25 @@ def test_export_takes_arguments_performer_pytorch_ignores(strict):
     assert torch.allclose(exported.module()(x, return_loss=True), model(x))
 
 
+def test_export_with_a_dynamic_length_and_its_limits():
+    """README "torch.compile": a causal model exports with a dynamic length from 65 on (eager's
+    outputs at every length); below 65 the saved states' chunk count of 1 is a constraint
+    violation; strict export refuses local heads (non-strict takes them)."""
+    model = _lm(feature_redraw_interval=None).eval()
+    n = torch.export.Dim("n", min=65, max=256)
+    x = torch.randint(0, 64, (1, 100), generator=torch.Generator().manual_seed(0))
+    exported = torch.export.export(model, (x,), dynamic_shapes=({1: n},)).module()
+    for length in (65, 128, 200):
+        tokens = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(length))
+        assert torch.allclose(exported(tokens), model(tokens), atol=1e-5)
+    with pytest.raises(Exception, match="onstraint"):
+        torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=256)},))
+    local = _lm(local_attn_heads=1, local_window_size=16, feature_redraw_interval=None).eval()
+    torch.export.export(local, (x[:, :64],))
+    with pytest.raises(Exception):
+        torch.export.export(local, (x[:, :64],), strict=True)
+
+
 def test_cached_generation_of_a_compiled_model_does_not_recompile_per_token():
     """AutoregressiveWrapper(torch.compile(model)).generate decodes from a cache (a global and a
     local head: both kinds of state): the prefill and the first steps compile, later tokens reuse

@@ -1,6 +1,7 @@
 """The 1.1.4 module API (names, signatures, defaults) and the documented fixes: exact masks,
 prefix stabilizer plumbing, redraw checks, tie_token_embed, repetition penalty, bad input."""
 import contextlib
+import copy
 import inspect
 import io
 import warnings
@@ -229,6 +230,26 @@ def test_redraws_follow_the_seed_not_the_global_rng():
     assert all(torch.equal(a, b) for a, b in zip(*fast))
     assert not torch.equal(fast[0][0], fast[0][1])  # layers still draw different matrices
     assert "performer.proj_updater.redraw_seed" not in models[0].state_dict()
+
+
+def test_seeded_redraws_survive_a_meta_build_and_a_copy():
+    """The seed and the redraw count are Python ints: a model built on the meta device (FSDP2's
+    recipe: to_empty, then load_state_dict) redraws what an eagerly built one does (as buffers they
+    were uninitialised memory there), and deepcopy / pickling carry the count."""
+    torch.manual_seed(0)
+    eager = PerformerLM(**SMALL, feature_redraw_interval=0, redraw_seed=1234).train()
+    with torch.device("meta"):
+        meta = PerformerLM(**SMALL, feature_redraw_interval=0, redraw_seed=1234).train()
+    meta.to_empty(device="cpu").load_state_dict(eager.state_dict())
+    eager.check_redraw_projections()
+    copied = copy.deepcopy(eager)
+    for model in (eager, meta, copied):
+        model.check_redraw_projections()
+    fast = [[m.projection_matrix for m in model.modules() if isinstance(m, FastAttention)]
+            for model in (eager, meta, copied)]
+    assert all(torch.equal(a, b) for a, b in zip(fast[0], fast[2]))  # the copy continued the count
+    meta.check_redraw_projections()  # the meta build is one redraw behind: now level with eager
+    assert all(torch.equal(a, b) for a, b in zip(fast[0], fast[1]))
 
 
 # other fixes
