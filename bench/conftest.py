@@ -49,6 +49,29 @@ def device():
     return DEVICE
 
 
+def timing_off(config) -> str | None:
+    """Why this run must not time, or None: --benchmark-disable (a correctness-only run) or a
+    pytest-xdist worker (workers share the cores, and pytest-benchmark saves nothing from them)."""
+    if config.getoption("benchmark_disable", default=False):
+        return "--benchmark-disable: correctness checked, nothing timed or asserted about time"
+    if hasattr(config, "workerinput"):
+        return ("pytest-xdist (-n) worker: workers share the cores and pytest-benchmark saves nothing from them; "
+                "run bench/ without -n (correctness checked)")
+    return None
+
+
+@pytest.fixture
+def timed(request):
+    """timed() after a benchmark's correctness check: skips the rest of the test (its timing and
+    what it asserts about time) where timing_off gives a reason, with that reason."""
+    def check() -> None:
+        reason = timing_off(request.config)
+        if reason is not None:
+            pytest.skip(reason)
+
+    return check
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     from performer_triton.cli.benchmark import device_name
 

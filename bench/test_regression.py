@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from performer_triton.cli.bench import REGRESSION_THREADS
-from performer_triton.cli.benchmark import DEFAULT_PAIRS, IMPLS, Case, make_inputs, measure_ratio, step
+from performer_triton.cli.benchmark import DEFAULT_PAIRS, IMPLS, Case, make_inputs, measure_ratio, step, verify
 
 REGRESSION_SIZES = {"cpu": (1024,), "cuda": (4096, 16384)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,13 +39,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("n", sizes, ids=[f"n{n}" for n in sizes])
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+# fwd+bwd only, as `performer-triton bench --regression`: the forward alone (~17 ms at n = 1024 on
+# CPU) moved its ratio by up to 16% between runs of unchanged code (review R14), past the 10% gate
+@pytest.mark.parametrize("backward", [True], ids=["fwd+bwd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_ratio_to_reference(benchmark, device, causal, backward, n):
+def test_ratio_to_reference(benchmark, device, timed, causal, backward, n):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     case = Case(n=n, causal=causal, backward=backward, m=256, dtype=dtype, device=device)
-    ratio = measure_ratio(case, pairs=DEFAULT_PAIRS)  # checks ours against float64 first
+    x = make_inputs(case)
+    verify(IMPLS["performer_triton"], case, x, IMPLS["performer_triton"].build(case, x))
+    timed()  # (--benchmark-disable, xdist: the check above only)
+    ratio = measure_ratio(case, pairs=DEFAULT_PAIRS)
     benchmark.group = "regression: ours / reference (compare with performer-triton bench --compare)"
     benchmark.extra_info.update(ratio.as_dict())
-    x = make_inputs(case)
     benchmark.pedantic(step(case, x, IMPLS["performer_triton"].build(case, x)), rounds=3, iterations=1)

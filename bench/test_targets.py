@@ -30,14 +30,16 @@ needs_cpu = pytest.mark.skipif(CUDA, reason="a CPU target (this machine has CUDA
 needs_gpu = pytest.mark.skipif(not CUDA, reason="a GPU target: needs a CUDA device (H100)")
 
 
-def compare(benchmark, case: Case, peer: str, *, repeats: int = 3):
-    """Ours and the peer side by side; ours also through pytest-benchmark. -> (ours, peer) Measurements."""
-    ours, theirs = side_by_side([IMPLS["performer_triton"], IMPLS[peer]], case, repeats=repeats)
-    if theirs.skipped:
-        pytest.skip(f"{peer}: {theirs.skipped}")
+def compare(benchmark, timed, case: Case, peer: str, *, repeats: int = 3):
+    """Ours (checked first) and the peer side by side; ours also through pytest-benchmark.
+    -> (ours, peer) Measurements."""
     x = make_inputs(case)
     fn = IMPLS["performer_triton"].build(case, x)
     verify(IMPLS["performer_triton"], case, x, fn)
+    timed()
+    ours, theirs = side_by_side([IMPLS["performer_triton"], IMPLS[peer]], case, repeats=repeats)
+    if theirs.skipped:
+        pytest.skip(f"{peer}: {theirs.skipped}")
     benchmark.group = f"target: {case.label}"
     benchmark.extra_info.update(
         peer=peer, peer_version=theirs.version, ours_ms=ours.seconds * 1e3, peer_ms=theirs.seconds * 1e3,
@@ -50,15 +52,15 @@ def compare(benchmark, case: Case, peer: str, *, repeats: int = 3):
 
 
 @needs_cpu
-def test_cpu_causal_vs_performer_pytorch(benchmark):
-    ours, theirs = compare(benchmark, Case(n=4096, causal=True, backward=True, m=266), "performer-pytorch")
+def test_cpu_causal_vs_performer_pytorch(benchmark, timed):
+    ours, theirs = compare(benchmark, timed, Case(n=4096, causal=True, backward=True, m=266), "performer-pytorch")
     assert theirs.seconds / ours.seconds >= 5, benchmark.extra_info
     assert theirs.peak_bytes / ours.peak_bytes >= 20, benchmark.extra_info
 
 
 @needs_cpu
-def test_cpu_noncausal_vs_performer_pytorch(benchmark):
-    ours, theirs = compare(benchmark, Case(n=4096, causal=False, backward=True, m=266), "performer-pytorch", repeats=5)
+def test_cpu_noncausal_vs_performer_pytorch(benchmark, timed):
+    ours, theirs = compare(benchmark, timed, Case(n=4096, causal=False, backward=True, m=266), "performer-pytorch", repeats=5)
     assert theirs.seconds / ours.seconds >= 1.5, benchmark.extra_info
 
 
@@ -68,13 +70,14 @@ SGEMM = 2048
 @needs_cpu
 @pytest.mark.parametrize("n", [4096, 16384])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-def test_cpu_efficiency_of_the_pytorch_path(benchmark, causal, n):
+def test_cpu_efficiency_of_the_pytorch_path(benchmark, timed, causal, n):
     """Minimal FLOPs of fwd+bwd (hardware.favor_flops_and_bytes) per second of ours, over the
     FLOP rate of a 2048^3 fp32 matmul timed in alternation with it (medians of 5 each)."""
     case = Case(n=n, causal=causal, backward=True, m=266)
     x = make_inputs(case)
     fn = IMPLS["performer_triton"].build(case, x)
     verify(IMPLS["performer_triton"], case, x, fn)
+    timed()
     run = step(case, x, fn)
     a = torch.randn(SGEMM, SGEMM)
     run()
@@ -98,8 +101,8 @@ def test_cpu_efficiency_of_the_pytorch_path(benchmark, causal, n):
 
 
 @needs_cpu
-def test_cpu_causal_16k_vs_sdpa(benchmark):
-    ours, theirs = compare(benchmark, Case(n=16384, causal=True, backward=True, m=266), "torch-sdpa", repeats=2)
+def test_cpu_causal_16k_vs_sdpa(benchmark, timed):
+    ours, theirs = compare(benchmark, timed, Case(n=16384, causal=True, backward=True, m=266), "torch-sdpa", repeats=2)
     assert ours.seconds < theirs.seconds, benchmark.extra_info
 
 
@@ -107,21 +110,21 @@ GPU = dict(b=2, h=8, d=64, m=256, dtype=torch.bfloat16, device="cuda")
 
 
 @needs_gpu
-def test_gpu_causal_vs_performer_pytorch(benchmark):
-    ours, theirs = compare(benchmark, Case(n=8192, causal=True, backward=True, **GPU), "performer-pytorch")
+def test_gpu_causal_vs_performer_pytorch(benchmark, timed):
+    ours, theirs = compare(benchmark, timed, Case(n=8192, causal=True, backward=True, **GPU), "performer-pytorch")
     assert theirs.seconds / ours.seconds >= 10, benchmark.extra_info
 
 
 @needs_gpu
-def test_gpu_causal_vs_fla(benchmark):
-    ours, theirs = compare(benchmark, Case(n=8192, causal=True, backward=True, **GPU), "fla-chunk", repeats=10)
+def test_gpu_causal_vs_fla(benchmark, timed):
+    ours, theirs = compare(benchmark, timed, Case(n=8192, causal=True, backward=True, **GPU), "fla-chunk", repeats=10)
     assert ours.seconds < theirs.seconds, benchmark.extra_info
 
 
 @needs_gpu
 @pytest.mark.parametrize("n", [4096, 8192, 16384, 32768, 65536])
-def test_gpu_causal_vs_flash_attention(benchmark, n):
-    ours, theirs = compare(benchmark, Case(n=n, causal=True, backward=True, **GPU), "torch-sdpa", repeats=10)
+def test_gpu_causal_vs_flash_attention(benchmark, timed, n):
+    ours, theirs = compare(benchmark, timed, Case(n=n, causal=True, backward=True, **GPU), "torch-sdpa", repeats=10)
     assert ours.seconds < theirs.seconds, benchmark.extra_info
 
 
@@ -178,6 +181,6 @@ SWEEP_PEERS = ["torch-sdpa", "fla-chunk", "performer-pytorch"]
 
 @needs_gpu
 @pytest.mark.parametrize("peer", SWEEP_PEERS)
-def test_gpu_sweep(benchmark, seq_len, peer):
-    compare(benchmark, Case(n=seq_len, causal=True, backward=True, **GPU), peer, repeats=5)
+def test_gpu_sweep(benchmark, timed, seq_len, peer):
+    compare(benchmark, timed, Case(n=seq_len, causal=True, backward=True, **GPU), peer, repeats=5)
     benchmark.extra_info.update(n=seq_len)
