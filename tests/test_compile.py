@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from conftest import DEVICE
+
 from performer_triton import FastAttention, PerformerLM
 
 MODES = [(False, "global"), (True, "global"), (True, "prefix")]
@@ -27,9 +29,9 @@ def test_fast_attention_compiles_fullgraph_on_the_default_path(dtype, causal, ke
     """backend="auto" (the default) with fullgraph=True: the backend decision must not break the
     graph. inductor compiles the fp32 cases; the 16-bit ones trace through aot_autograd alike
     (inductor adds only codegen, minutes on this CPU)."""
-    fa = FastAttention(16, 20, causal=causal, key_stabilizer=key_stabilizer)
+    fa = FastAttention(16, 20, causal=causal, key_stabilizer=key_stabilizer).to(DEVICE)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 37, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
     backend = "inductor" if dtype == torch.float32 else "aot_eager"
     compiled = torch.compile(fa, fullgraph=True, backend=backend)
     out = compiled(q, k, v)
@@ -38,6 +40,22 @@ def test_fast_attention_compiles_fullgraph_on_the_default_path(dtype, causal, ke
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, expected_grads))
+
+
+def test_the_kernels_decision_traces_without_a_break():
+    """What "auto" asks on CUDA (and "triton" everywhere), traced with fullgraph=True: the TF32
+    switch, the interpreter's bf16 probe, the dtype and head-dim reasons (on a CPU the test above
+    traces only auto's early return for CPU tensors)."""
+    from performer_triton import functional
+
+    def decide(q, v):
+        return torch.where(torch.tensor(functional._tf32_allowed()), q, v) if functional._use_triton(
+            "triton", q, v, True) else q
+
+    q = torch.randn(1, 2, 8, 16)
+    torch.compile(decide, fullgraph=True, backend="eager")(q, q)
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.compile(decide, fullgraph=True, backend="eager")(q.to(dtype), q.to(dtype))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -254,9 +254,15 @@ def test_key_padding_mask_excludes_padded_keys():
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("feature_map", ["softmax", "relu", "none"])
+def on_a_path(causal: bool, feature_map: str, backend: str) -> bool:
+    """Whether (causal, feature_map, backend) is a path of its own: causal 'none' runs in float64
+    on the PyTorch path whatever the backend (test_triton_backend_runs_causal_no_projection_on_the_
+    pytorch_path), so its 'triton' cases would test the PyTorch path twice."""
+    return not (causal and feature_map == "none" and backend == "triton")
+
+
+@pytest.mark.parametrize("feature_map, causal, backend", [
+    (f, c, b) for f in ("softmax", "relu", "none") for c in (False, True) for b in BACKENDS if on_a_path(c, f, b)])
 def test_fully_masked_rows_give_finite_zeros_and_gradients(backend, causal, feature_map):
     """Masked keys enter through selection: a batch row with every key padded (holding NaN) gives
     zeros, and NaN/inf in padded positions reach neither kept outputs nor any gradient."""
@@ -323,9 +329,9 @@ def test_huge_keys_or_queries_keep_every_output_finite(backend, causal, dtype, s
         assert rel(out.double().cpu(), ref) <= tol, (d, m)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature_map, backend", [
+    (f, b) for f in ("softmax", "relu", "none") for b in BACKENDS if on_a_path(True, f, b)])
 @pytest.mark.parametrize("case", CASES[1:])
-@pytest.mark.parametrize("feature_map", ["softmax", "relu", "none"])
 @pytest.mark.parametrize("n", [1, 5, 37])
 def test_causal_queries_after_a_longer_key_prefix(backend, case, feature_map, n):
     """Causal with n queries and s > n keys (the KV-cache call): the queries are the last n of
@@ -529,6 +535,21 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     with bad("float16, bfloat16 and float32"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         favor_attention(q.double(), k.double(), v.double(), projection(20, 16), backend="triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_backend_runs_causal_no_projection_on_the_pytorch_path(monkeypatch):
+    """Causal 'none' runs in float64 on the PyTorch path also with backend='triton' (README "What
+    runs where"): backend='torch''s result bit for bit, no kernel asked; non-causal 'none' takes
+    the kernels (given features)."""
+    q, k, v = (t.float().to(DEVICE) for t in qkv(n=9, d=8))
+    outs = {b: favor_attention(q, k, v, None, causal=True, feature_map="none", backend=b) for b in ("torch", "triton")}
+    assert torch.equal(outs["torch"], outs["triton"])
+    asked = []
+    monkeypatch.setattr(functional, "_given_attention", lambda *a: asked.append(a[-1]) or torch.zeros(()))
+    for causal in (True, False):
+        favor_attention(q, k, v, None, causal=causal, feature_map="none", backend="triton")
+    assert asked == [False, True]  # use_triton: the PyTorch path for causal, the kernels otherwise
 
 
 @pytest.mark.skipif(not HAS_TRITON or DEVICE != "cpu", reason="Triton's interpreter (no GPU)")
@@ -783,9 +804,11 @@ def test_prefix_nan_key_never_reaches_earlier_outputs(backend):
     assert torch.isnan(out[:, :, 140:]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [dict(key_stabilizer="prefix"), dict(), dict(feature_map="relu"),
-                                  dict(feature_map="none")], ids=["prefix", "global", "relu", "none"])
+@pytest.mark.parametrize("case, backend", [
+    pytest.param(case, b, id=f"{name}-{b}")
+    for name, case in (("prefix", dict(key_stabilizer="prefix")), ("global", {}), ("relu", dict(feature_map="relu")),
+                       ("none", dict(feature_map="none")))
+    for b in BACKENDS if on_a_path(True, case.get("feature_map", "softmax"), b)])
 def test_causal_nonfinite_values_never_reach_earlier_outputs_or_their_gradients(backend, case):
     """An inf or NaN value at position j reaches outputs from j on only, also inside j's own
     chunk (1.1.4's cumulative sums behave so; a masked (t, t) matmul gives 0 * inf = NaN), and

@@ -435,6 +435,21 @@ def test_fused_decode_step_equals_the_pytorch_step(kwargs, dtype):
         assert (a - b).nan_to_num(0.0).abs().max() <= tol * scale, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_auto_decodes_cpu_tensors_on_the_pytorch_step(monkeypatch, dtype):
+    """backend="auto" asks nothing about CPU tensors (as functional._use_triton: no interpreter,
+    no bf16 probe) and steps on the PyTorch path; "triton" takes the fused step."""
+    from performer_triton import decoding
+
+    k = torch.randn(1, 2, 3, 16, dtype=dtype)
+    for kw in (dict(key_stabilizer="prefix"), dict(generalized_attention=True)):
+        with monkeypatch.context() as patch:
+            patch.setattr(decoding, "triton_unsupported", lambda *a, **kw_: pytest.fail("'auto' asked about CPU"))
+            assert not favor_state(FastAttention(16, 20, causal=True, **kw), k, k).fused
+        if dtype != torch.bfloat16:  # (the interpreter's bf16 dot: the probe decides)
+            assert favor_state(FastAttention(16, 20, causal=True, backend="triton", **kw), k, k).fused
+
+
 def test_fused_decode_in_a_model_equals_the_pytorch_decoder():
     """A PerformerLM with backend="triton" decodes position by position with the fused step
     (one launch per layer) and gives the logits of the PyTorch decoder.  One layer: its prompt

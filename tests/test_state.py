@@ -489,11 +489,26 @@ def test_states_mean_the_same_on_every_path(name):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_states_the_kernels_do_not_take_run_on_the_pytorch_path():
+def test_states_the_kernels_do_not_take_run_on_the_pytorch_path(monkeypatch):
     """fp32, given features and heads wider than 64 with a state: backend="triton" says why,
-    backend="auto" runs the PyTorch path (the CPU here; on CUDA the same rule)."""
+    backend="auto" runs the PyTorch path: asked as on CUDA (where the kernels take the rows, "auto"
+    decides as "triton"), its outputs and final states are backend="torch"'s bit for bit (on a CPU
+    "auto" never reaches that fallback: a deleted fallback went unnoticed, review R15)."""
+    from performer_triton import functional
+
     q, k, v = (t.float().to(DEVICE) for t in qkv(n=20))
     P = projection().float().to(DEVICE)
+    real = functional._use_triton
+    monkeypatch.setattr(functional, "_use_triton", lambda backend, q_, v_, fused: real(
+        "triton" if backend == "auto" and functional.triton_unsupported(q_, v_, fused=fused) is None else backend,
+        q_, v_, fused))
+    wide = torch.randn(2, 3, 20, 72, dtype=torch.float16, device=DEVICE)
+    for args, kw in (((q, k, v, P), dict(key_stabilizer="prefix")),
+                     ((q.half(), k.half(), v.half(), P.half()), dict(feature_map=torch.nn.Softplus())),
+                     ((q.half(), k.half(), wide, P.half()), dict(key_stabilizer="prefix"))):
+        outs = [favor_attention(*args, causal=True, output_final_state=True, backend=backend, **kw)
+                for backend in ("auto", "torch")]
+        assert torch.equal(outs[0][0], outs[1][0]) and all(map(torch.equal, outs[0][1], outs[1][1])), kw
     with pytest.raises(ValueError, match="float16 and bfloat16"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True, backend="triton")
     with pytest.raises(ValueError, match="own feature maps"):
