@@ -377,7 +377,6 @@ class LocalWindowState:
         freqs = torch.cat((freqs, freqs), dim=-1)  # (t, d)
         return x * freqs.cos() + rotate_half(x) * freqs.sin()
 
-    @_as_favor_attention
     def read(self, q: Tensor) -> Tensor:
         """Output of the query q (b, h, 1, d) at the newest position -> (b, h, 1, e)."""
         frame = self._frame(self.length - 1)
