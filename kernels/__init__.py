@@ -17,6 +17,7 @@ SOFTMAX_EPS = 1e-4  # added to softmax random features (1.1.4's softmax_kernel e
 GENERALIZED_EPS = 1e-3  # added to generalized features (1.1.4's kernel_epsilon)
 CAUSAL_EPS = 1e-6  # added to every key-feature prefix sum in the causal denominator
 
+
 def head_scale(d: int) -> float:
     """dn = d**-0.25, the scale of rows x in dash = (dn x) @ P^T (1 for d = 0: GIVEN)."""
     return d**-0.25 if d else 1.0

@@ -54,9 +54,10 @@ def _step_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E + 1)  # (BV,) value columns, then the z / count column E
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)  # (BD,)
-    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)  # (BD,)
-    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + o_v, mask=o_v < E, other=0.0)  # (BV,)
+    # the position's rows: q, k (BD,) fp32, v (BV,)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + o_v, mask=o_v < E, other=0.0)
     b_vo = tl.where(o_v == E, 1.0, b_v.to(tl.float32))  # (BV,) [v, 1]
     if HAS_KEEP:
         kept = tl.load(keep + i_b) != 0  # ()

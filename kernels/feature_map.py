@@ -50,7 +50,6 @@ FM_GENERALIZED_EPS = tl.constexpr(GENERALIZED_EPS)
 PRECISION = "tf32"
 
 
-
 # ----------------------------------------------------------------------------- addresses
 
 

@@ -132,11 +132,15 @@ def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
 def _as_favor_attention(method):
     """method(self, *args) on its floating tensors cast as favor_attention casts them under
     torch.autocast (to the autocast dtype), then with autocast off: the state's products in the
-    compute dtype as the full path's, and outputs in the rows' dtype."""
+    compute dtype as the full path's, and outputs in the rows' dtype.  Without autocast (calls
+    nested in one that turned it off included: step's extend and read) the method itself."""
     off = autocast_off(method)
 
     @functools.wraps(method)
     def run(self, *args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return method(self, *args)
         rows = iter(_autocast(*(a for a in args if isinstance(a, Tensor) and a.is_floating_point())))
         return off(self, *(next(rows) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args))
 

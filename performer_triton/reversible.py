@@ -206,7 +206,6 @@ class ReversibleSequence(nn.Module):
             {"f_args": f_args, "g_args": g_args}
             for f_args, g_args in _layer_args(self.args_route, kwargs, len(self.blocks))
         ]
-        trained = any(p.requires_grad for p in self.blocks.parameters())
         if torch.is_grad_enabled() and kwargs.get("cache") is not None:
             # a decoding cache moves on with every call of a layer: the backward's recomputation
             # would add the keys to it twice (wrong gradients, a corrupted cache), so under
@@ -214,6 +213,7 @@ class ReversibleSequence(nn.Module):
             for block, kw in zip(self.blocks, args):
                 x = block.coupled(x, **kw)
         else:
+            trained = any(p.requires_grad for p in self.blocks.parameters())
             if torch.is_grad_enabled() and trained and not x.requires_grad:
                 # the blocks' parameters reach autograd only through x (their gradients accumulate
                 # in the function's backward): an input without grad (frozen embeddings) left the

@@ -52,11 +52,10 @@ def check_tensor(name: str, t: object, ndim: int) -> Tensor:
     return t
 
 
-def check_generator(generator: object) -> torch.Generator | None:
-    """A private torch.Generator to draw from, or None (the global RNG)."""
+def check_generator(generator: object) -> None:
+    """generator: a private torch.Generator to draw from, or None (the global RNG)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
-    return generator
 
 
 def check_feature_input(data: object, projection_matrix: object, what: str, *, optional: bool = False) -> None:
