@@ -85,12 +85,13 @@ kernel and check with a reason).  Per call it reports:
   its sm_90 compile: slots = ctas_per_sm * 132 SMs, waves = ceil(programs / slots), quantisation
   q = waves * slots / programs; time = max(tensor-core FLOPs * duplication / 990 TFLOP/s (bf16/fp16;
   495 for fp32 as tf32) * q, exps * duplication / (16 * 132 * 1.75e9 /s MUFU.EX2) * q, HBM bytes /
-  3.35 TB/s) + chain steps * 0.7 us * waves + 5 us launch/host time.  HBM bytes of a launch: every
-  distinct tensor argument's storage once (re-reads taken as L2 hits).  Chain steps: the
+  3.35 TB/s) + chain steps * step latency * waves + 5 us launch/host time.  HBM bytes of a launch:
+  every distinct tensor argument's storage once (re-reads taken as L2 hits).  Chain steps: the
   iterations of a program's sequential walk, from the launch arguments as CHAIN_STEPS gives them
-  (causal _state and _dstate: cdiv(NT - 1, 2), two chunks per step; non-causal split kernels
-  NTS), 0 for other kernels.  Each torch op adds 5 us.  A call sums its
-  launches.
+  (causal _state_scan and _dstate_scan: NT - 1, 0.35 us each, an HBM round trip over two steps,
+  the loads issued two steps ahead; walks that compute features in every step, 4.4 us each as
+  measured on the H200: non-causal split kernels NTS), 0 for other kernels.  Each torch op adds
+  5 us.  A call sums its launches.
 - roofline_us = max(minimal FLOPs / 990 TFLOP/s, (inputs read once + outputs written once) /
   3.35 TB/s, minimal exps / MUFU rate); minimal FLOPs per row: forward 2 m (2 d + 2 e) (features
   of q and k, k'^T v, q' @ state), backward twice that.
@@ -799,15 +800,23 @@ SMS, CLOCK_HZ = 132, 1.75e9
 TC_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 495e12}  # dense; fp32 dots run as tf32
 MUFU_PER_S = 16 * SMS * CLOCK_HZ  # MUFU.EX2: 16 per clock per SM
 HBM_BYTES_PER_S = 3.35e12
-STEP_US = 0.7  # one exposed HBM round trip per step of a sequential chunk walk
+# Exposed latency of one step of a sequential chunk walk: a step that only rescales and adds tiles
+# its loads brought ahead (a scan) waits for an HBM round trip (half of one when they are issued
+# two steps ahead); a step that computes features
+# first (dot, row max, exponentials, then the dot its update needs) waits for that chain too:
+# 4.4 us measured per step of the causal forward walk that did so (H200, 2026-12-04: 283 us for
+# 64 steps; its reverse walk 6.0 us, the non-causal split walks ~3.4 us).
+STEP_US = 0.7
+FEATURE_STEP_US = 4.4
 LAUNCH_US = 5.0  # host + launch time per Triton launch or torch op
 # Kernels whose programs walk the sequence's chunks one after another (a latency chain): the
-# steps of one program's walk (its loop's iterations) from the launch's arguments.
+# steps of one program's walk (its loop's iterations) from the launch's arguments, and the
+# exposed latency of a step.
 CHAIN_STEPS = {
-    "causal._state_kernel": lambda a: -(-(a["NT"] - 1) // 2),  # two chunks per step
-    "causal._dstate_kernel": lambda a: -(-(a["NT"] - 1) // 2),  # two chunks per step
-    "noncausal._state_kernel": lambda a: a["NTS"],
-    "noncausal._dstate_kernel": lambda a: a["NTS"],
+    "causal._state_scan_kernel": (lambda a: a["NT"] - 1, STEP_US / 2),  # its loads issued two steps ahead
+    "causal._dstate_scan_kernel": (lambda a: a["NT"] - 1, STEP_US / 2),
+    "noncausal._state_kernel": (lambda a: a["NTS"], FEATURE_STEP_US),
+    "noncausal._dstate_kernel": (lambda a: a["NTS"], FEATURE_STEP_US),
 }
 
 # Accepted failures of the --target checks: kernel name, or "kernel name@sm_NN" for one arch ->
@@ -1064,11 +1073,11 @@ def estimate_kernel(r: Result, launch: Launch, exps: int, flops: int, dtype: str
     tc_us = dup * flops / TC_FLOPS[dtype] * quant * 1e6
     mufu_us = dup * exps / MUFU_PER_S * quant * 1e6
     hbm_us = _launch_bytes(launch) / HBM_BYTES_PER_S * 1e6
-    steps = 0
-    steps_of = CHAIN_STEPS.get(r.kernel)
-    if steps_of:
-        steps = steps_of(_launch_args(launch))
-    chain_us = steps * STEP_US * waves
+    steps, step_us = 0, 0.0
+    chain = CHAIN_STEPS.get(r.kernel)
+    if chain:
+        steps, step_us = chain[0](_launch_args(launch)), chain[1]
+    chain_us = steps * step_us * waves
     total = max(tc_us, mufu_us, hbm_us) + chain_us + LAUNCH_US
     return dict(kernel=r.kernel, programs=programs, waves=waves, tc_us=tc_us, mufu_us=mufu_us, hbm_us=hbm_us,
                 chain_steps=steps, chain_us=chain_us, us=total, exps=dup * exps, flops=dup * flops,

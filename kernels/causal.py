@@ -6,14 +6,21 @@ Implements the launcher contract of kernels/NOTES.md for causal attention (n == 
 and P (kernels/feature_map.py) and never written to global memory.
 
 Per (b, h) the sequence is cut into NT chunks of BT positions:
-  _state_kernel    grid (b*h, m tiles): sequential over chunks (two per step), writes the key
-                   state H_c (bf16 for 16-bit inputs), z_c and the value sum before every chunk,
-                   referenced to R_c, and the chunk vectors c_ref, c_stab (the stabilizers).
+  _chunk_state_kernel  grid (b*h, NT, m tiles): every chunk's own key state at once (the
+                   features of its keys), referenced to its own max of k_scale.
+  _state_scan_kernel   grid (b*h, m tiles): sequential over chunks, rescales and adds them into
+                   the key state H_c (bf16 for 16-bit inputs), z_c and the value sum before
+                   every chunk, referenced to R_c, and the chunk vectors c_ref, c_stab (the
+                   stabilizers).  The walk's steps compute nothing but the sums: features in
+                   every step made each one wait ~4 us (H200, kernels/NOTES.md).
   _output_kernel   grid (b*h, NT): out = inter (q~ @ H_c) + intra (masked score tile @ v).
                    The key states are returned for the backward, which reads them again.
   _dd_kernel       grid (b*h, NT): dD = -rden (g . out) per row, the backward's one read of out.
-  _dstate_kernel   grid (b*h, m tiles): reverse walk, writes dH_c, dz_c (referenced to M at the
-                   chunk's last row) and partial eps sums of the later queries.
+  _chunk_dstate_kernel  grid (b*h, NT, m tiles): every chunk's own reverse state at once (the
+                   features of its queries).
+  _dstate_scan_kernel   grid (b*h, m tiles): reverse scan over chunks, writes dH_c, dz_c
+                   (referenced to M at the chunk's last row) and partial eps sums of the later
+                   queries.
   _bwd_qk_kernel   grid (b*h, NT NK), launched twice: dq (KEYS False; inter via the forward
                    states) and dk (KEYS True; inter via the reverse states) of one chunk, intra
                    via the (BT, BT) tile.
@@ -68,25 +75,14 @@ def row_stabilizer(b_kmax, m_t, s_in, PREFIX: tl.constexpr):
 
 
 @triton.jit
-def _key_stats(k_max, k_scale, o_row, i_c, BT: tl.constexpr, N):
-    """k_max (0 on padded rows: finite features) and k_scale (-inf there: 0 weights) of chunk i_c,
-    (BT,) each."""
-    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
-    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    return b_kmax, b_kscale
-
-
-@triton.jit
-def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, stride_kn, stride_vn, o_d, m_d, o_m,
-                     m_m, o_v, m_v, dn, FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                     BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr,
-                     STATE: tl.constexpr):
-    """What chunk i_c's keys add to a key state referenced to r_ref (>= their k_scale):
-    F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32, F = U exp(k_scale - r_ref) <= 1.
+def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, o_t, m_t, D, stride_kn, stride_vn, o_d, m_d,
+                     o_m, m_m, o_v, m_v, dn, FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                     BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
+    """What the keys of rows o_t (mask m_t) add to a key state referenced to r_ref (>= their
+    k_scale): F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32, F = U exp(k_scale - r_ref)
+    <= 1 (0 on masked rows, also where r_ref is -inf: a chunk without rows adds 0, not NaN).
     BK == BD: k as a resident (BT, BD) tile against the resident projection tile b_p; BK < BD
     (fp32 heads wider than 64) k and P in BK-wide chunks (NOTES "Wide heads")."""
-    o_t, m_t = block_range(i_c, BT, N)  # (BT,)
     if BK == BD:
         b_k = load_fused_rows(p_k, o_t, m_t, stride_kn, o_d, m_d, BT, BD, FEATURE)  # (BT, BD)
         b_kf, _ = features(p_k, b_k, b_p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, dn, FEATURE, False,
@@ -94,9 +90,7 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
     else:
         b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-    b_e = b_kscale - r_ref  # (BT,) <= 0; -inf past the chunk's end
-    if STATE:  # a packed sequence without keys has r_ref = -inf too: its rows add 0, not NaN
-        b_e = tl.where(m_t, b_e, float("-inf"))
+    b_e = tl.where(m_t, b_kscale - r_ref, float("-inf"))  # (BT,) <= 0
     b_kk = b_kf * tl.exp(b_e)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
     b_hc = dot(tl.trans(b_kk.to(b_v.dtype)), b_v, None, PRECISION)  # (BM, BV)
@@ -104,10 +98,9 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, i_c, N, D, strid
 
 
 @triton.jit
-def _state_kernel(
-    k, v, p, k_max, k_scale, c_ref, c_stab,
-    h_state, z_state, v_state,
-    hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f, cu_seqlens, chunk_first,
+def _chunk_state_kernel(
+    k, v, p, k_max, k_scale, c_rloc, c_sloc,
+    h_state, z_state, v_state, hz_f, vs_f, cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
@@ -115,131 +108,176 @@ def _state_kernel(
     NK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """State before every chunk c, for one m tile:
-    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype), z_c the same
-    with v = 1 and vsum_c = sum_{j < c BT} v_j (fp32), R_c = max_{j < c BT} k_scale_j.
-    The first m tile also writes the chunk vectors (b*h, NT + 1): c_ref[c] = R_c and
-    c_stab[c] = max_{j < c BT} k_max_j, c_stab[NT] = the max over every key (-inf before any).
-
-    Each step of the walk takes two chunks: their contributions are independent dots, so the
-    chain from one step to the next is two scaled adds, half as many steps as chunks.
-
-    STATE (NOTES "Attention state"): the walk starts from the state hz0 (b*h, M, E + 1) = [H | z],
-    vs0 (b*h, E + 1) = [value sum | count], ref0, stab0 (b*h,) instead of no keys, and writes the
-    state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout).
-    VARLEN (NOTES "Packed sequences"): program row i_nh walks the NC chunks of sequence i_nh // H
-    of a pack (feature_map.sequence_span: its rows, state slots and chunk vectors)."""
-    i_nh, i_m = tl.program_id(0), tl.program_id(1)
+    """One chunk's own key state, for one m tile, every chunk at once (grid: block_grid's
+    (b*h, chunks) or a pack's (chunk slots, h), then m tiles): H = sum_j U_j exp(k_scale_j - r) v_j^T,
+    z the same with v = 1 and vsum = sum_j v_j over the chunk's keys, referenced to r = the max of
+    their k_scale.  Stored where _state_scan_kernel turns them into the states before every
+    chunk: in the slot of the state after the chunk (o_st + c + 1), the last chunk's (needed with
+    STATE only: the final state) in hz_f (b*h, M, E + 1) = [H | z] and vs_f (b*h, E + 1).  The
+    first m tile writes r and the chunk's max of k_max into the scratch vectors c_rloc, c_sloc
+    (b*h, NT + NS) at the chunk vectors' index c + 1 (o_cs), the last chunk's too."""
+    i_h, i_g = block_program(VARLEN)
+    i_m = tl.program_id(2)
+    i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     D, E, stride_kb = aligned(D, AL), aligned(E, AV), aligned(stride_kb, AL)
     stride_kh, stride_kn, stride_vb = aligned(stride_kh, AL), aligned(stride_kn, AL), aligned(stride_vb, AV)
     stride_vh, stride_vn = aligned(stride_vh, AV), aligned(stride_vn, AV)
+    o_t, m_t = block_range(i_c, BT, T)  # (BT,) this chunk's keys
+    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
+    # k_max 0 on padded rows (finite features), k_scale -inf there (0 weights)
+    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
+    b_kscale = tl.load(k_scale + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
+    r_loc = tl.max(b_kscale, axis=0)  # -inf for a chunk without rows (an empty packed sequence)
+    m_first = i_m == 0
+    tl.store(c_rloc + o_cs + i_c + 1, r_loc, mask=m_first)
+    tl.store(c_sloc + o_cs + i_c + 1, tl.max(tl.where(m_t, b_kmax, float("-inf")), axis=0), mask=m_first)
+    if i_c < NC - 1 + STATE:  # the last chunk's keys enter no stored state but the final one
+        o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+        o_d, m_d = block_range(0, BD, D)  # (BD,)
+        o_v, m_v = block_range(0, BV, E)  # (BV,)
+        m_vs = o_v < tl.where(m_first, E, 0)  # (BV,) the value sum: the first m tile's
+        m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
+        p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
+        p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
+        if BK == BD:
+            b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
+        else:
+            b_p = tl.zeros([BM, BK], dtype=p.dtype.element_ty)  # (BM, BK) unused: P read in chunks
+        b_h, b_z, b_vs = _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_loc, o_t, m_t, D, stride_kn,
+                                          stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
+                                          NK, PRECISION)  # (BM, BV), (BM,), (BV,)
+        if i_c + 1 < NC:
+            o_s = o_st + i_c + 1
+            tl.store(h_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_h.to(h_state.dtype.element_ty),
+                     mask=m_hv)
+            tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
+            tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
+        else:
+            p_hf = hz_f + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+            tl.store(p_hf[:, None] + o_v[None, :], b_h, mask=m_hv)
+            tl.store(p_hf + E, b_z, mask=m_m)
+            tl.store(vs_f + i_nh.to(tl.int64) * (E + 1) + o_v, b_vs, mask=m_vs)
+
+
+@triton.jit
+def _rescaled(r_run, r_new):
+    """exp(r_run - r_new) <= 1, the factor moving a sum referenced to r_run to r_new = max(r_run, .):
+    1 where they are equal (-inf for both before any key: no NaN factor)."""
+    return tl.where(r_run == r_new, 1.0, tl.exp(r_run - r_new))
+
+
+@triton.jit
+def _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c, NC, M, E, o_m, m_m, o_v, m_vs):
+    """What _chunk_state_kernel left for _state_scan_kernel at index i_c (>= 1): chunk i_c - 1's
+    own state in slot i_c: (BM, BV) in h_state's dtype, (BM,) and (BV,) fp32 (0 from i_c = NC on:
+    no slot), and its r and max of k_max (the chunk vectors' index i_c, NC + 1 of them: -inf past
+    them)."""
+    m_s = o_m * 0 + i_c < NC  # (BM,) vector masks: the interpreter rejects a scalar one broadcast to a tile
+    m_sv = o_v * 0 + i_c < NC  # (BV,)
+    o_s = o_st + i_c
+    # in h_state's dtype: converted where it is used (converted here, the load's wait would be here too)
+    b_hc = tl.load(p_hs + o_s * M * E, mask=(m_m & m_s)[:, None] & m_sv[None, :], other=0.0)
+    b_zc = tl.load(z_state + o_s * M + o_m, mask=m_m & m_s, other=0.0)  # (BM,)
+    b_vc = tl.load(v_state + o_s * E + o_v, mask=m_vs & m_sv, other=0.0)  # (BV,)
+    r_loc = tl.load(c_rloc + o_cs + i_c, mask=i_c <= NC, other=float("-inf"))
+    s_loc = tl.load(c_sloc + o_cs + i_c, mask=i_c <= NC, other=float("-inf"))
+    return b_hc, b_zc, b_vc, r_loc, s_loc
+
+
+@triton.jit
+def _state_scan_kernel(
+    c_rloc, c_sloc, c_ref, c_stab, h_state, z_state, v_state,
+    hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f, cu_seqlens, chunk_first,
+    H, N, M, E, NT, NS,
+    FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    STATE: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """State before every chunk c from the chunks' own (_chunk_state_kernel's), for one m tile:
+    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype, over the
+    chunk's own in slot c), z_c the same with v = 1 and vsum_c = sum_{j < c BT} v_j (fp32),
+    R_c = max_{j < c BT} k_scale_j, and the chunk vectors (b*h, NT + 1) c_ref[c] = R_c and
+    c_stab[c] = max_{j < c BT} k_max_j, c_stab[NT] = the max over every key (-inf before any),
+    c_ref[NT] = R after every key (the first m tile).  A step rescales and adds (m tile, e)
+    tiles that no step computes: the loads run ahead of the chain.
+
+    STATE (NOTES "Attention state"): the scan starts from the state hz0 (b*h, M, E + 1) = [H | z],
+    vs0 (b*h, E + 1) = [value sum | count], ref0, stab0 (b*h,) instead of no keys, and writes the
+    state after the last chunk to hz_f, vs_f, ref_f, stab_f (fp32, same layout; hz_f and vs_f
+    held the last chunk's own).
+    VARLEN (NOTES "Packed sequences"): program row i_nh scans the NC chunks of sequence i_nh // H
+    of a pack (feature_map.sequence_span: its state slots and chunk vectors)."""
+    i_nh, i_m = tl.program_id(0), tl.program_id(1)
+    E = aligned(E, AV)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
-    o_d, m_d = block_range(0, BD, D)  # (BD,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     m_first = i_m == 0  # the value sum and the chunk vectors are written by the first m tile
     m_vs = o_v < tl.where(m_first, E, 0)  # (BV,)
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
     i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
-    p_k = bh_base(k, i_bh, H, stride_kb, stride_kh) + bos * stride_kn
-    p_v = bh_base(v, i_bh, H, stride_vb, stride_vh) + bos * stride_vn
-    o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
     p_hs = h_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
-    if BK == BD:
-        b_p = load_fused_rows(p, o_m, m_m, D, o_d, m_d, BM, BD, FEATURE)  # (BM, BD)
-    else:
-        b_p = tl.zeros([BM, BK], dtype=p.dtype.element_ty)  # (BM, BK) unused: P read in chunks
     if STATE:
         p_h0 = hz0 + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
         b_h = tl.load(p_h0[:, None] + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)  # (BM, BV)
         b_z = tl.load(p_h0 + E, mask=m_m, other=0.0).to(tl.float32)  # (BM,)
         b_vs = tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + o_v, mask=m_v, other=0.0).to(tl.float32)  # (BV,)
-        r_prev = tl.load(ref0 + i_nh).to(tl.float32)  # R_0: the state's reference
+        r_run = tl.load(ref0 + i_nh).to(tl.float32)  # R_0: the state's reference
         s_run = tl.load(stab0 + i_nh).to(tl.float32)  # its max of k_max
     else:
         b_h = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
         b_z = tl.zeros([BM], dtype=tl.float32)  # (BM,)
         b_vs = tl.zeros([BV], dtype=tl.float32)  # (BV,)
-        r_prev = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
+        r_run = tl.full([], float("-inf"), dtype=tl.float32)  # R_0: no keys yet
         s_run = tl.full([], float("-inf"), dtype=tl.float32)  # max of k_max over the keys so far
     store_state(p_hs + o_st * M * E, b_h, m_hv, PRECISION)
     tl.store(z_state + o_st * M + o_m, b_z, mask=m_m)
     tl.store(v_state + o_st * E + o_v, b_vs, mask=m_vs)
-    tl.store(c_ref + o_cs, r_prev, mask=m_first)
+    tl.store(c_ref + o_cs, r_run, mask=m_first)
     tl.store(c_stab + o_cs, s_run, mask=m_first)
-    # the stats of the step's two chunks, loaded one step ahead (loads that feed no dot are
-    # otherwise left synchronous by the pipeliner)
-    b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, 0, BT, T)  # (BT,) x2
-    b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, 1, BT, T)  # (BT,) x2
-    # STATE: one more step when NC is odd, its chunk a the last one (for the final state) and its
-    # chunk b none (no rows: it adds nothing); the states past NC - 1 are not stored
-    for i_p in range(0, tl.cdiv(NC - 1 + STATE, 2)):
-        i_c = 2 * i_p + 1  # states i_c (after chunk a = i_c - 1) and i_c + 1 (after chunk b = i_c < NC)
-        m_ta = block_range(i_c - 1, BT, T)[1]  # (BT,)
-        m_tb = block_range(i_c, BT, T)[1]  # (BT,)
-        r_a = tl.maximum(r_prev, tl.max(b_kscale_a, axis=0))  # running maxima: every decay is <= 1
-        r_b = tl.maximum(r_a, tl.max(b_kscale_b, axis=0))
-        s_a = tl.maximum(s_run, tl.max(tl.where(m_ta, b_kmax_a, float("-inf")), axis=0))
-        s_b = tl.maximum(s_a, tl.max(tl.where(m_tb, b_kmax_b, float("-inf")), axis=0))
-        b_ha, b_za, b_va = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_a, b_kscale_a, r_a, i_c - 1, T, D, stride_kn,
-                                            stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
-                                            NK, PRECISION, STATE)
-        b_decay = tl.exp(r_prev - r_a)  # (0 on the first chunk, whose state is 0)
-        if STATE:  # equal references, -inf for a packed sequence without keys: no NaN factor
-            b_decay = tl.where(r_a == r_prev, 1.0, b_decay)
-        b_h = b_h * b_decay + b_ha
-        b_z = b_z * b_decay + b_za
-        b_vs += b_va
+    # two steps ahead (slots 1 and 2 first): a step's loads have two steps to arrive, and loads
+    # that feed no dot are otherwise synchronous
+    b_hc, b_zc, b_vc, r_loc, s_loc = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 1, NC, M, E,
+                                                o_m, m_m, o_v, m_vs)
+    b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 2, NC, M,
+                                                  E, o_m, m_m, o_v, m_vs)
+    for i_c in range(1, NC):  # the state after chunk i_c - 1, over that chunk's own in slot i_c
+        r_new = tl.maximum(r_run, r_loc)  # running maxima: every factor is <= 1
+        f_run, f_loc = _rescaled(r_run, r_new), _rescaled(r_loc, r_new)
+        b_h = b_h * f_run + b_hc.to(tl.float32) * f_loc
+        b_z = b_z * f_run + b_zc * f_loc
+        b_vs += b_vc
+        s_run = tl.maximum(s_run, s_loc)
+        r_run = r_new
+        b_hc, b_zc, b_vc, r_loc, s_loc = b_hn, b_zn, b_vn, r_next, s_next
+        b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c + 2,
+                                                      NC, M, E, o_m, m_m, o_v, m_vs)
         o_s = o_st + i_c
-        if STATE:  # (BM,) and (BV,) masks: no state i_c = NC
-            m_am = m_m & (o_m * 0 + i_c < NC)
-            m_av = m_v & (o_v * 0 + i_c < NC)
-            store_state(p_hs + o_s * M * E, b_h, m_am[:, None] & m_av[None, :], PRECISION)
-            tl.store(z_state + o_s * M + o_m, b_z, mask=m_am)
-            tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs & m_av)
-        else:
-            store_state(p_hs + o_s * M * E, b_h, m_hv, PRECISION)
-            tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
-            tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
-        tl.store(c_ref + o_cs + i_c, r_a, mask=m_first)
-        tl.store(c_stab + o_cs + i_c, s_a, mask=m_first)
-        # chunk b after chunk a's state is stored: both in flight at once spill on sm_90a
-        b_hb, b_zb, b_vb = _chunk_key_state(p_k, p_v, p, b_p, b_kmax_b, b_kscale_b, r_b, i_c, T, D, stride_kn,
-                                            stride_vn, o_d, m_d, o_m, m_m, o_v, m_v, dn, FEATURE, BT, BM, BD, BK,
-                                            NK, PRECISION, STATE)
-        b_kmax_a, b_kscale_a = _key_stats(k_max, k_scale, o_row, i_c + 1, BT, T)
-        b_kmax_b, b_kscale_b = _key_stats(k_max, k_scale, o_row, i_c + 2, BT, T)
-        # no state after chunk b when it is the last: (BM,) and (BV,) masks (a scalar one broadcast
-        # against a tile is rejected by the interpreter)
-        m_nm = m_m & (o_m * 0 + i_c + 1 < NC)  # (BM,)
-        m_nv = o_v * 0 + i_c + 1 < NC  # (BV,)
-        b_decay = tl.exp(r_a - r_b)
-        if STATE:
-            b_decay = tl.where(r_b == r_a, 1.0, b_decay)
-        b_h = b_h * b_decay + b_hb
-        b_z = b_z * b_decay + b_zb
-        b_vs += b_vb
-        store_state(p_hs + (o_s + 1) * M * E, b_h, m_nm[:, None] & m_v[None, :] & m_nv[None, :], PRECISION)
-        tl.store(z_state + (o_s + 1) * M + o_m, b_z, mask=m_nm)
-        tl.store(v_state + (o_s + 1) * E + o_v, b_vs, mask=m_vs & m_nv)
-        # index NC after the last chunk: c_stab's global max, which s_b then is (c_ref[NC] is unused)
-        tl.store(c_ref + o_cs + i_c + 1, r_b, mask=m_first & (i_c + 1 <= NC))
-        tl.store(c_stab + o_cs + i_c + 1, s_b, mask=m_first & (i_c + 1 <= NC))
-        r_prev, s_run = r_b, s_b
-    # the last chunk's keys enter only the global max (again, if the last step took them);
-    # c_ref[NC] is unused but written: the op's outputs are a function of its inputs (opcheck)
-    o_t, m_t = block_range(NC - 1, BT, T)  # (BT,)
-    b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=float("-inf"))  # (BT,)
-    tl.store(c_stab + o_cs + NC, tl.maximum(s_run, tl.max(b_kmax, axis=0)), mask=m_first)
-    tl.store(c_ref + o_cs + NC, r_prev, mask=m_first)
-    if STATE:  # the walk took every chunk: the state after the last one
-        p_hf = hz_f + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,)
-        tl.store(p_hf[:, None] + o_v[None, :], b_h, mask=m_hv)
-        tl.store(p_hf + E, b_z, mask=m_m)
+        store_state(p_hs + o_s * M * E, b_h, m_hv, PRECISION)
+        tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
+        tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
+        tl.store(c_ref + o_cs + i_c, r_run, mask=m_first)
+        tl.store(c_stab + o_cs + i_c, s_run, mask=m_first)
+    # the last chunk's keys (r_loc, s_loc: index NC): the global max, the reference after every
+    # key, with STATE the final state
+    r_new = tl.maximum(r_run, r_loc)
+    s_run = tl.maximum(s_run, s_loc)
+    tl.store(c_ref + o_cs + NC, r_new, mask=m_first)
+    tl.store(c_stab + o_cs + NC, s_run, mask=m_first)
+    if STATE:
+        f_run, f_loc = _rescaled(r_run, r_new), _rescaled(r_loc, r_new)
+        p_hf = hz_f + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
+        b_hc = tl.load(p_hf[:, None] + o_v[None, :], mask=m_hv, other=0.0)  # (BM, BV) the last chunk's own
+        b_zc = tl.load(p_hf + E, mask=m_m, other=0.0)  # (BM,)
+        tl.store(p_hf[:, None] + o_v[None, :], b_h * f_run + b_hc * f_loc, mask=m_hv)
+        tl.store(p_hf + E, b_z * f_run + b_zc * f_loc, mask=m_m)
         p_vf = vs_f + i_nh.to(tl.int64) * (E + 1)
+        b_vs += tl.load(p_vf + o_v, mask=m_vs, other=0.0)
         tl.store(p_vf + o_v, b_vs, mask=m_vs)
         n_before = tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # the state's key count
         tl.store(p_vf + E, n_before + T, mask=m_first)
-        tl.store(ref_f + i_nh, r_prev, mask=m_first)
+        tl.store(ref_f + i_nh, r_new, mask=m_first)
         if FEATURE != FM_SOFTMAX:  # no stabilizer: M stays as the state had it (the decoder's -inf)
             s_run = tl.load(stab0 + i_nh).to(tl.float32)
         tl.store(stab_f + i_nh, s_run, mask=m_first)
@@ -259,7 +297,7 @@ def _output_kernel(
     """out_i = N_i / D_i for the BT queries of one chunk (NOTES "Causal forward"), and rden = 1 / D.
     BK == BD keeps the chunk's (BT, BD) q and k tiles in registers; BK < BD (fp32 heads wider
     than 64, where those tiles spill) reads them in BK-wide chunks per m tile (NOTES "Wide heads").
-    STATE: the keys before the call count vs0[b*h, E] in the eps part (the state walk started
+    STATE: the keys before the call count vs0[b*h, E] in the eps part (the state scan started
     from their sums)."""
     i_h, i_g = block_program(VARLEN)
     i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
@@ -406,9 +444,9 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
 
 
 @triton.jit
-def _dstate_kernel(
-    q, p, g, dd, rden, q_max, k_max, c_ref, c_stab,
-    dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, cu_seqlens, chunk_first,
+def _chunk_dstate_kernel(
+    q, p, g, dd, rden, q_max, k_max, c_stab,
+    dh_state, dz_state, dns_state, dhz0, dvs0, cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
@@ -416,103 +454,138 @@ def _dstate_kernel(
     BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr, STATE: tl.constexpr,
     AL: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Reverse states for every chunk c, one m tile, over the queries after chunk c:
-    dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in dh_state's dtype), dz_c = same with dD_i,
-    Mend_c = M at the chunk's last position (stab_before chunk c + 1); dns_c = sum_i
-    (sum_{f in tile} q~_if) dN_i (partial over m tiles).  Two chunks per step, as _state_kernel.
-
-    STATE (a forward from a state, NOTES "Attention state"): the walk goes on over chunk 0's
-    queries to the state before the call, and writes the initial state's gradients: dhz0
-    (b*h, M, E + 1) = exp(R0 - M0) [dH, dz]_-1 + exp(R0 - R_f) [gh_f, gz_f] (0 for an empty
-    state, R0 = -inf; gh_f (b*h, M, E), gz_f (b*h, M) the final state's H and z gradients, R0 =
-    c_ref[0], R_f = c_ref[NC]) and dvs0 (b*h, NM, E) this m tile's sum_i sq_i dN_i over every
-    query (the launcher sums the tiles and scales by the eps)."""
-    i_nh, i_m = tl.program_id(0), tl.program_id(1)
+    """One chunk's own reverse state, for one m tile, every chunk at once (grid: block_grid's
+    (b*h, chunks) or a pack's (chunk slots, h), then m tiles): sum_i exp(M0_c - M_i) q~_i dN_i^T
+    over the chunk's queries, referenced to M0_c = stab_before the chunk, the same with dD_i, and
+    sum_i (sum_{f in tile} q~_if) dN_i (_chunk_query_state).  Stored where _dstate_scan_kernel
+    turns them into the reverse states: in the slot of the first state they enter (chunk c's in
+    slot c - 1); chunk 0's (STATE only: the state before the call) in dhz0 (b*h, M, E + 1) =
+    [dH | dz] and dvs0 (b*h, NM, E)."""
+    i_h, i_g = block_program(VARLEN)
+    i_m = tl.program_id(2)
+    i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
+    if i_n >= NS:  # a chunk slot past the packed batch's last sequence
+        return
+    if i_c < 1 - STATE:  # chunk 0's queries enter no stored state but the one before the call
+        return
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_qn, stride_gb = aligned(stride_qh, AL), aligned(stride_qn, AL), aligned(stride_gb, AV)
     stride_gh, stride_gn = aligned(stride_gh, AV), aligned(stride_gn, AV)
     NM = tl.cdiv(M, BM)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
-    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     p_q = bh_base(q, i_bh, H, stride_qb, stride_qh) + bos * stride_qn
     p_g = bh_base(g, i_bh, H, stride_gb, stride_gh) + bos * stride_gn
     o_row = i_bh.to(tl.int64) * N + bos  # base of the sequence's (b*h, n) stat vectors
+    b_dh, b_dz, b_dns = _chunk_query_state(
+        p_q, p, p_g, _chunk_dd(dd, o_row, i_c, BT, T), rden, q_max, k_max, o_row, i_c, 0,
+        stab_before(c_stab, o_cs, i_c, NC, PREFIX), T, D, dn, stride_qn, stride_gn, o_m, m_m, o_v, m_v,
+        FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)  # (BM, BV), (BM,), (BV,)
+    if i_c > 0:
+        o_s = o_st + i_c - 1
+        tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh.to(dh_state.dtype.element_ty),
+                 mask=m_m[:, None] & m_v[None, :])
+        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
+        tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
+    else:
+        o_hz = i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [dH | dz]
+        tl.store(dhz0 + o_hz[:, None] + o_v[None, :], b_dh, mask=m_m[:, None] & m_v[None, :])
+        tl.store(dhz0 + o_hz + E, b_dz, mask=m_m)
+        tl.store(dvs0 + (i_nh.to(tl.int64) * NM + i_m) * E + o_v, b_dns, mask=m_v)
+
+
+@triton.jit
+def _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, i_c, NC, M, E, NM, o_m, m_m, o_v, m_v,
+                PREFIX: tl.constexpr):
+    """What _chunk_dstate_kernel left for _dstate_scan_kernel in slot i_c (>= -2): chunk i_c + 1's
+    own reverse state, (BM, BV) in dh_state's dtype, (BM,) and (BV,) fp32 (0 below slot 0), and
+    the reference of the state of slot i_c, M at the end of chunk i_c (stab_before chunk i_c + 1;
+    slot -1: the state before the call's, stab_before chunk 0)."""
+    m_s = o_m * 0 + i_c >= 0  # (BM,) vector masks: the interpreter rejects a scalar one broadcast to a tile
+    m_sv = o_v * 0 + i_c >= 0  # (BV,)
+    o_s = o_st + i_c
+    # in dh_state's dtype: converted where it is used (converted here, the load's wait would be here too)
+    b_dhc = tl.load(p_dh + o_s * M * E, mask=(m_m & m_s)[:, None] & (m_v & m_sv)[None, :], other=0.0)
+    b_dzc = tl.load(dz_state + o_s * M + o_m, mask=m_m & m_s, other=0.0)  # (BM,)
+    b_dnsc = tl.load(p_dns + o_s * NM * E, mask=m_v & m_sv, other=0.0)  # (BV,)
+    return b_dhc, b_dzc, b_dnsc, stab_before(c_stab, o_cs, tl.maximum(i_c + 1, 0), NC, PREFIX)
+
+
+@triton.jit
+def _dstate_scan_kernel(
+    c_ref, c_stab, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, cu_seqlens, chunk_first,
+    H, N, M, E, NT, NS,
+    BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
+    STATE: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Reverse states for every chunk c from the chunks' own (_chunk_dstate_kernel's), for one m
+    tile, over the queries after chunk c: dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in
+    dh_state's dtype, over chunk c + 1's own in slot c), dz_c = the same with dD_i, Mend_c = M at
+    the chunk's last position (stab_before chunk c + 1); dns_c = sum_i (sum_{f in tile} q~_if) dN_i
+    (partial over m tiles).  A step rescales and adds tiles that no step computes, their loads
+    issued two steps ahead.
+
+    STATE (a forward from a state, NOTES "Attention state"): the scan goes on over chunk 0's
+    queries (their own in dhz0, dvs0) to the state before the call, and writes the initial state's
+    gradients: dhz0 (b*h, M, E + 1) = exp(R0 - M0) [dH, dz]_-1 + exp(R0 - R_f) [gh_f, gz_f] (0 for
+    an empty state, R0 = -inf; gh_f (b*h, M, E), gz_f (b*h, M) the final state's H and z
+    gradients, R0 = c_ref[0], R_f = c_ref[NC]) and dvs0 (b*h, NM, E) this m tile's sum_i sq_i dN_i
+    over every query (the launcher sums the tiles and scales by the eps)."""
+    i_nh, i_m = tl.program_id(0), tl.program_id(1)
+    E = aligned(E, AV)
+    NM = tl.cdiv(M, BM)
+    o_m, m_m = block_range(i_m, BM, M)  # (BM,)
+    o_v, m_v = block_range(0, BV, E)  # (BV,)
+    m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
+    i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     p_dh = dh_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
     p_dns = dns_state + i_m * E + o_v  # (BV,) this tile's row of chunk 0's partial sums
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,)
-    o_s = o_st + NC - 1
-    store_state(p_dh + o_s * M * E, b_dh, m_m[:, None] & m_v[None, :], PRECISION)
+    o_s = o_st + NC - 1  # no queries after the last chunk
+    store_state(p_dh + o_s * M * E, b_dh, m_hv, PRECISION)
     tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
     tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
     e_prev = stab_before(c_stab, o_cs, NC, NC, PREFIX)  # M at the last key
-    # the step's references one step ahead (the pipeliner does not prefetch a scalar load);
-    # global: one M for all, loaded once (a loop-invariant load in the loop stops the pipeliner)
-    e_a = stab_before(c_stab, o_cs, NC - 1, NC, PREFIX)
-    e_b = stab_before(c_stab, o_cs, tl.maximum(NC - 2, 0), NC, PREFIX)
-    # the step's dD one step ahead: loads that feed no dot are otherwise synchronous
-    b_dd_a = _chunk_dd(dd, o_row, NC - 1, BT, T)  # (BT,)
-    b_dd_b = _chunk_dd(dd, o_row, NC - 2, BT, T)  # (BT,)
-    # STATE: one more step when NC is odd (its chunk a chunk 0, its chunk b none), so that the walk
-    # ends with chunk 0's queries in (the state before the call, "-1"); states below 0 are not stored
-    for i_p in range(0, tl.cdiv(NC - 1 + STATE, 2)):
-        i_c = NC - 2 - 2 * i_p  # states i_c (queries of chunk a = i_c + 1) and i_c - 1 (chunk b = i_c)
-        b_dhc, b_dzc, b_dnsc = _chunk_query_state(
-            p_q, p, p_g, b_dd_a, rden, q_max, k_max, o_row, i_c + 1, 0, e_a, T, D, dn, stride_qn, stride_gn,
-            o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
-        b_decay = tl.exp(e_a - e_prev)
-        if STATE:  # equal references, -inf for a packed sequence without queries: no NaN factor
-            b_decay = tl.where(e_a == e_prev, 1.0, b_decay)
-        b_dh = b_dh * b_decay + b_dhc
-        b_dz = b_dz * b_decay + b_dzc
+    # two steps ahead (slots NC - 2 and NC - 3 first), as _state_scan_kernel
+    b_dhc, b_dzc, b_dnsc, e_c = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, NC - 2, NC, M, E, NM,
+                                            o_m, m_m, o_v, m_v, PREFIX)
+    b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, NC - 3, NC, M, E, NM,
+                                            o_m, m_m, o_v, m_v, PREFIX)
+    for i_p in range(0, NC - 1):
+        i_c = NC - 2 - i_p  # the state after chunk i_c, over chunk i_c + 1's own in slot i_c
+        f_prev = _rescaled(e_c, e_prev)  # exp(Mend_c - Mend_c+1) <= 1 (1 for the global stabilizer)
+        b_dh = b_dh * f_prev + b_dhc.to(tl.float32)
+        b_dz = b_dz * f_prev + b_dzc
         b_dns += b_dnsc
+        e_prev = e_c
+        b_dhc, b_dzc, b_dnsc, e_c = b_dhn, b_dzn, b_dnsn, e_n
+        b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, i_c - 2, NC, M, E, NM,
+                                                o_m, m_m, o_v, m_v, PREFIX)
         o_s = o_st + i_c
-        if STATE:
-            m_am = m_m & (o_m * 0 + i_c >= 0)  # (BM,) state -1 is not stored
-            m_av = m_v & (o_v * 0 + i_c >= 0)  # (BV,)
-        else:
-            m_am, m_av = m_m, m_v
-        store_state(p_dh + o_s * M * E, b_dh, m_am[:, None] & m_av[None, :], PRECISION)
-        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_am)
-        tl.store(p_dns + o_s * NM * E, b_dns, mask=m_av)
-        # chunk b after chunk a's state is stored (as in _state_kernel); none when i_c = 0 (state
-        # i_c was chunk 0's, the walk's last) unless STATE, nor when i_c < 0: its rows are masked
-        b_dhc, b_dzc, b_dnsc = _chunk_query_state(
-            p_q, p, p_g, b_dd_b, rden, q_max, k_max, o_row, i_c, 1 - STATE, e_b, T, D, dn, stride_qn, stride_gn,
-            o_m, m_m, o_v, m_v, FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)
-        b_decay = tl.exp(e_b - e_a)  # (0 when e_b = -inf past chunk 0: nothing is stored then)
-        if STATE:  # past chunk 0 both references are M0, -inf for an empty state: no NaN factor
-            b_decay = tl.where(e_b == e_a, 1.0, b_decay)
-        e_prev = e_b
-        b_dd_a = _chunk_dd(dd, o_row, i_c - 1, BT, T)
-        b_dd_b = _chunk_dd(dd, o_row, i_c - 2, BT, T)
-        if PREFIX:
-            e_a = stab_before(c_stab, o_cs, tl.maximum(i_c - 1, 0), NC, PREFIX)
-            e_b = stab_before(c_stab, o_cs, tl.maximum(i_c - 2, 0), NC, PREFIX)
-        b_dh = b_dh * b_decay + b_dhc
-        b_dz = b_dz * b_decay + b_dzc
-        b_dns += b_dnsc
-        # (BM,) and (BV,) masks: the interpreter rejects a scalar one broadcast against a tile
-        m_mb = m_m & (o_m * 0 + i_c >= 1)  # (BM,)
-        m_vb = m_v & (o_v * 0 + i_c >= 1)  # (BV,)
-        store_state(p_dh + (o_s - 1) * M * E, b_dh, m_mb[:, None] & m_vb[None, :], PRECISION)
-        tl.store(dz_state + (o_s - 1) * M + o_m, b_dz, mask=m_mb)
-        tl.store(p_dns + (o_s - 1) * NM * E, b_dns, mask=m_vb)
-    if STATE:  # the walk's registers hold state -1, referenced to M0 (stab_before chunk 0)
+        store_state(p_dh + o_s * M * E, b_dh, m_hv, PRECISION)
+        tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
+        tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
+    if STATE:  # e_c: M0 (stab_before chunk 0), the reference of the state before the call
+        o_hz = i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [dH | dz]
+        p_dvs = dvs0 + (i_nh.to(tl.int64) * NM + i_m) * E + o_v  # (BV,)
+        f_prev = _rescaled(e_c, e_prev)
+        b_dh = b_dh * f_prev + tl.load(dhz0 + o_hz[:, None] + o_v[None, :], mask=m_hv, other=0.0)  # + chunk 0's own
+        b_dz = b_dz * f_prev + tl.load(dhz0 + o_hz + E, mask=m_m, other=0.0)
+        b_dns += tl.load(p_dvs, mask=m_v, other=0.0)
         r_0 = tl.load(c_ref + o_cs)  # R0
         empty = r_0 == float("-inf")  # a state without keys: no gradient reaches it
         # the queries' part: 0 for a packed sequence without any (its relu stabilizer is -inf)
-        f_0 = tl.where(empty | (T == 0), 0.0, tl.exp(r_0 - stab_before(c_stab, o_cs, 0, NC, PREFIX)))  # <= 1
+        f_0 = tl.where(empty | (T == 0), 0.0, tl.exp(r_0 - e_c))  # <= 1
         f_f = tl.where(empty, 0.0, tl.exp(r_0 - tl.load(c_ref + o_cs + NC)))  # exp(R0 - R_f) <= 1
         # the state tensors are per (b, h), or per (sequence, h) of a pack: row i_nh
         b_gh = load_rows(gh_f + i_nh.to(tl.int64) * M * E, o_m, m_m, E, o_v, m_v)  # (BM, BV)
         b_gz = tl.load(gz_f + i_nh.to(tl.int64) * M + o_m, mask=m_m, other=0.0)  # (BM,)
-        o_hz = i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
-        tl.store(dhz0 + o_hz[:, None] + o_v[None, :], f_0 * b_dh + f_f * b_gh, mask=m_m[:, None] & m_v[None, :])
+        tl.store(dhz0 + o_hz[:, None] + o_v[None, :], f_0 * b_dh + f_f * b_gh, mask=m_hv)
         tl.store(dhz0 + o_hz + E, f_0 * b_dz + f_f * b_gz, mask=m_m)
-        tl.store(dvs0 + (i_nh.to(tl.int64) * NM + i_m) * E + o_v, b_dns, mask=m_v)
+        tl.store(p_dvs, b_dns, mask=m_v)
 
 
 @triton.jit
@@ -722,7 +795,7 @@ def _bwd_v_kernel(
     b_dns = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum over later queries of sum(q~) dN
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)  # (BT, BV)
     NM = tl.cdiv(M, BM)
-    # (NMD, E) partial eps sums of this chunk, one row per m tile of _dstate_kernel (NMD <= NM:
+    # (NMD, E) partial eps sums of this chunk, one row per m tile of the reverse states (NMD <= NM:
     # its tiles are no narrower), summed one row per iteration, prefetched one ahead
     p_dns = dns_state + o_s * NMD * E
     b_dns_next = tl.load(p_dns + o_v, mask=m_v, other=0.0)  # (BV,)
@@ -760,15 +833,16 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
     states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
     q and k tiles in 16 bits; fp32 reads them in BK_out-wide chunks, NK_out of them (heads up to
     64: chunks of 16, whose 3xTF32 split halves are what fits; resident tiles spilled 300-900 B;
-    wider: 32, the state kernel's two chunks per step spill 100 B otherwise); the backward
+    wider: 32, chosen when the state walk took two chunks per step and spilled 100 B at 64); the backward
     kernels take m tiles of 16 (at 32 the gradient kernels spill once their loads are prefetched).
     4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot
     twice (compile report: duplication); the forward kernels of 128-wide tiles (d or e > 64)
     keep 8, whose halved per-thread share of those tiles is what keeps them from spilling
     (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN.
-    packed (cu_seqlens): both walks take m tiles of 16: a packed sequence's length, chunk count
-    and bases are values the walk keeps (an unpacked one reads N, NT as arguments), and at 32
-    those registers spilled 4-32 B (16-bit, d = e = 64; NOTES "Packed sequences")."""
+    packed (cu_seqlens): the key and reverse states take m tiles of 16: a packed sequence's
+    length, chunk count and bases are values a program keeps (an unpacked one reads N, NT as
+    arguments), and at 32 those registers spilled 4-32 B in the walks the chunk passes and scans
+    replaced (16-bit, d = e = 64; NOTES "Packed sequences"; not re-swept since)."""
     cfg = block_config(d, e, m, dtype)
     if packed:
         cfg["BM"] = 16
@@ -780,9 +854,10 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else cdiv(d, BK_out),
         BM_bwd=BM_bwd,
-        # the reverse walk takes the state kernel's m tile (16-bit 32: at 16 sm_80's mma.sync lays
+        # the reverse states take the key states' m tile (16-bit 32: at 16 sm_80's mma.sync lays
         # its 4 warps along the 16 columns of the query-feature tile, duplication 2), except for
-        # GIVEN features, whose (BT, 32) feature tiles of two chunks spill 80 B (sm_90a)
+        # GIVEN features, whose (BT, 32) feature tiles of two chunks spilled 80 B (sm_90a) in the
+        # reverse walk the chunk pass and scan replaced
         BM_dstate=BM_bwd if d == 0 or packed else cfg["BM"],
         # the (m, e) states of every chunk: bf16 for bf16 inputs (half the bytes of the largest
         # intermediates, rounded as the inputs are), fp32 for fp32 and for fp16 unpacked fused-map
@@ -841,27 +916,37 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
 
 def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, packing: tuple,
                 initial=None, cu_seqlens=None):
-    """Run _state_kernel into saved_states' buffers; from the state initial (hz, v_sum, ref, stab:
-    performer_triton.attention_state) when given.  -> (saved states, the state after the last
-    chunk in fp32, or [])."""
+    """Run _chunk_state_kernel and _state_scan_kernel into saved_states' buffers; from the state
+    initial (hz, v_sum, ref, stab: performer_triton.attention_state) when given.  -> (saved
+    states, the state after the last chunk in fp32, or [])."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     nt, ns, varlen, is_varlen = packing
     states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
     h_state, z_state, v_state, c_ref, c_stab = states
+    c_rloc, c_sloc = torch.empty_like(c_ref), torch.empty_like(c_stab)  # each chunk's own r and max of k_max
     final = []
     if initial is not None:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
     state_args = (*initial, *final) if initial is not None else (c_ref,) * 8  # (unused without STATE)
-    grid = (b * h * ns, cdiv(m, cfg["BM"]))
+    opts = launch_options(cfg, "state")
     launch(
-        _state_kernel, grid, k, v, k if projection is None else projection, k_max, k_scale, c_ref, c_stab,
-        h_state, z_state, v_state, *state_args, *varlen[:2],
+        _chunk_state_kernel, (*block_grid(b * h, nt, is_varlen), cdiv(m, cfg["BM"])),
+        k, v, k if projection is None else projection, k_max, k_scale, c_rloc, c_sloc,
+        h_state, z_state, v_state, *state_args[4:6], *varlen,
         h, n, m, d, e, nt, ns,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
         FEATURE=feature, STATE=initial is not None, AL=alignment(d, k), AV=alignment(e, v),
-        VARLEN=is_varlen, **launch_options(cfg, "state", BK=cfg["BK_out"], NK=cfg["NK_out"]),
+        VARLEN=is_varlen, **opts | dict(BK=cfg["BK_out"], NK=cfg["NK_out"]),
+    )
+    launch(
+        _state_scan_kernel, (b * h * ns, cdiv(m, cfg["BM"])),
+        c_rloc, c_sloc, c_ref, c_stab, h_state, z_state, v_state, *state_args, *varlen[:2],
+        h, n, m, e, nt, ns,
+        FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BV=cfg["BV"], PRECISION=opts["PRECISION"],
+        STATE=initial is not None, AV=alignment(e), VARLEN=is_varlen,
+        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )
     return states, final
 
@@ -879,7 +964,7 @@ def causal_fwd(
     states (saved_states) for causal_bwd.
     cu_seqlens (NS + 1,) int32: q, k, v (1, h, n, .) hold NS packed sequences, each attending
     within itself with its own stabilizers (NOTES "Packed sequences").
-    Launches: row_stats (SOFTMAX), _state_kernel, _output_kernel.
+    Launches: row_stats (SOFTMAX), _chunk_state_kernel, _state_scan_kernel, _output_kernel.
     """
     return _forward(q, k, v, projection, feature, prefix, causal_eps, None, cu_seqlens)[:6]
 
@@ -1008,7 +1093,8 @@ def causal_bwd(
     """Causal FAVOR+ backward.  Takes causal_fwd's inputs and outputs (its key states saved, not
     recomputed) and grad_out (b, h, n, e); returns dq, dk (b, h, n, d) [GIVEN: w.r.t. the
     features] and dv (b, h, n, e) in the input dtypes.  Stabilizers are constants (detached, as
-    1.1.4).  Launches: _dd_kernel, _dstate_kernel, _bwd_qk_kernel (dq, dk), _bwd_v_kernel.
+    1.1.4).  Launches: _dd_kernel, _chunk_dstate_kernel, _dstate_scan_kernel, _bwd_qk_kernel (dq, dk),
+    _bwd_v_kernel.
 
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     check_unit_stride(grad_out=grad_out, out=out)
@@ -1061,12 +1147,20 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
     launch(
-        _dstate_kernel, (b * h * ns, nm), q, p, grad_out, dd, rden, q_max, k_max, c_ref, c_stab,
-        dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, *varlen[:2],
+        _chunk_dstate_kernel, (*block_grid(b * h, nt, is_varlen), nm), q, p, grad_out, dd, rden, q_max, k_max, c_stab,
+        dh_state, dz_state, dns_state, dhz0, dvs0, *varlen,
         h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out))),
+    )
+    launch(
+        _dstate_scan_kernel, (b * h * ns, nm), c_ref, c_stab, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0,
+        *varlen[:2],
+        h, n, m, e, nt, ns,
+        BT=cfg["BT"], BM=cfg["BM_dstate"], BV=cfg["BV"], PRECISION=opts["PRECISION"], PREFIX=prefix,
+        STATE=state is not None, AV=alignment(e), VARLEN=is_varlen, num_warps=opts["num_warps"],
+        num_stages=opts["num_stages"],
     )
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)

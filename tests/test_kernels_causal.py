@@ -189,16 +189,22 @@ def test_meta_launches():
     for prefix in (False, True):
         launched = meta_launches(True, torch.bfloat16, b=b, h=h, n=n, d=d, e=e, m=m, prefix=prefix)
         assert [name for name, *_ in launched] == [
-            "_row_stats_kernel", "_state_kernel", "_output_kernel",
-            "_dd_kernel", "_dstate_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel", "_bwd_v_kernel",
+            "_row_stats_kernel", "_chunk_state_kernel", "_state_scan_kernel", "_output_kernel",
+            "_dd_kernel", "_chunk_dstate_kernel", "_dstate_scan_kernel", "_bwd_qk_kernel", "_bwd_qk_kernel",
+            "_bwd_v_kernel",
         ]
         assert launched[0][1] == (b * h * 4, 2)  # q and k rows in one launch, (b*h, block) on axis 0
         attention = launched[1:]
-        bm = C._config(d, e, m, torch.bfloat16)["BM"]
-        assert attention[1][1] == (b * h, 4) and attention[0][1] == (b * h, -(-m // bm))
-        attention = [x for x in attention if x[0] != "_dd_kernel"]  # dD of the rows: no features
+        bm, bm_d = C._config(d, e, m, torch.bfloat16)["BM"], C._config(d, e, m, torch.bfloat16)["BM_dstate"]
+        # every chunk's own state at once, then the scan over chunks, then the outputs
+        assert attention[0][1] == (b * h, 4, -(-m // bm)) and attention[1][1] == (b * h, -(-m // bm))
+        assert attention[2][1] == (b * h, 4)
+        assert attention[4][1] == (b * h, 4, -(-m // bm_d)) and attention[5][1] == (b * h, -(-m // bm_d))
+        # no features: dD of the rows, the reverse scan's sums
+        attention = [x for x in attention if x[0] not in ("_dd_kernel", "_dstate_scan_kernel")]
         assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)
-        assert all(kw["PREFIX"] == prefix for name, _, kw in attention if name != "_state_kernel")
+        keys_only = ("_chunk_state_kernel", "_state_scan_kernel")  # the same states for either stabilizer
+        assert all(kw["PREFIX"] == prefix for name, _, kw in attention if name not in keys_only)
         assert [kw["KEYS"] for name, _, kw in attention if name == "_bwd_qk_kernel"] == [False, True]
         assert not any(kw["VARLEN"] for *_, kw in attention)  # no pack: the unpacked addressing
 
@@ -211,7 +217,8 @@ def test_launches_declare_the_alignment_of_their_dims_and_strides(causal, d, e):
     (feature_map.aligned); Triton alone knows only divisibility by 16."""
     launched = meta_launches(causal, torch.bfloat16, n=200, d=d, e=e)
     names = {name for name, *_ in launched}
-    assert names - {name for name, _, kw in launched if "AL" in kw} <= {"_combine_kernel", "_dd_kernel"}
+    no_rows = {"_combine_kernel", "_dd_kernel", "_state_scan_kernel", "_dstate_scan_kernel"}  # no q, k rows
+    assert names - {name for name, _, kw in launched if "AL" in kw} <= no_rows
     assert names - {name for name, _, kw in launched if "AV" in kw} <= {"_combine_kernel", "_row_stats_kernel"}
     declared = {16: 16, 8: 8, 4: 4, 2: 1, 1: 1}
     assert {kw["AL"] for _, _, kw in launched if "AL" in kw} == {declared[math.gcd(16, d)]}

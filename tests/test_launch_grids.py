@@ -18,7 +18,7 @@ AXIS_LIMITS = (2**31 - 1, 65535, 65535)
 def grids(monkeypatch):
     """Every kernel[grid](...) of the launchers, recorded as (kernel name, grid) and not run."""
     seen = []
-    kernel_types = {type(causal._state_kernel), type(noncausal._state_kernel)}
+    kernel_types = {type(causal._chunk_state_kernel), type(noncausal._state_kernel)}
 
     def record(self, *args, grid, warmup, **kwargs):
         seen.append((self.__name__ if hasattr(self, "__name__") else self.fn.__name__, tuple(grid)))
