@@ -155,6 +155,38 @@ def test_rden_and_stats():
 
 
 @pytest.mark.parametrize("prefix", [False, True])
+def test_saved_states_are_the_prefix_sums_before_every_chunk(prefix):
+    """The chunk pass and the scan (every chunk's own state, then the running sum) against float64:
+    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T with R_c = max_{j < c BT} k_scale_j, z_c
+    likewise, the value sums, c_ref and c_stab, with keys scaled per chunk so that the reference
+    moves up and stays (a chunk whose own reference is below the running one): 5 chunks, the last
+    one short."""
+    q, k, v, proj, _ = inputs(1, 2, 300, 16, 24, 40, torch.float32, seed=5)
+    scale = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0], device=k.device).repeat_interleave(64)[:300]
+    k = (k * scale[:, None]).contiguous()
+    out, q_max, k_max, k_scale, rden, states = C.causal_fwd(q, k, v, proj, feature=SOFTMAX, prefix=prefix)
+    h_state, z_state, v_state, c_ref, c_stab = (t.double().cpu() for t in states)
+    dn = 16**-0.25
+    k64, v64, p64 = k.double().cpu()[0], v.double().cpu()[0], proj.double().cpu()
+    dash = (dn * k64) @ p64.T  # (h, n, m)
+    kmax = dash.amax(-1)
+    kscale = kmax - (dn * k64).square().sum(-1) / 2
+    units = torch.exp(dash - kmax[..., None])
+    # before any key: zero sums, references -inf
+    assert not (h_state[:, 0].any() or z_state[:, 0].any() or v_state[:, 0].any())
+    assert (c_ref[:, 0] == -math.inf).all() and (c_stab[:, 0] == -math.inf).all()
+    for c in range(1, 5):
+        j = c * 64
+        ref = kscale[:, :j].amax(-1)
+        assert torch.allclose(c_ref[:, c], ref, rtol=1e-6) and torch.allclose(c_stab[:, c], kmax[:, :j].amax(-1))
+        w = units[:, :j] * torch.exp(kscale[:, :j] - ref[:, None])[..., None]  # (h, j, m), <= 1
+        assert rel_err(h_state[:, c], w.mT @ v64[:, :j]) < 2e-3 and rel_err(z_state[:, c], w.sum(1)) < 2e-3, c
+        assert torch.allclose(v_state[:, c], v64[:, :j].sum(1), atol=1e-4)
+    assert torch.allclose(c_stab[:, 5], kmax.amax(-1), rtol=1e-6)  # every key's max
+    assert torch.allclose(c_ref[:, 5], kscale.amax(-1), rtol=1e-6)  # the reference after every key
+
+
+@pytest.mark.parametrize("prefix", [False, True])
 def test_backward_reads_the_saved_states(prefix):
     """The backward takes the forward's key states (no second walk over the keys): with them it
     matches the reference (check); with a changed state its query gradients change."""
