@@ -78,9 +78,10 @@ def row_stabilizer(b_kmax, m_t, s_in, PREFIX: tl.constexpr):
 def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, o_t, m_t, D, stride_kn, stride_vn, o_d, m_d,
                      o_m, m_m, o_v, m_v, dn, FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PRECISION: tl.constexpr):
-    """What the keys of rows o_t (mask m_t) add to a key state referenced to r_ref (>= their
-    k_scale): F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32, F = U exp(k_scale - r_ref)
-    <= 1 (0 on masked rows, also where r_ref is -inf: a chunk without rows adds 0, not NaN).
+    """What the keys of rows o_t (mask m_t; k_scale -inf there) add to a key state referenced to
+    r_ref (>= their k_scale): F^T v (BM, BV), sum_j F_j (BM,) and sum_j v_j (BV,), fp32,
+    F = U exp(k_scale - r_ref) <= 1 (0 where k_scale is -inf, also where r_ref is: a chunk
+    without rows adds 0, not NaN).
     BK == BD: k as a resident (BT, BD) tile against the resident projection tile b_p; BK < BD
     (fp32 heads wider than 64) k and P in BK-wide chunks (NOTES "Wide heads")."""
     if BK == BD:
@@ -90,7 +91,9 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, o_t, m_t, D, str
     else:
         b_kf, _ = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                    FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM)
-    b_e = tl.where(m_t, b_kscale - r_ref, float("-inf"))  # (BT,) <= 0
+    # (BT,) <= 0; -inf on masked rows and where k_scale is -inf (|k|^2 past fp32's range): a chunk
+    # of only such keys has r_ref = -inf too, and -inf - -inf would be NaN (a NaN key stays NaN)
+    b_e = tl.where(b_kscale == float("-inf"), float("-inf"), b_kscale - r_ref)
     b_kk = b_kf * tl.exp(b_e)[:, None]  # (BT, BM), entries <= 1 (SOFTMAX)
     b_v = load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v)  # (BT, BV)
     b_hc = dot(tl.trans(b_kk.to(b_v.dtype)), b_v, None, PRECISION)  # (BM, BV)
@@ -100,7 +103,7 @@ def _chunk_key_state(p_k, p_v, p, b_p, b_kmax, b_kscale, r_ref, o_t, m_t, D, str
 @triton.jit
 def _chunk_state_kernel(
     k, v, p, k_max, k_scale, c_rloc, c_sloc,
-    h_state, z_state, v_state, hz_f, vs_f, cu_seqlens, chunk_first, chunk_seq,
+    h_own, z_state, v_state, hz_f, vs_f, cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     dn,
@@ -112,7 +115,8 @@ def _chunk_state_kernel(
     (b*h, chunks) or a pack's (chunk slots, h), then m tiles): H = sum_j U_j exp(k_scale_j - r) v_j^T,
     z the same with v = 1 and vsum = sum_j v_j over the chunk's keys, referenced to r = the max of
     their k_scale.  Stored where _state_scan_kernel turns them into the states before every
-    chunk: in the slot of the state after the chunk (o_st + c + 1), the last chunk's (needed with
+    chunk: in the slot of the state after the chunk (o_st + c + 1) of h_own (the saved states'
+    buffer, or an fp32 one: _key_states), the last chunk's (needed with
     STATE only: the final state) in hz_f (b*h, M, E + 1) = [H | z] and vs_f (b*h, E + 1).  The
     first m tile writes r and the chunk's max of k_max into the scratch vectors c_rloc, c_sloc
     (b*h, NT + NS) at the chunk vectors' index c + 1 (o_cs), the last chunk's too."""
@@ -151,7 +155,7 @@ def _chunk_state_kernel(
                                           NK, PRECISION)  # (BM, BV), (BM,), (BV,)
         if i_c + 1 < NC:
             o_s = o_st + i_c + 1
-            tl.store(h_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_h.to(h_state.dtype.element_ty),
+            tl.store(h_own + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_h.to(h_own.dtype.element_ty),
                      mask=m_hv)
             tl.store(z_state + o_s * M + o_m, b_z, mask=m_m)
             tl.store(v_state + o_s * E + o_v, b_vs, mask=m_vs)
@@ -170,16 +174,16 @@ def _rescaled(r_run, r_new):
 
 
 @triton.jit
-def _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c, NC, M, E, o_m, m_m, o_v, m_vs):
+def _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c, NC, M, E, o_m, m_m, o_v, m_vs):
     """What _chunk_state_kernel left for _state_scan_kernel at index i_c (>= 1): chunk i_c - 1's
-    own state in slot i_c: (BM, BV) in h_state's dtype, (BM,) and (BV,) fp32 (0 from i_c = NC on:
+    own state in slot i_c: (BM, BV) in h_own's dtype, (BM,) and (BV,) fp32 (0 from i_c = NC on:
     no slot), and its r and max of k_max (the chunk vectors' index i_c, NC + 1 of them: -inf past
     them)."""
     m_s = o_m * 0 + i_c < NC  # (BM,) vector masks: the interpreter rejects a scalar one broadcast to a tile
     m_sv = o_v * 0 + i_c < NC  # (BV,)
     o_s = o_st + i_c
     # in h_state's dtype: converted where it is used (converted here, the load's wait would be here too)
-    b_hc = tl.load(p_hs + o_s * M * E, mask=(m_m & m_s)[:, None] & m_sv[None, :], other=0.0)
+    b_hc = tl.load(p_ho + o_s * M * E, mask=(m_m & m_s)[:, None] & m_sv[None, :], other=0.0)
     b_zc = tl.load(z_state + o_s * M + o_m, mask=m_m & m_s, other=0.0)  # (BM,)
     b_vc = tl.load(v_state + o_s * E + o_v, mask=m_vs & m_sv, other=0.0)  # (BV,)
     r_loc = tl.load(c_rloc + o_cs + i_c, mask=i_c <= NC, other=float("-inf"))
@@ -189,15 +193,16 @@ def _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c, NC, M, E
 
 @triton.jit
 def _state_scan_kernel(
-    c_rloc, c_sloc, c_ref, c_stab, h_state, z_state, v_state,
+    c_rloc, c_sloc, c_ref, c_stab, h_own, h_state, z_state, v_state,
     hz0, vs0, ref0, stab0, hz_f, vs_f, ref_f, stab_f, cu_seqlens, chunk_first,
     H, N, M, E, NT, NS,
     FEATURE: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     STATE: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """State before every chunk c from the chunks' own (_chunk_state_kernel's), for one m tile:
-    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype, over the
-    chunk's own in slot c), z_c the same with v = 1 and vsum_c = sum_{j < c BT} v_j (fp32),
+    H_c = sum_{j < c BT} U_j exp(k_scale_j - R_c) v_j^T (stored in h_state's dtype; the chunks'
+    own in h_own's slot c: h_state itself, over which it is written, or an fp32 buffer), z_c the
+    same with v = 1 and vsum_c = sum_{j < c BT} v_j (fp32),
     R_c = max_{j < c BT} k_scale_j, and the chunk vectors (b*h, NT + 1) c_ref[c] = R_c and
     c_stab[c] = max_{j < c BT} k_max_j, c_stab[NT] = the max over every key (-inf before any),
     c_ref[NT] = R after every key (the first m tile).  A step rescales and adds (m tile, e)
@@ -218,6 +223,7 @@ def _state_scan_kernel(
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
     i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     p_hs = h_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
+    p_ho = h_own + o_m[:, None] * E + o_v[None, :]  # (BM, BV) the same in the chunks' own (h_state or fp32)
     if STATE:
         p_h0 = hz0 + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
         b_h = tl.load(p_h0[:, None] + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)  # (BM, BV)
@@ -238,9 +244,9 @@ def _state_scan_kernel(
     tl.store(c_stab + o_cs, s_run, mask=m_first)
     # two steps ahead (slots 1 and 2 first): a step's loads have two steps to arrive, and loads
     # that feed no dot are otherwise synchronous
-    b_hc, b_zc, b_vc, r_loc, s_loc = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 1, NC, M, E,
+    b_hc, b_zc, b_vc, r_loc, s_loc = _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 1, NC, M, E,
                                                 o_m, m_m, o_v, m_vs)
-    b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 2, NC, M,
+    b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 2, NC, M,
                                                   E, o_m, m_m, o_v, m_vs)
     for i_c in range(1, NC):  # the state after chunk i_c - 1, over that chunk's own in slot i_c
         r_new = tl.maximum(r_run, r_loc)  # running maxima: every factor is <= 1
@@ -251,7 +257,7 @@ def _state_scan_kernel(
         s_run = tl.maximum(s_run, s_loc)
         r_run = r_new
         b_hc, b_zc, b_vc, r_loc, s_loc = b_hn, b_zn, b_vn, r_next, s_next
-        b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_hs, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c + 2,
+        b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c + 2,
                                                       NC, M, E, o_m, m_m, o_v, m_vs)
         o_s = o_st + i_c
         store_state(p_hs + o_s * M * E, b_h, m_hv, PRECISION)
@@ -446,7 +452,7 @@ def _chunk_query_state(p_q, p, p_g, b_dd, rden, q_max, k_max, o_row, i_c, c_min,
 @triton.jit
 def _chunk_dstate_kernel(
     q, p, g, dd, rden, q_max, k_max, c_stab,
-    dh_state, dz_state, dns_state, dhz0, dvs0, cu_seqlens, chunk_first, chunk_seq,
+    dh_own, dz_state, dns_state, dhz0, dvs0, cu_seqlens, chunk_first, chunk_seq,
     H, N, M, D, E, NT, NS,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     dn,
@@ -459,8 +465,8 @@ def _chunk_dstate_kernel(
     over the chunk's queries, referenced to M0_c = stab_before the chunk, the same with dD_i, and
     sum_i (sum_{f in tile} q~_if) dN_i (_chunk_query_state).  Stored where _dstate_scan_kernel
     turns them into the reverse states: in the slot of the first state they enter (chunk c's in
-    slot c - 1); chunk 0's (STATE only: the state before the call) in dhz0 (b*h, M, E + 1) =
-    [dH | dz] and dvs0 (b*h, NM, E)."""
+    slot c - 1 of dh_own: the reverse states' buffer, or an fp32 one); chunk 0's (STATE only: the
+    state before the call) in dhz0 (b*h, M, E + 1) = [dH | dz] and dvs0 (b*h, NM, E)."""
     i_h, i_g = block_program(VARLEN)
     i_m = tl.program_id(2)
     i_nh, i_c, i_n = chunk_program(chunk_seq, chunk_first, i_h, i_g, H, VARLEN)
@@ -484,7 +490,7 @@ def _chunk_dstate_kernel(
         FEATURE, BT, BM, BK, NK, PRECISION, PREFIX)  # (BM, BV), (BM,), (BV,)
     if i_c > 0:
         o_s = o_st + i_c - 1
-        tl.store(dh_state + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh.to(dh_state.dtype.element_ty),
+        tl.store(dh_own + o_s * M * E + o_m[:, None] * E + o_v[None, :], b_dh.to(dh_own.dtype.element_ty),
                  mask=m_m[:, None] & m_v[None, :])
         tl.store(dz_state + o_s * M + o_m, b_dz, mask=m_m)
         tl.store(dns_state + (o_s * NM + i_m) * E + o_v, b_dns, mask=m_v)
@@ -496,17 +502,17 @@ def _chunk_dstate_kernel(
 
 
 @triton.jit
-def _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, i_c, NC, M, E, NM, o_m, m_m, o_v, m_v,
+def _own_dstate(p_do, dz_state, p_dns, c_stab, o_st, o_cs, i_c, NC, M, E, NM, o_m, m_m, o_v, m_v,
                 PREFIX: tl.constexpr):
     """What _chunk_dstate_kernel left for _dstate_scan_kernel in slot i_c (>= -2): chunk i_c + 1's
-    own reverse state, (BM, BV) in dh_state's dtype, (BM,) and (BV,) fp32 (0 below slot 0), and
+    own reverse state, (BM, BV) in dh_own's dtype, (BM,) and (BV,) fp32 (0 below slot 0), and
     the reference of the state of slot i_c, M at the end of chunk i_c (stab_before chunk i_c + 1;
     slot -1: the state before the call's, stab_before chunk 0)."""
     m_s = o_m * 0 + i_c >= 0  # (BM,) vector masks: the interpreter rejects a scalar one broadcast to a tile
     m_sv = o_v * 0 + i_c >= 0  # (BV,)
     o_s = o_st + i_c
     # in dh_state's dtype: converted where it is used (converted here, the load's wait would be here too)
-    b_dhc = tl.load(p_dh + o_s * M * E, mask=(m_m & m_s)[:, None] & (m_v & m_sv)[None, :], other=0.0)
+    b_dhc = tl.load(p_do + o_s * M * E, mask=(m_m & m_s)[:, None] & (m_v & m_sv)[None, :], other=0.0)
     b_dzc = tl.load(dz_state + o_s * M + o_m, mask=m_m & m_s, other=0.0)  # (BM,)
     b_dnsc = tl.load(p_dns + o_s * NM * E, mask=m_v & m_sv, other=0.0)  # (BV,)
     return b_dhc, b_dzc, b_dnsc, stab_before(c_stab, o_cs, tl.maximum(i_c + 1, 0), NC, PREFIX)
@@ -514,14 +520,14 @@ def _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, i_c, NC, M, E, NM, o_
 
 @triton.jit
 def _dstate_scan_kernel(
-    c_ref, c_stab, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, cu_seqlens, chunk_first,
+    c_ref, c_stab, dh_own, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0, cu_seqlens, chunk_first,
     H, N, M, E, NT, NS,
     BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, PREFIX: tl.constexpr,
     STATE: tl.constexpr, AV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Reverse states for every chunk c from the chunks' own (_chunk_dstate_kernel's), for one m
     tile, over the queries after chunk c: dH_c = sum_i exp(Mend_c - M_i) q~_i dN_i^T (stored in
-    dh_state's dtype, over chunk c + 1's own in slot c), dz_c = the same with dD_i, Mend_c = M at
+    dh_state's dtype; chunk c + 1's own in dh_own's slot c), dz_c = the same with dD_i, Mend_c = M at
     the chunk's last position (stab_before chunk c + 1); dns_c = sum_i (sum_{f in tile} q~_if) dN_i
     (partial over m tiles).  A step rescales and adds tiles that no step computes, their loads
     issued two steps ahead.
@@ -540,6 +546,7 @@ def _dstate_scan_kernel(
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
     i_bh, bos, T, NC, o_st, o_cs = sequence_span(cu_seqlens, chunk_first, i_nh, H, N, NT, NS, BT, VARLEN)
     p_dh = dh_state + o_m[:, None] * E + o_v[None, :]  # (BM, BV) this tile of chunk 0's state
+    p_do = dh_own + o_m[:, None] * E + o_v[None, :]  # (BM, BV) the same in the chunks' own
     p_dns = dns_state + i_m * E + o_v  # (BV,) this tile's row of chunk 0's partial sums
     b_dh = tl.zeros([BM, BV], dtype=tl.float32)  # (BM, BV)
     b_dz = tl.zeros([BM], dtype=tl.float32)  # (BM,)
@@ -550,9 +557,9 @@ def _dstate_scan_kernel(
     tl.store(p_dns + o_s * NM * E, b_dns, mask=m_v)
     e_prev = stab_before(c_stab, o_cs, NC, NC, PREFIX)  # M at the last key
     # two steps ahead (slots NC - 2 and NC - 3 first), as _state_scan_kernel
-    b_dhc, b_dzc, b_dnsc, e_c = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, NC - 2, NC, M, E, NM,
+    b_dhc, b_dzc, b_dnsc, e_c = _own_dstate(p_do, dz_state, p_dns, c_stab, o_st, o_cs, NC - 2, NC, M, E, NM,
                                             o_m, m_m, o_v, m_v, PREFIX)
-    b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, NC - 3, NC, M, E, NM,
+    b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_do, dz_state, p_dns, c_stab, o_st, o_cs, NC - 3, NC, M, E, NM,
                                             o_m, m_m, o_v, m_v, PREFIX)
     for i_p in range(0, NC - 1):
         i_c = NC - 2 - i_p  # the state after chunk i_c, over chunk i_c + 1's own in slot i_c
@@ -562,7 +569,7 @@ def _dstate_scan_kernel(
         b_dns += b_dnsc
         e_prev = e_c
         b_dhc, b_dzc, b_dnsc, e_c = b_dhn, b_dzn, b_dnsn, e_n
-        b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_dh, dz_state, p_dns, c_stab, o_st, o_cs, i_c - 2, NC, M, E, NM,
+        b_dhn, b_dzn, b_dnsn, e_n = _own_dstate(p_do, dz_state, p_dns, c_stab, o_st, o_cs, i_c - 2, NC, M, E, NM,
                                                 o_m, m_m, o_v, m_v, PREFIX)
         o_s = o_st + i_c
         store_state(p_dh + o_s * M * E, b_dh, m_hv, PRECISION)
@@ -914,6 +921,17 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     return states
 
 
+def _own_states(states: torch.Tensor, state: bool) -> torch.Tensor:
+    """Where the chunk passes leave every chunk's own (m, e) state for the scans: the states'
+    buffer itself, which the scan then overwrites; with an initial or final state (state), an fp32
+    buffer when the states are 16-bit, so that the state the call returns (or its gradient) sums
+    unrounded parts, as a walk in registers did (bf16 parts made an fp16 pack's final state ~20x
+    less accurate: 3e-3 against float64)."""
+    if not state or states.dtype == torch.float32:
+        return states
+    return torch.empty(states.shape, device=states.device, dtype=torch.float32)
+
+
 def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, packing: tuple,
                 initial=None, cu_seqlens=None):
     """Run _chunk_state_kernel and _state_scan_kernel into saved_states' buffers; from the state
@@ -925,6 +943,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
     h_state, z_state, v_state, c_ref, c_stab = states
     c_rloc, c_sloc = torch.empty_like(c_ref), torch.empty_like(c_stab)  # each chunk's own r and max of k_max
+    h_own = _own_states(h_state, initial is not None)
     final = []
     if initial is not None:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
@@ -933,7 +952,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     launch(
         _chunk_state_kernel, (*block_grid(b * h, nt, is_varlen), cdiv(m, cfg["BM"])),
         k, v, k if projection is None else projection, k_max, k_scale, c_rloc, c_sloc,
-        h_state, z_state, v_state, *state_args[4:6], *varlen,
+        h_own, z_state, v_state, *state_args[4:6], *varlen,
         h, n, m, d, e, nt, ns,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         head_scale(d),
@@ -942,7 +961,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     )
     launch(
         _state_scan_kernel, (b * h * ns, cdiv(m, cfg["BM"])),
-        c_rloc, c_sloc, c_ref, c_stab, h_state, z_state, v_state, *state_args, *varlen[:2],
+        c_rloc, c_sloc, c_ref, c_stab, h_own, h_state, z_state, v_state, *state_args, *varlen[:2],
         h, n, m, e, nt, ns,
         FEATURE=feature, BT=cfg["BT"], BM=cfg["BM"], BV=cfg["BV"], PRECISION=opts["PRECISION"],
         STATE=initial is not None, AV=alignment(e), VARLEN=is_varlen,
@@ -1146,17 +1165,18 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
+    dh_own = _own_states(dh_state, state is not None)
     launch(
         _chunk_dstate_kernel, (*block_grid(b * h, nt, is_varlen), nm), q, p, grad_out, dd, rden, q_max, k_max, c_stab,
-        dh_state, dz_state, dns_state, dhz0, dvs0, *varlen,
+        dh_own, dz_state, dns_state, dhz0, dvs0, *varlen,
         h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
         **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out))),
     )
     launch(
-        _dstate_scan_kernel, (b * h * ns, nm), c_ref, c_stab, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0, dvs0,
-        *varlen[:2],
+        _dstate_scan_kernel, (b * h * ns, nm), c_ref, c_stab, dh_own, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0,
+        dvs0, *varlen[:2],
         h, n, m, e, nt, ns,
         BT=cfg["BT"], BM=cfg["BM_dstate"], BV=cfg["BV"], PRECISION=opts["PRECISION"], PREFIX=prefix,
         STATE=state is not None, AV=alignment(e), VARLEN=is_varlen, num_warps=opts["num_warps"],

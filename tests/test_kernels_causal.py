@@ -12,6 +12,7 @@ from kernel_cases import (
     packed_case, packed_inputs, packed_run, rel_err, strided_case, unaligned_case,
 )
 from kernel_cases import check as kernel_check
+from kernel_cases import reference as kernel_reference
 
 from performer_triton import reference as R
 from performer_triton.kernels import GIVEN, MAX_HEAD_DIM, RELU, SOFTMAX, launchers
@@ -184,6 +185,24 @@ def test_saved_states_are_the_prefix_sums_before_every_chunk(prefix):
         assert torch.allclose(v_state[:, c], v64[:, :j].sum(1), atol=1e-4)
     assert torch.allclose(c_stab[:, 5], kmax.amax(-1), rtol=1e-6)  # every key's max
     assert torch.allclose(c_ref[:, 5], kscale.amax(-1), rtol=1e-6)  # the reference after every key
+
+
+@pytest.mark.parametrize("dtype, prefix", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32-global", "bfloat16-prefix"])
+def test_a_chunk_of_keys_whose_squared_norm_overflows(dtype, prefix):
+    """A whole chunk of keys of norm ~1e20 after ordinary ones: |dn k|^2 overflows fp32, their
+    k_scale is -inf (weight 0; float64 underflows them to 0 too), so the chunk's own reference is
+    -inf as well: its state must be 0, not -inf - -inf = NaN in every later state.  Outputs and
+    gradients finite; out and dv as float64's."""
+    q, k, v, proj, g = inputs(1, 1, 192, 16, 16, 32, dtype, seed=1)
+    k = k.clone()
+    k[:, :, 64:128] = 1e20 * torch.sign(k[:, :, 64:128].float()).to(dtype)
+    fwd, bwd, _ = launchers(True)
+    out, *stats = fwd(q, k, v, proj, feature=SOFTMAX, prefix=prefix)
+    grads = bwd(g, q, k, v, proj, out, *stats, feature=SOFTMAX, prefix=prefix)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    ref = kernel_reference(q, k, v, proj, g, causal=True, feature=SOFTMAX, prefix=prefix)
+    assert rel_err(out, ref[0]) < BUDGET[dtype] and rel_err(grads[2], ref[3]) < BUDGET[dtype]
 
 
 @pytest.mark.parametrize("prefix", [False, True])

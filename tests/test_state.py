@@ -651,7 +651,10 @@ def test_packed_sequences_with_states_on_the_kernels(monkeypatch, name, dtype, s
     for a, b in zip(final, final64):
         finite = torch.isfinite(b)
         assert torch.equal(finite, torch.isfinite(a))
-        assert (a.double() - b)[finite].norm() <= budget * max(b[finite].norm().item(), 1.0)
+        # fp32 sums of the keys' parts, whatever the dtype of the saved chunk states (bf16 for packs):
+        # the fp16 budget would let a bf16 rounding of every chunk's own part through
+        final_budget = 1e-3 if dtype == torch.float16 else budget
+        assert (a.double() - b)[finite].norm() <= final_budget * max(b[finite].norm().item(), 1.0)
     for a, b in zip(grads, grads64):
         assert rel(a.double(), b) <= budget
 
