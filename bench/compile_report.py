@@ -1102,7 +1102,7 @@ def import_required(failures: list) -> tuple[dict, list[str]]:
 
 
 def kernel_name(fn: JITFunction) -> str:
-    """'causal._state_kernel': the kernel files share kernel names, so the module goes first."""
+    """'causal._output_kernel': the kernel files share kernel names, so the module goes first."""
     return f"{fn.module.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 

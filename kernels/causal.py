@@ -511,7 +511,7 @@ def _own_dstate(p_do, dz_state, p_dns, c_stab, o_st, o_cs, i_c, NC, M, E, NM, o_
     m_s = o_m * 0 + i_c >= 0  # (BM,) vector masks: the interpreter rejects a scalar one broadcast to a tile
     m_sv = o_v * 0 + i_c >= 0  # (BV,)
     o_s = o_st + i_c
-    # in dh_state's dtype: converted where it is used (converted here, the load's wait would be here too)
+    # in dh_own's dtype: converted where it is used (converted here, the load's wait would be here too)
     b_dhc = tl.load(p_do + o_s * M * E, mask=(m_m & m_s)[:, None] & (m_v & m_sv)[None, :], other=0.0)
     b_dzc = tl.load(dz_state + o_s * M + o_m, mask=m_m & m_s, other=0.0)  # (BM,)
     b_dnsc = tl.load(p_dns + o_s * NM * E, mask=m_v & m_sv, other=0.0)  # (BV,)
@@ -942,7 +942,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     nt, ns, varlen, is_varlen = packing
     states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
     h_state, z_state, v_state, c_ref, c_stab = states
-    c_rloc, c_sloc = torch.empty_like(c_ref), torch.empty_like(c_stab)  # each chunk's own r and max of k_max
+    c_rloc, c_sloc = c_ref.new_empty((2, *c_ref.shape))  # each chunk's own r and max of k_max (one allocation)
     h_own = _own_states(h_state, initial is not None)
     final = []
     if initial is not None:
