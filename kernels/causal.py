@@ -921,13 +921,15 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     return states
 
 
-def _own_states(states: torch.Tensor, state: bool) -> torch.Tensor:
+def _own_states(states: torch.Tensor, state: bool, dtype: torch.dtype) -> torch.Tensor:
     """Where the chunk passes leave every chunk's own (m, e) state for the scans: the states'
-    buffer itself, which the scan then overwrites; with an initial or final state (state), an fp32
-    buffer when the states are 16-bit, so that the state the call returns (or its gradient) sums
-    unrounded parts, as a walk in registers did (bf16 parts made an fp16 pack's final state ~20x
-    less accurate: 3e-3 against float64)."""
-    if not state or states.dtype == torch.float32:
+    buffer itself, which the scan then overwrites; with an initial or final state (state) of fp16
+    inputs whose states are bf16 (packs, wider heads, given features: _config), an fp32 buffer, so
+    that the state the call returns (or its gradient) sums unrounded parts, as the walk's registers
+    did (bf16 parts made an fp16 pack's final state ~20x less accurate: 3e-3 against float64, past
+    fp16's own rounding; for bf16 inputs it is theirs, and the buffer would triple the states'
+    memory for nothing)."""
+    if not state or states.dtype != torch.bfloat16 or dtype != torch.float16:
         return states
     return torch.empty(states.shape, device=states.device, dtype=torch.float32)
 
@@ -943,7 +945,7 @@ def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d:
     states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
     h_state, z_state, v_state, c_ref, c_stab = states
     c_rloc, c_sloc = c_ref.new_empty((2, *c_ref.shape))  # each chunk's own r and max of k_max (one allocation)
-    h_own = _own_states(h_state, initial is not None)
+    h_own = _own_states(h_state, initial is not None, k.dtype)
     final = []
     if initial is not None:
         final = [torch.empty(t.shape, device=k.device, dtype=torch.float32) for t in initial]
@@ -1165,7 +1167,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2),
         BT=cfg["BT"], BV=cfg["BV"], AV=alignment(e, grad_out, out), num_warps=4,
     )
-    dh_own = _own_states(dh_state, state is not None)
+    dh_own = _own_states(dh_state, state is not None, q.dtype)
     launch(
         _chunk_dstate_kernel, (*block_grid(b * h, nt, is_varlen), nm), q, p, grad_out, dd, rden, q_max, k_max, c_stab,
         dh_own, dz_state, dns_state, dhz0, dvs0, *varlen,
