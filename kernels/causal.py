@@ -39,8 +39,8 @@ from .feature_map import (
     block_program, block_range, cdiv, check_inputs, check_unit_stride, chunk_program, chunk_slots, column_slice,
     diag_rows, dot, empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out,
     half_sq_norm, half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options,
-    load_fused_rows, load_rows, load_vector, packing_args, reciprocal_or_zero, row_block, row_stats, sequence_span,
-    store_input_grad, store_rows, store_state, tf32_nearest
+    load_fused_rows, load_rows, load_vector, merged_reference, packing_args, reciprocal_or_zero, row_block, row_stats,
+    sequence_span, store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -167,13 +167,6 @@ def _chunk_state_kernel(
 
 
 @triton.jit
-def _rescaled(r_run, r_new):
-    """exp(r_run - r_new) <= 1, the factor moving a sum referenced to r_run to r_new = max(r_run, .):
-    1 where they are equal (-inf for both before any key: no NaN factor)."""
-    return tl.where(r_run == r_new, 1.0, tl.exp(r_run - r_new))
-
-
-@triton.jit
 def _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, i_c, NC, M, E, o_m, m_m, o_v, m_vs):
     """What _chunk_state_kernel left for _state_scan_kernel at index i_c (>= 1): chunk i_c - 1's
     own state in slot i_c: (BM, BV) in h_own's dtype, (BM,) and (BV,) fp32 (0 from i_c = NC on:
@@ -249,8 +242,7 @@ def _state_scan_kernel(
     b_hn, b_zn, b_vn, r_next, s_next = _own_state(p_ho, z_state, v_state, c_rloc, c_sloc, o_st, o_cs, 2, NC, M,
                                                   E, o_m, m_m, o_v, m_vs)
     for i_c in range(1, NC):  # the state after chunk i_c - 1, over that chunk's own in slot i_c
-        r_new = tl.maximum(r_run, r_loc)  # running maxima: every factor is <= 1
-        f_run, f_loc = _rescaled(r_run, r_new), _rescaled(r_loc, r_new)
+        r_new, f_run, f_loc = merged_reference(r_run, r_loc)  # running maxima: every factor is <= 1
         b_h = b_h * f_run + b_hc.to(tl.float32) * f_loc
         b_z = b_z * f_run + b_zc * f_loc
         b_vs += b_vc
@@ -267,12 +259,11 @@ def _state_scan_kernel(
         tl.store(c_stab + o_cs + i_c, s_run, mask=m_first)
     # the last chunk's keys (r_loc, s_loc: index NC): the global max, the reference after every
     # key, with STATE the final state
-    r_new = tl.maximum(r_run, r_loc)
+    r_new, f_run, f_loc = merged_reference(r_run, r_loc)
     s_run = tl.maximum(s_run, s_loc)
     tl.store(c_ref + o_cs + NC, r_new, mask=m_first)
     tl.store(c_stab + o_cs + NC, s_run, mask=m_first)
     if STATE:
-        f_run, f_loc = _rescaled(r_run, r_new), _rescaled(r_loc, r_new)
         p_hf = hz_f + i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [H | z]
         b_hc = tl.load(p_hf[:, None] + o_v[None, :], mask=m_hv, other=0.0)  # (BM, BV) the last chunk's own
         b_zc = tl.load(p_hf + E, mask=m_m, other=0.0)  # (BM,)
@@ -563,7 +554,7 @@ def _dstate_scan_kernel(
                                             o_m, m_m, o_v, m_v, PREFIX)
     for i_p in range(0, NC - 1):
         i_c = NC - 2 - i_p  # the state after chunk i_c, over chunk i_c + 1's own in slot i_c
-        f_prev = _rescaled(e_c, e_prev)  # exp(Mend_c - Mend_c+1) <= 1 (1 for the global stabilizer)
+        f_prev = merged_reference(e_c, e_prev)[1]  # exp(Mend_c - Mend_c+1) <= 1 (1 for the global stabilizer)
         b_dh = b_dh * f_prev + b_dhc.to(tl.float32)
         b_dz = b_dz * f_prev + b_dzc
         b_dns += b_dnsc
@@ -578,7 +569,7 @@ def _dstate_scan_kernel(
     if STATE:  # e_c: M0 (stab_before chunk 0), the reference of the state before the call
         o_hz = i_nh.to(tl.int64) * M * (E + 1) + o_m * (E + 1)  # (BM,) this tile's rows of [dH | dz]
         p_dvs = dvs0 + (i_nh.to(tl.int64) * NM + i_m) * E + o_v  # (BV,)
-        f_prev = _rescaled(e_c, e_prev)
+        f_prev = merged_reference(e_c, e_prev)[1]
         b_dh = b_dh * f_prev + tl.load(dhz0 + o_hz[:, None] + o_v[None, :], mask=m_hv, other=0.0)  # + chunk 0's own
         b_dz = b_dz * f_prev + tl.load(dhz0 + o_hz + E, mask=m_m, other=0.0)
         b_dns += tl.load(p_dvs, mask=m_v, other=0.0)

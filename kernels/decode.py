@@ -18,8 +18,8 @@ import triton.language as tl
 
 from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
 from .feature_map import (
-    FM_SOFTMAX, aligned, alignment, block_range, check_unit_stride, head_scale, launch, next_power_of_2,
-    reciprocal_or_zero
+    FM_SOFTMAX, aligned, alignment, block_range, check_unit_stride, head_scale, launch, merged_reference,
+    next_power_of_2, reciprocal_or_zero
 )
 
 __all__ = ["decode_step"]
@@ -82,10 +82,7 @@ def _step_kernel(
         q_diag = tl.sum(b_q * b_q) * (dn * dn * 0.5)
     row_scale = tl.where(kept, k_max - k_diag, float("-inf"))  # RELU: 0, as FavorState
     r_old = tl.load(ref + i_bh).to(tl.float32)  # () R before the key
-    r_new = tl.maximum(r_old, row_scale)
-    base = tl.where(r_new == float("-inf"), 0.0, r_new)  # no key yet: nothing to rescale
-    alpha = tl.exp(r_old - base)  # <= 1
-    beta = tl.exp(row_scale - base)  # <= 1, 0 for a dropped key
+    r_new, alpha, beta = merged_reference(r_old, row_scale)  # beta: 0 for a dropped key
     p_hz = hz + i_bh.to(tl.int64) * M * (E + 1)
     b_nd = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f q~_f hz_f = [N, D] before the eps parts
     q_sum = tl.full([], 0.0, dtype=tl.float32)

@@ -254,6 +254,17 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def merged_reference(r_a, r_b):
+    """Two sums of exp(row_scale_j - r) terms, referenced to r_a and r_b, moved to one reference:
+    R = max(r_a, r_b) and the factors exp(r_a - R), exp(r_b - R) <= 1, taken against 0 while R is
+    -inf (no key in either: both sums are 0, and -inf - -inf would be NaN).  The one state merge
+    of the kernels (torch_backend.merge_referenced in PyTorch).  -> (R, factor a, factor b)."""
+    r_new = tl.maximum(r_a, r_b)
+    base = tl.where(r_new == float("-inf"), 0.0, r_new)
+    return r_new, tl.exp(r_a - base), tl.exp(r_b - base)
+
+
+@triton.jit
 def store_state(p, b_h, mask, PRECISION: tl.constexpr):
     """Store an fp32 state tile that later kernels read as a dot operand: TF32-rounded when p is
     fp32 (a 16-bit state is exact in TF32 already; rounding it first would round twice)."""

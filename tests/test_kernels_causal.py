@@ -246,7 +246,8 @@ def test_meta_launches():
         ]
         assert launched[0][1] == (b * h * 4, 2)  # q and k rows in one launch, (b*h, block) on axis 0
         attention = launched[1:]
-        bm, bm_d = C._config(d, e, m, torch.bfloat16)["BM"], C._config(d, e, m, torch.bfloat16)["BM_dstate"]
+        cfg = C._config(d, e, m, torch.bfloat16)
+        bm, bm_d = cfg["BM"], cfg["BM_dstate"]
         # every chunk's own state at once, then the scan over chunks, then the outputs
         assert attention[0][1] == (b * h, 4, -(-m // bm)) and attention[1][1] == (b * h, -(-m // bm))
         assert attention[2][1] == (b * h, 4)
