@@ -50,6 +50,9 @@ def _profile(fn, calls: int = 10) -> dict[str, float]:
 VARIANTS = [
     {"BM_out": 64}, {"num_warps": 8}, {"BM": 64}, {"num_stages": 2}, {"BM_bwd": 32}, {"BM_out": 16},
     {"BM": 16}, {"BM_dstate": 16}, {"num_warps_bwd": 8}, {"num_stages": 4},
+    # the non-causal split walks at m tiles of 32 (their default is 64 for 16-bit heads up to 64):
+    # twice the steps at 3-4 CTAs per SM instead of 2 (kernels/NOTES.md "Non-causal floor")
+    {"BM": 32},
     # 128-row chunks (half the causal states and scan steps; its backward spills ~100 B on sm_90a:
     # kernels/NOTES.md "Experiment, not adopted")
     {"BT": 128, "num_warps": 8, "num_warps_bwd": 8},
