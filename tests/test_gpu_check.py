@@ -266,3 +266,41 @@ def test_profile_variants_override_the_launch_configs(monkeypatch):
     assert "error" in res["BM_out=48"]["noncausal fwd+bwd"]
     assert C._config(16, 16, 32, torch.float32)["num_warps"] == 4  # undone
     assert NC._config(16, 16, 32, torch.float32)["BM_out"] == default_bm_out
+
+
+def test_every_profile_variant_launches_and_keeps_the_numbers(monkeypatch):
+    """Each of gpu_profile's VARIANTS (what the next GPU run times) launches on the interpreter in
+    bf16, causal and non-causal, and gives the default configuration's outputs and gradients up
+    to bf16 rounding: a variant that does not launch or computes something else would waste a
+    lease's minutes."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    import torch
+
+    from performer_triton import favor_attention
+
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "bench" / "gpu_profile.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    monkeypatch.setattr(gp, "_profile", lambda fn: (fn(), {"kernel": 1.0})[1])
+    gen = torch.Generator().manual_seed(0)
+    # 150 rows: more than one 128-row chunk; m = 72: more than one m tile at every BM
+    q, k, v = (torch.randn(1, 1, 150, 16, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    P = torch.randn(72, 16, generator=gen)
+
+    def grads_of(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    calls = {f"{mode} fwd+bwd": lambda causal=causal: favor_attention(q, k, v, P, causal=causal, backend="triton")
+             for mode, causal in (("causal", True), ("noncausal", False))}
+    res = gp._variants(calls, grads_of)
+    assert len(res) == len(gp.VARIANTS)
+    for label, by_call in res.items():
+        for call, r in by_call.items():
+            assert "error" not in r, (label, call, r)
+            assert r["rel_err"] < 2e-2, (label, call, r["rel_err"])
