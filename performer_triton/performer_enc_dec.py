@@ -128,8 +128,13 @@ class PerformerEncDec(nn.Module):
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
         was_training = self.enc.training
-        # eval, as the decoder's generate runs: 1.1.4 encoded a training model with its dropout on
-        # and a call counted towards the next redraw while decoding in eval (issue 10)
+        performer = self.enc.performer
+        if performer.auto_check_redraw and performer.proj_updater.training:
+            # 1.1.4 encoded a training model in training mode: the call counts towards (or makes)
+            # the encoder's next redraw, which keeps the redraw schedule and the global RNG's draws
+            performer.proj_updater.redraw_projections()
+        # the encoding itself in eval, as the decoder's generate runs: 1.1.4's had its dropout on
+        # (issue 10)
         self.enc.eval()
         try:
             encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)

@@ -404,10 +404,15 @@ class ProjectionUpdater(nn.Module):
         interval = self.feature_redraw_interval
         if exists(interval) and self.calls_since_last_redraw >= interval:
             # 1.1.4's call, redraw_projection_matrix(device) positionally (subclasses override it with
-            # that signature), with 1.1.4's device: the first parameter's (StopIteration without
-            # one; on meta, offloaded weights, a draw could not be copied: then the projection's own)
-            param = next(self.instance.parameters(), None)
-            device = None if param is None or param.is_meta else param.device
+            # that signature), with 1.1.4's device, get_module_device's (a program may replace that
+            # function: called as 1.1.4 calls it); without parameters (1.1.4: StopIteration) or on
+            # meta (offloaded weights: a draw could not be copied), the projection's own
+            try:
+                device = get_module_device(self.instance)
+            except StopIteration:
+                device = None
+            if device is not None and torch.device(device).type == "meta":
+                device = None
             generator = None
             if self.seeded:  # (the opt-in: a private generator)
                 seed = (self.redraw_seed * 1_000_003 + self.redraw_count) % 2**63

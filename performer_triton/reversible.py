@@ -105,7 +105,7 @@ class ReversibleBlock(nn.Module):
         self.f = Deterministic(f)
         self.g = Deterministic(g)
 
-    def forward(self, x: Tensor, f_args: dict | None = None, g_args: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, f_args: dict = {}, g_args: dict = {}) -> Tensor:  # noqa: B006 (1.1.4's, never mutated)
         # RNG states are recorded in eval too (1.1.4 recorded them only in training, so a backward
         # through an eval-mode model had no state to replay); recording draws nothing
         with torch.no_grad():
@@ -118,7 +118,7 @@ class ReversibleBlock(nn.Module):
         return torch.cat((y1, x2 + self.g(y1, **rng, **(g_args or {}))), dim=2)
 
     def backward_pass(
-        self, y: Tensor, dy: Tensor, f_args: dict | None = None, g_args: dict | None = None
+        self, y: Tensor, dy: Tensor, f_args: dict = {}, g_args: dict = {}  # noqa: B006 (1.1.4's, never mutated)
     ) -> tuple[Tensor, Tensor]:
         """(block output y, dL/dy) -> (block input x, dL/dx)."""
         f_args, g_args = f_args or {}, g_args or {}
@@ -175,7 +175,7 @@ class _ReversibleFunction(Function):
 class SequentialSequence(nn.Module):
     """x = x + f(x); x = x + g(x) for every (f, g) layer pair, keywords routed per layer."""
 
-    def __init__(self, layers: nn.ModuleList, args_route: Routes | None = None):
+    def __init__(self, layers: nn.ModuleList, args_route: Routes = {}):  # noqa: B006 (1.1.4's; not kept)
         super().__init__()
         args_route = args_route or {}
         _check_routes(args_route, len(layers))
@@ -193,7 +193,7 @@ class SequentialSequence(nn.Module):
 class ReversibleSequence(nn.Module):
     """Reversible residual layers on [x, x] (features doubled), outputs summed back to x's width."""
 
-    def __init__(self, blocks: Sequence[Sequence[nn.Module]], args_route: Routes | None = None):
+    def __init__(self, blocks: Sequence[Sequence[nn.Module]], args_route: Routes = {}):  # noqa: B006 (1.1.4's; not kept)
         super().__init__()
         args_route = args_route or {}
         _check_routes(args_route, len(blocks), strict=False)

@@ -79,10 +79,8 @@ def test_signature_keeps_1_1_4_order_and_defaults(name, theirs, ours):
             assert type(a.default) is type(b.default), a.name
         elif inspect.isfunction(a.default):
             assert a.default.__name__ == b.default.__name__, a.name
-        elif a.default == {}:  # 1.1.4's mutable default {} is None here: the same behaviour
-            assert b.default is None, a.name
-        else:
-            assert a.default == b.default, a.name
+        else:  # 1.1.4's mutable defaults {} included (ours never mutate or keep them)
+            assert a.default == b.default and type(a.default) is type(b.default), a.name
     assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in ours_params[len(theirs_params) :])
 
 
@@ -1037,25 +1035,40 @@ def test_loose_version_float_max_seq_len_and_short_reversible_routes_as_1_1_4():
 
 def test_enc_dec_generate_encodes_in_eval_and_restores_the_mode():
     """PerformerEncDec.generate encodes in eval as its decoder decodes (1.1.4 encoded a training
-    model with dropout on and counted the call towards the next redraw), and restores the mode."""
-    kw = dict(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=8, enc_feature_redraw_interval=1,
-              enc_emb_dropout=0.3, dec_num_tokens=20, dec_depth=1, dec_heads=2, dec_max_seq_len=8)
+    model with its dropout on), restores the mode, and counts the call towards the encoder's next
+    redraw as 1.1.4's training-mode encoding did: without dropout (the default), generating from a
+    training model gives 1.1.4's tokens, redraws and global random stream, call after call."""
+    kw = dict(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=8, enc_feature_redraw_interval=2,
+              dec_num_tokens=20, dec_depth=1, dec_heads=2, dec_max_seq_len=8)
     gen = torch.Generator().manual_seed(1)
     seq_in, start = torch.randint(0, 20, (2, 6), generator=gen), torch.randint(0, 20, (2, 1), generator=gen)
-    model = ours_ed.PerformerEncDec(**kw)
+    models = []
+    for module in (original_ed, ours_ed):
+        torch.manual_seed(0)
+        models.append(module.PerformerEncDec(**kw).double())
+    before = [m.projection_matrix.clone() for m in models[1].enc.modules() if hasattr(m, "projection_matrix")]
+    runs = []
+    for model in models:
+        torch.manual_seed(3)
+        tokens = [model.generate(seq_in, start, 5) for _ in range(5)]  # redraws at the 3rd and the 6th call
+        runs.append((tokens, model.enc.performer.proj_updater.calls_since_last_redraw.item(),
+                     [m.projection_matrix for m in model.enc.modules() if hasattr(m, "projection_matrix")],
+                     torch.get_rng_state()))
+    (theirs, count0, proj0, rng0), (ours, count1, proj1, rng1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours)) and count0 == count1
+    assert all(torch.equal(a, b) for a, b in zip(proj0, proj1)) and torch.equal(rng0, rng1)
+    assert not any(torch.equal(a, b) for a, b in zip(before, proj1))  # the calls redrew
+
+    # with dropout, the encoding is the eval one (1.1.4's had dropout on); eval counts nothing
+    model = ours_ed.PerformerEncDec(**{**kw, "enc_emb_dropout": 0.3})
     counter = model.enc.performer.proj_updater.calls_since_last_redraw
-    counter.fill_(1)  # a training call would redraw now
-    projections = [m.projection_matrix.clone() for m in model.enc.modules() if hasattr(m, "projection_matrix")]
     torch.manual_seed(3)
     tokens = model.generate(seq_in, start, 5)
+    assert counter.item() == 1 and model.training and model.enc.training and model.dec.training
     model.eval()
     torch.manual_seed(3)
-    assert torch.equal(tokens, model.generate(seq_in, start, 5))  # as in eval: no dropout, no redraw
-    assert counter.item() == 1 and all(torch.equal(p, m.projection_matrix) for p, m in zip(
-        projections, [m for m in model.enc.modules() if hasattr(m, "projection_matrix")]))
-    model.train()
-    model.generate(seq_in, start, 2)
-    assert model.training and model.enc.training and model.dec.training
+    assert torch.equal(tokens, model.generate(seq_in, start, 5))
+    assert counter.item() == 1
 
 
 def test_depth_zero_and_1_1_4_exception_types():
@@ -1147,6 +1160,27 @@ def test_replaced_module_functions_are_called_as_1_1_4_calls_them(patch, causal,
     torch.manual_seed(0)  # and the library's own functions are back
     plain = ours_pp.FastAttention(16, nb_features=24, causal=causal, generalized_attention=generalized).double()
     assert not torch.allclose(plain(*[t.detach() for t in x]), results[1][1])
+
+
+def test_a_replaced_get_module_device_is_called_at_each_redraw():
+    """1.1.4's redraw asks get_module_device for the device to draw on (a program may replace it,
+    e.g. for offloaded weights): ours calls the module's function at the same calls, with the
+    same results."""
+    results = []
+    for module in (original_pp, ours_pp):
+        before, seen = module.get_module_device, []
+        module.get_module_device = lambda m, before=before, seen=seen: (seen.append(type(m).__name__), before(m))[1]
+        try:
+            torch.manual_seed(0)
+            model = module.PerformerLM(**SMALL, feature_redraw_interval=1).double()
+            x = torch.randint(0, NUM_TOKENS, (1, 8), generator=torch.Generator().manual_seed(1))
+            outs = [model(x) for _ in range(4)]
+        finally:
+            module.get_module_device = before
+        results.append((seen, outs, torch.get_rng_state()))
+    (seen_a, outs_a, rng_a), (seen_b, outs_b, rng_b) = results
+    assert seen_a == seen_b and len(seen_a) == 2  # the 2nd and 4th calls redraw
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(outs_a, outs_b)) and torch.equal(rng_a, rng_b)
 
 
 def test_seeded_redraws_with_a_replaced_orthogonal_matrix_chunk():
