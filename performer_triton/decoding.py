@@ -49,8 +49,9 @@ class DecodingCache:
     """Per-module decoding state of one model, plus the number of positions processed so far.
 
     Pass the same cache to every forward call of a generation; each call feeds only the new
-    tokens. Modules store their state under themselves as key. copy.deepcopy(cache) branches a
-    generation (beam search): the copy's states are its own, for the same model's layers, unless
+    tokens. Modules store their state under themselves as key. copy.deepcopy(cache) (or
+    copy.copy) branches a generation (beam search): the copy's states are its own, for the same
+    model's layers, unless
     the model is copied first in the same deepcopy call (copy.deepcopy((model, cache))), whose copies
     it then follows; pickle works the same way.
     """
@@ -89,6 +90,11 @@ class DecodingCache:
         # keyed by the same layers, or by their copies where this deepcopy copied the model too
         new._states = {memo.get(id(m), m): copy.deepcopy(state, memo) for m, state in self._states.items()}
         return new
+
+    def __copy__(self) -> DecodingCache:
+        # a shallow copy would share the layers' states, which every step of either cache moves
+        # on (wrong outputs in both, no error): copy.copy branches as copy.deepcopy(cache) does
+        return copy.deepcopy(self)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache holds (to measure its memory): not a layer's projection buffer,

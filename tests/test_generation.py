@@ -473,7 +473,7 @@ def test_fused_decode_in_a_model_equals_the_pytorch_decoder():
 
 
 def test_a_copied_cache_branches_a_generation():
-    """copy.deepcopy(cache) (beam search) gives an independent cache for the same layers; copying
+    """copy.deepcopy(cache) or copy.copy (beam search) gives an independent cache for the same layers; copying
     model and cache together, or pickling them together, continues on the copies; a cache used
     with layers it holds no state for (another model, or one pickled alone) is a ValueError, not
     a silent fresh start."""
@@ -493,10 +493,11 @@ def test_a_copied_cache_branches_a_generation():
                 model(x[:, :6], cache=cache)
                 return cache
 
-            cache = prefill()
-            branch = copy.deepcopy(cache)
-            for c in (branch, cache):  # each continues on its own
-                assert rel(model(x[:, 6:7], cache=c), full[:, 6:7]) <= 1e-5
+            for branching in (copy.deepcopy, copy.copy):  # (a shallow copy would share the states)
+                cache = prefill()
+                branch = branching(cache)
+                for c in (branch, cache):  # each continues on its own
+                    assert rel(model(x[:, 6:7], cache=c), full[:, 6:7]) <= 1e-5
             for twin, c in (copy.deepcopy((model, prefill())), pickle.loads(pickle.dumps((model, prefill())))):
                 assert rel(twin(x[:, 6:7], cache=c), full[:, 6:7]) <= 1e-5
             for c, other in ((prefill(), copy.deepcopy(model)), (pickle.loads(pickle.dumps(prefill())), model)):
