@@ -187,6 +187,14 @@ def test_regression_compare_flags_a_15_percent_slowdown_and_passes_clean_runs(tm
     assert cli.main(["bench", "--compare", str(base_file), str(slow_file), "--max-slowdown", "20%"]) == 0
     fast_file = _ratios_file(tmp_path / "fast.json", {k: v / 2 for k, v in base.items()})
     assert cli.main(["bench", "--compare", str(base_file), fast_file.as_posix()]) == 0
+    # a baseline case the new run lacks fails (a gate comparing less than before); a new case does not
+    partial = _ratios_file(tmp_path / "partial.json", {"causal fwd+bwd float32 n=1024": 1.90})
+    assert cli.main(["bench", "--compare", str(base_file), str(partial)]) == 1
+    printed = capsys.readouterr().out
+    assert "non-causal fwd+bwd float32 n=1024: MISSING from the new run" in printed
+    assert "1 case(s) of the baseline missing from the new run: failed" in printed
+    assert cli.main(["bench", "--compare", str(partial), str(base_file)]) == 0
+    assert "non-causal fwd+bwd float32 n=1024: not in the baseline, not compared" in capsys.readouterr().out
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="neither"):
         benchmark.load_ratios(tmp_path / "other.json")

@@ -224,12 +224,16 @@ def print_comparison(base_paths: list[str], base: dict[str, float], new: dict[st
         print("  " + c.line())
     regressed = [c for c in comparisons if c.regressed]
     compared = [c for c in comparisons if c.change is not None]
+    missing = [c for c in comparisons if c.missing]
     if not compared:
         print("no case in common with the baseline: nothing compared")
         return 1
     print(f"{len(regressed)} of {len(compared)} cases slower than the baseline by more than {max_slowdown:.0%}"
           if regressed else f"no regression in {len(compared)} cases")
-    return 1 if regressed else 0
+    if missing:
+        print(f"{len(missing)} case(s) of the baseline missing from the new run: failed (measure them, or compare "
+              "with a baseline of the same cases)")
+    return 1 if regressed or missing else 0
 
 
 def run_regression(args, out: Path, baseline: dict[str, float] | None) -> int:

@@ -632,10 +632,16 @@ class Comparison:
     def regressed(self) -> bool:
         return self.change is not None and self.change > self.max_slowdown
 
+    @property
+    def missing(self) -> bool:
+        """A baseline case the new run lacks: a gate that would compare less than it did before."""
+        return self.base is not None and self.new is None
+
     def line(self) -> str:
+        if self.missing:
+            return f"{self.case}: MISSING from the new run (in the baseline)"
         if self.change is None:
-            where = "baseline" if self.new is not None else "new run"
-            return f"{self.case}: not in the {where}, not compared"
+            return f"{self.case}: not in the baseline, not compared"
         verdict = f"SLOWER by {self.change:+.1%} (> {self.max_slowdown:.0%})" if self.regressed else "ok"
         return f"{self.case}: ours/reference {self.base:.3f} -> {self.new:.3f} ({self.change:+.1%})  {verdict}"
 
