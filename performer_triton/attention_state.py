@@ -86,6 +86,9 @@ def _check_map_kind(state: AttentionState, softmax: bool) -> None:
         made, call = ("relu or given", "softmax") if softmax else ("softmax", "relu or given")
         raise ValueError(f"initial_state was made with {made} features (its stab is "
                          f"{'-inf' if softmax else 'finite'} where it holds keys); this call computes {call} features")
+    if softmax and bool((state.ref > state.stab).any()):
+        raise ValueError("initial_state.ref exceeds its stab: not a state any call made (ref, the max of row_max - "
+                         "|dn k|^2 / 2 over its keys, is at most stab, the max of row_max)")
 
 
 def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:

@@ -739,6 +739,10 @@ def test_bad_cu_seqlens_are_refused():
     with pytest.raises(ValueError, match="initial_state.ref / stab hold NaN"):  # (it read as relu features)
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix",
                         initial_state=made._replace(stab=torch.full_like(made.stab, float("nan"))))
+    assert (made.ref <= made.stab).all()  # every state a call makes; one with ref > stab gave NaN outputs
+    with pytest.raises(ValueError, match="initial_state.ref exceeds its stab"):
+        favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix",
+                        initial_state=made._replace(ref=made.stab + 1))
 
 
 def test_chain_states_checks_its_states():
