@@ -141,7 +141,7 @@ class ReversibleBlock(nn.Module):
         with torch.enable_grad():
             fx2 = self.f(x2, set_rng=True, **f_args)
             if fx2.requires_grad:
-                torch.autograd.backward(fx2, dx1, retain_graph=True)
+                torch.autograd.backward(fx2, dx1)  # (fx2 is read below for its values only: no graph kept)
         with torch.no_grad():
             x1 = y1 - fx2
             dx2 = dy2 + _grad(x2)

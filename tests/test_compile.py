@@ -254,6 +254,33 @@ def test_one_compile_serves_every_length(extra):
     assert frames == [frames[0]] * 4
 
 
+def test_a_compiled_training_step_of_a_reversible_model_across_lengths():
+    """torch.compile of a whole step (forward, loss and backward in the compiled function) of a
+    reversible model, at a second length (the automatic dynamic-shape recompile): the blocks'
+    backward ran autograd.backward with retain_graph=True (1.1.4's) on compiled graphs whose
+    buffers the dynamic compile donates: RuntimeError (review R21).  Same loss and gradients as
+    eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = PerformerLM(num_tokens=50, max_seq_len=128, dim=32, depth=1, heads=2, dim_head=16, causal=True,
+                        reversible=True)  # (non-causal failed alike)
+
+    def train_step(x):
+        loss = model(x).log_softmax(-1)[..., 3].mean()
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for n in (37, 50):
+        x = torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(n))
+        model.zero_grad()
+        loss = compiled(x)
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        assert torch.allclose(loss, train_step(x), rtol=1e-5)
+        assert all(torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
 @pytest.mark.parametrize("padding", ["left", "hole"])
 def test_masked_prefix_self_attention_compiles_with_backward(padding):
     """exact_mask + key_stabilizer="prefix" compacts each batch row on the host (a graph break):
