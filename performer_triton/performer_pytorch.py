@@ -265,6 +265,20 @@ def gaussian_orthogonal_random_matrix(nb_rows: int, nb_columns: int, scaling: in
     return draw() if generator is None else _from_forked_rng(draw, device, generator)
 
 
+def _rng_states(device: Device) -> list[Tensor]:
+    """The states of the global generators a draw on device uses: the CPU's, and device's on CUDA."""
+    states = [torch.get_rng_state()]
+    if device is not None and torch.device(device).type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_states(device: Device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
 def _from_forked_rng(draw: Callable[[], T], device: Device, generator: torch.Generator) -> T:
     """draw() on the global RNG forked and seeded from generator: a seeded draw (redraw_seed) of
     code that draws from the global RNG (a replaced orthogonal_matrix_chunk, an overridden
@@ -399,7 +413,10 @@ class ProjectionUpdater(nn.Module):
 
     @torch.compiler.disable
     def _redraw_projections(self) -> None:
-        if not self.training or torch._C._current_graph_task_id() != -1:
+        if not self.training:
+            return
+        if torch._C._current_graph_task_id() != -1:
+            self._recomputed_call()
             return
         interval = self.feature_redraw_interval
         if exists(interval) and self.calls_since_last_redraw >= interval:
@@ -413,8 +430,10 @@ class ProjectionUpdater(nn.Module):
                 device = None
             if device is not None and torch.device(device).type == "meta":
                 device = None
-            generator = None
-            if self.seeded:  # (the opt-in: a private generator)
+            generator, before = None, None
+            if not self.seeded:
+                before = _rng_states(device)
+            else:  # (the opt-in: a private generator)
                 seed = (self.redraw_seed * 1_000_003 + self.redraw_count) % 2**63
                 generator = torch.Generator().manual_seed(seed)
                 self.redraw_count += 1
@@ -427,8 +446,24 @@ class ProjectionUpdater(nn.Module):
                 else:  # an override with 1.1.4's signature, redraw_projection_matrix(device)
                     _from_forked_rng(lambda: redraw(device), device, generator)
             self.calls_since_last_redraw.zero_()
+            # the global RNG before and after this redraw's draws, for a recomputation of this forward
+            self._last_redraw = None if before is None else (device, before, _rng_states(device))
             return
         self.calls_since_last_redraw += 1
+
+    def _recomputed_call(self) -> None:
+        """A forward recomputed during backward (torch.utils.checkpoint) neither redraws nor
+        counts: it must see the projections the original forward used.  Where that forward
+        redrew from the global RNG, what it drew next (dropout masks) came after the redraw's
+        draws, while checkpoint replays the forward from the RNG state of its start: reaching this
+        point with the RNG as it was before that redraw (and no call since: the count is 0), the
+        recomputation moves on to the state after it, so that it draws the forward's masks."""
+        last = getattr(self, "_last_redraw", None)
+        if last is None:
+            return
+        device, before, after = last
+        if all(torch.equal(a, b) for a, b in zip(_rng_states(device), before)) and int(self.calls_since_last_redraw) == 0:
+            _set_rng_states(device, after)
 
     def forward(self, x: T) -> T:
         """Runs the redraw check (as redraw_projections) and returns x unchanged."""

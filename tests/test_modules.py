@@ -547,21 +547,31 @@ def test_every_performer_pytorch_module_path_and_name_exists(submodule):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_never_redraws_during_recomputation(use_reentrant):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_never_redraws_during_recomputation(use_reentrant, dropout):
     """torch.utils.checkpoint re-runs forward in backward; a redraw there would give gradients
-    of other projections than the loss used."""
+    of other projections than the loss used.  With dropout, the recomputation of a forward that
+    redrew draws its masks after the redraw's draws, as that forward did (checkpoint replays the
+    RNG from the forward's start: other masks, wrong gradients on every redrawing call; review R21)."""
     from torch.utils.checkpoint import checkpoint
 
     grads = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        model = Performer(16, 1, 2, 8, feature_redraw_interval=1).double().train()
+        model = Performer(16, 1, 2, 8, feature_redraw_interval=1, ff_dropout=dropout, attn_dropout=dropout)
+        model = model.double().train()
         x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-        for _ in range(3):  # redraws on calls 2 and 4 (period interval + 1)
+        steps = []
+        for i in range(4):  # redraws on calls 2 and 4 (period interval + 1)
+            torch.manual_seed(10 + i)
             out = checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
             out.square().sum().backward()
-        grads.append((x.grad.clone(), int(model.proj_updater.calls_since_last_redraw)))
-    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-10, atol=0) and grads[0][1] == grads[1][1]
+            steps.append(x.grad.clone())
+            x.grad = None
+        grads.append((steps, int(model.proj_updater.calls_since_last_redraw), torch.get_rng_state()))
+    for plain, recomputed in zip(grads[0][0], grads[1][0]):
+        assert torch.allclose(plain, recomputed, rtol=1e-10, atol=0)
+    assert grads[0][1] == grads[1][1] and torch.equal(grads[0][2], grads[1][2])
 
 
 @pytest.mark.parametrize("local_attn_heads,reversible", [(0, False), (1, False), (1, True)])
