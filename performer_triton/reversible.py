@@ -155,21 +155,41 @@ def _grad(t: Tensor) -> Tensor:
 
 
 class _ReversibleFunction(Function):
+    """The blocks in sequence, activations recomputed from the output in backward.  grad_args: the
+    tensors of the layers' arguments that require grad (cross-attention's context: an encoder's
+    output), inputs of the function so that their gradients reach their graph with x's, in the
+    outer backward (1.1.4 ran that graph's backward from inside every block's, retaining it, which
+    the donated buffers of a compiled backward refuse)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, blocks: nn.ModuleList, args: list[dict]) -> Tensor:
+    def forward(ctx, x: Tensor, blocks: nn.ModuleList, args: list[dict], *grad_args: Tensor) -> Tensor:
         for block, kwargs in zip(blocks, args):
             x = block(x, **kwargs)
         ctx.y = x.detach()
         ctx.blocks = blocks
         ctx.args = args
+        ctx.grad_ids = [id(t) for t in grad_args]
         return x
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        # each grad_args tensor enters every block's recomputation as one leaf, whose gradient
+        # adds up over the blocks
+        leaves = {i: None for i in ctx.grad_ids}
+
+        def leaf(value: Any) -> Any:
+            if id(value) in leaves:
+                if leaves[id(value)] is None:
+                    leaves[id(value)] = value.detach().requires_grad_()
+                return leaves[id(value)]
+            return value
+
+        args = [{name: {key: leaf(value) for key, value in routed.items()} for name, routed in kwargs.items()}
+                for kwargs in ctx.args]
         y = ctx.y
-        for block, kwargs in zip(reversed(ctx.blocks), reversed(ctx.args)):
+        for block, kwargs in zip(reversed(ctx.blocks), reversed(args)):
             y, dy = block.backward_pass(y, dy, **kwargs)
-        return dy, None, None
+        return (dy, None, None, *(None if leaves[i] is None else leaves[i].grad for i in ctx.grad_ids))
 
 
 class SequentialSequence(nn.Module):
@@ -219,5 +239,7 @@ class ReversibleSequence(nn.Module):
                 # in the function's backward): an input without grad (frozen embeddings) left the
                 # output without a grad_fn and the blocks untrained, as in 1.1.4
                 x = x.detach().requires_grad_()
-            x = _ReversibleFunction.apply(x, self.blocks, args)
+            grad_args = {id(v): v for kw in args for routed in kw.values() for v in routed.values()
+                         if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled()}
+            x = _ReversibleFunction.apply(x, self.blocks, args, *grad_args.values())
         return torch.stack(x.chunk(2, dim=-1)).sum(dim=0)

@@ -68,8 +68,8 @@ SIGNATURES = [case for pair in MODULE_PAIRS for case in callables(*pair)]
 
 @pytest.mark.parametrize("name, theirs, ours", SIGNATURES, ids=[case[0] for case in SIGNATURES])
 def test_signature_keeps_1_1_4_order_and_defaults(name, theirs, ours):
-    """Every 1.1.4 parameter, in order, with its kind and default; additions are keyword-only
-    (1.1.4's catch-all **kwargs may be dropped: unknown keywords now raise)."""
+    """Every 1.1.4 parameter, in order, with its kind and default; additions are keyword-only or
+    a trailing *args (1.1.4's catch-all **kwargs may be dropped: unknown keywords now raise)."""
     theirs_params = [p for p in inspect.signature(theirs).parameters.values() if p.kind != p.VAR_KEYWORD]
     ours_params = list(inspect.signature(ours).parameters.values())
     assert [p.name for p in ours_params[: len(theirs_params)]] == [p.name for p in theirs_params]
@@ -81,7 +81,8 @@ def test_signature_keeps_1_1_4_order_and_defaults(name, theirs, ours):
             assert a.default.__name__ == b.default.__name__, a.name
         else:  # 1.1.4's mutable defaults {} included (ours never mutate or keep them)
             assert a.default == b.default and type(a.default) is type(b.default), a.name
-    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in ours_params[len(theirs_params) :])
+    # (a trailing *args takes nothing a 1.1.4 call passes: it had no more positional parameters)
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in ours_params[len(theirs_params) :])
 
 
 def lm(**kwargs):
