@@ -51,9 +51,8 @@ class DecodingCache:
     Pass the same cache to every forward call of a generation; each call feeds only the new
     tokens. Modules store their state under themselves as key. copy.deepcopy(cache) (or
     copy.copy) branches a generation (beam search): the copy's states are its own, for the same
-    model's layers, unless
-    the model is copied first in the same deepcopy call (copy.deepcopy((model, cache))), whose copies
-    it then follows; pickle works the same way.
+    model's layers, unless the model is copied first in the same deepcopy call
+    (copy.deepcopy((model, cache))), whose copies it then follows; pickle works the same way.
     """
 
     def __init__(self) -> None:
