@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache
-from .distributed import ContextParallel, with_neighbours
+from .distributed import ContextParallel, gather_device, local_checks, with_neighbours
 from .performer_pytorch import PerformerLM, _check_mask
 from .validation import calls_observed, check_bool, check_int, warn_ignored
 
@@ -256,16 +256,23 @@ class AutoregressiveWrapper(nn.Module):
         rank's first token, and the loss returned is this rank's share of the whole sequence's:
         its targets' summed cross-entropy over the number of targets on every rank, so the sum
         over ranks (and of the gradients, an all-reduce) is the unsharded loss (and gradients)."""
-        if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"x must be token ids of shape (batch, length), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if not exists(context_parallel_group) and x.shape[1] < 2:  # (1.1.4: a NaN loss of no targets)
-            raise ValueError(f"x must have at least 2 tokens (the loss predicts x[:, 1:] from x[:, :-1]), "
-                             f"got length {x.shape[1]}")
+        def check() -> None:
+            if not isinstance(x, Tensor) or x.dim() != 2:
+                raise ValueError(f"x must be token ids of shape (batch, length), got "
+                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            if not exists(context_parallel_group) and x.shape[1] < 2:  # (1.1.4: a NaN loss of no targets)
+                raise ValueError(f"x must have at least 2 tokens (the loss predicts x[:, 1:] from x[:, :-1]), "
+                                 f"got length {x.shape[1]}")
+
+        _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         mask = kwargs.pop("mask", None)
         if exists(context_parallel_group):
-            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device, batch=x.shape[0],
-                                        where="AutoregressiveWrapper.forward")
+            ok = refused is None
+            # the input dtype too: the targets' exchange sends the ids as they are
+            cp = ContextParallel.gather(x.shape[1] if ok else 0, context_parallel_group,
+                                        gather_device(context_parallel_group, x), batch=x.shape[0] if ok else -1,
+                                        input_dtype=x.dtype if ok else None, where="AutoregressiveWrapper.forward",
+                                        refused=refused)
             xo = with_neighbours(x, cp, before=0, after=1, dim=1)[:, 1:]
         else:
             xo = x[:, 1:]

@@ -11,17 +11,19 @@ rows they read (with_neighbours).
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attention_state import AttentionState, joined_states, keys_state
 from .feature_maps import GIVEN_MAP, check_stateful, resolve
 from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention, pytorch_features
 from .torch_backend import ReadContext, autocast_off, finite_base, key_context
-from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_qkv
+from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_projection, check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -47,19 +49,27 @@ class ContextParallel:
     def gather(cls, n_local: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu", *,
                masked: bool = False, context_masked: bool = False, batch: int = -1,
                dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None,
-               where: str = "context parallelism") -> ContextParallel:
+               where: str = "context parallelism", refused: Exception | None = None,
+               model: nn.Module | None = None) -> ContextParallel:
         """Every rank's block length and mask flags (one all-gather of a few ints; device: where
         the group's backend takes tensors, CUDA for NCCL), and a ValueError on every rank, naming
         `where` (the call), where their batch sizes, model dtypes or input dtypes differ, before
-        any exchange sized by them (batch -1, a dtype None: not compared)."""
+        any exchange sized by them (batch -1, a dtype None: not compared), or where the structure of
+        `model` differs (its modules' names and types, its parameters' shapes: a token shift or
+        windowed heads on one rank only waited in an exchange the others never made).  refused: the error of
+        this rank's own checks of the call (local_checks), raised here, after the all-gather, and
+        every other rank raises too, instead of waiting for this one in the all-gather."""
         _check_initialized("context parallelism")
-        rows = _gathered_ints([n_local, int(masked), int(context_masked), batch, _DTYPE_CODES.get(dtype, -1),
-                               _DTYPE_CODES.get(input_dtype, -1)], group, device)
+        rows = _gathered_ints([int(refused is not None), n_local, int(masked), int(context_masked), batch,
+                               _DTYPE_CODES.get(dtype, -1), _DTYPE_CODES.get(input_dtype, -1),
+                               -1 if model is None or refused is not None else _structure_code(model)], group, device)
+        _raise_refusals(where, [r.pop(0) for r in rows], refused)
         _refuse_differences(f"{where}: the ranks' calls", {"batch": [r[3] for r in rows],
                                                            "dtype": [_dtype_name(r[4]) for r in rows],
-                                                           "input dtype": [_dtype_name(r[5]) for r in rows]},
-                            "every rank must run the same batch, in the same dtype, on a model of the same dtype, "
-                            "each with its own block of the sequence")
+                                                           "input dtype": [_dtype_name(r[5]) for r in rows],
+                                                           "model structure (a checksum)": [r[6] for r in rows]},
+                            "every rank must run the same batch, in the same dtype, on a model of the same dtype "
+                            "and structure, each with its own block of the sequence")
         return cls(group, dist.get_rank(group), tuple(r[0] for r in rows), any(r[1] for r in rows),
                    any(r[2] for r in rows))
 
@@ -276,7 +286,69 @@ def _joined(out: Tensor, before: AttentionState) -> Tensor:
     return out if out.numel() else _connected(out, before.hz, before.v_sum)
 
 
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+T = TypeVar("T")
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.uint8: 4, torch.int8: 5,
+                torch.int16: 6, torch.int32: 7, torch.int64: 8, torch.bool: 9}  # (token ids are exchanged too)
+
+
+def _structure_code(model: nn.Module) -> int:
+    """A checksum of a model's structure: its modules' names and types, its parameters' names and
+    shapes (the same on every rank that built the same model; zlib's crc32, not Python's hash,
+    which differs between processes)."""
+    parts = [f"{name}:{type(module).__name__}" for name, module in model.named_modules()]
+    parts += [f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters()]
+    return zlib.crc32("|".join(parts).encode())
+
+
+def gather_device(group: dist.ProcessGroup | None, like: object) -> torch.device:
+    """Where the group's collectives take tensors: like's device when it is a tensor, else CUDA's
+    current device for NCCL, the CPU otherwise."""
+    if isinstance(like, Tensor):
+        return like.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_checks(check: Callable[[], T], group: dist.ProcessGroup | None) -> tuple[T | None, Exception | None]:
+    """(check(), None), or with a context-parallel group (None: no group) (None, the ValueError /
+    TypeError check raised), for the call's first all-gather to raise on every rank: a rank that
+    raised on its own left the others waiting in that all-gather until the group's timeout."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):  # (nothing to wait for)
+        return check(), None
+    try:
+        return check(), None
+    except (ValueError, TypeError) as error:
+        return None, error
+
+
+def _raise_refusals(where: str, flags: list[int], refused: Exception | None) -> None:
+    """After an all-gather of every rank's refusal flag: this rank's own error, or a ValueError
+    naming the ranks that refused the call."""
+    if refused is not None:
+        raise refused
+    ranks = [rank for rank, flag in enumerate(flags) if flag]
+    if ranks:
+        raise ValueError(f"{where}: rank(s) {ranks} of the group refused their call (their error names the "
+                         "argument); every rank stops here")
+
+
+def _map_fingerprint(fmap, device) -> int:
+    """A checksum of a kernel_fn's values at fixed points (0 for maps without one, which their code
+    names): ranks with different callables would attend differently, without any error."""
+    fn = getattr(fmap, "kernel_fn", None)
+    if fn is None:
+        return 0
+    probe = torch.linspace(-3.0, 3.0, 13, device=device)
+    try:
+        with torch.no_grad():
+            values = torch.as_tensor(fn(probe)).double().cpu()
+    except Exception:  # (a callable that takes no 1-D tensor: not compared)
+        return -1
+    values = torch.nan_to_num(values, nan=7e9, posinf=8e9, neginf=-8e9).flatten()
+    weights = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    return int(torch.round(values * 1e4).mul(weights).sum().item())
 
 
 def _dtype_name(code: int) -> str:
@@ -301,15 +373,23 @@ def _refuse_differences(what: str, fields: dict[str, list], expected: str) -> No
         raise ValueError(f"{what} differ in " + ", ".join(differ) + f" (by rank): {expected}")
 
 
-def _check_same_call(group: dist.ProcessGroup | None, q: Tensor, v: Tensor, projection: Tensor | None, causal: bool,
-                     feature: int, prefix: bool) -> None:
-    """Every rank's call alike but for its block length (one all-gather of a few ints)."""
+_CALL_FIELDS = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map",
+                "kernel_fn values", "prefix key stabilizer")
+
+
+def _call_fields(q: Tensor, v: Tensor, projection: Tensor | None, causal: bool, fmap, prefix: bool) -> list[int]:
     m = -1 if projection is None else projection.shape[0]
-    rows = _gathered_ints([q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], m, _DTYPE_CODES.get(q.dtype, -1),
-                           int(causal), feature, int(prefix)], group, q.device)
-    names = ("batch", "heads", "head dim", "value dim", "projection rows", "dtype", "causal", "feature map",
-             "prefix key stabilizer")
-    fields = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+    return [q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], m, _DTYPE_CODES.get(q.dtype, -1), int(causal), fmap.code,
+            _map_fingerprint(fmap, q.device), int(prefix)]
+
+
+def _check_same_call(group: dist.ProcessGroup | None, mine: list[int] | None, device, refused: Exception | None) -> None:
+    """Every rank's call alike but for its block length (one all-gather of a few ints: mine,
+    _call_fields'), or refused by its own checks (refused: this rank's error, mine None)."""
+    mine = [-1] * len(_CALL_FIELDS) if mine is None else mine
+    rows = _gathered_ints([int(refused is not None), *mine], group, device)
+    _raise_refusals("context_parallel_attention", [r.pop(0) for r in rows], refused)
+    fields = {n: [r[i] for r in rows] for i, n in enumerate(_CALL_FIELDS)}
     fields["dtype"] = [_dtype_name(c) for c in fields["dtype"]]
     _refuse_differences("context_parallel_attention: the ranks' calls", fields,
                         "every rank must pass the same batch, heads, dims, projection, dtype and mode, each with its "
@@ -343,15 +423,27 @@ def context_parallel_attention(
     call's sequence.
     """
     _check_initialized("context_parallel_attention")
-    q, k, v = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast
-    check_bool("causal", causal)
-    # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
-    check_qkv(q if k.shape[2] else q[..., :0, :], k, v, causal=causal)
-    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
-    check_choice("backend", backend, BACKENDS)
-    fmap = resolve(feature_map)
-    check_stateful(fmap, "context_parallel_attention")
-    _check_same_call(group, q, v, projection_matrix, causal, fmap.code, key_stabilizer == "prefix")
+
+    def check():
+        q_, k_, v_ = _autocast(q, k, v)  # as favor_attention: rotary positions make q, k fp32 under autocast
+        check_bool("causal", causal)
+        # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
+        check_qkv(q_ if k_.shape[2] else q_[..., :0, :], k_, v_, causal=causal)
+        check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+        check_choice("backend", backend, BACKENDS)
+        fmap_ = resolve(feature_map)
+        check_stateful(fmap_, "context_parallel_attention")
+        if fmap_.needs_projection:  # (a wrong one failed on its rank only, in the exchange that followed)
+            check_projection(projection_matrix, q_)
+        return q_, k_, v_, fmap_
+
+    # this rank's errors are raised on every rank, at the call's all-gather (not before it: the
+    # other ranks would wait there)
+    checked, refused = local_checks(check, group if group is not None else dist.group.WORLD)
+    q, k, v, fmap = checked if refused is None else (q, k, v, None)
+    _check_same_call(group, None if refused else _call_fields(q, v, projection_matrix, causal, fmap,
+                                                              key_stabilizer == "prefix"),
+                     gather_device(group, q), refused)
     if not causal:
         if key_stabilizer != "global":
             raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")

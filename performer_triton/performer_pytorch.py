@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys
-from .distributed import ContextParallel, context_parallel_attention, with_neighbours
+from .distributed import ContextParallel, context_parallel_attention, gather_device, local_checks, with_neighbours
 from .fast_attention import FastAttention
 from . import functional
 from . import projection
@@ -1097,19 +1097,27 @@ class Performer(nn.Module):
         of sequences split over the group's ranks in rank order (performer_triton.distributed);
         the output is this rank's block of the whole sequence's.  Every rank's projections are
         first set to the group's rank 0 ones (one broadcast), so all ranks attend alike."""
-        _check_input("x", x, self.dim)
-        if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
-            kwargs["mask"] = _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
+        def check() -> Tensor | None:
+            _check_input("x", x, self.dim)
+            if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
+                return _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
+            return None
+
+        mask, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
+        if mask is not None:
+            kwargs["mask"] = mask
             # the residual stream too, not only attention's inputs: a NaN row's feed-forward backward
             # sends NaN (0 x NaN) into attention's padded query rows, and from there into kept keys
-            x = _finite_padded_rows(x, kwargs["mask"])
-        if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check, no graph break
+            x = _finite_padded_rows(x, mask)
+        if self.auto_check_redraw and self.proj_updater.training and refused is None:  # eval: nothing to check
             self.proj_updater.redraw_projections()
         if exists(context_parallel_group):
+            ok = refused is None
             kwargs["context_parallel"] = ContextParallel.gather(
-                x.shape[1], context_parallel_group, x.device, masked=kwargs.get("mask") is not None,
-                context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0], dtype=_model_dtype(self, x),
-                input_dtype=x.dtype, where="Performer.forward")
+                x.shape[1] if ok else 0, context_parallel_group, gather_device(context_parallel_group, x),
+                masked=kwargs.get("mask") is not None, context_masked=kwargs.get("context_mask") is not None,
+                batch=x.shape[0] if ok else -1, dtype=_model_dtype(self, x) if ok else None,
+                input_dtype=x.dtype if ok else None, where="Performer.forward", refused=refused, model=self)
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
@@ -1226,27 +1234,34 @@ class PerformerLM(nn.Module):
         of sequences split over the group's ranks in rank order; positions count from the
         block's offset in the whole sequence (performer_triton.distributed).
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"x must have shape (batch, length), got {tuple(x.shape)}")
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise DtypeError(f"x must hold integer token ids, got {x.dtype}")
-        vocab = self.token_emb.num_embeddings
-        # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
-        if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-            raise TokenRangeError(
-                f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min {int(x.min())}, max {int(x.max())}"
-            )
-        _check_cache(cache)
+        def check() -> None:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
+            if x.dim() != 2:
+                raise ValueError(f"x must have shape (batch, length), got {tuple(x.shape)}")
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise DtypeError(f"x must hold integer token ids, got {x.dtype}")
+            vocab = self.token_emb.num_embeddings
+            # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
+            if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+                raise TokenRangeError(f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min "
+                                      f"{int(x.min())}, max {int(x.max())}")
+            _check_cache(cache)
+            if exists(context_parallel_group) and exists(cache):
+                raise ValueError(_CACHE_WITH_CP)
+            if kwargs.get("mask") is not None:  # (checked again by the layers: here for every rank to see it)
+                _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
+
+        _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         cp = None
         if exists(context_parallel_group):
-            if exists(cache):
-                raise ValueError(_CACHE_WITH_CP)
-            cp = ContextParallel.gather(x.shape[1], context_parallel_group, x.device,
+            ok = refused is None
+            cp = ContextParallel.gather(x.shape[1] if ok else 0, context_parallel_group,
+                                        gather_device(context_parallel_group, x),
                                         masked=kwargs.get("mask") is not None,
-                                        context_masked=kwargs.get("context_mask") is not None, batch=x.shape[0],
-                                        dtype=_model_dtype(self, x), where="PerformerLM.forward")
+                                        context_masked=kwargs.get("context_mask") is not None,
+                                        batch=x.shape[0] if ok else -1, dtype=_model_dtype(self, x) if ok else None,
+                                        where="PerformerLM.forward", refused=refused, model=self)
             offset, n = cp.offset, cp.total
         else:
             offset = cache.length if exists(cache) else 0

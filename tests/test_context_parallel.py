@@ -405,6 +405,31 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
             results[(rank, "input dtype")] = "returned"
         except ValueError as error:
             results[(rank, "input dtype")] = str(error)
+        # review R24: what one rank refuses on its own is raised on every rank (the others waited in
+        # the next collective until the group's timeout, or lost the peer); token ids of another
+        # integer dtype (the targets' exchange sent them as they are); different kernel_fns (no
+        # error: other numbers); a model built differently on one rank (a token shift waited)
+        from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+
+        cases = {
+            "own refusal": lambda: context_parallel_attention(q, k, v, P, causal=True, key_stabilizer="prefix",
+                                                              feature_map=("softmax", "none")[rank]),
+            "kernel_fn": lambda: context_parallel_attention(q, k, v, P, causal=True, feature_map=(
+                torch.nn.Tanh(), torch.nn.Softplus())[rank]),
+            "token range": lambda: PerformerLM(**SMALL, causal=True)(
+                torch.tensor([[1, 2, 3]]) * (1 + 10 * rank), context_parallel_group=dist.group.WORLD),
+            "token dtype": lambda: AutoregressiveWrapper(PerformerLM(**SMALL, causal=True))(
+                torch.tensor([[1, 2, 3, 4]], dtype=(torch.int64, torch.int32)[rank]),
+                context_parallel_group=dist.group.WORLD),
+            "structure": lambda: PerformerLM(**SMALL, causal=True, shift_tokens=bool(rank))(
+                torch.tensor([[1, 2, 3]]), context_parallel_group=dist.group.WORLD),
+        }
+        for case, call in cases.items():
+            try:
+                call()
+                results[(rank, case)] = "returned"
+            except ValueError as error:
+                results[(rank, case)] = str(error)
     finally:
         dist.destroy_process_group()
 
@@ -422,7 +447,14 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
     for case, text in expected.items():
         for rank in range(2):
             assert "the ranks' calls differ in " + text in results[(rank, case)], (case, rank, results[(rank, case)])
+    assert "feature_map 'none'" in results[(1, "own refusal")]
+    assert "rank(s) [1] of the group refused their call" in results[(0, "own refusal")]
+    assert "outside [0, 20)" in results[(1, "token range")]
+    assert "PerformerLM.forward: rank(s) [1] of the group refused their call" in results[(0, "token range")]
     for rank in range(2):
+        assert "the ranks' calls differ in kernel_fn values" in results[(rank, "kernel_fn")]
+        assert "differ in input dtype ['int64', 'int32']" in results[(rank, "token dtype")]
+        assert "differ in model structure" in results[(rank, "structure")]
         assert results[(rank, "model batch")].startswith("PerformerLM.forward: the ranks' calls")
         assert "key_stabilizer must be one of ('global', 'prefix'), got 'Global'" in results[(rank, "spelling")]
         assert "backend must be one of" in results[(rank, "backend")]
