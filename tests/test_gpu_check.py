@@ -222,6 +222,18 @@ def test_script_usage():
     assert run.returncode == 2 and "OUTDIR" in run.stderr
 
 
+def _grads_of(q, k, v):
+    """grads_of for gpu_profile._variants: [out, dq, dk, dv] of one fwd+bwd of fn() on q, k, v."""
+    def grads_of(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(out.new_ones(out.shape))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    return grads_of
+
+
 def test_profile_variants_override_the_launch_configs(monkeypatch):
     """bench/gpu_profile.py's --variants (run on the GPU) on the interpreter: each override reaches
     the launchers' _config and is undone after, a variant that cannot launch is recorded (not
@@ -252,12 +264,7 @@ def test_profile_variants_override_the_launch_configs(monkeypatch):
     q, k, v = (torch.randn(1, 1, 20, 16, generator=gen).requires_grad_() for _ in range(3))
     P = torch.randn(32, 16, generator=gen)
 
-    def grads_of(fn):
-        for t in (q, k, v):
-            t.grad = None
-        out = fn()
-        out.backward(torch.ones_like(out))
-        return [out.detach(), q.grad, k.grad, v.grad]
+    grads_of = _grads_of(q, k, v)
 
     calls = {"noncausal fwd+bwd": lambda: favor_attention(q, k, v, P, causal=False, backend="triton")}
     res = gp._variants(calls, grads_of)
@@ -289,12 +296,7 @@ def test_every_profile_variant_launches_and_keeps_the_numbers(monkeypatch):
     q, k, v = (torch.randn(1, 1, 150, 16, generator=gen).bfloat16().requires_grad_() for _ in range(3))
     P = torch.randn(72, 16, generator=gen)
 
-    def grads_of(fn):
-        for t in (q, k, v):
-            t.grad = None
-        out = fn()
-        out.backward(torch.ones_like(out))
-        return [out.detach(), q.grad, k.grad, v.grad]
+    grads_of = _grads_of(q, k, v)
 
     calls = {f"{mode} fwd+bwd": lambda causal=causal: favor_attention(q, k, v, P, causal=causal, backend="triton")
              for mode, causal in (("causal", True), ("noncausal", False))}
