@@ -263,6 +263,11 @@ class AutoregressiveWrapper(nn.Module):
             if not exists(context_parallel_group) and x.shape[1] < 2:  # (1.1.4: a NaN loss of no targets)
                 raise ValueError(f"x must have at least 2 tokens (the loss predicts x[:, 1:] from x[:, :-1]), "
                                  f"got length {x.shape[1]}")
+            mask = kwargs.get("mask")
+            if exists(context_parallel_group) and exists(mask) and (not isinstance(mask, Tensor) or mask.dim() != 2):
+                # (the net checks the rest; without a group its IndexError is 1.1.4's)
+                raise ValueError(f"mask must be a (batch, length) tensor, got "
+                                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
 
         _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         mask = kwargs.pop("mask", None)

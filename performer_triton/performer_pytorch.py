@@ -273,6 +273,10 @@ def _rng_states(device: Device) -> list[Tensor]:
     return states
 
 
+def _same_states(a: list[Tensor], b: list[Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def _set_rng_states(device: Device, states: list[Tensor]) -> None:
     torch.set_rng_state(states[0])
     if len(states) > 1:
@@ -449,6 +453,11 @@ class ProjectionUpdater(nn.Module):
             # the global RNG before and after this redraw's draws, for a recomputation of this forward
             self._last_redraw = None if before is None else (device, before, _rng_states(device))
             return
+        last = getattr(self, "_last_redraw", None)
+        if last is not None and _same_states(_rng_states(last[0]), last[1]):
+            # a call that does not redraw from the RNG state the last redraw started from (the same
+            # seed set again): a recomputation reaching that state could be either call's
+            self._last_redraw = None
         self.calls_since_last_redraw += 1
 
     def _recomputed_call(self) -> None:
@@ -456,13 +465,14 @@ class ProjectionUpdater(nn.Module):
         counts: it must see the projections the original forward used.  Where that forward
         redrew from the global RNG, what it drew next (dropout masks) came after the redraw's
         draws, while checkpoint replays the forward from the RNG state of its start: reaching this
-        point with the RNG as it was before that redraw (and no call since: the count is 0), the
-        recomputation moves on to the state after it, so that it draws the forward's masks."""
+        point with the RNG as it was before that redraw, the
+        recomputation moves on to the state after it, so that it draws the forward's masks (calls
+        made since, gradient accumulation's micro-batches, reach this point in other states)."""
         last = getattr(self, "_last_redraw", None)
         if last is None:
             return
         device, before, after = last
-        if all(torch.equal(a, b) for a, b in zip(_rng_states(device), before)) and int(self.calls_since_last_redraw) == 0:
+        if _same_states(_rng_states(device), before):
             _set_rng_states(device, after)
 
     def forward(self, x: T) -> T:
@@ -650,12 +660,8 @@ class Attention(nn.Module):
         h, gh = self.heads, self.global_heads
         cross_attend = exists(context)
         if cross_attend:
-            _check_input("context", context, self.dim)
+            _check_context(context, None, b, self.dim, x.device)
             _check_dtype("context", context, self.to_k)
-            if context.shape[0] != 1 and context.shape[0] != b:  # (not `in`: symbolic sizes, _check_mask)
-                raise ValueError(f"context has batch {context.shape[0]}, x has {b} (context's batch must be x's or 1)")
-            if context.device != x.device:
-                raise ValueError(f"context is on {context.device}, x on {x.device}")
             context = context.expand(b, -1, -1)  # one context for the whole batch, as 1.1.4's einsums broadcast it
         else:
             context, context_mask = x, default(context_mask, mask)
@@ -808,6 +814,23 @@ class Attention(nn.Module):
         if not fa.causal:
             return "attention is not causal (causal=False): every position attends to later positions"
         return local_cache_unsupported_reason(self.local_attn) if exists(self.local_attn) else None
+
+
+def _check_context(context: object, context_mask: object, b: int, dim: int, device: torch.device) -> None:
+    """A cross-attention context (b or 1, s, dim) on device, and its mask (None: not checked here),
+    as attention checks them; the models check them first too under context parallelism, where a
+    rank that refused them in a layer left the others waiting in an exchange."""
+    _check_input("context", context, dim)
+    if context.shape[0] != 1 and context.shape[0] != b:  # (not `in`: symbolic sizes, _check_mask)
+        raise ValueError(f"context has batch {context.shape[0]}, x has {b} (context's batch must be x's or 1)")
+    if context.device != device:
+        raise ValueError(f"context is on {context.device}, x on {device}")
+    if context_mask is not None:
+        _check_mask("context_mask", context_mask, b, context.shape[1], device)
+
+
+def _cross_attends(model: nn.Module) -> bool:
+    return any(isinstance(m, CrossAttention) for m in model.modules())
 
 
 def _check_input(name: str, x: object, dim: int) -> None:
@@ -1099,6 +1122,9 @@ class Performer(nn.Module):
         first set to the group's rank 0 ones (one broadcast), so all ranks attend alike."""
         def check() -> Tensor | None:
             _check_input("x", x, self.dim)
+            if exists(context_parallel_group) and kwargs.get("context") is not None and _cross_attends(self):
+                # (else: in the layers, or ignored as in 1.1.4 by a model without cross-attention)
+                _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.dim, x.device)
             if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
                 return _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
             return None
@@ -1251,6 +1277,8 @@ class PerformerLM(nn.Module):
                 raise ValueError(_CACHE_WITH_CP)
             if kwargs.get("mask") is not None:  # (checked again by the layers: here for every rank to see it)
                 _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
+            if exists(context_parallel_group) and kwargs.get("context") is not None and _cross_attends(self):
+                _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.performer.dim, x.device)
 
         _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         cp = None

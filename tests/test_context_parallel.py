@@ -423,6 +423,13 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
                 context_parallel_group=dist.group.WORLD),
             "structure": lambda: PerformerLM(**SMALL, causal=True, shift_tokens=bool(rank))(
                 torch.tensor([[1, 2, 3]]), context_parallel_group=dist.group.WORLD),
+            # review R26: checked only by the layers, after the first exchanges
+            "context": lambda: PerformerLM(**SMALL, cross_attend=True)(
+                torch.tensor([[1, 2, 3]]), context=torch.randn(1, 4, (16, 12)[rank]),
+                context_parallel_group=dist.group.WORLD),
+            "wrapper mask": lambda: AutoregressiveWrapper(PerformerLM(**SMALL, causal=True))(
+                torch.tensor([[1, 2, 3, 4]]), mask=(torch.ones(1, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))[rank],
+                context_parallel_group=dist.group.WORLD),
         }
         for case, call in cases.items():
             try:
@@ -451,6 +458,9 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
     assert "rank(s) [1] of the group refused their call" in results[(0, "own refusal")]
     assert "outside [0, 20)" in results[(1, "token range")]
     assert "PerformerLM.forward: rank(s) [1] of the group refused their call" in results[(0, "token range")]
+    for case, own in (("context", "context must have shape"), ("wrapper mask", "mask must be a (batch, length)")):
+        assert own in results[(1, case)], (case, results[(1, case)])
+        assert "rank(s) [1] of the group refused their call" in results[(0, case)], (case, results[(0, case)])
     for rank in range(2):
         assert "the ranks' calls differ in kernel_fn values" in results[(rank, "kernel_fn")]
         assert "differ in input dtype ['int64', 'int32']" in results[(rank, "token dtype")]

@@ -553,7 +553,8 @@ def test_activation_checkpointing_never_redraws_during_recomputation(use_reentra
     """torch.utils.checkpoint re-runs forward in backward; a redraw there would give gradients
     of other projections than the loss used.  With dropout, the recomputation of a forward that
     redrew draws its masks after the redraw's draws, as that forward did (checkpoint replays the
-    RNG from the forward's start: other masks, wrong gradients on every redrawing call; review R21)."""
+    RNG from the forward's start: other masks, wrong gradients on every redrawing call; review R21),
+    also when later micro-batches ran before the backward (review R26)."""
     from torch.utils.checkpoint import checkpoint
 
     grads = []
@@ -567,6 +568,16 @@ def test_activation_checkpointing_never_redraws_during_recomputation(use_reentra
             torch.manual_seed(10 + i)
             out = checkpoint(model, x, use_reentrant=use_reentrant) if checkpointed else model(x)
             out.square().sum().backward()
+            steps.append(x.grad.clone())
+            x.grad = None
+        # gradient accumulation: a redrawing micro-batch, two more, then one backward (a redraw in a
+        # later micro-batch would rewrite in place the projection the earlier ones saved)
+        model.proj_updater.feature_redraw_interval = 2
+        model.proj_updater.calls_since_last_redraw.fill_(2)
+        for i in range(3):
+            outs = [checkpoint(model, x * (j + 1), use_reentrant=use_reentrant) if checkpointed else model(x * (j + 1))
+                    for j in range(3)]
+            sum(out.square().sum() for out in outs).backward()
             steps.append(x.grad.clone())
             x.grad = None
         grads.append((steps, int(model.proj_updater.calls_since_last_redraw), torch.get_rng_state()))
