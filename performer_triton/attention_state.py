@@ -78,17 +78,20 @@ def _check_map_kind(state: AttentionState, softmax: bool) -> None:
     """A state that holds keys records its map's kind: softmax features keep a finite stabilizer M,
     the others none (-inf); continuing it with the other kind would mix two attentions.  (The maps
     without a stabilizer, relu and the given-feature ones, cannot be told apart.)"""
-    if bool(torch.isnan(state.ref).any() | torch.isnan(state.stab).any()):  # (no map makes these)
+    nan = torch.isnan(state.ref).any() | torch.isnan(state.stab).any()  # (no map makes these)
+    wrong = (torch.isfinite(state.ref) & (torch.isfinite(state.stab) != softmax)).any()
+    above = (state.ref > state.stab).any() & softmax  # (ref is at most stab with softmax features)
+    if not bool(nan | wrong | above):  # (one host read when the state is fine)
+        return
+    if bool(nan):
         raise ValueError("initial_state.ref / stab hold NaN: not a state any call made (ref and stab are -inf "
                          "before any key and finite after; stab stays -inf without softmax features)")
-    wrong = torch.isfinite(state.ref) & (torch.isfinite(state.stab) != softmax)  # (b, h)
-    if bool(wrong.any()):
+    if bool(wrong):
         made, call = ("relu or given", "softmax") if softmax else ("softmax", "relu or given")
         raise ValueError(f"initial_state was made with {made} features (its stab is "
                          f"{'-inf' if softmax else 'finite'} where it holds keys); this call computes {call} features")
-    if softmax and bool((state.ref > state.stab).any()):
-        raise ValueError("initial_state.ref exceeds its stab: not a state any call made (ref, the max of row_max - "
-                         "|dn k|^2 / 2 over its keys, is at most stab, the max of row_max)")
+    raise ValueError("initial_state.ref exceeds its stab: not a state any call made (ref, the max of row_max - "
+                     "|dn k|^2 / 2 over its keys, is at most stab, the max of row_max)")
 
 
 def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
