@@ -1273,12 +1273,13 @@ class PerformerLM(nn.Module):
                 raise TokenRangeError(f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min "
                                       f"{int(x.min())}, max {int(x.max())}")
             _check_cache(cache)
-            if exists(context_parallel_group) and exists(cache):
-                raise ValueError(_CACHE_WITH_CP)
-            if kwargs.get("mask") is not None:  # (checked again by the layers: here for every rank to see it)
-                _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
-            if exists(context_parallel_group) and kwargs.get("context") is not None and _cross_attends(self):
-                _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.performer.dim, x.device)
+            if exists(context_parallel_group):  # what the layers check after the exchanges: here for every rank
+                if exists(cache):
+                    raise ValueError(_CACHE_WITH_CP)
+                _check_mask("mask", kwargs.get("mask"), x.shape[0], x.shape[1], x.device)
+                if kwargs.get("context") is not None and _cross_attends(self):
+                    _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.performer.dim,
+                                   x.device)
 
         _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         cp = None

@@ -240,6 +240,6 @@ class ReversibleSequence(nn.Module):
                 # output without a grad_fn and the blocks untrained, as in 1.1.4
                 x = x.detach().requires_grad_()
             grad_args = {id(v): v for kw in args for routed in kw.values() for v in routed.values()
-                         if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled()}
+                         if isinstance(v, Tensor) and v.requires_grad} if torch.is_grad_enabled() else {}
             x = _ReversibleFunction.apply(x, self.blocks, args, *grad_args.values())
         return torch.stack(x.chunk(2, dim=-1)).sum(dim=0)
