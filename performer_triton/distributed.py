@@ -336,15 +336,20 @@ def _raise_refusals(where: str, flags: list[int], refused: Exception | None) -> 
 
 def _map_fingerprint(fmap, device) -> int:
     """A checksum of a kernel_fn's values at fixed points (0 for maps without one, which their code
-    names): ranks with different callables would attend differently, without any error."""
+    names): ranks with different callables would attend differently, without any error.  Probed on
+    the CPU first: on the call's device it would wait for the GPU's queue on every attention call."""
     fn = getattr(fmap, "kernel_fn", None)
     if fn is None:
         return 0
-    probe = torch.linspace(-3.0, 3.0, 13, device=device)
-    try:
-        with torch.no_grad():
-            values = torch.as_tensor(fn(probe)).double().cpu()
-    except Exception:  # (a callable that takes no 1-D tensor: not compared)
+    values = None
+    for where in dict.fromkeys((torch.device("cpu"), torch.device(device))):
+        try:
+            with torch.no_grad():
+                values = torch.as_tensor(fn(torch.linspace(-3.0, 3.0, 13, device=where))).double().cpu()
+            break
+        except Exception:  # (a callable that takes no 1-D CPU tensor: tried on the device)
+            continue
+    if values is None:  # (nor one on the device: not compared)
         return -1
     values = torch.nan_to_num(values, nan=7e9, posinf=8e9, neginf=-8e9).flatten()
     weights = torch.arange(1, values.numel() + 1, dtype=torch.float64)
