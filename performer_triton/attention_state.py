@@ -129,9 +129,9 @@ def keys_state(k: Tensor, v: Tensor, projection_matrix: Tensor | None, *,
     fmap = resolve(feature_map)
     check_stateful(fmap, "keys_state")
     if fmap.fused:
-        projection = check_projection(projection_matrix, k, fixed_by="keys_state's fused features")
+        projection = check_projection(projection_matrix, k, fixed_by="keys_state's fused features", name="k")
         return AttentionState(*KeysState.apply(k, v, projection.to(k.dtype), fmap.code))
     if fmap.needs_projection:
-        projection_matrix = check_projection(projection_matrix, k)
+        projection_matrix = check_projection(projection_matrix, k, name="k")
     features = fmap.key_features(k, projection_matrix, True, None)
     return AttentionState(*KeysState.apply(features, v, None, GIVEN_MAP.code))

@@ -178,12 +178,26 @@ def check_stateful(fmap: FeatureMap, what: str) -> None:
                          "kernel_fn")
 
 
+def _checked_features(features: object, x: Tensor, kernel_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """kernel_fn's features of x (b, h, n, d): a tensor (b, h, n, m') of a floating dtype (m' may
+    differ from its input's width, as cat([relu(u), relu(-u)], -1) does); the attention's
+    products would otherwise fail deep inside them, naming neither kernel_fn nor the shape."""
+    if not isinstance(features, Tensor) or features.dim() != x.dim() or features.shape[:-1] != x.shape[:-1] \
+            or not (features.is_floating_point() and features.shape[-1] > 0):
+        got = (f"{tuple(features.shape)} {features.dtype}" if isinstance(features, Tensor)
+               else type(features).__name__)
+        raise ValueError(f"kernel_fn {kernel_fn!r} must map a (batch, heads, length, width) tensor to a float tensor "
+                         f"(batch, heads, length, features) = {(*x.shape[:-1], 'm')} with m >= 1, got {got}")
+    return features
+
+
 def _generalized(kernel_fn: Callable[[Tensor], Tensor], name: str, code: int) -> FeatureMap:
     def query(x: Tensor, projection: Tensor | None) -> Tensor:
-        return generalized_features(x, projection, kernel_fn)
+        return _checked_features(generalized_features(x, projection, kernel_fn), x, kernel_fn)
 
     def key(x: Tensor, projection: Tensor | None, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
-        return keep_rows(generalized_features(x, projection, kernel_fn), key_padding_mask)
+        features = _checked_features(generalized_features(x, projection, kernel_fn), x, kernel_fn)
+        return keep_rows(features, key_padding_mask)
 
     return FeatureMap(name, code, GENERALIZED_EPS, True, query, key, kernel_fn=kernel_fn)
 

@@ -676,6 +676,10 @@ class Attention(nn.Module):
             x = x if cross_attend else context
         if cross_attend and self.local_attn is not None:
             raise InputError("local attention is not compatible with cross attention (local_heads > 0)")
+        if gh < h and self.local_attn.rel_pos is not None and (self.to_q.out_features // h) % 2:
+            # (1.1.4 builds such a layer too and fails inside local-attention's rotary embedding)
+            raise ValueError(f"local attention heads (local_heads={h - gh}) need an even dim_head: local-attention's "
+                             f"rotary embedding rotates channel pairs; got dim_head={self.to_q.out_features // h}")
         if exists(context_parallel) and exists(cache):
             raise ValueError(_CACHE_WITH_CP)
         if exists(context_parallel) and context_parallel.masked and mask is None:

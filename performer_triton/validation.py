@@ -142,19 +142,20 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q
         raise ValueError(f"{k_name} has length 0 but {q_name} has {q.shape[2]} positions: nothing to attend to")
 
 
-def check_projection(projection: object, q: Tensor, *, fixed_by: str | None = None) -> Tensor:
-    """The (m, d) projection for q's head dim d.  fixed_by: the feature that sends it no gradient
-    (a projection that requires grad is then an error while autograd records)."""
+def check_projection(projection: object, q: Tensor, *, fixed_by: str | None = None, name: str = "q") -> Tensor:
+    """The (m, d) projection for the head dim d of q (the call's argument called name).  fixed_by:
+    the feature that sends it no gradient (a projection that requires grad is then an error while
+    autograd records)."""
     p = check_tensor("projection_matrix", projection, 2)
     if p.shape[1] != q.shape[-1]:
         raise ValueError(
-            f"projection_matrix must have shape (nb_features, {q.shape[-1]}) to match the head dim of q, "
+            f"projection_matrix must have shape (nb_features, {q.shape[-1]}) to match the head dim of {name}, "
             f"got {tuple(p.shape)}"
         )
     if p.shape[0] < 1:
         raise ValueError(f"projection_matrix must have at least one row, got {tuple(p.shape)}")
     if p.device != q.device:
-        raise ValueError(f"projection_matrix must be on q's device {q.device}, got {p.device}")
+        raise ValueError(f"projection_matrix must be on {name}'s device {q.device}, got {p.device}")
     if fixed_by and p.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"projection_matrix requires grad, but {fixed_by} keep it fixed (no gradient flows into it); pass "

@@ -2,6 +2,7 @@
 import csv
 import itertools
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -200,41 +201,47 @@ def test_regression_compare_flags_a_15_percent_slowdown_and_passes_clean_runs(tm
         benchmark.load_ratios(tmp_path / "other.json")
 
 
-def test_bench_refuses_a_missing_baseline_or_an_unwritable_out_before_running(tmp_path, monkeypatch):
+def test_bench_refuses_bad_options_before_running_with_exit_2(tmp_path, monkeypatch, capsys):
     """Before any measurement (they used to end in a traceback, the baseline one after the run;
-    sizes beyond the machine's memory in the allocator's)."""
+    sizes beyond the machine's memory in the allocator's), as argparse errors: exit 2, so that a CI
+    gate reads exit 1 as a regression only (they exited 1 too)."""
     monkeypatch.setattr(bench, "run_regression", lambda *a: pytest.fail("ran"))
     monkeypatch.setattr(bench, "run_sweep", lambda *a: pytest.fail("ran"))
-    with pytest.raises(SystemExit, match="--baseline: .*missing.json: No such file"):
-        cli.main(["bench", "--regression", "--baseline", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+
+    def refused(argv, expected):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["bench", *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search("performer-triton bench: error: " + expected, err) and "Traceback" not in err, err
+
+    refused(["--regression", "--baseline", str(tmp_path / "missing.json"), "--out", str(tmp_path)],
+            "argument --baseline: .*missing.json: No such file")
     # unreadable saved files: a message naming the option and the file, before any measurement
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "empty.json").write_text("{}")
     (tmp_path / "list.json").write_text("[1, 2]")
     for name in ("bad.json", "empty.json", "list.json"):
         path = str(tmp_path / name)
-        with pytest.raises(SystemExit, match=f"--baseline: {path}: not a regression file"):
-            cli.main(["bench", "--regression", "--baseline", path, "--out", str(tmp_path)])
-        with pytest.raises(SystemExit, match=f"--compare: {path}: not a regression file"):
-            cli.main(["bench", "--compare", path, path])
-    with pytest.raises(SystemExit, match="--compare: .*nothing.json: No such file"):
-        cli.main(["bench", "--compare", str(tmp_path / "nothing.json"), str(tmp_path / "nothing.json")])
+        refused(["--regression", "--baseline", path, "--out", str(tmp_path)],
+                f"argument --baseline: {re.escape(path)}: not a regression file")
+        refused(["--compare", path, path], f"argument --compare: {re.escape(path)}: not a regression file")
+    refused(["--compare", str(tmp_path / "nothing.json"), str(tmp_path / "nothing.json")],
+            "argument --compare: .*nothing.json: No such file")
+    refused(["--compare", path], "argument --compare: give BASE .* at least two files")
     # the regression check's options without --regression: a CI gate must not pass a plain sweep
     for stray in (["--baseline", path], ["--inject-slowdown", "15%"], ["--reference", "linear"]):
-        with pytest.raises(SystemExit, match=f"{stray[0]}: only with --regression"):
-            cli.main(["bench", "--sizes", "8", "--out", str(tmp_path), *stray])
+        refused(["--sizes", "8", "--out", str(tmp_path), *stray], f"argument {stray[0]}: only with --regression")
     for command in ([], ["--regression"]):
-        with pytest.raises(SystemExit, match="--max-slowdown: only with --baseline or --compare"):
-            cli.main(["bench", "--sizes", "8", "--out", str(tmp_path), "--max-slowdown", "20%", *command])
-    with pytest.raises(SystemExit, match="--compare compares saved files only"):
-        cli.main(["bench", "--compare", path, path, "--regression"])
+        refused(["--sizes", "8", "--out", str(tmp_path), "--max-slowdown", "20%", *command],
+                "argument --max-slowdown: only with --baseline or --compare")
+    refused(["--compare", path, path, "--regression"], "argument --compare: compares saved files only")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match="--out: cannot create"):
-        cli.main(["bench", "--out", str(blocker / "sub"), "--sizes", "8"])
-    with pytest.raises(SystemExit, match="q, k, v and the output gradient at --batch 1 --heads 8 --sizes 10000000000 "
-                                         "--dim-head 64 need at least 76,293.9 GiB, more than this"):
-        cli.main(["bench", "--sizes", "64,10000000000", "--out", str(tmp_path)])
+    refused(["--out", str(blocker / "sub"), "--sizes", "8"], "argument --out: cannot create")
+    refused(["--sizes", "64,10000000000", "--out", str(tmp_path)],
+            "argument --sizes: q, k, v and the output gradient at --batch 1 --heads 8 --sizes 10000000000 "
+            "--dim-head 64 need at least 76,293.9 GiB, more than this")
 
 
 def test_benchmark_verify_rejects_a_wrong_implementation():

@@ -468,6 +468,15 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k, v, P, key_stabilizer="prefix")
     with bad("backend must be one of"):
         favor_attention(q, k, v, P, backend="cuda")
+    # a kernel_fn whose features are not (b, h, n, m'): named with the shape it returned (it failed
+    # inside the products, naming neither)
+    for kernel_fn, got in ((lambda x: x.sum(-1), r"got \(2, 3, 8\)"), (lambda x: x.relu()[..., None], r"got \(2, 3, 8, 20, 1\)")):
+        for causal in (False, True):
+            with bad(r"kernel_fn .* must map .* \(2, 3, 8, 'm'\) .*" + got):
+                favor_attention(q, k, v, P, feature_map=kernel_fn, causal=causal)
+    # (one that changes the width keeps working, as in 1.1.4)
+    doubled = favor_attention(q, k, v, P, feature_map=lambda x: torch.cat([x.relu(), (-x).relu()], -1))
+    assert doubled.shape == v.shape and torch.isfinite(doubled).all()
     with bad("feature_map must be one of"):
         favor_attention(q, k, v, P, feature_map="gelu")
     with bad("key_padding_mask must have shape"):

@@ -404,6 +404,14 @@ def test_cross_attention_and_self_attention_argument_checks():
         CrossAttention(32, heads=4, dim_head=8)(x)
     with pytest.raises(ValueError, match="local attention is not compatible"):
         Attention(32, heads=4, dim_head=8, local_heads=1)(x, context=x)
+    # an odd head width with local heads: 1.1.4 builds the layer and fails in local-attention's
+    # rotary embedding at the first call (a size mismatch); named here, the layer still builds
+    for make in (lambda: Attention(16, heads=2, dim_head=37, local_heads=1, local_window_size=4, nb_features=3),
+                 lambda: PerformerLM(num_tokens=10, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=37,
+                                     local_attn_heads=1, rotary_position_emb=False, local_window_size=4)):
+        model = make()
+        with pytest.raises(ValueError, match="local attention heads .* need an even dim_head.* got dim_head=37"):
+            model(torch.zeros(1, 8, 16) if isinstance(model, Attention) else torch.zeros(1, 8, dtype=torch.long))
 
 
 # bad input

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from performer_triton import AttentionState, favor_attention, gaussian_orthogonal_random_matrix, linear_attention
+from performer_triton.attention_state import keys_state
 from performer_triton.decoding import favor_state
 from performer_triton.fast_attention import FastAttention
 from conftest import DEVICE, HAS_TRITON
@@ -136,7 +137,6 @@ def test_keys_state_is_the_final_state_without_queries(name, n):
     """keys_state(k, v) equals the final state favor_attention computes along with its outputs,
     values and gradients of a loss on the state (float64, awkward lengths, large keys that need
     the reference); it chains as that state does."""
-    from performer_triton.attention_state import keys_state
 
     q, k, v = qkv(b=2, h=3, n=n, d=12, e=7, scale=2.0)
     P = projection(20, 12)
@@ -273,6 +273,8 @@ def test_bad_state_arguments_are_refused():
             hz=state.hz[..., :5]))
     with pytest.raises(TypeError, match="AttentionState"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state.hz)
+    with pytest.raises(ValueError, match=r"projection_matrix must have shape \(nb_features, 12\) to match the head dim of k, got \(20, 3\)"):
+        keys_state(k, v, P[:, :3])
     with pytest.raises(ValueError, match="backend='triton' cannot run here: .*float64"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", initial_state=state, backend="triton")
     with pytest.raises(ValueError, match="causal attention only"):
@@ -762,7 +764,6 @@ def test_chain_states_checks_its_states():
         chain_states("state", first)
     k, v = torch.randn(3, 2, 5, 6), torch.randn(3, 2, 5, 4)
     proj = gaussian_orthogonal_random_matrix(8, 6)
-    from performer_triton.attention_state import keys_state
 
     softmax, relu = keys_state(k, v, proj), keys_state(k, v, proj, feature_map="relu")
     assert torch.allclose(chain_states(softmax, AttentionState.empty(3, 2, 8, 4)).hz, softmax.hz)

@@ -197,20 +197,20 @@ def _meta(args, impls) -> dict:
                 versions={i.name: i.version() for i in impls})
 
 
-def read_ratios(path: str, option: str) -> dict[str, float]:
-    """load_ratios, with a clear exit naming the option and the file when it cannot be read."""
+def read_ratios(path: str) -> dict[str, float]:
+    """load_ratios; ValueError saying why a file cannot be read."""
     try:
         return load_ratios(Path(path).expanduser())
     except OSError as error:
         why = error.strerror or str(error)
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # (json.JSONDecodeError is a ValueError)
         why = f"not a regression file ({type(error).__name__}: {error})"
-    raise SystemExit(f"performer-triton bench {option}: {path}: {why}")
+    raise ValueError(f"{path}: {why}")
 
 
-def load_baseline(paths: list[str], option: str = "--baseline") -> dict[str, float]:
+def load_baseline(paths: list[str]) -> dict[str, float]:
     """The ratios of one saved run, or per case the median over several (a firmer baseline)."""
-    runs = [read_ratios(p, option) for p in paths]
+    runs = [read_ratios(p) for p in paths]
     cases = dict.fromkeys(c for run in runs for c in run)
     return {c: statistics.median(run[c] for run in runs if c in run) for c in cases}
 
@@ -263,48 +263,59 @@ def run_regression(args, out: Path, baseline: dict[str, float] | None) -> int:
     return 0
 
 
-def _check_regression_options(args) -> None:
-    """The regression check's options only where they act: a --baseline that a plain sweep
-    ignored would let a CI gate pass without comparing anything."""
+def validate(args, parser) -> None:
+    """Checks across arguments, after parsing; a bad one is a parser error (exit 2), so that exit 1
+    means a regression only.  The regression check's options only where they act (a --baseline
+    that a plain sweep ignored would let a CI gate pass without comparing anything); the saved
+    files read (args.baseline_ratios, args.compare_ratios), the largest case's memory checked and
+    the output folder made before anything is measured."""
     given = {"--baseline": args.baseline is not None, "--inject-slowdown": args.inject_slowdown is not None,
              "--reference": args.reference is not None}
     if not args.regression:
         stray = [name for name, set_ in given.items() if set_]
         if stray:
-            raise SystemExit(f"performer-triton bench: {', '.join(stray)}: only with --regression")
+            parser.error(f"argument {stray[0]}: only with --regression")
     if args.max_slowdown is not None and not (args.baseline or args.compare):
-        raise SystemExit("performer-triton bench: --max-slowdown: only with --baseline or --compare (it is what a "
-                         "comparison accepts)")
+        parser.error("argument --max-slowdown: only with --baseline or --compare (it is what a comparison accepts)")
     if args.compare and (args.regression or any(given.values())):
-        raise SystemExit("performer-triton bench --compare compares saved files only: no --regression, --baseline, "
-                         "--reference or --inject-slowdown with it")
+        parser.error("argument --compare: compares saved files only: no --regression, --baseline, --reference or "
+                     "--inject-slowdown with it")
+    if args.compare and len(args.compare) < 2:
+        parser.error("argument --compare: give BASE [BASE ...] NEW, at least two files")
     args.reference = args.reference or DEFAULT_REFERENCE
     args.inject_slowdown = args.inject_slowdown or 0.0
     args.max_slowdown = MAX_SLOWDOWN if args.max_slowdown is None else args.max_slowdown
-
-
-def run(args) -> int:
-    _check_regression_options(args)
+    try:
+        args.baseline_ratios = load_baseline(args.baseline) if args.baseline else None
+    except ValueError as error:
+        parser.error(f"argument --baseline: {error}")
     if args.compare:
-        if len(args.compare) < 2:
-            raise SystemExit("performer-triton bench --compare: give BASE [BASE ...] NEW, at least two files")
-        *base, new = args.compare
-        baseline = load_baseline(base, "--compare")
-        return print_comparison(base, baseline, read_ratios(new, "--compare"), args.max_slowdown)
+        try:
+            args.compare_ratios = (load_baseline(args.compare[:-1]), read_ratios(args.compare[-1]))
+        except ValueError as error:
+            parser.error(f"argument --compare: {error}")
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("performer-triton bench: --device cuda, but CUDA is not available")
-    baseline = load_baseline(args.baseline) if args.baseline else None  # read before the run, not after it
+        parser.error("argument --device: cuda, but CUDA is not available")
     big = max(cases(args), key=lambda c: c.b * c.h * c.n)
     problem = memory_problem(4 * big.b * big.h * big.n * big.d * big.dtype.itemsize, args.device,
                              f"q, k, v and the output gradient at --batch {big.b} --heads {big.h} --sizes {big.n} "
                              f"--dim-head {big.d}")
     if problem is not None:
-        raise SystemExit(f"performer-triton bench: {problem}")
+        parser.error(f"argument --sizes: {problem}")
     out = Path(args.out).expanduser().resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"performer-triton bench --out: cannot create {out}: {error.strerror}") from None
+        parser.error(f"argument --out: cannot create {out}: {error.strerror}")
+
+
+def run(args) -> int:
+    """The sweep, the regression check or the comparison (after validate)."""
+    if args.compare:
+        base, new = args.compare_ratios
+        return print_comparison(args.compare[:-1], base, new, args.max_slowdown)
+    out = Path(args.out).expanduser().resolve()
     print(f"output folder: {out}")
     threads = args.threads or (REGRESSION_THREADS if args.regression and args.device == "cpu" else None)
     previous = torch.get_num_threads()
@@ -312,7 +323,7 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     try:
         if args.regression:
-            return run_regression(args, out, baseline)
+            return run_regression(args, out, args.baseline_ratios)
         return run_sweep(args, out)
     finally:
         torch.set_num_threads(previous)
@@ -394,3 +405,4 @@ def add_arguments(parser) -> None:
     group.add_argument("--max-slowdown", type=_fraction, default=None,
                        help=f"with --baseline or --compare: largest accepted growth of ours / reference (default "
                             f"{MAX_SLOWDOWN * 100:.0f}%%)")
+    parser.set_defaults(validate=lambda args: validate(args, parser))  # called by cli.main after parsing
