@@ -28,6 +28,12 @@ def feature_ratio(m: int) -> float:
     return m**-0.5
 
 
+def feature_eps(feature: int) -> float:
+    """The eps each feature of a map holds (1.1.4's): SOFTMAX_EPS, GENERALIZED_EPS for RELU, and
+    none added to GIVEN features (the caller's already hold theirs)."""
+    return {SOFTMAX: SOFTMAX_EPS, RELU: GENERALIZED_EPS}.get(feature, 0.0)
+
+
 def causal_coef(feature: int, m: int, causal_eps: float) -> float:
     """The causal normaliser's eps in the ratio-free form the kernels, the PyTorch path and the
     decoder compute in: causal_eps / ratio for SOFTMAX (its features carry ratio), else causal_eps."""

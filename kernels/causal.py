@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, causal_coef, extension_unsupported
+from . import (CAUSAL_EPS, GENERALIZED_EPS, GIVEN, RELU, SOFTMAX, SOFTMAX_EPS, causal_coef, extension_unsupported,
+               feature_eps)
 from .feature_map import (
     FM_GIVEN, FM_SOFTMAX, aligned, alignment, backward_in_value_slices, bh_base, block_config, block_grid,
     block_program, block_range, cdiv, check_inputs, check_unit_stride, chunk_program, chunk_slots, column_slice,
@@ -1092,7 +1093,7 @@ def causal_bwd_state(
     # v_sum0 reaches the outputs through the eps part of every query, sum_i sq_i [dN_i, dD_i] (the
     # kernel's partials; RELU: the kernels' q~ carry the eps, and every factor is 1), and the final
     # v_sum directly; an empty state's too (its eps part is added all the same)
-    eps = GENERALIZED_EPS if feature == RELU else _eps(feature, m, causal_eps)[0]
+    eps = feature_eps(feature)
     return dq, dk.to(k.dtype), dv, d_hz0, torch.add(grad_v_sum, torch.cat([d_vs0.sum(2), d_count], 2), alpha=eps)
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GENERALIZED_EPS, MAX_HEAD_DIM, RELU, SOFTMAX, SOFTMAX_EPS
+from . import MAX_HEAD_DIM, RELU, SOFTMAX, feature_eps
 from .feature_map import (
     FM_SOFTMAX, aligned, alignment, block_range, check_unit_stride, head_scale, launch, merged_reference,
     next_power_of_2, reciprocal_or_zero
@@ -155,7 +155,7 @@ def decode_step(
         _step_kernel, (b * h,), q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, out,
         h, m, d, e,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        head_scale(d), SOFTMAX_EPS if feature == SOFTMAX else GENERALIZED_EPS, causal_coef,
+        head_scale(d), feature_eps(feature), causal_coef,
         # m tiles of 16: at 32 the (BM, BD) projection and (BM, BV) state tiles spilled 4-24 B
         # (full sweep, heads of 64 and more, and d = 24)
         FEATURE=feature, HAS_KEEP=keep is not None, BM=16, BD=max(16, next_power_of_2(d)),

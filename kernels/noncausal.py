@@ -532,12 +532,14 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
 # 132 SMs (their compile-report occupancy on sm_90a).
 MAX_SPLITS = 64
 SPLIT_TARGET = 4 * 132
+MIN_SPLIT_BLOCKS = 4  # (a split's walk of fewer blocks costs more in partials than it saves)
 
 
-def _splits(blocks: int, programs: int, target: int = SPLIT_TARGET, min_blocks: int = 4) -> tuple[int, int]:
-    """(blocks per split, splits): the most splits that keep programs * splits within target,
-    each with at least min_blocks blocks (at least one split, at most MAX_SPLITS)."""
-    ns = max(1, min(target // programs, cdiv(blocks, min_blocks), MAX_SPLITS))
+def _splits(blocks: int, programs: int) -> tuple[int, int]:
+    """(blocks per split, splits): the most splits that keep programs * splits within
+    SPLIT_TARGET, each with at least MIN_SPLIT_BLOCKS blocks (at least one split, at most
+    MAX_SPLITS)."""
+    ns = max(1, min(SPLIT_TARGET // programs, cdiv(blocks, MIN_SPLIT_BLOCKS), MAX_SPLITS))
     per = cdiv(blocks, ns)
     return per, cdiv(blocks, per)
 

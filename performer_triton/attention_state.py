@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .feature_maps import GIVEN_MAP, FeatureMap, check_stateful, resolve
-from .torch_backend import KeysState, merge_referenced
+from .torch_backend import KeysState, empty_state, merge_referenced
 from .validation import check_projection, check_qkv, check_state_tuple, host_reads
 
 
@@ -44,9 +44,7 @@ class AttentionState(NamedTuple):
     def empty(cls, b: int, h: int, m: int, e: int, *, dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> AttentionState:
         """The state before any key: zero sums, R = M = -inf."""
-        kw = dict(dtype=dtype, device=device)
-        return cls(torch.zeros(b, h, m, e + 1, **kw), torch.zeros(b, h, e + 1, **kw),
-                   torch.full((b, h), float("-inf"), **kw), torch.full((b, h), float("-inf"), **kw))
+        return cls(*empty_state(b, h, m, e, dtype, device))
 
 
 # a state saved with torch.save loads under torch.load's default weights_only=True: it is four tensors

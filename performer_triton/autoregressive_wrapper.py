@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 
 from .decoding import DecodingCache
 from .distributed import ContextParallel, gather_device, local_checks, with_neighbours
-from .performer_pytorch import PerformerLM, _check_mask
+from .performer_pytorch import PerformerLM, _check_mask, exists
 from .validation import calls_observed, check_bool, check_int, warn_ignored
 
 # `from performer_triton.autoregressive_wrapper import *` binds what performer-pytorch 1.1.4's module binds, no more
@@ -26,9 +26,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-def exists(val) -> bool:
-    return val is not None
 
 
 def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:

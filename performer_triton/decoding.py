@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .attention_state import AttentionState, check_state
 from .fast_attention import FastAttention
 from .feature_maps import GIVEN_MAP, FeatureMap, keep_rows
-from .functional import _autocast, triton_unsupported
+from .functional import _autocast, _use_triton
 from .torch_backend import (ChunkFeatures, add_keys, autocast_off, compute_dtype, finite_base, reciprocal_or_zero,
                             with_ones)
 from .validation import runs_base_forward
@@ -82,6 +82,7 @@ class DecodingCache:
         return state
 
     def set(self, module: nn.Module, state: Any) -> None:
+        """Keep module's recurrent state (a layer's, after its prefill)."""
         self._states[module] = state
 
     def __deepcopy__(self, memo: dict) -> DecodingCache:
@@ -170,10 +171,8 @@ class FavorState:
         self.source, self.version = source, _version(source)
         kernel_map = feature_map if feature_map.fused else GIVEN_MAP  # what the chunk math computes
         self.chunk = ChunkFeatures(kernel_map.code, projection, m if projection is None else projection.shape[1], dtype)
-        self.ref = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # R
-        self.stab = torch.full((b, h), float("-inf"), dtype=dtype, device=device)  # M
-        self.hz = torch.zeros(b, h, m, e + 1, dtype=dtype, device=device)  # [H | z] relative to R
-        self.v_sum = torch.zeros(b, h, e + 1, dtype=dtype, device=device)  # [value sum | count]
+        # [H | z] relative to R, [value sum | count], R, M
+        self.hz, self.v_sum, self.ref, self.stab = AttentionState.empty(b, h, m, e, dtype=dtype, device=device)
 
     SHARED = ("source", "feature_map", "projection")  # the layer's (deepcopy shares them)
 
@@ -326,12 +325,7 @@ def _fused_step(backend: str, fmap: FeatureMap, k: Tensor, v: Tensor) -> bool:
     """Whether single positions run the fused Triton step: the kernels' own feature maps, with
     backend "triton", or "auto" on CUDA where the kernels take the inputs (fp32 included: the
     step has no tensor-core dot, so no TF32 question)."""
-    if backend == "torch" or not fmap.fused or backend == "auto" and k.device.type != "cuda":
-        return False  # (as functional._use_triton: only "triton" asks about CPU tensors)
-    reason = triton_unsupported(k, v, fused=True)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
-    return reason is None
+    return fmap.fused and _use_triton(backend, k, v, True, tf32=False)
 
 
 class LocalWindowState:
@@ -363,6 +357,9 @@ class LocalWindowState:
         return (position // self.window - 1) * self.window
 
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
+        """Add keys k (b, h, t, d) and values v (b, h, t, e) of the next t positions; keep (b, t)
+        bool marks padded positions (False), which no query attends to; keys no later query can
+        see are dropped."""
         self.masked = self.masked or keep is not None
         keep = _keep(keep, k)
         if self.keys is None:

@@ -23,7 +23,7 @@ from .attention_state import AttentionState, joined_states, keys_state
 from .feature_maps import GIVEN_MAP, check_stateful, resolve
 from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention, pytorch_features
 from .torch_backend import ReadContext, autocast_off, finite_base, key_context
-from .validation import BACKENDS, KEY_STABILIZERS, check_bool, check_choice, check_projection, check_qkv
+from .validation import BACKENDS, check_bool, check_choice, check_key_stabilizer, check_projection, check_qkv
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -434,7 +434,7 @@ def context_parallel_attention(
         check_bool("causal", causal)
         # (keys may be empty here and not elsewhere: cross-attention on a rank without context)
         check_qkv(q_ if k_.shape[2] else q_[..., :0, :], k_, v_, causal=causal)
-        check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+        check_key_stabilizer(key_stabilizer, causal)
         check_choice("backend", backend, BACKENDS)
         fmap_ = resolve(feature_map)
         check_stateful(fmap_, "context_parallel_attention")
@@ -450,8 +450,6 @@ def context_parallel_attention(
                                                               key_stabilizer == "prefix"),
                      gather_device(group, q), refused)
     if not causal:
-        if key_stabilizer != "global":
-            raise ValueError(f"key_stabilizer={key_stabilizer!r} applies to causal attention only")
         return _noncausal(q, k, v, projection_matrix, fmap, group)  # (the PyTorch path, whatever the backend)
     if fmap.fused:
         # 1.1.4's global stabilizer is the max over every key; a call whose initial state already

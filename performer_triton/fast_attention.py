@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .feature_maps import FeatureMap, from_options
 from .functional import favor_attention
 from .projection import Device
-from .validation import BACKENDS, KEY_STABILIZERS, ShapeError, check_choice, check_generator, check_int
+from .validation import BACKENDS, ShapeError, check_choice, check_generator, check_int, check_key_stabilizer
 
 
 class FastAttention(nn.Module):
@@ -39,11 +39,9 @@ class FastAttention(nn.Module):
     ):
         super().__init__()
         dim_heads = check_int("dim_heads", dim_heads, 1, ValueError)
-        check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+        check_key_stabilizer(key_stabilizer, causal)
         check_choice("backend", backend, BACKENDS)
         check_generator(generator)
-        if key_stabilizer == "prefix" and not causal:
-            raise ValueError("key_stabilizer='prefix' applies to causal attention only (causal=False here)")
         if generalized_attention and not callable(kernel_fn):
             raise TypeError(f"kernel_fn must be callable, got {type(kernel_fn).__name__}")
         nb_features = nb_features if nb_features is not None else int(dim_heads * math.log(dim_heads))

@@ -78,8 +78,7 @@ def softmax_features(
     elif key_padding_mask is None:
         stab = dash.amax(dim=(-1, -2), keepdim=True).detach()
     else:
-        keep = key_padding_mask[:, None, :, None]
-        stab = dash.masked_fill(~keep, float("-inf")).amax(dim=(-1, -2), keepdim=True).detach()
+        stab = keep_rows(dash, key_padding_mask, float("-inf")).amax(dim=(-1, -2), keepdim=True).detach()
         stab = stab.masked_fill(torch.isinf(stab), 0.0)  # every key padded: any finite value
     features = ratio * (torch.exp(dash - diag - stab) + eps)
     if not is_query:

@@ -20,15 +20,16 @@ from . import torch_backend
 from .torch_backend import autocast_off, compute_dtype, finite_or_zero
 from .validation import (
     BACKENDS,
-    KEY_STABILIZERS,
     check_bool,
     check_choice,
     check_cu_seqlens,
     check_float,
     check_key_padding_mask,
+    check_key_stabilizer,
     check_offsets,
     check_projection,
     check_qkv,
+    in_transform,
 )
 
 FeatureMapArg = Union[str, Callable[[Tensor], Tensor], FeatureMap]
@@ -71,20 +72,26 @@ def _bf16_dot_probe() -> bool:
     return interpreter_dot_exact(torch.bfloat16)
 
 
-def _use_triton(backend: str, q: Tensor, v: Tensor, fused: bool) -> bool:
-    """backend "auto": the kernels for CUDA tensors they support.  Their fp32 dots are TF32
-    (kernels/feature_map.py), so fp32 goes to them only where PyTorch's own fp32
-    matmuls may use TF32 (torch.set_float32_matmul_precision "high" or "medium"); with the
-    default "highest", fp32 stays on the PyTorch path (cuBLAS in full fp32).  Only "triton" asks
-    about CPU tensors (Triton's interpreter)."""
-    if backend == "torch" or backend == "auto" and q.device.type != "cuda":
+AUTO_DEVICES = ("cuda",)  # where backend "auto" considers the kernels
+
+
+def _use_triton(backend: str, q: Tensor, v: Tensor, fused: bool, *, extra: str | None = None,
+                tf32: bool = True) -> bool:
+    """Whether the call runs the Triton kernels: backend "triton" (ValueError saying why where they
+    cannot), or "auto" for CUDA tensors they support.  extra: a further reason this call's kernels
+    cannot take it (None: none).  tf32: the kernels' fp32 dots are TF32 (kernels/feature_map.py), so
+    "auto" sends them fp32 only where PyTorch's own fp32 matmuls may use TF32
+    (torch.set_float32_matmul_precision "high" or "medium"; with the default "highest" fp32 stays
+    on the PyTorch path, cuBLAS in full fp32); False for kernels without a dot (the decode step).
+    Only "triton" asks about CPU tensors (Triton's interpreter)."""
+    if backend == "torch" or backend == "auto" and q.device.type not in AUTO_DEVICES:
         return False
-    reason = triton_unsupported(q, v, fused=fused)
+    reason = triton_unsupported(q, v, fused=fused) or extra
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run here: {reason}")
         return True
-    return reason is None and (q.dtype != torch.float32 or _tf32_allowed())
+    return reason is None and (not tf32 or q.dtype != torch.float32 or _tf32_allowed())
 
 
 @torch.compiler.assume_constant_result
@@ -193,15 +200,14 @@ def favor_attention(
     check_bool("causal", causal)
     check_bool("output_final_state", output_final_state)
     check_qkv(q, k, v, causal=causal)
-    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+    check_key_stabilizer(key_stabilizer, causal)
     check_choice("backend", backend, BACKENDS)
-    if key_stabilizer == "prefix" and not causal:
-        raise ValueError("key_stabilizer='prefix' applies to causal attention only; non-causal accepts 'global'")
+    fmap = resolve(feature_map)
+    prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
     if cu_seqlens is not None:
         if key_padding_mask is not None:
             raise ValueError("cu_seqlens packs sequences without padding: key_padding_mask does not apply")
         check_cu_seqlens(cu_seqlens, q, k, initial_state)
-        fmap = resolve(feature_map)
         stateless = initial_state is None and not output_final_state
         fused = fmap.fused and (stateless or causal) and q.shape[2] > 0
         if fused and extension_unsupported("packed sequences", q.dtype, fmap.code, q.shape[3], v.shape[3]) is None \
@@ -212,7 +218,6 @@ def favor_attention(
                                          initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
             projection = check_projection(projection_matrix, q, fixed_by="packed sequences (cu_seqlens) on the "
                                           "fused kernels").to(q.dtype).contiguous()
-            prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
             return favor(q, k, v, projection, causal, fmap.code, prefix, True, CAUSAL_EPS, cu_seqlens)[0]
 
         def one(q_i, k_i, v_i, state):
@@ -221,10 +226,8 @@ def favor_attention(
                                    output_final_state=output_final_state)
 
         return _packed(one, q, k, v, cu_seqlens, initial_state, output_final_state)
-    fmap = resolve(feature_map)
     if fmap.needs_projection:
         projection_matrix = check_projection(projection_matrix, q)
-    prefix = causal and key_stabilizer == "prefix" and fmap.stabilized
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, k)
     if initial_state is not None or output_final_state:
@@ -233,6 +236,12 @@ def favor_attention(
     if 0 in q.shape[:3] or v.shape[3] == 0:  # no batch, heads, queries or value columns: nothing to compute
         return _empty_result(q, k, v)
     if prefix and key_padding_mask is not None:
+        where = ("torch.func's vmap; loop over the batch" if in_transform() else
+                 "torch.export (a graph of data-dependent shapes); export without the mask, or with "
+                 "key_stabilizer='global'" if torch.compiler.is_exporting() else None)
+        if where is not None:  # (a batched or traced mask cannot steer Python)
+            raise NotImplementedError("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host "
+                                      f"(it compacts each sequence): not under {where}")
         return _prefix_padded(q, k, v, projection_matrix, key_padding_mask, fmap, backend)
 
     fused = fmap.fused and key_padding_mask is None
@@ -245,12 +254,10 @@ def favor_attention(
                                                      prefix, backend))
         return _last(before, favor(_after(before, q, 0.0), k, v, projection, causal, fmap.code, prefix,
                                    use_triton)[0])
-    out_dtype = compute = q.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        # features made in PyTorch (a key mask, no_projection, a kernel_fn) are made in fp32, as the
-        # op computes anyway: in fp16 the gradients of tiny key features overflow (inf x 0 = NaN in
-        # exp's backward); the kernels still run where the 16-bit inputs would have (TF32 dots)
-        compute = torch.float32
+    # features made in PyTorch (a key mask, no_projection, a kernel_fn) are made in fp32 for 16-bit
+    # rows, as the op computes anyway: in fp16 the gradients of tiny key features overflow (inf x 0
+    # = NaN in exp's backward); the kernels still run where the 16-bit inputs would have (TF32 dots)
+    out_dtype, compute = q.dtype, compute_dtype(q.dtype)
     if causal and fmap.rescales_keys and out_dtype != torch.float64:
         # 1.1.4's causal no_projection, exp(k): for large keys its prefix sums span more than fp32's
         # exponent range (one shift per head leaves early rows without any key and eps: 0 / 0, inf
@@ -310,12 +317,7 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
     reaches no gradient either."""
     n, s = q.shape[2], k.shape[2]
     keep_q = keep[:, s - n:]  # (b, n)
-    try:
-        right_padding = _is_right_padding(keep)
-    except RuntimeError as error:  # vmap: a batched mask cannot steer Python
-        raise NotImplementedError("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host (it "
-                                  "compacts each sequence): not under torch.func's vmap; loop over the batch") from error
-    if right_padding:
+    if _is_right_padding(keep):
         q, k, v = keep_rows(q, keep_q), keep_rows(k, keep), keep_rows(v, keep)
         out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
                               backend=backend)
@@ -352,13 +354,18 @@ def _packed(call, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state, ou
     return out, AttentionState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
 
 
+def _check_causal_state(causal: bool) -> None:
+    if not causal:
+        raise ValueError("initial_state / output_final_state: causal attention only (a state holds the keys before "
+                         "the queries)")
+
+
 def _favor_with_state(q, k, v, projection, fmap: FeatureMap, key_stabilizer: str, key_padding_mask, backend: str,
                       initial_state, output_final_state: bool, *, causal: bool, cu_seqlens: Tensor | None = None):
     """favor_attention from a state (checks, then the features and _with_state); cu_seqlens: a
     pack the fused kernels take (int32 on q's device), one state per sequence."""
     what = "initial_state / output_final_state"
-    if not causal:
-        raise ValueError(f"{what}: causal attention only (a state holds the keys before the queries)")
+    _check_causal_state(causal)
     if fmap.stabilized and key_stabilizer != "prefix":
         raise ValueError(f"{what} with softmax features need key_stabilizer='prefix': the global stabilizer is a "
                          "max over every key of the sequence, keys a state has not seen yet")
@@ -381,12 +388,8 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
     """The stateful causal op (ops.favor_with_state) on rows the op takes: q, k, or their features
     (GIVEN, projection None); cu_seqlens a pack for the kernels (its caller checked that they take
     it).  -> out, or (out, final state)."""
-    use_triton = _use_triton(backend, q, v, projection is not None)
-    reason = extension_unsupported("a state", q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3])
-    if use_triton and reason is not None:
-        if backend == "triton":
-            raise ValueError(f"backend='triton' cannot run here: {reason}")
-        use_triton = False
+    use_triton = _use_triton(backend, q, v, projection is not None, extra=extension_unsupported(
+        "a state", q.dtype, feature, 0 if projection is None else q.shape[3], v.shape[3]))
     (b, h, n, _), s, e = q.shape, k.shape[2], v.shape[3]
     m = k.shape[3] if projection is None else projection.shape[0]
     if cu_seqlens is not None:
@@ -476,9 +479,7 @@ def linear_attention(
     if not causal:
         k_features = _in_range(k_features, (-2, -1))
     if initial_state is not None or output_final_state:
-        if not causal:
-            raise ValueError("initial_state / output_final_state: causal attention only (a state holds the keys "
-                             "before the queries)")
+        _check_causal_state(causal)
         return _with_state(q_features, k_features, v, None, GIVEN_MAP.code, False, float(eps), initial_state,
                            output_final_state, backend, 1.0)
     if 0 in q_features.shape[:3] or v.shape[3] == 0:

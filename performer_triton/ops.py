@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import __version__, torch_backend
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS, launchers
+from .validation import in_transform
 
 
 def _tag_compile_caches() -> None:
@@ -376,7 +377,7 @@ def _plain_eager(inputs: tuple) -> bool:
     """Tensor inputs plain (or parameters), outside torch.compile, torch.jit tracing, functorch
     transforms and torch function or dispatch modes (fake and meta tensors, FlopCounterMode, vmap;
     torch.device as a context manager too): where the op's dispatch does nothing."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or in_transform():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
@@ -397,7 +398,7 @@ def transformed() -> bool:
     torch.compile (which traces transforms itself and keeps the ops)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    return in_transform() or torch.autograd.forward_ad._current_level >= 0
 
 
 def _batched_alike(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:

@@ -31,7 +31,7 @@ from .fast_attention import FastAttention
 from . import functional
 from . import projection
 from .projection import Device, orthogonal_matrix_chunk
-from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, softmax_features
+from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, keep_rows, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
 from .validation import (DtypeError, InputError, TokenRangeError, check_feature_input, check_int, host_reads,
                          ignored_kwargs, runs_base_forward, warn_ignored)
@@ -709,7 +709,7 @@ class Attention(nn.Module):
         outs = []
         if gh > 0:
             if exists(context_mask) and not self.exact_mask:  # 1.1.4: padded keys only lose their values
-                v = v.masked_fill(~context_mask[:, None, :, None], 0.0)
+                v = keep_rows(v, context_mask)
             if exists(pos_emb) and not cross_attend:
                 q, k = apply_rotary_pos_emb(q, k, pos_emb)
             # (the result first: a bound outs.append waiting on the stack across the call's graph
@@ -782,7 +782,7 @@ class Attention(nn.Module):
         _padded_rows_zero; mask (b, n) starts at a window boundary."""
         if mask is None or not self._padded_rows_zero():
             return out
-        return out.masked_fill(~seen_keys(mask, self.local_attn.window_size)[:, None, :, None], 0.0)
+        return keep_rows(out, seen_keys(mask, self.local_attn.window_size))
 
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
                           cp: ContextParallel | None = None) -> Tensor:

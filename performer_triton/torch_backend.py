@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .feature_maps import KERNEL_MAPS
 from .kernels import CAUSAL_EPS, causal_coef, head_scale
+from .validation import in_transform
 
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 # Rows per causal chunk: the intra-chunk (t, t) work grows with it; the per-chunk overhead and the
@@ -157,13 +158,6 @@ def _exp2_below_one(dash: Tensor, shift: Tensor) -> Tensor:
     return dash.sub_(shift[..., None]).clamp_max_(EXP2_SLACK).exp2_()
 
 
-def _in_transform() -> bool:
-    """A torch.func transform (vmap, grad, ...) is active: no in-place op without a batching rule
-    (baddbmm_, addcmul_, tril_ would run one example at a time, with a warning), and no value
-    steering Python.  (ops.transformed, which picks this path for the op, also counts forward AD.)"""
-    return torch._C._are_functorch_transforms_active()
-
-
 def autocast_off(fn):
     """Run fn with autocast off on the device of its first tensor argument: the compute dtype
     is chosen by the code (fp32 for fp16/bf16 inputs), and an enclosing torch.autocast would
@@ -224,7 +218,7 @@ def _bmm(a: Tensor, b: Tensor, acc: Tensor | None = None) -> Tensor:
     lead = a.shape[:-2]
     shape = (*lead, a.shape[-2], b.shape[-1])
     a, b = a.flatten(0, -3), b.expand(*lead, *b.shape[-2:]).flatten(0, -3)
-    if acc.shape == shape and acc.is_contiguous() and not _in_transform():
+    if acc.shape == shape and acc.is_contiguous() and not in_transform():
         acc.flatten(0, -3).baddbmm_(a, b)  # (a view: acc is contiguous; vmap has no batching rule for it)
         return acc
     return torch.baddbmm(acc.expand(shape).flatten(0, -3), a, b).view(shape)
@@ -251,7 +245,7 @@ def _visible_only(pairs: Tensor) -> Tensor:
     """pairs (..., t, t) with the entries above the diagonal (keys after the query) 0, by
     selection (tril_: 10x faster than a broadcast masked_fill_); overwritten, but under torch.func
     (vmap has no batching rule for tril_)."""
-    return pairs.tril() if _in_transform() else pairs.tril_()
+    return pairs.tril() if in_transform() else pairs.tril_()
 
 
 def _visible(pairs: Tensor, factor: Tensor) -> Tensor:
@@ -299,7 +293,7 @@ def merge_referenced(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor) -> tup
     base = finite_base(new_ref)[..., None, None]
     hz = hz * (ref[..., None, None] - base).exp_()
     factor = (kv_ref[..., None, None] - base).exp_()
-    return (torch.addcmul(hz, kv, factor) if _in_transform() else hz.addcmul_(kv, factor)), new_ref
+    return (torch.addcmul(hz, kv, factor) if in_transform() else hz.addcmul_(kv, factor)), new_ref
 
 
 def _scan_states(hz: Tensor, ref: Tensor, kv: Tensor, kv_ref: Tensor, hz_before: Tensor,
@@ -326,7 +320,7 @@ def _finite_values(v: Tensor):
     v (b, h, s, e) -> (rows slice -> (b, h, t, e+1), poison (b, h, s, e) or None)."""
     # a non-finite entry makes the sum non-finite (inf or NaN); under vmap (torch.func) a value
     # cannot steer Python: the general form, the same numbers
-    if not _in_transform() and torch.isfinite(v.sum()):
+    if not in_transform() and torch.isfinite(v.sum()):
         return (lambda sl: with_ones(v[..., sl, :])), None
     finite = finite_or_zero(v)
     return (lambda sl: with_ones(finite[..., sl, :])), (v - finite).cumsum(-2)
@@ -344,14 +338,20 @@ def _grad_aug(grad_out: Tensor, out: Tensor, rden: Tensor) -> Tensor:
     return torch.cat([grad_out, -go], dim=-1) * rden[..., None]
 
 
+def empty_state(b: int, h: int, m: int, e: int, dtype: torch.dtype,
+                device: torch.device | str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The causal state before any key (performer_triton.attention_state's fields): hz (b, h, m,
+    e+1) and v_sum (b, h, e+1) zero, ref and stab (b, h) -inf (no keys: R = M = -inf)."""
+    kw = dict(dtype=dtype, device=device)
+    return (torch.zeros(b, h, m, e + 1, **kw), torch.zeros(b, h, e + 1, **kw), torch.full((b, h), float("-inf"), **kw),
+            torch.full((b, h), float("-inf"), **kw))
+
+
 def _initial(initial, q: Tensor, m: int, e: int, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(hz, v_sum (b, h, 1, e+1), ref, stab) in the compute dtype from a causal state
-    (performer_triton.attention_state), or the empty state (no keys: R = M = -inf)."""
-    b, h = q.shape[:2]
-    if initial is None:
-        return (q.new_zeros((b, h, m, e + 1)), q.new_zeros((b, h, 1, e + 1)), q.new_full((b, h), float("-inf")),
-                q.new_full((b, h), float("-inf")))
-    hz, v_sum, ref, stab = (t.to(dtype) for t in initial)
+    (performer_triton.attention_state), or the empty state; q's dtype is the compute dtype."""
+    hz, v_sum, ref, stab = empty_state(*q.shape[:2], m, e, q.dtype, q.device) if initial is None else (
+        t.to(dtype) for t in initial)
     return hz, v_sum[..., None, :], ref, stab
 
 
@@ -382,8 +382,7 @@ class KeysState(torch.autograd.Function):
         fm = ChunkFeatures(feature, projection, k.shape[-1], dtype)
         (b, h, s), e = k.shape[:3], v.shape[-1]
         m = k.shape[-1] if fm.given else fm.proj.shape[0]
-        hz, ref = k.new_zeros((b, h, m, e + 1), dtype=dtype), k.new_full((b, h), float("-inf"), dtype=dtype)
-        stab = ref.clone()
+        hz, _, ref, stab = empty_state(b, h, m, e, dtype, k.device)
         for sl in _chunks(s, _wide_rows(b * h, m)):
             kc, vo = k[..., sl, :].to(dtype), with_ones(v[..., sl, :].to(dtype))
             dash = fm.dash(kc)

@@ -43,6 +43,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def check_tensor(name: str, t: object, ndim: int) -> Tensor:
+    """t as a floating-point tensor of ndim dimensions (TypeError / ValueError naming it)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -100,15 +101,26 @@ def check_float(name: str, value: object, minimum: float) -> float:
 
 
 def check_bool(name: str, value: object) -> bool:
+    """value as a bool (TypeError otherwise: a string or None is not silently true or false)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """value as one of choices (ValueError listing them)."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_key_stabilizer(key_stabilizer: object, causal: bool) -> str:
+    """One of KEY_STABILIZERS, and "prefix" for causal attention only."""
+    check_choice("key_stabilizer", key_stabilizer, KEY_STABILIZERS)
+    if key_stabilizer == "prefix" and not causal:
+        raise ValueError("key_stabilizer='prefix' applies to causal attention only (causal=False here); non-causal "
+                         "attention accepts 'global'")
+    return key_stabilizer  # type: ignore[return-value]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_name: str = "q", k_name: str = "k") -> None:
@@ -165,6 +177,7 @@ def check_projection(projection: object, q: Tensor, *, fixed_by: str | None = No
 
 
 def check_key_padding_mask(mask: object, k: Tensor) -> Tensor:
+    """mask as a bool (b, s) tensor on k's device (k (b, h, s, d)), True = keep."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -241,10 +254,17 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
         check_offsets(cu_seqlens.tolist(), q.shape[2])
 
 
+def in_transform() -> bool:
+    """A torch.func transform (vmap, grad, jvp, ...) is active: no in-place op without a batching
+    rule (baddbmm_, addcmul_, tril_ would run one example at a time, with a warning), and no value
+    steering Python (vmap cannot turn a batched value into one Python value)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def host_reads() -> bool:
     """Checks may read tensor values on the host: not while torch.compile traces (a graph break)
-    or under torch.func's transforms (vmap cannot turn a batched value into one Python value)."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    or under torch.func's transforms (in_transform)."""
+    return not (torch.compiler.is_compiling() or in_transform())
 
 
 def check_offsets(bounds: list[int], total: int) -> list[int]:

@@ -92,7 +92,7 @@ def test_check_budgets_follow_the_conditioning_at_tiny_shapes():
 def test_check_reports_a_dead_interpreter_subprocess_as_failures():
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('kernel crashed')"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rows = check.finish_interpreter_subprocess(proc, d=8)
+    rows = check.finish_interpreter_subprocess(proc)
     assert len(rows) == 3 * len(MODES) * len(FEATURES)  # every CPU Triton row, none dropped
     assert all(r.failed and not r.skipped and "exited with 1: kernel crashed" in r.note for r in rows)
     assert "failed to run" in check.summary(rows)

@@ -464,7 +464,7 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k, v, P.clone().requires_grad_(), backend="triton")
     with bad("key_stabilizer must be one of"):
         favor_attention(q, k, v, P, causal=True, key_stabilizer="local")
-    with bad("non-causal accepts 'global'"):
+    with bad("non-causal attention accepts 'global'"):
         favor_attention(q, k, v, P, key_stabilizer="prefix")
     with bad("backend must be one of"):
         favor_attention(q, k, v, P, backend="cuda")

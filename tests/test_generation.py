@@ -439,12 +439,12 @@ def test_fused_decode_step_equals_the_pytorch_step(kwargs, dtype):
 def test_auto_decodes_cpu_tensors_on_the_pytorch_step(monkeypatch, dtype):
     """backend="auto" asks nothing about CPU tensors (as functional._use_triton: no interpreter,
     no bf16 probe) and steps on the PyTorch path; "triton" takes the fused step."""
-    from performer_triton import decoding
+    from performer_triton import functional
 
     k = torch.randn(1, 2, 3, 16, dtype=dtype)
     for kw in (dict(key_stabilizer="prefix"), dict(generalized_attention=True)):
         with monkeypatch.context() as patch:
-            patch.setattr(decoding, "triton_unsupported", lambda *a, **kw_: pytest.fail("'auto' asked about CPU"))
+            patch.setattr(functional, "triton_unsupported", lambda *a, **kw_: pytest.fail("'auto' asked about CPU"))
             assert not favor_state(FastAttention(16, 20, causal=True, **kw), k, k).fused
         if dtype != torch.bfloat16:  # (the interpreter's bf16 dot: the probe decides)
             assert favor_state(FastAttention(16, 20, causal=True, backend="triton", **kw), k, k).fused

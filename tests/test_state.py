@@ -500,10 +500,8 @@ def test_states_the_kernels_do_not_take_run_on_the_pytorch_path(monkeypatch):
 
     q, k, v = (t.float().to(DEVICE) for t in qkv(n=20))
     P = projection().float().to(DEVICE)
-    real = functional._use_triton
-    monkeypatch.setattr(functional, "_use_triton", lambda backend, q_, v_, fused: real(
-        "triton" if backend == "auto" and functional.triton_unsupported(q_, v_, fused=fused) is None else backend,
-        q_, v_, fused))
+    monkeypatch.setattr(functional, "AUTO_DEVICES", ("cuda", "cpu"))  # "auto" decides here as on CUDA
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # (fp32 too)
     wide = torch.randn(2, 3, 20, 72, dtype=torch.float16, device=DEVICE)
     for args, kw in (((q, k, v, P), dict(key_stabilizer="prefix")),
                      ((q.half(), k.half(), v.half(), P.half()), dict(feature_map=torch.nn.Softplus())),

@@ -183,10 +183,11 @@ def run_checks(n: int = 37, d: int = 16, m: int = 44, *, paths=None) -> list[Row
     return rows
 
 
-def _placeholder_rows(d: int, note: str, device: str = "cpu", backend: str = "triton") -> list[Row]:
+def _placeholder_rows(note: str) -> list[Row]:
+    """The CPU Triton rows, each with note, where the interpreter subprocess gave none."""
     return [
-        Row(device, backend, str(dtype).replace("torch.", ""), mode, feature, None, None, BUDGETS[dtype], note)
-        for dtype, (mode, _), feature in itertools.product(_dtypes(backend), MODES, FEATURES)
+        Row("cpu", "triton", str(dtype).replace("torch.", ""), mode, feature, None, None, BUDGETS[dtype], note)
+        for dtype, (mode, _), feature in itertools.product(_dtypes("triton"), MODES, FEATURES)
     ]
 
 
@@ -199,21 +200,21 @@ def start_interpreter_subprocess(n: int, d: int, m: int) -> subprocess.Popen:
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_interpreter_subprocess(proc: subprocess.Popen, d: int) -> list[Row]:
+def finish_interpreter_subprocess(proc: subprocess.Popen) -> list[Row]:
     """The subprocess's rows; if it died, one FAIL row per path saying how."""
     try:
         out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        return _placeholder_rows(d, f"FAIL: the interpreter subprocess ran over {SUBPROCESS_TIMEOUT_S} s")
+        return _placeholder_rows(f"FAIL: the interpreter subprocess ran over {SUBPROCESS_TIMEOUT_S} s")
     if proc.returncode == 0:
         try:
             return [Row(**row) for row in json.loads(out)]
         except (ValueError, TypeError) as exc:
-            return _placeholder_rows(d, f"FAIL: unreadable output of the interpreter subprocess ({exc})")
+            return _placeholder_rows(f"FAIL: unreadable output of the interpreter subprocess ({exc})")
     tail = [line for line in err.strip().splitlines() if line.strip()][-1:] or ["no message"]
-    return _placeholder_rows(d, f"FAIL: the interpreter subprocess exited with {proc.returncode}: {tail[0]}")
+    return _placeholder_rows(f"FAIL: the interpreter subprocess exited with {proc.returncode}: {tail[0]}")
 
 
 def check_all(n: int = 37, d: int = 16, m: int = 44, *, announce=print) -> list[Row]:
@@ -235,7 +236,7 @@ def check_all(n: int = 37, d: int = 16, m: int = 44, *, announce=print) -> list[
             proc.kill()
         raise
     if proc is not None:
-        rows += finish_interpreter_subprocess(proc, d)
+        rows += finish_interpreter_subprocess(proc)
     return sorted(rows, key=lambda r: (DEVICE_ORDER[r.device], BACKEND_ORDER[r.backend]))  # stable
 
 
