@@ -859,11 +859,12 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         # reverse walk the chunk pass and scan replaced
         BM_dstate=BM_bwd if d == 0 or packed else cfg["BM"],
         # the (m, e) states of every chunk: bf16 for bf16 inputs (half the bytes of the largest
-        # intermediates, rounded as the inputs are), fp32 for fp32 and for fp16 unpacked fused-map
-        # heads up to 64 wide (bf16 rounding cost fp16 2-5x of its accuracy; wider heads, packs and
-        # given features spill with fp32 states) (kernels/NOTES.md "State precision")
-        state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and 0 < d and max(d, e) <= 64
-                                                                and not packed) else torch.bfloat16,
+        # intermediates, rounded as the inputs are), fp32 for fp32 and for fp16 fused-map heads up
+        # to 64 wide, packed or not (bf16 rounding cost fp16 2-5x of its accuracy, ~10x in a pack's
+        # first rows after its initial state; wider heads and given features spill with fp32
+        # states) (kernels/NOTES.md "State precision")
+        state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and 0 < d and max(d, e) <= 64)
+        else torch.bfloat16,
         num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )
@@ -916,7 +917,7 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
 def _own_states(states: torch.Tensor, state: bool, dtype: torch.dtype) -> torch.Tensor:
     """Where the chunk passes leave every chunk's own (m, e) state for the scans: the states'
     buffer itself, which the scan then overwrites; with an initial or final state (state) of fp16
-    inputs whose states are bf16 (packs, wider heads, given features: _config), an fp32 buffer, so
+    inputs whose states are bf16 (wider heads, given features: _config), an fp32 buffer, so
     that the state the call returns (or its gradient) sums unrounded parts, as the walk's registers
     did (bf16 parts made an fp16 pack's final state ~20x less accurate: 3e-3 against float64, past
     fp16's own rounding; for bf16 inputs it is theirs, and the buffer would triple the states'

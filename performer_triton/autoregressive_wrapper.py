@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level
 from .decoding import DecodingCache
 from .distributed import ContextParallel, gather_device, local_checks, with_neighbours
 from .performer_pytorch import PerformerLM, _check_mask, exists
-from .validation import calls_observed, check_bool, check_int, warn_ignored
+from .validation import calls_observed, check_int, warn_ignored
 
 # `from performer_triton.autoregressive_wrapper import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -144,15 +144,16 @@ class AutoregressiveWrapper(nn.Module):
         no_projection attention. With key_stabilizer="global" (1.1.4's default) and more than one
         layer it is not: every layer is normalised by the max over all keys, so earlier positions'
         outputs change as tokens arrive and cached states of later layers go stale. Such models
-        recompute, as 1.1.4 does, and use_cache=True raises ValueError saying why. Once the
+        recompute, as 1.1.4 does (use_cache=True too, with a one-time warning saying why). Once the
         sequence outgrows max_seq_len the window slides (positions shift each step), so generation
         continues by recomputation.
         """
         if not isinstance(start_tokens, Tensor):
             raise TypeError(f"start_tokens must be a torch.Tensor of token ids, got {type(start_tokens).__name__}")
-        if "cache" in kwargs:  # it would reach the net beside generate's own (or recomputed windows)
-            raise TypeError("generate() got cache=: generate keeps its own DecodingCache (use_cache=True / False "
-                            "chooses); to continue a cache of your own, call the model with it")
+        if kwargs.pop("cache", None) is not None:  # (it would reach the net beside generate's own cache)
+            warn_ignored("AutoregressiveWrapper.generate", ["cache"], "generate keeps its own DecodingCache, "
+                         "use_cache chooses; to continue a cache of your own, call the model with it; "
+                         "performer-pytorch 1.1.4 ignores it too")
         if not isinstance(repetition_penalty, numbers.Real) and not (
                 isinstance(repetition_penalty, Tensor) and repetition_penalty.numel() == 1):
             raise TypeError(f"repetition_penalty must be a number, got {type(repetition_penalty).__name__} "
@@ -166,11 +167,17 @@ class AutoregressiveWrapper(nn.Module):
         # 1.1.4 samples range(seq_len) tokens: a bool counts as 0 / 1, a negative length as 0
         seq_len = max(0, check_int("seq_len", int(seq_len) if isinstance(seq_len, bool) else seq_len, -math.inf))
         _check_temperature(temperature)
-        if use_cache is not None:
-            check_bool("use_cache", use_cache)
+        # use_cache is ours, and 1.1.4 took (and ignored) any keyword: values it cannot honour are
+        # ignored with a one-time warning, and generation recomputes as 1.1.4 does
+        if use_cache is not None and not isinstance(use_cache, bool):
+            warn_ignored("AutoregressiveWrapper.generate", ["use_cache"], f"{use_cache!r} is not a bool (True / "
+                         "False choose cached or recomputed generation); performer-pytorch 1.1.4 ignores it too")
+            use_cache = None
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
-            raise ValueError(f"use_cache=True: cached generation would not be exact: {reason}")
+            warn_ignored("AutoregressiveWrapper.generate", ["use_cache"], f"cached generation would not be exact "
+                         f"here: {reason}; it recomputes, as performer-pytorch 1.1.4 does")
+            use_cache = False
         if use_cache is None:  # without a word when it recomputes: 1.1.4 always does, and warns of nothing
             use_cache = reason is None and not self._observed()
 

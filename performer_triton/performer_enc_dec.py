@@ -127,7 +127,7 @@ class PerformerEncDec(nn.Module):
         """Encode seq_in (b, n), then sample seq_len decoder tokens after seq_out_start (b, t).
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
-        was_training = self.enc.training
+        modes = [(module, module.training) for module in self.enc.modules()]  # (each: some may be frozen in eval)
         performer = self.enc.performer
         if performer.auto_check_redraw and performer.proj_updater.training:
             # 1.1.4 encoded a training model in training mode: the call counts towards (or makes)
@@ -138,8 +138,9 @@ class PerformerEncDec(nn.Module):
         self.enc.eval()
         try:
             encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
-        finally:
-            self.enc.train(was_training)
+        finally:  # as they were: 1.1.4 left the encoder's modes alone
+            for module, training in modes:
+                module.training = training
         return self.dec.generate(seq_out_start, seq_len, context=encodings, **{**dec_kwargs, **kwargs})
 
     def forward(self, seq_in: Tensor, seq_out: Tensor, enc_mask: Tensor | None = None, *,

@@ -200,7 +200,10 @@ class PreShiftTokens(nn.Module):
         self.shifts = tuple(shifts)
 
     def forward(self, x: Tensor, **kwargs):
-        mask, cache, cp = kwargs.get("mask"), kwargs.get("cache"), kwargs.get("context_parallel")
+        mask, cp = kwargs.get("mask"), kwargs.get("context_parallel")
+        cache = _cache_arg(f"{type(self).__name__}.forward", kwargs.get("cache"))
+        if "cache" in kwargs:
+            kwargs["cache"] = cache
         segments = len(self.shifts)
         parts = x.split(x.shape[-1] // segments, dim=-1)
         to_shift, rest = parts[:segments], parts[segments:]
@@ -654,6 +657,7 @@ class Attention(nn.Module):
         one-time warning), as in 1.1.4.
         """
         ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
+        cache = _cache_arg(f"{type(self).__name__}.forward", cache)
         _check_input("x", x, self.dim)
         _check_dtype("x", x, self.to_q)
         b, n, _ = x.shape
@@ -863,9 +867,14 @@ def _model_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
 
 
-def _check_cache(cache: object) -> None:
+def _cache_arg(where: str, cache: object) -> DecodingCache | None:
+    """cache when it is a DecodingCache; anything else 1.1.4 took (and ignored) among a layer's
+    keywords is ignored with a one-time warning: None."""
     if exists(cache) and not isinstance(cache, DecodingCache):
-        raise TypeError(f"cache must be a performer_triton DecodingCache, got {type(cache).__name__}")
+        warn_ignored(where, ["cache"], f"a {type(cache).__name__}, not a performer_triton DecodingCache; performer-pytorch "
+                                       "1.1.4 ignores it too")
+        return None
+    return cache
 
 
 def _check_cache_batch(cache: object, x: object) -> None:
@@ -1153,9 +1162,9 @@ class Performer(nn.Module):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
                 raise ValueError(_EXACT_MASK_WITH_CP)
             cp.broadcast_([m.projection_matrix for m in find_modules(self, FastAttention)])
-        cache = kwargs.get("cache")
-        _check_cache(cache)
+        cache = _cache_arg(f"{type(self).__name__}.forward", kwargs.pop("cache", None))
         if exists(cache):
+            kwargs["cache"] = cache
             reason = self.cache_unsupported_reason()
             if reason:
                 raise ValueError(f"cache: cached decoding is not exact here: {reason}")
@@ -1264,6 +1273,8 @@ class PerformerLM(nn.Module):
         of sequences split over the group's ranks in rank order; positions count from the
         block's offset in the whole sequence (performer_triton.distributed).
         """
+        cache = _cache_arg(f"{type(self).__name__}.forward", cache)
+
         def check() -> None:
             if not isinstance(x, Tensor):
                 raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
@@ -1276,7 +1287,6 @@ class PerformerLM(nn.Module):
             if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
                 raise TokenRangeError(f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min "
                                       f"{int(x.min())}, max {int(x.max())}")
-            _check_cache(cache)
             if exists(context_parallel_group):  # what the layers check after the exchanges: here for every rank
                 if exists(cache):
                     raise ValueError(_CACHE_WITH_CP)

@@ -3,12 +3,15 @@ against full recomputation, and generate(use_cache=True) sampling the same token
 recompute path."""
 import contextlib
 import copy
+import re
+import warnings
 
 import pytest
 import torch
 from local_attention import LocalAttention
 
 from models import enc_dec_kwargs
+import performer_triton.validation
 from performer_triton import reference
 from performer_triton.autoregressive_wrapper import AutoregressiveWrapper, top_p
 from performer_triton.decoding import DecodingCache, LocalWindowState, favor_state
@@ -250,14 +253,18 @@ def test_global_stabilizer_with_several_layers_recomputes():
     reason = wrapper.cache_unsupported_reason()
     assert "key_stabilizer='global'" in reason and "prefix" in reason
     prompt = torch.randint(0, NUM_TOKENS, (2, 4), generator=torch.Generator().manual_seed(7))
-    with pytest.raises(ValueError, match="use_cache=True.*global"):
-        wrapper.generate(prompt, 3, use_cache=True)
-    with pytest.raises(ValueError, match="cache"):
+    with pytest.raises(ValueError, match="cache"):  # (a cache of ours, given to the model: refused)
         wrapper.net(prompt, cache=DecodingCache())
     torch.manual_seed(8)
     default = wrapper.generate(prompt, 10)
     torch.manual_seed(8)
     assert torch.equal(default, wrapper.generate(prompt, 10, use_cache=False))
+    # use_cache=True (a keyword 1.1.4 took and ignored): recomputes, as 1.1.4, with a one-time
+    # warning saying why
+    performer_triton.validation._WARNED.clear()
+    torch.manual_seed(8)
+    with pytest.warns(UserWarning, match="'use_cache' is ignored \\(cached generation would not be exact here: .*global"):
+        assert torch.equal(default, wrapper.generate(prompt, 10, use_cache=True))
     noncausal = AutoregressiveWrapper(lm(causal=False))
     assert "not causal" in noncausal.cache_unsupported_reason()
 
@@ -331,23 +338,34 @@ def test_generate_names_bad_sampling_arguments():
         (dict(filter_thres=-1.0), ValueError, "filter_thres .* of the 64 logits, got thres -1.0"),
         (dict(filter_thres=1.5), ValueError, "filter_thres .*got thres 1.5"),
         (dict(filter_thres=float("nan")), ValueError, "filter_thres .*got thres nan"),
-        (dict(use_cache="no"), TypeError, "use_cache must be a bool, got str 'no'"),  # was truthy: cached
-        (dict(use_cache=1), TypeError, "use_cache must be a bool, got int 1"),
         (dict(filter_thres="x"), TypeError, "filter_thres must be a number, got str 'x'"),
         (dict(filter_thres=None), TypeError, "filter_thres must be a number, got NoneType None"),
         (dict(filter_thres=None, filter_logits_fn=top_p), TypeError, "filter_thres must be a number"),
         (dict(repetition_penalty="a"), TypeError, "repetition_penalty must be a number, got str 'a'"),
-        # generate's own cache beside it (use_cache=False: the recomputed windows fed as new tokens)
-        (dict(cache=DecodingCache(), use_cache=False), TypeError, r"generate\(\) got cache=: generate keeps"),
-        (dict(cache=DecodingCache()), TypeError, r"generate\(\) got cache=: generate keeps"),
     ]
     for kwargs, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             wrapper.generate(prompt, **{"seq_len": 2, **kwargs})
     with pytest.raises(TypeError, match="start_tokens must be a torch.Tensor of token ids, got list"):
         wrapper.generate([1, 2, 3], 2)
-    with pytest.raises(TypeError, match="cache must be a performer_triton DecodingCache, got dict"):
-        model(prompt, cache={})
+    # keywords 1.1.4 took and ignored: ignored with a one-time warning each (use_cache's values that
+    # are not bools, a cache of generate's own or not a DecodingCache), the same tokens
+    performer_triton.validation._WARNED.clear()
+    torch.manual_seed(5)
+    expected = wrapper.generate(prompt, 3)
+    for kwargs, pattern in ((dict(use_cache="no"), "'use_cache' is ignored \\('no' is not a bool"),
+                            (dict(use_cache=1), None),  # (one warning per argument)
+                            (dict(cache=DecodingCache(), use_cache=False), "'cache' is ignored \\(generate keeps"),
+                            (dict(cache={}), None)):
+        torch.manual_seed(5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(wrapper.generate(prompt, 3, **kwargs), expected), kwargs
+        if pattern is not None:
+            assert any(re.search(pattern, str(w.message)) for w in caught), (kwargs, [str(w.message) for w in caught])
+    with pytest.warns(UserWarning, match="PerformerLM.forward: argument 'cache' is ignored \\(a dict, not a "
+                                         "performer_triton DecodingCache"):
+        assert torch.equal(model(prompt, cache={}), model(prompt))
     # a threshold a little below 0 still asks for the whole vocabulary (1.1.4 samples from it)
     assert wrapper.generate(prompt, 2, filter_thres=-0.01).shape == (2, 2)
 

@@ -1100,6 +1100,21 @@ def test_enc_dec_generate_encodes_in_eval_and_restores_the_mode():
     assert torch.equal(tokens, model.generate(seq_in, start, 5))
     assert counter.item() == 1
 
+    # each encoder module's mode as it was (1.1.4 left them alone): a frozen layer stays in eval
+    # (but for 1.1.4's one default kernel_fn module, shared with the decoder, which its generate
+    # sets back to training)
+    modes = []
+    for module in (original_ed, ours_ed):
+        model = module.PerformerEncDec(**{**kw, "enc_ff_dropout": 0.5})
+        model.train()
+        model.enc.performer.eval()
+        model.generate(seq_in, start, 2)
+        modes.append({name: m.training for name, m in model.named_modules()})
+        assert not model.enc.performer.training and model.enc.training and model.enc.token_emb.training
+        assert [n for n, m in model.enc.performer.named_modules() if m.training] == [
+            "net.layers.0.0.fn.fast_attention.kernel_fn"]
+    assert modes[0] == modes[1]
+
 
 def test_depth_zero_and_1_1_4_exception_types():
     """depth=0 builds 1.1.4's embedding-only model (its logits); errors where 1.1.4's torch calls

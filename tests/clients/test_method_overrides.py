@@ -5,13 +5,14 @@ geowatch's FastMultiheadSelfAttention, graph-coder's FastAttention with its own 
 ``fast_attention.redraw_projection_matrix(device)`` from ProjectionUpdater: overrides with exactly
 those parameters keep working, with 1.1.4's numbers. Generation never bypasses such an override:
 a cached step updates an attention state instead of calling forward, so the default recomputes
-(1.1.4's tokens) and ``use_cache=True`` says why it cannot.
+(1.1.4's tokens), and so does ``use_cache=True``, with a one-time warning saying why.
 """
 import pytest
 import torch
 from local_attention import LocalAttention
 
 from common import ORIGINAL, OURS, same_results, tokens
+from performer_triton import validation as _validation
 
 
 def _scaled(lib):
@@ -96,8 +97,13 @@ def test_generation_calls_an_overridden_forward(local):
     same_results(program)
     wrapper = OURS.autoregressive_wrapper.AutoregressiveWrapper(_lm_with_override(OURS, local))
     assert wrapper.cache_unsupported_reason() is not None
-    with pytest.raises(ValueError, match="forward of its own"):
-        wrapper.generate(tokens((2, 3), 20, 1, low=1), 4, use_cache=True)
+    _validation._WARNED.clear()
+    torch.manual_seed(1)
+    recomputed = wrapper.generate(tokens((2, 3), 20, 1, low=1), 4)
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="'use_cache' is ignored \\(cached generation would not be exact here: .*"
+                                         "forward of its own"):
+        assert torch.equal(wrapper.generate(tokens((2, 3), 20, 1, low=1), 4, use_cache=True), recomputed)
 
 
 def test_create_projection_replaced_by_a_function_of_1_1_4s_signature():
