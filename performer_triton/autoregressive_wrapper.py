@@ -175,7 +175,7 @@ class AutoregressiveWrapper(nn.Module):
             use_cache = None
         reason = self.cache_unsupported_reason()
         if use_cache and reason:
-            warn_ignored("AutoregressiveWrapper.generate", ["use_cache"], f"cached generation would not be exact "
+            warn_ignored("AutoregressiveWrapper.generate", ["use_cache=True"], f"cached generation would not be exact "
                          f"here: {reason}; it recomputes, as performer-pytorch 1.1.4 does")
             use_cache = False
         if use_cache is None:  # without a word when it recomputes: 1.1.4 always does, and warns of nothing

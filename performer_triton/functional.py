@@ -29,7 +29,6 @@ from .validation import (
     check_offsets,
     check_projection,
     check_qkv,
-    in_transform,
 )
 
 FeatureMapArg = Union[str, Callable[[Tensor], Tensor], FeatureMap]
@@ -236,12 +235,9 @@ def favor_attention(
     if 0 in q.shape[:3] or v.shape[3] == 0:  # no batch, heads, queries or value columns: nothing to compute
         return _empty_result(q, k, v)
     if prefix and key_padding_mask is not None:
-        where = ("torch.func's vmap; loop over the batch" if in_transform() else
-                 "torch.export (a graph of data-dependent shapes); export without the mask, or with "
-                 "key_stabilizer='global'" if torch.compiler.is_exporting() else None)
-        if where is not None:  # (a batched or traced mask cannot steer Python)
-            raise NotImplementedError("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host "
-                                      f"(it compacts each sequence): not under {where}")
+        if torch.compiler.is_exporting():  # (a traced mask cannot steer Python; vmap's: _prefix_padded)
+            raise NotImplementedError(_PREFIX_PADDED_ON_THE_HOST + "torch.export (a graph of data-dependent shapes); "
+                                      "export without the mask, or with key_stabilizer='global'")
         return _prefix_padded(q, k, v, projection_matrix, key_padding_mask, fmap, backend)
 
     fused = fmap.fused and key_padding_mask is None
@@ -306,6 +302,10 @@ def _is_right_padding(keep: Tensor) -> bool:
     return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
 
 
+_PREFIX_PADDED_ON_THE_HOST = ("key_stabilizer='prefix' with a key_padding_mask reads the mask on the host (it compacts "
+                              "each sequence): not under ")
+
+
 @torch.compiler.disable  # reads the mask on the host: one graph break, here
 def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Tensor, fmap: FeatureMap,
                    backend: str) -> Tensor:
@@ -317,7 +317,11 @@ def _prefix_padded(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, keep: Te
     reaches no gradient either."""
     n, s = q.shape[2], k.shape[2]
     keep_q = keep[:, s - n:]  # (b, n)
-    if _is_right_padding(keep):
+    try:
+        right_padding = _is_right_padding(keep)
+    except RuntimeError as error:  # vmap: a batched mask cannot steer Python (grad, jvp: unbatched, fine)
+        raise NotImplementedError(_PREFIX_PADDED_ON_THE_HOST + "torch.func's vmap; loop over the batch") from error
+    if right_padding:
         q, k, v = keep_rows(q, keep_q), keep_rows(k, keep), keep_rows(v, keep)
         out = favor_attention(q, k, v, projection, causal=True, key_stabilizer="prefix", feature_map=fmap,
                               backend=backend)

@@ -247,3 +247,26 @@ def test_a_batched_key_mask_with_the_prefix_stabilizer_says_why_it_cannot_run():
     keep[1, 0, 4:] = False
     with pytest.raises(NotImplementedError, match="loop over the batch"):
         vmap(lambda m: favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", key_padding_mask=m))(keep)
+
+
+def test_grad_jvp_and_vjp_take_the_prefix_stabilizer_with_a_key_mask():
+    """Unbatched transforms read the mask on the host as eager code does (only vmap's batched mask
+    cannot steer Python): torch.func.grad / vjp / jvp equal autograd's gradients (review R34: a
+    check on any active transform refused them)."""
+    q, k, v = tensors(*[(2, 2, 6, 8)] * 3)
+    P = tensors((12, 8))[0]
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 4:] = False
+    keep[1, 1] = False  # (a hole: the compacting path)
+
+    def loss(q_):
+        return favor_attention(q_, k, v, P, causal=True, key_stabilizer="prefix", key_padding_mask=keep).square().sum()
+
+    leaf = q.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(leaf), leaf)[0]
+    assert torch.allclose(grad(loss)(q), expected, rtol=1e-12, atol=1e-12)
+    _, pullback = torch.func.vjp(loss, q)
+    assert torch.allclose(pullback(torch.tensor(1.0, dtype=q.dtype))[0], expected, rtol=1e-12, atol=1e-12)
+    tangent = tensors((2, 2, 6, 8), seed=5)[0]
+    _, directional = jvp(loss, (q,), (tangent,))
+    assert torch.allclose(directional, (expected * tangent).sum(), rtol=1e-10, atol=1e-12)

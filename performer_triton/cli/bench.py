@@ -204,7 +204,7 @@ def read_ratios(path: str) -> dict[str, float]:
     except OSError as error:
         why = error.strerror or str(error)
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # (json.JSONDecodeError is a ValueError)
-        why = f"not a regression file ({type(error).__name__}: {error})"
+        why = f"not a regression file ({type(error).__name__}: {str(error).removeprefix(f'{Path(path).expanduser()}: ')})"
     raise ValueError(f"{path}: {why}")
 
 

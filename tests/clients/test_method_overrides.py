@@ -101,7 +101,7 @@ def test_generation_calls_an_overridden_forward(local):
     torch.manual_seed(1)
     recomputed = wrapper.generate(tokens((2, 3), 20, 1, low=1), 4)
     torch.manual_seed(1)
-    with pytest.warns(UserWarning, match="'use_cache' is ignored \\(cached generation would not be exact here: .*"
+    with pytest.warns(UserWarning, match="'use_cache=True' is ignored \\(cached generation would not be exact here: .*"
                                          "forward of its own"):
         assert torch.equal(wrapper.generate(tokens((2, 3), 20, 1, low=1), 4, use_cache=True), recomputed)
 
