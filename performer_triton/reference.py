@@ -41,6 +41,24 @@ def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, *, causa
     return (weights @ v) / den[..., None] if n else weights @ v
 
 
+def _no_projection_causal(q_features: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """1.1.4's causal no_projection attention (keys exp(k)) with each query's weights and eps
+    times exp(-c_i), c_i the largest kept key entry it sees (at least 0, detached): the same
+    attention, written without the registry's shift (feature_maps._exp_shift and causal_eps are
+    what this checks), finite for keys past the dtype's exp range.  Quadratic: (b, h, n, s, d)."""
+    n, s = q_features.shape[-2], k.shape[-2]
+    keep = torch.ones(k.shape[0], s, dtype=torch.bool, device=k.device) if key_padding_mask is None \
+        else key_padding_mask
+    visible = torch.ones(n, s, dtype=torch.bool, device=k.device).tril(s - n) & keep[:, None, None, :]  # (b, 1, n, s)
+    k = k.masked_fill(~keep[:, None, :, None], 0.0)
+    seen = k.detach()[..., None, :, :].masked_fill(~visible[..., None], float("-inf"))  # (b, h, n, s, d)
+    c = torch.nan_to_num(seen.amax(dim=(-2, -1)), neginf=0.0).clamp_min(0.0)  # (b, h, n)
+    factors = torch.exp(k[..., None, :, :] - c[..., None, None]).masked_fill(~visible[..., None], 0.0)
+    weights = torch.einsum("bhnd,bhnsd->bhns", q_features, factors)
+    den = weights.sum(dim=-1) + CAUSAL_EPS * torch.exp(-c) * q_features.sum(dim=-1)
+    return (weights @ v) / den[..., None]
+
+
 def _prefix_causal_softmax(q: Tensor, k: Tensor, v: Tensor, projection_matrix: Tensor,
                            key_padding_mask: Tensor | None = None) -> Tensor:
     """Leak-free causal FAVOR+: out_i is 1.1.4's causal output at the last position of the
@@ -94,7 +112,10 @@ def favor_attention(
     q_features, k_features = feature_maps(
         q, k, projection_matrix, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask
     )
-    out = linear_attention(q_features, k_features, v, causal=causal)
+    if causal and feature_map == "none":
+        out = _no_projection_causal(q_features, k, v, key_padding_mask)
+    else:
+        out = linear_attention(q_features, k_features, v, causal=causal)
     if causal and key_padding_mask is not None:
         out = out.masked_fill(~key_padding_mask[:, None, k.shape[2] - q.shape[2]:, None], 0.0)
     return out

@@ -453,6 +453,8 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k[:, :2], v[:, :2], P)
     with bad("at most as many queries as keys .* q of length 8 and k of length 5"):
         favor_attention(q, k[:, :, :5], v[:, :, :5], P, causal=True)
+    with bad("at most as many queries as keys .* q of length 8 and k of length 7"):  # (the boundary: n = s + 1)
+        favor_attention(q, k[:, :, :7], v[:, :, :7], P, causal=True)
     with bad("projection_matrix must have shape \\(nb_features, 16\\)"):
         favor_attention(q, k, v, projection(20, 8))
     with bad("projection_matrix must be a torch.Tensor", TypeError):
@@ -669,9 +671,13 @@ def test_auto_keeps_exact_fp32_off_the_tf32_kernels(monkeypatch):
     assert functional._use_triton("auto", cuda_q, q, True) is True
 
 
-@pytest.mark.parametrize("dtype,big", [(torch.float16, 14.0), (torch.float32, 95.0), (torch.float64, 5.0)])
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 14.0), (torch.float32, 95.0), (torch.float64, 5.0),
+                                       (torch.float64, 800.0), (torch.float32, 1000.0)])
 def test_no_projection_causal_keys_do_not_overflow(dtype, big):
-    """1.1.4's exp(k) is inf above ~11 (fp16) / ~88 (fp32) though the attention is finite."""
+    """1.1.4's exp(k) is inf above ~11 (fp16) / ~88 (fp32) / ~709 (float64) though the attention
+    is finite: against the reference, whose causal no_projection shifts each query's keys on its
+    own (not the registry's per-head shift and eps scaling, which this checks: review R36's
+    mutation of the eps scaling went uncaught while every case stayed below float64's range)."""
     q, k, v = qkv(b=1, h=2, n=20, d=8, dtype=torch.float64)
     k[0, 0, 3, 2] = big
     out = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), None, causal=True, feature_map="none", backend="torch")

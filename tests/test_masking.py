@@ -104,6 +104,27 @@ def test_global_stabilizer_key_mask_selects_nan_padding(causal, kind):
         assert (out.masked_select(~rows) == 0).all() and (dq.masked_select(~rows) == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_global_key_stabilizer_takes_the_max_over_kept_keys_only(causal):
+    """Every kept key's dash below 0: padded keys (whose zeroed rows have a dash of 0) must not
+    set the global stabilizer, or the kept keys' eps share changes: the masked call equals the
+    call on the kept keys alone (review R36: a stabilizer over every key went uncaught where random
+    keys have a positive kept max)."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 1, 6, 1, generator=g, dtype=torch.float64)
+    k = -2.0 - torch.rand(1, 1, 6, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, 6, 3, generator=g, dtype=torch.float64)
+    P = torch.ones(1, 1, dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, True, False, True]]) if not causal else \
+        torch.tensor([[True, True, True, True, False, False]])
+    out = favor_attention(q, k, v, P, causal=causal, key_padding_mask=keep)
+    idx = keep[0].nonzero()[:, 0]
+    # (non-causal: every query against the kept keys; causal: the kept prefix is the sequence)
+    alone = favor_attention(q if not causal else q[:, :, idx], k[:, :, idx], v[:, :, idx], P, causal=causal)
+    kept = out[:, :, idx] if causal else out
+    assert (kept - alone).abs().max() <= 1e-12 * alone.abs().max()
+
+
 @pytest.mark.parametrize("n", [37, 9])
 def test_the_reference_prefix_mask_is_each_sequence_without_its_padding(n):
     """The oracle itself (quadratic form, masks by selection) against its unmasked calls."""
