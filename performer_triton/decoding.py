@@ -218,6 +218,8 @@ class FavorState:
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
         """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely
         (selected away first: what they hold reaches neither the state nor the keys' shift)."""
+        if k.shape[2] == 0:  # no keys (an empty prompt): nothing to add, and no max over them
+            return
         chunk, dtype = self.chunk, self.hz.dtype
         k, v = keep_rows(k, keep).to(dtype), keep_rows(v, keep).to(dtype)
         keep = _keep(keep, k)  # (b, t)
@@ -278,11 +280,11 @@ class FavorState:
 
 
 def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
-    outs = []
+    outs = [v.new_zeros((*q.shape[:3], v.shape[3]))]  # (no positions: the empty output)
     for i in range(q.shape[2]):
         state.extend(k[:, :, i : i + 1], v[:, :, i : i + 1], None if keep is None else keep[:, i : i + 1])
         outs.append(state.read(q[:, :, i : i + 1]))
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs[1:], dim=2) if len(outs) > 1 else outs[0]
 
 
 def _version(t: Tensor | None) -> int | Tensor | None:

@@ -687,3 +687,21 @@ def test_the_cache_is_importable_from_the_package():
 
     assert performer_triton.DecodingCache is DecodingCache
     assert "DecodingCache" not in performer_triton.__all__
+
+
+@pytest.mark.parametrize("kw", [dict(key_stabilizer="prefix"), dict(generalized_attention=True),
+                                dict(no_projection=True)], ids=["softmax", "relu", "none"])
+def test_a_decoder_state_takes_empty_chunks(kw):
+    """extend with no keys (an empty prompt; with a (b, 0) keep too) adds nothing, and a step of
+    no positions gives the empty output (review R38: a max over the empty time axis raised
+    IndexError; favor_attention takes zero keys)."""
+    fa = FastAttention(16, 16, causal=True, **kw).double()
+    g = torch.Generator().manual_seed(2)
+    k, v, q = (torch.randn(1, 2, 3, dim, generator=g, dtype=torch.float64) for dim in (16, 8, 16))
+    state = favor_state(fa, k[:, :, :0], v[:, :, :0])
+    state.extend(k[:, :, :0], v[:, :, :0])
+    state.extend(k[:, :, :0], v[:, :, :0], torch.ones(1, 0, dtype=torch.bool))
+    empty = state.step(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    assert empty.shape == (1, 2, 0, 8) and empty.dtype == torch.float64
+    steps = torch.cat([state.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(3)], dim=2)
+    assert torch.allclose(steps, fa(q, k, v), rtol=1e-12, atol=1e-12)
