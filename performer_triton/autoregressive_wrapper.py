@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache
-from .distributed import ContextParallel, gather_device, local_checks, with_neighbours
+from .distributed import ContextParallel, gather_device, group_arg, local_checks, with_neighbours
 from .performer_pytorch import PerformerLM, _check_mask, exists
 from .validation import calls_observed, check_int, warn_ignored
 
@@ -260,6 +260,8 @@ class AutoregressiveWrapper(nn.Module):
         rank's first token, and the loss returned is this rank's share of the whole sequence's:
         its targets' summed cross-entropy over the number of targets on every rank, so the sum
         over ranks (and of the gradients, an all-reduce) is the unsharded loss (and gradients)."""
+        context_parallel_group = group_arg("AutoregressiveWrapper.forward", context_parallel_group)
+
         def check() -> None:
             if not isinstance(x, Tensor) or x.dim() != 2:
                 raise ValueError(f"x must be token ids of shape (batch, length), got "

@@ -9,6 +9,7 @@ backend are keyword-only additions passed down.
 """
 from __future__ import annotations
 
+import numbers
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .autoregressive_wrapper import AutoregressiveWrapper
 from .performer_pytorch import PerformerLM
-from .validation import InputError, check_int, warn_ignored
+from .validation import BACKENDS, KEY_STABILIZERS, InputError, check_int, warn_ignored
 
 # `from performer_triton.performer_enc_dec import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -69,6 +70,15 @@ def extract_and_set_enc_dec_kwargs(kwargs: dict[str, Any]) -> tuple[dict, dict, 
     return enc_kwargs, dec_kwargs, kwargs
 
 
+# PerformerEncDec's own unprefixed options: name -> (whether a value is one of its values, default)
+_SHARED_OPTIONS = {
+    "key_stabilizer": (lambda x: x in KEY_STABILIZERS, "global"),
+    "exact_mask": (lambda x: isinstance(x, bool), False),
+    "backend": (lambda x: x in BACKENDS, "auto"),
+    "redraw_seed": (lambda x: x is None or isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0, None),
+}
+
+
 class PerformerEncDec(nn.Module):
     """Encoder-decoder. ``dim`` and ``no_projection`` are shared; everything else comes as
     enc_<name> / dec_<name> PerformerLM arguments. The decoder is always causal and cross-attends.
@@ -102,6 +112,15 @@ class PerformerEncDec(nn.Module):
                      f"{ENC_PREFIX!r} / {DEC_PREFIX!r}")
         if "dim" in enc_kwargs or "dim" in dec_kwargs:
             raise InputError("pass dim once to PerformerEncDec, not as enc_dim / dec_dim: both halves share it")
+        # ours, unprefixed; 1.1.4 took (and ignored) any unprefixed keyword: a value that is not one
+        # of ours is ignored with a one-time warning (the default stands), never an error
+        options = dict(key_stabilizer=key_stabilizer, exact_mask=exact_mask, backend=backend, redraw_seed=redraw_seed)
+        for name, (valid, default) in _SHARED_OPTIONS.items():
+            if not valid(options[name]):
+                warn_ignored("PerformerEncDec", [name], f"{options[name]!r} is not one of its values (the default, "
+                             f"{default!r}, stands); performer-pytorch 1.1.4 ignores it too")
+                options[name] = default
+        key_stabilizer, exact_mask, backend, redraw_seed = options.values()
 
         for half in (enc_kwargs, dec_kwargs):
             half.update(dim=dim, no_projection=no_projection)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
 from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys
-from .distributed import ContextParallel, context_parallel_attention, gather_device, local_checks, with_neighbours
+from .distributed import (ContextParallel, context_parallel_arg, context_parallel_attention, gather_device, group_arg,
+                          local_checks, with_neighbours)
 from .fast_attention import FastAttention
 from . import functional
 from . import projection
@@ -200,10 +201,12 @@ class PreShiftTokens(nn.Module):
         self.shifts = tuple(shifts)
 
     def forward(self, x: Tensor, **kwargs):
-        mask, cp = kwargs.get("mask"), kwargs.get("context_parallel")
+        mask = kwargs.get("mask")
         cache = _cache_arg(f"{type(self).__name__}.forward", kwargs.get("cache"))
-        if "cache" in kwargs:
-            kwargs["cache"] = cache
+        cp = context_parallel_arg(f"{type(self).__name__}.forward", kwargs.get("context_parallel"))
+        for name, value in (("cache", cache), ("context_parallel", cp)):
+            if name in kwargs:
+                kwargs[name] = value
         segments = len(self.shifts)
         parts = x.split(x.shape[-1] // segments, dim=-1)
         to_shift, rest = parts[:segments], parts[segments:]
@@ -658,6 +661,7 @@ class Attention(nn.Module):
         """
         ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
         cache = _cache_arg(f"{type(self).__name__}.forward", cache)
+        context_parallel = context_parallel_arg(f"{type(self).__name__}.forward", context_parallel)
         _check_input("x", x, self.dim)
         _check_dtype("x", x, self.to_q)
         b, n, _ = x.shape
@@ -1133,6 +1137,11 @@ class Performer(nn.Module):
         of sequences split over the group's ranks in rank order (performer_triton.distributed);
         the output is this rank's block of the whole sequence's.  Every rank's projections are
         first set to the group's rank 0 ones (one broadcast), so all ranks attend alike."""
+        context_parallel_group = group_arg(f"{type(self).__name__}.forward", context_parallel_group)
+        if "context_parallel" in kwargs:  # (the models' own keyword to their layers: not from a caller)
+            kwargs["context_parallel"] = context_parallel_arg(f"{type(self).__name__}.forward",
+                                                              kwargs["context_parallel"])
+
         def check() -> Tensor | None:
             _check_input("x", x, self.dim)
             if exists(context_parallel_group) and kwargs.get("context") is not None and _cross_attends(self):
@@ -1274,6 +1283,10 @@ class PerformerLM(nn.Module):
         block's offset in the whole sequence (performer_triton.distributed).
         """
         cache = _cache_arg(f"{type(self).__name__}.forward", cache)
+        context_parallel_group = group_arg(f"{type(self).__name__}.forward", context_parallel_group)
+        if "context_parallel" in kwargs:
+            kwargs["context_parallel"] = context_parallel_arg(f"{type(self).__name__}.forward",
+                                                              kwargs["context_parallel"])
 
         def check() -> None:
             if not isinstance(x, Tensor):

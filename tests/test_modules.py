@@ -1300,3 +1300,43 @@ def test_a_trace_runs_at_other_lengths(causal):
     for n in (1, 12, 200):
         x = torch.randn(2, n, 16, dtype=torch.float64)
         assert torch.allclose(traced(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_our_keywords_with_values_that_are_not_ours_are_ignored_as_1_1_4_ignores_them():
+    """Keywords 1.1.4 took and ignored (forwards' **kwargs, PerformerEncDec's unprefixed ones) that
+    name options of ours: a value that is not one of theirs is ignored with a one-time warning and
+    the call gives 1.1.4's numbers (review R39: they raised, or changed the result)."""
+    from performer_triton import validation
+
+    validation._WARNED.clear()
+    kw = dict(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=8, dec_num_tokens=20, dec_depth=1,
+              dec_heads=2, dec_max_seq_len=8)
+    g = torch.Generator().manual_seed(0)
+    seq_in, seq_out = torch.randint(0, 20, (2, 6), generator=g), torch.randint(0, 20, (2, 5), generator=g)
+    enc_mask = torch.ones(2, 6, dtype=torch.bool)
+    enc_mask[1, 4:] = False
+    for extra in (dict(key_stabilizer=3), dict(backend=1), dict(redraw_seed="s"), dict(exact_mask="y")):
+        losses = []
+        for module in (original_ed, ours_ed):
+            torch.manual_seed(0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = module.PerformerEncDec(**kw, **extra).double()
+            torch.manual_seed(1)
+            losses.append(model(seq_in, seq_out, enc_mask=enc_mask))
+        assert torch.equal(*losses), extra
+        name = next(iter(extra))
+        assert any(f"PerformerEncDec: argument '{name}' is ignored" in str(w.message) for w in caught), extra
+
+    torch.manual_seed(0)
+    lm = ours_pp.PerformerLM(num_tokens=20, max_seq_len=16, dim=16, depth=1, heads=2, causal=True, shift_tokens=True)
+    x = torch.randint(0, 20, (2, 6), generator=g)
+    expected = lm(x)
+    for extra, name in ((dict(context_parallel_group="g"), "context_parallel_group"),
+                        (dict(context_parallel=1), "context_parallel")):
+        with pytest.warns(UserWarning, match=f"PerformerLM.forward: argument '{name}' is ignored"):
+            assert torch.equal(lm(x, **extra), expected)
+    attention = ours_pp.SelfAttention(dim=16, heads=2)
+    h = torch.randn(1, 5, 16, generator=g)
+    with pytest.warns(UserWarning, match="SelfAttention.forward: argument 'context_parallel' is ignored"):
+        assert torch.equal(attention(h, context_parallel=1), attention(h))
