@@ -721,9 +721,14 @@ def test_enc_dec_takes_redraw_seed_for_both_halves():
     assert all(torch.equal(a, b) for a, b in zip(*projections))
     enc, dec = projections[0][0], projections[0][-1]
     assert enc.shape == dec.shape and not torch.equal(enc, dec)
-    with pytest.raises(TypeError, match="redraw_seed must be an int"):
-        PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_max_seq_len=16, dec_num_tokens=NUM_TOKENS,
-                        dec_depth=1, dec_max_seq_len=16, redraw_seed=1.5)
+    # (an unprefixed keyword 1.1.4 takes and ignores: a value that is not a seed is ignored, warned)
+    performer_triton.validation._WARNED.clear()
+    with pytest.warns(UserWarning, match="'redraw_seed' is ignored \\(1.5 is not one of its values"):
+        PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_heads=2, enc_max_seq_len=16,
+                        dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_heads=2, dec_max_seq_len=16, redraw_seed=1.5)
+    with pytest.raises(TypeError, match="seed must be an int, got float 1.5"):  # (a half's own, as PerformerLM's)
+        PerformerEncDec(dim=16, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_heads=2, enc_max_seq_len=16,
+                        dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_heads=2, dec_max_seq_len=16, enc_redraw_seed=1.5)
 
 
 def test_reversible_layers_train_behind_an_input_without_grad():
