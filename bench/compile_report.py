@@ -69,11 +69,11 @@ kernel and check with a reason).  Per call it reports:
 - launches = Triton launches + torch ops.  Torch ops are counted by a TorchDispatchMode around the
   launcher on meta tensors: every aten op except views (OpOverload.is_view), empty allocations and
   metadata/alias ops (_NO_KERNEL_OPS), i.e. the ops that launch a GPU kernel.
-- intermediate_bytes: every storage created during the call that is neither an input's nor a
-  returned output's storage, counted twice (written once + read once), plus the key states the
-  forward saves for the backward (the launchers' list of tensors): twice by the forward that
-  writes and reads them, once more by the backward that reads them again; not in roofline_us's
-  bytes.
+- intermediate_bytes: HBM passes over the intermediates (every storage created during the call
+  that is neither an input's nor a returned output's, and the key states the forward saves for
+  the backward, the launchers' list of tensors): per launch, each tensor argument on one adds its
+  storage's bytes (read or written once in full; an in-place scan takes its buffer twice, as
+  source and destination: two passes); not in roofline_us's bytes.
 - exp_count: exponentials executed.  Counted by running the launchers in Triton's interpreter in a
   subprocess (TRITON_INTERPRET=1, CPU tensors, b = h = 1, n in INTERP_LENGTHS): the elements of
   every tl.exp / tl.exp2 operand (masked lanes included, as the GPU computes them), extrapolated
@@ -148,6 +148,9 @@ NB_FEATURES = (256, 266)
 # heads (16) never spilled and cost CI ~3 minutes: they are in the full sweep, run after kernel
 # changes (kernels/NOTES.md "Compile report figures").
 QUICK_HEAD_DIMS = ((MAX_HEAD_DIM, MAX_HEAD_DIM),)
+# ... and bf16 heads of 64, the widest whose causal chunks are 128 rows (causal._config: other
+# tiles, warps and loops than at 128; the pack and state runs below compile those modes)
+QUICK_LONG_CHUNK_HEAD_DIMS = {"bf16": ((64, 64),)}
 # fp32 and bf16 only: fp16 compiles the tiles, layouts and loops of bf16 with another element type
 # (the full sweep compiles it); it cost CI a third of the quick sweep (~65 s). Except the causal
 # chunk states of unpacked fp16 fused-map heads up to 64 wide, fp32 like fp32's: compiled by the
@@ -331,7 +334,7 @@ def sweep(modules: dict, failures: list, quick: bool = False) -> list[Launch]:
                         run_state(f"causal-packed-prefix {dname} d={d} e={e} m={m} {fmap.name} fwd from a state", q,
                                   k, v, _meta((m, d), dtype), feature, {"prefix": True, "cu_seqlens": packed})
     for dname, dtype in dtypes.items():
-        for d, e in QUICK_HEAD_DIMS if quick else HEAD_DIMS:
+        for d, e in QUICK_HEAD_DIMS + QUICK_LONG_CHUNK_HEAD_DIMS.get(dname, ()) if quick else HEAD_DIMS:
             if max(d, e) > MAX_HEAD_DIM:  # the launchers refuse these
                 continue
             for m in QUICK_NB_FEATURES if quick else NB_FEATURES:
@@ -887,9 +890,11 @@ class Call:
 def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[object, Call]:
     """Run a launcher on meta tensors with launches intercepted and aten ops counted.
 
-    intermediate_bytes: storages created during the call (by allocations or ops) that are neither
-    an input's nor a returned output's storage, each counted twice (written once + read once),
-    and the saved key states (the list among the results: twice; among the arguments: once)."""
+    intermediate_bytes: HBM passes over intermediates: for every launch, every tensor argument
+    whose storage is an intermediate (created during the call by allocations or ops and neither an
+    input's nor a returned output's, or a saved key state: the list among the results or the
+    arguments) adds that storage's bytes (each argument read or written once in full; an in-place
+    update, which takes its buffer as source and destination, counts twice)."""
     counter = TorchOpCounter()
     sink: list = []
     with intercept_launches(sink), counter:
@@ -898,8 +903,10 @@ def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[objec
     inputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(args)}
     outputs = {_storage(t)[0]: _storage(t)[1] for t in _tensors(result)}
     saved = {_storage(t)[0]: _storage(t)[1] for x in (*args, *result) if isinstance(x, list) for t in x}
-    saved_passes = 2 if any(isinstance(x, list) for x in result) else 1
-    temp = sum(b for ident, b in counter.storages.items() if ident not in inputs and ident not in outputs)
+    intermediate = {ident: b for ident, b in counter.storages.items() if ident not in inputs and ident not in outputs}
+    intermediate |= saved
+    passes = sum(intermediate.get(_storage(x)[0], 0) for launch in launches for x in _tensors((launch.args,
+                                                                                              launch.kwargs)))
     essential = sum(b for ident, b in (inputs | outputs).items() if ident not in saved)
     t = TARGET
     bhn = t["b"] * t["h"] * t["n"]
@@ -908,8 +915,7 @@ def _capture_call(name: str, launcher, args: tuple, kwargs: dict) -> tuple[objec
     # products and 2 m d input-gradient products per row and side (3x the forward)
     fwd_flops = bhn * (2 * 2 * t["m"] * t["d"] + 2 * 2 * t["m"] * t["e"])
     min_flops = fwd_flops * (2 if name.endswith("bwd") else 1)
-    call = Call(name, launches, counter.ops, 2 * temp + saved_passes * sum(saved.values()), essential, min_flops,
-                2 * bhn * t["m"])
+    call = Call(name, launches, counter.ops, passes, essential, min_flops, 2 * bhn * t["m"])
     return result, call
 
 

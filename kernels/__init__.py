@@ -81,10 +81,11 @@ def launchers(causal: bool):
         -> (out, q_max, k_max, k_scale, rden, states);
     bwd(grad_out, q, k, v, projection, out, q_max, k_max, k_scale, rden, states, *, feature,
     prefix, causal_eps) -> (dq, dk, dv);
-    saved_states(q, k, v, projection, *, feature) -> empty buffers shaped as fwd's states (the
-    key states the backward reads instead of recomputing them; the custom op's fake).
+    saved_states(q, k, v, projection, *, feature, prefix) -> empty buffers shaped as fwd's states
+    (the key states the backward reads instead of recomputing them; the custom op's fake).
     causal_eps (CAUSAL_EPS in every 1.1.4 path) is the eps of the causal normaliser; non-causal
-    has none and ignores it.  Imports triton on first use."""
+    has none and ignores it, as its saved_states ignores prefix (the causal chunks depend on it).
+    Imports triton on first use."""
     if causal:
         from .causal import causal_bwd, causal_fwd, saved_states
 

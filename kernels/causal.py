@@ -41,7 +41,7 @@ from .feature_map import (
     diag_rows, dot, empty_stats, feature_dims, features, features_chunked, finite_or_zero, grad_dot_out,
     half_sq_norm, half_sq_norm_rows, head_scale, host_cache, input_grad_tile, launch, launch_options,
     load_fused_rows, load_rows, load_vector, merged_reference, packing_args, reciprocal_or_zero, row_block, row_stats,
-    sequence_span, store_input_grad, store_rows, store_state, tf32_nearest
+    sequence_span, state_dot, store_input_grad, store_rows, store_state, tf32_nearest
 )
 
 __all__ = ["causal_fwd", "causal_bwd", "causal_fwd_state", "causal_bwd_state"]
@@ -592,29 +592,41 @@ def _chunk_grads(
     p_v, p_g, dd, rden, k_scale, b_stab, o_row, o_t, m_t, o_v, m_v,
     stride_vn, stride_gn, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
 ):
-    """What both backward kernels need of one chunk (NOTES "Backward"): v (BT, BV) in its dtype,
-    dN (BT, BV), dD (BT,), dw F (BT, BT): dw_ij = dN_i . v_j + dD_i times the intra factor
+    """What both backward kernels need of one chunk (NOTES "Backward"): v and g (BT, BV) in their
+    dtype (dN = rden g is applied after the products: the 16-bit tiles keep half the registers),
+    rden, dD (BT,), dw F (BT, BT): dw_ij = dN_i . v_j + dD_i times the intra factor
     F_ij = exp(k_scale_j - M_i) on visible pairs, 0 elsewhere, and sum_j dw_ij (BT,) per query.
 
     The pair tiles are (query i, key j), or (key j, query i) with KEY_ROWS, so that the key-side
     products need no transposed fp32 operand (which sm_80 builds through local memory)."""
     b_v = finite_or_zero(load_rows(p_v, o_t, m_t, stride_vn, o_v, m_v))  # (BT, BV) as the forward's intra dot
-    b_gin = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
+    b_g = load_rows(p_g, o_t, m_t, stride_gn, o_v, m_v)  # (BT, BV) input dtype
     b_rden = tl.load(rden + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
-    b_dn = b_gin.to(tl.float32) * b_rden[:, None]  # (BT, BV) dN
     b_dd = tl.load(dd + o_row + o_t, mask=m_t, other=0.0)  # (BT,) dD (_dd_kernel)
     m_s, b_f = _pair_factor(k_scale, b_stab, o_row, o_t, m_t, KEY_ROWS)  # (BT, BT) x2
     # dw_ij = rden_i g_i . v_j + dD_i on visible pairs
     if KEY_ROWS:
-        b_dw = dot(b_v, tl.trans(b_gin), None, PRECISION)  # (BT, BT)
+        b_dw = dot(b_v, tl.trans(b_g), None, PRECISION)  # (BT, BT)
         b_dw = tl.where(m_s, b_rden[None, :] * b_dw + b_dd[None, :], 0.0)
         b_dws = tl.sum(b_dw, axis=0)  # (BT,)
     else:
-        b_dw = dot(b_gin, tl.trans(b_v), None, PRECISION)  # (BT, BT)
+        b_dw = dot(b_g, tl.trans(b_v), None, PRECISION)  # (BT, BT)
         b_dw = tl.where(m_s, b_rden[:, None] * b_dw + b_dd[:, None], 0.0)
         b_dws = tl.sum(b_dw, axis=1)  # (BT,)
-    # dw F only enters dots: TF32-rounded once here, not per m tile
-    return b_v, b_dn, b_dd, tf32_nearest(b_dw * b_f, PRECISION), b_dws
+    return b_v, b_g, b_rden, b_dd, _pair_operand(b_dw * b_f, b_v, PRECISION), b_dws
+
+
+@triton.jit
+def _pair_operand(b_x, b_v, PRECISION: tl.constexpr):
+    """A tile that enters the backward's pair dots (dw F, and the features it multiplies):
+    bf16 for bf16 inputs, as the forward's score tiles (16-bit operands: half the registers of
+    the (BT, BT) tile), else fp32 rounded to TF32 (fp16 would overflow on an unbounded dw).
+    b_v: the chunk's value tile, whose dtype is the inputs'."""
+    if b_v.dtype == tl.bfloat16:
+        b_x = b_x.to(tl.bfloat16)
+    else:
+        b_x = tf32_nearest(b_x, PRECISION)
+    return b_x
 
 
 @triton.jit
@@ -676,7 +688,7 @@ def _bwd_qk_kernel(
     b_kmax = tl.load(k_max + o_row + o_t, mask=m_t, other=0.0)  # (BT,)
     b_stab = row_stabilizer(b_kmax, m_t, stab_before(c_stab, o_cs, i_c, NC, PREFIX), PREFIX)  # (BT,) M_i
     # b_dwf (BT, BT): rows i, columns j (queries) or rows j, columns i (keys)
-    b_v, b_dn, b_dd, b_dwf, b_dws = _chunk_grads(
+    b_v, b_g, b_rden, b_dd, b_dwf, b_dws = _chunk_grads(
         p_v, p_g, dd, rden, k_scale, b_stab, o_row, o_t, m_t, o_v, m_v, stride_vn, stride_gn, PRECISION, KEYS)
     b_diag = diag_rows(p_q, o_t, m_t, stride_qn, D, dn, FEATURE, BT, BK, NK)  # (BT,)
     if KEYS:
@@ -695,7 +707,15 @@ def _bwd_qk_kernel(
             n_before = i_c * BT + tl.load(vs0 + i_nh.to(tl.int64) * (E + 1) + E).to(tl.float32)  # keys before
         else:
             n_before = i_c * BT
-        b_c = k_eps * (tl.sum(b_dn * b_vs[None, :], axis=1) + b_dd * n_before + b_dws) + c_eps * b_dd  # (BT,)
+        b_gvs = b_rden * tl.sum(b_g.to(tl.float32) * b_vs[None, :], axis=1)  # (BT,) dN . vsum_c
+        b_c = k_eps * (b_gvs + b_dd * n_before + b_dws) + c_eps * b_dd  # (BT,)
+        # dN @ H^T: a 16-bit g times states of its dtype is one exact dot, rden applied to the
+        # product (the 16-bit tile holds half the registers of dN); otherwise dN in fp32, rounded
+        # to TF32 once (fp16 g with bf16 states converted per m tile spilled 12-20 B, d = 128)
+        if b_g.dtype == h_state.dtype.element_ty and b_g.dtype != tl.float32:
+            b_dn = b_g  # (BT, BV)
+        else:
+            b_dn = tf32_nearest(b_g.to(tl.float32) * b_rden[:, None], PRECISION)  # (BT, BV) dN
     b_dx = tl.zeros([BT, BK], dtype=tl.float32)  # (BT, BK) du @ P[:, o_k]
     b_rs = tl.zeros([BT], dtype=tl.float32)  # (BT,) rowsum du
     b_z_next = load_vector(z_state + o_s * M, 0, BM, M)  # (BM,) prefetched one m tile ahead
@@ -707,33 +727,37 @@ def _bwd_qk_kernel(
                                         FEATURE, True, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
         b_kf, b_kaux = features_chunked(p_k, p, b_kmax, b_kmax, o_t, m_t, stride_kn, o_m, m_m, D, dn,
                                         FEATURE, False, BT, BM, BK, NK, PRECISION)  # (BT, BM) x2
-        # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so (fp32 operand)
+        # the state, transposed: H_c^T (queries) or dH_c^T (keys), loaded so
         # (a non-finite value poisons the forward states of later chunks only; their rows'
         # gradients are 0 or the outputs' own inf / NaN)
-        b_ht = finite_or_zero(load_rows(h_state + o_s * M * SE, o_v, m_v, 1, o_m * SE, m_m).to(tl.float32))  # (BV, BM)
+        b_ht = finite_or_zero(load_rows(h_state + o_s * M * SE, o_v, m_v, 1, o_m * SE, m_m))  # (BV, BM) as stored
         b_z = b_z_next  # (BM,)
         b_z_next = load_vector(z_state + o_s * M, i_m + 1, BM, M)
         if KEYS:
             # dk~ = a (v @ dH^T + dz) + (dw F)^T @ q~
-            # (16-bit v and bf16 states are exact in TF32; fp32 states are stored rounded)
-            b_vr = tf32_nearest(b_v, PRECISION).to(tl.float32)  # (BT, BV)
-            b_df = tl.dot(b_vr, b_ht, input_precision=PRECISION) + b_z[None, :]  # (BT, BM)
+            b_df = state_dot(b_v, b_ht, PRECISION) + b_z[None, :]  # (BT, BM)
             b_df = b_a[:, None] * b_df
             if STATE:  # + exp(k_scale_j - R_f) (v @ dH_f^T + dz_f)
                 b_gt = load_rows(p_gh, o_v, m_v, 1, o_m * E, m_m)  # (BV, BM) dH_f^T
                 b_gz = b_gz_next  # (BM,)
                 b_gz_next = load_vector(p_gz, i_m + 1, BM, M)
                 # (dH_f, the caller's, enters truncated: rounding it here spilled 8-16 B in packs)
-                b_gf = tl.dot(b_vr, b_gt, input_precision=PRECISION) + b_gz[None, :]  # (BT, BM)
+                b_gf = state_dot(b_v, b_gt, PRECISION) + b_gz[None, :]  # (BT, BM)
                 b_df += b_af[:, None] * b_gf
-            # (q~ enters truncated: rounding it here spilled 16-24 B in packs from a state)
-            b_df = tl.dot(b_dwf, b_qf, b_df, input_precision=PRECISION)  # accumulates in place
+            if b_v.dtype == tl.bfloat16:
+                b_qp = _pair_operand(b_qf, b_v, PRECISION)  # (BT, BM)
+            else:  # (fp32 q~ enters truncated: rounding it here spilled 16-24 B in fp16 packs from a state)
+                b_qp = b_qf
+            b_df = tl.dot(b_dwf, b_qp, b_df, input_precision=PRECISION)  # accumulates in place
             b_aux = b_kaux
         else:
             # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
-            b_df = tl.dot(tf32_nearest(b_dn, PRECISION), b_ht, input_precision=PRECISION)  # (BT, BM) as above
+            if b_g.dtype == h_state.dtype.element_ty and b_g.dtype != tl.float32:
+                b_df = b_rden[:, None] * tl.dot(b_dn, b_ht)  # (BT, BM)
+            else:
+                b_df = tl.dot(b_dn, b_ht.to(tl.float32), input_precision=PRECISION)  # (BT, BM)
             b_df += b_dd[:, None] * b_z[None, :]
-            b_df = tl.dot(b_dwf, tf32_nearest(b_kf, PRECISION), b_a[:, None] * b_df + b_c[:, None],
+            b_df = tl.dot(b_dwf, _pair_operand(b_kf, b_v, PRECISION), b_a[:, None] * b_df + b_c[:, None],
                           input_precision=PRECISION)
             b_aux = b_qaux
         b_dx, b_rs = input_grad_tile(dx, b_df, b_aux, b_dx, b_rs, p, o_row, o_t, m_t, o_m, m_m, M, o_k, m_k, D,
@@ -827,17 +851,19 @@ def _bwd_v_kernel(
 
 
 @host_cache
-def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) -> dict:
+def _config(d: int, e: int, m: int, dtype: torch.dtype, *, packed: bool, long_chunks: bool) -> dict:
     """feature_map.block_config plus the causal kernels' own: the output kernel reads whole
     states with its own, smallest m tile (BM_out); it and the state kernel keep whole (BT, BD)
     q and k tiles in 16 bits; fp32 reads them in BK_out-wide chunks, NK_out of them (heads up to
     64: chunks of 16, whose 3xTF32 split halves are what fits; resident tiles spilled 300-900 B;
     wider: 32, chosen when the state walk took two chunks per step and spilled 100 B at 64); the backward
     kernels take m tiles of 16 (at 32 the gradient kernels spill once their loads are prefetched).
-    4 warps: one warpgroup spans the BT = 64 rows of every dot, where 8 warps computed each dot
-    twice (compile report: duplication); the forward kernels of 128-wide tiles (d or e > 64)
-    keep 8, whose halved per-thread share of those tiles is what keeps them from spilling
-    (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN.
+    long_chunks (the call's, _long_chunks): chunks (BT) of 128 rows, whose pair-tile kernels
+    (output, gradients) run 8 warps, two warpgroups of 64 rows.  Otherwise 64-row chunks and 4
+    warps where a warpgroup spans the BT = 64 rows of every dot (8 computed each dot twice:
+    compile report, duplication); the forward kernels of 128-wide tiles
+    (d or e > 64) keep 8, whose halved per-thread share of those tiles is what keeps them from
+    spilling (100-460 B at 4 warps, every dtype).  d = 0 for GIVEN.
     packed (cu_seqlens): the key and reverse states take m tiles of 16: a packed sequence's
     length, chunk count and bases are values a program keeps (an unpacked one reads N, NT as
     arguments), and at 32 those registers spilled 4-32 B in the walks the chunk passes and scans
@@ -848,7 +874,11 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
     BD = cfg["BD"]
     BK_out = min(BD, 16 if BD <= 64 else 32) if dtype == torch.float32 else BD
     BM_bwd = 16
+    wide = max(BD, cfg["BV"]) > 64
+    if long_chunks:
+        cfg["BT"] = 128
     return cfg | dict(
+        long_chunks=long_chunks,
         BM_out=16,
         BK_out=BK_out,
         NK_out=1 if BK_out == BD else cdiv(d, BK_out),
@@ -865,8 +895,13 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype, packed: bool = False) ->
         # states) (kernels/NOTES.md "State precision")
         state_dtype=torch.float32 if dtype == torch.float32 or (dtype == torch.float16 and 0 < d and max(d, e) <= 64)
         else torch.bfloat16,
-        num_warps=8 if max(BD, cfg["BV"]) > 64 else 4,
-        num_warps_bwd=4,
+        # the key states' chunk pass and scan: 4 warps, 8 for wide heads; the reverse states': 4
+        num_warps=8 if wide else 4,
+        num_warps_dstate=4,
+        # the kernels with (BT, BT) pair tiles: 8 warps for chunks of 128 rows (two warpgroups of
+        # 64 rows each: 4 warps would hold twice the registers per thread) and for wide heads
+        num_warps_out=8 if wide or long_chunks else 4,
+        num_warps_bwd=8 if long_chunks else 4,
     )
 
 
@@ -888,15 +923,16 @@ def _eps(feature: int, m: int, causal_eps: float) -> tuple[float, float]:
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
-                 feature: int, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Empty buffers of the key states causal_fwd returns for the backward (its fake tensors
-    too): H (b*h, NT, m, e) in the config's state dtype; z (b*h, NT, m), vsum (b*h, NT, e) and
-    the chunk vectors c_ref, c_stab (b*h, NT + NS) in fp32 (NT chunk slots, NS sequences:
-    feature_map.chunk_slots)."""
+                 feature: int, prefix: bool, cu_seqlens: torch.Tensor | None = None,
+                 state: bool = False) -> list[torch.Tensor]:
+    """Empty buffers of the key states causal_fwd (causal_fwd_state: state) returns for the
+    backward (its fake tensors too): H (b*h, NT, m, e) in the config's state dtype; z (b*h, NT,
+    m), vsum (b*h, NT, e) and the chunk vectors c_ref, c_stab (b*h, NT + NS) in fp32 (NT chunk
+    slots of the call's chunk size, NS sequences: feature_map.chunk_slots)."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
-    m, d = feature_dims(q, projection, feature)
-    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
+    m = feature_dims(q, projection, feature)[0]
+    cfg = _call_config(q, v, projection, feature, prefix, cu_seqlens is not None, state)
     nt, ns = chunk_slots(cu_seqlens, cfg["BT"], n)
     f32 = dict(device=k.device, dtype=torch.float32)
     states = [
@@ -914,6 +950,26 @@ def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: 
     return states
 
 
+def _long_chunks(d: int, e: int, dtype: torch.dtype, *, prefix: bool, state: bool) -> bool:
+    """Whether a call (d = 0: GIVEN; e its whole value width; prefix the normalised one, softmax
+    only; state: from or to an attention state) runs chunks of 128 rows: bf16 heads up to 64 wide
+    with fused maps and the global stabilizer, from no state (the benchmark's and 1.1.4's
+    default; packs too): half the chunk states of 64-row chunks (the state traffic of a causal
+    call) and half the scan steps.  The rest keep 64-row chunks, each for what its compile showed
+    at 128 (kernels/NOTES.md "Thirteenth pass"): fp16 and fp32 pair tiles are TF32
+    (_pair_operand) and spill; the prefix stabilizer's per-row references spill 8-72 B (sm_90a),
+    relu from a state 4 B, given features 72-76 B (sm_80)."""
+    return dtype == torch.bfloat16 and 0 < d <= 64 and e <= 64 and not prefix and not state
+
+
+def _call_config(q, v, projection, feature: int, prefix: bool, packed: bool, state: bool) -> dict:
+    """_config of one call, its forward's and its backward's (a backward in value slices takes the
+    call's chunks: _bwd_slice)."""
+    m, d = feature_dims(q, projection, feature)
+    long = _long_chunks(d, v.shape[-1], q.dtype, prefix=prefix and feature == SOFTMAX, state=state)
+    return _config(d, v.shape[-1], m, q.dtype, packed=packed, long_chunks=long)
+
+
 def _own_states(states: torch.Tensor, state: bool, dtype: torch.dtype) -> torch.Tensor:
     """Where the chunk passes leave every chunk's own (m, e) state for the scans: the states'
     buffer itself, which the scan then overwrites; with an initial or final state (state) of fp16
@@ -927,15 +983,16 @@ def _own_states(states: torch.Tensor, state: bool, dtype: torch.dtype) -> torch.
     return torch.empty(states.shape, device=states.device, dtype=torch.float32)
 
 
-def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, m: int, d: int, cfg: dict, packing: tuple,
-                initial=None, cu_seqlens=None):
+def _key_states(q, k, v, projection, k_max, k_scale, *, feature: int, prefix: bool, m: int, d: int, cfg: dict,
+                packing: tuple, initial=None, cu_seqlens=None):
     """Run _chunk_state_kernel and _state_scan_kernel into saved_states' buffers; from the state
     initial (hz, v_sum, ref, stab: performer_triton.attention_state) when given.  -> (saved
     states, the state after the last chunk in fp32, or [])."""
     b, h, n, _ = k.shape
     e = v.shape[-1]
     nt, ns, varlen, is_varlen = packing
-    states = saved_states(q, k, v, projection, feature=feature, cu_seqlens=cu_seqlens)
+    states = saved_states(q, k, v, projection, feature=feature, prefix=prefix, cu_seqlens=cu_seqlens,
+                          state=initial is not None)
     h_state, z_state, v_state, c_ref, c_stab = states
     c_rloc, c_sloc = c_ref.new_empty((2, *c_ref.shape))  # each chunk's own r and max of k_max (one allocation)
     h_own = _own_states(h_state, initial is not None, k.dtype)
@@ -1019,16 +1076,16 @@ def _forward(q, k, v, projection, feature: int, prefix: bool, causal_eps: float,
     b, h, n, _ = q.shape
     e = v.shape[-1]
     assert k.shape[2] == n
-    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
+    prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
+    cfg = _call_config(q, v, projection, feature, prefix, cu_seqlens is not None, initial is not None)
     if feature == SOFTMAX:
         saved = row_stats(q, k, projection)
     else:
         saved = empty_stats(b, h, q.device)
     q_max, k_max, k_scale = _kernel_stats(*saved, (b, h, n), q.device, feature)
     k_eps, c_eps = _eps(feature, m, causal_eps)
-    prefix = prefix and feature == SOFTMAX  # the other maps have no stabilizer
     packing = packing_args(cu_seqlens, cfg["BT"], n, k_scale)
-    states, final = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, m=m, d=d, cfg=cfg,
+    states, final = _key_states(q, k, v, projection, k_max, k_scale, feature=feature, prefix=prefix, m=m, d=d, cfg=cfg,
                                 initial=initial, cu_seqlens=cu_seqlens, packing=packing)
     h_state, z_state, v_state, c_ref, c_stab = states
     out = torch.empty((b, h, n, e), device=q.device, dtype=q.dtype)
@@ -1076,7 +1133,7 @@ def causal_bwd_state(
         grad_v_sum_k = grad_v_sum - GENERALIZED_EPS * grad_hz.sum(2)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
-    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
+    cfg = _call_config(q, v, projection, feature, prefix, cu_seqlens is not None, True)
     assert e <= cfg["EV"]  # one value slice (extension_unsupported: heads up to 64)
     packing = packing_args(cu_seqlens, cfg["BT"], n, rden)
     d_hz0 = torch.empty((rows, h, m, e + 1), **f32)
@@ -1085,7 +1142,7 @@ def causal_bwd_state(
     state = (initial[1].contiguous(), grad_hz[..., :e].contiguous(), grad_hz[..., e].contiguous(),
              grad_v_sum_k.contiguous(), d_hz0, d_vs0, d_count)
     dq, dk, dv = _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, slice(0, e), feature, prefix,
-                            causal_eps, q.dtype, packing, state)
+                            causal_eps, q.dtype, packing, cfg["long_chunks"], state)
     if cu_seqlens is None:
         d_count = d_count.view(b, h, -1).sum(2, keepdim=True)
     else:  # each sequence's slots (chunk_seq: NS for the unused ones)
@@ -1113,29 +1170,29 @@ def causal_bwd(
     Value dims wider than the config's EV run in slices (feature_map.backward_in_value_slices)."""
     check_unit_stride(grad_out=grad_out, out=out)
     b, h, n, _ = q.shape
-    e = v.shape[-1]
-    m, d = feature_dims(q, projection, feature)
     stats = _kernel_stats(q_max, k_max, k_scale, (b, h, n), q.device, feature)
     prefix = prefix and feature == SOFTMAX
-    cfg = _config(d, e, m, q.dtype, cu_seqlens is not None)
+    cfg = _call_config(q, v, projection, feature, prefix, cu_seqlens is not None, False)
     packing = packing_args(cu_seqlens, cfg["BT"], n, rden)
+    long = cfg["long_chunks"]
     return backward_in_value_slices(
         lambda g, v_s, out_s, cols, grad_dtype: _bwd_slice(g, q, k, v_s, projection, out_s, rden, stats, states,
-                                                           cols, feature, prefix, causal_eps, grad_dtype, packing),
+                                                           cols, feature, prefix, causal_eps, grad_dtype, packing,
+                                                           long),
         grad_out, v, out, cfg["EV"], q.dtype, k.dtype,
     )
 
 
 def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: slice, feature: int, prefix: bool,
-               causal_eps: float, grad_dtype: torch.dtype, packing: tuple, state=None):
+               causal_eps: float, grad_dtype: torch.dtype, packing: tuple, long_chunks: bool, state=None):
     """causal_bwd for value dims up to EV (the columns cols of the forward's); dq, dk in
-    grad_dtype, dv in v's dtype; packing as feature_map.packing_args gives it.  state: the STATE
-    kernels' (v_sum0, d H_f, d z_f, d v_sum_f, d hz0, d v_sum0 and key-count partials)
-    (causal_bwd_state)."""
+    grad_dtype, dv in v's dtype; packing as feature_map.packing_args gives it; long_chunks the
+    call's (the forward's chunks, whatever the slice's width).  state: the STATE kernels' (v_sum0,
+    d H_f, d z_f, d v_sum_f, d hz0, d v_sum0 and key-count partials) (causal_bwd_state)."""
     b, h, n, _ = q.shape
     e = v.shape[-1]
     m, d = feature_dims(q, projection, feature)
-    cfg = _config(d, e, m, q.dtype, packing[3])
+    cfg = _config(d, e, m, q.dtype, packed=packing[3], long_chunks=long_chunks)
     dn = head_scale(d)
     q_max, k_max, k_scale = stats
     k_eps, c_eps = _eps(feature, m, causal_eps)
@@ -1167,14 +1224,15 @@ def _bwd_slice(grad_out, q, k, v, projection, out, rden, stats, states, cols: sl
         h, n, m, d, e, nt, ns,
         q.stride(0), q.stride(1), q.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dn,
-        **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out))),
+        **(opts | dict(BM=cfg["BM_dstate"], AL=alignment(d, q), AV=alignment(e, grad_out),
+                       num_warps=cfg["num_warps_dstate"])),
     )
     launch(
         _dstate_scan_kernel, (b * h * ns, nm), c_ref, c_stab, dh_own, dh_state, dz_state, dns_state, gh_f, gz_f, dhz0,
         dvs0, *varlen[:2],
         h, n, m, e, nt, ns,
         BT=cfg["BT"], BM=cfg["BM_dstate"], BV=cfg["BV"], PRECISION=opts["PRECISION"], PREFIX=prefix,
-        STATE=state is not None, AV=alignment(e), VARLEN=is_varlen, num_warps=opts["num_warps"],
+        STATE=state is not None, AV=alignment(e), VARLEN=is_varlen, num_warps=cfg["num_warps_dstate"],
         num_stages=opts["num_stages"],
     )
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)

@@ -109,7 +109,7 @@ def row_block(BT: tl.constexpr, N):
 def block_program(VARLEN: tl.constexpr):
     """(i_h, i_g) of a block program: its (b, h) row and block index on grid (b*h, blocks); a
     pack's grid is (block slots, h), its many slots on axis 0 (up to 2^31 - 1; axis 1 stops at
-    65535, 4.2M rows in blocks of 64)."""
+    65535 blocks: 4.2M rows in blocks of 64, 8.4M in the causal chunks of 128)."""
     if VARLEN:
         i_h, i_g = tl.program_id(1), tl.program_id(0)
     else:
@@ -122,7 +122,7 @@ def block_grid(rows: int, blocks: int, packed: bool) -> tuple[int, int]:
     takes at most 65535 programs: beyond, a clear error rather than a failed launch."""
     grid = (blocks, rows) if packed else (rows, blocks)
     if grid[1] > 65535:
-        what = f"{rows} heads" if packed else f"{blocks} blocks of rows (a sequence of about {blocks * 64} or more rows)"
+        what = f"{rows} heads" if packed else f"{blocks} blocks of rows (a sequence of more than 65535 chunks)"
         raise ValueError(f"{what}: more than the 65535 programs a launch grid takes on axis 1; "
                          + ("" if packed else "a pack of one sequence (cu_seqlens=[0, n]) puts its blocks on axis 0"))
     return grid
@@ -251,6 +251,16 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
     rounded instead (store_state) and enters tl.dot directly: rounding it here would take it
     through registers."""
     return tl.dot(tf32_nearest(a, PRECISION), tf32_nearest(b, PRECISION), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def state_dot(a, b_s, PRECISION: tl.constexpr):
+    """a @ b_s, fp32 result, for an input-dtype tile a and a state tile b_s as stored: one 16-bit
+    dot where both are the same 16-bit dtype (exact products), else fp32 copies in TF32 (16-bit
+    values are exact in TF32, an fp32 a is rounded, an fp32 state was stored rounded)."""
+    if a.dtype == b_s.dtype and a.dtype != tl.float32:
+        return tl.dot(a, b_s)
+    return tl.dot(tf32_nearest(a.to(tl.float32), PRECISION), b_s.to(tl.float32), input_precision=PRECISION)
 
 
 @triton.jit
@@ -489,7 +499,12 @@ def store_input_grad(dx, p_x, b_dx, b_rs, o_row, o_t, m_t, stride_t, o_k, m_k, D
     b_dx (BT, BK) = (du @ P)[:, o_k], b_rs (BT,) = rowsum(du)."""
     b_dx = b_dx * dn
     if FEATURE == FM_SOFTMAX:
-        b_dx -= (dn * dn) * b_rs[:, None] * load_rows(p_x, o_t, m_t, stride_t, o_k, m_k).to(tl.float32)
+        # x read again here, not kept: an identical load before the m loop (diag_rows, the dash) is
+        # merged with this one by the compiler, which then keeps x in fp32 registers through the
+        # loop; the eviction hint makes the loads differ
+        p_xk = p_x + o_t[:, None].to(tl.int64) * stride_t + o_k[None, :]  # (BT, BK)
+        b_x = tl.load(p_xk, mask=m_t[:, None] & m_k[None, :], other=0.0, eviction_policy="evict_first")  # (BT, BK)
+        b_dx -= (dn * dn) * b_rs[:, None] * b_x.to(tl.float32)
     store_rows(dx, b_dx, o_row, o_t, m_t, o_k, m_k, D)
 
 
@@ -772,12 +787,13 @@ def host_cache(fn):
     arguments (torch.compile's SymInts under dynamic shapes: unhashable) compute it afresh."""
     memo: dict = {}
 
-    def config(*args):
-        if not all(type(a) in (int, bool, torch.dtype) for a in args):
-            return fn(*args)
-        if args not in memo:
-            memo[args] = fn(*args)
-        return dict(memo[args])
+    def config(*args, **kwargs):
+        key = args + tuple(sorted(kwargs.items()))
+        if not all(type(a) in (int, bool, torch.dtype) for a in args + tuple(kwargs.values())):
+            return fn(*args, **kwargs)
+        if key not in memo:
+            memo[key] = fn(*args, **kwargs)
+        return dict(memo[key])
     config.__doc__ = fn.__doc__
     return config
 
@@ -798,7 +814,8 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
     """The block sizes and launch options both attention modes share (each launcher's _config
     adds its per-kernel ones).  d = 0 for GIVEN.
 
-    BT rows per program (64: one warpgroup's wgmma M on Hopper); BM features per m tile of the
+    BT rows per program (64: one warpgroup's wgmma M on Hopper; causal._config takes 128 for bf16
+    heads up to 64 wide); BM features per m tile of the
     state kernel; BD all of d and BV all of e (one tile each, forward); BK the d chunk of the
     backward; EV the widest value slice of one backward pass (backward_in_value_slices). BM, BK
     and EV are what keep the register file from spilling (compile report, kernels/NOTES.md).
@@ -820,7 +837,7 @@ def block_config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
 
 
 # the m tile and warps of each kernel role, as _config names them
-_ROLES = {"state": ("BM", "num_warps"), "out": ("BM_out", "num_warps"), "bwd": ("BM_bwd", "num_warps_bwd")}
+_ROLES = {"state": ("BM", "num_warps"), "out": ("BM_out", "num_warps_out"), "bwd": ("BM_bwd", "num_warps_bwd")}
 
 
 def alignment(*xs) -> int:

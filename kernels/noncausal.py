@@ -523,6 +523,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BM_dstate=64 if d == 0 else cfg["BM"],
         BM_combine=32,
         num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
+        num_warps_out=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
         num_warps_bwd=4,
     )
 
@@ -562,12 +563,12 @@ def _sums(bh: int, m: int, e: int, refs: bool, cfg: dict, device) -> list[torch.
 
 
 def saved_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None, *,
-                 feature: int, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 feature: int, prefix: bool = False, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Empty buffers of the key states noncausal_fwd returns for the backward (its fake tensors
     too): H (b*h, m, e), H^T (b*h, e, m rounded up to 16) and H's column sums per m tile, z (b*h,
     m) relative to the stabilizer M, the value sum (b*h, e) and M
     (b*h,) (SOFTMAX; (b*h, 0) and (0,) otherwise), fp32; b*h -> NS h rows for a pack of NS
-    sequences (cu_seqlens)."""
+    sequences (cu_seqlens).  prefix: unused (launchers' signature)."""
     m, d = feature_dims(q, projection, feature)
     cfg = _config(d, v.shape[-1], m, q.dtype)
     return _sums(_state_rows(k, cu_seqlens), m, v.shape[-1], feature == SOFTMAX, cfg, k.device)

@@ -84,7 +84,8 @@ def _(q, k, v, projection, causal, feature, prefix, use_triton, causal_eps=CAUSA
         return q.new_empty((b, h, rows), dtype=torch_backend.compute_dtype(q.dtype))
 
     if use_triton:
-        states = launchers(causal)[2](q, k, v, projection, feature=feature, **_pack_flags(cu_seqlens, use_triton))
+        states = launchers(causal)[2](q, k, v, projection, feature=feature, prefix=prefix,
+                                      **_pack_flags(cu_seqlens, use_triton))
     else:
         states = torch_backend.saved_like(q, v, projection, causal)
     # the non-causal kernels take their key maxima on tiles: no per-row key statistics
@@ -256,7 +257,8 @@ def _(q, k, v, projection, feature, prefix, causal_eps, hz0, v_sum0, ref0, stab0
         return t.new_empty(t.shape, dtype=compute)
 
     if use_triton:
-        states = launchers(True)[2](q, k, v, projection, feature=feature, **_pack_flags(cu_seqlens, True))
+        states = launchers(True)[2](q, k, v, projection, feature=feature, prefix=prefix, state=True,
+                                    **_pack_flags(cu_seqlens, True))
     else:
         states = torch_backend.saved_like(q, v, projection, True)
     return (q.new_empty((b, h, n, v.shape[3])), *(q.new_empty((b, h, rows), dtype=compute) for rows in

@@ -254,7 +254,8 @@ def test_profile_variants_override_the_launch_configs(monkeypatch):
 
     def fake_profile(fn):
         fn()
-        seen.append((C._config(16, 16, 32, torch.float32)["num_warps"], NC._config(16, 16, 32, torch.float32)["BM_out"]))
+        seen.append((C._config(16, 16, 32, torch.float32, packed=False, long_chunks=False)["num_warps"],
+                     NC._config(16, 16, 32, torch.float32)["BM_out"]))
         return {"_output_kernel": 1.0}
 
     default_bm_out = NC._config(16, 16, 32, torch.float32)["BM_out"]
@@ -271,7 +272,7 @@ def test_profile_variants_override_the_launch_configs(monkeypatch):
     assert res["num_warps=8"]["noncausal fwd+bwd"]["rel_err"] < 1e-5  # warps change no numbers
     assert seen[0] == (8, default_bm_out)
     assert "error" in res["BM_out=48"]["noncausal fwd+bwd"]
-    assert C._config(16, 16, 32, torch.float32)["num_warps"] == 4  # undone
+    assert C._config(16, 16, 32, torch.float32, packed=False, long_chunks=False)["num_warps"] == 4  # undone
     assert NC._config(16, 16, 32, torch.float32)["BM_out"] == default_bm_out
 
 

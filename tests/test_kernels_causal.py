@@ -48,7 +48,8 @@ SHAPES = {
     # fp32 n70_d80_e96_m50: the output kernel reads q, k in chunks (BK_out < BD)
     float32=("n37_d24_e32_m100", "n1_d16_m44", "n130_d32_e24_m70", "n70_d64_e40_m50", "n70_d80_e96_m50"),
     float16=("n257_d64_m266", "n130_d56_e24_m70", "n70_d80_e96_m50"),
-    bfloat16=("n37_d48_m100", "n100_d8_e40_m44", "n37_d128_e72_m60"),
+    # bf16 n257_d64_m266: three chunks of 128 rows (causal._config's for bf16 heads up to 64), the last of 1
+    bfloat16=("n37_d48_m100", "n100_d8_e40_m44", "n37_d128_e72_m60", "n257_d64_m266"),
 )
 def test_softmax(dtype, shape, prefix):
     q, k, v, proj, g = inputs(*SHAPES[shape], dtype)
@@ -246,12 +247,14 @@ def test_meta_launches():
         ]
         assert launched[0][1] == (b * h * 4, 2)  # q and k rows in one launch, (b*h, block) on axis 0
         attention = launched[1:]
-        cfg = C._config(d, e, m, torch.bfloat16)
-        bm, bm_d = cfg["BM"], cfg["BM_dstate"]
+        cfg = C._config(d, e, m, torch.bfloat16, packed=False,
+                        long_chunks=C._long_chunks(d, e, torch.bfloat16, prefix=prefix, state=False))
+        bm, bm_d, nt = cfg["BM"], cfg["BM_dstate"], -(-n // cfg["BT"])
+        assert nt == (4 if prefix else 2)  # bf16 heads up to 64, global stabilizer: chunks of 128 rows
         # every chunk's own state at once, then the scan over chunks, then the outputs
-        assert attention[0][1] == (b * h, 4, -(-m // bm)) and attention[1][1] == (b * h, -(-m // bm))
-        assert attention[2][1] == (b * h, 4)
-        assert attention[4][1] == (b * h, 4, -(-m // bm_d)) and attention[5][1] == (b * h, -(-m // bm_d))
+        assert attention[0][1] == (b * h, nt, -(-m // bm)) and attention[1][1] == (b * h, -(-m // bm))
+        assert attention[2][1] == (b * h, nt)
+        assert attention[4][1] == (b * h, nt, -(-m // bm_d)) and attention[5][1] == (b * h, -(-m // bm_d))
         # no features: dD of the rows, the reverse scan's sums
         attention = [x for x in attention if x[0] not in ("_dd_kernel", "_dstate_scan_kernel")]
         assert all(kw["FEATURE"] == SOFTMAX for *_, kw in attention)

@@ -41,9 +41,14 @@ def test_grids_fit_cuda_limits_at_70000_heads(grids, causal_mode, feature):
     out, *saved = fwd(q, k, v, projection, feature=feature)
     bwd(torch.empty_like(out), q, k, v, projection, out, *saved, feature=feature)
     assert len(grids) >= 4  # forward and backward kernels were reached
-    blocks = triton.cdiv(n, 64)
+    # causal bf16 heads up to 64 with fused maps and the global stabilizer: chunks of 128 rows
+    # (_dd_kernel's blocks too); the per-row _row_stats_kernel and the rest: 64
+    bt = 128 if causal_mode and feature != GIVEN else 64
     for name, grid in grids:
+        blocks = triton.cdiv(n, 64 if name == "_row_stats_kernel" else bt)
         assert grid[0] in (b * h, b * h * blocks), (name, grid)  # the (b, h) rows (per-row kernels: x blocks) on axis 0
+        if causal_mode and name not in ("_row_stats_kernel", "_dd_kernel", "_state_scan_kernel", "_dstate_scan_kernel"):
+            assert grid[1] == blocks, (name, grid)  # a program per chunk (d = 64: one d chunk)
         assert all(1 <= size <= limit for size, limit in zip(grid, AXIS_LIMITS)), (name, grid)
 
 
@@ -65,9 +70,12 @@ def test_pack_grids_fit_cuda_limits_at_70000_sequences(grids, causal_mode):
 
 
 def test_too_many_blocks_for_a_grid_axis_is_a_clear_error(grids):
-    """An unpacked sequence of 4.2M rows puts 65536 blocks on axis 1: a ValueError naming the way
-    out (a pack of one sequence, whose blocks go on axis 0), not a failed launch."""
-    n, d = 65536 * 64, 64
+    """An unpacked sequence of 65536 chunks (bf16 heads up to 64: of 128 rows, 8.4M) puts 65536
+    blocks on axis 1: a ValueError naming the way out (a pack of one sequence, whose blocks go on
+    axis 0), not a failed launch."""
+    d = 64
+    assert causal._long_chunks(d, d, torch.bfloat16, prefix=False, state=False)
+    n = 65536 * 128
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, k, v = (torch.empty(1, 1, n, d, **meta) for _ in range(3))
     fwd = launchers(True)[0]
