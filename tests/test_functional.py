@@ -1063,3 +1063,33 @@ def test_features_made_in_pytorch_under_cpu_autocast(kw):
     ref = favor_attention(*(t.bfloat16() for t in (q, k, v)), P, **kw)  # (autocast leaves P fp32)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
 
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("key_stabilizer", ["global", "prefix"])
+def test_bf16_causal_chunks_of_128_rows_through_the_public_api(key_stabilizer):
+    """bf16 heads of 64 with the global stabilizer run the causal kernels in chunks of 128 rows
+    (kernels.causal._long_chunks; the prefix stabilizer keeps 64): favor_attention(backend=
+    "triton") on the rearranged views a model makes, n = 257 (three chunks, the last of one row),
+    forward and backward through the op (its saved states), near float64 on the same bf16 inputs."""
+    from performer_triton.kernels import causal as C
+    assert C._long_chunks(64, 64, torch.bfloat16, prefix=key_stabilizer == "prefix", state=False) == (
+        key_stabilizer == "global")
+    b, h, n, d = 1, 2, 257, 64
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(b, n, 3 * h * d, generator=g).bfloat16().double()  # representable in bf16
+    q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in x.chunk(3, dim=-1))  # (b, h, n, d) views
+    P = projection(100, d).bfloat16().double()
+    w = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = reference.favor_attention(*ref_leaves, P, causal=True, key_stabilizer=key_stabilizer)
+    (ref * w).sum().backward()
+    xb = x.bfloat16().to(DEVICE).requires_grad_()
+    qb, kb, vb = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in xb.chunk(3, dim=-1))
+    assert not qb.is_contiguous()
+    out = favor_attention(qb, kb, vb, P.bfloat16().to(DEVICE), causal=True, key_stabilizer=key_stabilizer,
+                          backend="triton")
+    (out.double().cpu() * w).sum().backward()
+    assert out.dtype == torch.bfloat16 and rel(out.double().cpu(), ref) <= BUDGET[torch.bfloat16]
+    dx = torch.cat([t.grad.transpose(1, 2).flatten(2) for t in ref_leaves], -1)
+    assert torch.isfinite(xb.grad).all() and rel(xb.grad.double().cpu(), dx) <= BUDGET[torch.bfloat16]
