@@ -752,10 +752,9 @@ def _bwd_qk_kernel(
             b_aux = b_kaux
         else:
             # dq~ = a (dN @ H^T + dD z) + (dw F) @ U + const
-            if b_g.dtype == h_state.dtype.element_ty and b_g.dtype != tl.float32:
-                b_df = b_rden[:, None] * tl.dot(b_dn, b_ht)  # (BT, BM)
-            else:
-                b_df = tl.dot(b_dn, b_ht.to(tl.float32), input_precision=PRECISION)  # (BT, BM)
+            b_df = state_dot(b_dn, b_ht, PRECISION)  # (BT, BM)
+            if b_dn.dtype != tl.float32:  # g itself: rden after the product
+                b_df = b_rden[:, None] * b_df
             b_df += b_dd[:, None] * b_z[None, :]
             b_df = tl.dot(b_dwf, _pair_operand(b_kf, b_v, PRECISION), b_a[:, None] * b_df + b_c[:, None],
                           input_precision=PRECISION)

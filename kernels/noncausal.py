@@ -515,6 +515,7 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         # sequential steps of a split walk at 32 (and half the re-reads of its key blocks), for
         # 2 CTAs per SM instead of 3; 128-wide tiles spill at 64 (compile report)
         cfg["BM"] = min(64, max(16, next_power_of_2(m)))
+    warps = 8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4  # state and output kernels
     return cfg | dict(
         # m tiles of 64 in the output kernel spilled 350-650 B on sm_80 for 16-bit heads whose d
         # is not a multiple of 16 (d = 24, full sweep); its loop has no chain to shorten
@@ -522,8 +523,8 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         BM_bwd=32 if d == 0 else 16,
         BM_dstate=64 if d == 0 else cfg["BM"],
         BM_combine=32,
-        num_warps=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
-        num_warps_out=8 if dtype == torch.float32 and max(cfg["BD"], cfg["BV"]) > 64 else 4,
+        num_warps=warps,
+        num_warps_out=warps,
         num_warps_bwd=4,
     )
 

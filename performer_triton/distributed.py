@@ -24,7 +24,7 @@ from .feature_maps import GIVEN_MAP, check_stateful, resolve
 from .functional import FeatureMapArg, _autocast, _connected, favor_attention, linear_attention, pytorch_features
 from .torch_backend import ReadContext, autocast_off, finite_base, key_context
 from .validation import (BACKENDS, check_bool, check_choice, check_key_stabilizer, check_projection, check_qkv,
-                         warn_ignored)
+                         ignored_unless)
 
 __all__ = ["ContextParallel", "context_parallel_attention", "with_neighbours"]
 
@@ -305,21 +305,15 @@ def _structure_code(model: nn.Module) -> int:
 def group_arg(where: str, group: object) -> dist.ProcessGroup | None:
     """context_parallel_group when it is a ProcessGroup (or None); anything else 1.1.4 took among
     a model's keywords (and ignored) is ignored with a one-time warning: None."""
-    if group is None or isinstance(group, getattr(dist, "ProcessGroup", ())):
-        return group
-    warn_ignored(where, ["context_parallel_group"], f"a {type(group).__name__}, not a torch.distributed "
-                 "ProcessGroup; performer-pytorch 1.1.4 ignores it too")
-    return None
+    return ignored_unless(where, "context_parallel_group", group, getattr(dist, "ProcessGroup", ()),
+                          "a torch.distributed ProcessGroup")
 
 
 def context_parallel_arg(where: str, cp: object) -> ContextParallel | None:
     """A layer's context_parallel (what the models pass it), or None with a one-time warning for
     anything else (1.1.4 took and ignored it, as any keyword)."""
-    if cp is None or isinstance(cp, ContextParallel):
-        return cp
-    warn_ignored(where, ["context_parallel"], f"a {type(cp).__name__}, not the ContextParallel the models pass "
-                 "their layers; performer-pytorch 1.1.4 ignores it too")
-    return None
+    return ignored_unless(where, "context_parallel", cp, ContextParallel, "the ContextParallel the models pass their "
+                          "layers")
 
 
 def gather_device(group: dist.ProcessGroup | None, like: object) -> torch.device:

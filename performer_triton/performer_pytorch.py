@@ -35,7 +35,7 @@ from .projection import Device, orthogonal_matrix_chunk
 from .feature_maps import CAUSAL_EPS, GENERALIZED_EPS, SOFTMAX_EPS, generalized_features, keep_rows, softmax_features
 from .reversible import ReversibleSequence, SequentialSequence
 from .validation import (DtypeError, InputError, TokenRangeError, check_feature_input, check_int, host_reads,
-                         ignored_kwargs, runs_base_forward, warn_ignored)
+                         ignored_kwargs, ignored_unless, runs_base_forward, warn_ignored)
 
 # `from performer_triton.performer_pytorch import *` binds what performer-pytorch 1.1.4's module binds, no more
 __all__ = [
@@ -874,11 +874,7 @@ def _model_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
 def _cache_arg(where: str, cache: object) -> DecodingCache | None:
     """cache when it is a DecodingCache; anything else 1.1.4 took (and ignored) among a layer's
     keywords is ignored with a one-time warning: None."""
-    if exists(cache) and not isinstance(cache, DecodingCache):
-        warn_ignored(where, ["cache"], f"a {type(cache).__name__}, not a performer_triton DecodingCache; performer-pytorch "
-                                       "1.1.4 ignores it too")
-        return None
-    return cache
+    return ignored_unless(where, "cache", cache, DecodingCache, "a performer_triton DecodingCache")
 
 
 def _check_cache_batch(cache: object, x: object) -> None:

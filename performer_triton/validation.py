@@ -205,6 +205,15 @@ def warn_ignored(where: str, names: Iterable[str], why: str = "performer-pytorch
     _warn_once(where, names, why)
 
 
+def ignored_unless(where: str, name: str, value: object, kind: type | tuple[type, ...], what: str) -> Any:
+    """value when it is None or a kind; anything else 1.1.4 took (and ignored) among a call's
+    keywords is ignored with a one-time warning (warn_ignored): None.  what names kind."""
+    if value is None or isinstance(value, kind):
+        return value
+    warn_ignored(where, [name], f"a {type(value).__name__}, not {what}; performer-pytorch 1.1.4 ignores it too")
+    return None
+
+
 def _warn_while_tracing(ctx) -> None:
     """warn_ignored's warning, run by torch.compile at trace time with warn_ignored's locals
     (a comptime function may not close over variables)."""
