@@ -147,14 +147,13 @@ class PerformerEncDec(nn.Module):
         enc_mask / enc_* go to the encoder; other kwargs (use_cache, ...) to the decoder's generate."""
         enc_kwargs, dec_kwargs, kwargs = extract_and_set_enc_dec_kwargs(kwargs)
         modes = [(module, module.training) for module in self.enc.modules()]  # (each: some may be frozen in eval)
-        performer = self.enc.performer
-        if performer.auto_check_redraw and performer.proj_updater.training:
-            # 1.1.4 encoded a training model in training mode: the call counts towards (or makes)
-            # the encoder's next redraw, which keeps the redraw schedule and the global RNG's draws
-            performer.proj_updater.redraw_projections()
-        # the encoding itself in eval, as the decoder's generate runs: 1.1.4's had its dropout on
-        # (issue 10)
+        updater = self.enc.performer.proj_updater
+        # the encoding in eval, as the decoder's generate runs: 1.1.4's had its dropout on (issue
+        # 10); but its redraw counter keeps its mode: 1.1.4 encoded a training model in training
+        # mode, so the call counts towards (or makes) the encoder's next redraw where 1.1.4's did,
+        # in Performer.forward after the input's checks (a call refused there counts nothing)
         self.enc.eval()
+        updater.training = dict(modes)[updater]  # (its flag alone: train() would reach the layers it holds)
         try:
             encodings = self.enc(seq_in, return_encodings=True, **enc_kwargs)
         finally:  # as they were: 1.1.4 left the encoder's modes alone

@@ -1121,6 +1121,33 @@ def test_enc_dec_generate_encodes_in_eval_and_restores_the_mode():
     assert modes[0] == modes[1]
 
 
+def test_enc_dec_generate_refused_counts_no_redraw():
+    """A generate call whose encoder input is refused (a token id past the tied embedding, a
+    sequence past enc_max_seq_len) leaves the encoder's redraw counter, projections and the global
+    random stream as 1.1.4 leaves them (its embedding / length check raised before its
+    Performer.forward counted); a valid call after it counts as the first."""
+    kw = dict(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=8, enc_feature_redraw_interval=1,
+              dec_num_tokens=18, dec_depth=1, dec_heads=2, dec_max_seq_len=8, tie_token_embeds=True)
+    start = torch.zeros(2, 1, dtype=torch.long)
+    runs = []
+    for module in (original_ed, ours_ed):
+        torch.manual_seed(0)
+        model = module.PerformerEncDec(**kw).double()
+        counter = model.enc.performer.proj_updater.calls_since_last_redraw
+        before = [m.projection_matrix.clone() for m in model.enc.modules() if hasattr(m, "projection_matrix")]
+        torch.manual_seed(5)
+        for bad in (torch.full((2, 6), 19), torch.zeros(2, 9, dtype=torch.long)):
+            with pytest.raises((IndexError, AssertionError)):
+                model.generate(bad, start, 2)
+            assert counter.item() == 0
+        assert all(torch.equal(a, m.projection_matrix) for a, m in
+                   zip(before, [m for m in model.enc.modules() if hasattr(m, "projection_matrix")]))
+        rng = torch.get_rng_state()
+        model.generate(torch.zeros(2, 6, dtype=torch.long), start, 2)
+        runs.append((rng, counter.item()))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 1
+
+
 def test_depth_zero_and_1_1_4_exception_types():
     """depth=0 builds 1.1.4's embedding-only model (its logits); errors where 1.1.4's torch calls
     raised RuntimeError / IndexError are still caught as those (and are TypeError / ValueError)."""
