@@ -90,7 +90,8 @@ kernel and check with a reason).  Per call it reports:
   iterations of a program's sequential walk, from the launch arguments as CHAIN_STEPS gives them
   (causal _state_scan and _dstate_scan: NT - 1, 0.35 us each, an HBM round trip over two steps,
   the loads issued two steps ahead; walks that compute features in every step, 4.4 us each as
-  measured on the H200: non-causal split kernels NTS), 0 for other kernels.  Each torch op adds
+  measured on the H200: non-causal split kernels NTS; the non-causal combine: NSPLIT, 0.7 us each,
+  its loads one step ahead), 0 for other kernels.  Each torch op adds
   5 us.  A call sums its launches.
 - roofline_us = max(minimal FLOPs / 990 TFLOP/s, (inputs read once + outputs written once) /
   3.35 TB/s, minimal exps / MUFU rate); minimal FLOPs per row: forward 2 m (2 d + 2 e) (features
@@ -820,6 +821,8 @@ CHAIN_STEPS = {
     "causal._dstate_scan_kernel": (lambda a: a["NT"] - 1, STEP_US / 2),
     "noncausal._state_kernel": (lambda a: a["NTS"], FEATURE_STEP_US),
     "noncausal._dstate_kernel": (lambda a: a["NTS"], FEATURE_STEP_US),
+    # the split sums: each step adds one split's partials, its loads issued one step ahead
+    "noncausal._combine_kernel": (lambda a: a["NSPLIT"], STEP_US),
 }
 
 # Accepted failures of the --target checks: kernel name, or "kernel name@sm_NN" for one arch ->

@@ -56,6 +56,10 @@ VARIANTS = [
     # 64-row causal chunks for bf16 heads up to 64 (their default is 128 since kernels/NOTES.md
     # "Thirteenth pass": twice the states and scan steps, 4 warps): what the 128-row chunks gain
     {"BT": 64, "num_warps_out": 4, "num_warps_bwd": 4},
+    # the non-causal split walks as one-step programs (one block per split: 16x the programs,
+    # 134 MB of fp32 partials at the target shape): whether a feature step in a program of its own
+    # costs what a walk's step costs, the question kernels/NOTES.md "Non-causal floor" leaves open
+    {"split_blocks": 1, "max_splits": 1 << 20, "split_programs": 1 << 30},
 ]
 
 

@@ -123,6 +123,15 @@ def _split_refs(p_r, m_m, REFS: tl.constexpr):
 
 
 @triton.jit
+def _split_maxima(s_part, i_bh, i_s0, BH, NSPLIT, NMT, o_mt, m_mt, NSP: tl.constexpr):
+    """(NSP, NMTP) maxima of dash of splits i_s0 .. i_s0 + NSP - 1 (s_part (NSPLIT, BH, NMT)) on the
+    state kernel's m tiles o_mt, -inf past them."""
+    o_s, m_s = block_range(0, NSP, NSPLIT - i_s0)  # (NSP,)
+    return tl.load(s_part + ((o_s[:, None] + i_s0).to(tl.int64) * BH + i_bh) * NMT + o_mt[None, :],
+                   mask=m_s[:, None] & m_mt[None, :], other=float("-inf"))
+
+
+@triton.jit
 def _combine_kernel(
     h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
     BH, M, E, NSPLIT, NMT, MT,
@@ -135,20 +144,24 @@ def _combine_kernel(
     grid's m tiles; readers add them up: _column_sum), z (BH, M) and,
     REFS (the SOFTMAX key states), the value sum vs (BH, E) and the global stabilizer
     k_stab (BH,) = max of s_part (NSPLIT, BH, NMT) over the splits and the state kernel's NMT m
-    tiles of BMS features, each partial row scaled by exp(r_part[split, b*h, its tile] - k_stab)
-    <= 1.  Deterministic: a fixed order, no atomics."""
+    tiles of BMS features (read NSP splits at a time), each partial row scaled by
+    exp(r_part[split, b*h, its tile] - k_stab) <= 1.  Deterministic: a fixed order, no atomics."""
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     o_m, m_m = block_range(i_m, BM, M)  # (BM,)
     o_v, m_v = block_range(0, BV, E)  # (BV,)
     m_hv = m_m[:, None] & m_v[None, :]  # (BM, BV)
-    o_s, m_s = block_range(0, NSP, NSPLIT)  # (NSP,) the splits
     p_r = r_part + i_bh.to(tl.int64) * NMT + o_m // BMS  # (BM,) split 0's reference of each row's tile
     r_stab = tl.full([], 0.0, dtype=tl.float32)
     if REFS:
         o_mt, m_mt = block_range(0, NMTP, NMT)  # (NMTP,) the state kernel's m tiles
-        b_s = tl.load(s_part + (o_s[:, None] * BH + i_bh) * NMT + o_mt[None, :], mask=m_s[:, None] & m_mt[None, :],
-                      other=float("-inf"))  # (NSP, NMTP)
-        r_stab = tl.max(tl.max(b_s, axis=1), axis=0)
+        r_stab = tl.full([], float("-inf"), dtype=tl.float32)
+        # NSP splits' maxima per load, the next NSP one step ahead (loads that feed no dot are
+        # otherwise synchronous)
+        b_s_next = _split_maxima(s_part, i_bh, 0, BH, NSPLIT, NMT, o_mt, m_mt, NSP)  # (NSP, NMTP)
+        for i_s0 in range(0, NSPLIT, NSP):
+            b_s = b_s_next
+            b_s_next = _split_maxima(s_part, i_bh, i_s0 + NSP, BH, NSPLIT, NMT, o_mt, m_mt, NSP)
+            r_stab = tl.maximum(r_stab, tl.max(tl.max(b_s, axis=1), axis=0))
         # no keys at all (an empty packed sequence): zero sums, not exp(-inf + inf)
         r_stab = tl.where(r_stab == float("-inf"), 0.0, r_stab)
     if REFS:
@@ -526,22 +539,23 @@ def _config(d: int, e: int, m: int, dtype: torch.dtype) -> dict:
         num_warps=warps,
         num_warps_out=warps,
         num_warps_bwd=4,
+        # the split walks: splits that fill about one wave at 4 CTAs per SM on 132 SMs, at most
+        # 64 of them (their partials' memory), each of at least 4 blocks (a walk of fewer costs
+        # more in partials than it saves); bench/gpu_profile.py times one-block splits against it
+        split_programs=4 * 132,
+        max_splits=64,
+        split_blocks=4,
     )
 
 
-# Split sums: at most MAX_SPLITS partials per b*h (the combine kernel reads their references as
-# one vector), and splits that fill about one wave of the split kernels at 4 CTAs per SM on
-# 132 SMs (their compile-report occupancy on sm_90a).
-MAX_SPLITS = 64
-SPLIT_TARGET = 4 * 132
-MIN_SPLIT_BLOCKS = 4  # (a split's walk of fewer blocks costs more in partials than it saves)
+COMBINE_SPLITS = 64  # the splits whose maxima the combine kernel reads per load
 
 
-def _splits(blocks: int, programs: int) -> tuple[int, int]:
+def _splits(blocks: int, programs: int, cfg: dict) -> tuple[int, int]:
     """(blocks per split, splits): the most splits that keep programs * splits within
-    SPLIT_TARGET, each with at least MIN_SPLIT_BLOCKS blocks (at least one split, at most
-    MAX_SPLITS)."""
-    ns = max(1, min(SPLIT_TARGET // programs, cdiv(blocks, MIN_SPLIT_BLOCKS), MAX_SPLITS))
+    cfg["split_programs"], each with at least cfg["split_blocks"] blocks (at least one split, at
+    most cfg["max_splits"])."""
+    ns = max(1, min(cfg["split_programs"] // programs, cdiv(blocks, cfg["split_blocks"]), cfg["max_splits"]))
     per = cdiv(blocks, ns)
     return per, cdiv(blocks, per)
 
@@ -592,7 +606,7 @@ def _combine(h_part, z_part, vs_part, r_part, s_part, sums, *, refs: bool, cfg: 
     launch(
         _combine_kernel, (bh, hs.shape[1]), h_part, z_part, vs_part, r_part, s_part, h, ht, hs, z, vs, k_stab,
         bh, m, e, splits, nmt, mt,
-        REFS=refs, BM=bm, BV=cfg["BV"], NSP=MAX_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
+        REFS=refs, BM=bm, BV=cfg["BV"], NSP=COMBINE_SPLITS, BMS=cfg["BM"], NMTP=next_power_of_2(nmt),
         PRECISION=feature_map.PRECISION, num_warps=4,
     )
     return sums
@@ -608,7 +622,7 @@ def _key_states(q, k, v, projection, *, feature: int, m: int, d: int, cfg: dict,
     bh = _state_rows(k, cu_seqlens)
     nmt = cdiv(m, cfg["BM"])
     # (a pack: the splits of its longest possible sequence; shorter ones leave theirs empty)
-    per, splits = _splits(cdiv(s, cfg["BT"]), nmt * bh)
+    per, splits = _splits(cdiv(s, cfg["BT"]), nmt * bh, cfg)
     f32 = dict(device=k.device, dtype=torch.float32)
     h_part = torch.empty((splits, bh, m, e), **f32)
     z_part = torch.empty((splits, bh, m), **f32)
@@ -719,7 +733,7 @@ def _bwd_slice(grad_out, q, k, v, projection, out, stats, states, cols: slice, f
     opts = launch_options(cfg, "bwd", FEATURE=feature, NK=nk, VARLEN=is_varlen)
     al, av = alignment(d, q), alignment(e, grad_out, out)  # (the dq, dstate kernels'; dk, dv take k, v)
     nm = cdiv(m, cfg["BM_dstate"])
-    per, splits = _splits(cdiv(n, cfg["BT"]), nm * bh)
+    per, splits = _splits(cdiv(n, cfg["BT"]), nm * bh, cfg)
     f32 = dict(device=q.device, dtype=torch.float32)
     dh_part = torch.empty((splits, bh, m, e), **f32)
     dz_part = torch.empty((splits, bh, m), **f32)

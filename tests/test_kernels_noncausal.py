@@ -159,6 +159,21 @@ def test_split_reduction_is_deterministic_and_covers_every_key():
     assert torch.equal(out, NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX)[0])
 
 
+def test_one_block_splits_over_several_combine_loads(monkeypatch):
+    """Splits of one block each (bench/gpu_profile.py's one-step variant: the configuration's split
+    policy) and more splits than the combine kernel reads per load: forward and backward still
+    equal the reference (every split's maximum is read, the partial last load masked)."""
+    config, splits = NC._config, []
+    monkeypatch.setattr(NC, "_config", lambda *a: config(*a) | dict(split_blocks=1, max_splits=1 << 20,
+                                                                    split_programs=1 << 30))
+    monkeypatch.setattr(NC, "COMBINE_SPLITS", 4)
+    split_policy = NC._splits
+    monkeypatch.setattr(NC, "_splits", lambda *a: splits.append(split_policy(*a)) or splits[-1])
+    q, k, v, proj, g = inputs(1, 2, 64 * 5 + 7, 16, 16, 20, torch.float32, s=64 * 9 + 3, seed=11)
+    check(q, k, v, proj, g, feature=SOFTMAX, budget=BUDGET[torch.float32])
+    assert splits == [(1, 10), (1, 6)]  # keys: 10 one-block splits (3 loads of 4); queries: 6
+
+
 def test_meta_launches():
     """The launchers run on meta tensors (what the compile report captures): every kernel is
     reached, with the expected grids and constexprs; prefix (a causal stabilizer) is refused."""
