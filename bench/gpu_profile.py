@@ -46,20 +46,21 @@ def _profile(fn, calls: int = 10) -> dict[str, float]:
 
 
 # one override of the launchers' _config per variant (keys a module's config lacks are ignored)
-# (first the ones the H200 profile points at: the non-causal output kernel's m loop, the walks)
 VARIANTS = [
-    {"BM_out": 64}, {"num_warps": 8, "num_warps_out": 8}, {"BM": 64}, {"num_stages": 2}, {"BM_bwd": 32}, {"BM_out": 16},
-    {"BM": 16}, {"BM_dstate": 16}, {"num_warps_bwd": 8}, {"num_stages": 4},
-    # the non-causal split walks at m tiles of 32 (their default is 64 for 16-bit heads up to 64):
-    # twice the steps at 3-4 CTAs per SM instead of 2 (kernels/NOTES.md "Non-causal floor")
-    {"BM": 32},
-    # 64-row causal chunks for bf16 heads up to 64 (their default is 128 since kernels/NOTES.md
-    # "Thirteenth pass": twice the states and scan steps, 4 warps): what the 128-row chunks gain
-    {"BT": 64, "num_warps_out": 4, "num_warps_bwd": 4},
+    # first the structural questions (the stage has ~2 minutes; results are saved after each):
     # the non-causal split walks as one-step programs (one block per split: 16x the programs,
     # 134 MB of fp32 partials at the target shape): whether a feature step in a program of its own
     # costs what a walk's step costs, the question kernels/NOTES.md "Non-causal floor" leaves open
     {"split_blocks": 1, "max_splits": 1 << 20, "split_programs": 1 << 30},
+    # 64-row causal chunks for bf16 heads up to 64 (their default is 128 since kernels/NOTES.md
+    # "Thirteenth pass": twice the states and scan steps, 4 warps): what the 128-row chunks gain
+    {"BT": 64, "num_warps_out": 4, "num_warps_bwd": 4},
+    # the non-causal split walks at m tiles of 32 (their default is 64 for 16-bit heads up to 64):
+    # twice the steps at 3-4 CTAs per SM instead of 2 (kernels/NOTES.md "Non-causal floor")
+    {"BM": 32},
+    # then tiles, warps and stages
+    {"BM_out": 64}, {"num_warps": 8, "num_warps_out": 8}, {"BM": 64}, {"num_stages": 2}, {"BM_bwd": 32}, {"BM_out": 16},
+    {"BM": 16}, {"BM_dstate": 16}, {"num_warps_bwd": 8}, {"num_stages": 4},
 ]
 
 
