@@ -193,6 +193,18 @@ def assert_same(ours: Any, theirs: Any, where: str, rel: float = REL, floor: flo
         assert ours == theirs, f"{where}: {ours!r} != 1.1.4's {theirs!r}"
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch.set_default_dtype(dtype) for the block: a program run in float64 that builds its
+    modules, buffers and random draws in the default dtype."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def changed(values: list[list[torch.Tensor]]) -> bool:
     """Whether any recorded list of projection matrices differs from the first one recorded."""
     first = values[0]

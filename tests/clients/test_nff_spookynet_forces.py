@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd import grad
 
-from common import same_results
+from common import default_dtype, same_results
 
 FEAT = 16
 
@@ -171,9 +171,7 @@ def batch_of_molecules():
 
 
 def program(lib, rec):
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         torch.manual_seed(0)
         model = build(lib)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -187,8 +185,6 @@ def program(lib, rec):
             rec.log("loss", loss)
             rec.optimizer_step(opt, model)
         rec.log("state", model.state_dict())
-    finally:
-        torch.set_default_dtype(default)
 
 
 def test_force_field_trains_through_second_order_gradients_as_performer_pytorch():

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import assert_same, same_results
+from common import assert_same, default_dtype, same_results
 
 G, L, LD = 20, 10, 7  # genes, input genes, predicted genes
 
@@ -244,9 +244,7 @@ def build(lib):
 
 def program(lib, rec):
     """Records the float64 results; returns the float32 attention maps (non-causal, causal)."""
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         torch.manual_seed(2)
         classes = build(lib)
         model = classes.pretrain()
@@ -287,8 +285,6 @@ def program(lib, rec):
             rec.log(f"{setting} map of 4-D calls", fast(q, k, torch.eye(5).expand(2, 2, 5, 5)).mean(1)[None])
             probe_maps.append(weights)
         return {**encoder_maps, **decoder_maps, "probes": probe_maps[1:]}, probe_maps[0]
-    finally:
-        torch.set_default_dtype(default_dtype)
 
 
 def test_pathformer_runs_as_performer_pytorch():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import ORIGINAL, OURS, changed, run, same_results
+from common import ORIGINAL, OURS, changed, default_dtype, run, same_results
 
 
 def build(lib, reshape):
@@ -131,9 +131,7 @@ def build(lib, reshape):
 
 def program(kernel, n_heads, reshape):
     def run_program(lib, rec):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        with default_dtype(torch.float64):
             torch.manual_seed(0)
             model = build(lib, reshape)(kernel, n_heads)
             rec.log("state_keys", list(model.state_dict()))
@@ -151,8 +149,6 @@ def program(kernel, n_heads, reshape):
                 pred, attns = model(enc, dec, output_attn=True)
             rec.log("eval", pred)
             rec.log("attention maps", attns)
-        finally:
-            torch.set_default_dtype(default)
 
     return run_program
 

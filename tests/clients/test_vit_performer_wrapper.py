@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import same_results
+from common import default_dtype, same_results
 
 DIM, HEADS = 768, 12
 
@@ -63,9 +63,7 @@ def build(lib):
 
 
 def program(lib, rec, train):
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         torch.manual_seed(0)
         model = build(lib)()
         rec.log("state_dict", [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
@@ -84,8 +82,6 @@ def program(lib, rec, train):
             model.eval()
             with torch.no_grad():
                 rec.log("eval logits", [model(img), model(img)])
-    finally:
-        torch.set_default_dtype(default_dtype)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad eval"])

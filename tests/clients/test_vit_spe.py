@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import same_results
+from common import default_dtype, same_results
 
 
 class SineSPE(nn.Module):
@@ -162,9 +162,7 @@ def build(lib, kernel):
 
 
 def program(lib, rec, kernel):
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         torch.manual_seed(11)
         model = build(lib, kernel)()
         rec.log("state_dict", [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
@@ -184,8 +182,6 @@ def program(lib, rec, kernel):
         gorm = lib.performer_pytorch.gaussian_orthogonal_random_matrix
         rec.log("projection helper", [gorm(nb_rows=rows, nb_columns=16, scaling=scaling)
                                       for rows, scaling in ((8, 0), (20, 0), (7, 1))])
-    finally:
-        torch.set_default_dtype(default_dtype)
 
 
 @pytest.mark.parametrize("kernel", ["sm", "relu"])
