@@ -5,9 +5,10 @@ The state is the cached decoder's (performer_triton.decoding.FavorState; kernels
     hz (m, e + 1)  = [H | z] = sum_j exp(row_scale_j - R) u_j [v_j, 1]^T, relative to R
     v_sum (e + 1,) = [value sum | key count]
     ref R, stab M  = running maxima of row_scale and of row_max (SOFTMAX; RELU keeps R = 0, M = -inf)
-  _step_kernel  grid (b*h,): the key's features enter the state in place (FavorState.extend),
-                then the query's output against the updated state (FavorState.read): two passes
-                over m tiles, the first for the row maxima of the key and query projections.
+  _step_kernel  grid (b*h,): the state with the key's features added (FavorState.extend), written
+                to new buffers (the cache keeps the old ones until the call succeeds), then the
+                query's output against it (FavorState.read): two passes over m tiles, the first for
+                the row maxima of the key and query projections.
 No tl.dot: one row per program, (BM, BD) projection tiles times a row, fp32 throughout.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _row_dashes(p, b_k, b_q, o_m, m_m, o_d, m_d, D, dn):
 
 @triton.jit
 def _step_kernel(
-    q, k, v, p, keep, hz, v_sum, ref, stab, out,
+    q, k, v, p, keep, hz, v_sum, ref, stab, hz_out, v_sum_out, ref_out, stab_out, out,
     H, M, D, E,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     dn, f_eps, causal_coef,
@@ -45,7 +46,8 @@ def _step_kernel(
 ):
     """One position of (b, h) = program i_bh: q, k (BD,), v (E,) rows; keep (b,) bool (HAS_KEEP):
     a dropped key leaves the state unchanged. hz (b*h, M, E + 1), v_sum (b*h, E + 1), ref, stab
-    (b*h,) updated in place; out (E,) = N / D of the query against the updated state."""
+    (b*h,) -> the updated state in hz_out, v_sum_out, ref_out, stab_out (the same shapes; the
+    inputs themselves for an update in place); out (E,) = N / D of the query against it."""
     i_bh = tl.program_id(0)
     D, E, stride_qb = aligned(D, AL), aligned(E, AV), aligned(stride_qb, AL)
     stride_qh, stride_kb, stride_kh = aligned(stride_qh, AL), aligned(stride_kb, AL), aligned(stride_kh, AL)
@@ -83,7 +85,7 @@ def _step_kernel(
     row_scale = tl.where(kept, k_max - k_diag, float("-inf"))  # RELU: 0, as FavorState
     r_old = tl.load(ref + i_bh).to(tl.float32)  # () R before the key
     r_new, alpha, beta = merged_reference(r_old, row_scale)  # beta: 0 for a dropped key
-    p_hz = hz + i_bh.to(tl.int64) * M * (E + 1)
+    o_hz = i_bh.to(tl.int64) * M * (E + 1)  # this (b, h)'s state rows
     b_nd = tl.zeros([BV], dtype=tl.float32)  # (BV,) sum_f q~_f hz_f = [N, D] before the eps parts
     q_sum = tl.full([], 0.0, dtype=tl.float32)
     for i_m in range(0, tl.cdiv(M, BM)):
@@ -98,22 +100,23 @@ def _step_kernel(
         b_u = tl.where(m_m & kept, b_u, 0.0)
         b_qf = tl.where(m_m, b_qf, 0.0)
         m_hz = m_m[:, None] & m_v[None, :]  # (BM, BV)
-        p_t = p_hz + o_m[:, None] * (E + 1) + o_v[None, :]  # (BM, BV)
-        b_hz = tl.load(p_t, mask=m_hz, other=0.0).to(tl.float32) * alpha + (beta * b_u)[:, None] * b_vo[None, :]
+        o_t = o_hz + o_m[:, None] * (E + 1) + o_v[None, :]  # (BM, BV)
+        b_hz = tl.load(hz + o_t, mask=m_hz, other=0.0).to(tl.float32) * alpha + (beta * b_u)[:, None] * b_vo[None, :]
         b_hz = b_hz.to(hz.dtype.element_ty)  # (BM, BV) as stored: the output reads the state it leaves
-        tl.store(p_t, b_hz, mask=m_hz)
+        tl.store(hz_out + o_t, b_hz, mask=m_hz)
         b_nd += tl.sum(b_qf[:, None] * b_hz.to(tl.float32), axis=0)
         q_sum += tl.sum(b_qf)
-    p_vs = v_sum + i_bh.to(tl.int64) * (E + 1) + o_v
-    b_vs = tl.load(p_vs, mask=m_v, other=0.0).to(tl.float32) + b_vo  # (BV,)
+    o_vs = i_bh.to(tl.int64) * (E + 1) + o_v  # (BV,)
+    b_vs = tl.load(v_sum + o_vs, mask=m_v, other=0.0).to(tl.float32) + b_vo  # (BV,)
     b_vs = b_vs.to(v_sum.dtype.element_ty)
-    tl.store(p_vs, b_vs, mask=m_v)
+    tl.store(v_sum_out + o_vs, b_vs, mask=m_v)
     r_new = r_new.to(ref.dtype.element_ty)
-    tl.store(ref + i_bh, r_new)
+    tl.store(ref_out + i_bh, r_new)
+    s_new = tl.load(stab + i_bh)  # () M (RELU: as it was, the decoder's -inf)
     if FEATURE == FM_SOFTMAX:
-        s_new = tl.maximum(tl.load(stab + i_bh).to(tl.float32), tl.where(kept, k_max, float("-inf")))  # () M
-        s_new = s_new.to(stab.dtype.element_ty)
-        tl.store(stab + i_bh, s_new)
+        s_new = tl.maximum(s_new.to(tl.float32), tl.where(kept, k_max, float("-inf"))).to(stab.dtype.element_ty)
+    tl.store(stab_out + i_bh, s_new)
+    if FEATURE == FM_SOFTMAX:
         # exp(R - M) <= 1; 0 while no key has been kept
         scale = tl.where(s_new == float("-inf"), 0.0, tl.exp(r_new.to(tl.float32) - s_new.to(tl.float32)))
         coef = causal_coef
@@ -130,11 +133,12 @@ def decode_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, keep: torch.Tensor | None,
     hz: torch.Tensor, v_sum: torch.Tensor, ref: torch.Tensor, stab: torch.Tensor, *, feature: int,
     causal_coef: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One decode step.  q, k (b, h, 1, d), v (b, h, 1, e) (any strides of b and h, unit last
     stride), projection (m, d), keep (b,) bool or None; the state (contiguous, one dtype):
-    hz (b, h, m, e + 1), v_sum (b, h, e + 1), ref, stab (b, h), updated in place.  feature: SOFTMAX
-    or RELU; causal_coef: the causal eps over ratio (FavorState's).  -> out (b, h, 1, e) in q's dtype."""
+    hz (b, h, m, e + 1), v_sum (b, h, e + 1), ref, stab (b, h), left as they are.  feature: SOFTMAX
+    or RELU; causal_coef: the causal eps over ratio (FavorState's).  -> out (b, h, 1, e) in q's
+    dtype and the updated state [hz, v_sum, ref, stab] (new tensors, one allocation)."""
     b, h, t, d = q.shape
     e = v.shape[-1]
     m = projection.shape[0]
@@ -151,8 +155,11 @@ def decode_step(
     if not projection.is_contiguous():
         raise ValueError(f"decode_step: the projection must be contiguous, got strides {tuple(projection.stride())}")
     out = torch.empty((b, h, 1, e), device=q.device, dtype=q.dtype)
+    sizes = [x.numel() for x in (hz, v_sum, ref, stab)]
+    new = [t.view(x.shape) for t, x in zip(hz.new_empty(sum(sizes)).split(sizes), (hz, v_sum, ref, stab))]
     launch(
-        _step_kernel, (b * h,), q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, out,
+        _step_kernel, (b * h,), q, k, v, projection, keep if keep is not None else q, hz, v_sum, ref, stab, *new,
+        out,
         h, m, d, e,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         head_scale(d), feature_eps(feature), causal_coef,
@@ -162,4 +169,4 @@ def decode_step(
         BV=max(16, next_power_of_2(e + 1)), AL=alignment(d, q, k),
         AV=alignment(e, v, out), num_warps=4,
     )
-    return out
+    return out, new

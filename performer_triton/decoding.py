@@ -42,7 +42,7 @@ from .torch_backend import (ChunkFeatures, add_keys, autocast_off, compute_dtype
                             with_ones)
 from .validation import runs_base_forward
 
-__all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state"]
+__all__ = ["DecodingCache", "FavorState", "LocalWindowState", "favor_state", "transactional"]
 
 
 class DecodingCache:
@@ -58,16 +58,49 @@ class DecodingCache:
     def __init__(self) -> None:
         self.length = 0
         self.batch: int | None = None  # the batch size of the first call; every later call must match
+        self.dtype: torch.dtype | None = None  # the first call's activations' dtype; likewise
         self._states: dict[nn.Module, Any] = {}
+        self._open = False  # a call that feeds the cache is running (transactional)
 
-    def check_batch(self, batch: int) -> None:
-        """Record the first call's batch size; a later call with another one is a ValueError (the
-        states hold one row per sequence, so it would fail deep inside torch)."""
+    def check_call(self, batch: int, dtype: torch.dtype) -> None:
+        """Record the first call's batch size and activation dtype; a later call with another
+        batch (the states hold one row per sequence) or dtype (a model cast since: its states were
+        made in the old one) is a ValueError, not a failure deep inside torch."""
         if self.batch is None:
             self.batch = batch
         elif batch != self.batch:
             raise ValueError(f"cache: this DecodingCache holds batch {self.batch}, the call has batch {batch}; "
                              "use a new DecodingCache for another batch")
+        if getattr(self, "dtype", None) is None:  # (a cache pickled before the dtype was recorded)
+            self.dtype = dtype
+        elif dtype != self.dtype:
+            raise ValueError(f"cache: this DecodingCache was filled by calls in {self.dtype}, this call runs in "
+                             f"{dtype} (the model was cast since?); use a new DecodingCache")
+
+    @torch.compiler.disable
+    def _snapshot(self) -> tuple | None:
+        """What a failed call restores (None inside a call already open: the outermost one
+        restores): length, batch, dtype, the states by layer and each state object's attributes.
+        References suffice: every update replaces a state's tensors (the fused step included) and
+        never writes them."""
+        if getattr(self, "_open", False):
+            return None
+        self._open = True
+        objects = [s for value in self._states.values() for s in (value if isinstance(value, tuple) else (value,))
+                   if s is not None and not isinstance(s, Tensor)]
+        return (self.length, self.batch, getattr(self, "dtype", None), dict(self._states),
+                [(s, dict(vars(s))) for s in objects])
+
+    @torch.compiler.disable
+    def _close(self, snapshot: tuple | None, failed: bool) -> None:
+        if snapshot is None:
+            return
+        self._open = False
+        if failed:
+            self.length, self.batch, self.dtype, self._states, objects = snapshot
+            for obj, attributes in objects:
+                vars(obj).clear()
+                vars(obj).update(attributes)
 
     def get(self, module: nn.Module) -> Any:
         """module's state; None before its first call.  A layer without a state once the cache has
@@ -88,7 +121,7 @@ class DecodingCache:
     def __deepcopy__(self, memo: dict) -> DecodingCache:
         new = _copy_sharing(self, memo, ("_states",))
         # keyed by the same layers, or by their copies where this deepcopy copied the model too
-        new._states = {memo.get(id(m), m): copy.deepcopy(state, memo) for m, state in self._states.items()}
+        new._states = {memo.get(id(m), m): _branch_copy(state, memo) for m, state in self._states.items()}
         return new
 
     def __copy__(self) -> DecodingCache:
@@ -121,13 +154,41 @@ def _copy_sharing(obj: Any, memo: dict, shared: tuple[str, ...]) -> Any:
     for name, value in sorted(vars(obj).items(), key=lambda item: item[0] not in shared):
         if name in shared:
             setattr(new, name, memo.get(id(value), value))
-        elif isinstance(value, Tensor) and value.grad_fn is not None:
-            # a state filled with autograd on (torch deep-copies graph leaves only): the branch
-            # holds its values, detached
-            setattr(new, name, memo.setdefault(id(value), value.detach().clone()))
         else:
-            setattr(new, name, copy.deepcopy(value, memo))
+            setattr(new, name, _branch_copy(value, memo))
     return new
+
+
+def _branch_copy(value: Any, memo: dict) -> Any:
+    """copy.deepcopy(value, memo), but a tensor made with autograd on (a state filled under
+    autograd; torch deep-copies graph leaves only) is copied detached: a branch holds its values."""
+    if isinstance(value, Tensor) and value.grad_fn is not None:
+        return memo.setdefault(id(value), value.detach().clone())
+    if isinstance(value, tuple):
+        return tuple(_branch_copy(v, memo) for v in value)
+    return copy.deepcopy(value, memo)
+
+
+def transactional(forward):
+    """forward(self, ..., cache=DecodingCache) such that a call that raises leaves the cache as it
+    was before it (a layer that fails after earlier layers, or its own FAVOR heads, moved on),
+    so the call can be retried; nested calls (a model's layers) join the outermost one."""
+
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        cache = kwargs.get("cache")
+        if not isinstance(cache, DecodingCache):
+            return forward(self, *args, **kwargs)
+        snapshot = cache._snapshot()
+        try:
+            out = forward(self, *args, **kwargs)
+        except BaseException:
+            cache._close(snapshot, failed=True)
+            raise
+        cache._close(snapshot, failed=False)
+        return out
+
+    return run
 
 
 def _keep(keep: Tensor | None, x: Tensor) -> Tensor:
@@ -192,7 +253,7 @@ class FavorState:
     @property
     def state(self) -> AttentionState:
         """A copy of the running sums as the functional API's state (favor_attention(initial_state=
-        ...)): a snapshot, which the fused step's in-place updates leave as it was."""
+        ...))."""
         return AttentionState(*(t.clone() for t in (self.hz, self.v_sum, self.ref, self.stab)))
 
     def load(self, state: AttentionState) -> None:
@@ -200,7 +261,7 @@ class FavorState:
         state's dtype."""
         b, h, m, e1 = self.hz.shape
         state = check_state(state, b, h, m, e1 - 1, self.hz.device, softmax=self.chunk.softmax)
-        # copies: the fused step updates them in place, the caller's state stays as it was
+        # copies: the caller's state stays as it was whatever it does with its own
         self.hz, self.v_sum, self.ref, self.stab = (t.to(self.hz.dtype).clone(memory_format=torch.contiguous_format)
                                                     for t in state)
 
@@ -269,7 +330,7 @@ class FavorState:
         if self.fused and q.shape[2] == 1:
             from .kernels.decode import decode_step  # imports triton
 
-            out = decode_step(
+            out, (self.hz, self.v_sum, self.ref, self.stab) = decode_step(
                 q, k, v, self.projection, None if keep is None else keep[:, 0].contiguous(), self.hz, self.v_sum,
                 self.ref, self.stab, feature=self.feature_map.code, causal_coef=self.chunk.causal_coef,
             )
@@ -317,8 +378,11 @@ def favor_state(fast_attention: FastAttention, k: Tensor, v: Tensor) -> FavorSta
     dtype = k.dtype if fmap.fused else compute_dtype(k.dtype)
     projection = None if fast_attention.no_projection else fast_attention.projection_matrix.to(dtype).contiguous()
     m = k.shape[-1] if projection is None else projection.shape[0]
-    # the state in fp32 for 16-bit inputs (as favor_attention's states): a bf16 state rounds every update
-    return FavorState(fmap, projection, b, h, m, e, compute_dtype(k.dtype), k.device,
+    # the state in fp32 for 16-bit inputs (as favor_attention's states): a bf16 state rounds every
+    # update; in float64 for maps that rescale keys (no_projection's exp(k)), as favor_attention's
+    # causal path computes them: their sums span more than fp32's exponent range
+    state_dtype = torch.float64 if fmap.rescales_keys else compute_dtype(k.dtype)
+    return FavorState(fmap, projection, b, h, m, e, state_dtype, k.device,
                       _fused_step(fast_attention.backend, fmap, k, v),
                       source=None if fast_attention.no_projection else fast_attention.projection_matrix)
 

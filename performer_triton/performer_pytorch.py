@@ -25,7 +25,8 @@ from local_attention import LocalAttention
 from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
-from .decoding import DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys
+from .decoding import (DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys,
+                       transactional)
 from .distributed import (ContextParallel, context_parallel_arg, context_parallel_attention, gather_device, group_arg,
                           local_checks, with_neighbours)
 from .fast_attention import FastAttention
@@ -638,6 +639,7 @@ class Attention(nn.Module):
         self.dim = dim
         self.exact_mask = exact_mask
 
+    @transactional
     def forward(
         self,
         x: Tensor,
@@ -878,9 +880,10 @@ def _cache_arg(where: str, cache: object) -> DecodingCache | None:
 
 
 def _check_cache_batch(cache: object, x: object) -> None:
-    """A DecodingCache's states hold one row per sequence: the same batch on every call."""
+    """A DecodingCache's states hold one row per sequence, made in one dtype: the same batch and
+    activation dtype on every call."""
     if isinstance(cache, DecodingCache) and isinstance(x, Tensor) and x.dim() == 3:
-        cache.check_batch(x.shape[0])
+        cache.check_call(x.shape[0], x.dtype)
 
 
 class SelfAttention(Attention):
@@ -1124,6 +1127,7 @@ class Performer(nn.Module):
             )
         return None
 
+    @transactional
     def forward(self, x: Tensor, *, context_parallel_group: ProcessGroup | None = None, **kwargs) -> Tensor:
         """x (b, n, dim) -> (b, n, dim); keywords (mask, pos_emb, context, context_mask, cache) are
         routed to the layers that take them, any other is ignored

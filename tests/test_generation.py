@@ -403,6 +403,62 @@ def test_cache_reused_with_another_batch_size_names_both():
         attn(torch.zeros(4, 1, 16), cache=cache)
 
 
+@pytest.mark.parametrize("kwargs", [PREFIX, dict(PREFIX, local_attn_heads=1, local_window_size=4),
+                                    dict(PREFIX, shift_tokens=True)], ids=["favor", "local", "shift"])
+def test_cache_of_a_model_cast_since_names_both_dtypes(kwargs):
+    """A cache filled by a float64 model, then fed by the model cast to float32 (or back): a
+    ValueError naming the cache and both dtypes before any layer runs (the local window's read
+    failed deep in torch, the token shifts blamed x, float32 states silently mixed precisions)."""
+    model = lm(**kwargs)
+    x = torch.randint(0, NUM_TOKENS, (2, 6), generator=torch.Generator().manual_seed(3))
+    for first, then in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        model.to(first)
+        cache = DecodingCache()
+        model(x[:, :5], cache=cache)
+        model.to(then)
+        with pytest.raises(ValueError, match=f"DecodingCache was filled by calls in {first}, this call runs in {then}"):
+            model(x[:, 5:], cache=cache)
+        model.to(first)
+        assert cache.length == 5 and rel(model(x[:, 5:], cache=cache), model(x)[:, 5:]) <= 1e-5
+
+
+def test_a_failed_cached_call_leaves_the_cache_as_it_was():
+    """A cached call that raises in a later layer (a cross-attention without or with a wrong
+    context), or in a layer's local heads after its FAVOR heads took the position (a padded
+    position no kept key of its window precedes), leaves every layer's state, the length and the
+    batch as they were: the call retried right gives the full model's outputs."""
+    model = lm(**dict(PREFIX, cross_attend=True, depth=2))
+    gen = torch.Generator().manual_seed(4)
+    x, context = torch.randint(0, NUM_TOKENS, (2, 8), generator=gen), torch.randn(2, 6, 32, generator=gen).double()
+    full = model(x, context=context)
+    cache = DecodingCache()
+    with pytest.raises(ValueError):  # the prefill: layer 0's self-attention ran, its cross-attention refused
+        model(x[:, :7], cache=cache)
+    assert cache.length == 0 and cache.batch is None and not cache._states
+    model(x[:, :7], cache=cache, context=context)
+    for bad in (dict(context=torch.randn(3, 6, 32).double()), dict()):
+        with pytest.raises(ValueError):
+            model(x[:, 7:], cache=cache, **bad)
+        assert cache.length == 7
+    assert rel(model(x[:, 7:], cache=cache, context=context), full[:, 7:]) <= 1e-12
+
+    # 1.1.4's local heads (global stabilizer, depth 1): the padded position refused after the
+    # prefill, then fed as a kept one
+    model = lm(depth=1, local_attn_heads=2, local_window_size=2)
+    x = torch.randint(0, NUM_TOKENS, (1, 7), generator=gen)
+    cache = DecodingCache()
+    model(x[:, :4], cache=cache)
+    padded = torch.zeros(1, 1, dtype=torch.bool)
+    model(x[:, 4:5], cache=cache, mask=padded)
+    model(x[:, 5:6], cache=cache, mask=padded)
+    with pytest.raises(ValueError, match="no kept key"):
+        model(x[:, 6:7], cache=cache, mask=padded)
+    assert cache.length == 6
+    out = model(x[:, 6:7], cache=cache, mask=torch.ones(1, 1, dtype=torch.bool))
+    full = model(x, mask=torch.tensor([[True] * 4 + [False, False, True]]))
+    assert rel(out, full[:, 6:]) <= 1e-12
+
+
 def test_models_take_empty_inputs():
     model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=16, dim=16, depth=1, heads=2, dim_head=8, causal=True,
                         local_attn_heads=1)
@@ -422,6 +478,14 @@ def test_no_projection_state_stays_exact_for_keys_that_overflow_exp():
     full = fa(q, k, v)  # one call: one shift for the whole sequence
     assert torch.isfinite(out).all()
     assert rel(out[:, :, 17:], full[:, :, 20:]) <= 1e-6
+    # fp32 rows: the state in float64, as favor_attention's causal no_projection computes (keys
+    # past exp's fp32 range with values of ~10 gave inf in an fp32 state where the full path is finite)
+    q, k, v = qkv(b=1, h=1, n=6)
+    q, k, v = q.float(), (k + 100.0).float(), (4 * v).float()
+    state = favor_state(fa.float(), k, v)
+    out, full = decode(state, q, k, v, prompt=2, calls=None), fa(q, k, v)
+    assert state.hz.dtype == torch.float64 and out.dtype == torch.float32 and torch.isfinite(full).all()
+    assert rel(out, full[:, :, 2:]) <= 1e-5
 
 
 # the fused decode step (kernels/decode.py), in Triton's interpreter on CPU
@@ -453,6 +517,13 @@ def test_fused_decode_step_equals_the_pytorch_step(kwargs, dtype):
         assert torch.equal(a[~finite], b[~finite]), name  # relu: M stays -inf
         scale = max(b.nan_to_num(0.0, 0.0, 0.0).abs().max().item(), 1.0)  # relu: R = 0
         assert (a - b).nan_to_num(0.0).abs().max() <= tol * scale, name
+    # the step writes new tensors: the ones it read stay as they were (what a cache restores when
+    # a later layer of the call raises)
+    held = [getattr(states[0], name) for name in ("hz", "v_sum", "ref", "stab")]
+    copies = [t.clone() for t in held]
+    states[0].step(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:])
+    assert all(torch.equal(a, b) for a, b in zip(held, copies))
+    assert not any(getattr(states[0], name) is t for name, t in zip(("hz", "v_sum", "ref", "stab"), held))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -527,7 +598,8 @@ def test_a_copied_cache_branches_a_generation():
         torch.set_grad_enabled(True)
     # filled with autograd on (eval() keeps it on): torch deep-copies graph leaves only, the branch
     # holds the states' values detached
-    model = lm(**dict(PREFIX, local_attn_heads=1, local_window_size=4)).eval()
+    # (the token shifts' history, a bare tensor in the cache, too)
+    model = lm(**dict(PREFIX, local_attn_heads=1, local_window_size=4, shift_tokens=True)).eval()
     x = torch.randint(0, NUM_TOKENS, (2, 8), generator=torch.Generator().manual_seed(2))
     cache = DecodingCache()
     model(x[:, :6], cache=cache)
