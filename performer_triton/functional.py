@@ -403,9 +403,11 @@ def _with_state(q: Tensor, k: Tensor, v: Tensor, projection: Tensor | None, feat
         initial_state = AttentionState.empty(b, h, m, e, dtype=compute, device=q.device)
     else:
         initial_state = check_state(initial_state, b, h, m, e, q.device, softmax=prefix)
-    if s == 0:  # no keys: the state as it was (a copy: the final state is never an input)
+    if s == 0:  # no keys: the state as it was (a copy: the final state is never an input), in the
+        # dtype a call with keys returns it in
         out = _empty_result(q, k, v)
-        return (out, AttentionState(*(t.clone() for t in initial_state))) if output_final_state else out
+        final = AttentionState(*(t.to(compute_dtype(q.dtype), copy=True) for t in initial_state))
+        return (out, final) if output_final_state else out
     before = s - n  # placeholder queries (_after)
     outs = favor_with_state(_after(before, q, fill), k, v, projection, feature, prefix, float(eps), *initial_state,
                        use_triton, cu_seqlens)

@@ -223,6 +223,16 @@ def test_state_of_16_bit_inputs_is_fp32_and_chains():
                            initial_state=state)
     whole = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix")
     assert rel(rest.float(), whole[:, :, 40:].float()) <= 1e-2
+    # the final state comes in the call's compute dtype with keys and without (a float64 state
+    # given to a 16-bit or fp32 call: fp32 either way; it came back float64 without keys)
+    wide = AttentionState(*(t.double().requires_grad_(t.is_floating_point()) for t in state))
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in (0, 5):
+            _, final = favor_attention(q[:, :, :n].to(dtype), k[:, :, :n].to(dtype), v[:, :, :n].to(dtype), P,
+                                       causal=True, key_stabilizer="prefix", initial_state=wide,
+                                       output_final_state=True)
+            assert all(t.dtype == torch.float32 for t in final), (dtype, n)
+            assert torch.autograd.grad(final.hz.sum(), wide.hz)[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
