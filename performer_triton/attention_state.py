@@ -67,7 +67,7 @@ def check_state(state: object, b: int, h: int, m: int, e: int, device: torch.dev
             raise TypeError(f"{what}.{name} must be floating point, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{what}.{name} must be on {device}, got {t.device}")
-    if softmax is not None and host_reads():
+    if softmax is not None and host_reads(*state):
         _check_map_kind(state, softmax)
     return state
 
@@ -101,7 +101,7 @@ def chain_states(first: AttentionState, then: AttentionState) -> AttentionState:
     b, h, m, e1 = first[0].shape
     first = check_state(first, b, h, m, e1 - 1, first[0].device, what="first", sizes="b, h, m, e of first.hz")
     then = check_state(then, b, h, m, e1 - 1, first.hz.device, what="then", sizes="first's b, h, m, e")
-    if host_reads():  # where both hold keys, both were made by maps of one kind (_check_map_kind)
+    if host_reads(*first, *then):  # where both hold keys, both were made by maps of one kind (_check_map_kind)
         both = torch.isfinite(first.ref) & torch.isfinite(then.ref)
         if bool((both & (torch.isfinite(first.stab) != torch.isfinite(then.stab))).any()):
             raise ValueError("chain_states: first and then were made by different feature maps (softmax states keep "

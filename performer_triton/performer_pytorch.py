@@ -430,6 +430,9 @@ class ProjectionUpdater(nn.Module):
             self._recomputed_call()
             return
         interval = self.feature_redraw_interval
+        if self.calls_since_last_redraw.is_meta:  # a model on meta (shapes only): no count to read, no draw
+            self.calls_since_last_redraw += 1
+            return
         if exists(interval) and self.calls_since_last_redraw >= interval:
             # 1.1.4's call, redraw_projection_matrix(device) positionally (subclasses override it with
             # that signature), with 1.1.4's device, get_module_device's (a program may replace that
@@ -1297,7 +1300,7 @@ class PerformerLM(nn.Module):
                 raise DtypeError(f"x must hold integer token ids, got {x.dtype}")
             vocab = self.token_emb.num_embeddings
             # a value check needs the data: eager only (under torch.compile the embedding checks, as in 1.1.4)
-            if host_reads() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            if host_reads(x) and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
                 raise TokenRangeError(f"x holds token ids outside [0, {vocab}) (num_tokens={vocab}): min "
                                       f"{int(x.min())}, max {int(x.max())}")
             if exists(context_parallel_group):  # what the layers check after the exchanges: here for every rank

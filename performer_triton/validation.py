@@ -259,7 +259,7 @@ def check_cu_seqlens(cu_seqlens: object, q: Tensor, k: Tensor, initial_state: ob
         if any(n != count for n in batches):
             raise ValueError(f"with cu_seqlens, initial_state holds one state per sequence: batch {count} expected in "
                              f"hz, v_sum, ref and stab, got {batches}")
-    if host_reads():
+    if host_reads(cu_seqlens):
         check_offsets(cu_seqlens.tolist(), q.shape[2])
 
 
@@ -270,10 +270,10 @@ def in_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def host_reads() -> bool:
-    """Checks may read tensor values on the host: not while torch.compile traces (a graph break)
-    or under torch.func's transforms (in_transform)."""
-    return not (torch.compiler.is_compiling() or in_transform())
+def host_reads(*tensors: torch.Tensor) -> bool:
+    """Checks may read the values of tensors on the host: not while torch.compile traces (a graph
+    break), under torch.func's transforms (in_transform), or of meta tensors (which hold none)."""
+    return not (torch.compiler.is_compiling() or in_transform() or any(t.is_meta for t in tensors))
 
 
 def check_offsets(bounds: list[int], total: int) -> list[int]:

@@ -236,6 +236,10 @@ def test_bench_refuses_bad_options_before_running_with_exit_2(tmp_path, monkeypa
         refused(["--sizes", "8", "--out", str(tmp_path), "--max-slowdown", "20%", *command],
                 "argument --max-slowdown: only with --baseline or --compare")
     refused(["--compare", path, path, "--regression"], "argument --compare: compares saved files only")
+    # a bare 5 is not 500%: fractions below 1, or percentages
+    for bare in ("5", "1", "0", "-0.1", "abc", "1001%"):
+        refused(["--max-slowdown", bare, "--compare", path, path], "argument --max-slowdown: a fraction between 0 and 1")
+    refused(["--max-slowdown", "5", "--compare", path, path], "argument --max-slowdown: .*" + re.escape("(for 5% write 5%)"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     refused(["--out", str(blocker / "sub"), "--sizes", "8"], "argument --out: cannot create")

@@ -251,6 +251,22 @@ def test_seeded_redraws_survive_a_meta_build_and_a_copy():
     assert all(torch.equal(a, b) for a, b in zip(fast[0], fast[1]))
 
 
+
+def test_models_run_on_the_meta_device():
+    """A model built on meta (shape inference, memory planning) runs on meta tokens in training and
+    eval mode: checks that read values (the token range) and the redraw count skip meta tensors
+    (Tensor.item() on meta raised)."""
+    # (moved to meta: conftest's NaN-filling torch.empty bypasses a torch.device("meta") context)
+    model = PerformerLM(**SMALL, causal=True).to("meta")
+    wrapper = AutoregressiveWrapper(PerformerLM(**SMALL, causal=True)).to("meta")
+    tokens = torch.zeros(2, 9, dtype=torch.long, device="meta")
+    for mode in (True, False):
+        model.train(mode)
+        assert model(tokens).shape == (2, 9, NUM_TOKENS) and model(tokens).is_meta
+    loss = wrapper(tokens)
+    assert loss.is_meta and loss.shape == ()
+
+
 # other fixes
 
 

@@ -354,12 +354,17 @@ def run_sweep(args, out: Path) -> int:
 
 
 def _fraction(text: str) -> float:
+    """A slowdown: a fraction below 1 (0.1) or a percentage (10%, up to 1000%).  A bare number of 1
+    or more is refused: "5" meant as 5% would otherwise accept +500%."""
+    percent = text.endswith("%")
     try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        value = float(text[:-1] if percent else text) / (100 if percent else 1)
     except ValueError:
         value = -1.0
-    if not 0 < value < 10:
-        raise argparse.ArgumentTypeError(f"a fraction (0.1) or a percentage (10%), got {text!r}")
+    if not (0 < value <= 10 if percent else 0 < value < 1):
+        raise argparse.ArgumentTypeError(
+            f"a fraction between 0 and 1 (0.1) or a percentage between 0% and 1000% (10%), got {text!r}"
+            + (f" (for {text}% write {text}%)" if not percent and value >= 1 else ""))
     return value
 
 
