@@ -850,6 +850,19 @@ def _cross_attends(model: nn.Module) -> bool:
     return any(isinstance(m, CrossAttention) for m in model.modules())
 
 
+def _check_cross_inputs(model: nn.Module, kwargs: dict, batch: int, dim: int, device) -> None:
+    """With context parallelism, what model's cross-attention layers check after the exchanges
+    have begun (where one rank's error would leave the others waiting): a context given, of the
+    shape and dtype they take.  A model without cross-attention ignores a context, as in 1.1.4."""
+    cross = next((m for m in model.modules() if isinstance(m, CrossAttention)), None)
+    if cross is None:
+        return
+    if kwargs.get("context") is None:
+        raise InputError("cross attention should receive context")
+    _check_context(kwargs["context"], kwargs.get("context_mask"), batch, dim, device)
+    _check_dtype("context", kwargs["context"], cross.to_k)
+
+
 def _check_input(name: str, x: object, dim: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -1147,9 +1160,14 @@ class Performer(nn.Module):
 
         def check() -> Tensor | None:
             _check_input("x", x, self.dim)
-            if exists(context_parallel_group) and kwargs.get("context") is not None and _cross_attends(self):
-                # (else: in the layers, or ignored as in 1.1.4 by a model without cross-attention)
-                _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.dim, x.device)
+            if exists(context_parallel_group):  # what the layers check after the exchanges: here for every rank
+                if kwargs.get("cache") is not None:
+                    raise ValueError(_CACHE_WITH_CP)
+                _check_cross_inputs(self, kwargs, x.shape[0], self.dim, x.device)
+                pos_emb = kwargs.get("pos_emb")
+                if isinstance(pos_emb, Tensor) and pos_emb.dim() >= 2 and pos_emb.shape[-2] != x.shape[1]:
+                    raise ValueError(f"pos_emb must hold this rank's {x.shape[1]} positions (dim -2), got shape "
+                                     f"{tuple(pos_emb.shape)}")
             if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
                 return _check_mask("mask", kwargs["mask"], x.shape[0], x.shape[1], x.device)
             return None
@@ -1160,15 +1178,17 @@ class Performer(nn.Module):
             # the residual stream too, not only attention's inputs: a NaN row's feed-forward backward
             # sends NaN (0 x NaN) into attention's padded query rows, and from there into kept keys
             x = _finite_padded_rows(x, mask)
-        if self.auto_check_redraw and self.proj_updater.training and refused is None:  # eval: nothing to check
-            self.proj_updater.redraw_projections()
-        if exists(context_parallel_group):
+        if exists(context_parallel_group):  # (a call any rank refused raises on every rank here)
             ok = refused is None
             kwargs["context_parallel"] = ContextParallel.gather(
                 x.shape[1] if ok else 0, context_parallel_group, gather_device(context_parallel_group, x),
                 masked=kwargs.get("mask") is not None, context_masked=kwargs.get("context_mask") is not None,
                 batch=x.shape[0] if ok else -1, dtype=_model_dtype(self, x) if ok else None,
                 input_dtype=x.dtype if ok else None, where="Performer.forward", refused=refused, model=self)
+        # counted once the call is known to run on every rank: a refused one leaves every rank's
+        # redraw counter (and projections) as they were
+        if self.auto_check_redraw and self.proj_updater.training:  # eval: nothing to check
+            self.proj_updater.redraw_projections()
         cp = kwargs.get("context_parallel")
         if exists(cp):
             if (cp.masked or cp.context_masked) and any(m.exact_mask for m in find_modules(self, Attention)):
@@ -1307,9 +1327,7 @@ class PerformerLM(nn.Module):
                 if exists(cache):
                     raise ValueError(_CACHE_WITH_CP)
                 _check_mask("mask", kwargs.get("mask"), x.shape[0], x.shape[1], x.device)
-                if kwargs.get("context") is not None and _cross_attends(self):
-                    _check_context(kwargs["context"], kwargs.get("context_mask"), x.shape[0], self.performer.dim,
-                                   x.device)
+                _check_cross_inputs(self, kwargs, x.shape[0], self.performer.dim, x.device)
 
         _, refused = local_checks(check, context_parallel_group)  # (context parallelism: raised on every rank)
         cp = None

@@ -423,6 +423,7 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
         # integer dtype (the targets' exchange sent them as they are); different kernel_fns (no
         # error: other numbers); a model built differently on one rank (a token shift waited)
         from performer_triton.autoregressive_wrapper import AutoregressiveWrapper
+        from performer_triton.decoding import DecodingCache
 
         cases = {
             "own refusal": lambda: context_parallel_attention(q, k, v, P, causal=True, key_stabilizer="prefix",
@@ -443,13 +444,37 @@ def _mismatch_worker(rank: int, init_file: str, results) -> None:
             "wrapper mask": lambda: AutoregressiveWrapper(PerformerLM(**SMALL, causal=True))(
                 torch.tensor([[1, 2, 3, 4]]), mask=(torch.ones(1, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))[rank],
                 context_parallel_group=dist.group.WORLD),
+            # review R47: what the layers checked after the exchanges began (the other rank waited
+            # in a collective until the group's timeout)
+            "no context": lambda: PerformerLM(**SMALL, cross_attend=True)(
+                torch.tensor([[1, 2, 3]]), context_parallel_group=dist.group.WORLD,
+                **({"context": torch.randn(1, 4, 16)} if rank == 0 else {})),
+            "context dtype": lambda: PerformerLM(**SMALL, cross_attend=True)(
+                torch.tensor([[1, 2, 3]]), context=torch.randn(1, 4, 16, dtype=(torch.float32, torch.float64)[rank]),
+                context_parallel_group=dist.group.WORLD),
+            "performer cache": lambda: Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True)(
+                torch.randn(1, 6, 16), context_parallel_group=dist.group.WORLD,
+                **({"cache": DecodingCache()} if rank == 1 else {})),
+            "pos_emb": lambda: Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True)(
+                torch.randn(1, 6, 16), pos_emb=torch.randn(1, 6 + rank, 8), context_parallel_group=dist.group.WORLD),
         }
         for case, call in cases.items():
             try:
                 call()
                 results[(rank, case)] = "returned"
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 results[(rank, case)] = str(error)
+        # a call one rank refuses counts towards no rank's next redraw (rank 0 had counted it, and
+        # redrawn, before the exchange that raised on every rank: the ranks redrew apart from then on)
+        torch.manual_seed(0)
+        model = Performer(dim=16, depth=1, heads=2, dim_head=8, causal=True, feature_redraw_interval=1).train()
+        model(torch.randn(1, 6, 16), context_parallel_group=dist.group.WORLD)
+        try:
+            model(torch.randn(1, 6, 16 + rank), context_parallel_group=dist.group.WORLD)
+        except ValueError:
+            pass
+        results[(rank, "redraw")] = (model.proj_updater.calls_since_last_redraw.item(),
+                                     [m.projection_matrix.clone() for m in model.modules() if hasattr(m, "projection_matrix")])
     finally:
         dist.destroy_process_group()
 
@@ -471,7 +496,13 @@ def test_ranks_whose_calls_differ_get_a_clear_error():
     assert "rank(s) [1] of the group refused their call" in results[(0, "own refusal")]
     assert "outside [0, 20)" in results[(1, "token range")]
     assert "PerformerLM.forward: rank(s) [1] of the group refused their call" in results[(0, "token range")]
-    for case, own in (("context", "context must have shape"), ("wrapper mask", "mask must be a (batch, length)")):
+    assert results[(0, "redraw")][0] == results[(1, "redraw")][0] == 1
+    assert all(torch.equal(a, b) for a, b in zip(results[(0, "redraw")][1], results[(1, "redraw")][1]))
+    for case, own in (("context", "context must have shape"), ("wrapper mask", "mask must be a (batch, length)"),
+                      ("no context", "cross attention should receive context"),
+                      ("context dtype", "context has dtype torch.float64"),
+                      ("performer cache", "cached decoding runs on one process"),
+                      ("pos_emb", "pos_emb must hold this rank's 6 positions")):
         assert own in results[(1, case)], (case, results[(1, case)])
         assert "rank(s) [1] of the group refused their call" in results[(0, case)], (case, results[(0, case)])
     for rank in range(2):
