@@ -6,8 +6,12 @@ of two identical runs on a shared machine differ by tens of percent: compare rat
 Every benchmark checks the correctness of what it times (performer_triton.cli.benchmark.verify)
 before timing it.  Peers that cannot run here are skipped with the reason shown (-rs).
 """
+import argparse
+
 import pytest
 import torch
+
+from performer_triton.cli.arguments import positive_ints
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = {"cpu": (1024, 2048, 4096, 8192, 16384), "cuda": (1024, 2048, 4096, 8192, 16384, 32768, 65536)}
@@ -17,14 +21,27 @@ def pytest_addoption(parser):
     parser.addoption("--sizes", default=None, help="comma-separated sequence lengths (default: by device)")
 
 
+def _sizes(option: str | None) -> tuple[int, ...]:
+    """--sizes as the command line's bench takes it: positive integers, else a usage error."""
+    if not option:
+        return SIZES[DEVICE]
+    try:
+        return tuple(positive_ints("sequence lengths", "1024,2048")(option))
+    except argparse.ArgumentTypeError as error:
+        raise pytest.UsageError(f"--sizes: {error}") from None
+
+
+SEQ_LENS = pytest.StashKey[tuple]()
+
+
 def pytest_generate_tests(metafunc):
     if "seq_len" in metafunc.fixturenames:
-        option = metafunc.config.getoption("--sizes")
-        sizes = [int(x) for x in option.split(",")] if option else SIZES[DEVICE]
+        sizes = metafunc.config.stash[SEQ_LENS]
         metafunc.parametrize("seq_len", sizes, ids=[f"n{n}" for n in sizes])
 
 
 def pytest_configure(config):
+    config.stash[SEQ_LENS] = _sizes(config.getoption("--sizes"))  # (a bad value stops the run before collecting)
     config.addinivalue_line("markers", "gpu: a target that needs a CUDA device")
     if not config.option.reportchars:
         config.option.reportchars = "s"  # show every skip reason

@@ -19,7 +19,7 @@ def rounds_for(run, budget_s: float = 3.0) -> int:
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_attention(benchmark, device, impl, causal, backward, seq_len):
+def test_attention(benchmark, timed, device, impl, causal, backward, seq_len):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     case = Case(n=seq_len, causal=causal, backward=backward, m=256, dtype=dtype, device=device)
     reason = IMPLS[impl].unavailable(case)
@@ -28,6 +28,7 @@ def test_attention(benchmark, device, impl, causal, backward, seq_len):
     x = make_inputs(case)
     fn = IMPLS[impl].build(case, x)
     err = verify(IMPLS[impl], case, x, fn)
+    timed()
     run = step(case, x, fn)
     benchmark.group = case.label
     benchmark.extra_info.update(impl=impl, version=IMPLS[impl].version(), max_rel_err=err,

@@ -130,11 +130,12 @@ def test_gpu_causal_vs_flash_attention(benchmark, timed, n):
 
 @needs_gpu
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_gpu_noncausal_roofline(benchmark, backward):
+def test_gpu_noncausal_roofline(benchmark, timed, backward):
     case = Case(n=8192, causal=False, backward=backward, **GPU)
     x = make_inputs(case)
     fn = IMPLS["performer_triton"].build(case, x)
     verify(IMPLS["performer_triton"], case, x, fn)
+    timed()
     import triton.testing
 
     seconds = triton.testing.do_bench(step(case, x, fn), return_mode="median") / 1e3
@@ -142,6 +143,9 @@ def test_gpu_noncausal_roofline(benchmark, backward):
     benchmark.group = f"target: {case.label}"
     benchmark.extra_info.update(ours_ms=seconds * 1e3, roofline_ms=roof * 1e3, ratio=seconds / roof)
     benchmark.pedantic(step(case, x, fn), rounds=10, warmup_rounds=2, iterations=1)
+    device = torch.cuda.get_device_name()
+    if "H100" not in device:  # (the roofline is H100 SXM's HBM and tensor-core rate)
+        pytest.skip(f"the 1.5x-roofline target is an H100 figure; on {device} the time is recorded only")
     assert seconds <= 1.5 * roof, benchmark.extra_info
 
 
@@ -161,13 +165,14 @@ def _unsynced(case: Case, x, fn):
 @needs_gpu
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-def test_gpu_times_at_target_shape(benchmark, causal, backward):
+def test_gpu_times_at_target_shape(benchmark, timed, causal, backward):
     import triton.testing
 
     case = Case(n=8192, causal=causal, backward=backward, **GPU)
     x = make_inputs(case)
     fn = IMPLS["performer_triton"].build(case, x)
     verify(IMPLS["performer_triton"], case, x, fn)
+    timed()
     median, p20, p80 = triton.testing.do_bench(_unsynced(case, x, fn), quantiles=[0.5, 0.2, 0.8])
     benchmark.group = f"target shape: {case.label}"
     benchmark.extra_info.update(call=f"{'causal' if causal else 'noncausal'}_{'fwd+bwd' if backward else 'fwd'}",

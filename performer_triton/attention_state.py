@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .feature_maps import GIVEN_MAP, FeatureMap, check_stateful, resolve
 from .torch_backend import KeysState, empty_state, merge_referenced
-from .validation import check_projection, check_qkv, check_state_tuple, host_reads
+from .validation import check_int, check_projection, check_qkv, check_state_tuple, host_reads
 
 
 class AttentionState(NamedTuple):
@@ -44,7 +44,10 @@ class AttentionState(NamedTuple):
     def empty(cls, b: int, h: int, m: int, e: int, *, dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> AttentionState:
         """The state before any key: zero sums, R = M = -inf."""
-        return cls(*empty_state(b, h, m, e, dtype, device))
+        sizes = {name: check_int(name, value, 0, ValueError) for name, value in dict(b=b, h=h, m=m, e=e).items()}
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        return cls(*empty_state(*sizes.values(), dtype, device))
 
 
 # a state saved with torch.save loads under torch.load's default weights_only=True: it is four tensors

@@ -352,3 +352,15 @@ def test_demo_says_why_it_exits_1_and_help_tells_the_prompt_length(capsys):
         cli.main(["demo", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "after a prompt of min(64, seq-len // 4) bytes" in help_text and "64-byte" not in help_text
+
+
+@pytest.mark.parametrize("sizes, text", [("abc", "comma-separated integers"), ("0", "positive sequence lengths"),
+                                         ("-5", "positive sequence lengths")])
+def test_benchmark_suites_refuse_bad_sizes(sizes, text):
+    """pytest bench/ --sizes=...: a usage error before collecting (a raw ValueError stopped the
+    collection; 0 ran and failed its own check, -5 crashed in torch)."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", str(root / "bench" / "test_attention.py"), "-q", "--co",
+                          "--benchmark-disable", "-p", "no:cacheprovider", f"--sizes={sizes}"],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert run.returncode == 4 and f"ERROR: --sizes: {text}" in run.stderr + run.stdout, run.stderr + run.stdout

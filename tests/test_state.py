@@ -264,6 +264,13 @@ def test_state_under_torch_compile_with_backward(fused):
 
 
 def test_bad_state_arguments_are_refused():
+    # AttentionState.empty names its argument (torch.zeros failed inside)
+    for args, kwargs, error, text in (((-1, 2, 3, 4), {}, ValueError, "b must be >= 0, got -1"),
+                                      ((1, 1.5, 3, 4), {}, TypeError, "h must be an int, got float"),
+                                      ((1, 2, 3, 4), dict(dtype=torch.int32), TypeError, "dtype must be a floating")):
+        with pytest.raises(error, match=text):
+            AttentionState.empty(*args, **kwargs)
+    assert AttentionState.empty(1, 2, 3, 0).hz.shape == (1, 2, 3, 1)  # (keys without value columns)
     q, k, v = qkv(n=10)
     P = projection()
     _, state = favor_attention(q, k, v, P, causal=True, key_stabilizer="prefix", output_final_state=True)
