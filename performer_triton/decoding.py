@@ -58,38 +58,31 @@ class DecodingCache:
     def __init__(self) -> None:
         self.length = 0
         self.batch: int | None = None  # the batch size of the first call; every later call must match
-        self.dtype: torch.dtype | None = None  # the first call's activations' dtype; likewise
         self._states: dict[nn.Module, Any] = {}
         self._open = False  # a call that feeds the cache is running (transactional)
 
-    def check_call(self, batch: int, dtype: torch.dtype) -> None:
-        """Record the first call's batch size and activation dtype; a later call with another
-        batch (the states hold one row per sequence) or dtype (a model cast since: its states were
-        made in the old one) is a ValueError, not a failure deep inside torch."""
+    def check_batch(self, batch: int) -> None:
+        """Record the first call's batch size; a later call with another one is a ValueError (the
+        states hold one row per sequence, so it would fail deep inside torch)."""
         if self.batch is None:
             self.batch = batch
         elif batch != self.batch:
             raise ValueError(f"cache: this DecodingCache holds batch {self.batch}, the call has batch {batch}; "
                              "use a new DecodingCache for another batch")
-        if getattr(self, "dtype", None) is None:  # (a cache pickled before the dtype was recorded)
-            self.dtype = dtype
-        elif dtype != self.dtype:
-            raise ValueError(f"cache: this DecodingCache was filled by calls in {self.dtype}, this call runs in "
-                             f"{dtype} (the model was cast since?); use a new DecodingCache")
 
     @torch.compiler.disable
     def _snapshot(self) -> tuple | None:
         """What a failed call restores (None inside a call already open: the outermost one
-        restores): length, batch, dtype, the states by layer and each state object's attributes.
+        restores): length, batch, the states by layer and each state object's attributes.
         References suffice: every update replaces a state's tensors (the fused step included) and
         never writes them."""
         if getattr(self, "_open", False):
             return None
-        self._open = True
         objects = [s for value in self._states.values() for s in (value if isinstance(value, tuple) else (value,))
                    if s is not None and not isinstance(s, Tensor)]
-        return (self.length, self.batch, getattr(self, "dtype", None), dict(self._states),
-                [(s, dict(vars(s))) for s in objects])
+        snapshot = (self.length, self.batch, dict(self._states), [(s, dict(vars(s))) for s in objects])
+        self._open = True  # (once the snapshot is taken: a failure above leaves the cache closed)
+        return snapshot
 
     @torch.compiler.disable
     def _close(self, snapshot: tuple | None, failed: bool) -> None:
@@ -97,7 +90,7 @@ class DecodingCache:
             return
         self._open = False
         if failed:
-            self.length, self.batch, self.dtype, self._states, objects = snapshot
+            self.length, self.batch, self._states, objects = snapshot
             for obj, attributes in objects:
                 vars(obj).clear()
                 vars(obj).update(attributes)
@@ -232,6 +225,7 @@ class FavorState:
         self.source, self.version = source, _version(source)
         kernel_map = feature_map if feature_map.fused else GIVEN_MAP  # what the chunk math computes
         self.chunk = ChunkFeatures(kernel_map.code, projection, m if projection is None else projection.shape[1], dtype)
+        self.rows_dtype: torch.dtype | None = None  # compute_dtype of the rows that filled it (extend)
         # [H | z] relative to R, [value sum | count], R, M
         self.hz, self.v_sum, self.ref, self.stab = AttentionState.empty(b, h, m, e, dtype=dtype, device=device)
 
@@ -279,6 +273,7 @@ class FavorState:
     def extend(self, k: Tensor, v: Tensor, keep: Tensor | None = None) -> None:
         """Add keys k (b, h, t, d) and values v (b, h, t, e); keep (b, t) bool drops keys entirely
         (selected away first: what they hold reaches neither the state nor the keys' shift)."""
+        _same_rows("the layer's FAVOR state", self, compute_dtype(k.dtype))
         if k.shape[2] == 0:  # no keys (an empty prompt): nothing to add, and no max over them
             return
         chunk, dtype = self.chunk, self.hz.dtype
@@ -321,6 +316,7 @@ class FavorState:
     @_as_favor_attention
     def step(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None) -> Tensor:
         """Causal outputs of t new positions, one at a time.  (b,h,t,d) x2, (b,h,t,e) -> (b,h,t,e)."""
+        _same_rows("the layer's FAVOR state", self, compute_dtype(k.dtype))
         if not _same(self.version, self.source):
             raise ValueError(
                 "DecodingCache: the layer's projection matrix was redrawn (or reloaded) after this cache was filled, "
@@ -338,6 +334,17 @@ class FavorState:
             out = _step(self, q, k, v, keep)
         # a padded query gives 0, as favor_attention's causal key_padding_mask does on the full path
         return keep_rows(out, keep)
+
+
+def _same_rows(what: str, state: Any, dtype: torch.dtype) -> None:
+    """A state keeps the dtype of the rows that filled it (state.rows_dtype, set by the first call):
+    rows of another one (a model cast since) are a ValueError naming both, not a failure deep in
+    torch or a state of silently mixed precision.  Rows cast by torch.autocast are the rows."""
+    if getattr(state, "rows_dtype", None) is None:  # (states pickled before it was recorded: from now on)
+        state.rows_dtype = dtype
+    elif dtype != state.rows_dtype:
+        raise ValueError(f"cache: {what} was filled from {state.rows_dtype} rows, this call's are {dtype} (the "
+                         "model was cast since?); use a new DecodingCache")
 
 
 def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
@@ -410,6 +417,7 @@ class LocalWindowState:
         self.zero_unseen = zero_unseen
         self.masked = False  # a mask was given (else every key is kept)
         self.length = 0  # positions seen
+        self.rows_dtype: torch.dtype | None = None  # the keys' dtype (extend)
         self.keys: Tensor | None = None  # (b, h, L, d), before rotary
         self.values: Tensor | None = None  # (b, h, L, e)
         self.keep: Tensor | None = None  # (b, L) bool
@@ -426,6 +434,7 @@ class LocalWindowState:
         """Add keys k (b, h, t, d) and values v (b, h, t, e) of the next t positions; keep (b, t)
         bool marks padded positions (False), which no query attends to; keys no later query can
         see are dropped."""
+        _same_rows("the layer's local window", self, k.dtype)
         self.masked = self.masked or keep is not None
         keep = _keep(keep, k)
         if self.keys is None:

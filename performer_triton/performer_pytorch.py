@@ -245,6 +245,9 @@ class PreShiftTokens(nn.Module):
         history = cache.get(self)
         if history is None:  # the zeros F.pad brings in before the first position
             history = x.new_zeros(x.shape[0], rows, x.shape[-1])
+        elif history.dtype != x.dtype:
+            raise ValueError(f"cache: the token shift's history was filled from {history.dtype} rows, this call's are "
+                             f"{x.dtype} (the model was cast since?); use a new DecodingCache")
         full = torch.cat((history, x), dim=1)  # (b, rows + n, f * segments)
         cache.set(self, full[:, full.shape[1] - rows :])
         width = segments[0].shape[-1]
@@ -896,13 +899,13 @@ def _cache_arg(where: str, cache: object) -> DecodingCache | None:
 
 
 def _check_cache_batch(cache: object, x: object) -> None:
-    """A DecodingCache's states hold one row per sequence, made in one dtype: the same batch and
-    activation dtype on every call."""
+    """A DecodingCache's states hold one row per sequence: the same batch on every call."""
     if isinstance(cache, DecodingCache) and isinstance(x, Tensor) and x.dim() == 3:
-        cache.check_call(x.shape[0], x.dtype)
+        cache.check_batch(x.shape[0])
 
 
 class SelfAttention(Attention):
+    @transactional  # (the batch check too: a layer used on its own)
     def forward(self, *args, context: Tensor | None = None, **kwargs) -> Tensor:
         if exists(context):
             raise InputError("self attention should not receive context")
@@ -1161,11 +1164,11 @@ class Performer(nn.Module):
         def check() -> Tensor | None:
             _check_input("x", x, self.dim)
             if exists(context_parallel_group):  # what the layers check after the exchanges: here for every rank
-                if kwargs.get("cache") is not None:
+                if isinstance(kwargs.get("cache"), DecodingCache):  # (another value is ignored, as without)
                     raise ValueError(_CACHE_WITH_CP)
                 _check_cross_inputs(self, kwargs, x.shape[0], self.dim, x.device)
                 pos_emb = kwargs.get("pos_emb")
-                if isinstance(pos_emb, Tensor) and pos_emb.dim() >= 2 and pos_emb.shape[-2] != x.shape[1]:
+                if isinstance(pos_emb, Tensor) and pos_emb.dim() >= 2 and pos_emb.shape[-2] not in (1, x.shape[1]):
                     raise ValueError(f"pos_emb must hold this rank's {x.shape[1]} positions (dim -2), got shape "
                                      f"{tuple(pos_emb.shape)}")
             if kwargs.get("mask") is not None:  # expanded for the token shifts and context parallelism too
@@ -1293,6 +1296,7 @@ class PerformerLM(nn.Module):
         """Why cached decoding cannot reproduce a full recomputation (None when it can)."""
         return self.performer.cache_unsupported_reason()
 
+    @transactional  # (the final norm and the logits too: a failure there leaves the cache as it was)
     def forward(
         self, x: Tensor, return_encodings: bool = False, *, cache: DecodingCache | None = None,
         context_parallel_group: ProcessGroup | None = None, **kwargs

@@ -407,8 +407,8 @@ def test_cache_reused_with_another_batch_size_names_both():
                                     dict(PREFIX, shift_tokens=True)], ids=["favor", "local", "shift"])
 def test_cache_of_a_model_cast_since_names_both_dtypes(kwargs):
     """A cache filled by a float64 model, then fed by the model cast to float32 (or back): a
-    ValueError naming the cache and both dtypes before any layer runs (the local window's read
-    failed deep in torch, the token shifts blamed x, float32 states silently mixed precisions)."""
+    ValueError naming the state and both dtypes (the local window's read failed deep in torch, the
+    token shifts blamed x, float32 states silently mixed precisions); the cache as it was after."""
     model = lm(**kwargs)
     x = torch.randint(0, NUM_TOKENS, (2, 6), generator=torch.Generator().manual_seed(3))
     for first, then in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
@@ -416,10 +416,29 @@ def test_cache_of_a_model_cast_since_names_both_dtypes(kwargs):
         cache = DecodingCache()
         model(x[:, :5], cache=cache)
         model.to(then)
-        with pytest.raises(ValueError, match=f"DecodingCache was filled by calls in {first}, this call runs in {then}"):
+        with pytest.raises(ValueError, match=f"cache: the (layer's FAVOR state|token shift's history) was filled "
+                                             f"from {first} rows, this call's are {then}"):
             model(x[:, 5:], cache=cache)
         model.to(first)
         assert cache.length == 5 and rel(model(x[:, 5:], cache=cache), model(x)[:, 5:]) <= 1e-5
+
+
+def test_cache_under_autocast_with_layers_fed_another_dtype():
+    """Under torch.autocast the layers' rows may have another dtype than the model's input (ScaleNorm's
+    fp32 gain gives fp32 rows for bf16 activations; CUDA autocast's layer_norm likewise): the cache
+    takes them, prefill and steps, as the uncached model does (review R48: a cache-wide dtype refused
+    the first call)."""
+    from performer_triton import Performer
+
+    torch.manual_seed(0)
+    model = Performer(dim=32, depth=2, heads=4, dim_head=8, causal=True, key_stabilizer="prefix",
+                      use_scalenorm=True, local_attn_heads=1, shift_tokens=True).eval()
+    x = torch.randn(2, 7, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+        cache = DecodingCache()
+        steps = torch.cat([model(x[:, :5], cache=cache), model(x[:, 5:6], cache=cache), model(x[:, 6:], cache=cache)], 1)
+    assert rel(steps.double(), full.double()) <= 2e-2
 
 
 def test_a_failed_cached_call_leaves_the_cache_as_it_was():
@@ -457,6 +476,26 @@ def test_a_failed_cached_call_leaves_the_cache_as_it_was():
     out = model(x[:, 6:7], cache=cache, mask=torch.ones(1, 1, dtype=torch.bool))
     full = model(x, mask=torch.tensor([[True] * 4 + [False, False, True]]))
     assert rel(out, full[:, 6:]) <= 1e-12
+
+    # a layer used on its own: a refused first call records no batch
+    from performer_triton.performer_pytorch import SelfAttention
+
+    attn, cache = SelfAttention(16, causal=True, heads=2, dim_head=8, key_stabilizer="prefix"), DecodingCache()
+    with pytest.raises(ValueError):
+        attn(torch.zeros(2, 3, 16), mask=torch.ones(2, 4, dtype=torch.bool), cache=cache)
+    assert cache.batch is None and cache.length == 0
+    attn(torch.zeros(4, 3, 16), cache=cache)  # another batch: the cache is still empty
+    # a failure after the layers (the logits: the largest allocation of a prefill) leaves it too
+    model = lm(**PREFIX)
+    x = torch.randint(0, NUM_TOKENS, (2, 8), generator=gen)
+    cache = DecodingCache()
+    handle = model.to_out.register_forward_hook(lambda *args: (_ for _ in ()).throw(MemoryError("out of memory")))
+    with pytest.raises(MemoryError):
+        model(x[:, :7], cache=cache)
+    handle.remove()
+    assert cache.length == 0 and not cache._states
+    model(x[:, :7], cache=cache)
+    assert rel(model(x[:, 7:], cache=cache), model(x)[:, 7:]) <= 1e-12
 
 
 def test_models_take_empty_inputs():

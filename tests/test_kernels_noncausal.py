@@ -170,8 +170,14 @@ def test_one_block_splits_over_several_combine_loads(monkeypatch):
     split_policy = NC._splits
     monkeypatch.setattr(NC, "_splits", lambda *a: splits.append(split_policy(*a)) or splits[-1])
     q, k, v, proj, g = inputs(1, 2, 64 * 5 + 7, 16, 16, 20, torch.float32, s=64 * 9 + 3, seed=11)
+    k[:, 1, -1] *= 4  # the largest dash in the last split (read by the third, partial load)
     check(q, k, v, proj, g, feature=SOFTMAX, budget=BUDGET[torch.float32])
     assert splits == [(1, 10), (1, 6)]  # keys: 10 one-block splits (3 loads of 4); queries: 6
+    # the stabilizer itself: 1.1.4's max of dash over every key and feature (the outputs hardly
+    # depend on which maximum it is)
+    k_stab = NC.noncausal_fwd(q, k, v, proj, feature=SOFTMAX)[5][5]
+    dash = (k.double() * 16 ** -0.25) @ proj.double().T  # (b, h, s, m)
+    assert torch.allclose(k_stab.double(), dash.amax(dim=(-1, -2)).flatten(), rtol=1e-5, atol=1e-5)
 
 
 def test_meta_launches():
