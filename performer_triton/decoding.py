@@ -343,8 +343,13 @@ def _same_rows(what: str, state: Any, dtype: torch.dtype) -> None:
     if getattr(state, "rows_dtype", None) is None:  # (states pickled before it was recorded: from now on)
         state.rows_dtype = dtype
     elif dtype != state.rows_dtype:
-        raise ValueError(f"cache: {what} was filled from {state.rows_dtype} rows, this call's are {dtype} (the "
-                         "model was cast since?); use a new DecodingCache")
+        raise rows_dtype_error(what, state.rows_dtype, dtype)
+
+
+def rows_dtype_error(what: str, filled: torch.dtype, now: torch.dtype) -> ValueError:
+    """The error of a cached state (what) filled from rows of dtype filled and fed rows of now."""
+    return ValueError(f"cache: {what} was filled from {filled} rows, this call's are {now} (the model was cast "
+                      "since?); use a new DecodingCache")
 
 
 def _step(state: FavorState | LocalWindowState, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:

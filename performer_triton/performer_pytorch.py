@@ -25,8 +25,8 @@ from local_attention import LocalAttention
 from torch import Tensor, nn
 from torch.cuda.amp import autocast  # noqa: F401  (a 1.1.4 module-level name)
 
-from .decoding import (DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason, seen_keys,
-                       transactional)
+from .decoding import (DecodingCache, LocalWindowState, favor_state, local_cache_unsupported_reason,
+                       rows_dtype_error, seen_keys, transactional)
 from .distributed import (ContextParallel, context_parallel_arg, context_parallel_attention, gather_device, group_arg,
                           local_checks, with_neighbours)
 from .fast_attention import FastAttention
@@ -246,8 +246,7 @@ class PreShiftTokens(nn.Module):
         if history is None:  # the zeros F.pad brings in before the first position
             history = x.new_zeros(x.shape[0], rows, x.shape[-1])
         elif history.dtype != x.dtype:
-            raise ValueError(f"cache: the token shift's history was filled from {history.dtype} rows, this call's are "
-                             f"{x.dtype} (the model was cast since?); use a new DecodingCache")
+            raise rows_dtype_error("the token shift's history", history.dtype, x.dtype)
         full = torch.cat((history, x), dim=1)  # (b, rows + n, f * segments)
         cache.set(self, full[:, full.shape[1] - rows :])
         width = segments[0].shape[-1]
@@ -847,10 +846,6 @@ def _check_context(context: object, context_mask: object, b: int, dim: int, devi
         raise ValueError(f"context is on {context.device}, x on {device}")
     if context_mask is not None:
         _check_mask("context_mask", context_mask, b, context.shape[1], device)
-
-
-def _cross_attends(model: nn.Module) -> bool:
-    return any(isinstance(m, CrossAttention) for m in model.modules())
 
 
 def _check_cross_inputs(model: nn.Module, kwargs: dict, batch: int, dim: int, device) -> None:
